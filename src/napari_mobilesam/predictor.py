@@ -1,0 +1,429 @@
+"""Prompted segmentation of one image: the ``SamPredictor`` contract.
+
+``Predictor.set_image`` computes the image embedding once; ``predict`` /
+``predict_batch`` then decode prompts against it. Code written for
+segment-anything's ``SamPredictor`` ports by changing the import.
+
+Conventions: points are (x, y) pixels of the original image, boxes XYXY in the
+same pixels, labels 1 = foreground, 0 = background. Masks come back at the
+original size, (C, H, W) bool; ``low_res_logits`` are the decoder's
+(C, 256, 256) logits (before upsampling), which can be fed back as
+``mask_input``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .build import load_model
+from .model import Sam
+from .normalize import to_rgb_uint8
+from .transforms import ResizeLongestSide
+
+# Upsampled logits are produced in chunks of at most this many float32 values
+# (~256 MB), so predict_batch with many prompts does not hold them all at once.
+_POSTPROCESS_CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An image embedding with the sizes needed to decode against it.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        (1, C, h', w') encoder output (256 x 64 x 64 for SAM models).
+    original_size : (int, int)
+        (H, W) of the image given to ``set_image``.
+    input_size : (int, int)
+        (h, w) after resize-longest-side, before padding.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    def to(self, device: str | torch.device) -> ImageEmbedding:
+        """Copy on another device."""
+        return ImageEmbedding(self.features.to(device), self.original_size, self.input_size)
+
+
+class Predictor:
+    """Predict masks for prompts on one image.
+
+    Parameters
+    ----------
+    model : Sam or str
+        A loaded model, or a registry name (``"vit_t"``) passed to
+        :func:`~napari_mobilesam.build.load_model`.
+    device : str or torch.device, optional
+        Move the model there (default: keep the model where it is; for a name,
+        CUDA when available).
+    """
+
+    def __init__(self, model: Sam | str = "vit_t", *, device: str | torch.device | None = None):
+        if isinstance(model, str):
+            model = load_model(model, device=device)
+        elif not isinstance(model, Sam):
+            raise TypeError(f"model must be a Sam model or a registry name, got {type(model)}")
+        elif device is not None:
+            model = model.to(device)
+        self.model = model
+        self.transform = ResizeLongestSide(model.img_size)
+        self.reset_image()
+
+    # -- image ------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    def set_image(
+        self,
+        image: np.ndarray,
+        image_format: str = "RGB",
+        *,
+        contrast_limits: tuple[float, float] | None = None,
+        channels: list[int] | None = None,
+        channel_axis: int | None = None,
+    ) -> None:
+        """Compute the embedding of ``image``.
+
+        Parameters
+        ----------
+        image : np.ndarray
+            (H, W) grayscale, (H, W, 3) RGB or (H, W, C) multichannel, any numeric
+            dtype. RGB uint8 goes to the model unchanged (as in the reference);
+            other inputs go through :func:`~napari_mobilesam.normalize.to_rgb_uint8`.
+        image_format : {"RGB", "BGR"}
+            Channel order of a 3-channel input.
+        contrast_limits, channels, channel_axis
+            Passed to :func:`~napari_mobilesam.normalize.to_rgb_uint8`.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        rgb = to_rgb_uint8(
+            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
+        )
+        if image_format != self.model.image_format:
+            rgb = np.ascontiguousarray(rgb[..., ::-1])
+        resized = self.transform.apply_image(rgb)
+        tensor = torch.tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(tensor, rgb.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]
+    ) -> None:
+        """Embed an image already resized to the input frame.
+
+        Parameters
+        ----------
+        transformed_image : torch.Tensor
+            (1, 3, h, w) RGB in 0..255 (uint8 or float), longest side = model input size.
+        original_image_size : (int, int)
+            (H, W) of the image before resizing.
+        """
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[:2] != (1, 3)
+            or max(transformed_image.shape[2:]) != self.model.img_size
+        ):
+            raise ValueError(
+                "set_torch_image needs a (1, 3, h, w) tensor with max(h, w) = "
+                f"{self.model.img_size}, got {tuple(transformed_image.shape)}"
+            )
+        self.reset_image()
+        x = self.model.preprocess(transformed_image.to(self.device).float())
+        self.features = self.model.image_encoder(x)
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current (1, C, h', w') embedding."""
+        self._require_image()
+        return self.features
+
+    def get_embedding(self) -> ImageEmbedding:
+        """The current embedding with its sizes (to cache and restore later)."""
+        self._require_image()
+        return ImageEmbedding(self.features, self.original_size, self.input_size)
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        """Restore an embedding from :meth:`get_embedding` (no encoder run)."""
+        if not isinstance(embedding, ImageEmbedding):
+            raise TypeError(f"embedding must be an ImageEmbedding, got {type(embedding)}")
+        emb_size = self.model.prompt_encoder.image_embedding_size
+        if tuple(embedding.features.shape[-2:]) != emb_size or embedding.features.ndim != 4:
+            raise ValueError(
+                f"embedding features have shape {tuple(embedding.features.shape)}, this model "
+                f"needs (1, C, {emb_size[0]}, {emb_size[1]})"
+            )
+        self.features = embedding.features.to(self.device)
+        self.original_size = tuple(embedding.original_size)
+        self.input_size = tuple(embedding.input_size)
+        self.is_image_set = True
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("no image is set: call set_image() before predicting")
+
+    # -- prompts ----------------------------------------------------------------------
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt (any mix of points, a box and a mask).
+
+        Parameters
+        ----------
+        point_coords : (N, 2) array, optional
+            (x, y) pixels of the original image.
+        point_labels : (N,) array, optional
+            1 foreground, 0 background; required with ``point_coords``.
+        box : (4,) array, optional
+            XYXY in original pixels.
+        mask_input : (1, 256, 256) array, optional
+            Low-res logits from a previous call.
+        multimask_output : bool
+            Three candidate masks instead of one (better for ambiguous single
+            clicks).
+        return_logits : bool
+            Return upsampled logits instead of bool masks.
+
+        Returns
+        -------
+        masks : (C, H, W) bool (float32 logits with ``return_logits``)
+        scores : (C,) float32 predicted IoU
+        low_res_logits : (C, 256, 256) float32
+        """
+        self._require_image()
+        coords, labels = _check_points(point_coords, point_labels, batched=False)
+        boxes = _check_boxes(box, batched=False)
+        masks_in = _check_mask_input(
+            mask_input, self.model.prompt_encoder.mask_input_size, batched=False
+        )
+        masks, scores, low_res = self.predict_torch(
+            *self._to_input_frame(coords, labels, boxes, masks_in),
+            multimask_output=multimask_output,
+            return_logits=return_logits,
+        )
+        return (
+            masks[0].cpu().numpy(),
+            scores[0].float().cpu().numpy(),
+            low_res[0].float().cpu().numpy(),
+        )
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for B prompts in one decoder pass.
+
+        Parameters
+        ----------
+        point_coords : (B, N, 2) array, optional
+            (x, y) pixels of the original image; N points per prompt.
+        point_labels : (B, N) array, optional
+        boxes : (B, 4) array, optional
+            XYXY in original pixels, one box per prompt.
+        mask_input : (B, 1, 256, 256) array, optional
+        multimask_output, return_logits : bool
+            As in :meth:`predict`.
+
+        Returns
+        -------
+        masks : (B, C, H, W) bool
+        scores : (B, C) float32
+        low_res_logits : (B, C, 256, 256) float32
+        """
+        self._require_image()
+        coords, labels = _check_points(point_coords, point_labels, batched=True)
+        boxes_ = _check_boxes(boxes, batched=True)
+        masks_in = _check_mask_input(
+            mask_input, self.model.prompt_encoder.mask_input_size, batched=True
+        )
+        sizes = {
+            name: a.shape[0]
+            for name, a in (("point_coords", coords), ("boxes", boxes_), ("mask_input", masks_in))
+            if a is not None
+        }
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"prompt batch sizes differ: {sizes}")
+        masks, scores, low_res = self.predict_torch(
+            *self._to_input_frame(coords, labels, boxes_, masks_in),
+            multimask_output=multimask_output,
+            return_logits=return_logits,
+        )
+        return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+    def _to_input_frame(self, coords, labels, boxes, masks_in):
+        dev = self.device
+        coords_t = labels_t = boxes_t = masks_t = None
+        if coords is not None:
+            coords_t = torch.as_tensor(
+                self.transform.apply_coords(coords, self.original_size),
+                dtype=torch.float32,
+                device=dev,
+            )
+            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=dev)
+        if boxes is not None:
+            boxes_t = torch.as_tensor(
+                self.transform.apply_boxes(boxes, self.original_size),
+                dtype=torch.float32,
+                device=dev,
+            )
+        if masks_in is not None:
+            masks_t = torch.as_tensor(masks_in, dtype=torch.float32, device=dev)
+        return coords_t, labels_t, boxes_t, masks_t
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prediction on tensors already in the *input* frame.
+
+        Parameters
+        ----------
+        point_coords : (B, N, 2) float tensor or None
+            (x, y) in the resized-image frame (see ``transform.apply_coords_torch``).
+        point_labels : (B, N) tensor or None
+        boxes : (B, 4) float tensor or None
+        mask_input : (B, 1, 256, 256) float tensor or None
+        multimask_output, return_logits : bool
+
+        Returns
+        -------
+        masks : (B, C, H, W) bool (or float logits) at the original size
+        iou_predictions : (B, C)
+        low_res_logits : (B, C, 256, 256)
+        """
+        self._require_image()
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        masks = self._postprocess(low_res, return_logits)
+        return masks, iou, low_res
+
+    def _postprocess(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
+        b, c = low_res.shape[:2]
+        h, w = self.original_size
+        per_prompt = c * max(h * w, self.model.img_size**2)
+        step = max(1, _POSTPROCESS_CHUNK // per_prompt)
+        out = torch.empty(
+            (b, c, h, w),
+            dtype=low_res.dtype if return_logits else torch.bool,
+            device=low_res.device,
+        )
+        for i in range(0, b, step):
+            logits = self.model.postprocess_masks(
+                low_res[i : i + step], self.input_size, self.original_size
+            )
+            out[i : i + step] = logits if return_logits else logits > self.model.mask_threshold
+        return out
+
+
+# -- prompt validation (numpy level) ------------------------------------------------
+
+
+def _as_float_array(value, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numeric, got {value!r}") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values: {value!r}")
+    return arr
+
+
+def _check_points(coords, labels, *, batched: bool):
+    if coords is None:
+        if labels is not None:
+            raise ValueError("point_labels given without point_coords")
+        return None, None
+    if labels is None:
+        raise ValueError("point_coords given without point_labels (1 foreground, 0 background)")
+    coords = _as_float_array(coords, "point_coords")
+    labels_f = _as_float_array(labels, "point_labels")
+    want = "(B, N, 2)" if batched else "(N, 2)"
+    ndim = 3 if batched else 2
+    if coords.ndim != ndim or coords.shape[-1] != 2 or coords.shape[-2] == 0:
+        raise ValueError(f"point_coords must have shape {want} as (x, y), got {coords.shape}")
+    if labels_f.shape != coords.shape[:-1]:
+        raise ValueError(
+            f"point_labels must have shape {coords.shape[:-1]} to match point_coords "
+            f"{coords.shape}, got {labels_f.shape}"
+        )
+    if not np.isin(labels_f, (0, 1)).all():
+        bad = np.unique(labels_f[~np.isin(labels_f, (0, 1))])
+        raise ValueError(
+            f"point_labels must be 1 (foreground) or 0 (background), got {bad.tolist()}"
+        )
+    if not batched:
+        coords, labels_f = coords[None], labels_f[None]
+    return coords, labels_f.astype(np.int64)
+
+
+def _check_boxes(boxes, *, batched: bool):
+    if boxes is None:
+        return None
+    name = "boxes" if batched else "box"
+    arr = _as_float_array(boxes, name)
+    if batched:
+        if arr.ndim != 2 or arr.shape[1] != 4:
+            raise ValueError(f"boxes must have shape (B, 4) as XYXY, got {arr.shape}")
+    else:
+        if arr.size != 4:
+            raise ValueError(f"box must have shape (4,) as XYXY, got {arr.shape}")
+        arr = arr.reshape(1, 4)
+    inverted = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
+    if inverted.any():
+        raise ValueError(
+            f"{name} must be XYXY with x1 >= x0 and y1 >= y0, got {arr[inverted][0].tolist()}"
+        )
+    return arr
+
+
+def _check_mask_input(mask_input, size: tuple[int, int], *, batched: bool):
+    if mask_input is None:
+        return None
+    arr = _as_float_array(mask_input, "mask_input")
+    want = (arr.shape[0] if arr.ndim else -1, 1, *size) if batched else (1, *size)
+    if arr.shape != want or (batched and arr.shape[0] == 0):
+        shape = f"(B, 1, {size[0]}, {size[1]})" if batched else f"(1, {size[0]}, {size[1]})"
+        raise ValueError(f"mask_input must have shape {shape}, got {arr.shape}")
+    return arr.astype(np.float32) if batched else arr.astype(np.float32)[None]

@@ -1,0 +1,79 @@
+"""Shared fixtures: the golden reference outputs and small models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mobilesam.build import SamConfig, build_sam, load_model
+from napari_mobilesam.model import TinyViTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("MOBILESAM_GOLDEN", ROOT.parent / "shared" / "golden"))
+GOLDEN_CKPT = GOLDEN / "mobile_sam_random.pt"
+
+requires_golden = pytest.mark.skipif(
+    not GOLDEN_CKPT.exists(),
+    reason=f"golden reference files not found at {GOLDEN} (../shared is absent)",
+)
+
+# A MobileSAM-shaped model small enough for unit tests: 128 px input, 8x8
+# embedding of 32 channels, 32x32 low-res masks.
+TINY_CONFIG = SamConfig(
+    TinyViTConfig(
+        img_size=128,
+        embed_dims=(8, 16, 16, 24),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 3),
+        window_sizes=(7, 7, 7, 7),
+        out_chans=32,
+        num_classes=10,
+    ),
+    prompt_embed_dim=32,
+    mask_in_chans=8,
+    decoder_mlp_dim=64,
+    decoder_num_heads=2,
+    iou_head_hidden_dim=32,
+)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values everywhere, BatchNorm statistics and LayerNorm affines included."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    return _randomize(build_sam(TINY_CONFIG), seed=0).state_dict()
+
+
+@pytest.fixture
+def tiny_model(tiny_state_dict) -> torch.nn.Module:
+    model = build_sam(TINY_CONFIG)
+    model.load_state_dict(tiny_state_dict)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def golden_model():
+    if not GOLDEN_CKPT.exists():
+        pytest.skip(f"golden reference files not found at {GOLDEN}")
+    return load_model("vit_t", GOLDEN_CKPT, device="cpu")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
