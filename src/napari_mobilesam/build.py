@@ -192,10 +192,16 @@ def read_state_dict(path: str | PathLike) -> dict[str, torch.Tensor]:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint file {str(path)!r} is empty (0 bytes)")
+    magic = _magic(path)
+    if magic not in ("zip", "pickle"):
+        raise CheckpointError(
+            f"file {str(path)!r} ({size:,} bytes) is not a PyTorch checkpoint "
+            "(neither a torch.save zip archive nor a legacy pickle)"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic == "zip")
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
+        if "unsupported global" in str(exc).lower():
             raise CheckpointError(
                 f"checkpoint {str(path)!r} holds Python objects other than tensors, which are "
                 "not loaded for safety (weights_only=True). If you trust its source, re-save "
@@ -221,13 +227,19 @@ def read_state_dict(path: str | PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _is_zip(path: Path) -> bool:
+def _magic(path: Path) -> str:
+    """'zip' (torch.save since 1.6), 'pickle' (legacy torch.save) or 'unknown'."""
     with open(path, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol marker
+        return "pickle"
+    return "unknown"
 
 
 def _not_a_checkpoint(path: Path, size: int, exc: BaseException) -> str:
-    if _is_zip(path):
+    if _magic(path) == "zip":
         try:
             with zipfile.ZipFile(path):
                 pass

@@ -1,0 +1,218 @@
+"""The ``mobilesam`` command line.
+
+Subcommands::
+
+    mobilesam weights list                   known models, sizes, licenses, cache state
+    mobilesam weights download [NAME ...]    download into the cache (default: vit_t)
+    mobilesam weights path NAME              print where a model's file is cached
+
+Each command group is added by one ``_add_<group>_parser(subparsers)`` function
+that registers its subparser and sets ``func`` (called with the parsed arguments,
+returning the exit status); add new groups (e.g. ``export-onnx``) the same way and
+list them in :data:`_GROUPS`. Keep torch out of this module's imports: import it
+inside the handler that needs it, so that ``mobilesam weights list`` stays fast.
+
+Errors are reported as one message on stderr and a non-zero exit status (1 for a
+failure, 2 for bad usage), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from . import weights as _w
+
+PROG = "mobilesam"
+
+
+class CommandError(Exception):
+    """A command failed; the message is printed and the exit status is ``status``.
+
+    Parameters
+    ----------
+    message : str
+        Shown on stderr after ``mobilesam: error:``.
+    status : int
+        Exit status (1: failure, 2: bad usage).
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _err(message: str) -> None:
+    """Print an error message on stderr."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _info(name: str) -> _w.ModelInfo:
+    """Registry lookup turning an unknown name into a usage error."""
+    try:
+        return _w.get_model_info(name)
+    except ValueError as exc:
+        raise CommandError(str(exc), status=2) from None
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _weights_list(args: argparse.Namespace) -> int:
+    """``mobilesam weights list``: a table of the registry and the cache state."""
+    folder = _w.cache_dir()
+    rows = [("name", "file", "size (MB)", "license", "cached", "path")]
+    for info in _w.REGISTRY.values():
+        path = folder / info.filename
+        if _w._is_cached(info, path):
+            cached = "yes"
+        elif path.exists():
+            cached = "partial"
+        else:
+            cached = "no"
+        rows.append(
+            (info.name, info.filename, f"{info.size / 1e6:.1f}", info.license, cached, str(path))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    right = {2}  # numeric column
+    for row in rows:
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))
+        ]
+        print("  ".join([*cells, row[-1]]))
+    print(f"\ncache folder: {folder}  (set {_w.CACHE_ENV} to change it)")
+    return 0
+
+
+def _weights_download(args: argparse.Namespace) -> int:
+    """``mobilesam weights download``: fetch each named model into the cache."""
+    names = args.names or ["vit_t"]
+    infos = [_info(n) for n in names]  # check every name before downloading anything
+    failed = 0
+    for info in infos:
+        dest = _w.cache_dir() / info.filename
+        if not args.quiet:
+            if _w._is_cached(info, dest):
+                print(f"{info.name}: already in the cache", file=sys.stderr)
+            else:
+                url = _w.download_url(info)
+                size = info.size / 1e6
+                print(f"{info.name}: downloading {size:.1f} MB from {url}", file=sys.stderr)
+        try:
+            path = _w.fetch(info.name, progress=not args.quiet)
+        except _w.WeightsError as exc:
+            _err(str(exc))
+            failed += 1
+            continue
+        print(path)
+    if failed and len(infos) > 1:
+        raise CommandError(f"{failed} of {len(infos)} downloads failed")
+    return 1 if failed else 0
+
+
+def _weights_path(args: argparse.Namespace) -> int:
+    """``mobilesam weights path``: print the cache path of a model's file."""
+    info = _info(args.name)
+    path = _w.cache_dir() / info.filename
+    if not args.no_check and not _w._is_cached(info, path):
+        state = "is incomplete" if path.exists() else "does not exist yet"
+        raise CommandError(
+            f"the weights of {info.name!r} are not in the cache: {path} {state}; "
+            f"run `{PROG} weights download {info.name}`, or pass --no-check"
+        )
+    print(path)
+    return 0
+
+
+def _add_weights_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``mobilesam weights {list,download,path}``."""
+    names = ", ".join(_w.REGISTRY)
+    p = subparsers.add_parser(
+        "weights",
+        help="list, download and locate model weights",
+        description=(
+            "Model weights. The cache folder is $MOBILESAM_CACHE, else the checkout's "
+            "weights/ folder, else the user cache; $MOBILESAM_WEIGHTS_MIRROR downloads "
+            "from <mirror>/<filename> instead of the registry URLs."
+        ),
+    )
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p_list = sub.add_parser("list", help="known models and whether they are cached")
+    p_list.set_defaults(func=_weights_list)
+
+    p_dl = sub.add_parser("download", help="download weights into the cache")
+    p_dl.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"model names ({names}); default: vit_t"
+    )
+    p_dl.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    p_dl.set_defaults(func=_weights_download)
+
+    p_path = sub.add_parser("path", help="print the cache path of a model's weights file")
+    p_path.add_argument("name", metavar="NAME", help=f"model name ({names})")
+    p_path.add_argument(
+        "--no-check",
+        action="store_true",
+        help="print the path even if the file is not downloaded yet",
+    )
+    p_path.set_defaults(func=_weights_path)
+
+
+#: Functions that each register one command group.
+_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_weights_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mobilesam`` with every command group.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Parsed arguments carry ``func(args) -> int``.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="MobileSAM / Segment Anything tools for napari-mobilesam."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _GROUPS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mobilesam`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 on failure, 2 on bad usage, 130 on Ctrl-C.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse printed already
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        _err(str(exc))
+        return exc.status
+    except _w.WeightsError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
