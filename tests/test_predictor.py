@@ -208,3 +208,16 @@ def test_any_image_size(tiny_model, rng, shape):
     p.set_image(rng.integers(0, 65535, size=shape, dtype=np.uint16))
     masks, _, _ = p.predict(np.array([[0.0, 0.0]]), np.array([1]))
     assert masks.shape == (3, *shape)
+
+
+def test_decoder_cache_equals_recompute(pred, tiny_model, rng):
+    plain = Predictor(tiny_model, decoder_cache=False)
+    plain.set_embedding(pred.get_embedding())
+    coords = rng.uniform(0, 70, size=(4, 2, 2))
+    labels = rng.integers(0, 2, size=(4, 2))
+    for got, want in zip(
+        pred.predict_batch(coords, labels, return_logits=True),
+        plain.predict_batch(coords, labels, return_logits=True),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from .model import (
     TinyViTConfig,
     TwoWayTransformer,
     fuse_conv_bn,
+    fuse_conv_gelu,
 )
 
 # Keys of the official checkpoints that belong to no part of the segmentation
@@ -347,8 +348,9 @@ def load_model(
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... ; None or ``"auto"`` picks CUDA when
         available.
     fuse : bool
-        Fold BatchNorm into the preceding convolutions (inference speed; same
-        results within float rounding). Use False to train or to re-save.
+        Fold BatchNorm into the preceding convolutions and merge convolution +
+        GELU pairs (inference speed; same results within float rounding). Use
+        False to train or to re-save the weights.
     progress : bool
         Show a progress bar when downloading.
 
@@ -370,6 +372,8 @@ def load_model(
     model.eval()
     if fuse:
         fuse_conv_bn(model)
+        fuse_conv_gelu(model)
+    model.image_encoder.to(memory_format=torch.channels_last)
     model.model_name = name
     model.checkpoint_path = path
     return model.to(dev)

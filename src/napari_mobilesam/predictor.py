@@ -62,9 +62,19 @@ class Predictor:
     device : str or torch.device, optional
         Move the model there (default: keep the model where it is; for a name,
         CUDA when available).
+    decoder_cache : bool
+        Compute the prompt-independent part of the mask decoder once per image
+        and reuse it for every prompt (default). False recomputes it on every
+        call, as the reference does; results agree within float rounding.
     """
 
-    def __init__(self, model: Sam | str = "vit_t", *, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: Sam | str = "vit_t",
+        *,
+        device: str | torch.device | None = None,
+        decoder_cache: bool = True,
+    ):
         if isinstance(model, str):
             model = load_model(model, device=device)
         elif not isinstance(model, Sam):
@@ -72,6 +82,7 @@ class Predictor:
         elif device is not None:
             model = model.to(device)
         self.model = model
+        self.decoder_cache = decoder_cache
         self.transform = ResizeLongestSide(model.img_size)
         self.reset_image()
 
@@ -84,6 +95,7 @@ class Predictor:
     def reset_image(self) -> None:
         """Forget the current image and its embedding."""
         self.is_image_set = False
+        self._decoder_cache = None
         self.features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
@@ -170,6 +182,7 @@ class Predictor:
                 f"embedding features have shape {tuple(embedding.features.shape)}, this model "
                 f"needs (1, C, {emb_size[0]}, {emb_size[1]})"
             )
+        self.reset_image()
         self.features = embedding.features.to(self.device)
         self.original_size = tuple(embedding.original_size)
         self.input_size = tuple(embedding.input_size)
@@ -329,15 +342,26 @@ class Predictor:
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        decoder = self.model.mask_decoder
+        if mask_input is None and self.decoder_cache:
+            # the image side of the decoder's first block does not depend on the
+            # prompts: computed once per image, reused by every call
+            low_res, iou = decoder(
+                None, None, sparse, None, multimask_output, image_cache=self._image_cache(dense)
+            )
+        else:
+            pe = self.model.prompt_encoder.get_dense_pe()
+            low_res, iou = decoder(self.features, pe, sparse, dense, multimask_output)
         masks = self._postprocess(low_res, return_logits)
         return masks, iou, low_res
+
+    def _image_cache(self, no_mask_dense: torch.Tensor):
+        if self._decoder_cache is None:
+            pe = self.model.prompt_encoder.get_dense_pe()
+            self._decoder_cache = self.model.mask_decoder.prepare_image(
+                self.features, pe, no_mask_dense
+            )
+        return self._decoder_cache
 
     def _postprocess(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
         b, c = low_res.shape[:2]

@@ -144,3 +144,86 @@ def fuse_conv_bn(module: nn.Module) -> int:
         else:
             count += fuse_conv_bn(child)
     return count
+
+
+def _onednn_pointwise_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
+
+
+class ConvGELU(nn.Module):
+    """``gelu(conv(x))`` (exact erf GELU) for inference; ``conv`` may be transposed.
+
+    On CPU in float32 it runs as one oneDNN (transposed) convolution with a GELU
+    post-op (the kernels torch's own compiler uses), which saves a full pass
+    over the output; elsewhere, or with ``use_onednn=False``, it is the plain
+    two-step reference path.
+    """
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, use_onednn: bool = True) -> None:
+        super().__init__()
+        self.conv = conv
+        self.use_onednn = use_onednn and _onednn_pointwise_available()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if (
+            self.use_onednn
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and c.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+        ):
+            if isinstance(c, nn.ConvTranspose2d):
+                return torch.ops.mkldnn._convolution_transpose_pointwise(
+                    x, c.weight, c.bias, c.padding, c.output_padding, c.stride, c.dilation,
+                    c.groups, "gelu", [None], "none",
+                )  # fmt: skip
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups,
+                "gelu", [None], "none",
+            )  # fmt: skip
+        return F.gelu(c(x))
+
+
+def fuse_conv_gelu(module: nn.Module, use_onednn: bool = True) -> int:
+    """Merge the (convolution, GELU) pairs that modules declare, in place.
+
+    A module lists its pairs in a ``conv_gelu_pairs`` attribute as dotted names
+    relative to itself; each convolution becomes a :class:`ConvGELU` and the
+    GELU an identity. Call after :func:`fuse_conv_bn`. Returns the number fused.
+    """
+    count = 0
+    for mod in list(module.modules()):
+        for conv_name, act_name in getattr(mod, "conv_gelu_pairs", ()):
+            conv, act = mod.get_submodule(conv_name), mod.get_submodule(act_name)
+            if not isinstance(conv, nn.Conv2d | nn.ConvTranspose2d) or not isinstance(act, nn.GELU):
+                continue  # not folded yet, or already merged
+            _set_submodule(mod, conv_name, ConvGELU(conv, use_onednn))
+            _set_submodule(mod, act_name, nn.Identity())
+            count += 1
+    return count
+
+
+def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` for (B, heads, N, d) tensors.
+
+    ``bias`` broadcasts to (B, heads, N, M). On CPU this is a batched matmul, an
+    in-place broadcast add of the bias (never expanded per window), a softmax and
+    a second matmul: faster than scaled_dot_product_attention, which falls back
+    to its slower "safe softmax" math path when given a float mask. Elsewhere it
+    is ``scaled_dot_product_attention``.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    scores += bias
+    return torch.matmul(scores.softmax(dim=-1), v)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .common import MLP, LayerNorm2d
+from .transformer import ImageCache
 
 
 class MaskDecoder(nn.Module):
@@ -25,6 +26,8 @@ class MaskDecoder(nn.Module):
     iou_head_depth, iou_head_hidden_dim : int
         Layers and width of the IoU prediction MLP (3, 256).
     """
+
+    conv_gelu_pairs = (("output_upscaling.3", "output_upscaling.4"),)
 
     def __init__(
         self,
@@ -58,13 +61,31 @@ class MaskDecoder(nn.Module):
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
 
-    def forward(
+    def prepare_image(
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+    ) -> ImageCache:
+        """Prompt-independent work for one image and a shared dense prompt.
+
+        Parameters
+        ----------
+        image_embeddings : (1, C, h, w)
+        image_pe : (1, C, h, w)
+        dense_prompt_embeddings : (1, C, h, w)
+            The "no mask" embedding; the cache is only valid with it.
+        """
+        return self.transformer.prepare_image(image_embeddings + dense_prompt_embeddings, image_pe)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor | None,
+        image_pe: torch.Tensor | None,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor | None,
         multimask_output: bool,
+        image_cache: ImageCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -78,6 +99,9 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings : (1 or B, C, h, w)
         multimask_output : bool
             Return the ``num_multimask_outputs`` masks instead of the single one.
+        image_cache : ImageCache, optional
+            :meth:`prepare_image` of this image and dense prompt; the three tensor
+            arguments before it are then ignored (may be None).
 
         Returns
         -------
@@ -85,17 +109,22 @@ class MaskDecoder(nn.Module):
         iou_pred : (B, M)
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            image_cache,
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
 
     def predict_masks(
         self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
+        image_embeddings: torch.Tensor | None,
+        image_pe: torch.Tensor | None,
         sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor | None,
+        image_cache: ImageCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks (B, T, 4h, 4w) and IoU (B, T)."""
         b = sparse_prompt_embeddings.shape[0]
@@ -104,22 +133,31 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] not in (1, b):
-            raise ValueError(
-                f"image embeddings have batch {src.shape[0]} but there are {b} prompts"
-            )
-        c, h, w = src.shape[1:]
-        hs, keys = self.transformer(src, image_pe, tokens)
+        if image_cache is None:
+            src = image_embeddings + dense_prompt_embeddings
+            if src.shape[0] not in (1, b):
+                raise ValueError(
+                    f"image embeddings have batch {src.shape[0]} but there are {b} prompts"
+                )
+            h, w = src.shape[2:]
+            hs, keys = self.transformer(src, image_pe, tokens)
+        else:
+            h, w = image_cache.size
+            hs, keys = self.transformer(None, None, tokens, image_cache)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        # (B, h*w, C) tokens are a channels-last image: view, don't copy (the
+        # transposed convolutions are also several times faster channels-last).
+        c = keys.shape[-1]
+        grid = keys.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        upscaled = self.output_upscaling(grid)  # (B, C/8, 4h, 4w)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
-        )
+        )  # (B, T, C/8)
         _, cu, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, cu, hu * wu)).view(b, -1, hu, wu)
+        pixels = upscaled.permute(0, 2, 3, 1).reshape(b, hu * wu, cu)
+        masks = (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred

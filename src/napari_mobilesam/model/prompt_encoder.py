@@ -29,7 +29,10 @@ class PositionEmbeddingRandom(nn.Module):
         )
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        g = self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        c = 2 * coords - 1
+        # (..., 2) @ (2, F) written out: a BLAS call costs more than the arithmetic
+        coords = c[..., 0:1] * g[0] + c[..., 1:2] * g[1]
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 

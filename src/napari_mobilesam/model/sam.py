@@ -65,15 +65,24 @@ class Sam(nn.Module):
         input_size: tuple[int, int],
         original_size: tuple[int, int],
     ) -> torch.Tensor:
-        """Upscale low-res logits (B, M, 256, 256) to the original (B, M, H, W).
+        """Upscale low-res logits (B, M, h', w') to the original (B, M, H, W).
 
-        Bilinear to (S, S), crop the padding to ``input_size`` (h, w), bilinear to
-        ``original_size`` (H, W): the reference's two steps, exactly.
+        The reference's two steps: bilinear to (S, S), crop the padding to
+        ``input_size`` (h, w), bilinear to ``original_size`` (H, W). The first step
+        only computes what survives the crop: it upsamples the low-res rows and
+        columns that the kept pixels read (plus the one beyond, so no border is
+        clamped differently), which gives bit-identical values.
         """
+        lh, lw = masks.shape[-2:]
+        fh, fw = self.img_size // lh, self.img_size // lw  # 4 for SAM
+        h, w = input_size
+        # kept pixel j reads low-res sample floor((j + 0.5) / f - 0.5) and the next one
+        rows = min(lh, (h - 1) // fh + 2)
+        cols = min(lw, (w - 1) // fw + 2)
         masks = F.interpolate(
-            masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False
+            masks[..., :rows, :cols], (rows * fh, cols * fw), mode="bilinear", align_corners=False
         )
-        masks = masks[..., : input_size[0], : input_size[1]]
+        masks = masks[..., :h, :w]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()

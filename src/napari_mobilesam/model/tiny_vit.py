@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import ConvBN, LayerNorm2d
+from .common import ConvBN, LayerNorm2d, attention_with_bias
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def _strided_size(size: int, stride: int) -> int:
 class PatchEmbed(nn.Module):
     """Stride-4 stem: two 3x3 stride-2 ConvBN with a GELU between."""
 
+    conv_gelu_pairs = (("seq.0", "seq.1"),)
+
     def __init__(self, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.seq = nn.Sequential(
@@ -94,6 +96,8 @@ class PatchEmbed(nn.Module):
 
 class MBConv(nn.Module):
     """Inverted residual block: 1x1 expand, 3x3 depth-wise, 1x1 project, residual."""
+
+    conv_gelu_pairs = (("conv1", "act1"), ("conv2", "act2"))
 
     def __init__(self, in_chans: int, out_chans: int, expand_ratio: float) -> None:
         super().__init__()
@@ -119,20 +123,23 @@ class PatchMerging(nn.Module):
     (B, H'*W', out_dim).
     """
 
+    conv_gelu_pairs = (("conv1", "act1"), ("conv2", "act2"))
+
     def __init__(self, resolution: int, dim: int, out_dim: int, stride: int) -> None:
         super().__init__()
         self.resolution = resolution
-        self.act = nn.GELU()
         self.conv1 = ConvBN(dim, out_dim, 1)
+        self.act1 = nn.GELU()
         self.conv2 = ConvBN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
+        self.act2 = nn.GELU()
         self.conv3 = ConvBN(out_dim, out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
             b = x.shape[0]
             x = x.view(b, self.resolution, self.resolution, -1).permute(0, 3, 1, 2)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
+        x = self.act1(self.conv1(x))
+        x = self.act2(self.conv2(x))
         x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)
 
@@ -176,7 +183,7 @@ class Attention(nn.Module):
             self.head_dim, dim=3
         )
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = attention_with_bias(q, k, v, bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -327,7 +334,9 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, img_size, img_size) -> (B, out_chans, img_size/16, img_size/16)."""
-        x = self.patch_embed(x)
+        # channels-last throughout: the convolutions run faster and the token
+        # views between stages need no copies
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
         b, n, c = x.shape

@@ -4,9 +4,23 @@ Token tensors are (B, N, C). The image side may come in with batch 1 while the
 prompts have batch B (one image, many prompts): it is then projected once and
 broadcast, never copied per prompt, until the first image-to-token update makes
 it prompt-specific.
+
+Everything the first block computes from the image alone (the keys/values of
+its token-to-image attention and the queries of its image-to-token attention)
+does not depend on the prompts: :meth:`TwoWayTransformer.prepare_image` computes
+it once per image and ``forward(..., image_cache=...)`` reuses it.
+
+Few tokens, many pixels: a prompt has ~7 tokens against 4096 image tokens, so
+the attentions between them are cheaper when the tokens are mapped into the
+image's channel space than when every image token is projected down
+(:meth:`Attention.tokens_to_image`, :meth:`Attention.image_to_tokens`). The
+result is the same up to float rounding; ``fast=False`` keeps the plain
+projection path as the reference.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +33,8 @@ class Attention(nn.Module):
     """Multi-head attention with optional down-projection of the inner width.
 
     ``q``, ``k``, ``v`` are (B, N, C) (the batch axis of ``k``/``v`` may be 1 and
-    is broadcast against ``q``'s, or the other way round).
+    is broadcast against ``q``'s, or the other way round). ``project_*`` and
+    :meth:`attend` expose the two halves so projections can be reused.
     """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
@@ -37,15 +52,122 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = self._heads(self.q_proj(q))
-        k = self._heads(self.k_proj(k))
-        v = self._heads(self.v_proj(v))
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, heads, N, C' / heads)."""
+        return self._heads(self.q_proj(x))
+
+    def project_k(self, x: torch.Tensor) -> torch.Tensor:
+        return self._heads(self.k_proj(x))
+
+    def project_v(self, x: torch.Tensor) -> torch.Tensor:
+        return self._heads(self.v_proj(x))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention over projected heads, then the output projection -> (B, Nq, C)."""
         b = max(q.shape[0], k.shape[0])
         q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, -1, self.internal_dim)
         return self.out_proj(out)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.project_q(q), self.project_k(k), self.project_v(v))
+
+    def worth_factoring(self, n_tokens: int) -> bool:
+        """Whether the token-side factorisation below costs fewer FLOPs."""
+        return n_tokens * self.num_heads < self.internal_dim
+
+    def _weights(self, lin: nn.Linear) -> torch.Tensor:
+        """(heads, head_dim, C) view of a projection weight."""
+        return lin.weight.view(self.num_heads, -1, lin.weight.shape[1])
+
+    def tokens_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``forward(q, k, v)`` for few queries (tokens) and many keys (pixels).
+
+        The keys and values are never projected: per head, the query is mapped
+        back to the key's input space, ``(q_h W_k,h) . k`` (the key bias adds the
+        same number to every score of a row, so the softmax ignores it), and the
+        value projection is applied after the weighted sum,
+        ``(P v) W_v,h^T + b_v,h`` (the weights of a row sum to 1).
+
+        Shapes: q (B, Nq, C); k, v (B or 1, Nk, C) -> (B, Nq, C).
+        """
+        b, nq, _ = q.shape
+        heads = self.num_heads
+        qh = self.project_q(q) * (self.internal_dim // heads) ** -0.5  # (B, h, Nq, d)
+        q_in = torch.einsum("bhnd,hdc->bhnc", qh, self._weights(self.k_proj))
+        q_in = q_in.reshape(b, heads * nq, -1)  # (B, h*Nq, C)
+        probs = _bmm_shared(q_in, k.transpose(1, 2)).softmax(dim=-1)  # (B, h*Nq, Nk)
+        pv = _bmm_shared(probs, v)  # (B, h*Nq, C)
+        out = torch.einsum("bhnc,hdc->bnhd", pv.view(b, heads, nq, -1), self._weights(self.v_proj))
+        out = out + self.v_proj.bias.view(heads, -1)
+        return self.out_proj(out.reshape(b, nq, self.internal_dim))
+
+    def image_to_tokens(
+        self,
+        q: torch.Tensor | None,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward(q, k, v)`` for many queries (pixels) and few keys (tokens).
+
+        Per head the key is mapped into the query's input space,
+        ``q . (W_q,h^T k_h) + b_q,h . k_h``, and the output projection is folded
+        into the values, ``sum_h P_h (v_h W_o,h^T) + b_o``, so nothing of size
+        (pixels x channels) is projected. ``q_heads`` (1 or B, heads, Nq, d), the
+        already projected queries, may replace ``q``. Scores are laid out
+        (B, heads, Nk, Nq) so the softmax over the few keys runs along a long
+        contiguous axis.
+
+        Shapes: q (B or 1, Nq, C); k, v (B, Nk, C) -> (B, Nq, C).
+        """
+        b, nk, _ = k.shape
+        heads = self.num_heads
+        scale = (self.internal_dim // heads) ** -0.5
+        kh = self.project_k(k) * scale  # (B, h, Nk, d)
+        if q_heads is not None:
+            scores = kh @ q_heads.transpose(-2, -1)  # (B, h, Nk, Nq)
+        else:
+            k_in = torch.einsum("bhnd,hdc->bhnc", kh, self._weights(self.q_proj))
+            k_bias = torch.einsum("bhnd,hd->bhn", kh, self.q_proj.bias.view(heads, -1))
+            scores = _bmm_shared(k_in.reshape(b, heads * nk, -1), q.transpose(1, 2))
+            scores = (scores + k_bias.reshape(b, heads * nk, 1)).view(b, heads, nk, -1)
+        probs = scores.softmax(dim=2).reshape(b, heads * nk, -1)  # (B, h*Nk, Nq)
+        out_w = self.out_proj.weight.view(-1, heads, self.internal_dim // heads)  # (C, h, d)
+        v_out = torch.einsum("bhnd,chd->bhnc", self.project_v(v), out_w)  # (B, h, Nk, C)
+        v_out = v_out.reshape(b, heads * nk, -1)
+        return torch.baddbmm(self.out_proj.bias, probs.transpose(1, 2), v_out)
+
+
+def _bmm_shared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for (B, n, k) @ (B or 1, k, m); a shared ``b`` is one large GEMM."""
+    if b.shape[0] == 1 and a.shape[0] > 1:
+        return (a.reshape(-1, a.shape[-1]) @ b[0]).view(a.shape[0], a.shape[1], -1)
+    return a @ b
+
+
+@dataclass
+class ImageCache:
+    """Prompt-independent image-side tensors of one image (batch 1).
+
+    Attributes
+    ----------
+    size : (int, int)
+        (H, W) of the image embedding grid.
+    keys, key_pe : torch.Tensor
+        (1, H*W, C) image tokens and their positional encoding.
+    t2i_k, t2i_v, i2t_q : torch.Tensor
+        First block's projections: keys/values of the token-to-image attention
+        and queries of the image-to-token attention, (1, heads, H*W, C').
+    """
+
+    size: tuple[int, int]
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    t2i_k: torch.Tensor
+    t2i_v: torch.Tensor
+    i2t_q: torch.Tensor
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -75,13 +197,32 @@ class TwoWayAttentionBlock(nn.Module):
         )
         self.skip_first_layer_pe = skip_first_layer_pe
 
+    def project_image(
+        self, keys: torch.Tensor, key_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three projections of the image tokens that do not involve the prompts."""
+        k = keys + key_pe
+        return (
+            self.cross_attn_token_to_image.project_k(k),
+            self.cross_attn_token_to_image.project_v(keys),
+            self.cross_attn_image_to_token.project_q(k),
+        )
+
     def forward(
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        image_proj: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        factorized: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block.
+
+        ``image_proj`` is :meth:`project_image` of these ``keys`` when known;
+        ``factorized`` lets the cross attentions use the token-side factorisation
+        when it is cheaper.
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -89,13 +230,30 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        n_tokens = queries.shape[1]
+        k = keys + key_pe if image_proj is None else None  # both attentions use it
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        if image_proj is not None:
+            attn = t2i.attend(t2i.project_q(q), image_proj[0], image_proj[1])
+        elif factorized and t2i.worth_factoring(n_tokens):
+            attn = t2i.tokens_to_image(q, k, keys)
+        else:
+            attn = t2i(q, k, keys)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        if factorized and i2t.worth_factoring(n_tokens):
+            if image_proj is not None:
+                attn = i2t.image_to_tokens(None, q, queries, q_heads=image_proj[2])
+            else:
+                attn = i2t.image_to_tokens(k, q, queries)
+        elif image_proj is not None:
+            attn = i2t.attend(image_proj[2], i2t.project_k(q), i2t.project_v(queries))
+        else:
+            attn = i2t(k, q, queries)
+        keys = self.norm4(keys + attn)
         return queries, keys
 
 
@@ -110,7 +268,15 @@ class TwoWayTransformer(nn.Module):
         MLP activation (ReLU in SAM).
     attention_downsample_rate : int
         Inner width divisor of the cross attentions (2).
+
+    Attributes
+    ----------
+    factorized : bool
+        Use the token-side factorisation of the cross attentions where it saves
+        work (default True); False runs the plain reference computation.
     """
+
+    factorized: bool = True
 
     def __init__(
         self,
@@ -122,6 +288,8 @@ class TwoWayTransformer(nn.Module):
         attention_downsample_rate: int = 2,
     ) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"TwoWayTransformer needs depth >= 1, got {depth}")
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(
                 embedding_dim,
@@ -138,33 +306,56 @@ class TwoWayTransformer(nn.Module):
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
+    def prepare_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> ImageCache:
+        """Prompt-independent work for one (1, C, H, W) image (plus dense prompt)."""
+        if image_embedding.shape[0] != 1:
+            raise ValueError(
+                f"prepare_image takes one image (batch 1), got {tuple(image_embedding.shape)}"
+            )
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        size = (image_embedding.shape[2], image_embedding.shape[3])
+        return ImageCache(size, keys, key_pe, *self.layers[0].project_image(keys, key_pe))
+
     def forward(
         self,
-        image_embedding: torch.Tensor,
-        image_pe: torch.Tensor,
+        image_embedding: torch.Tensor | None,
+        image_pe: torch.Tensor | None,
         point_embedding: torch.Tensor,
+        image_cache: ImageCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the transformer.
 
         Parameters
         ----------
-        image_embedding : (B or 1, C, H, W)
-        image_pe : (1, C, H, W)
+        image_embedding : (B or 1, C, H, W), or None with ``image_cache``
+        image_pe : (1, C, H, W), or None with ``image_cache``
         point_embedding : (B, N, C)
+        image_cache : ImageCache, optional
+            From :meth:`prepare_image` of the same image embedding and PE.
 
         Returns
         -------
         queries : (B, N, C)
         keys : (B, H*W, C)
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        if image_cache is None:
+            keys = image_embedding.flatten(2).transpose(1, 2)
+            key_pe = image_pe.flatten(2).transpose(1, 2)
+            first = None
+        else:
+            keys, key_pe = image_cache.keys, image_cache.key_pe
+            first = (image_cache.t2i_k, image_cache.t2i_v, image_cache.i2t_q)
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        fast = self.factorized
+        for i, layer in enumerate(self.layers):
+            proj = first if i == 0 else None
+            queries, keys = layer(queries, keys, point_embedding, key_pe, proj, fast)
         q = queries + point_embedding
-        k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
-        if keys.shape[0] != queries.shape[0]:  # depth 0: the image side never diverged
-            keys = keys.expand(queries.shape[0], -1, -1)
+        final = self.final_attn_token_to_image
+        if fast and final.worth_factoring(q.shape[1]):
+            attn = final.tokens_to_image(q, keys + key_pe, keys)
+        else:
+            attn = final(q, keys + key_pe, keys)
+        queries = self.norm_final_attn(queries + attn)
         return queries, keys

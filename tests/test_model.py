@@ -1,0 +1,142 @@
+"""Fast paths of the model against their reference computations."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_mobilesam.build import build_sam
+from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu
+from napari_mobilesam.model.common import ConvGELU, attention_with_bias
+from napari_mobilesam.model.transformer import Attention, TwoWayTransformer
+
+from .conftest import TINY_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
+def attn():
+    torch.manual_seed(0)
+    a = Attention(64, 4, downsample_rate=2)
+    for p in a.parameters():
+        p.normal_(0, 0.3)
+    return a
+
+
+@pytest.mark.parametrize(("b", "b_img"), [(1, 1), (3, 1), (3, 3)])
+def test_factorized_attentions_match_projection(attn, b, b_img):
+    tokens = torch.randn(b, 5, 64)
+    image = torch.randn(b_img, 300, 64)
+    torch.testing.assert_close(
+        attn.tokens_to_image(tokens, image, image), attn(tokens, image, image), rtol=1e-4, atol=1e-4
+    )
+    ref = attn(image, tokens, tokens)
+    torch.testing.assert_close(
+        attn.image_to_tokens(image, tokens, tokens), ref, rtol=1e-4, atol=1e-4
+    )
+    cached = attn.image_to_tokens(None, tokens, tokens, q_heads=attn.project_q(image))
+    torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_worth_factoring(attn):
+    assert attn.worth_factoring(7)  # 7 tokens x 4 heads < 32 channels
+    assert not attn.worth_factoring(8)
+
+
+@pytest.mark.parametrize("n_tokens", [3, 20])
+def test_transformer_fast_equals_reference(n_tokens):
+    torch.manual_seed(1)
+    tr = TwoWayTransformer(depth=2, embedding_dim=64, num_heads=4, mlp_dim=32)
+    for p in tr.parameters():
+        p.normal_(0, 0.3)
+    image, pe = torch.randn(1, 64, 12, 12), torch.randn(1, 64, 12, 12)
+    tokens = torch.randn(3, n_tokens, 64)
+    tr.factorized = False
+    ref = tr(image, pe, tokens)
+    tr.factorized = True
+    fast = tr(image, pe, tokens)
+    cached = tr(None, None, tokens, image_cache=tr.prepare_image(image, pe))
+    for got in (fast, cached):
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="batch 1"):
+        tr.prepare_image(image.repeat(2, 1, 1, 1), pe)
+    with pytest.raises(ValueError, match="depth >= 1"):
+        TwoWayTransformer(depth=0, embedding_dim=64, num_heads=4, mlp_dim=32)
+
+
+def test_attention_with_bias_matches_sdpa():
+    q, k, v = (torch.randn(6, 4, 49, 8) for _ in range(3))
+    bias = torch.randn(4, 49, 49)
+    torch.testing.assert_close(
+        attention_with_bias(q, k, v, bias),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16),
+        torch.nn.ConvTranspose2d(16, 8, 2, stride=2),
+    ],
+)
+def test_conv_gelu_fast_equals_reference(conv):
+    x = torch.randn(2, conv.in_channels, 10, 10).contiguous(memory_format=torch.channels_last)
+    want = F.gelu(conv(x))
+    torch.testing.assert_close(ConvGELU(conv)(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ConvGELU(conv, use_onednn=False)(x), want, rtol=0, atol=0)
+
+
+def test_full_model_fast_equals_reference(tiny_model):
+    reference = build_sam(TINY_CONFIG)
+    reference.load_state_dict(tiny_model.state_dict())
+    reference.eval().mask_decoder.transformer.factorized = False
+    fast = tiny_model
+    assert fuse_conv_bn(fast) > 0 and fuse_conv_gelu(fast) > 0
+    fast.image_encoder.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 128, 128) * 50
+    emb_ref, emb = reference.image_encoder(x), fast.image_encoder(x)
+    torch.testing.assert_close(emb, emb_ref, rtol=1e-4, atol=1e-4)
+    coords = torch.rand(4, 3, 2) * 128
+    labels = torch.randint(0, 2, (4, 3))
+    outs = []
+    for m in (reference, fast):
+        sparse, dense = m.prompt_encoder((coords, labels), None, None)
+        outs.append(m.mask_decoder(emb_ref, m.prompt_encoder.get_dense_pe(), sparse, dense, True))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("input_size", "original"),
+    [
+        ((1024, 1023), (770, 769)),
+        ((1024, 853), (660, 550)),
+        ((37, 1024), (20, 555)),
+        ((1024, 1024), (1024, 1024)),
+        ((1024, 1), (3000, 2)),
+    ],
+)
+def test_postprocess_crop_first_is_bit_identical(input_size, original):
+    # a tiny model with a 1024 input: postprocessing only depends on the sizes
+    model = build_sam(replace(TINY_CONFIG, encoder=replace(TINY_CONFIG.encoder, img_size=1024)))
+    low = torch.randn(2, 3, 256, 256)
+    ref = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+    ref = F.interpolate(
+        ref[..., : input_size[0], : input_size[1]], original, mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(
+        model.postprocess_masks(low, input_size, original), ref, rtol=0, atol=0
+    )
