@@ -1,0 +1,114 @@
+"""Time ``set_image`` and a one-point ``predict``: our fast path vs the reference path.
+
+Both run in the same process, interleaved, on the same image and weights:
+
+- ours: ``load_model`` defaults (BatchNorm folded, conv+GELU fused, channels-last
+  encoder) and a ``Predictor`` that caches the prompt-independent decoder work,
+  with the factorised token/image attention;
+- baseline: the reference computation in this code base (no fusion, plain
+  projection attention, decoder recomputed on every call), which follows the
+  original MobileSAM step by step.
+
+Usage::
+
+    python benchmarks/bench_predictor.py [--weights PATH] [--repeats N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (
+    default_image,
+    default_weights,
+    interleaved,
+    machine,
+    summary,
+    table,
+    write_json,
+)
+from napari_mobilesam.build import load_model
+from napari_mobilesam.predictor import Predictor
+
+
+def make_predictors(weights, device="cpu"):
+    fast = Predictor(load_model("vit_t", weights, device=device))
+    ref_model = load_model("vit_t", weights, device=device, fuse=False)
+    ref_model.mask_decoder.transformer.factorized = False
+    ref = Predictor(ref_model, decoder_cache=False)
+    return fast, ref
+
+
+def run(weights=None, image=None, repeats=5, threads=None, device="cpu") -> dict:
+    """Benchmark and return a JSON-able dict (also used by the tests at tiny sizes)."""
+    if threads:
+        torch.set_num_threads(threads)
+    image = default_image() if image is None else image
+    weights = weights or default_weights()
+    fast, ref = make_predictors(weights, device)
+    point = (np.array([[image.shape[1] * 0.6, image.shape[0] * 0.4]]), np.array([1]))
+    with torch.inference_mode():
+        enc = interleaved(
+            {"ours": lambda: fast.set_image(image), "baseline": lambda: ref.set_image(image)},
+            repeats,
+        )
+        dec = interleaved(
+            {"ours": lambda: fast.predict(*point), "baseline": lambda: ref.predict(*point)},
+            repeats * 4,
+        )
+        # the two paths must agree, or the timing means nothing
+        a, b = fast.predict(*point, return_logits=True), ref.predict(*point, return_logits=True)
+        max_diff = float(np.abs(a[2] - b[2]).max())
+    return {
+        "benchmark": "predictor",
+        "image_size": list(image.shape[:2]),
+        "weights": str(weights),
+        "machine": machine(),
+        "set_image": {"ours": summary(enc["ours"]), "baseline": summary(enc["baseline"])},
+        "predict_1pt": {"ours": summary(dec["ours"]), "baseline": summary(dec["baseline"])},
+        "max_low_res_logit_diff": max_diff,
+    }
+
+
+def report(result: dict) -> str:
+    rows = [
+        ("set_image (encoder)", result["set_image"]["ours"], result["set_image"]["baseline"]),
+        (
+            "predict, 1 point, 3 masks",
+            result["predict_1pt"]["ours"],
+            result["predict_1pt"]["baseline"],
+        ),
+    ]
+    m = result["machine"]
+    head = (
+        f"MobileSAM predictor, image {result['image_size'][0]}x{result['image_size'][1]}, "
+        f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
+    )
+    tail = (
+        f"max |low-res logit difference| ours vs baseline: {result['max_low_res_logit_diff']:.2e}"
+    )
+    return "\n".join([head, table(rows), tail])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", help="checkpoint (default: the golden random checkpoint)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    result = run(args.weights, repeats=args.repeats, threads=args.threads)
+    print(report(result))
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

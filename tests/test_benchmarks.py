@@ -1,0 +1,27 @@
+"""The benchmark scripts run (tiny sizes, not timed) so they are always ready."""
+
+from __future__ import annotations
+
+import numpy as np
+from benchmarks import bench_predictor
+
+from .conftest import GOLDEN_CKPT, requires_golden
+
+
+@requires_golden
+def test_bench_predictor_runs(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    result = bench_predictor.run(GOLDEN_CKPT, image=image, repeats=1)
+    assert result["max_low_res_logit_diff"] < 5e-3  # fast and reference paths agree
+    assert result["set_image"]["ours"]["n"] == 1
+    for key in ("set_image", "predict_1pt"):
+        assert result[key]["baseline"]["median"] > 0
+    text = bench_predictor.report(result)
+    assert "set_image" in text and "x" in text.splitlines()[-2]
+    out = tmp_path / "r.json"
+    assert (
+        bench_predictor.main(["--repeats", "1", "--json", str(out), "--weights", str(GOLDEN_CKPT)])
+        == 0
+    )
+    assert out.exists() and "ours/baseline" in capsys.readouterr().out
