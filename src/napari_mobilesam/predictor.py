@@ -66,6 +66,9 @@ class Predictor:
         Compute the prompt-independent part of the mask decoder once per image
         and reuse it for every prompt (default). False recomputes it on every
         call, as the reference does; results agree within float rounding.
+    factorized : bool
+        Let the decoder's token/image attentions use the cheaper factorised form
+        (default). False runs the reference computation.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Predictor:
         *,
         device: str | torch.device | None = None,
         decoder_cache: bool = True,
+        factorized: bool = True,
     ):
         if isinstance(model, str):
             model = load_model(model, device=device)
@@ -83,6 +87,7 @@ class Predictor:
             model = model.to(device)
         self.model = model
         self.decoder_cache = decoder_cache
+        self.factorized = factorized
         self.transform = ResizeLongestSide(model.img_size)
         self.reset_image()
 
@@ -346,12 +351,15 @@ class Predictor:
         if mask_input is None and self.decoder_cache:
             # the image side of the decoder's first block does not depend on the
             # prompts: computed once per image, reused by every call
+            cache = self._image_cache(dense)
             low_res, iou = decoder(
-                None, None, sparse, None, multimask_output, image_cache=self._image_cache(dense)
+                None, None, sparse, None, multimask_output, cache, factorized=self.factorized
             )
         else:
             pe = self.model.prompt_encoder.get_dense_pe()
-            low_res, iou = decoder(self.features, pe, sparse, dense, multimask_output)
+            low_res, iou = decoder(
+                self.features, pe, sparse, dense, multimask_output, factorized=self.factorized
+            )
         masks = self._postprocess(low_res, return_logits)
         return masks, iou, low_res
 

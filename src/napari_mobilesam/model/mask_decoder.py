@@ -86,6 +86,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor | None,
         multimask_output: bool,
         image_cache: ImageCache | None = None,
+        factorized: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -102,31 +103,42 @@ class MaskDecoder(nn.Module):
         image_cache : ImageCache, optional
             :meth:`prepare_image` of this image and dense prompt; the three tensor
             arguments before it are then ignored (may be None).
+        factorized : bool, optional
+            Override the transformer's ``factorized`` setting (False: the plain
+            reference computation).
 
         Returns
         -------
         masks : (B, M, 4h, 4w) low-resolution logits, M = 3 or 1
         iou_pred : (B, M)
         """
-        masks, iou_pred = self.predict_masks(
+        hs, keys, size = self.forward_tokens(
             image_embeddings,
             image_pe,
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             image_cache,
+            factorized,
         )
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        return (
+            self.masks_from_tokens(hs, keys, size, multimask_output),
+            self.iou_from_tokens(hs, multimask_output),
+        )
 
-    def predict_masks(
+    def _token_slice(self, multimask_output: bool) -> slice:
+        return slice(1, None) if multimask_output else slice(0, 1)
+
+    def forward_tokens(
         self,
         image_embeddings: torch.Tensor | None,
         image_pe: torch.Tensor | None,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor | None,
         image_cache: ImageCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks (B, T, 4h, 4w) and IoU (B, T)."""
+        factorized: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The transformer part: output tokens (B, T', C), image tokens (B or 1, h*w, C)
+        and the grid size (h, w). Arguments as in :meth:`forward`."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -139,25 +151,42 @@ class MaskDecoder(nn.Module):
                 raise ValueError(
                     f"image embeddings have batch {src.shape[0]} but there are {b} prompts"
                 )
-            h, w = src.shape[2:]
-            hs, keys = self.transformer(src, image_pe, tokens)
+            size = (src.shape[2], src.shape[3])
+            hs, keys = self.transformer(src, image_pe, tokens, factorized=factorized)
         else:
-            h, w = image_cache.size
-            hs, keys = self.transformer(None, None, tokens, image_cache)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+            size = image_cache.size
+            hs, keys = self.transformer(None, None, tokens, image_cache, factorized=factorized)
+        return hs, keys, size
 
+    def iou_from_tokens(self, hs: torch.Tensor, multimask_output: bool) -> torch.Tensor:
+        """Predicted IoU (B, M) from the transformer's output tokens."""
+        return self.iou_prediction_head(hs[:, 0, :])[:, self._token_slice(multimask_output)]
+
+    def masks_from_tokens(
+        self,
+        hs: torch.Tensor,
+        keys: torch.Tensor,
+        size: tuple[int, int],
+        multimask_output: bool,
+    ) -> torch.Tensor:
+        """Low-res mask logits (B, M, 4h, 4w) from the transformer's outputs.
+
+        The expensive part (upscaling convolutions): callers that filter on the
+        IoU first can run it on the surviving prompts only.
+        """
+        b = hs.shape[0]
+        h, w = size
+        sl = self._token_slice(multimask_output)
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :][:, sl]
+        mlps = list(self.output_hypernetworks_mlps)[sl]
         # (B, h*w, C) tokens are a channels-last image: view, don't copy (the
         # transposed convolutions are also several times faster channels-last).
         c = keys.shape[-1]
         grid = keys.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
         upscaled = self.output_upscaling(grid)  # (B, C/8, 4h, 4w)
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (B, T, C/8)
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps)], dim=1
+        )  # (B, M, C/8)
         _, cu, hu, wu = upscaled.shape
         pixels = upscaled.permute(0, 2, 3, 1).reshape(b, hu * wu, cu)
-        masks = (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+        return (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)

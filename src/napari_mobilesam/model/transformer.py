@@ -126,7 +126,11 @@ class Attention(nn.Module):
         heads = self.num_heads
         scale = (self.internal_dim // heads) ** -0.5
         kh = self.project_k(k) * scale  # (B, h, Nk, d)
-        if q_heads is not None:
+        if q_heads is not None and q_heads.shape[0] == 1 and b > 1:
+            # shared queries: one (B*Nk, d) @ (d, Nq) product per head, no broadcast copy
+            per_head = kh.transpose(0, 1).reshape(heads, b * nk, -1) @ q_heads[0].transpose(1, 2)
+            scores = per_head.view(heads, b, nk, -1).transpose(0, 1)  # (B, h, Nk, Nq)
+        elif q_heads is not None:
             scores = kh @ q_heads.transpose(-2, -1)  # (B, h, Nk, Nq)
         else:
             k_in = torch.einsum("bhnd,hdc->bhnc", kh, self._weights(self.q_proj))
@@ -136,8 +140,10 @@ class Attention(nn.Module):
         probs = scores.softmax(dim=2).reshape(b, heads * nk, -1)  # (B, h*Nk, Nq)
         out_w = self.out_proj.weight.view(-1, heads, self.internal_dim // heads)  # (C, h, d)
         v_out = torch.einsum("bhnd,chd->bhnc", self.project_v(v), out_w)  # (B, h, Nk, C)
-        v_out = v_out.reshape(b, heads * nk, -1)
-        return torch.baddbmm(self.out_proj.bias, probs.transpose(1, 2), v_out)
+        # each head's weights sum to 1 per query: bias / heads on every value row adds
+        # the output bias exactly once, without a pass over the (B, Nq, C) result
+        v_out = (v_out + self.out_proj.bias / heads).reshape(b, heads * nk, -1)
+        return probs.transpose(1, 2) @ v_out
 
 
 def _bmm_shared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -323,6 +329,7 @@ class TwoWayTransformer(nn.Module):
         image_pe: torch.Tensor | None,
         point_embedding: torch.Tensor,
         image_cache: ImageCache | None = None,
+        factorized: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the transformer.
 
@@ -333,6 +340,8 @@ class TwoWayTransformer(nn.Module):
         point_embedding : (B, N, C)
         image_cache : ImageCache, optional
             From :meth:`prepare_image` of the same image embedding and PE.
+        factorized : bool, optional
+            Override :attr:`factorized` for this call.
 
         Returns
         -------
@@ -347,7 +356,7 @@ class TwoWayTransformer(nn.Module):
             keys, key_pe = image_cache.keys, image_cache.key_pe
             first = (image_cache.t2i_k, image_cache.t2i_v, image_cache.i2t_q)
         queries = point_embedding
-        fast = self.factorized
+        fast = self.factorized if factorized is None else factorized
         for i, layer in enumerate(self.layers):
             proj = first if i == 0 else None
             queries, keys = layer(queries, keys, point_embedding, key_pe, proj, fast)

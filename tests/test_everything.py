@@ -1,0 +1,414 @@
+"""Segment-everything helpers with known answers, and the generator on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.draw import disk, rectangle
+
+from napari_mobilesam.everything import MaskData, MaskGenerator
+from napari_mobilesam.everything import generator as gen_module
+from napari_mobilesam.everything.boxes import (
+    batched_mask_to_box,
+    box_iou,
+    box_xyxy_to_xywh,
+    is_box_near_crop_edge,
+    nms,
+)
+from napari_mobilesam.everything.grid import (
+    build_all_layer_point_grids,
+    build_point_grid,
+    generate_crop_boxes,
+    generate_tiles,
+)
+from napari_mobilesam.everything.labels import masks_to_labels
+from napari_mobilesam.everything.masks import crop_to_rle, mask_nms, paste, tight_crop
+from napari_mobilesam.everything.regions import remove_small_regions
+from napari_mobilesam.everything.rle import masks_to_rle, rle_to_coco, rle_to_mask
+from napari_mobilesam.everything.stability import calculate_stability_score
+from napari_mobilesam.everything.upsample import Upsampler
+from napari_mobilesam.predictor import Predictor
+
+# -- grids, crops, tiles ------------------------------------------------------------------
+
+
+def test_point_grid():
+    np.testing.assert_allclose(
+        build_point_grid(2), [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+    )
+    assert [len(g) for g in build_all_layer_point_grids(8, 2, 2)] == [64, 16, 4]
+    with pytest.raises(ValueError, match="points_per_side must be >= 1"):
+        build_point_grid(0)
+
+
+def test_crop_boxes_known_answer():
+    boxes, layers = generate_crop_boxes((100, 200), 1, 0.5)
+    # short side 100, 2 crops per side, overlap 50: crops 125 x 75 at x 0/75, y 0/25
+    assert boxes == [
+        [0, 0, 200, 100],
+        [0, 0, 125, 75],
+        [0, 25, 125, 100],
+        [75, 0, 200, 75],
+        [75, 25, 200, 100],
+    ]
+    assert layers == [0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("size", "tile", "overlap"), [((1000, 2500), 1024, 256), ((300, 100), 64, 16)]
+)
+def test_tiles_cover_with_overlap(size, tile, overlap):
+    tiles = generate_tiles(size, tile, overlap)
+    covered = np.zeros(size, dtype=int)
+    for x0, y0, x1, y1 in tiles:
+        assert x1 - x0 <= tile and y1 - y0 <= tile
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    xs = sorted({t[0] for t in tiles})
+    ends = sorted({t[2] for t in tiles})
+    assert ends[-1] == size[1]
+    for a_end, b_start in zip(ends[:-1], xs[1:], strict=True):
+        assert a_end - b_start >= overlap  # neighbours share at least the overlap
+
+
+def test_tiles_errors_and_small_image():
+    assert generate_tiles((50, 60), 64, 16) == [[0, 0, 60, 50]]
+    with pytest.raises(ValueError, match="tile_size must be >= 1"):
+        generate_tiles((50, 60), 0, 0)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        generate_tiles((50, 60), 64, 64)
+
+
+# -- boxes and NMS ---------------------------------------------------------------------------
+
+
+def test_mask_to_box():
+    masks = torch.zeros(3, 10, 12, dtype=torch.bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 9, 11] = True
+    boxes = batched_mask_to_box(masks)
+    assert boxes.tolist() == [[3, 2, 8, 4], [11, 9, 11, 9], [0, 0, 0, 0]]
+    assert batched_mask_to_box(torch.zeros(0, 4, 4, dtype=torch.bool)).shape == (0, 4)
+    assert box_xyxy_to_xywh(np.array([3, 2, 8, 4])).tolist() == [3, 2, 5, 2]
+
+
+def test_box_near_crop_edge():
+    crop = [100, 0, 200, 100]  # interior left edge at x = 100, image 300 x 100
+    boxes = torch.tensor([[0, 10, 50, 60], [30, 10, 70, 60], [50, 0, 99, 99]])  # crop coords
+    near = is_box_near_crop_edge(boxes, crop, [0, 0, 300, 100])
+    # touches the interior left edge; inside; touches the right interior edge (x1=199)
+    assert near.tolist() == [True, False, True]
+
+
+def test_nms_known_answer_and_ties():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]]).float()
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.9])
+    # 0 and 3 tie: the earlier wins; 1 overlaps 0 by 81/119 = 0.68
+    assert nms(boxes, scores, 0.5).tolist() == [0, 2]
+    assert nms(boxes, scores, 0.7).tolist() == [0, 1, 2]
+    empty = torch.zeros(3, 4)
+    assert torch.isnan(box_iou(empty)).all()  # 0 / 0: never suppresses, like torchvision
+    assert nms(empty, torch.tensor([0.3, 0.2, 0.1]), 0.5).tolist() == [0, 1, 2]
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).tolist() == []
+
+
+def _crop(mask):
+    c, b = tight_crop(mask, 0, 0)
+    return c, b
+
+
+def test_mask_nms_sees_what_boxes_miss():
+    shape = (40, 40)
+    a = np.zeros(shape, bool)
+    b = np.zeros(shape, bool)
+    a[5:35, 5:8] = True
+    a[32:35, 5:35] = True  # an L
+    b[5:8, 5:35] = True
+    b[5:35, 32:35] = True  # the rotated L: same box, little overlap
+    c = a.copy()
+    c[20, 20] = True  # nearly identical to a
+    crops, boxes = zip(*(_crop(m) for m in (a, b, c)), strict=True)
+    boxes = np.array(boxes)
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert mask_nms(list(crops), boxes, scores, 0.7).tolist() == [0, 1]
+    assert nms(torch.as_tensor(boxes).float(), scores, 0.7).tolist() == [0]
+
+
+def test_stability_known_answer():
+    logits = torch.tensor([[[2.0, 0.5, -0.5, -2.0]]])
+    # > +1: 1 pixel; > -1: 3 pixels
+    assert calculate_stability_score(logits, 0.0, 1.0).tolist() == pytest.approx([1 / 3])
+    assert torch.isnan(calculate_stability_score(torch.full((1, 2, 2), -5.0), 0.0, 1.0)).all()
+
+
+# -- containers, crops, RLE, labels ----------------------------------------------------------
+
+
+def test_mask_data():
+    d = MaskData(a=torch.arange(4), b=np.arange(4) * 10, c=list("wxyz"))
+    d.filter(torch.tensor([True, False, True, True]))
+    assert d["a"].tolist() == [0, 2, 3] and d["c"] == ["w", "y", "z"]
+    d.filter(np.array([2, 0]))
+    assert d["b"].tolist() == [30, 0] and len(d) == 2
+    d.cat(MaskData(a=torch.tensor([7]), b=np.array([70]), c=["q"]))
+    assert d["a"].tolist() == [3, 0, 7] and d["c"] == ["z", "w", "q"]
+    with pytest.raises(ValueError, match="fields differ"):
+        d.cat(MaskData(a=torch.tensor([1])))
+    with pytest.raises(TypeError, match="lists, arrays and tensors"):
+        MaskData(a=3)
+    empty = MaskData()
+    empty.cat(d)
+    assert len(empty) == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_crop_to_rle_equals_full_rle(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 30, size=2)
+    full = np.zeros((h, w), bool)
+    y0, x0 = rng.integers(0, h), rng.integers(0, w)
+    y1, x1 = rng.integers(y0, h), rng.integers(x0, w)
+    full[y0 : y1 + 1, x0 : x1 + 1] = rng.random((y1 - y0 + 1, x1 - x0 + 1)) < 0.6
+    if seed == 0:
+        full[:] = True  # starts with foreground at index 0, ends at the last pixel
+    found = tight_crop(full, 0, 0)
+    if found is None:
+        return
+    crop, box = found
+    np.testing.assert_array_equal(paste(crop, box, (h, w)), full)
+    assert crop_to_rle(crop, box, (h, w)) == masks_to_rle(full[None])[0]
+
+
+def test_labels_priority_and_dense_ids():
+    shape = (20, 20)
+    a = np.zeros(shape, bool)
+    a[2:12, 2:12] = True
+    b = np.zeros(shape, bool)
+    b[8:18, 8:18] = True
+    c = np.zeros(shape, bool)
+    c[9:11, 9:11] = True  # inside the overlap of a and b: loses everywhere
+    crops, boxes = zip(*(_crop(m) for m in (a, b, c)), strict=True)
+    labels = masks_to_labels(list(crops), np.array(boxes), np.array([0.5, 0.9, 0.1]), shape)
+    assert labels.dtype == np.uint32
+    assert set(np.unique(labels)) == {0, 1, 2}  # c got no pixel, no gap in ids
+    assert (labels[b] == 1).all()  # b has the higher score: id 1, owns the overlap
+    assert (labels[a & ~b] == 2).all()
+    assert (labels[~(a | b)] == 0).all()
+
+
+def test_upsampler_window_equals_full_postprocess(tiny_model, rng):
+    low = torch.full((32, 32), -3.0)
+    low[10:14, 5:9] = torch.as_tensor(rng.normal(2, 1, size=(4, 4)), dtype=torch.float32)
+    input_size, size = (128, 97), (300, 227)
+    full = tiny_model.postprocess_masks(low[None, None], input_size, size)[0, 0]
+    up = Upsampler.create((32, 32), 128, input_size, size)
+    box = batched_mask_to_box(low[None] > 0)[0].tolist()
+    r0, r1, c0, c1 = up.window(tuple(box))
+    win = up.logits(low, (r0, r1, c0, c1))
+    torch.testing.assert_close(win, full[r0:r1, c0:c1], rtol=1e-5, atol=1e-5)
+    outside = full > 0
+    outside[r0:r1, c0:c1] = False
+    assert not outside.any()  # nothing positive outside the window
+
+
+def test_small_region_cleanup_in_a_window_equals_full_image(rng):
+    shape = (60, 70)
+    for _ in range(20):
+        mask = np.zeros(shape, bool)
+        rr, cc = rectangle(
+            tuple(rng.integers(0, 30, 2)), extent=tuple(rng.integers(5, 30, 2)), shape=shape
+        )
+        mask[rr, cc] = True
+        mask &= rng.random(shape) > 0.1  # holes
+        mask[tuple(rng.integers(0, 60, 2))] = True  # maybe an island
+        want, _ = remove_small_regions(mask, 25, "holes")
+        want, _ = remove_small_regions(want, 25, "islands")
+        crop, box = tight_crop(mask, 0, 0)
+        got_crop, got_box, _ = gen_module._clean_crop(crop, box, 25, shape)
+        np.testing.assert_array_equal(paste(got_crop, got_box, shape), want)
+
+
+# -- tile merging ---------------------------------------------------------------------------
+
+
+def test_object_cut_by_a_tile_border_is_kept_once():
+    """An object across the border of two tiles: cut in one (dropped), whole in the other."""
+    shape = (100, 180)
+    obj = np.zeros(shape, bool)
+    obj[disk((50, 95), 12, shape=shape)] = True  # spans x 83..107
+    tiles = generate_tiles(shape, 100, 40)  # x in [0, 100), [40, 140), [80, 180)
+    assert [t[:3:2] for t in tiles] == [[0, 100], [40, 140], [80, 180]]
+    kept_crops, kept_boxes = [], []
+    for x0, y0, x1, y1 in tiles:
+        part = obj[y0:y1, x0:x1]
+        crop, box = tight_crop(part, 0, 0)
+        cut = is_box_near_crop_edge(torch.tensor([box]), [x0, y0, x1, y1], [0, 0, 180, 100])
+        if not cut[0]:
+            kept_crops.append(crop)
+            kept_boxes.append([box[0] + x0, box[1] + y0, box[2] + x0, box[3] + y0])
+    # cut by the first tile (x = 100), within 20 px of the third's edge: only the
+    # middle tile keeps it
+    assert len(kept_crops) == 1
+    np.testing.assert_array_equal(paste(kept_crops[0], kept_boxes[0], shape), obj)
+    # the same object found again by the whole-image pass is merged by mask NMS
+    whole, box = tight_crop(obj, 0, 0)
+    keep = mask_nms(
+        [kept_crops[0], whole], np.array([kept_boxes[0], box]), torch.tensor([1.0, 0.5]), 0.7
+    )
+    assert keep.tolist() == [0]
+
+
+# -- the generator ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image(rng):
+    img = np.full((90, 120, 3), 30, np.uint8)
+    for r, c in [(30, 30), (60, 80), (20, 95)]:
+        img[disk((r, c), 12, shape=img.shape[:2])] = rng.integers(100, 255, 3)
+    return img
+
+
+ALL_PASS = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "points_per_side": 6}
+
+
+@pytest.mark.parametrize("nms_kind", ["mask", "box"])
+def test_generate_records(tiny_model, image, nms_kind):
+    gen = MaskGenerator(tiny_model, **ALL_PASS, nms=nms_kind)
+    records = gen.generate(image)
+    assert records, "all-pass thresholds on a random model give masks"
+    for r in records:
+        assert set(r) == {"segmentation", "area", "bbox", "predicted_iou", "point_coords",
+                          "stability_score", "crop_box"}  # fmt: skip
+        seg = r["segmentation"]
+        assert seg.shape == (90, 120) and seg.dtype == bool
+        assert r["area"] == seg.sum() > 0
+        ys, xs = np.nonzero(seg)
+        assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert r["crop_box"] == [0, 0, 120, 90]
+
+
+def test_output_modes_agree(tiny_model, image):
+    outs = {
+        mode: MaskGenerator(tiny_model, **ALL_PASS, output_mode=mode).generate(image)
+        for mode in ("binary_mask", "uncompressed_rle", "coco_rle")
+    }
+    for b, u, c in zip(*outs.values(), strict=True):
+        np.testing.assert_array_equal(rle_to_mask(u["segmentation"]), b["segmentation"])
+        assert c["segmentation"] == rle_to_coco(u["segmentation"])
+
+
+def test_generate_labels(tiny_model, image):
+    gen = MaskGenerator(tiny_model, **ALL_PASS)
+    labels = gen.generate_labels(image)
+    assert labels.shape == (90, 120) and labels.dtype == np.uint32
+    ids = np.unique(labels)
+    assert ids[0] == 0 and (ids[1:] == np.arange(1, len(ids))).all()
+
+
+def test_nothing_passes_is_normal(tiny_model, image):
+    gen = MaskGenerator(tiny_model, points_per_side=4, pred_iou_thresh=1.0)
+    assert gen.generate(image) == []
+    labels = gen.generate_labels(image)
+    assert labels.shape == (90, 120) and not labels.any()
+
+
+def test_crop_layers_tiles_and_small_regions(tiny_model, rng):
+    img = rng.integers(0, 255, size=(150, 300), dtype=np.uint16)
+    gen = MaskGenerator(
+        tiny_model, **ALL_PASS, crop_n_layers=1, min_mask_region_area=20, tile_size=100,
+        tile_overlap=30, output_mode="uncompressed_rle",
+    )  # fmt: skip
+    records = gen.generate(img)
+    crop_boxes = {tuple(r["crop_box"]) for r in records}
+    assert all(x0 + w <= 300 and y0 + h <= 150 for x0, y0, w, h in crop_boxes)
+    labels = gen.generate_labels(img)
+    assert labels.max() <= len(records)
+
+
+def test_auto_tiles_only_for_large_images(tiny_model):
+    gen = MaskGenerator(tiny_model, points_per_side=2)
+    assert len(gen._crop_boxes((200, 250))[0]) == 1  # tiny model input is 128: limit 256
+    boxes, layers = gen._crop_boxes((300, 600))
+    assert len(boxes) > 1 and boxes[0] == [0, 0, 600, 300] and set(layers) == {0}
+    assert (
+        len(MaskGenerator(tiny_model, points_per_side=2, tile_size=0)._crop_boxes((300, 600))[0])
+        == 1
+    )
+
+
+def test_reference_and_fast_agree_on_tiny_model(tiny_model, image):
+    fast = MaskGenerator(tiny_model, **ALL_PASS, nms="box").generate(image)
+    ref = MaskGenerator(tiny_model, **ALL_PASS, nms="box", mode="reference").generate(image)
+    ref = [r for r in ref if r["area"] > 0]
+    assert len(fast) == len(ref)
+    for f, r in zip(fast, ref, strict=True):
+        inter = np.count_nonzero(f["segmentation"] & r["segmentation"])
+        union = np.count_nonzero(f["segmentation"] | r["segmentation"])
+        assert inter / union > 0.99
+
+
+def test_accepts_predictor_and_rejects_other(tiny_model):
+    MaskGenerator(Predictor(tiny_model), points_per_side=2)
+    with pytest.raises(TypeError, match="Sam model, a Predictor or a registry name"):
+        MaskGenerator(3.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"points_per_side": None}, "exactly one of points_per_side and point_grids"),
+        ({"point_grids": [np.zeros((1, 2))]}, "exactly one of"),
+        ({"points_per_side": 0}, "points_per_side must be an integer >= 1"),
+        ({"points_per_batch": 0}, "points_per_batch must be an integer >= 1"),
+        ({"crop_n_layers": -1}, "crop_n_layers must be an integer >= 0"),
+        ({"crop_n_points_downscale_factor": 0}, "crop_n_points_downscale_factor"),
+        ({"min_mask_region_area": -5}, "min_mask_region_area"),
+        ({"pred_iou_thresh": 1.5}, r"pred_iou_thresh must be a number in \[0, 1\]"),
+        ({"stability_score_thresh": -0.1}, "stability_score_thresh"),
+        ({"box_nms_thresh": "a"}, "box_nms_thresh"),
+        ({"crop_nms_thresh": 2}, "crop_nms_thresh"),
+        ({"crop_overlap_ratio": -1}, "crop_overlap_ratio"),
+        ({"stability_score_offset": 0}, "stability_score_offset must be a positive number"),
+        ({"output_mode": "png"}, "output_mode must be one of"),
+        ({"nms": "soft"}, "nms must be 'mask' or 'box'"),
+        ({"mode": "turbo"}, "mode must be 'fast' or 'reference'"),
+        ({"mode": "reference"}, "uses nms='box'"),
+        ({"tile_size": -1}, "tile_size must be an integer >= 0"),
+        ({"tile_size": 100, "tile_overlap": 100}, "tile_overlap .* smaller than tile_size"),
+        ({"tile_overlap": -1}, "tile_overlap must be an integer >= 0"),
+        (
+            {"points_per_side": None, "point_grids": [np.zeros((2, 2))], "crop_n_layers": 1},
+            "one grid per crop layer",
+        ),
+        ({"points_per_side": None, "point_grids": [np.full((2, 2), 2.0)]}, r"values in \[0, 1\]"),
+    ],
+)
+def test_parameter_errors(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaskGenerator(tiny_model, **kwargs)
+
+
+@torch.no_grad()
+def test_early_iou_filter_changes_nothing(tiny_model, image, rng):
+    pred = Predictor(tiny_model)
+    pred.set_image(image)
+    coords = torch.as_tensor(rng.uniform(0, 128, size=(9, 1, 2)), dtype=torch.float32)
+    labels = torch.ones(9, 1, dtype=torch.int64)
+    all_masks, all_iou, all_idx = gen_module._decode(pred, coords, labels, None)
+    assert all_idx.tolist() == list(range(9))
+    thresh = float(all_iou.max(dim=1).values.median())  # some prompts pass, some do not
+    masks, iou, idx = gen_module._decode(pred, coords, labels, thresh)
+    want = torch.nonzero((all_iou > thresh).any(dim=1)).flatten()
+    assert 0 < len(idx) < 9 and idx.tolist() == want.tolist()
+    torch.testing.assert_close(iou, all_iou[idx])
+    torch.testing.assert_close(masks, all_masks[idx], rtol=1e-5, atol=1e-5)
+    none = gen_module._decode(pred, coords, labels, 1e9)
+    assert none[0].shape == (0, 3, 32, 32) and len(none[2]) == 0
+
+
+def test_reference_mode_runs_the_reference_computation(tiny_model):
+    gen = MaskGenerator(tiny_model, points_per_side=2, mode="reference", nms="box")
+    assert gen.predictor.decoder_cache is False and gen.predictor.factorized is False
+    assert gen.model is tiny_model

@@ -1,0 +1,96 @@
+"""Segment everything against the reference's outputs (``*_amg*_*.json`` in golden/).
+
+Reference mode must reproduce them (same count, one-to-one masks with IoU >= 0.99,
+scores within 1e-3, boxes within 1 px); fast mode with box NMS must find >= 95%
+of the reference's non-empty masks with IoU >= 0.95 (fast mode drops empty
+masks, which the reference keeps when its thresholds are 0).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_mobilesam.everything import MaskGenerator
+from napari_mobilesam.everything.rle import rle_to_mask
+
+from .conftest import GOLDEN, requires_golden
+
+CASES = sorted(GOLDEN.glob("*_amg*_*.json")) if GOLDEN.exists() else []
+
+
+def _load(path):
+    case = json.loads(path.read_text())
+    image = np.asarray(Image.open(GOLDEN / case["image"]).convert("RGB"))
+    return case, image
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def _match(ours, ref, min_iou, score_tol):
+    """Greedy one-to-one matching; returns the IoU of each reference record's match."""
+    ours_masks = [rle_to_mask(r["segmentation"]) for r in ours]
+    ref_masks = [rle_to_mask(r["segmentation"]) for r in ref]
+    used: set[int] = set()
+    best_iou = np.zeros(len(ref))
+    pairs = {}
+    for j, (rm, rr) in enumerate(zip(ref_masks, ref, strict=True)):
+        best, best_i = -1.0, None
+        for i, (om, orec) in enumerate(zip(ours_masks, ours, strict=True)):
+            if i in used or abs(orec["predicted_iou"] - rr["predicted_iou"]) > score_tol:
+                continue
+            iou = _iou(om, rm)
+            if iou > best:
+                best, best_i = iou, i
+        if best_i is not None and best >= min_iou:
+            used.add(best_i)
+            best_iou[j] = best
+            pairs[j] = best_i
+    return best_iou, pairs
+
+
+@requires_golden
+def test_cases_present():
+    assert len(CASES) >= 4, "the public golden set has four segment-everything cases"
+
+
+@requires_golden
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_reference_mode_reproduces_reference(path, golden_model):
+    case, image = _load(path)
+    gen = MaskGenerator(
+        golden_model, **case["params"], output_mode="uncompressed_rle", mode="reference", nms="box"
+    )
+    ours = gen.generate(image)
+    ref = case["annotations"]
+    assert len(ours) == len(ref)
+    _, pairs = _match(ours, ref, min_iou=0.99, score_tol=1e-3)
+    assert len(pairs) == len(ref), f"{len(ref) - len(pairs)} reference masks unmatched"
+    for j, i in pairs.items():
+        o, r = ours[i], ref[j]
+        assert abs(o["stability_score"] - r["stability_score"]) <= 1e-3
+        assert np.abs(np.subtract(o["bbox"], r["bbox"])).max() <= 1
+        assert o["area"] == pytest.approx(r["area"], rel=0.01, abs=2)
+        assert o["crop_box"] == r["crop_box"]
+        np.testing.assert_allclose(o["point_coords"], r["point_coords"], atol=1e-6)
+
+
+@requires_golden
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_fast_mode_agrees_with_reference(path, golden_model):
+    case, image = _load(path)
+    gen = MaskGenerator(
+        golden_model, **case["params"], output_mode="uncompressed_rle", mode="fast", nms="box"
+    )
+    ours = gen.generate(image)
+    ref = [r for r in case["annotations"] if r["area"] > 0]
+    assert all(r["area"] > 0 for r in ours)  # fast mode never returns empty masks
+    ious, _ = _match(ours, ref, min_iou=0.95, score_tol=1e-2)
+    assert np.mean(ious >= 0.95) >= 0.95
+    assert len(ours) <= len(ref) / 0.95  # and finds little the reference does not
