@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from benchmarks import bench_predictor
 
-from .conftest import GOLDEN_CKPT, requires_golden
+from .conftest import GOLDEN, GOLDEN_CKPT, requires_golden
 
 
 @requires_golden
@@ -25,3 +25,26 @@ def test_bench_predictor_runs(tmp_path, capsys):
         == 0
     )
     assert out.exists() and "ours/baseline" in capsys.readouterr().out
+
+
+@requires_golden
+def test_bench_everything_runs():
+    from benchmarks import bench_everything
+
+    result = bench_everything.run(grids=(2,), large=200, large_grid=2, weights=GOLDEN_CKPT)
+    row = result["rows"][0]
+    assert row["fast"]["mode"] == "fast" and row["reference"]["mode"] == "reference"
+    assert row["fast"]["peak_rss_mb"] > 0 and row["time_ratio"] > 0
+    assert result["large"]["image_size"] == [200, 200]
+    assert "fast/ref" in bench_everything.report(result)
+
+
+@requires_golden
+def test_gpu_script_runs_on_cpu(tmp_path, capsys):
+    from benchmarks import gpu
+
+    assert (
+        gpu.main(["--golden", str(GOLDEN), "--quick", "--device", "cpu", "--out", str(tmp_path)])
+        == 0
+    )
+    assert "golden predictor" in capsys.readouterr().out and (tmp_path / "gpu.json").exists()

@@ -412,3 +412,34 @@ def test_reference_mode_runs_the_reference_computation(tiny_model):
     gen = MaskGenerator(tiny_model, points_per_side=2, mode="reference", nms="box")
     assert gen.predictor.decoder_cache is False and gen.predictor.factorized is False
     assert gen.model is tiny_model
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_nms_equals_brute_force(seed):
+    """Packed-bit intersections and IoU-bound pruning change no decision."""
+    rng = np.random.default_rng(seed)
+    shape = (70, 200)  # wider than 3 words of 64 columns
+    fulls, crops, boxes = [], [], []
+    while len(fulls) < 25:
+        m = np.zeros(shape, bool)
+        y, x = rng.integers(0, 60), rng.integers(0, 180)
+        m[y : y + rng.integers(3, 40), x : x + rng.integers(3, 120)] = True
+        m &= rng.random(shape) > rng.uniform(0, 0.5)
+        found = tight_crop(m, 0, 0)
+        if found is not None:
+            fulls.append(m)
+            crops.append(found[0])
+            boxes.append(found[1])
+    scores = torch.as_tensor(rng.random(len(fulls)))
+    for thresh in (0.1, 0.3, 0.7):
+        order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+        keep, dropped = [], set()
+        for pos, i in enumerate(order):
+            if i in dropped:
+                continue
+            keep.append(i)
+            for j in order[pos + 1 :]:
+                inter = np.count_nonzero(fulls[i] & fulls[j])
+                if inter / np.count_nonzero(fulls[i] | fulls[j]) > thresh:
+                    dropped.add(j)
+        assert mask_nms(crops, np.array(boxes), scores, thresh).tolist() == keep
