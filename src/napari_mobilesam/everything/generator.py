@@ -235,10 +235,7 @@ class MaskGenerator:
             Ordered as segment-anything orders them (by NMS rank). Empty when no
             mask passes the filters.
         """
-        rgb = to_rgb_uint8(
-            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
-        )
-        data = self._generate_masks(rgb)
+        rgb, data = self._masks_of(image, contrast_limits, channels, channel_axis)
         return self._records(data, rgb.shape[:2])
 
     @torch.no_grad()
@@ -261,10 +258,7 @@ class MaskGenerator:
             order, so label 1 is the best-scored object. Masks left without pixels
             get no id.
         """
-        rgb = to_rgb_uint8(
-            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
-        )
-        data = self._generate_masks(rgb)
+        rgb, data = self._masks_of(image, contrast_limits, channels, channel_axis)
         shape = rgb.shape[:2]
         if len(data) == 0:
             return np.zeros(shape, dtype=np.uint32)
@@ -272,6 +266,13 @@ class MaskGenerator:
         return masks_to_labels(crops, boxes, np.asarray(data["iou_preds"]), shape)
 
     # -- pipeline ----------------------------------------------------------------------
+
+    def _masks_of(self, image, contrast_limits, channels, channel_axis):
+        """RGB uint8 version of ``image`` and its final :class:`MaskData`."""
+        rgb = to_rgb_uint8(
+            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
+        )
+        return rgb, self._generate_masks(rgb)
 
     def _crop_boxes(self, size: tuple[int, int]) -> tuple[list[list[int]], list[int]]:
         boxes, layers = generate_crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
@@ -326,7 +327,7 @@ class MaskGenerator:
         self.predictor.reset_image()
         if len(data) == 0:
             return data
-        data.filter(self._nms(data, data["iou_preds"], self.box_nms_thresh, orig_size, crop_box))
+        data.filter(self._nms(data, data["iou_preds"], self.box_nms_thresh, orig_size))
         offset = torch.tensor([[x0, y0, x0, y0]])
         if self.mode == "reference":
             data["boxes"] = data["boxes"] + offset
@@ -334,7 +335,7 @@ class MaskGenerator:
         data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data), 1)
         return data
 
-    def _nms(self, data, scores, thresh, orig_size, crop_box=None) -> torch.Tensor:
+    def _nms(self, data, scores, thresh, orig_size) -> torch.Tensor:
         if self.nms == "mask":
             crops, boxes = self._crops_and_boxes(data, orig_size)
             return mask_nms(crops, boxes, scores, thresh)
