@@ -41,8 +41,7 @@ from napari_mobilesam.predictor import Predictor
 def make_predictors(weights, device="cpu"):
     fast = Predictor(load_model("vit_t", weights, device=device))
     ref_model = load_model("vit_t", weights, device=device, fuse=False)
-    ref_model.mask_decoder.transformer.factorized = False
-    ref = Predictor(ref_model, decoder_cache=False)
+    ref = Predictor(ref_model, decoder_cache=False, factorized=False)
     return fast, ref
 
 
