@@ -81,8 +81,3 @@ class MaskData:
         for k, v in self._stats.items():
             if isinstance(v, torch.Tensor):
                 self._stats[k] = v.detach().cpu()
-
-    def to_numpy(self) -> None:
-        for k, v in self._stats.items():
-            if isinstance(v, torch.Tensor):
-                self._stats[k] = v.detach().cpu().numpy()
