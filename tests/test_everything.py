@@ -307,11 +307,32 @@ def test_generate_labels(tiny_model, image):
     assert ids[0] == 0 and (ids[1:] == np.arange(1, len(ids))).all()
 
 
+def test_generate_labels_info_matches_records(tiny_model, image):
+    gen = MaskGenerator(tiny_model, **ALL_PASS, box_nms_thresh=1.0, nms="box")
+    records = gen.generate(image)
+    labels, info = gen.generate_labels(image, return_info=True)
+    n = int(labels.max())
+    assert n > 1 and all(len(v) == n for v in info.values())
+    # a higher predicted IoU gets the lower id, and every id comes from one record
+    assert (np.diff(info["predicted_iou"]) <= 0).all()
+    for k, i in enumerate(info["order"]):
+        rec = records[i]
+        assert info["predicted_iou"][k] == rec["predicted_iou"]
+        assert info["stability_score"][k] == rec["stability_score"]
+        assert info["mask_area"][k] == rec["area"]
+        assert info["point_coords"][k].tolist() == rec["point_coords"][0]
+        # the label's pixels are a subset of its mask
+        assert rec["segmentation"][labels == k + 1].all()
+
+
 def test_nothing_passes_is_normal(tiny_model, image):
     gen = MaskGenerator(tiny_model, points_per_side=4, pred_iou_thresh=1.0)
     assert gen.generate(image) == []
     labels = gen.generate_labels(image)
     assert labels.shape == (90, 120) and not labels.any()
+    labels, info = gen.generate_labels(image, return_info=True)
+    assert not labels.any() and info["predicted_iou"].shape == (0,)
+    assert info["point_coords"].shape == (0, 2)
 
 
 def test_crop_layers_tiles_and_small_regions(tiny_model, rng):

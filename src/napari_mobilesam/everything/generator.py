@@ -246,24 +246,60 @@ class MaskGenerator:
         contrast_limits: tuple[float, float] | None = None,
         channels: Sequence[int] | None = None,
         channel_axis: int | None = None,
-    ) -> np.ndarray:
+        return_info: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Segment everything and return a label image.
+
+        Parameters
+        ----------
+        image, contrast_limits, channels, channel_axis
+            As for :meth:`generate`.
+        return_info : bool
+            Also return the scores of each labelled object.
 
         Returns
         -------
-        np.ndarray
+        labels : np.ndarray
             (H, W) uint32, 0 = background, objects 1..N without overlaps. Where
             masks overlap, the one with the higher predicted IoU wins (ties: the
             earlier in :meth:`generate` order); ids are assigned in that priority
             order, so label 1 is the best-scored object. Masks left without pixels
             get no id.
+        info : dict of np.ndarray, only with ``return_info``
+            Per object, row ``k`` describing label ``k + 1``: ``predicted_iou`` (N,)
+            float64, ``stability_score`` (N,) float64, ``point_coords`` (N, 2) float64
+            (x, y) of the prompt, ``mask_area`` (N,) int64 pixels of the whole mask
+            before overlaps were resolved, ``order`` (N,) int64 index of the mask
+            in :meth:`generate` order.
         """
         rgb, data = self._masks_of(image, contrast_limits, channels, channel_axis)
         shape = rgb.shape[:2]
         if len(data) == 0:
-            return np.zeros(shape, dtype=np.uint32)
-        crops, boxes = self._crops_and_boxes(data, shape)
-        return masks_to_labels(crops, boxes, np.asarray(data["iou_preds"]), shape)
+            labels, sources = np.zeros(shape, dtype=np.uint32), np.zeros(0, dtype=np.int64)
+        else:
+            crops, boxes = self._crops_and_boxes(data, shape)
+            labels, sources = masks_to_labels(
+                crops, boxes, np.asarray(data["iou_preds"]), shape, return_sources=True
+            )
+        if not return_info:
+            return labels
+        if len(data) == 0:
+            empty = np.zeros(0, dtype=np.float64)
+            return labels, {
+                "predicted_iou": empty,
+                "stability_score": empty.copy(),
+                "point_coords": np.zeros((0, 2), dtype=np.float64),
+                "mask_area": np.zeros(0, dtype=np.int64),
+                "order": sources,
+            }
+        areas = np.array([np.count_nonzero(crops[i]) for i in sources], dtype=np.int64)
+        return labels, {
+            "predicted_iou": np.asarray(data["iou_preds"], dtype=np.float64)[sources],
+            "stability_score": np.asarray(data["stability_score"], dtype=np.float64)[sources],
+            "point_coords": np.asarray(data["points"], dtype=np.float64).reshape(-1, 2)[sources],
+            "mask_area": areas,
+            "order": sources,
+        }
 
     # -- pipeline ----------------------------------------------------------------------
 

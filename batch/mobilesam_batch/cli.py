@@ -1,0 +1,337 @@
+"""The ``mobilesam-everything`` command line.
+
+::
+
+    mobilesam-everything INPUT... -o OUTDIR [--model vit_t | --weights PATH]
+        [--device auto] [--points-per-side 32 ...] [--channels 0,1] [--axes TZYX]
+        [--coco] [--csv] [--zarr] [--scheduler local --workers 2]
+
+Every MaskGenerator parameter is a flag (``--points-per-side``, ``--nms``, ...);
+flags left out keep the library defaults. Exit status: 0 when every input is done
+or already up to date, 1 when some input failed (each is named with its reason),
+2 for bad usage, 130 when interrupted (Ctrl-C or SIGTERM; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+PROG = "mobilesam-everything"
+
+EPILOG = """\
+outputs, per input <stem>:
+  <stem>_labels.tif   label image, same plane layout as the input (e.g. (Z, Y, X)),
+                      uint16 (uint32 when a plane has more than 65535 objects);
+                      ids 1..N in each plane by decreasing predicted IoU
+  <stem>_labels.json  provenance: tool version, model and weights sha256, all
+                      parameters, input size and mtime, per-plane counts and times
+  <stem>_coco.json    with --coco: COCO annotations, RLE per object
+  <stem>_objects.csv  with --csv: one row per object
+  <stem>_labels.zarr  with --zarr: OME-Zarr label image, chunked per plane
+
+A rerun skips inputs whose outputs are up to date and finishes the rest.
+
+examples:
+  mobilesam-everything images/ -o labels/
+  mobilesam-everything 'plates/**/*.tif' -o labels/ --channels 1 --csv
+  mobilesam-everything stack.ome.tif -o labels/ --scheduler local --workers 4
+  mobilesam-everything data/ -o labels/ --scheduler tcp://10.0.0.5:8786
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit status 2)."""
+
+
+def _numbers(text: str, kind, count: int | None, flag: str) -> tuple:
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__}s") from None
+    if count is not None and len(values) != count:
+        raise UsageError(f"{flag} {text!r}: expected {count} values, got {len(values)}")
+    return values
+
+
+def _generator_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per MaskGenerator parameter; returns the parameter names."""
+    from .segment import generator_parameters
+
+    group = parser.add_argument_group(
+        "segment-everything parameters (defaults: the library's, shown in brackets)"
+    )
+    names = []
+    for name, (default, kind, doc) in generator_parameters().items():
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict = {"dest": name, "default": None, "help": f"{doc} [{default}]"}
+        choices = re.findall(r'"([^"]+)"', kind) if kind.startswith("{") else []
+        if choices:
+            kwargs["choices"] = choices
+        elif isinstance(default, bool):
+            kwargs["type"] = _bool
+        elif isinstance(default, int) or kind.startswith("int"):
+            kwargs["type"] = int
+            kwargs["metavar"] = "N"
+        elif isinstance(default, float) or kind.startswith("float"):
+            kwargs["type"] = float
+            kwargs["metavar"] = "X"
+        group.add_argument(flag, **kwargs)
+        names.append(name)
+    return names
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    """The argument parser and the names of the MaskGenerator parameters it exposes."""
+    from napari_mobilesam.weights import REGISTRY
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Segment everything in images, folders and stacks with MobileSAM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders, glob patterns or zarr arrays")  # fmt: skip
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+                        help="output folder (created if needed)")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vit_t", choices=sorted(REGISTRY),
+                       help="model architecture; its weights are downloaded when --weights "
+                       "is not given [vit_t]")  # fmt: skip
+    model.add_argument(
+        "--weights",
+        type=Path,
+        metavar="PATH",
+        help="checkpoint file in the official format (e.g. mobile_sam.pt)",
+    )
+    model.add_argument("--backend", default="torch", choices=["torch"], help="[torch]")
+    model.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available) [auto]"
+    )
+    model.add_argument("--threads", type=int, metavar="N",
+                       help="torch threads per process [all cores; cores / workers "
+                       "with --scheduler local]")  # fmt: skip
+
+    names = _generator_flags(parser)
+
+    image = parser.add_argument_group("image")
+    image.add_argument(
+        "--axes",
+        metavar="AXES",
+        help="axes of the inputs, e.g. ZYX, TZYX, ZCYX, YXC (C: channels; "
+        "other letters: planes) [from TIFF/OME metadata or the shape]",
+    )
+    image.add_argument("--channels", metavar="I[,J[,K]]",
+                       help="channels shown to the model as R[,G[,B]]; needed for 2 or 5+ "
+                       "channels [gray: 0; RGB: 0,1,2]")  # fmt: skip
+    image.add_argument(
+        "--contrast-limits",
+        metavar="LO,HI",
+        help="fixed intensity range for every plane [per-plane percentiles]",
+    )
+    image.add_argument(
+        "--percentiles",
+        metavar="LO,HI",
+        default="0.5,99.5",
+        help="percentiles used as contrast limits [0.5,99.5]",
+    )
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--coco", action="store_true", help="also write <stem>_coco.json")
+    out.add_argument("--csv", action="store_true", help="also write <stem>_objects.csv")
+    out.add_argument(
+        "--zarr",
+        action="store_true",
+        help="also write <stem>_labels.zarr (OME-Zarr, for very large stacks)",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
+    run.add_argument(
+        "--overwrite", action="store_true", help="recompute inputs whose outputs are up to date"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="list what would be done, without loading the model"
+    )
+    run.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no per-file lines; failures and the summary only",
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="'local' for a LocalCluster on this machine, or a dask scheduler "
+        "address (tcp://host:8786) [no dask: this process]",
+    )
+    run.add_argument("--workers", type=int, default=2, metavar="N",
+                     help="worker processes with --scheduler local [2]")  # fmt: skip
+    return parser, names
+
+
+def _options(args: argparse.Namespace, names: list[str]):
+    from .segment import SegmentOptions
+
+    generator = tuple(sorted((n, getattr(args, n)) for n in names if getattr(args, n) is not None))
+    channels = None
+    if args.channels is not None:
+        channels = _numbers(args.channels, int, None, "--channels")
+        if not 1 <= len(channels) <= 3:
+            raise UsageError(f"--channels {args.channels!r}: give 1 to 3 channel indices")
+    limits = None
+    if args.contrast_limits is not None:
+        limits = _numbers(args.contrast_limits, float, 2, "--contrast-limits")
+        if not limits[0] <= limits[1]:
+            raise UsageError(f"--contrast-limits {args.contrast_limits!r}: LO must be <= HI")
+    percentiles = _numbers(args.percentiles, float, 2, "--percentiles")
+    if not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise UsageError(f"--percentiles {args.percentiles!r}: need 0 <= LO < HI <= 100")
+    return SegmentOptions(
+        generator=generator, channels=channels, contrast_limits=limits, percentiles=percentiles
+    )
+
+
+def _check_axes(axes: str | None) -> str | None:
+    if axes is None:
+        return None
+    axes = axes.upper()
+    if not re.fullmatch(r"[A-Z]+", axes) or "Y" not in axes or "X" not in axes:
+        raise UsageError(f"--axes {axes!r}: letters only, including Y and X (e.g. ZYX)")
+    if len(set(axes)) != len(axes):
+        raise UsageError(f"--axes {axes!r}: each letter once")
+    return axes
+
+
+def _resolve_weights(args: argparse.Namespace, quiet: bool) -> Path:
+    from napari_mobilesam.weights import WeightsError, fetch
+
+    if args.weights is not None:
+        if not args.weights.is_file():
+            raise UsageError(f"--weights {args.weights}: no such file")
+        return args.weights.resolve()
+    try:
+        return fetch(args.model, progress=not quiet)
+    except WeightsError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mobilesam-everything``; returns the exit status."""
+    # fewer page faults in the encoder (~10% faster); must precede importing torch
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    parser, names = build_parser()
+    args = parser.parse_args(argv)
+    quiet = args.quiet
+
+    def log(line: str) -> None:
+        if line.startswith("FAILED"):
+            print(line, file=sys.stderr, flush=True)
+        elif not quiet:
+            print(line, flush=True)
+
+    try:
+        options = _options(args, names)
+        axes = _check_axes(args.axes)
+        if args.workers < 1:
+            raise UsageError(f"--workers {args.workers}: must be at least 1")
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: must be at least 1")
+        if args.scheduler is None and "--workers" in (argv if argv is not None else sys.argv):
+            raise UsageError("--workers needs --scheduler local")
+        config = _config(args, options, axes, quiet, argv)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+
+    from .runner import run
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = run(config, log=log, progress=not quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if summary.failed:
+        print(f"{len(summary.failed)} input(s) failed:", file=sys.stderr)
+        for path, reason in summary.failed:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    print(f"{summary.line()} ({summary.planes} planes in {summary.seconds:.1f} s)", flush=True)
+    return summary.exit_code
+
+
+def _config(args, options, axes, quiet, argv):
+    from .runner import RunConfig
+    from .segment import ModelSpec, get_segmenter
+
+    threads = args.threads
+    if threads is None and args.scheduler == "local":
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.dry_run:
+        weights = args.weights.resolve() if args.weights else None
+        if weights is None:
+            from napari_mobilesam.weights import weight_path
+
+            weights = weight_path(args.model)
+        sha = _sha(weights) if weights.is_file() else "(weights not available yet)"
+    else:
+        weights = _resolve_weights(args, quiet)
+        sha = _sha(weights)
+    spec = ModelSpec(
+        name=args.model, weights=str(weights), device=args.device, backend=args.backend,
+        threads=threads,
+    )  # fmt: skip
+    if not args.dry_run:
+        # load here (cached for the local run): a bad checkpoint, device or parameter
+        # fails once, before any input is touched
+        from napari_mobilesam.build import CheckpointError
+
+        try:
+            get_segmenter(spec, options)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    return RunConfig(
+        inputs=list(args.inputs), outdir=args.output, model=spec, model_sha256=sha,
+        options=options, coco=args.coco, csv=args.csv, zarr=args.zarr, axes=axes,
+        recursive=args.recursive, overwrite=args.overwrite, dry_run=args.dry_run,
+        scheduler=args.scheduler, workers=args.workers,
+        command=[PROG, *(argv if argv is not None else sys.argv[1:])],
+    )  # fmt: skip
+
+
+def _sha(path: Path) -> str:
+    from napari_mobilesam.weights import sha256_file
+
+    return sha256_file(path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,774 @@
+"""Final output files of ``mobilesam-everything``, each written atomically.
+
+Per input ``<stem>`` the runner writes ``<stem>_labels.tif`` (:func:`write_labels_tiff`),
+optionally ``<stem>_labels.zarr`` (:func:`write_labels_zarr`), ``<stem>_coco.json``
+(:func:`coco_annotations`, :func:`coco_document`, :func:`write_json_atomic`),
+``<stem>_objects.csv`` (:func:`object_table`, :func:`write_objects_csv`) and the
+``<stem>_labels.json`` provenance (:func:`write_json_atomic`).
+
+Conventions:
+
+- a *label image* is an (H, W) array of non-negative integers, 0 = background;
+- a *stack* has ``shape = plane dims + (H, W)`` and ``axes``, one upper-case letter
+  per dimension ending in ``"YX"`` (``"YX"``, ``"ZYX"``, ``"TZYX"``, ``"QYX"``, ...);
+  its planes are given as an iterable of (H, W) arrays in C order of the plane
+  dimensions (the last plane axis varies fastest) and written one at a time, so
+  memory does not grow with the number of planes;
+- boxes are pixel boxes: XYWH with an inclusive start (``width = x1 - x0 + 1``);
+- every file is first written to a hidden temporary ``.<name>.<random>.tmp`` in
+  ``tmp_dir`` (default: the destination's folder; it must be on the destination's
+  filesystem) and then renamed onto the destination with :func:`os.replace`.
+  On any error the temporary is removed and an existing destination is untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from napari_mobilesam.everything.masks import crop_to_rle
+from napari_mobilesam.everything.rle import rle_to_coco
+
+__all__ = [
+    "OBJECT_COLUMNS",
+    "atomic_path",
+    "coco_annotations",
+    "coco_document",
+    "imagej_axes",
+    "labels_dtype",
+    "ngff_attrs",
+    "object_table",
+    "write_json_atomic",
+    "write_labels_tiff",
+    "write_labels_zarr",
+    "write_objects_csv",
+    "write_text_atomic",
+]
+
+OBJECT_COLUMNS: tuple[str, ...] = (
+    "plane",
+    "label",
+    "area",
+    "bbox_x",
+    "bbox_y",
+    "bbox_width",
+    "bbox_height",
+    "centroid_y",
+    "centroid_x",
+    "predicted_iou",
+    "stability_score",
+)
+
+COCO_CATEGORIES: tuple[dict[str, Any], ...] = (
+    {"id": 1, "name": "object", "supercategory": "object"},
+)
+
+# dtypes a label stack may be written as (Fiji reads all three)
+_LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+# classic TIFF offsets are 32-bit; tifffile switches to BigTIFF above this size
+_CLASSIC_TIFF_LIMIT = 2**32 - 2**25
+_NGFF_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _temp_sibling(dest: Path, folder: Path, suffix: str, *, create: str | None) -> Path:
+    """A fresh hidden path ``folder/.<dest name>.<random><suffix>``.
+
+    ``create`` is ``"file"`` (an empty file, mode 0o666 less the umask), ``"dir"``
+    (an empty folder) or None (only a name that does not exist yet).
+    """
+    while True:
+        path = folder / f".{dest.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            if create == "file":
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            elif create == "dir":
+                os.mkdir(path)
+            elif os.path.lexists(path):
+                continue
+        except FileExistsError:
+            continue
+        return path
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a finished file's data to disk, so that a rename never exposes an empty file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(dest: Path, tmp_dir: Path | None = None, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write to and rename it onto ``dest`` on success.
+
+    Parameters
+    ----------
+    dest : path
+        The final file or folder.
+    tmp_dir : path, optional
+        Existing folder for the temporary, on the same filesystem as ``dest``
+        (``os.replace`` cannot cross filesystems). Default: ``dest``'s folder.
+    is_dir : bool
+        Yield an empty temporary folder instead of an empty temporary file.
+
+    Yields
+    ------
+    Path
+        ``tmp_dir/.<dest name>.<random>.tmp``, already created (empty).
+
+    Notes
+    -----
+    On normal exit a file is flushed to disk and ``os.replace``-d onto ``dest``.
+    A folder replacing an existing ``dest`` first moves the old one aside to a
+    hidden name in ``tmp_dir``, renames the new one into place (moving the old
+    one back if that fails) and then deletes the old one (a warning names it if
+    that fails). On an exception in the body the temporary (file or folder tree)
+    is deleted and the exception re-raised; ``dest`` is left as it was.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``tmp_dir`` (or ``dest``'s folder) is not an existing folder.
+    """
+    dest = Path(dest)
+    folder = Path(tmp_dir) if tmp_dir is not None else dest.parent
+    if not folder.is_dir():
+        what = "tmp_dir" if tmp_dir is not None else "the destination's folder"
+        raise FileNotFoundError(f"{what} {str(folder)!r} is not an existing folder (for {dest})")
+    tmp = _temp_sibling(dest, folder, ".tmp", create="dir" if is_dir else "file")
+    try:
+        yield tmp
+        if not is_dir:
+            _fsync_file(tmp)
+        if is_dir and os.path.lexists(dest):
+            old = _temp_sibling(dest, folder, ".old", create=None)
+            os.rename(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.rename(old, dest)
+                raise
+            try:
+                _remove(old)
+            except OSError as err:
+                warnings.warn(
+                    f"replaced {dest} but could not delete its old version at {old}: {err}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        try:
+            _remove(tmp)
+        except OSError:  # never hide the original error behind a cleanup error
+            pass
+        raise
+
+
+def write_text_atomic(dest: Path, text: str, tmp_dir: Path | None = None) -> None:
+    """Write ``text`` (UTF-8, newlines untranslated) to ``dest`` atomically."""
+    with atomic_path(dest, tmp_dir) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def _json_default(obj: Any) -> Any:
+    """``json`` fallback: numpy scalars and arrays to Python numbers and lists, paths to str."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable: {obj!r}")
+
+
+def _to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text (no NaN/Infinity) of ``obj``, numpy values converted."""
+    return json.dumps(obj, indent=indent, default=_json_default, allow_nan=False)
+
+
+def write_json_atomic(dest: Path, obj: Any, tmp_dir: Path | None = None) -> None:
+    """Write ``obj`` as JSON (indent 2, trailing newline) to ``dest`` atomically.
+
+    numpy scalars and arrays become Python numbers and (nested) lists, paths strings.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` holds something JSON cannot represent.
+    ValueError
+        If ``obj`` holds NaN or infinite floats (not valid JSON).
+    """
+    write_text_atomic(dest, _to_json(obj, indent=2) + "\n", tmp_dir)
+
+
+# --------------------------------------------------------------------------- label stacks
+
+
+def labels_dtype(max_id: int) -> np.dtype:
+    """Smallest label dtype for ids up to ``max_id``: uint16 up to 65535, else uint32.
+
+    Raises
+    ------
+    TypeError
+        If ``max_id`` is not an integer.
+    ValueError
+        If ``max_id`` is negative or above 2**32 - 1.
+    """
+    if isinstance(max_id, bool | np.bool_) or not isinstance(max_id, int | np.integer):
+        raise TypeError(f"max_id must be an integer, got {max_id!r}")
+    max_id = int(max_id)
+    if max_id < 0 or max_id > np.iinfo(np.uint32).max:
+        raise ValueError(f"max_id must be in 0..{np.iinfo(np.uint32).max}, got {max_id}")
+    return np.dtype(np.uint16) if max_id <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def _check_stack(shape: tuple[int, ...], axes: str, dtype: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Validated ``(shape, dtype)`` of a label stack described by ``shape``/``axes``/``dtype``."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"shape must be a tuple of ints, got {shape!r}") from err
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (..., H, W) with all sizes >= 1, got {shape}")
+    if (
+        not isinstance(axes, str)
+        or len(axes) != len(shape)
+        or not axes.endswith("YX")
+        or not (axes.isascii() and axes.isalpha() and axes.isupper())
+        or len(set(axes)) != len(axes)
+    ):
+        raise ValueError(
+            f"axes must be {len(shape)} distinct upper-case letters ending in 'YX' "
+            f"(one per dimension of shape {shape}), got {axes!r}"
+        )
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"dtype must be uint8, uint16 or uint32, got {dtype!r}") from err
+    if dtype not in _LABEL_DTYPES:
+        raise ValueError(f"dtype must be uint8, uint16 or uint32, got {dtype}")
+    return shape, dtype
+
+
+class _CheckedPlanes:
+    """Iterator over the planes of a stack, checked and cast to C-contiguous ``dtype``.
+
+    It stops after ``prod(shape[:-2])`` planes without pulling more from ``planes``;
+    call :meth:`finish` once the consumer is done to check that nothing is left.
+    (A class, not a generator: a consumer that wraps a generator in ``yield from``
+    would close it, and a closed generator could no longer check for extra planes.)
+
+    Raises
+    ------
+    ValueError
+        (From ``next`` or :meth:`finish`.) If ``planes`` gives fewer or more than
+        ``prod(shape[:-2])`` planes, a plane whose shape is not ``shape[-2:]``, or
+        values outside ``dtype``'s range.
+    TypeError
+        If a plane is not of an integer dtype.
+    """
+
+    def __init__(self, planes: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype):
+        self._planes = iter(planes)
+        self._shape = shape
+        self._dtype = dtype
+        self._expected = math.prod(shape[:-2])
+        self.count = 0
+
+    def __iter__(self) -> _CheckedPlanes:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.count == self._expected:
+            raise StopIteration
+        try:
+            plane = np.asarray(next(self._planes))
+        except StopIteration:
+            raise ValueError(
+                f"planes gave {self.count} planes, expected {self._expected} "
+                f"for shape {self._shape}"
+            ) from None
+        index, plane_shape, top = self.count, self._shape[-2:], int(np.iinfo(self._dtype).max)
+        if plane.shape != plane_shape:
+            raise ValueError(f"plane {index} has shape {plane.shape}, expected {plane_shape}")
+        if plane.dtype.kind not in "ui":
+            raise TypeError(f"plane {index} must be of an integer dtype, got {plane.dtype}")
+        if plane.dtype.kind == "i" and plane.size and int(plane.min()) < 0:
+            raise ValueError(f"plane {index} has negative values (min {int(plane.min())})")
+        if np.iinfo(plane.dtype).max > top and int(plane.max()) > top:
+            raise ValueError(
+                f"plane {index} has values up to {int(plane.max())}, which do not fit "
+                f"dtype {self._dtype} (max {top})"
+            )
+        self.count += 1
+        return np.ascontiguousarray(plane, dtype=self._dtype)
+
+    def finish(self) -> None:
+        """Check that all planes were taken and ``planes`` has no more."""
+        assert self.count == self._expected, "the consumer took fewer planes than the stack has"
+        if next(self._planes, _END) is not _END:
+            raise ValueError(
+                f"planes gave more than the {self._expected} planes of shape {self._shape}"
+            )
+
+
+_END = object()
+
+
+def imagej_axes(axes: str) -> str | None:
+    """Axes under which a stack of ``axes`` can be an ImageJ hyperstack, or None.
+
+    ImageJ knows the plane axes T, Z, C, in that order. T and Z keep their letters;
+    every other plane axis is renamed to an unused one of T, Z, C, preferring to
+    keep C as C and otherwise taking them in the order T, Z, C. None if there are
+    more than 3 plane axes or no renaming respects ImageJ's order.
+
+    Parameters
+    ----------
+    axes : str
+        Upper-case letters ending in ``"YX"``, e.g. ``"ZYX"``, ``"QYX"``.
+
+    Returns
+    -------
+    str or None
+        E.g. ``"ZYX"`` -> ``"ZYX"``, ``"QYX"`` -> ``"TYX"``, ``"CZYX"`` -> ``"TZYX"``,
+        ``"ZQYX"`` -> ``"ZCYX"``, ``"ZTYX"`` -> None.
+    """
+    plane = axes[:-2]
+    best: tuple[int, str] | None = None
+    for letters in ("".join(c) for c in combinations("TZC", len(plane))):
+        if any(a in "TZ" and a != b for a, b in zip(plane, letters, strict=True)):
+            continue  # T and Z must keep their letters
+        kept = sum(a == b == "C" for a, b in zip(plane, letters, strict=True))
+        if best is None or kept > best[0]:
+            best = (kept, letters)
+    return None if best is None else best[1] + "YX"
+
+
+def write_labels_tiff(
+    dest: Path,
+    planes: Iterable[np.ndarray],
+    shape: tuple[int, ...],
+    axes: str,
+    dtype: Any,
+    *,
+    tmp_dir: Path | None = None,
+    description: dict | None = None,
+) -> None:
+    """Stream a label stack into one deflate-compressed TIFF, atomically.
+
+    Parameters
+    ----------
+    dest : path
+        The ``.tif`` file to write.
+    planes : iterable of (H, W) integer arrays
+        The ``prod(shape[:-2])`` planes in C order of the plane axes; consumed one
+        at a time (tifffile encodes a bounded buffer of them in worker threads).
+    shape : tuple of int
+        ``plane dims + (H, W)``.
+    axes : str
+        One upper-case letter per dimension, ending in ``"YX"`` (``"ZYX"``, ``"QYX"``).
+    dtype : uint8, uint16 or uint32
+        The stored dtype; plane values are checked to fit, then cast.
+    tmp_dir : path, optional
+        Folder for the temporary file (see :func:`atomic_path`).
+    description : dict, optional
+        Small JSON-able provenance, stored as ``{"axes": axes, "mobilesam": description}``
+        in the ImageJ ``Info`` property of an ImageJ file, or under ``"mobilesam"``
+        in tifffile's JSON description of a plain file.
+
+    Notes
+    -----
+    uint8/uint16 stacks whose axes :func:`imagej_axes` can map are written as an
+    ImageJ hyperstack (classic TIFF, so the *compressed* data must stay under 4 GB),
+    with the mapped axes; the original axes are in the ``Info`` JSON. Others (uint32,
+    which ImageJ hyperstacks do not support, or unmappable axes) are written as a
+    plain tifffile "shaped" TIFF with ``{"axes": axes}`` (BigTIFF when the
+    uncompressed data exceed 4 GB), which Fiji opens through Bio-Formats.
+    Either way ``tifffile.imread(dest)`` gives exactly ``shape`` and ``dtype``.
+
+    Raises
+    ------
+    ValueError
+        For a bad ``shape``/``axes``/``dtype``, or planes of the wrong number,
+        shape or range; nothing is written then.
+    TypeError
+        If a plane is not of an integer dtype, or ``description`` is not JSON-able.
+    """
+    import tifffile
+
+    shape, dtype = _check_stack(shape, axes, dtype)
+    ij_axes = imagej_axes(axes) if dtype.itemsize <= 2 else None
+    info = {"axes": axes} if description is None else {"axes": axes, "mobilesam": description}
+    info_json = _to_json(info)  # also validates description before any work
+    if ij_axes is not None:
+        metadata: dict[str, Any] = {"axes": ij_axes, "Info": info_json}
+        bigtiff = False
+    else:
+        metadata = json.loads(info_json)
+        bigtiff = math.prod(shape) * dtype.itemsize > _CLASSIC_TIFF_LIMIT
+    plane_bytes = shape[-2] * shape[-1] * dtype.itemsize
+    checked = _CheckedPlanes(planes, shape, dtype)
+    with atomic_path(dest, tmp_dir) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff, imagej=ij_axes is not None) as tif:
+            tif.write(
+                checked,
+                shape=shape,
+                dtype=dtype,
+                photometric="minisblack",
+                compression="zlib",
+                metadata=metadata,
+                maxworkers=min(4, os.cpu_count() or 1),
+                # bounds the planes tifffile holds for its encoder threads
+                buffersize=max(2 * plane_bytes, 2**24),
+            )
+        checked.finish()
+
+
+def ngff_attrs(axes: str, name: str | None = None) -> dict[str, Any]:
+    """OME-NGFF 0.4 root attributes of a single-scale label image with ``axes``.
+
+    Parameters
+    ----------
+    axes : str
+        Upper-case letters ending in ``"YX"``; NGFF 0.4 allows 2 to 5 axes.
+    name : str, optional
+        The multiscale's name.
+
+    Returns
+    -------
+    dict
+        ``{"multiscales": [...], "image-label": {"version": "0.4"}}``; axis names are
+        the lower-case letters, types ``t`` time, ``c`` channel, ``z``/``y``/``x``
+        space, none for other letters; one dataset ``"0"`` with unit scale.
+
+    Raises
+    ------
+    ValueError
+        If ``axes`` has fewer than 2 or more than 5 letters.
+    """
+    if not 2 <= len(axes) <= 5:
+        raise ValueError(f"OME-NGFF 0.4 images have 2 to 5 axes, got {axes!r}")
+    ngff_axes = []
+    for letter in axes.lower():
+        axis = {"name": letter}
+        if letter in _NGFF_AXIS_TYPES:
+            axis["type"] = _NGFF_AXIS_TYPES[letter]
+        ngff_axes.append(axis)
+    multiscale: dict[str, Any] = {
+        "version": "0.4",
+        "axes": ngff_axes,
+        "datasets": [
+            {
+                "path": "0",
+                "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}],
+            }
+        ],
+    }
+    if name is not None:
+        multiscale["name"] = name
+    return {"multiscales": [multiscale], "image-label": {"version": "0.4"}}
+
+
+def write_labels_zarr(
+    dest: Path,
+    planes: Iterable[np.ndarray],
+    shape: tuple[int, ...],
+    axes: str,
+    dtype: Any,
+    *,
+    tmp_dir: Path | None = None,
+    chunk_yx: int = 1024,
+    attrs: dict | None = None,
+) -> None:
+    """Stream a label stack into an OME-Zarr (NGFF 0.4, zarr format 2) folder, atomically.
+
+    Parameters
+    ----------
+    dest : path
+        The ``.zarr`` folder; an existing one is replaced as a whole.
+    planes, shape, axes, dtype
+        As for :func:`write_labels_tiff`; ``axes`` has 2 to 5 letters.
+    tmp_dir : path, optional
+        Folder for the temporary folder (see :func:`atomic_path`).
+    chunk_yx : int
+        Chunks are ``(1, ..., 1, min(H, chunk_yx), min(W, chunk_yx))``.
+    attrs : dict, optional
+        JSON-able provenance, stored in the root attributes under ``"mobilesam"``.
+
+    Notes
+    -----
+    The root group carries :func:`ngff_attrs`; array ``"0"`` holds the labels,
+    Blosc-LZ4 compressed (zarr's v2 default, read by every zarr v2 reader) with
+    ``"/"`` as the chunk key separator, as NGFF 0.4 requires. Read it back with
+    ``zarr.open_group(dest)["0"]``.
+
+    Raises
+    ------
+    ValueError
+        For a bad ``shape``/``axes``/``dtype``/``chunk_yx``, or planes of the wrong
+        number, shape or range; ``dest`` is then left as it was.
+    TypeError
+        If a plane is not of an integer dtype, or ``attrs`` is not JSON-able.
+    """
+    import numcodecs
+    import zarr
+
+    shape, dtype = _check_stack(shape, axes, dtype)
+    if isinstance(chunk_yx, bool) or not isinstance(chunk_yx, int | np.integer) or chunk_yx < 1:
+        raise ValueError(f"chunk_yx must be a positive int, got {chunk_yx!r}")
+    dest = Path(dest)
+    root_attrs = ngff_attrs(axes, name=dest.name.removesuffix(".zarr"))
+    if attrs is not None:
+        root_attrs["mobilesam"] = json.loads(_to_json(attrs))
+    chunks = (1,) * (len(shape) - 2) + (min(shape[-2], chunk_yx), min(shape[-1], chunk_yx))
+    checked = _CheckedPlanes(planes, shape, dtype)
+    with atomic_path(dest, tmp_dir, is_dir=True) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        root.attrs.update(root_attrs)
+        arr = root.create_array(
+            "0",
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+        )
+        for index, plane in zip(np.ndindex(shape[:-2]), checked, strict=False):
+            arr[index] = plane
+        checked.finish()
+
+
+# --------------------------------------------------------------------------- object tables
+
+
+def _check_label_image(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as an (H, W) non-negative integer array."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be an (H, W) label image, got shape {labels.shape}")
+    if labels.dtype.kind not in "ui":
+        raise TypeError(f"labels must be of an integer dtype, got {labels.dtype}")
+    if labels.dtype.kind == "i" and labels.size and int(labels.min()) < 0:
+        raise ValueError(f"labels must be non-negative, got min {int(labels.min())}")
+    return labels
+
+
+def _regions(labels: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """Yield ``(label, y0, x0, mask crop)`` per label present, by increasing label.
+
+    The crop is the (h, w) bool mask ``labels == label`` inside the label's
+    bounding box, whose top-left pixel is (y0, x0). Only the boxes are touched.
+    """
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        if region is None:
+            continue
+        rows, cols = region
+        yield index, rows.start, cols.start, labels[region] == index
+
+
+def _scores_of(scores: Mapping[int, Mapping[str, float]] | None, label: int) -> dict[str, Any]:
+    """``predicted_iou`` and ``stability_score`` of ``label`` as floats, None where unknown."""
+    entry = scores.get(label) if scores is not None else None
+    out = {}
+    for key in ("predicted_iou", "stability_score"):
+        value = entry.get(key) if entry is not None else None
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def object_table(
+    labels: np.ndarray, scores: Mapping[int, Mapping[str, float]] | None = None
+) -> list[dict[str, Any]]:
+    """Measurements of every label in an (H, W) label image.
+
+    Parameters
+    ----------
+    labels : (H, W) non-negative integer array
+        0 is background; absent ids are skipped.
+    scores : mapping, optional
+        ``{label: {"predicted_iou": float, "stability_score": float}}``.
+
+    Returns
+    -------
+    list of dict, ordered by label
+        ``label``, ``area`` (pixels), ``bbox_x``, ``bbox_y``, ``bbox_width``,
+        ``bbox_height`` (XYWH box, inclusive start), ``centroid_y``, ``centroid_x``
+        (row, column; mean pixel position rounded to 2 decimals), ``predicted_iou``,
+        ``stability_score`` (None where ``scores`` does not give them). Python types.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` is not 2D or has negative values.
+    TypeError
+        If ``labels`` is not of an integer dtype.
+    """
+    labels = _check_label_image(labels)
+    rows = []
+    for label, y0, x0, crop in _regions(labels):
+        per_row = np.count_nonzero(crop, axis=1)
+        per_col = np.count_nonzero(crop, axis=0)
+        area = int(per_row.sum())
+        h, w = crop.shape
+        rows.append(
+            {
+                "label": label,
+                "area": area,
+                "bbox_x": x0,
+                "bbox_y": y0,
+                "bbox_width": w,
+                "bbox_height": h,
+                "centroid_y": round(y0 + float(per_row @ np.arange(h)) / area, 2),
+                "centroid_x": round(x0 + float(per_col @ np.arange(w)) / area, 2),
+                **_scores_of(scores, label),
+            }
+        )
+    return rows
+
+
+def write_objects_csv(
+    dest: Path, rows: Iterable[Mapping[str, Any]], tmp_dir: Path | None = None
+) -> None:
+    """Write object rows as CSV with header :data:`OBJECT_COLUMNS`, atomically.
+
+    Parameters
+    ----------
+    dest : path
+        The ``.csv`` file.
+    rows : iterable of mappings
+        Keys from :data:`OBJECT_COLUMNS` (e.g. :func:`object_table` rows plus
+        ``"plane"``); written one at a time. Missing keys and None become empty
+        cells; floats are written by the csv module (shortest round-trip repr).
+    tmp_dir : path, optional
+        Folder for the temporary file (see :func:`atomic_path`).
+
+    Raises
+    ------
+    ValueError
+        If a row has a key that is not in :data:`OBJECT_COLUMNS`.
+    """
+    with atomic_path(dest, tmp_dir) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=OBJECT_COLUMNS, restval="", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+def coco_annotations(
+    labels: np.ndarray,
+    image_id: int,
+    first_id: int,
+    scores: Mapping[int, Mapping[str, float]] | None = None,
+) -> list[dict[str, Any]]:
+    """COCO ``annotations`` of every label in an (H, W) label image.
+
+    Parameters
+    ----------
+    labels : (H, W) non-negative integer array
+        0 is background; absent ids are skipped.
+    image_id : int
+        The ``id`` of this image's entry in the document's ``images``.
+    first_id : int
+        Annotation ids are ``first_id, first_id + 1, ...`` in label order.
+    scores : mapping, optional
+        As for :func:`object_table`.
+
+    Returns
+    -------
+    list of dict
+        ``id``, ``image_id``, ``category_id`` (1), ``segmentation`` (COCO compressed
+        RLE ``{"size": [H, W], "counts": str}``), ``area`` (int pixels), ``bbox``
+        (``[x, y, w, h]`` floats: top-left pixel corner and size in pixels),
+        ``iscrowd`` (0), ``label``, ``predicted_iou``, ``stability_score``.
+        Each RLE is built from the label's bounding-box crop, not a full mask.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As for :func:`object_table`.
+    """
+    labels = _check_label_image(labels)
+    image_id, next_id = int(image_id), int(first_id)
+    out = []
+    for label, y0, x0, crop in _regions(labels):
+        h, w = crop.shape
+        rle = crop_to_rle(crop, (x0, y0, x0 + w - 1, y0 + h - 1), labels.shape)
+        out.append(
+            {
+                "id": next_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "segmentation": rle_to_coco(rle),
+                "area": int(np.count_nonzero(crop)),
+                "bbox": [float(x0), float(y0), float(w), float(h)],
+                "iscrowd": 0,
+                "label": label,
+                **_scores_of(scores, label),
+            }
+        )
+        next_id += 1
+    return out
+
+
+def coco_document(
+    images: list[dict[str, Any]],
+    annotations: Iterable[dict[str, Any]],
+    *,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A COCO instance-segmentation document with the single category ``object`` (id 1).
+
+    Parameters
+    ----------
+    images : list of dict
+        ``{"id", "file_name", "height", "width", ...}`` (extra keys such as ``"plane"``
+        are kept).
+    annotations : iterable of dict
+        E.g. the concatenated :func:`coco_annotations` of all planes.
+    info : dict, optional
+        The document's ``info``; ``{}`` if not given.
+
+    Returns
+    -------
+    dict
+        ``{"info", "images", "annotations", "categories"}``.
+    """
+    return {
+        "info": dict(info) if info else {},
+        "images": list(images),
+        "annotations": list(annotations),
+        "categories": [dict(c) for c in COCO_CATEGORIES],
+    }

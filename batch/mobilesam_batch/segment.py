@@ -1,0 +1,306 @@
+"""One plane in, one label image out: the work every process (or dask worker) repeats.
+
+:class:`ModelSpec` and :class:`SegmentOptions` are small frozen, picklable records of
+what to compute; :func:`get_segmenter` turns them into a :class:`PlaneSegmenter`,
+cached per process, so a dask worker loads the model once however many planes it
+segments. :func:`segment_plane` is the task function the runner maps over planes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .inputs import open_source
+
+# MaskGenerator parameters the batch tool does not expose: the model is given by
+# --model/--weights, records are not returned, and the tool draws its own progress.
+_NOT_FLAGS = ("model_or_predictor", "point_grids", "output_mode", "progress")
+
+
+def generator_parameters() -> dict[str, tuple[Any, str, str]]:
+    """The MaskGenerator parameters exposed as flags: name -> (default, type, description).
+
+    ``type`` is the numpydoc type line (e.g. ``int``, ``{"mask", "box"}``).
+
+    Read from :class:`~napari_mobilesam.everything.MaskGenerator`'s signature and
+    numpydoc docstring, so that a new library parameter becomes a flag without edits
+    here.
+    """
+    from napari_mobilesam.everything import MaskGenerator
+
+    docs = _numpydoc_parameters(MaskGenerator.__doc__ or "")
+    params = {}
+    for name, p in inspect.signature(MaskGenerator.__init__).parameters.items():
+        if name == "self" or name in _NOT_FLAGS or p.default is inspect.Parameter.empty:
+            continue
+        params[name] = (p.default, *docs.get(name, ("", "")))
+    return params
+
+
+def _numpydoc_parameters(doc: str) -> dict[str, tuple[str, str]]:
+    """``name -> (type, description)`` from the Parameters section of a numpydoc docstring."""
+    text = inspect.cleandoc(doc)
+    section = re.search(r"^Parameters.*?\n-+\n(.*?)(?:\n\n[A-Z][a-z]+\n-+\n|\Z)", text, re.S | re.M)
+    if section is None:
+        return {}
+    types: dict[str, str] = {}
+    descriptions: dict[str, str] = {}
+    current: list[str] = []
+    for line in section.group(1).splitlines():
+        if line and not line[0].isspace():
+            names, _, kind = line.partition(":")
+            current = [n.strip() for n in names.split(",")]
+            for name in current:
+                types[name], descriptions[name] = kind.strip(), ""
+        elif current and line.strip():
+            for name in current:
+                descriptions[name] = (descriptions[name] + " " + line.strip()).strip()
+    return {name: (types[name], descriptions[name]) for name in types}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to run and where.
+
+    Parameters
+    ----------
+    name : str
+        Registry name of the architecture (``vit_t``, ``vit_b``, ...).
+    weights : str
+        Path of the checkpoint file, already resolved (downloaded) by the caller:
+        workers never download.
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+    backend : str
+        Inference backend; only ``"torch"`` for now.
+    threads : int or None
+        torch intra-op threads for this process (None: torch's default).
+    """
+
+    name: str
+    weights: str
+    device: str = "auto"
+    backend: str = "torch"
+    threads: int | None = None
+
+    def load(self):
+        """Build the model, load the weights and move it to the device."""
+        import torch
+
+        from napari_mobilesam.build import load_model
+
+        if self.backend != "torch":
+            raise ValueError(f"backend {self.backend!r} is not available; use 'torch'")
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        return load_model(self.name, self.weights, device=self.device, progress=False)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How each plane is segmented.
+
+    Parameters
+    ----------
+    generator : tuple of (name, value)
+        MaskGenerator keyword arguments that differ from the library defaults
+        (a sorted tuple, so the record is hashable).
+    channels : tuple of int or None
+        Up to three source channels shown as R, G, B.
+    contrast_limits : (float, float) or None
+        Fixed intensity range for every picked channel; None: per-plane percentiles.
+    percentiles : (float, float)
+        Percentiles used as contrast limits when ``contrast_limits`` is None.
+    """
+
+    generator: tuple[tuple[str, Any], ...] = ()
+    channels: tuple[int, ...] | None = None
+    contrast_limits: tuple[float, float] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        return dict(self.generator)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every parameter with its effective value (defaults filled in), JSON-able."""
+        params = {name: spec[0] for name, spec in generator_parameters().items()}
+        params.update(self.generator_kwargs())
+        out = {k: _jsonable(v) for k, v in params.items()}
+        out.update(
+            channels=None if self.channels is None else list(self.channels),
+            contrast_limits=None if self.contrast_limits is None else list(self.contrast_limits),
+            percentiles=list(self.percentiles),
+        )
+        return out
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class PlaneResult:
+    """The outcome of one plane.
+
+    Attributes
+    ----------
+    index : tuple of int
+        Position of the plane in the input's plane axes (``()`` for a 2D image).
+    labels : (H, W) uint32
+        0 background, ids 1..N by decreasing predicted IoU.
+    predicted_iou, stability_score : (N,) float64
+        Scores of label ``k + 1`` at row ``k``.
+    seconds : float
+        Wall time of reading, converting and segmenting the plane.
+    """
+
+    index: tuple[int, ...]
+    labels: np.ndarray
+    predicted_iou: np.ndarray
+    stability_score: np.ndarray
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.predicted_iou)
+
+    def scores(self) -> dict[int, dict[str, float]]:
+        """``label -> {"predicted_iou": ..., "stability_score": ...}``."""
+        return {
+            k + 1: {"predicted_iou": float(iou), "stability_score": float(stab)}
+            for k, (iou, stab) in enumerate(
+                zip(self.predicted_iou, self.stability_score, strict=True)
+            )
+        }
+
+
+class PlaneSegmenter:
+    """A loaded model and a configured MaskGenerator, ready for planes.
+
+    Parameters
+    ----------
+    model : ModelSpec
+    options : SegmentOptions
+    """
+
+    def __init__(self, model: ModelSpec, options: SegmentOptions) -> None:
+        from napari_mobilesam.everything import MaskGenerator
+
+        self.model_spec = model
+        self.options = options
+        self.sam = model.load()
+        self.generator = MaskGenerator(self.sam, **options.generator_kwargs())
+
+    def segment(self, plane: np.ndarray, index: tuple[int, ...] = ()) -> PlaneResult:
+        """Segment everything in one plane.
+
+        Parameters
+        ----------
+        plane : np.ndarray
+            (H, W) or (H, W, C) channels-last, any numeric dtype.
+        index : tuple of int
+            Recorded in the result.
+
+        Returns
+        -------
+        PlaneResult
+        """
+        from napari_mobilesam.normalize import to_rgb_uint8
+
+        start = time.perf_counter()
+        opts = self.options
+        rgb = to_rgb_uint8(
+            plane,
+            contrast_limits=opts.contrast_limits,
+            percentiles=opts.percentiles,
+            channels=opts.channels,
+            channel_axis=-1 if plane.ndim == 3 else None,
+        )
+        labels, info = self.generator.generate_labels(rgb, return_info=True)
+        return PlaneResult(
+            index=tuple(index),
+            labels=labels,
+            predicted_iou=info["predicted_iou"],
+            stability_score=info["stability_score"],
+            seconds=time.perf_counter() - start,
+        )
+
+
+_SEGMENTERS: dict[tuple[ModelSpec, SegmentOptions], PlaneSegmenter] = {}
+
+
+def get_segmenter(model: ModelSpec, options: SegmentOptions) -> PlaneSegmenter:
+    """The process's segmenter for ``(model, options)``, loading the model on first use."""
+    key = (model, options)
+    seg = _SEGMENTERS.get(key)
+    if seg is None:
+        _SEGMENTERS.clear()  # one model per process: a new configuration replaces the old
+        seg = _SEGMENTERS[key] = PlaneSegmenter(model, options)
+    return seg
+
+
+def segment_plane(
+    path: str,
+    axes: str | None,
+    index: tuple[int, ...],
+    model: ModelSpec,
+    options: SegmentOptions,
+) -> PlaneResult:
+    """Read one plane of an input and segment it (the task mapped over planes).
+
+    Parameters
+    ----------
+    path : str
+        The input file or zarr directory (must be readable where this runs).
+    axes : str or None
+        The user's axes override, as given to :func:`~mobilesam_batch.inputs.open_source`.
+    index : tuple of int
+        Plane position in the input's plane axes.
+    model, options
+        What to run; the loaded model is cached per process.
+
+    Returns
+    -------
+    PlaneResult
+        ``seconds`` includes reading the plane.
+    """
+    start = time.perf_counter()
+    seg = get_segmenter(model, options)
+    plane = _cached_source(path, axes).read_plane(tuple(index))
+    result = seg.segment(plane, index)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+_SOURCE: dict[tuple, Any] = {}
+
+
+def _cached_source(path: str, axes: str | None):
+    """The open input for ``path``, kept open between the planes of one file."""
+    import os
+
+    st = os.stat(path)
+    key = (path, axes, st.st_mtime_ns, st.st_size)
+    src = _SOURCE.get(key)
+    if src is None:
+        for old in _SOURCE.values():
+            old.close()
+        _SOURCE.clear()
+        src = _SOURCE[key] = open_source(path, axes)
+    return src
+
+
+def describe_options(model: ModelSpec, options: SegmentOptions) -> dict[str, Any]:
+    """JSON-able record of a model spec (for logs)."""
+    return {"model": asdict(model), "parameters": options.resolved()}

@@ -1,0 +1,469 @@
+"""``mobilesam-everything`` end to end: outputs, provenance, resume, failures, kill, dask.
+
+Most tests run the command in-process with the tiny random model (patched in as the
+loaded model); the kill and LocalCluster tests run the real command on the golden
+official-format checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+from skimage.draw import disk
+
+from mobilesam_batch import cli, segment
+from mobilesam_batch.runner import WORK_DIR, output_stem
+from napari_mobilesam.everything.rle import coco_to_rle, rle_to_mask
+
+from .conftest import GOLDEN_CKPT, requires_golden
+
+FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+
+def _cells(shape, rng, n=5, dtype=np.uint8, hi=220):
+    img = np.full(shape, 20, dtype=np.float64)
+    for _ in range(n):
+        r, c = rng.integers(15, shape[0] - 15), rng.integers(15, shape[1] - 15)
+        img[disk((r, c), rng.integers(6, 14), shape=shape)] = rng.integers(90, hi)
+    img += rng.normal(0, 3, shape)
+    if np.issubdtype(dtype, np.integer):
+        img = np.clip(img * (np.iinfo(dtype).max / 255), 0, np.iinfo(dtype).max)
+    return img.astype(dtype)
+
+
+def make_dataset(folder: Path, seed: int = 0) -> dict[str, tuple]:
+    """The acceptance folder: PNG, JPEG, uint16 TIFF, 3-plane stack, OME-TIFF with
+    channels, a corrupt and an empty file. Returns stem -> expected label shape."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = np.stack([_cells((96, 128), rng) for _ in range(3)], axis=-1)
+    Image.fromarray(rgb).save(folder / "a_rgb.png")
+    Image.fromarray(_cells((80, 100), rng)).save(folder / "b_gray.jpg", quality=95)
+    tifffile.imwrite(folder / "c_u16.tif", _cells((90, 110), rng, dtype=np.uint16))
+    stack = np.stack([_cells((64, 96), rng, dtype=np.uint16) for _ in range(3)])
+    tifffile.imwrite(folder / "d_stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    ome = np.stack(
+        [np.stack([_cells((72, 80), rng, dtype=np.uint16) for _ in range(3)]) for _ in range(2)]
+    )  # (Z=2, C=3, Y, X)
+    tifffile.imwrite(folder / "e_chan.ome.tif", ome, metadata={"axes": "ZCYX"})
+    (folder / "f_corrupt.tif").write_bytes(b"II*\x00" + os.urandom(300))
+    (folder / "g_empty.png").write_bytes(b"")
+    return {
+        "a_rgb": (96, 128),
+        "b_gray": (80, 100),
+        "c_u16": (90, 110),
+        "d_stack": (3, 64, 96),
+        "e_chan": (2, 72, 80),
+    }
+
+
+BAD = ("f_corrupt", "g_empty")
+
+
+@pytest.fixture
+def tiny_cli(tiny_model, tmp_path, monkeypatch):
+    """Run the CLI in-process with the tiny model; returns run(args) -> (code, out, err)."""
+    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
+    segment._SEGMENTERS.clear()
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"stand-in for the tiny model's weights")
+
+    def run(args, capsys=None):
+        return cli.main([*args, "--weights", str(weights), "--device", "cpu", "-q"])
+
+    yield run
+    segment._SEGMENTERS.clear()
+
+
+def _visible(outdir: Path) -> list[str]:
+    return sorted(p.name for p in outdir.iterdir() if not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_folder_run_outputs(tiny_cli, tmp_path, capsys):
+    expected = make_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    code = tiny_cli([str(tmp_path / "in"), "-o", str(out), *FAST, "--csv", "--coco", "--zarr"])
+    captured = capsys.readouterr()
+    assert code == 1  # corrupt and empty inputs fail the run...
+    assert "5 done, 0 skipped, 2 failed" in captured.out  # ...after the others are done
+    for bad in BAD:
+        assert bad in captured.err
+    assert "empty file" in captured.err
+    assert not (out / WORK_DIR).exists()
+
+    names = _visible(out)
+    for stem, shape in expected.items():
+        for suffix in ("_labels.tif", "_labels.json", "_objects.csv", "_coco.json", "_labels.zarr"):
+            assert stem + suffix in names
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        assert labels.shape == shape and labels.dtype == np.uint16
+        z = zarr.open_group(out / f"{stem}_labels.zarr", mode="r")
+        np.testing.assert_array_equal(z["0"][...], labels)
+
+        prov = json.loads((out / f"{stem}_labels.json").read_text())
+        assert prov["tool"] == "mobilesam-everything" and prov["version"]
+        assert prov["model"]["sha256"] and prov["model"]["name"] == "vit_t"
+        assert prov["parameters"]["points_per_side"] == 4
+        assert prov["parameters"]["box_nms_thresh"] == 0.7  # default, recorded
+        assert prov["input"]["size"] == (tmp_path / "in" / _input_name(stem)).stat().st_size
+        assert "mtime" in prov["input"]
+        planes = prov["planes"]
+        assert len(planes) == (shape[0] if len(shape) == 3 else 1)
+        for i, plane in enumerate(planes):
+            plane_labels = labels[i] if labels.ndim == 3 else labels
+            assert plane["objects"] == plane_labels.max()
+            assert plane["seconds"] >= 0
+        assert prov["objects"] == sum(p["objects"] for p in planes)
+
+        rows = list(csv.DictReader(open(out / f"{stem}_objects.csv")))
+        assert len(rows) == prov["objects"]
+        coco = json.loads((out / f"{stem}_coco.json").read_text())
+        assert len(coco["images"]) == len(planes)
+        assert len(coco["annotations"]) == prov["objects"]
+        for ann, row in zip(coco["annotations"], rows, strict=True):
+            image = coco["images"][ann["image_id"] - 1]
+            plane_labels = labels[tuple(image["plane"])]
+            mask = rle_to_mask(coco_to_rle(ann["segmentation"]))
+            np.testing.assert_array_equal(mask, plane_labels == ann["label"])
+            assert int(row["label"]) == ann["label"] and int(row["area"]) == ann["area"]
+    assert "e_chan_labels.tif" in names and "f_corrupt_labels.tif" not in names
+
+
+def _input_name(stem):
+    return {
+        "a_rgb": "a_rgb.png",
+        "b_gray": "b_gray.jpg",
+        "c_u16": "c_u16.tif",
+        "d_stack": "d_stack.tif",
+        "e_chan": "e_chan.ome.tif",
+    }[stem]
+
+
+def test_labels_match_the_library(tiny_cli, tiny_model, tmp_path):
+    """Each plane's labels are MaskGenerator.generate_labels of that plane."""
+    from napari_mobilesam.everything import MaskGenerator
+    from napari_mobilesam.normalize import to_rgb_uint8
+
+    expected = make_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    tiny_cli([str(tmp_path / "in" / "d_stack.tif"), str(tmp_path / "in" / "a_rgb.png"),
+              "-o", str(out), *FAST])  # fmt: skip
+    gen = MaskGenerator(tiny_model, points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    stack = tifffile.imread(tmp_path / "in" / "d_stack.tif")
+    got = tifffile.imread(out / "d_stack_labels.tif")
+    assert got.shape == expected["d_stack"]
+    for z in range(3):
+        np.testing.assert_array_equal(got[z], gen.generate_labels(to_rgb_uint8(stack[z])))
+    rgb = np.asarray(Image.open(tmp_path / "in" / "a_rgb.png"))
+    np.testing.assert_array_equal(
+        tifffile.imread(out / "a_rgb_labels.tif"), gen.generate_labels(rgb)
+    )
+
+
+def test_channels_axes_and_contrast(tiny_cli, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    two = np.stack([_cells((64, 64), rng, dtype=np.uint16) for _ in range(2)])  # (C, Y, X)
+    np.save(tmp_path / "two.npy", two)
+    out = tmp_path / "out"
+    # a (2, 64, 64) array reads as two planes by default
+    assert tiny_cli([str(tmp_path / "two.npy"), "-o", str(out), *FAST]) == 0
+    assert tifffile.imread(out / "two_labels.tif").shape == (2, 64, 64)
+    # as channels it needs --channels
+    code = tiny_cli([str(tmp_path / "two.npy"), "-o", str(out / "c"), "--axes", "CYX", *FAST])
+    assert code == 1 and "--channels" in capsys.readouterr().err
+    code = tiny_cli([str(tmp_path / "two.npy"), "-o", str(out / "c"), "--axes", "cyx",
+                     "--channels", "1,0", "--contrast-limits", "0,40000", *FAST])  # fmt: skip
+    assert code == 0
+    assert tifffile.imread(out / "c" / "two_labels.tif").shape == (64, 64)
+    prov = json.loads((out / "c" / "two_labels.json").read_text())
+    assert prov["parameters"]["channels"] == [1, 0]
+    assert prov["parameters"]["contrast_limits"] == [0.0, 40000.0]
+    assert prov["parameters"]["axes"] == "CYX"
+    code = tiny_cli([str(tmp_path / "two.npy"), "-o", str(out / "d"), "--axes", "CYX",
+                     "--channels", "5", *FAST])  # fmt: skip
+    assert code == 1 and "out of range" in capsys.readouterr().err
+
+
+def test_zarr_input_and_4d(tiny_cli, tmp_path):
+    rng = np.random.default_rng(5)
+    data = np.stack([np.stack([_cells((48, 56), rng) for _ in range(3)]) for _ in range(2)])
+    arr = zarr.create_array(tmp_path / "movie.zarr", shape=data.shape, chunks=(1, 1, 48, 56),
+                            dtype=data.dtype)  # fmt: skip
+    arr[...] = data
+    out = tmp_path / "out"
+    assert tiny_cli([str(tmp_path / "movie.zarr"), "-o", str(out), *FAST, "--csv"]) == 0
+    labels = tifffile.imread(out / "movie_labels.tif")
+    assert labels.shape == (2, 3, 48, 56)
+    planes = {int(r["plane"]) for r in csv.DictReader(open(out / "movie_objects.csv"))}
+    assert planes <= set(range(6)) and len(planes) > 1
+
+
+# ----------------------------------------------------------------------- resume, reruns
+
+
+def test_rerun_skips_and_changes_redo(tiny_cli, tmp_path, capsys):
+    make_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in"), "-o", str(out), *FAST]
+    assert tiny_cli(args) == 1
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert tiny_cli(args) == 1
+    assert "0 done, 5 skipped, 2 failed" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    # a changed input is redone; the others are still skipped
+    img = tmp_path / "in" / "c_u16.tif"
+    tifffile.imwrite(img, np.zeros((90, 110), np.uint16) + 7)
+    assert tiny_cli(args) == 1
+    assert "1 done, 4 skipped, 2 failed" in capsys.readouterr().out
+    # a changed parameter redoes everything
+    assert tiny_cli([*args, "--box-nms-thresh", "0.5"]) == 1
+    assert "5 done, 0 skipped" in capsys.readouterr().out
+    # asking for an extra output redoes what lacks it; --overwrite redoes all
+    assert tiny_cli([*args, "--box-nms-thresh", "0.5", "--csv"]) == 1
+    assert "5 done" in capsys.readouterr().out
+    assert tiny_cli([*args, "--box-nms-thresh", "0.5", "--csv", "--overwrite"]) == 1
+    assert "5 done, 0 skipped" in capsys.readouterr().out
+    # a deleted output is redone
+    (out / "a_rgb_objects.csv").unlink()
+    assert tiny_cli([*args, "--box-nms-thresh", "0.5", "--csv"]) == 1
+    assert "1 done, 4 skipped" in capsys.readouterr().out
+
+
+def test_dry_run_touches_nothing(tiny_cli, tmp_path, capsys, monkeypatch):
+    make_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    monkeypatch.setattr(segment, "get_segmenter", _forbidden)
+    code = tiny_cli([str(tmp_path / "in"), "-o", str(out), "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 1 and "5 to do, 0 up to date, 2 failed (dry run)" in captured.out
+    assert _visible(out) == []
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("the model must not be loaded")
+
+
+def test_interrupt_leaves_no_partial_files_and_resumes(tiny_cli, tmp_path, monkeypatch, capsys):
+    make_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in" / "d_stack.tif"), str(tmp_path / "in" / "a_rgb.png"),
+            "-o", str(out), *FAST, "--csv"]  # fmt: skip
+    real = segment.PlaneSegmenter.segment
+    calls = []
+
+    def interrupted(self, plane, index=()):
+        calls.append(index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, plane, index)
+
+    monkeypatch.setattr(segment.PlaneSegmenter, "segment", interrupted)
+    assert tiny_cli(args) == 130
+    assert "interrupted" in capsys.readouterr().out
+    assert _visible(out) == []  # the stack had one of three planes: nothing written yet
+    saved = list((out / WORK_DIR).rglob("*.npz"))
+    assert len(saved) == 1  # the finished plane is kept for the rerun
+
+    monkeypatch.setattr(segment.PlaneSegmenter, "segment", real)
+    calls.clear()
+    assert tiny_cli(args) == 0
+    assert "2 done" in capsys.readouterr().out
+    assert tifffile.imread(out / "d_stack_labels.tif").shape == (3, 64, 96)
+    assert not (out / WORK_DIR).exists()
+
+
+def test_failures_are_named(tiny_cli, tmp_path, capsys):
+    make_dataset(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    code = tiny_cli([str(tmp_path / "in" / "a_rgb.png"), str(tmp_path / "missing.tif"),
+                     str(tmp_path / "in" / "notes.txt"), str(tmp_path / "in" / "f_corrupt.tif"),
+                     str(tmp_path / "nothing*.png"), "-o", str(out), *FAST])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "1 done, 0 skipped, 4 failed" in captured.out
+    for name in ("missing.tif", "notes.txt", "f_corrupt.tif", "nothing*.png"):
+        assert name in captured.err
+
+
+def test_same_stem_twice_is_refused(tiny_cli, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for sub in ("x", "y"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        Image.fromarray(_cells((40, 40), rng)).save(tmp_path / "in" / sub / "img.png")
+    code = tiny_cli([str(tmp_path / "in"), "-r", "-o", str(tmp_path / "out"), *FAST])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 done" in captured.out and "same name" in captured.err
+
+
+def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_cells((40, 40), rng)).save(tmp_path / "in" / "img.png")
+    out = tmp_path / "in" / "labels"
+    assert tiny_cli([str(tmp_path / "in"), "-r", "-o", str(out), *FAST]) == 0
+    assert tiny_cli([str(tmp_path / "in"), "-r", "-o", str(out), *FAST]) == 0
+    assert "0 done, 1 skipped, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--contrast-limits", "5"], "expected 2 values"),
+        (["--contrast-limits", "9,1"], "LO must be <= HI"),
+        (["--percentiles", "50,10"], "0 <= LO < HI <= 100"),
+        (["--channels", "a"], "comma-separated ints"),
+        (["--channels", "0,1,2,3"], "1 to 3"),
+        (["--axes", "ZZYX"], "each letter once"),
+        (["--axes", "ZY"], "including Y and X"),
+        (["--workers", "0", "--scheduler", "local"], "at least 1"),
+        (["--workers", "3"], "needs --scheduler local"),
+        (["--threads", "0"], "at least 1"),
+        (["--points-per-side", "0"], "points_per_side"),
+        (["--nms", "other"], "invalid choice"),
+    ],
+)
+def test_usage_errors(tiny_cli, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) if "invalid choice" in message else _nullcontext():
+        code = tiny_cli([str(tmp_path), "-o", str(tmp_path / "out"), *args])
+        assert code == 2
+    assert message in capsys.readouterr().err
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_missing_weights_file(tmp_path, capsys):
+    code = cli.main([str(tmp_path), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "x.pt")])
+    assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_output_stem():
+    assert output_stem(Path("a/b.ome.tif")) == "b"
+    assert output_stem(Path("a/b.OME.TIFF")) == "b"
+    assert output_stem(Path("a/movie.zarr")) == "movie"
+    assert output_stem(Path("x.y.png")) == "x.y"
+
+
+def test_every_generator_parameter_is_a_flag():
+    import inspect
+
+    from napari_mobilesam.everything import MaskGenerator
+
+    parser, _names = cli.build_parser()
+    flags = {a.dest for a in parser._actions}
+    params = set(inspect.signature(MaskGenerator.__init__).parameters) - {"self"}
+    missing = params - flags - set(segment._NOT_FLAGS)
+    assert not missing
+    help_text = parser.format_help()
+    assert "--points-per-side N" in help_text and "--min-mask-region-area N" in help_text
+    assert "{mask,box}" in help_text
+
+
+# ------------------------------------------------------------- the real command, golden
+
+
+def _command(*args) -> list[str]:
+    return [sys.executable, "-m", "mobilesam_batch.cli", *args]
+
+
+def _golden_args(inp, out):
+    return [str(inp), "-o", str(out), "--weights", str(GOLDEN_CKPT), "--device", "cpu", *FAST]
+
+
+def _read_all(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: tifffile.imread(p) for p in sorted(out.glob("*_labels.tif"))}
+
+
+@requires_golden
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    rng = np.random.default_rng(7)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(4):
+        Image.fromarray(_cells((96, 96), rng)).save(inp / f"img{i}.png")
+    stack = np.stack([_cells((80, 80), rng, dtype=np.uint16) for _ in range(3)])
+    tifffile.imwrite(inp / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+
+    ref = tmp_path / "ref"
+    done = subprocess.run(_command(*_golden_args(inp, ref), "-q"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_command(*_golden_args(inp, out), "--csv"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob("*_labels.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    # whatever is visible is complete: every label image reads, every json parses
+    for p in out.iterdir():
+        if p.name.startswith("."):
+            continue
+        assert p.name.endswith(("_labels.tif", "_labels.json", "_objects.csv")), p.name
+        if p.suffix == ".tif":
+            tifffile.imread(p)
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+    finished = len(list(out.glob("*_labels.json")))
+    assert 2 <= finished < 5
+
+    again = subprocess.run(_command(*_golden_args(inp, out), "--csv"), capture_output=True,
+                           text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert f"{5 - finished} done, {finished} skipped, 0 failed" in again.stdout
+    got, want = _read_all(out), _read_all(ref)
+    assert got.keys() == want.keys() and len(got) == 5
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert not (out / WORK_DIR).exists()
+
+
+@requires_golden
+@pytest.mark.slow
+def test_local_cluster_equals_local_run(tmp_path):
+    pytest.importorskip("distributed")
+    make_dataset(tmp_path / "in")
+    local = tmp_path / "local"
+    dask = tmp_path / "dask"
+    args = _golden_args(tmp_path / "in", local)
+    a = subprocess.run(_command(*args, "-q"), capture_output=True, text=True)
+    assert a.returncode == 1 and "5 done, 0 skipped, 2 failed" in a.stdout, a.stderr
+    args = _golden_args(tmp_path / "in", dask)
+    b = subprocess.run(_command(*args, "-q", "--scheduler", "local", "--workers", "2"),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert b.returncode == 1 and "5 done, 0 skipped, 2 failed" in b.stdout, b.stderr
+    for bad in BAD:
+        assert bad in b.stderr
+    got, want = _read_all(dask), _read_all(local)
+    assert got.keys() == want.keys() and len(got) == 5
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
