@@ -118,6 +118,7 @@ def test_folder_run_outputs(tiny_cli, tmp_path, capsys):
         prov = json.loads((out / f"{stem}_labels.json").read_text())
         assert prov["tool"] == "mobilesam-everything" and prov["version"]
         assert prov["model"]["sha256"] and prov["model"]["name"] == "vit_t"
+        assert [r["device"] for r in prov["model"]["ran_on"]] == ["cpu"]
         assert prov["parameters"]["points_per_side"] == 4
         assert prov["parameters"]["box_nms_thresh"] == 0.7  # default, recorded
         assert prov["input"]["size"] == (tmp_path / "in" / _input_name(stem)).stat().st_size
@@ -353,6 +354,26 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_zarr_output_needs_at_most_five_axes(tiny_cli, tmp_path, capsys):
+    np.save(tmp_path / "six.npy", np.zeros((1, 1, 1, 2, 32, 32), np.uint8))
+    code = tiny_cli([str(tmp_path / "six.npy"), "-o", str(tmp_path / "out"), "--axes", "QITZYX",
+                     "--zarr", *FAST])  # fmt: skip
+    assert code == 1 and "2 to 5 axes" in capsys.readouterr().err
+    assert _visible(tmp_path / "out") == []
+
+
+def test_unreachable_scheduler(tiny_cli, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    from mobilesam_batch import runner
+
+    monkeypatch.setattr(runner, "CONNECT_TIMEOUT", "1s")
+    make_dataset(tmp_path / "in")
+    code = tiny_cli([str(tmp_path / "in" / "a_rgb.png"), "-o", str(tmp_path / "out"),
+                     "--scheduler", "tcp://127.0.0.1:9", *FAST])  # fmt: skip
+    assert code == 1 and "cannot reach the dask scheduler" in capsys.readouterr().err
+    assert _visible(tmp_path / "out") == []
 
 
 def test_missing_weights_file(tmp_path, capsys):

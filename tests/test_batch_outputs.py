@@ -20,11 +20,11 @@ from mobilesam_batch.outputs import (
     OBJECT_COLUMNS,
     atomic_path,
     coco_annotations,
-    coco_document,
     imagej_axes,
     labels_dtype,
     ngff_attrs,
     object_table,
+    write_coco_json,
     write_json_atomic,
     write_labels_tiff,
     write_labels_zarr,
@@ -720,19 +720,35 @@ def test_coco_annotations_bad_input():
         coco_annotations(np.zeros(5, np.uint16), 0, 1)
 
 
-def test_coco_document_json(tmp_path, label_image):
+def test_write_coco_json_streams(tmp_path, label_image):
     images = [
         {"id": 0, "file_name": "a.tif", "height": 60, "width": 80, "plane": 0},
         {"id": 1, "file_name": "a.tif", "height": 60, "width": 80, "plane": 1},
     ]
     first = coco_annotations(label_image, 0, 1, SCORES)
     second = coco_annotations(label_image, 1, len(first) + 1)
-    doc = coco_document(images, iter(first + second), info={"description": "test"})
-    assert set(doc) == {"info", "images", "annotations", "categories"}
+    dest = tmp_path / "a_coco.json"
+    n = write_coco_json(dest, images, iter(first + second), info={"description": "test"})
+    doc = json.loads(dest.read_text())
+    assert n == 8 and set(doc) == {"info", "images", "annotations", "categories"}
     assert doc["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
     assert doc["info"] == {"description": "test"} and doc["images"] == images
     assert [a["id"] for a in doc["annotations"]] == list(range(1, 9))
-    json.dumps(doc, allow_nan=False)  # plain Python types throughout
-    write_json_atomic(tmp_path / "a_coco.json", doc)
-    assert json.loads((tmp_path / "a_coco.json").read_text()) == doc
-    assert coco_document([], [])["info"] == {}
+    assert doc["annotations"] == json.loads(json.dumps(first + second))
+    assert write_coco_json(dest, [], []) == 0
+    assert json.loads(dest.read_text()) == {
+        "info": {}, "images": [], "categories": doc["categories"], "annotations": [],
+    }  # fmt: skip
+
+
+def test_write_coco_json_failure_keeps_old_file(tmp_path):
+    dest = tmp_path / "a_coco.json"
+    dest.write_text("old")
+
+    def broken():
+        yield {"id": 1}
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_coco_json(dest, [], broken(), tmp_dir=tmp_path)
+    assert dest.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [dest.name]

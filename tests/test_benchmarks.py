@@ -48,3 +48,17 @@ def test_gpu_script_runs_on_cpu(tmp_path, capsys):
         == 0
     )
     assert "golden predictor" in capsys.readouterr().out and (tmp_path / "gpu.json").exists()
+
+
+@requires_golden
+def test_bench_batch_runs():
+    from benchmarks import bench_batch
+
+    result = bench_batch.run(planes=2, size=128, points_per_side=2, baseline_planes=1,
+                             stacks=(3, 6), stack_size=64, weights=GOLDEN_CKPT)  # fmt: skip
+    rows = result["throughput"]["rows"]
+    assert rows["ours"]["planes"] == 2 and rows["baseline"]["planes"] == 1
+    assert all(r["planes_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    assert [m["planes"] for m in result["memory"]] == [3, 6]
+    text = bench_batch.report(result)
+    assert "planes/s" in text and "growth 3 -> 6 planes" in text

@@ -2,7 +2,7 @@
 
 Per input ``<stem>`` the runner writes ``<stem>_labels.tif`` (:func:`write_labels_tiff`),
 optionally ``<stem>_labels.zarr`` (:func:`write_labels_zarr`), ``<stem>_coco.json``
-(:func:`coco_annotations`, :func:`coco_document`, :func:`write_json_atomic`),
+(:func:`coco_annotations`, :func:`write_coco_json`, :func:`write_json_atomic`),
 ``<stem>_objects.csv`` (:func:`object_table`, :func:`write_objects_csv`) and the
 ``<stem>_labels.json`` provenance (:func:`write_json_atomic`).
 
@@ -46,11 +46,11 @@ __all__ = [
     "OBJECT_COLUMNS",
     "atomic_path",
     "coco_annotations",
-    "coco_document",
     "imagej_axes",
     "labels_dtype",
     "ngff_attrs",
     "object_table",
+    "write_coco_json",
     "write_json_atomic",
     "write_labels_tiff",
     "write_labels_zarr",
@@ -743,32 +743,50 @@ def coco_annotations(
     return out
 
 
-def coco_document(
+def write_coco_json(
+    dest: Path,
     images: list[dict[str, Any]],
     annotations: Iterable[dict[str, Any]],
     *,
     info: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A COCO instance-segmentation document with the single category ``object`` (id 1).
+    tmp_dir: Path | None = None,
+) -> int:
+    """Write a COCO instance-segmentation file, streaming the annotations; atomic.
+
+    The document is ``{"info", "images", "categories", "annotations"}`` with the single
+    category ``object`` (id 1). Annotations are written one at a time as the iterable
+    yields them (e.g. plane by plane from :func:`coco_annotations`), so a long stack
+    never holds all of them in memory.
 
     Parameters
     ----------
+    dest : Path
+        The ``.json`` file.
     images : list of dict
         ``{"id", "file_name", "height", "width", ...}`` (extra keys such as ``"plane"``
         are kept).
     annotations : iterable of dict
-        E.g. the concatenated :func:`coco_annotations` of all planes.
+        The annotations, in order.
     info : dict, optional
         The document's ``info``; ``{}`` if not given.
+    tmp_dir : Path, optional
+        Where the temporary file is written (see :func:`atomic_path`).
 
     Returns
     -------
-    dict
-        ``{"info", "images", "annotations", "categories"}``.
+    int
+        The number of annotations written.
     """
-    return {
+    head = {
         "info": dict(info) if info else {},
         "images": list(images),
-        "annotations": list(annotations),
         "categories": [dict(c) for c in COCO_CATEGORIES],
     }
+    count = 0
+    with atomic_path(Path(dest), tmp_dir) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(_to_json(head)[:-1] + ', "annotations": [')
+        for ann in annotations:
+            f.write((", " if count else "") + _to_json(ann))
+            count += 1
+        f.write("]}\n")
+    return count

@@ -20,6 +20,7 @@ goes on. Outputs only ever appear complete: every file is written under
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,9 @@ from .outputs import (
     atomic_path,
     coco_annotations,
     labels_dtype,
+    ngff_attrs,
     object_table,
+    write_coco_json,
     write_json_atomic,
     write_labels_tiff,
     write_labels_zarr,
@@ -46,6 +49,8 @@ from .provenance import environment, input_identity, is_up_to_date, now, run_key
 from .segment import ModelSpec, PlaneResult, SegmentOptions, get_segmenter, segment_plane
 
 WORK_DIR = ".mobilesam-work"
+# how long to wait for a dask scheduler given by address
+CONNECT_TIMEOUT = "30s"
 
 
 @dataclass
@@ -140,6 +145,7 @@ class Job:
     cache: Path
     indices: list[tuple[int, ...]]
     done: dict[tuple[int, ...], tuple[int, float]] = field(default_factory=dict)
+    ran_on: set[tuple[str, str]] = field(default_factory=set)  # (host, device) of the planes
     failed: str | None = None
     started: float = field(default_factory=time.perf_counter)
     _open: ImageSource | None = None
@@ -199,6 +205,8 @@ def _save_plane(job: Job, result: PlaneResult, tmp_dir: Path) -> None:
             seconds=np.float64(result.seconds),
         )
     job.done[result.index] = (result.n_objects, result.seconds)
+    if "device" in result.extra:
+        job.ran_on.add((result.extra.get("host", ""), result.extra["device"]))
 
 
 def _load_plane(job: Job, index: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -281,6 +289,7 @@ def _write_outputs(job: Job, config: RunConfig, tmp_dir: Path) -> dict[str, Any]
             "sha256": config.model_sha256,
             "backend": config.model.backend,
             "device": config.model.device,
+            "ran_on": [{"host": h, "device": d} for h, d in sorted(job.ran_on)],
         },
         "parameters": {**config.options.resolved(), "axes": config.axes},
         "outputs": {
@@ -312,38 +321,27 @@ def _flat_plane(job: Job, index: tuple[int, ...]) -> int:
 
 
 def _write_coco(job: Job, tmp_dir: Path) -> None:
-    """COCO JSON streamed plane by plane: one image per plane, one annotation per label."""
-    import json
+    """COCO JSON, one image per plane and one annotation per label, streamed plane by plane."""
+    height, width = job.source["out_shape"][-2:]
+    images = [
+        {"id": i, "file_name": job.path.name, "height": height, "width": width, "plane": list(ix)}
+        for i, ix in enumerate(job.indices, start=1)
+    ]
 
-    src = job.source
-    height, width = src["out_shape"][-2:]
-    images = []
-    for image_id, index in enumerate(job.indices, start=1):
-        image = {"id": image_id, "file_name": job.path.name, "height": height, "width": width}
-        image["plane"] = list(index)
-        images.append(image)
-    head = {
-        "info": {
-            "description": f"mobilesam-everything objects of {job.path.name}",
-            "version": __version__,
-            "date_created": now(),
-        },
-        "images": images,
-        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
-    }
-    with atomic_path(job.outputs["coco"], tmp_dir) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        text = json.dumps(head)
-        f.write(text[:-1] + ', "annotations": [')
+    def annotations() -> Iterator[dict[str, Any]]:
         next_id = 1
-        first = True
         for image_id, index in enumerate(job.indices, start=1):
             plane = _load_plane(job, index)
             anns = coco_annotations(plane["labels"], image_id, next_id, _scores(plane))
             next_id += len(anns)
-            for ann in anns:
-                f.write(("" if first else ", ") + json.dumps(ann))
-                first = False
-        f.write("]}\n")
+            yield from anns
+
+    info = {
+        "description": f"mobilesam-everything objects of {job.path.name}",
+        "version": __version__,
+        "date_created": now(),
+    }
+    write_coco_json(job.outputs["coco"], images, annotations(), info=info, tmp_dir=tmp_dir)
 
 
 # ------------------------------------------------------------------------------ planning
@@ -383,6 +381,8 @@ def _plan(config: RunConfig, summary: Summary, log: Callable[[str], None]) -> li
                 source = src.describe()
                 source.update(out_shape=list(src.out_shape), out_axes=src.out_axes)
                 indices = [tuple(int(i) for i in ix) for ix in src.plane_indices()]
+                if config.zarr:
+                    ngff_attrs(src.out_axes)  # OME-Zarr takes 2 to 5 axes: fail now, not later
         except (InputError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, InputError) else str(exc)
             summary.failed.append((str(path), reason))
@@ -535,7 +535,12 @@ class _Cluster:
             )  # fmt: skip
             self.client = Client(self.cluster)
         else:
-            self.client = Client(scheduler, timeout="30s")
+            try:
+                self.client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                raise RuntimeError(
+                    f"cannot reach the dask scheduler at {scheduler!r}: {exc}"
+                ) from None
 
     def close(self) -> None:
         self.client.close()
@@ -604,7 +609,12 @@ def run(
             job.cache.mkdir(parents=True, exist_ok=True)
         remaining = {id(job): len(job.todo) for job in pending}
 
-        bar = tqdm(total=len(tasks), unit="plane", disable=not progress, dynamic_ncols=True)
+        # redraw often on a terminal; in a log file (cluster job output) every 30 s
+        interval = 0.5 if sys.stderr.isatty() else 30.0
+        bar = tqdm(
+            total=len(tasks), unit="plane", disable=not progress, dynamic_ncols=True,
+            mininterval=interval,
+        )  # fmt: skip
         write = bar.write if progress else log
         if config.scheduler is None:
             results = _local_results(tasks, config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from .inputs import open_source
 # MaskGenerator parameters the batch tool does not expose: the model is given by
 # --model/--weights, records are not returned, and the tool draws its own progress.
 _NOT_FLAGS = ("model_or_predictor", "point_grids", "output_mode", "progress")
+_HOST = socket.gethostname()
 
 
 def generator_parameters() -> dict[str, tuple[Any, str, str]]:
@@ -162,6 +164,8 @@ class PlaneResult:
         Scores of label ``k + 1`` at row ``k``.
     seconds : float
         Wall time of reading, converting and segmenting the plane.
+    extra : dict
+        Where it ran: ``device`` (e.g. ``"cpu"``) and ``host``.
     """
 
     index: tuple[int, ...]
@@ -234,6 +238,7 @@ class PlaneSegmenter:
             predicted_iou=info["predicted_iou"],
             stability_score=info["stability_score"],
             seconds=time.perf_counter() - start,
+            extra={"device": str(self.sam.device), "host": _HOST},
         )
 
 
