@@ -381,6 +381,24 @@ def test_missing_weights_file(tmp_path, capsys):
     assert code == 2 and "no such file" in capsys.readouterr().err
 
 
+def test_each_process_loads_the_model_once(tiny_model, monkeypatch):
+    loads = []
+
+    def load(self):
+        loads.append(self)
+        return tiny_model
+
+    monkeypatch.setattr(segment.ModelSpec, "load", load)
+    segment._SEGMENTERS.clear()
+    spec = segment.ModelSpec("vit_t", "w.pt", device="cpu")
+    opts = segment.SegmentOptions(generator=(("points_per_side", 2),))
+    first = segment.get_segmenter(spec, opts)
+    assert segment.get_segmenter(spec, opts) is first and len(loads) == 1
+    other = segment.SegmentOptions(generator=(("points_per_side", 3),))
+    assert segment.get_segmenter(spec, other) is not first and len(loads) == 2
+    segment._SEGMENTERS.clear()
+
+
 def test_output_stem():
     assert output_stem(Path("a/b.ome.tif")) == "b"
     assert output_stem(Path("a/b.OME.TIFF")) == "b"

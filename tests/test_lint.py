@@ -26,12 +26,13 @@ def test_ruff(args):
 
 def test_core_imports_without_gui():
     """Every module outside _widgets imports with napari / Qt unavailable."""
-    pkg = ROOT / "src" / "napari_mobilesam"
-    modules = sorted(
-        "napari_mobilesam." + ".".join(p.relative_to(pkg).with_suffix("").parts)
-        for p in pkg.rglob("*.py")
-        if "_widgets" not in p.parts and p.name != "__init__.py"
-    )
+    modules = []
+    for pkg in (ROOT / "src" / "napari_mobilesam", ROOT / "batch" / "mobilesam_batch"):
+        modules += sorted(
+            pkg.name + "." + ".".join(p.relative_to(pkg).with_suffix("").parts)
+            for p in pkg.rglob("*.py")
+            if "_widgets" not in p.parts and p.name != "__init__.py"
+        )
     code = (
         "import sys, importlib\n"
         f"for name in {GUI_MODULES!r}: sys.modules[name] = None\n"

@@ -443,26 +443,27 @@ def _local_results(
         job, index = task
         return job.open(config.axes).read_plane(index)
 
-    queue = deque(tasks)
+    pending = deque(tasks)
+
+    def read_next(pool: ThreadPoolExecutor):
+        while pending and pending[0][0].failed:
+            pending.popleft()
+        if not pending:
+            return None
+        task = pending.popleft()
+        return task, pool.submit(read, task)
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = None
-        while queue or ahead is not None:
-            if ahead is None:
-                task = queue.popleft()
-                ahead = (task, pool.submit(read, task))
+        ahead = read_next(pool)
+        while ahead is not None:
             task, fut = ahead
-            ahead = None
-            while queue and queue[0][0].failed:
-                queue.popleft()
-            if queue:
-                ahead = (queue[0], pool.submit(read, queue.popleft()))
+            ahead = read_next(pool)  # the next plane is read while this one is segmented
             job, index = task
             if job.failed:
                 continue
             start = time.perf_counter()
             try:
-                plane = fut.result()
-                result = seg.segment(plane, index)
+                result = seg.segment(fut.result(), index)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:
@@ -615,7 +616,11 @@ def run(
             total=len(tasks), unit="plane", disable=not progress, dynamic_ncols=True,
             mininterval=interval,
         )  # fmt: skip
-        write = bar.write if progress else log
+
+        def write(line: str) -> None:
+            with tqdm.external_write_mode():  # the line above the bar, wherever log prints
+                log(line)
+
         if config.scheduler is None:
             results = _local_results(tasks, config)
         else:
@@ -629,7 +634,7 @@ def run(
                 job.failed = _reason(result)
                 job.close()
                 summary.failed.append((str(job.path), job.failed))
-                (write if progress else log)(f"FAILED {job.path}: {job.failed}")
+                write(f"FAILED {job.path}: {job.failed}")
                 bar.update(remaining[id(job)])
                 continue
             _save_plane(job, result, tmp_dir)
@@ -639,7 +644,7 @@ def run(
             bar.set_postfix_str(job.path.name, refresh=False)
             if remaining[id(job)] == 0:
                 job.close()
-                _finish(job, config, tmp_dir, summary, write if progress else log)
+                _finish(job, config, tmp_dir, summary, write)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:

@@ -1,0 +1,90 @@
+"""Render the docked MobileSAM widgets on a real napari viewer to a PNG (shown in the README).
+
+Usage (no display needed)::
+
+    xvfb-run -a .venv/bin/python docs/screenshot.py
+        [--weights ../shared/golden/mobile_sam_random.pt] [--out docs/widgets.png]
+
+It opens the synthetic cell stack, docks both widgets, segments a cell with a point
+prompt, commits it, runs segment-everything on the shown plane, and saves a screenshot
+of the whole window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait(app, widget, timeout: float = 600.0) -> None:
+    end = time.monotonic() + timeout
+    while widget.runner.busy and time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+    app.processEvents()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--weights", type=Path, default=ROOT.parent / "shared" / "golden" / "mobile_sam_random.pt"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "widgets.png")
+    args = p.parse_args(argv)
+
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    from napari_mobilesam._widgets import EverythingWidget, PromptWidget
+    from napari_mobilesam._widgets._prompt import POINTS
+    from napari_mobilesam.napari_io import sample_cell_stack
+
+    viewer = napari.Viewer(title="napari-mobilesam", show=True)
+    viewer.window.resize(1500, 1150)
+    ((stack, kwargs, _),) = sample_cell_stack()
+    viewer.add_image(stack, **kwargs)
+    viewer.dims.current_step = (5, 0, 0)
+    app = QApplication.instance()
+
+    prompt = PromptWidget(viewer)
+    everything = EverythingWidget(viewer)
+    for w in (prompt, everything):
+        w.model.weights.setText(str(args.weights) if args.weights.exists() else "")
+    viewer.window.add_dock_widget(prompt, name="MobileSAM: segment with prompts", area="right")
+    viewer.window.add_dock_widget(everything, name="MobileSAM: segment everything", area="right")
+
+    prompt.start()
+    _wait(app, prompt)
+    # a point on the brightest pixel of the shown plane: inside a cell
+    plane = stack[5]
+    r, c = np.unravel_index(np.argmax(plane), plane.shape)
+    viewer.layers[POINTS].add(np.array([[5, r, c]], dtype=float))
+    _wait(app, prompt)
+    prompt.commit()
+    viewer.layers[POINTS].add(np.array([[5, r, c]], dtype=float))
+    _wait(app, prompt)
+
+    everything.points_per_side.setValue(8)
+    everything.run()
+    _wait(app, everything)
+    # random stand-in weights make the everything result a mess: keep it, hidden
+    everything.result_layer.visible = False
+    viewer.layers.selection.active = viewer.layers[POINTS]
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.05)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(args.out), canvas_only=False)
+    print(f"wrote {args.out}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

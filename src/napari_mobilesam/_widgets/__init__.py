@@ -1,0 +1,6 @@
+"""napari widgets (the only package that imports napari or Qt)."""
+
+from ._everything import EverythingWidget
+from ._prompt import PromptWidget
+
+__all__ = ["EverythingWidget", "PromptWidget"]

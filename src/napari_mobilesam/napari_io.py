@@ -1,0 +1,188 @@
+"""napari reader, writer and sample data (npe2 contributions; no napari import needed).
+
+- :func:`get_reader`: ``*_labels.tif`` written by ``mobilesam-everything`` (or by
+  :func:`write_labels`) -> a Labels layer, with the JSON provenance sidecar
+  ``*_labels.json`` (when present) in the layer's ``metadata["mobilesam"]``. Stacks
+  larger than :data:`LAZY_BYTES` are opened lazily (dask over tifffile's zarr view).
+- :func:`write_labels`: a Labels layer -> a zlib-compressed TIFF (uint16 when the ids
+  fit, else uint32; ImageJ hyperstack for up to 3 plane axes when uint16), written
+  atomically.
+- :func:`sample_cells`, :func:`sample_cell_stack`, :func:`sample_coins`: images that
+  need no download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+# label images above this size are opened lazily
+LAZY_BYTES = 512 * 2**20
+
+
+# ---------------------------------------------------------------------------------- reader
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """npe2 reader hook: a reader for ``*_labels.tif`` files, None for anything else."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths or not all(_is_labels_tif(p) for p in paths):
+        return None
+    return read_labels
+
+
+def _is_labels_tif(path) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(("_labels.tif", "_labels.tiff")) and Path(path).is_file()
+
+
+def read_labels(path: str | list[str]) -> list[LayerData]:
+    """Read label images as napari Labels layer data.
+
+    Parameters
+    ----------
+    path : str or list of str
+        One or more ``*_labels.tif`` files.
+
+    Returns
+    -------
+    list of (data, kwargs, "labels")
+        ``data`` is a numpy array of the file's shape (plane axes, then Y, X), or a dask
+        array for files over :data:`LAZY_BYTES`. ``kwargs`` holds ``name`` (the file
+        stem) and ``metadata``: ``{"mobilesam": provenance, "axes": ..., "path": ...}``.
+    """
+    import tifffile
+
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers = []
+    for p in paths:
+        p = Path(p)
+        with tifffile.TiffFile(p) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            nbytes = int(np.prod(series.shape)) * series.dtype.itemsize
+            if nbytes > LAZY_BYTES:
+                import dask.array as da
+                import zarr
+
+                data = da.from_zarr(zarr.open(tifffile.imread(p, aszarr=True), mode="r"))
+            else:
+                data = series.asarray()
+        metadata: dict[str, Any] = {"path": str(p), "axes": axes}
+        sidecar = p.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                metadata["mobilesam"] = json.loads(sidecar.read_text(encoding="utf-8"))
+            except ValueError:
+                pass  # a broken sidecar does not stop the image from opening
+        layers.append((data, {"name": p.stem, "metadata": metadata}, "labels"))
+    return layers
+
+
+# ---------------------------------------------------------------------------------- writer
+
+
+def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: a Labels layer to a TIFF file, atomically.
+
+    Parameters
+    ----------
+    path : str
+        Destination; ``.tif`` is appended when it has no ``.tif``/``.tiff`` suffix.
+    data : array-like
+        The label image, (..., H, W) integer; dask arrays are written plane by plane.
+    meta : dict
+        The layer's attributes (napari passes ``name``, ``metadata``, ...).
+
+    Returns
+    -------
+    list of str
+        The path written.
+    """
+    import tifffile
+
+    dest = Path(path)
+    if dest.suffix.lower() not in (".tif", ".tiff"):
+        dest = dest.with_name(dest.name + ".tif")
+    if not np.issubdtype(np.dtype(data.dtype), np.integer) and data.dtype != bool:
+        raise TypeError(f"labels must be integers to save as TIFF, got dtype {data.dtype}")
+    if data.ndim < 2:
+        raise ValueError(f"labels must have at least 2 dimensions (Y, X), got shape {data.shape}")
+    max_id = int(np.max(data)) if data.size else 0
+    if data.size and int(np.min(data)) < 0:
+        raise ValueError("labels must not be negative to save as TIFF")
+    dtype = np.uint16 if max_id <= np.iinfo(np.uint16).max else np.uint32
+    shape = tuple(int(s) for s in data.shape)
+    n_plane_axes = len(shape) - 2
+    imagej = dtype == np.uint16 and n_plane_axes <= 3
+    axes = ("TZC"[3 - n_plane_axes :] if n_plane_axes else "") + "YX"
+
+    def planes():
+        flat = data.reshape((-1, *shape[-2:])) if n_plane_axes else data[np.newaxis]
+        for i in range(flat.shape[0]):
+            yield np.asarray(flat[i]).astype(dtype, copy=False)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(
+            tmp, planes(), shape=shape, dtype=dtype, imagej=imagej, compression="zlib",
+            photometric="minisblack", metadata={"axes": axes},
+        )  # fmt: skip
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return [str(dest)]
+
+
+# ----------------------------------------------------------------------------- sample data
+
+
+def _cells(shape: tuple[int, int], centers, radii, rng: np.random.Generator) -> np.ndarray:
+    from skimage.draw import disk
+
+    img = rng.normal(400, 40, shape)
+    for (r, c), rad in zip(centers, radii, strict=True):
+        rr, cc = disk((r, c), rad, shape=shape)
+        img[rr, cc] += 2500 + 600 * np.cos(np.hypot(rr - r, cc - c) / rad * np.pi / 2)
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+def sample_cells() -> list[LayerData]:
+    """A 2D uint16 image of 25 synthetic round cells on a noisy background (512 x 512)."""
+    rng = np.random.default_rng(0)
+    centers = rng.integers(40, 472, size=(25, 2))
+    radii = rng.integers(12, 28, size=25)
+    img = _cells((512, 512), centers, radii, rng)
+    return [(img, {"name": "synthetic cells", "contrast_limits": (0, 4000)}, "image")]
+
+
+def sample_cell_stack() -> list[LayerData]:
+    """A (12, 256, 256) uint16 stack: 6 synthetic cells drifting slowly through z."""
+    rng = np.random.default_rng(1)
+    centers = rng.integers(50, 206, size=(6, 2)).astype(float)
+    radii = rng.integers(14, 24, size=6)
+    drift = rng.normal(0, 1.5, size=(6, 2))
+    planes = []
+    for z in range(12):
+        scale = 1.0 - abs(z - 5.5) / 12  # cells are widest mid-stack
+        planes.append(_cells((256, 256), centers + z * drift, np.maximum(4, radii * scale), rng))
+    stack = np.stack(planes)
+    return [(stack, {"name": "synthetic cell stack", "contrast_limits": (0, 4000)}, "image")]
+
+
+def sample_coins() -> list[LayerData]:
+    """scikit-image's bundled ``coins`` photograph (303 x 384, uint8)."""
+    from skimage import data
+
+    return [(data.coins(), {"name": "coins"}, "image")]

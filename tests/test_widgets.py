@@ -1,0 +1,290 @@
+"""Headless napari (Xvfb via pytest-xvfb): the widgets on a real viewer with a tiny model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
+    pytest.skip(
+        "no display: install Xvfb (apt-get install xvfb xauth libxcb-icccm4 libxcb-keysyms1 "
+        "libxcb-xinerama0) so that pytest-xvfb can start one",
+        allow_module_level=True,
+    )
+
+from skimage.draw import disk  # noqa: E402
+
+from napari_mobilesam.normalize import to_rgb_uint8  # noqa: E402
+from napari_mobilesam.predictor import Predictor  # noqa: E402
+
+WAIT = 60_000  # ms
+
+
+@pytest.fixture
+def tiny_predictor(tiny_model, monkeypatch):
+    from napari_mobilesam._widgets import _common
+
+    pred = Predictor(tiny_model)
+    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
+    return pred
+
+
+@pytest.fixture
+def golden_predictor(golden_model, monkeypatch):
+    """The golden checkpoint (real size, random values): its point masks are not empty."""
+    from napari_mobilesam._widgets import _common
+
+    pred = Predictor(golden_model)
+    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
+    return pred
+
+
+def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
+    img = np.full(shape, 300, np.uint16)
+    for c in centers:
+        img[disk(c, 14, shape=shape)] = value
+    return img
+
+
+def _idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
+
+
+def _prompt_widget(viewer, qtbot, image_layer):
+    from napari_mobilesam._widgets import PromptWidget
+
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image_combo.setCurrentText(image_layer.name)
+    w.start()
+    _idle(qtbot, w)
+    assert w.session is not None
+    return w
+
+
+def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_predictor):
+    from napari_mobilesam._widgets._prompt import POINTS, PREVIEW, TARGET
+
+    viewer = make_napari_viewer()
+    img = _blobs(centers=((40, 50), (70, 95)))
+    layer = viewer.add_image(img, contrast_limits=(0, 4000))
+    w = _prompt_widget(viewer, qtbot, layer)
+
+    viewer.layers[POINTS].add(np.array([[40.0, 50.0]]))
+    _idle(qtbot, w)
+    # the preview is the predictor's best mask for that point, converted (row, col) -> (x, y)
+    ref = Predictor(golden_predictor.model)
+    ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
+    masks, scores, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
+    expected = masks[int(np.argmax(scores))]
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(viewer.layers[PREVIEW].data.astype(bool), expected)
+    assert "predicted IoU" in w.status.text()
+
+    target = viewer.layers[TARGET]
+    assert w.commit() == 1
+    assert target.data.max() == 1 and len(viewer.layers[POINTS].data) == 0
+    viewer.layers[POINTS].add(np.array([[70.0, 95.0]]))
+    _idle(qtbot, w)
+    assert w.commit() == 2
+    w.undo()
+    assert target.data.max() == 1
+    w.undo()
+    assert target.data.max() == 0
+
+
+def test_negative_points_and_cycle(make_napari_viewer, qtbot, golden_predictor):
+    from napari_mobilesam._widgets._prompt import POINTS
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_blobs())
+    w = _prompt_widget(viewer, qtbot, layer)
+    viewer.layers[POINTS].add(np.array([[40.0, 50.0]]))
+    _idle(qtbot, w)
+    w.toggle_negative()
+    viewer.layers[POINTS].add(np.array([[10.0, 10.0]]))
+    _idle(qtbot, w)
+    points, labels, box = w.prompts()
+    assert labels.tolist() == [1, 0] and box is None
+    np.testing.assert_allclose(points, [[40, 50], [10, 10]])
+    w.clear()
+    viewer.layers[POINTS].add(np.array([[40.0, 50.0]]))  # negative again until toggled
+    _idle(qtbot, w)
+    w.toggle_negative()
+    viewer.layers[POINTS].add(np.array([[41.0, 50.0]]))
+    _idle(qtbot, w)
+    choices = set()
+    for _ in range(3):
+        w.next_mask()
+        _idle(qtbot, w)
+        choices.add(w.prediction.choice)
+    assert len(choices) >= 1 and w.multimask.currentIndex() == 1
+
+
+def test_box_prompt(make_napari_viewer, qtbot, tiny_predictor):
+    from napari_mobilesam._widgets._prompt import BOX, PREVIEW
+
+    viewer = make_napari_viewer()
+    img = _blobs()
+    layer = viewer.add_image(img, contrast_limits=(0, 4000))
+    w = _prompt_widget(viewer, qtbot, layer)
+    viewer.layers[BOX].add_rectangles(np.array([[60.0, 70.0], [20.0, 30.0]]))
+    _idle(qtbot, w)
+    ref = Predictor(tiny_predictor.model)
+    ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
+    masks, _, _ = ref.predict(box=np.array([30.0, 20.0, 70.0, 60.0]), multimask_output=False)
+    np.testing.assert_array_equal(viewer.layers[PREVIEW].data.astype(bool), masks[0])
+
+
+def test_plane_change_recomputes_then_caches(make_napari_viewer, qtbot, tiny_predictor,
+                                            monkeypatch):  # fmt: skip
+    stack = np.stack([_blobs(centers=((30 + 5 * z, 40 + 5 * z),)) for z in range(4)])
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack)
+    calls = []
+    real = tiny_predictor.set_image
+    monkeypatch.setattr(
+        tiny_predictor, "set_image", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    )
+    viewer.dims.current_step = (0, 0, 0)
+    w = _prompt_widget(viewer, qtbot, layer)
+    assert len(calls) == 1 and w.session.current == (0,)
+    viewer.dims.current_step = (2, 0, 0)
+    _idle(qtbot, w)
+    assert len(calls) == 2 and w.session.current == (2,)
+    viewer.dims.current_step = (0, 0, 0)
+    _idle(qtbot, w)
+    assert len(calls) == 2 and w.session.current == (0,)  # from the cache
+
+
+def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_predictor):
+    from napari_mobilesam._widgets._prompt import POINTS, TARGET
+
+    stack = np.stack([_blobs(centers=((40 + z, 50 + z),)) for z in range(5)])
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack, contrast_limits=(0, 4000))
+    viewer.dims.current_step = (2, 0, 0)
+    w = _prompt_widget(viewer, qtbot, layer)
+    viewer.layers[POINTS].add(np.array([[2.0, 42.0, 52.0]]))
+    _idle(qtbot, w)
+    w.prop_min_score.setValue(0.0)  # random weights: accept any score
+    w.propagate()
+    _idle(qtbot, w)
+    target = viewer.layers[TARGET].data
+    filled = [z for z in range(5) if (target[z] == 1).any()]
+    assert 2 in filled and len(filled) >= 2
+    assert set(np.unique(target)) <= {0, 1}
+    assert "propagated" in w.status.text()
+    # a new object on another plane gets the next id of the whole layer
+    viewer.dims.current_step = (4, 0, 0)
+    _idle(qtbot, w)
+    viewer.layers[POINTS].add(np.array([[4.0, 44.0, 54.0]]))
+    _idle(qtbot, w)
+    assert w.commit() == 2
+
+
+def test_everything_widget_plane_and_stack(make_napari_viewer, qtbot, tiny_predictor):
+    from napari_mobilesam._widgets import EverythingWidget
+
+    stack = np.stack([_blobs(centers=((40, 50), (70, 95))) for _ in range(2)])
+    viewer = make_napari_viewer()
+    viewer.add_image(stack, name="cells")
+    w = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.points_per_side.setValue(4)
+    w.pred_iou_thresh.setValue(0.0)
+    w.stability_score_thresh.setValue(0.0)
+    w.run()
+    _idle(qtbot, w)
+    out = viewer.layers["cells everything"]
+    assert out.data.shape == stack.shape and out.data.dtype == np.uint32
+    assert out.data[0].max() > 0 and out.data[1].max() == 0  # the shown plane only
+    w.scope.setCurrentIndex(1)
+    w.run()
+    _idle(qtbot, w)
+    assert viewer.layers["cells everything"].data[1].max() > 0
+    assert "objects in 2 plane(s)" in w.status.text()
+
+
+def test_precompute_all_planes_on_disk(make_napari_viewer, qtbot, tiny_predictor, tmp_path,
+                                      monkeypatch):  # fmt: skip
+    monkeypatch.setenv("MOBILESAM_EMBEDDINGS", str(tmp_path / "emb"))
+    stack = np.stack([_blobs(centers=((30 + 5 * z, 40),)) for z in range(3)])
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack)
+    from napari_mobilesam._widgets import PromptWidget
+
+    w = PromptWidget(viewer)
+    w.image_combo.setCurrentText(layer.name)
+    w.disk_cache.setChecked(True)
+    w.start()
+    qtbot.waitUntil(lambda: len(list((tmp_path / "emb").glob("emb-*.pt"))) == 3, timeout=WAIT)
+    _idle(qtbot, w)
+    assert w.progress.value() == w.progress.maximum()
+    # a new widget (a later session) finds every plane on disk: the encoder does not run
+    calls = []
+    real = tiny_predictor.set_image
+    monkeypatch.setattr(
+        tiny_predictor, "set_image", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    w2 = PromptWidget(viewer)
+    w2.image_combo.setCurrentText(layer.name)
+    w2.disk_cache.setChecked(True)
+    w2.start()
+    _idle(qtbot, w2)
+    assert calls == [] and w2.session.current == w2.current_plane()
+
+
+def test_everything_cancel(make_napari_viewer, qtbot, tiny_predictor):
+    from napari_mobilesam._widgets import EverythingWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_blobs() for _ in range(30)]), name="cells")
+    w = EverythingWidget(viewer)
+    w.scope.setCurrentIndex(1)
+    w.points_per_side.setValue(4)
+    w.run()
+    qtbot.waitUntil(lambda: w.progress.value() >= 1, timeout=WAIT)
+    w.cancel()
+    _idle(qtbot, w)
+    assert "cells everything" not in viewer.layers and w.status.text() == "cancelled"
+    assert w.run_button.isEnabled()
+
+
+def test_errors_become_notifications(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    from napari_mobilesam._widgets import PromptWidget, _common
+
+    shown = []
+    monkeypatch.setattr(_common, "show_error", shown.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(_blobs())
+    w = PromptWidget(viewer)
+    w.model.weights.setText(str(tmp_path / "missing.pt"))
+    w.start()
+    _idle(qtbot, w)
+    assert shown and "missing.pt" in shown[0] and w.session is None
+
+
+def test_sample_data_and_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    for key in ("cells", "cell_stack", "coins"):
+        viewer.open_sample("napari-mobilesam", key)
+    assert len(viewer.layers) == 3
+    assert viewer.layers["synthetic cell stack"].data.shape == (12, 256, 256)
+    assert viewer.layers["synthetic cells"].data.dtype == np.uint16
+
+
+def test_npe2_validate():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    npe2 = Path(sys.executable).with_name("npe2")
+    out = subprocess.run([str(npe2), "validate", "napari-mobilesam"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
