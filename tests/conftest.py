@@ -77,3 +77,20 @@ def golden_model():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def golden_onnx_dir(tmp_path_factory):
+    """The golden checkpoint exported once per session (fp32 and int8), as the CLI does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    if not GOLDEN_CKPT.exists():
+        pytest.skip(f"golden reference files not found at {GOLDEN}")
+    from napari_mobilesam.runtime import export_onnx
+    from napari_mobilesam.weights import sha256_file
+
+    out = tmp_path_factory.mktemp("onnx") / "vit_t"
+    unfused = load_model("vit_t", GOLDEN_CKPT, device="cpu", fuse=False)
+    source = {"checkpoint": str(GOLDEN_CKPT), "sha256": sha256_file(GOLDEN_CKPT)}
+    export_onnx(unfused, out, quantize="int8", source=source)
+    return out

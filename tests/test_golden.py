@@ -51,9 +51,18 @@ def _ids(items):
     return [f"{prefix}-{name}" for _, prefix, name in items]
 
 
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def make_predictor(request, golden_model):
+    """Predictors on the golden model with each backend (onnx: exported once, onnxruntime)."""
+    if request.param == "torch":
+        return lambda: Predictor(golden_model)
+    folder = request.getfixturevalue("golden_onnx_dir")
+    return lambda: Predictor(golden_model, backend="onnx", onnx_folder=folder)
+
+
 @pytest.fixture(scope="module")
-def embedded(golden_model):
-    """Predictor with each golden image set, computed once per image."""
+def embedded(make_predictor):
+    """Predictor with each golden image set, computed once per image and backend."""
     cache = {}
 
     def get(path, prefix, name):
@@ -62,7 +71,7 @@ def embedded(golden_model):
             image = np.asarray(
                 Image.open(GOLDEN / "images" / f"{prefix}_{name}.png").convert("RGB")
             )
-            predictor = Predictor(golden_model)
+            predictor = make_predictor()
             predictor.set_image(image)
             cache[key] = (image, predictor.get_embedding())
         return cache[key]
@@ -115,9 +124,9 @@ def test_resize_and_features(path, prefix, name, embedded):
 
 @requires_golden
 @pytest.mark.parametrize(("path", "prefix", "name"), IMAGES, ids=_ids(IMAGES))
-def test_predict_cases(path, prefix, name, golden_model, embedded):
+def test_predict_cases(path, prefix, name, make_predictor, embedded):
     _, emb = embedded(path, prefix, name)
-    pred = Predictor(golden_model)
+    pred = make_predictor()
     pred.set_embedding(emb)
     with np.load(path) as z:
         cases = _prompt_cases(z, name)
@@ -140,9 +149,9 @@ def test_predict_cases(path, prefix, name, golden_model, embedded):
 
 @requires_golden
 @pytest.mark.parametrize(("path", "prefix", "name"), IMAGES, ids=_ids(IMAGES))
-def test_batch_boxes(path, prefix, name, golden_model, embedded):
+def test_batch_boxes(path, prefix, name, make_predictor, embedded):
     _, emb = embedded(path, prefix, name)
-    pred = Predictor(golden_model)
+    pred = make_predictor()
     pred.set_embedding(emb)
     with np.load(path) as z:
         pre = f"{name}/batch_boxes/"

@@ -123,7 +123,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         metavar="PATH",
         help="checkpoint file in the official format (e.g. mobile_sam.pt)",
     )
-    model.add_argument("--backend", default="torch", choices=["torch"], help="[torch]")
+    model.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                       help="onnx: onnxruntime, models exported on first use [torch]")  # fmt: skip
     model.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available) [auto]"
     )

@@ -21,7 +21,7 @@ from .inputs import open_source
 
 # MaskGenerator parameters the batch tool does not expose: the model is given by
 # --model/--weights, records are not returned, and the tool draws its own progress.
-_NOT_FLAGS = ("model_or_predictor", "point_grids", "output_mode", "progress")
+_NOT_FLAGS = ("model_or_predictor", "point_grids", "output_mode", "progress", "backend")
 _HOST = socket.gethostname()
 
 
@@ -80,7 +80,8 @@ class ModelSpec:
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
     backend : str
-        Inference backend; only ``"torch"`` for now.
+        ``"torch"`` or ``"onnx"`` (onnxruntime; the models are exported into the
+        cache on first use).
     threads : int or None
         torch intra-op threads for this process (None: torch's default).
     """
@@ -97,8 +98,8 @@ class ModelSpec:
 
         from napari_mobilesam.build import load_model
 
-        if self.backend != "torch":
-            raise ValueError(f"backend {self.backend!r} is not available; use 'torch'")
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {self.backend!r}")
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         return load_model(self.name, self.weights, device=self.device, progress=False)
@@ -200,11 +201,13 @@ class PlaneSegmenter:
 
     def __init__(self, model: ModelSpec, options: SegmentOptions) -> None:
         from napari_mobilesam.everything import MaskGenerator
+        from napari_mobilesam.predictor import Predictor
 
         self.model_spec = model
         self.options = options
         self.sam = model.load()
-        self.generator = MaskGenerator(self.sam, **options.generator_kwargs())
+        predictor = Predictor(self.sam, backend=model.backend, threads=model.threads)
+        self.generator = MaskGenerator(predictor, **options.generator_kwargs())
 
     def segment(self, plane: np.ndarray, index: tuple[int, ...] = ()) -> PlaneResult:
         """Segment everything in one plane.

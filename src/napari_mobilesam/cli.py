@@ -5,6 +5,7 @@ Subcommands::
     mobilesam weights list                   known models, sizes, licenses, cache state
     mobilesam weights download [NAME ...]    download into the cache (default: vit_t)
     mobilesam weights path NAME              print where a model's file is cached
+    mobilesam export-onnx -o DIR [--quantize int8]   single-file ONNX encoder and decoder
 
 Each command group is added by one ``_add_<group>_parser(subparsers)`` function
 that registers its subparser and sets ``func`` (called with the parsed arguments,
@@ -161,8 +162,72 @@ def _add_weights_parser(subparsers: argparse._SubParsersAction) -> None:
     p_path.set_defaults(func=_weights_path)
 
 
+# ------------------------------------------------------------------------- export-onnx
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .build import CheckpointError, load_model
+
+    _info(args.model)
+    if args.weights is not None and not args.weights.is_file():
+        raise CommandError(f"--weights {args.weights}: no such file", status=2)
+    try:
+        from .runtime import export_onnx
+    except ImportError as exc:
+        raise CommandError(str(exc)) from None
+    checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
+    try:
+        model = load_model(args.model, checkpoint, device="cpu", fuse=False)
+    except CheckpointError as exc:
+        raise CommandError(str(exc)) from None
+    source = {"checkpoint": str(checkpoint), "sha256": _w.sha256_file(checkpoint)}
+    try:
+        meta = export_onnx(
+            model, args.output, opset=args.opset, quantize=args.quantize, source=source
+        )
+    except ImportError as exc:
+        raise CommandError(str(exc)) from None
+    for name in sorted(meta.get("files", {})):
+        print(args.output / name)
+    return 0
+
+
+def _add_export_onnx_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``mobilesam export-onnx``."""
+    from pathlib import Path
+
+    p = subparsers.add_parser(
+        "export-onnx",
+        help="export the encoder and decoder to single-file ONNX models",
+        description=(
+            "Write encoder.onnx (preprocessed 1x3x1024x1024 image -> 1x256x64x64 embedding), "
+            "decoder.onnx (embedding + points/labels [+ box corners labelled 2, 3] [+ mask] "
+            "-> low-res logits and IoU of the four mask tokens, batched) and "
+            "mobilesam_onnx.json (inputs, outputs, source checkpoint sha256)."
+        ),
+    )
+    p.add_argument("--model", default="vit_t", help="model name [vit_t]")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        metavar="PATH",
+        help="checkpoint file (default: the registry weights, downloaded once)",
+    )
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also write int8 dynamically quantised models (*.int8.onnx)",
+    )
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset [18]")  # fmt: skip
+    p.set_defaults(func=_export_onnx)
+
+
 #: Functions that each register one command group.
-_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_weights_parser]
+_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_weights_parser,
+    _add_export_onnx_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

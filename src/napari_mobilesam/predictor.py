@@ -69,6 +69,18 @@ class Predictor:
     factorized : bool
         Let the decoder's token/image attentions use the cheaper factorised form
         (default). False runs the reference computation.
+    backend : {"torch", "onnx"} or EncoderDecoderBackend
+        What runs the encoder and decoder. ``"onnx"``: onnxruntime on models exported
+        from this model on first use (cached by checkpoint hash, see
+        :func:`~napari_mobilesam.runtime.get_onnx_backend`); pre- and postprocessing
+        stay in torch. Needs ``pip install "napari-mobilesam[onnx]"``.
+    onnx_folder : path, optional
+        With ``backend="onnx"``: use the models exported there (``mobilesam
+        export-onnx``) instead of the cache.
+    quantize : {None, "int8"}
+        With ``backend="onnx"``: run the int8 (dynamically quantised) models.
+    threads : int, optional
+        With ``backend="onnx"``: onnxruntime threads (default: physical cores).
     """
 
     def __init__(
@@ -78,6 +90,10 @@ class Predictor:
         device: str | torch.device | None = None,
         decoder_cache: bool = True,
         factorized: bool = True,
+        backend="torch",
+        onnx_folder=None,
+        quantize: str | None = None,
+        threads: int | None = None,
     ):
         if isinstance(model, str):
             model = load_model(model, device=device)
@@ -88,6 +104,7 @@ class Predictor:
         self.model = model
         self.decoder_cache = decoder_cache
         self.factorized = factorized
+        self.backend = _make_backend(backend, model, onnx_folder, quantize, threads)
         self.transform = ResizeLongestSide(model.img_size)
         self.reset_image()
 
@@ -162,7 +179,10 @@ class Predictor:
             )
         self.reset_image()
         x = self.model.preprocess(transformed_image.to(self.device).float())
-        self.features = self.model.image_encoder(x)
+        if self.backend is None:
+            self.features = self.model.image_encoder(x)
+        else:
+            self.features = torch.from_numpy(self.backend.encode(x.cpu().numpy())).to(self.device)
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         self.is_image_set = True
@@ -345,6 +365,11 @@ class Predictor:
         low_res_logits : (B, C, 256, 256)
         """
         self._require_image()
+        if self.backend is not None:
+            low_res, iou = self.decode_backend(point_coords, point_labels, boxes, mask_input)
+            sl = slice(1, None) if multimask_output else slice(0, 1)
+            low_res, iou = low_res[:, sl], iou[:, sl]
+            return self._postprocess(low_res, return_logits), iou, low_res
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
         decoder = self.model.mask_decoder
@@ -362,6 +387,37 @@ class Predictor:
             )
         masks = self._postprocess(low_res, return_logits)
         return masks, iou, low_res
+
+    def decode_backend(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All four mask tokens' low-res logits (B, 4, h, w) and IoU (B, 4) from the backend.
+
+        Prompts are encoded as segment-anything's ONNX decoder takes them: a box is two
+        corner points labelled 2 and 3; without a box one padding point (label -1) is
+        appended, as the prompt encoder does.
+        """
+        coords, labels = [], []
+        if point_coords is not None:
+            coords.append(point_coords.float())
+            labels.append(point_labels.float())
+        if boxes is not None:
+            b = boxes.reshape(-1, 2, 2).float()
+            coords.append(b)
+            labels.append(torch.tensor([2.0, 3.0], device=b.device).expand(len(b), 2))
+        else:
+            n = len(coords[0]) if coords else (len(mask_input) if mask_input is not None else 1)
+            coords.append(torch.zeros(n, 1, 2, device=self.device))
+            labels.append(torch.full((n, 1), -1.0, device=self.device))
+        c = torch.cat(coords, dim=1).cpu().numpy()
+        lab = torch.cat(labels, dim=1).cpu().numpy()
+        m = None if mask_input is None else mask_input.float().cpu().numpy()
+        low_res, iou = self.backend.decode(self.features.cpu().numpy(), c, lab, m)
+        return torch.from_numpy(low_res).to(self.device), torch.from_numpy(iou).to(self.device)
 
     def _image_cache(self, no_mask_dense: torch.Tensor):
         if self._decoder_cache is None:
@@ -387,6 +443,30 @@ class Predictor:
             )
             out[i : i + step] = logits if return_logits else logits > self.model.mask_threshold
         return out
+
+
+def _make_backend(backend, model: Sam, onnx_folder, quantize, threads):
+    """None for the built-in torch path, else an EncoderDecoderBackend."""
+    if isinstance(backend, str):
+        if backend == "torch":
+            if onnx_folder is not None or quantize is not None:
+                raise ValueError("onnx_folder and quantize need backend='onnx'")
+            return None
+        if backend == "onnx":
+            from .runtime import get_onnx_backend
+
+            return get_onnx_backend(
+                model,
+                checkpoint=getattr(model, "checkpoint_path", None),
+                model_name=getattr(model, "model_name", None) or "vit_t",
+                folder=onnx_folder,
+                quantize=quantize,
+                threads=threads,
+            )
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    if hasattr(backend, "encode") and hasattr(backend, "decode"):
+        return backend
+    raise TypeError(f"backend must be 'torch', 'onnx' or a backend object, got {type(backend)}")
 
 
 # -- prompt validation (numpy level) ------------------------------------------------

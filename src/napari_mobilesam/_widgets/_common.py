@@ -23,11 +23,11 @@ from qtpy.QtWidgets import (
 from ..build import MODEL_CONFIGS, load_model
 from ..predictor import Predictor
 
-_PREDICTORS: dict[tuple[str, str, str], Predictor] = {}
+_PREDICTORS: dict[tuple[str, str, str, str], Predictor] = {}
 _LOCK = threading.Lock()
 
 
-def get_predictor(name: str, weights: str | None, device: str) -> Predictor:
+def get_predictor(name: str, weights: str | None, device: str, backend: str = "torch") -> Predictor:
     """A predictor for the model, shared by all widgets (loaded once; slow the first time).
 
     Parameters
@@ -38,13 +38,15 @@ def get_predictor(name: str, weights: str | None, device: str) -> Predictor:
         Checkpoint file; None downloads the registry weights on first use.
     device : str
         ``auto``, ``cpu``, ``cuda``, ...
+    backend : {"torch", "onnx"}
+        ``onnx`` exports the model on first use (cached) and runs onnxruntime.
     """
-    key = (name, weights or "", device)
+    key = (name, weights or "", device, backend)
     with _LOCK:
         pred = _PREDICTORS.get(key)
         if pred is None:
             model = load_model(name, weights or None, device=device)
-            pred = _PREDICTORS[key] = Predictor(model)
+            pred = _PREDICTORS[key] = Predictor(model, backend=backend)
     return pred
 
 
@@ -68,25 +70,34 @@ class ModelPicker(QWidget):
         row.addWidget(browse)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
+        self.backend = QComboBox()
+        self.backend.addItems(["torch", "onnx"])
+        self.backend.setToolTip("onnx: onnxruntime (exported once on first use), for CPUs")
         form.addRow("model", self.name)
         form.addRow("weights", row)
         form.addRow("device", self.device)
+        form.addRow("backend", self.backend)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "MobileSAM weights", "", "*.pt *.pth")
         if path:
             self.weights.setText(path)
 
-    def spec(self) -> tuple[str, str | None, str]:
+    def spec(self) -> tuple[str, str | None, str, str]:
         text = self.weights.text().strip()
-        return self.name.currentText(), text or None, self.device.currentText()
+        return (
+            self.name.currentText(),
+            text or None,
+            self.device.currentText(),
+            self.backend.currentText(),
+        )
 
     def predictor(self) -> Predictor:
         """Load (or reuse) the chosen model; call from a worker thread."""
-        name, weights, device = self.spec()
+        name, weights, device, backend = self.spec()
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
-        return get_predictor(name, weights, device)
+        return get_predictor(name, weights, device, backend)
 
 
 class LayerCombo(QComboBox):

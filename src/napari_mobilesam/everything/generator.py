@@ -95,6 +95,10 @@ class MaskGenerator:
         tiles it is at most a quarter of the tile.
     progress : bool
         Show a progress bar (tqdm, on stderr) over crops and point batches.
+    backend : {"torch", "onnx"}, optional
+        What runs the encoder and decoder (see :class:`~napari_mobilesam.predictor.Predictor`);
+        with ``"onnx"`` the decoder runs whole per prompt batch (no early IoU filter
+        inside it). Default: torch for a model or name, a given Predictor's own backend.
     """
 
     def __init__(
@@ -119,11 +123,14 @@ class MaskGenerator:
         tile_size: int | None = None,
         tile_overlap: int = 256,
         progress: bool = False,
+        backend: str | None = None,
     ) -> None:
         if isinstance(model_or_predictor, Predictor):
+            if backend is not None:
+                raise ValueError("backend= is for a model or a name; a Predictor has its own")
             self.predictor = model_or_predictor
         elif isinstance(model_or_predictor, Sam | str):
-            self.predictor = Predictor(model_or_predictor)
+            self.predictor = Predictor(model_or_predictor, backend=backend or "torch")
         else:
             raise TypeError(
                 "model_or_predictor must be a Sam model, a Predictor or a registry name, "
@@ -199,7 +206,12 @@ class MaskGenerator:
         self.progress = progress
         if mode == "reference":
             # the reference computation throughout: no decoder cache, plain attention
-            self.predictor = Predictor(self.predictor.model, decoder_cache=False, factorized=False)
+            self.predictor = Predictor(
+                self.predictor.model,
+                decoder_cache=False,
+                factorized=False,
+                backend=self.predictor.backend or "torch",
+            )
 
     @property
     def model(self) -> Sam:
@@ -595,6 +607,8 @@ def _decode(
     iou : (P, 3)
     prompts : (P,) their indices in ``coords``
     """
+    if pred.backend is not None:
+        return _decode_backend(pred, coords, labels, min_iou)
     model, dec = pred.model, pred.model.mask_decoder
     chunk = CPU_DECODE_CHUNK if coords.device.type == "cpu" else len(coords)
     masks, ious, prompts = [], [], []
@@ -618,6 +632,18 @@ def _decode(
         empty = torch.zeros(0, 3, device=coords.device)
         return empty.new_zeros(0, 3, h, w), empty, torch.zeros(0, dtype=torch.long)
     return torch.cat(masks), torch.cat(ious), torch.cat(prompts)
+
+
+def _decode_backend(
+    pred: Predictor, coords: torch.Tensor, labels: torch.Tensor, min_iou: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_decode` through the predictor's backend (e.g. onnxruntime): whole decoder."""
+    low_res, iou = pred.decode_backend(coords, labels)
+    low_res, iou = low_res[:, 1:], iou[:, 1:]  # the three multimask outputs
+    sel = torch.arange(len(iou), device=iou.device)
+    if min_iou is not None:
+        sel = torch.nonzero((iou > min_iou).any(dim=1)).flatten()
+    return low_res[sel], iou[sel], sel
 
 
 def _uncrop_masks(masks: torch.Tensor, crop_box, orig_h: int, orig_w: int) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""Backends that run the encoder and decoder: torch (reference) and onnxruntime.
+
+Every backend implements :class:`EncoderDecoderBackend`: ``encode`` a preprocessed
+(1, 3, S, S) image to its (1, C, h, w) embedding, ``decode`` labelled points
+(boxes as two corner points) and an optional mask input to the low-res logits and
+IoU of all four mask tokens. :class:`TorchBackend` runs the model's own modules;
+:class:`OnnxBackend` runs graphs written by :func:`export_onnx` with onnxruntime,
+and :func:`get_onnx_backend` exports them once into a cache.
+
+Importing this package needs neither onnx nor onnxruntime; they are imported when
+used (``pip install "napari-mobilesam[onnx]"``).
+"""
+
+from .base import EncoderDecoderBackend
+from .export import EXPORTER_VERSION, export_onnx, get_onnx_backend, onnx_cache_dir
+from .graphs import DecoderGraph, plain_copy
+from .onnx_backend import OnnxBackend
+from .torch_backend import TorchBackend
+
+__all__ = [
+    "EXPORTER_VERSION",
+    "DecoderGraph",
+    "EncoderDecoderBackend",
+    "OnnxBackend",
+    "TorchBackend",
+    "export_onnx",
+    "get_onnx_backend",
+    "onnx_cache_dir",
+    "plain_copy",
+]
