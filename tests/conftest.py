@@ -94,3 +94,18 @@ def golden_onnx_dir(tmp_path_factory):
     source = {"checkpoint": str(GOLDEN_CKPT), "sha256": sha256_file(GOLDEN_CKPT)}
     export_onnx(unfused, out, quantize="int8", source=source)
     return out
+
+
+@pytest.fixture
+def onnx_cache(golden_onnx_dir, tmp_path, monkeypatch):
+    """A weights cache that already holds the golden export (so no test exports again)."""
+    import shutil
+
+    from napari_mobilesam.runtime import EXPORTER_VERSION
+    from napari_mobilesam.weights import sha256_file
+
+    cache = tmp_path / "cache"
+    key = sha256_file(GOLDEN_CKPT)[:16]
+    shutil.copytree(golden_onnx_dir, cache / "onnx" / f"{key}-v{EXPORTER_VERSION}")
+    monkeypatch.setenv("MOBILESAM_CACHE", str(cache))
+    return cache

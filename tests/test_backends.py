@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -72,19 +71,6 @@ def test_everything_onnx_equals_torch(golden_model, golden_onnx_dir, photo):
     ref = MaskGenerator(onnx, **params, mode="reference", nms="box")
     assert ref.predictor.backend is onnx.backend  # reference mode keeps the backend
     assert len(ref.generate(photo)) > 0
-
-
-@pytest.fixture
-def onnx_cache(golden_onnx_dir, tmp_path, monkeypatch):
-    """A weights cache already holding the golden export (no export in the test)."""
-    from napari_mobilesam.runtime import EXPORTER_VERSION
-    from napari_mobilesam.weights import sha256_file
-
-    cache = tmp_path / "cache"
-    key = sha256_file(GOLDEN_CKPT)[:16]
-    shutil.copytree(golden_onnx_dir, cache / "onnx" / f"{key}-v{EXPORTER_VERSION}")
-    monkeypatch.setenv("MOBILESAM_CACHE", str(cache))
-    return cache
 
 
 def test_batch_tool_onnx_backend(onnx_cache, tmp_path, photo):

@@ -62,3 +62,15 @@ def test_bench_batch_runs():
     assert [m["planes"] for m in result["memory"]] == [3, 6]
     text = bench_batch.report(result)
     assert "planes/s" in text and "growth 3 -> 6 planes" in text
+
+
+@requires_golden
+def test_bench_backends_runs(onnx_cache):
+    from benchmarks import bench_backends
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    result = bench_backends.run(GOLDEN_CKPT, threads=(1,), repeats=1, image=image)
+    assert [r["backend"] for r in result["rows"]] == ["torch", "onnx", "onnx int8"]
+    assert all(r["encoder"]["median"] > 0 and r["predict_ratio"] > 0 for r in result["rows"])
+    assert "onnx int8" in bench_backends.report(result)

@@ -100,6 +100,9 @@ class OnnxBackend(EncoderDecoderBackend):
         opts.inter_op_num_threads = 1
         opts.enable_mem_pattern = True
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # no busy-waiting between runs: torch (pre/postprocessing) and the GUI share the
+        # cores with onnxruntime, and spinning threads would slow them down
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder = ort.InferenceSession(
             str(self.encoder_path), sess_options=opts, providers=self.providers
         )
