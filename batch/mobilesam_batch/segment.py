@@ -12,7 +12,7 @@ import inspect
 import re
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -180,15 +180,6 @@ class PlaneResult:
     def n_objects(self) -> int:
         return len(self.predicted_iou)
 
-    def scores(self) -> dict[int, dict[str, float]]:
-        """``label -> {"predicted_iou": ..., "stability_score": ...}``."""
-        return {
-            k + 1: {"predicted_iou": float(iou), "stability_score": float(stab)}
-            for k, (iou, stab) in enumerate(
-                zip(self.predicted_iou, self.stability_score, strict=True)
-            )
-        }
-
 
 class PlaneSegmenter:
     """A loaded model and a configured MaskGenerator, ready for planes.
@@ -307,8 +298,3 @@ def _cached_source(path: str, axes: str | None):
         _SOURCE.clear()
         src = _SOURCE[key] = open_source(path, axes)
     return src
-
-
-def describe_options(model: ModelSpec, options: SegmentOptions) -> dict[str, Any]:
-    """JSON-able record of a model spec (for logs)."""
-    return {"model": asdict(model), "parameters": options.resolved()}

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import normalize
 from .predictor import ImageEmbedding, Predictor
 from .transforms import corners_rc_to_xyxy, rc_to_xy
 
@@ -321,7 +322,8 @@ class PromptSession:
         self.rgb = bool(rgb)
         self._check_image_layout(channel_axis)
         self.channels = self._check_channels(channels)
-        self.contrast_limits = _check_contrast_limits(contrast_limits)
+        n_picked = len(self.channels) if self.channels is not None else (3 if self.rgb else 1)
+        self.contrast_limits = _check_contrast_limits(contrast_limits, n_picked)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.cache_key = cache_key
         self._model_id = _model_fingerprint(predictor.model)
@@ -938,26 +940,15 @@ def _finite_array(value, name: str) -> np.ndarray:
     return arr
 
 
-def _check_contrast_limits(contrast_limits):
-    """Validated limits as a hashable tuple of Python floats (or of pairs), or None."""
+def _check_contrast_limits(contrast_limits, n_picked: int):
+    """Limits validated as :func:`~napari_mobilesam.normalize.to_rgb_uint8` will use them,
+    as a hashable tuple of Python floats (one pair, or one pair per picked channel)."""
     if contrast_limits is None:
         return None
-    message = (
-        "contrast_limits must be (lo, hi) with finite lo <= hi, or one such pair per "
-        f"channel, got {contrast_limits!r}"
-    )
-    try:
-        arr = np.asarray(contrast_limits, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    pairs = arr.reshape(1, 2) if arr.shape == (2,) else arr
-    if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
-        raise ValueError(message)
-    if not np.isfinite(pairs).all() or (pairs[:, 1] < pairs[:, 0]).any():
-        raise ValueError(message)
-    if arr.shape == (2,):
-        return (float(arr[0]), float(arr[1]))
-    return tuple((float(lo), float(hi)) for lo, hi in pairs)
+    pairs = normalize._check_contrast_limits(contrast_limits, n_picked)
+    if np.shape(contrast_limits) == (2,):
+        return pairs[0]
+    return tuple(pairs)
 
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
