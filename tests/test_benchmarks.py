@@ -74,3 +74,21 @@ def test_bench_backends_runs(onnx_cache):
     assert [r["backend"] for r in result["rows"]] == ["torch", "onnx", "onnx int8"]
     assert all(r["encoder"]["median"] > 0 and r["predict_ratio"] > 0 for r in result["rows"])
     assert "onnx int8" in bench_backends.report(result)
+
+
+@requires_golden
+def test_bench_backends_int8_accuracy_covers_every_golden_call(onnx_cache):
+    from benchmarks import bench_backends
+
+    acc = bench_backends.int8_accuracy(GOLDEN_CKPT)
+    # 2 images x (5 single-mask + 5 x 3 multimask + 1 refine + 4 batched boxes)
+    assert acc["n_masks"] == 50
+    assert {"photo/p0_mm1/refine", "micro/batch_boxes", "photo/p4_mm1"} <= set(acc["per_case"])
+    assert 0.8 < acc["mean"] <= 1.0 and acc["min"] <= acc["median"] <= 1.0
+    assert "golden-prompt masks" in bench_backends.report({**_fake_rows(), "int8_accuracy": acc})
+
+
+def _fake_rows() -> dict:
+    row = {"threads": 1, "backend": "torch", "encoder": {"median": 1.0}, "encoder_ratio": 1.0,
+           "predict_1pt": {"median": 0.1}, "predict_ratio": 1.0}  # fmt: skip
+    return {"image_size": [4, 4], "machine": {"cpu": "x"}, "rows": [row]}

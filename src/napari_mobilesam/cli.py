@@ -172,7 +172,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if args.weights is not None and not args.weights.is_file():
         raise CommandError(f"--weights {args.weights}: no such file", status=2)
     try:
-        from .runtime import export_onnx
+        from .runtime import DEFAULT_OPSET, export_onnx
     except ImportError as exc:
         raise CommandError(str(exc)) from None
     checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
@@ -183,7 +183,11 @@ def _export_onnx(args: argparse.Namespace) -> int:
     source = {"checkpoint": str(checkpoint), "sha256": _w.sha256_file(checkpoint)}
     try:
         meta = export_onnx(
-            model, args.output, opset=args.opset, quantize=args.quantize, source=source
+            model,
+            args.output,
+            opset=DEFAULT_OPSET if args.opset is None else args.opset,
+            quantize=args.quantize,
+            source=source,
         )
     except ImportError as exc:
         raise CommandError(str(exc)) from None
@@ -219,7 +223,7 @@ def _add_export_onnx_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=["int8"],
         help="also write int8 dynamically quantised models (*.int8.onnx)",
     )
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset [18]")  # fmt: skip
+    p.add_argument("--opset", type=int, help="ONNX opset [20: the first with Gelu]")  # fmt: skip
     p.set_defaults(func=_export_onnx)
 
 

@@ -12,12 +12,13 @@ used (``pip install "napari-mobilesam[onnx]"``).
 """
 
 from .base import EncoderDecoderBackend
-from .export import EXPORTER_VERSION, export_onnx, get_onnx_backend, onnx_cache_dir
+from .export import DEFAULT_OPSET, EXPORTER_VERSION, export_onnx, get_onnx_backend, onnx_cache_dir
 from .graphs import DecoderGraph, plain_copy
 from .onnx_backend import OnnxBackend
 from .torch_backend import TorchBackend
 
 __all__ = [
+    "DEFAULT_OPSET",
     "EXPORTER_VERSION",
     "DecoderGraph",
     "EncoderDecoderBackend",

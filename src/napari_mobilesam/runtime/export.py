@@ -64,6 +64,7 @@ from .graphs import DecoderGraph, plain_copy
 from .onnx_backend import INSTALL_HINT, OnnxBackend, import_onnxruntime
 
 __all__ = [
+    "DEFAULT_OPSET",
     "EXPORTER_VERSION",
     "INT8_OP_TYPES",
     "META_FILE",
@@ -73,7 +74,12 @@ __all__ = [
 ]
 
 #: Version of the exported graphs; bump when they change (part of the cache key).
-EXPORTER_VERSION: int = 1
+#: 2: opset 20 by default (one ``Gelu`` node instead of five elementwise ones).
+EXPORTER_VERSION: int = 2
+#: Default ONNX opset: 20 is the first with a ``Gelu`` operator, which onnxruntime
+#: runs about 3x faster than the ``Div, Erf, Add, Mul, Mul`` chain older opsets need
+#: (GELU is about a fifth of the encoder's time at opset 18).
+DEFAULT_OPSET: int = 20
 #: Name of the JSON file that describes an export folder.
 META_FILE = "mobilesam_onnx.json"
 #: Node types whose weights ``quantize="int8"`` stores as int8.
@@ -260,7 +266,7 @@ def export_onnx(
     model: Sam,
     out_dir: str | PathLike,
     *,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
     source: dict | None = None,
 ) -> dict:
@@ -280,7 +286,7 @@ def export_onnx(
     out_dir : str or path-like
         Destination folder (created; files of the same names are replaced).
     opset : int
-        ONNX opset (>= 17).
+        ONNX opset (>= 17); default :data:`DEFAULT_OPSET`.
     quantize : {None, "int8"}
         Also write dynamically quantised int8 models.
     source : dict, optional
