@@ -92,3 +92,36 @@ def _fake_rows() -> dict:
     row = {"threads": 1, "backend": "torch", "encoder": {"median": 1.0}, "encoder_ratio": 1.0,
            "predict_1pt": {"median": 0.1}, "predict_ratio": 1.0}  # fmt: skip
     return {"image_size": [4, 4], "machine": {"cpu": "x"}, "rows": [row]}
+
+
+@requires_golden
+def test_suite_runs_at_tiny_size(tmp_path, capsys, onnx_cache):
+    import json
+
+    from benchmarks import suite
+
+    out = tmp_path / "all.json"
+    assert (
+        suite.main(["--size", "tiny", "--only", "predictor", "backends", "--json", str(out)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "encoder (set_image)" in text and "encoder, onnx int8, 1 thr" in text
+    data = json.loads(out.read_text())
+    assert {r["benchmark"] for r in data["rows"]} == {
+        "encoder (set_image)", "predict, 1 point", "encoder, onnx, 1 thr",
+        "encoder, onnx int8, 1 thr",
+    }  # fmt: skip
+    for r in data["rows"]:
+        assert r["ours"] > 0 and r["baseline"] > 0
+        assert abs(r["ratio"] - r["ours"] / r["baseline"]) < 1e-12
+    assert set(data["results"]) == {"predictor", "backends"} and data["size"] == "tiny"
+
+
+def test_suite_rejects_unknown_names():
+    import pytest
+    from benchmarks import suite
+
+    with pytest.raises(ValueError, match="size must be one of"):
+        suite.run_all("huge")
+    with pytest.raises(ValueError, match=r"unknown benchmarks \['gpu'\]"):
+        suite.run_all("tiny", only=["gpu"])

@@ -123,7 +123,7 @@ def preprocess(
     """
     resized = resize_longest_side(image, img_size)
     h, w = resized.shape[:2]
-    x = torch.from_numpy(resized).permute(2, 0, 1).float()
+    x = torch.tensor(resized).permute(2, 0, 1).float()
     mean = torch.as_tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.as_tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
     x = (x - mean) / std

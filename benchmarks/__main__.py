@@ -1,0 +1,7 @@
+"""``python -m benchmarks``: every benchmark at one size (see :mod:`benchmarks.suite`)."""
+
+import sys
+
+from benchmarks.suite import main
+
+sys.exit(main())
