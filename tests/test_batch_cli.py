@@ -245,6 +245,11 @@ def test_rerun_skips_and_changes_redo(tiny_cli, tmp_path, capsys):
     (out / "a_rgb_objects.csv").unlink()
     assert tiny_cli([*args, "--box-nms-thresh", "0.5", "--csv"]) == 1
     assert "1 done, 4 skipped" in capsys.readouterr().out
+    # another encoder precision is another result: redone, and recorded
+    assert tiny_cli([*args, "--box-nms-thresh", "0.5", "--csv", "--precision", "bf16"]) == 1
+    assert "5 done, 0 skipped" in capsys.readouterr().out
+    record = json.loads((out / "a_rgb_labels.json").read_text())
+    assert record["model"]["precision"] == "bf16"
 
 
 def test_dry_run_touches_nothing(tiny_cli, tmp_path, capsys, monkeypatch):
@@ -337,6 +342,7 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, caps
         (["--workers", "0", "--scheduler", "local"], "at least 1"),
         (["--workers", "3"], "needs --scheduler local"),
         (["--threads", "0"], "at least 1"),
+        (["--precision", "bf16", "--backend", "onnx"], "--precision bf16 needs --backend torch"),
         (["--points-per-side", "0"], "points_per_side"),
         (["--nms", "other"], "invalid choice"),
     ],

@@ -102,19 +102,23 @@ def test_suite_runs_at_tiny_size(tmp_path, capsys, onnx_cache):
 
     out = tmp_path / "all.json"
     assert (
-        suite.main(["--size", "tiny", "--only", "predictor", "backends", "--json", str(out)]) == 0
+        suite.main(
+            ["--size", "tiny", "--only", "predictor", "backends", "distill", "--json", str(out)]
+        )
+        == 0
     )
     text = capsys.readouterr().out
     assert "encoder (set_image)" in text and "encoder, onnx int8, 1 thr" in text
     data = json.loads(out.read_text())
     assert {r["benchmark"] for r in data["rows"]} == {
         "encoder (set_image)", "predict, 1 point", "encoder, onnx, 1 thr",
-        "encoder, onnx int8, 1 thr",
+        "encoder, onnx int8, 1 thr", "distill step, per image",
     }  # fmt: skip
     for r in data["rows"]:
         assert r["ours"] > 0 and r["baseline"] > 0
         assert abs(r["ratio"] - r["ours"] / r["baseline"]) < 1e-12
-    assert set(data["results"]) == {"predictor", "backends"} and data["size"] == "tiny"
+    assert set(data["results"]) == {"predictor", "backends", "distill"}
+    assert data["size"] == "tiny"
 
 
 def test_suite_rejects_unknown_names():

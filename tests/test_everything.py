@@ -464,3 +464,19 @@ def test_mask_nms_equals_brute_force(seed):
                 if inter / np.count_nonzero(fulls[i] | fulls[j]) > thresh:
                     dropped.add(j)
         assert mask_nms(crops, np.array(boxes), scores, thresh).tolist() == keep
+
+
+def test_precision_goes_to_the_predictor_and_reference_mode(tiny_model):
+    from napari_mobilesam.predictor import Predictor
+
+    gen = MaskGenerator(tiny_model, points_per_side=2, precision="bf16")
+    assert gen.predictor.precision == "bf16"
+    ref = MaskGenerator(
+        tiny_model, points_per_side=2, precision="bf16", mode="reference", nms="box"
+    )
+    assert ref.predictor.precision == "bf16" and not ref.predictor.factorized
+    assert MaskGenerator(tiny_model, points_per_side=2).predictor.precision == "fp32"
+    labels = gen.generate_labels(np.zeros((40, 50, 3), np.uint8))
+    assert labels.shape == (40, 50)
+    with pytest.raises(ValueError, match="precision= are for a model or a name"):
+        MaskGenerator(Predictor(tiny_model), points_per_side=2, precision="fp16")

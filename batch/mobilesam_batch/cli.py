@@ -128,6 +128,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     model.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available) [auto]"
     )
+    model.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="image encoder precision; bf16/fp16 for GPUs [fp32]")  # fmt: skip
     model.add_argument("--threads", type=int, metavar="N",
                        help="torch threads per process [all cores; cores / workers "
                        "with --scheduler local]")  # fmt: skip
@@ -261,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--workers {args.workers}: must be at least 1")
         if args.threads is not None and args.threads < 1:
             raise UsageError(f"--threads {args.threads}: must be at least 1")
+        if args.precision != "fp32" and args.backend != "torch":
+            raise UsageError(f"--precision {args.precision} needs --backend torch")
         if args.scheduler is None and "--workers" in (argv if argv is not None else sys.argv):
             raise UsageError("--workers needs --scheduler local")
         config = _config(args, options, axes, quiet, argv)
@@ -309,7 +313,7 @@ def _config(args, options, axes, quiet, argv):
         sha = _sha(weights)
     spec = ModelSpec(
         name=args.model, weights=str(weights), device=args.device, backend=args.backend,
-        threads=threads,
+        threads=threads, precision=args.precision,
     )  # fmt: skip
     if not args.dry_run:
         # load here (cached for the local run): a bad checkpoint, device or parameter

@@ -288,6 +288,7 @@ def _write_outputs(job: Job, config: RunConfig, tmp_dir: Path) -> dict[str, Any]
             "weights": config.model.weights,
             "sha256": config.model_sha256,
             "backend": config.model.backend,
+            "precision": config.model.precision,
             "device": config.model.device,
             "ran_on": [{"host": h, "device": d} for h, d in sorted(job.ran_on)],
         },
@@ -361,6 +362,8 @@ def _plan(config: RunConfig, summary: Summary, log: Callable[[str], None]) -> li
         "sha256": config.model_sha256,
         "backend": config.model.backend,
     }
+    if config.model.precision != "fp32":  # (absent for fp32: keys of earlier runs still match)
+        model["precision"] = config.model.precision
     parameters = {**config.options.resolved(), "axes": config.axes}
     jobs: list[Job] = []
     stems: dict[str, Path] = {}

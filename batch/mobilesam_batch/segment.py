@@ -21,7 +21,14 @@ from .inputs import open_source
 
 # MaskGenerator parameters the batch tool does not expose: the model is given by
 # --model/--weights, records are not returned, and the tool draws its own progress.
-_NOT_FLAGS = ("model_or_predictor", "point_grids", "output_mode", "progress", "backend")
+_NOT_FLAGS = (
+    "model_or_predictor",
+    "point_grids",
+    "output_mode",
+    "progress",
+    "backend",
+    "precision",
+)
 _HOST = socket.gethostname()
 
 
@@ -84,6 +91,9 @@ class ModelSpec:
         cache on first use).
     threads : int or None
         torch intra-op threads for this process (None: torch's default).
+    precision : str
+        Image encoder precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPUs; torch
+        backend).
     """
 
     name: str
@@ -91,6 +101,7 @@ class ModelSpec:
     device: str = "auto"
     backend: str = "torch"
     threads: int | None = None
+    precision: str = "fp32"
 
     def load(self):
         """Build the model, load the weights and move it to the device."""
@@ -197,7 +208,9 @@ class PlaneSegmenter:
         self.model_spec = model
         self.options = options
         self.sam = model.load()
-        predictor = Predictor(self.sam, backend=model.backend, threads=model.threads)
+        predictor = Predictor(
+            self.sam, backend=model.backend, threads=model.threads, precision=model.precision
+        )
         self.generator = MaskGenerator(predictor, **options.generator_kwargs())
 
     def segment(self, plane: np.ndarray, index: tuple[int, ...] = ()) -> PlaneResult:

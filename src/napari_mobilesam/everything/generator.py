@@ -99,6 +99,9 @@ class MaskGenerator:
         What runs the encoder and decoder (see :class:`~napari_mobilesam.predictor.Predictor`);
         with ``"onnx"`` the decoder runs whole per prompt batch (no early IoU filter
         inside it). Default: torch for a model or name, a given Predictor's own backend.
+    precision : {"fp32", "bf16", "fp16"}, optional
+        Precision of the image encoder (see :class:`~napari_mobilesam.predictor.Predictor`;
+        for GPUs). Default: fp32 for a model or name, a given Predictor's own.
     """
 
     def __init__(
@@ -124,13 +127,18 @@ class MaskGenerator:
         tile_overlap: int = 256,
         progress: bool = False,
         backend: str | None = None,
+        precision: str | None = None,
     ) -> None:
         if isinstance(model_or_predictor, Predictor):
-            if backend is not None:
-                raise ValueError("backend= is for a model or a name; a Predictor has its own")
+            if backend is not None or precision is not None:
+                raise ValueError(
+                    "backend= and precision= are for a model or a name; a Predictor has its own"
+                )
             self.predictor = model_or_predictor
         elif isinstance(model_or_predictor, Sam | str):
-            self.predictor = Predictor(model_or_predictor, backend=backend or "torch")
+            self.predictor = Predictor(
+                model_or_predictor, backend=backend or "torch", precision=precision or "fp32"
+            )
         else:
             raise TypeError(
                 "model_or_predictor must be a Sam model, a Predictor or a registry name, "
@@ -211,6 +219,7 @@ class MaskGenerator:
                 decoder_cache=False,
                 factorized=False,
                 backend=self.predictor.backend or "torch",
+                precision=self.predictor.precision,
             )
 
     @property
