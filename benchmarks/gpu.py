@@ -4,12 +4,16 @@ Checks, on the chosen device, that the fast paths reproduce the reference (golde
 features, predictor logits/IoU/masks, segment-everything masks), then times our
 path against the reference-mode path in the same run: encoder at batch 1,
 a one-point predict, and segment-everything (32x32 grid, 1024x1024 image) with
-default thresholds and with every mask passing. Prints a table and writes JSON.
+default thresholds and with every mask passing. With ``--precisions bf16 fp16``
+(the default on CUDA) it also measures the reduced-precision encoder: mask IoU
+against float32 on every golden prompt, latency at batch 1, and images/s batched
+(``Predictor.embed_images``). Prints a table and writes JSON.
 
 Runs on CPU too (small sizes with ``--quick``), which is how the tests keep it
 working::
 
     python benchmarks/gpu.py --golden DIR [--device cuda] [--quick] [--out DIR]
+        [--precisions bf16 fp16] [--batch 16]
 
 ``DIR`` holds ``mobile_sam_random.pt``, ``images/public_*.png``, a
 ``*_cases.npz`` in the golden format and ``*_amg*_*.json`` cases.
@@ -158,6 +162,51 @@ def check_everything(golden: Path, model) -> dict:
     return out
 
 
+def check_precision(golden: Path, model, precision: str) -> dict:
+    """Mask IoU of the ``precision`` encoder against float32 over every golden call."""
+    from benchmarks.bench_backends import _golden_calls, _iou
+
+    fp32, low = Predictor(model), Predictor(model, precision=precision)
+    ious = []
+    for npz_path in sorted(golden.glob("*_cases.npz")):
+        with np.load(npz_path) as npz:
+            for name in sorted({k.split("/")[0] for k in npz.files}):
+                if not (golden / "images" / f"public_{name}.png").exists():
+                    continue
+                image = _image(golden, name)
+                fp32.set_image(image)
+                low.set_image(image)
+                for _, method, kwargs in _golden_calls(npz, name):
+                    a = getattr(fp32, method)(**kwargs)[0]
+                    b = getattr(low, method)(**kwargs)[0]
+                    a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+                    ious += [_iou(x, y) for x, y in zip(a, b, strict=True)]
+    return {"n_masks": len(ious), "mean_iou": float(np.mean(ious)),
+            "min_iou": float(np.min(ious)), "ok": bool(np.mean(ious) >= 0.98)}  # fmt: skip
+
+
+def precision_timings(golden: Path, model, device, precisions, batch: int, quick: bool) -> dict:
+    """Encoder latency at batch 1 and batched images/s, per precision (fp32 first)."""
+    photo = _image(golden, "photo")
+    if quick:
+        photo = photo[:64, :64]
+    reps = 2 if quick else 20
+    out = {}
+    for precision in ("fp32", *precisions):
+        pred = Predictor(model, precision=precision)
+        x = model.preprocess(
+            torch.tensor(pred.transform.apply_image(photo), device=device)
+            .permute(2, 0, 1)[None].float()
+        )  # fmt: skip
+        row = {"batch1": _time(lambda pred=pred, x=x: pred.encode(x), device, reps)}
+        images = [photo] * batch
+        t = _time(lambda pred=pred, im=images: pred.embed_images(im, batch_size=batch),
+                  device, 1 if quick else 5)  # fmt: skip
+        row["batched"] = {**t, "batch": batch, "images_per_s": batch / (t["median_ms"] / 1e3)}
+        out[precision] = row
+    return out
+
+
 def timings(golden: Path, device, quick: bool) -> dict:
     weights = golden / "mobile_sam_random.pt"
     fast_model = load_model("vit_t", weights, device=device)
@@ -221,6 +270,17 @@ def report(result: dict) -> str:
             f"{r['reference_count_equal']}, matched {r['reference']['nonempty_matched_099']:.2f}), "
             f"fast {r['fast']['count']} (matched {r['fast']['nonempty_matched_095']:.2f})"
         )
+    for prec, r in result.get("precision_check", {}).items():
+        lines.append(
+            f"{prec} encoder vs fp32, {r['n_masks']} golden masks: mean IoU {r['mean_iou']:.4f}, "
+            f"min {r['min_iou']:.4f} -> {'OK' if r['ok'] else 'FAIL'}"
+        )
+    for prec, r in result.get("precision_timings", {}).items():
+        b = r["batched"]
+        lines.append(
+            f"encoder {prec:5}: batch 1 {r['batch1']['median_ms']:.2f} ms, batch {b['batch']} "
+            f"{b['images_per_s']:.1f} images/s (incl. resize + normalise)"
+        )
     lines.append(f"{'':44} {'ours ms':>10} {'reference ms':>13} {'ratio':>7}")
     for name, r in result["timings"].items():
         ours = r.get("ours", r.get("fast"))
@@ -237,6 +297,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu.json")
+    parser.add_argument("--precisions", nargs="*", choices=["bf16", "fp16"], default=None,
+                        help="reduced precisions to check and time [CUDA: bf16 fp16]")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=16, help="batched encoder size [16]")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     model = load_model("vit_t", args.golden / "mobile_sam_random.pt", device=device)
@@ -244,11 +307,21 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         result["predictor_check"] = check_predictor(args.golden, model, device)
         result["everything_check"] = {} if args.quick else check_everything(args.golden, model)
+    precisions = args.precisions
+    if precisions is None:
+        precisions = ["bf16", "fp16"] if device.type == "cuda" else []
+    result["precision_check"] = {p: check_precision(args.golden, model, p) for p in precisions}
+    result["precision_timings"] = precision_timings(
+        args.golden, model, device, precisions, args.batch if not args.quick else 2, args.quick
+    )
     result["timings"] = timings(args.golden, device, args.quick)
     print(report(result), flush=True)
     if args.out:
         write_json(args.out / "gpu.json", result)
-    return 0 if result["predictor_check"]["ok"] else 1
+    ok = result["predictor_check"]["ok"] and all(
+        r["ok"] for r in result["precision_check"].values()
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -43,11 +43,15 @@ def test_bench_everything_runs():
 def test_gpu_script_runs_on_cpu(tmp_path, capsys):
     from benchmarks import gpu
 
-    assert (
-        gpu.main(["--golden", str(GOLDEN), "--quick", "--device", "cpu", "--out", str(tmp_path)])
-        == 0
-    )
-    assert "golden predictor" in capsys.readouterr().out and (tmp_path / "gpu.json").exists()
+    argv = ["--golden", str(GOLDEN), "--quick", "--device", "cpu", "--out", str(tmp_path),
+            "--precisions", "bf16"]  # fmt: skip
+    assert gpu.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bf16 encoder vs fp32, 50 golden masks" in out and "encoder bf16 " in out
+    data = __import__("json").loads((tmp_path / "gpu.json").read_text())
+    assert data["precision_check"]["bf16"]["mean_iou"] >= 0.98
+    assert set(data["precision_timings"]) == {"fp32", "bf16"}
+    assert "golden predictor" in out
 
 
 @requires_golden
