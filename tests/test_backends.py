@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from napari_mobilesam import cli as mobilesam_cli
@@ -19,7 +20,7 @@ pytest.importorskip("onnxruntime")
 
 
 def test_predictor_backend_arguments(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="'torch' or 'onnx'"):
+    with pytest.raises(ValueError, match="'torch', 'onnx' or 'auto'"):
         Predictor(tiny_model, backend="tensorrt")
     with pytest.raises(ValueError, match="need backend='onnx'"):
         Predictor(tiny_model, onnx_folder=tmp_path)
@@ -46,6 +47,54 @@ def test_predictor_takes_a_backend_object(tiny_model, rng):
     ):  # fmt: skip
         for got, want in zip(ours.predict(**kw), ref.predict(**kw), strict=True):
             np.testing.assert_allclose(got.astype(float), want.astype(float), atol=1e-4)
+
+
+def test_auto_backend_on_cpu_is_onnx_encoder_torch_decoder(golden_model, onnx_cache, rng):
+    """backend='auto': onnxruntime's encoder features, our torch decoder's masks."""
+    image = rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    auto, onnx_pred, torch_pred = (Predictor(golden_model, backend=b)
+                                   for b in ("auto", "onnx", "torch"))  # fmt: skip
+    assert auto.backend_name == "onnx encoder + torch decoder"
+    assert onnx_pred.backend_name == "onnx" and torch_pred.backend_name == "torch"
+    assert auto.backend is None  # decoding: the torch path with its per-image cache
+    for p in (auto, onnx_pred, torch_pred):
+        p.set_image(image)
+    assert torch.equal(auto.features, onnx_pred.features)
+    torch.testing.assert_close(auto.features, torch_pred.features, rtol=0, atol=1e-4)
+    pt = (np.array([[40, 50]]), np.array([1]))
+    torch_pred.features = auto.features  # same embedding -> the same torch decoder output
+    for got, want in zip(auto.predict(*pt), torch_pred.predict(*pt), strict=True):
+        np.testing.assert_array_equal(got, want)
+    embs = auto.embed_images([image, image[:60]], batch_size=2)
+    assert torch.equal(embs[0].features, auto.features)
+    q = Predictor(golden_model, backend="auto", quantize="int8")
+    assert q.backend_name == "onnx int8 encoder + torch decoder"
+    gen = MaskGenerator(golden_model, points_per_side=2, backend="auto")
+    assert gen.predictor.backend_name == "onnx encoder + torch decoder"
+
+
+def test_auto_backend_falls_back_to_torch(tiny_model, monkeypatch):
+    import napari_mobilesam.runtime as runtime
+    import napari_mobilesam.runtime.onnx_backend as ob
+
+    # reduced precision: the torch encoder under autocast
+    pred = Predictor(tiny_model, backend="auto", precision="bf16")
+    assert pred.backend_name == "torch" and pred.precision == "bf16"
+
+    # export failure: a warning, then torch
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(runtime, "get_onnx_backend", broken)
+    with pytest.warns(RuntimeWarning, match="exporter exploded.*using torch"):
+        assert Predictor(tiny_model, backend="auto").backend_name == "torch"
+
+    # onnxruntime not installed: torch, silently
+    def missing():
+        raise ImportError("no onnxruntime")
+
+    monkeypatch.setattr(ob, "import_onnxruntime", missing)
+    assert Predictor(tiny_model, backend="auto").backend_name == "torch"
 
 
 def test_mask_generator_backend_argument(tiny_model):

@@ -125,9 +125,10 @@ def test_end_to_end_golden_teacher_vit_t_student(tmp_path, capsys):
     from napari_mobilesam.predictor import Predictor
 
     pred = Predictor(student)
-    pred.set_image(np.asarray(Image.open(images / "micro.png").convert("RGB")))
+    micro = np.asarray(Image.open(images / "micro.png").convert("RGB"))
+    pred.set_image(micro)
     masks, iou, _ = pred.predict(np.array([[100, 100]]), np.array([1]))
-    assert masks.shape == (3, 550, 660) and np.isfinite(iou).all()
+    assert masks.shape == (3, *micro.shape[:2]) and np.isfinite(iou).all()
 
     out_json = tmp_path / "eval.json"
     assert main(["evaluate", "--student", str(run / "student.pt"), *teacher, "--images",

@@ -51,13 +51,21 @@ def _ids(items):
     return [f"{prefix}-{name}" for _, prefix, name in items]
 
 
-@pytest.fixture(scope="module", params=["torch", "onnx"])
+@pytest.fixture(scope="module", params=["torch", "onnx", "auto"])
 def make_predictor(request, golden_model):
-    """Predictors on the golden model with each backend (onnx: exported once, onnxruntime)."""
+    """Predictors on the golden model with each backend (onnx: exported once, onnxruntime;
+    auto: onnxruntime encoder + torch decoder)."""
     if request.param == "torch":
         return lambda: Predictor(golden_model)
     folder = request.getfixturevalue("golden_onnx_dir")
-    return lambda: Predictor(golden_model, backend="onnx", onnx_folder=folder)
+
+    def make():
+        pred = Predictor(golden_model, backend=request.param, onnx_folder=folder)
+        want = {"onnx": "onnx", "auto": "onnx encoder + torch decoder"}[request.param]
+        assert pred.backend_name == want
+        return pred
+
+    return make
 
 
 @pytest.fixture(scope="module")

@@ -123,8 +123,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         metavar="PATH",
         help="checkpoint file in the official format (e.g. mobile_sam.pt)",
     )
-    model.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                       help="onnx: onnxruntime, models exported on first use [torch]")  # fmt: skip
+    model.add_argument("--backend", default="torch", choices=["torch", "onnx", "auto"],
+                       help="onnx: onnxruntime, models exported on first use; auto: onnxruntime "
+                       "encoder + torch decoder on a CPU, torch on a GPU [torch]")  # fmt: skip
     model.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available) [auto]"
     )
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--workers {args.workers}: must be at least 1")
         if args.threads is not None and args.threads < 1:
             raise UsageError(f"--threads {args.threads}: must be at least 1")
-        if args.precision != "fp32" and args.backend != "torch":
+        if args.precision != "fp32" and args.backend == "onnx":
             raise UsageError(f"--precision {args.precision} needs --backend torch")
         if args.scheduler is None and "--workers" in (argv if argv is not None else sys.argv):
             raise UsageError("--workers needs --scheduler local")

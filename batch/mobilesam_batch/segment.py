@@ -87,8 +87,8 @@ class ModelSpec:
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
     backend : str
-        ``"torch"`` or ``"onnx"`` (onnxruntime; the models are exported into the
-        cache on first use).
+        ``"torch"``, ``"onnx"`` (onnxruntime; the models are exported into the
+        cache on first use) or ``"auto"`` (onnxruntime encoder + torch decoder on a CPU).
     threads : int or None
         torch intra-op threads for this process (None: torch's default).
     precision : str
@@ -109,8 +109,8 @@ class ModelSpec:
 
         from napari_mobilesam.build import load_model
 
-        if self.backend not in ("torch", "onnx"):
-            raise ValueError(f"backend must be 'torch' or 'onnx', got {self.backend!r}")
+        if self.backend not in ("torch", "onnx", "auto"):
+            raise ValueError(f"backend must be 'torch', 'onnx' or 'auto', got {self.backend!r}")
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         return load_model(self.name, self.weights, device=self.device, progress=False)

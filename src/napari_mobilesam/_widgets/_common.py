@@ -38,8 +38,9 @@ def get_predictor(name: str, weights: str | None, device: str, backend: str = "t
         Checkpoint file; None downloads the registry weights on first use.
     device : str
         ``auto``, ``cpu``, ``cuda``, ...
-    backend : {"torch", "onnx"}
-        ``onnx`` exports the model on first use (cached) and runs onnxruntime.
+    backend : {"torch", "onnx", "auto"}
+        ``onnx`` exports the model on first use (cached) and runs onnxruntime; ``auto``
+        runs the encoder in onnxruntime and the decoder in torch on a CPU.
     """
     key = (name, weights or "", device, backend)
     with _LOCK:
@@ -71,8 +72,11 @@ class ModelPicker(QWidget):
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
         self.backend = QComboBox()
-        self.backend.addItems(["torch", "onnx"])
-        self.backend.setToolTip("onnx: onnxruntime (exported once on first use), for CPUs")
+        self.backend.addItems(["torch", "onnx", "auto"])
+        self.backend.setToolTip(
+            "onnx: onnxruntime (exported once on first use), for CPUs; auto: onnxruntime "
+            "encoder + torch decoder on a CPU (fastest), torch on a GPU"
+        )
         form.addRow("model", self.name)
         form.addRow("weights", row)
         form.addRow("device", self.device)

@@ -95,7 +95,7 @@ class MaskGenerator:
         tiles it is at most a quarter of the tile.
     progress : bool
         Show a progress bar (tqdm, on stderr) over crops and point batches.
-    backend : {"torch", "onnx"}, optional
+    backend : {"torch", "onnx", "auto"}, optional
         What runs the encoder and decoder (see :class:`~napari_mobilesam.predictor.Predictor`);
         with ``"onnx"`` the decoder runs whole per prompt batch (no early IoU filter
         inside it). Default: torch for a model or name, a given Predictor's own backend.
