@@ -4,7 +4,8 @@ Checks, on the chosen device, that the fast paths reproduce the reference (golde
 features, predictor logits/IoU/masks, segment-everything masks), then times our
 path against the reference-mode path in the same run: encoder at batch 1,
 a one-point predict, and segment-everything (32x32 grid, 1024x1024 image) with
-default thresholds and with every mask passing. With ``--precisions bf16 fp16``
+default thresholds and with every mask passing, in fast mode and as ``mode="device"``
+label images (the on-device path). With ``--precisions bf16 fp16``
 (the default on CUDA) it also measures the reduced-precision encoder: mask IoU
 against float32 on every golden prompt, latency at batch 1, and images/s batched
 (``Predictor.embed_images``). Prints a table and writes JSON.
@@ -251,6 +252,20 @@ def timings(golden: Path, device, quick: bool) -> dict:
                 row[mode]["objects"] = n[-1]
                 row[mode]["nms"] = nms
             out[f"everything_{grid}x{grid}_{side}px_{label}"] = row
+            # device mode's label image (the GPU path) against reference mode's records
+            gen = MaskGenerator(fast_model, points_per_side=grid, mode="device", nms="box",
+                                **params)  # fmt: skip
+            n = []
+            dev_row = {
+                "ours": _time(
+                    lambda gen=gen, n=n: n.append(int(gen.generate_labels(image).max())),
+                    device, 1 if quick else reps_everything,
+                    warmup=1 if reps_everything > 1 and not quick else 0,
+                ),
+                "reference": row["reference"],
+            }  # fmt: skip
+            dev_row["ours"]["objects"] = n[-1]
+            out[f"everything_{grid}x{grid}_{side}px_{label}_device_labels"] = dev_row
     return out
 
 

@@ -394,7 +394,7 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
         ({"stability_score_offset": 0}, "stability_score_offset must be a positive number"),
         ({"output_mode": "png"}, "output_mode must be one of"),
         ({"nms": "soft"}, "nms must be 'mask' or 'box'"),
-        ({"mode": "turbo"}, "mode must be 'fast' or 'reference'"),
+        ({"mode": "turbo"}, "mode must be 'fast', 'reference' or 'device'"),
         ({"mode": "reference"}, "uses nms='box'"),
         ({"tile_size": -1}, "tile_size must be an integer >= 0"),
         ({"tile_size": 100, "tile_overlap": 100}, "tile_overlap .* smaller than tile_size"),
@@ -480,3 +480,38 @@ def test_precision_goes_to_the_predictor_and_reference_mode(tiny_model):
     assert labels.shape == (40, 50)
     with pytest.raises(ValueError, match="precision= are for a model or a name"):
         MaskGenerator(Predictor(tiny_model), points_per_side=2, precision="fp16")
+
+
+def test_device_label_painting_equals_masks_to_labels(rng):
+    """labels_from_masks (vectorised, chunked) == masks_to_labels (per mask), with ties,
+    masks hidden under better ones, empty masks, and chunk borders."""
+    from napari_mobilesam.everything.device import labels_from_masks
+    from napari_mobilesam.everything.masks import tight_crop
+
+    h, w, m = 40, 50, 23
+    masks = np.zeros((m, h, w), bool)
+    for k in range(m):
+        y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
+        masks[k, y : y + rng.integers(3, 25), x : x + rng.integers(3, 25)] = True
+    masks[5] = masks[2]  # an identical mask: hidden if it scores lower
+    masks[7] = False  # an empty mask
+    scores = rng.random(m).round(1)  # many ties
+    crops, boxes = [], []
+    for k in range(m):
+        found = tight_crop(masks[k], 0, 0)
+        crop, box = found if found is not None else (np.zeros((1, 1), bool), [0, 0, 0, 0])
+        crops.append(crop)
+        boxes.append(box)
+    want, want_src = masks_to_labels(crops, np.asarray(boxes), scores, (h, w), return_sources=True)
+    for chunk in (1, 4, 64):
+        got, src = labels_from_masks(torch.as_tensor(masks), torch.as_tensor(scores), chunk=chunk)
+        np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(src.numpy(), want_src)
+    assert want.max() > 5
+
+
+def test_device_mode_needs_box_nms(tiny_model):
+    with pytest.raises(ValueError, match="mode='device' follows segment-anything"):
+        MaskGenerator(tiny_model, mode="device")
+    with pytest.raises(ValueError, match="'fast', 'reference' or 'device'"):
+        MaskGenerator(tiny_model, mode="gpu")

@@ -94,3 +94,42 @@ def test_fast_mode_agrees_with_reference(path, golden_model):
     ious, _ = _match(ours, ref, min_iou=0.95, score_tol=1e-2)
     assert np.mean(ious >= 0.95) >= 0.95
     assert len(ours) <= len(ref) / 0.95  # and finds little the reference does not
+
+
+@requires_golden
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_device_mode_reproduces_reference(path, golden_model):
+    """mode='device' (reference decisions on batched tensors, cached decoder) gives the
+    reference's records, crop layers and min_mask_region_area included."""
+    case, image = _load(path)
+    gen = MaskGenerator(
+        golden_model, **case["params"], output_mode="uncompressed_rle", mode="device", nms="box"
+    )
+    ours = gen.generate(image)
+    ref = case["annotations"]
+    assert len(ours) == len(ref)
+    _, pairs = _match(ours, ref, min_iou=0.99, score_tol=1e-3)
+    assert len(pairs) == len(ref), f"{len(ref) - len(pairs)} reference masks unmatched"
+    for j, i in pairs.items():
+        assert abs(ours[i]["stability_score"] - ref[j]["stability_score"]) <= 1e-3
+        assert np.abs(np.subtract(ours[i]["bbox"], ref[j]["bbox"])).max() <= 1
+
+
+@requires_golden
+def test_device_labels_equal_reference_labels(golden_model):
+    """generate_labels in device mode paints on the device; same labels and info as the
+    label image made from reference mode's masks."""
+    case, image = _load(GOLDEN / "public_amg0_micro.json")
+    params = {**case["params"], "points_per_side": 8}
+    ref = MaskGenerator(golden_model, **params, mode="reference", nms="box")
+    dev = MaskGenerator(golden_model, **params, mode="device", nms="box")
+    want, want_info = ref.generate_labels(image, return_info=True)
+    got, got_info = dev.generate_labels(image, return_info=True)
+    assert got.dtype == np.uint32 and got.shape == image.shape[:2]
+    assert want.max() >= 1
+    np.testing.assert_array_equal(got, want)
+    for key in ("order", "mask_area"):
+        np.testing.assert_array_equal(got_info[key], want_info[key])
+    for key in ("predicted_iou", "stability_score", "point_coords"):
+        np.testing.assert_allclose(got_info[key], want_info[key], atol=1e-4)

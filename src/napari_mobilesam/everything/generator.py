@@ -12,6 +12,13 @@ Two modes share one pipeline of small functions over :class:`MaskData`:
     upsampled only inside its own window (:mod:`.upsample`) and kept as a tight
     crop (:mod:`.masks`), duplicates are removed by mask IoU (``nms="mask"``) or
     box IoU (``nms="box"``). Memory grows with the objects, not the image.
+``mode="device"`` (for GPUs)
+    Reference mode's decisions on the model's device without per-mask host
+    work (:mod:`.device`): all grid prompts decoded in one pass by the cached,
+    factorised decoder, the survivors upsampled in batches, full-resolution
+    stability scores, box NMS (``nms="box"``); :meth:`MaskGenerator.generate_labels`
+    paints the label image on the device and reads back only that (for one crop
+    without ``min_mask_region_area``; otherwise through RLEs as in reference mode).
 
 Large images (longer side above ``2 * tile_size`` by default) are also covered
 by overlapping tiles at native resolution; an object cut by a tile border is
@@ -31,6 +38,7 @@ import torch
 from ..model import Sam
 from ..normalize import to_rgb_uint8
 from ..predictor import Predictor
+from . import device as _device
 from .boxes import batched_mask_to_box, box_area, box_xyxy_to_xywh, is_box_near_crop_edge, nms
 from .grid import build_all_layer_point_grids, generate_crop_boxes, generate_tiles
 from .labels import masks_to_labels
@@ -82,8 +90,8 @@ class MaskGenerator:
         Format of each record's ``segmentation``.
     nms : {"mask", "box"}
         Duplicate removal by mask IoU (fast mode only) or box IoU.
-    mode : {"fast", "reference"}
-        See the module docstring.
+    mode : {"fast", "reference", "device"}
+        See the module docstring. ``"device"`` needs ``nms="box"``.
     tile_size : int or None
         Also cover the image with overlapping ``tile_size`` tiles at native
         resolution. None: automatic, tiles of the model input size (1024) for images
@@ -174,10 +182,10 @@ class MaskGenerator:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
         if nms not in ("mask", "box"):
             raise ValueError(f"nms must be 'mask' or 'box', got {nms!r}")
-        if mode not in ("fast", "reference"):
-            raise ValueError(f"mode must be 'fast' or 'reference', got {mode!r}")
-        if mode == "reference" and nms == "mask":
-            raise ValueError("mode='reference' follows segment-anything, which uses nms='box'")
+        if mode not in ("fast", "reference", "device"):
+            raise ValueError(f"mode must be 'fast', 'reference' or 'device', got {mode!r}")
+        if mode in ("reference", "device") and nms == "mask":
+            raise ValueError(f"mode={mode!r} follows segment-anything, which uses nms='box'")
 
         if points_per_side is not None:
             _check_int("points_per_side", points_per_side, 1)
@@ -212,6 +220,7 @@ class MaskGenerator:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.progress = progress
+        self._keep_masks = False  # device mode: keep masks on the device for labels
         if mode == "reference":
             # the reference computation throughout: no decoder cache, plain attention
             self.predictor = Predictor(
@@ -293,8 +302,38 @@ class MaskGenerator:
             before overlaps were resolved, ``order`` (N,) int64 index of the mask
             in :meth:`generate` order.
         """
-        rgb, data = self._masks_of(image, contrast_limits, channels, channel_axis)
+        rgb = to_rgb_uint8(
+            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
+        )
         shape = rgb.shape[:2]
+        on_device = (
+            self.mode == "device"
+            and self.min_mask_region_area == 0
+            and len(self._crop_boxes(shape)[0]) == 1
+        )
+        self._keep_masks = on_device
+        try:
+            data = self._generate_masks(rgb)
+        finally:
+            self._keep_masks = False
+        if on_device and len(data):
+            labels_t, sources_t = _device.labels_from_masks(data["masks"], data["iou_preds"])
+            labels = labels_t.cpu().numpy().astype(np.uint32)
+            sources = sources_t.numpy().astype(np.int64)
+            if return_info:
+                areas_all = data["masks"].flatten(1).sum(1).cpu().numpy()
+            del data["masks"]
+            if not return_info:
+                return labels
+            return labels, {
+                "predicted_iou": np.asarray(data["iou_preds"], dtype=np.float64)[sources],
+                "stability_score": np.asarray(data["stability_score"], dtype=np.float64)[sources],
+                "point_coords": np.asarray(data["points"], dtype=np.float64).reshape(-1, 2)[
+                    sources
+                ],
+                "mask_area": areas_all[sources].astype(np.int64),
+                "order": sources,
+            }
         if len(data) == 0:
             labels, sources = np.zeros(shape, dtype=np.uint32), np.zeros(0, dtype=np.int64)
         else:
@@ -361,7 +400,7 @@ class MaskGenerator:
             data.filter(self._nms(data, scores, self.crop_nms_thresh, orig_size))
         if self.min_mask_region_area > 0 and len(data):
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
-            if self.mode == "reference":
+            if self.mode in ("reference", "device"):  # full-size masks (RLEs)
                 _reference_small_regions(data, self.min_mask_region_area, nms_thresh)
             else:
                 self._fast_small_regions(data, nms_thresh, orig_size)
@@ -373,11 +412,16 @@ class MaskGenerator:
         size = cropped.shape[:2]
         self.predictor.set_image(cropped)
         points = self.point_grids[layer] * np.array(size)[None, ::-1]
-        process = self._batch_reference if self.mode == "reference" else self._batch_fast
-        state = None if self.mode == "reference" else self._fast_state(size)
+        process = {"reference": self._batch_reference, "fast": self._batch_fast,
+                   "device": self._batch_device}[self.mode]  # fmt: skip
+        state = self._fast_state(size) if self.mode == "fast" else None
+        # on a GPU, device mode decodes every grid prompt of the crop in one pass
+        per_batch = self.points_per_batch
+        if self.mode == "device" and self.predictor.device.type != "cpu":
+            per_batch = max(per_batch, len(points))
         data = MaskData()
-        for start in range(0, len(points), self.points_per_batch):
-            batch = points[start : start + self.points_per_batch]
+        for start in range(0, len(points), per_batch):
+            batch = points[start : start + per_batch]
             data.cat(process(batch, size, crop_box, orig_size, state))
             if bar is not None:
                 bar.update(len(batch))
@@ -386,7 +430,14 @@ class MaskGenerator:
             return data
         data.filter(self._nms(data, data["iou_preds"], self.box_nms_thresh, orig_size))
         offset = torch.tensor([[x0, y0, x0, y0]])
-        if self.mode == "reference":
+        if self.mode == "device":
+            data["boxes"] = data["boxes"].cpu()
+            if not self._keep_masks:
+                data["rles"] = masks_to_rle(_uncrop_masks(data["masks"], crop_box, *orig_size))
+                del data["masks"]
+            for key in ("iou_preds", "stability_score"):
+                data[key] = data[key].cpu()
+        if self.mode in ("reference", "device"):
             data["boxes"] = data["boxes"] + offset
         data["points"] = data["points"] + torch.tensor([[x0, y0]], dtype=torch.float64)
         data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data), 1)
@@ -445,6 +496,35 @@ class MaskGenerator:
         del data["masks"]
         data.to_cpu()
         return data
+
+    # -- device mode -------------------------------------------------------------------
+
+    def _batch_device(self, points, im_size, crop_box, orig_size, _state) -> MaskData:
+        pred = self.predictor
+        orig_h, orig_w = orig_size
+        in_points = torch.as_tensor(
+            pred.transform.apply_coords(points, im_size), dtype=torch.float32, device=pred.device
+        )
+        in_labels = torch.ones(in_points.shape[0], 1, dtype=torch.int64, device=pred.device)
+        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        low_res, iou_preds, prompts = _decode(pred, in_points[:, None, :], in_labels, min_iou)
+        n_masks = low_res.shape[1]
+        masks, iou, stability, index = _device.full_res_masks(
+            self.model, low_res.flatten(0, 1), iou_preds.flatten(0, 1), pred.input_size, im_size,
+            pred_iou_thresh=self.pred_iou_thresh,
+            stability_score_thresh=self.stability_score_thresh,
+            stability_score_offset=self.stability_score_offset,
+        )  # fmt: skip
+        boxes = batched_mask_to_box(masks)
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        rows = index[keep]
+        pts = torch.as_tensor(points, dtype=torch.float64)[
+            prompts.cpu().repeat_interleave(n_masks)[rows.cpu()]
+        ]
+        return MaskData(
+            masks=masks[keep], boxes=boxes[keep], iou_preds=iou[keep],
+            stability_score=stability[keep], points=pts,
+        )  # fmt: skip
 
     # -- fast mode ---------------------------------------------------------------------
 
