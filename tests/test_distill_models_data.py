@@ -228,7 +228,7 @@ def test_preprocess_matches_model_preprocess(rng, tiny_model):
     assert x.shape == (3, 128, 128) and size == (80, 128)
     from napari_mobilesam.transforms import resize_longest_side
 
-    resized = torch.from_numpy(resize_longest_side(image, 128)).permute(2, 0, 1)[None].float()
+    resized = torch.tensor(resize_longest_side(image, 128)).permute(2, 0, 1)[None].float()
     want = tiny_model.preprocess(resized)[0]
     torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
     assert x[:, 80:].abs().max() == 0
