@@ -15,7 +15,6 @@ import tifffile
 import zarr
 from skimage import draw, measure
 
-from mobilesam_batch import outputs
 from mobilesam_batch.outputs import (
     OBJECT_COLUMNS,
     atomic_path,
@@ -31,6 +30,7 @@ from mobilesam_batch.outputs import (
     write_objects_csv,
     write_text_atomic,
 )
+from napari_mobilesam import atomic
 from napari_mobilesam.everything.rle import coco_to_rle, rle_to_mask
 
 
@@ -145,7 +145,7 @@ def test_atomic_path_directory_rename_failure_restores_old(tmp_path, monkeypatch
     def fail(src, dst):
         raise OSError("replace failed")
 
-    monkeypatch.setattr(outputs.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="replace failed"), atomic_path(dest, is_dir=True) as tmp:
         (tmp / "new.txt").write_text("new")
     monkeypatch.undo()
@@ -161,7 +161,7 @@ def test_atomic_path_warns_when_old_directory_cannot_be_deleted(tmp_path, monkey
     def fail(path, *args, **kwargs):
         raise OSError("busy")
 
-    monkeypatch.setattr(outputs.shutil, "rmtree", fail)
+    monkeypatch.setattr(atomic.shutil, "rmtree", fail)
     with (
         pytest.warns(RuntimeWarning, match="could not delete its old version"),
         atomic_path(dest, is_dir=True) as tmp,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import atomic_path
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -131,17 +132,11 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
             yield np.asarray(flat[i]).astype(dtype, copy=False)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         tifffile.imwrite(
             tmp, planes(), shape=shape, dtype=dtype, imagej=imagej, compression="zlib",
             photometric="minisblack", metadata={"axes": axes},
         )  # fmt: skip
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return [str(dest)]
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import write_text_atomic
 
 PROG = "mobilesam-distill"
 
@@ -176,18 +177,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    import os
-    import tempfile
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

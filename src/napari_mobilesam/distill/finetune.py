@@ -25,8 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from os import PathLike
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_text_atomic
 from ..build import resolve_device
 from ..model import Sam
 from ..transforms import apply_boxes, apply_coords
@@ -166,14 +165,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, buf.getvalue())
 
 
 def finetune_decoder(

@@ -26,12 +26,12 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 from os import PathLike
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from ..build import (
     MODEL_CONFIGS,
     SamConfig,
@@ -297,12 +297,6 @@ def save_student(model: Sam, path: str | PathLike) -> Path:
     """Write :func:`student_state_dict` to ``path`` atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(student_state_dict(model), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

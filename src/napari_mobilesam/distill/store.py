@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from .data import DataError
 
 __all__ = ["FORMAT", "VERSION", "EmbeddingStore"]
@@ -168,7 +168,7 @@ class EmbeddingStore:
         )
         for name in (_DONE, _FAILED):
             (path / name).touch()
-        _atomic_write_text(path / _INDEX, text)
+        write_text_atomic(path / _INDEX, text)
         return cls(path, images, shape, {k: v for k, v in index.items() if k not in _RESERVED})
 
     @classmethod
@@ -444,16 +444,3 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

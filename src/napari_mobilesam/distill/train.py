@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from os import PathLike
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path, write_text_atomic
 from ..build import (
     IGNORED_KEY_PREFIXES,
     SamConfig,
@@ -298,20 +298,9 @@ def _epoch_indices(n: int, epoch: int, seed: int, world: int, rank: int) -> list
 # ---------------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
 
 
 class _Log:
@@ -675,7 +664,8 @@ def _train(cfg: TrainConfig, progress: bool, env: _Dist) -> dict:
             "rows_sha256": rows_digest,
             "teacher_sha256": sha,
         }
-        _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(state, tmp))
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(state, tmp)
 
     net = encoder
     if env.world > 1:
