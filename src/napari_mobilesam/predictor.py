@@ -553,6 +553,20 @@ class Predictor:
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _onnx_backend(model: Sam, onnx_folder, quantize, threads):
+    """The model's onnxruntime backend: exported into the cache on first use, or a folder."""
+    from .runtime import get_onnx_backend
+
+    return get_onnx_backend(
+        model,
+        checkpoint=getattr(model, "checkpoint_path", None),
+        model_name=getattr(model, "model_name", None) or "vit_t",
+        folder=onnx_folder,
+        quantize=quantize,
+        threads=threads,
+    )
+
+
 def _int8(backend) -> str:
     path = getattr(backend, "encoder_path", None)
     return " int8" if path is not None and ".int8." in str(path) else ""
@@ -571,7 +585,6 @@ def _auto_encoder(model: Sam, onnx_folder, quantize, threads, precision: str):
     if model.device.type != "cpu" or precision != "fp32":
         return None
     try:
-        from .runtime import get_onnx_backend
         from .runtime.export import _import_exporter
         from .runtime.onnx_backend import import_onnxruntime
 
@@ -581,14 +594,7 @@ def _auto_encoder(model: Sam, onnx_folder, quantize, threads, precision: str):
     except ImportError:
         return None
     try:
-        return get_onnx_backend(
-            model,
-            checkpoint=getattr(model, "checkpoint_path", None),
-            model_name=getattr(model, "model_name", None) or "vit_t",
-            folder=onnx_folder,
-            quantize=quantize,
-            threads=threads,
-        )
+        return _onnx_backend(model, onnx_folder, quantize, threads)
     except Exception as exc:  # an export failure must not stop predicting
         import warnings
 
@@ -608,16 +614,7 @@ def _make_backend(backend, model: Sam, onnx_folder, quantize, threads):
                 raise ValueError("onnx_folder and quantize need backend='onnx'")
             return None
         if backend == "onnx":
-            from .runtime import get_onnx_backend
-
-            return get_onnx_backend(
-                model,
-                checkpoint=getattr(model, "checkpoint_path", None),
-                model_name=getattr(model, "model_name", None) or "vit_t",
-                folder=onnx_folder,
-                quantize=quantize,
-                threads=threads,
-            )
+            return _onnx_backend(model, onnx_folder, quantize, threads)
         raise ValueError(f"backend must be 'torch', 'onnx' or 'auto', got {backend!r}")
     if hasattr(backend, "encode") and hasattr(backend, "decode"):
         return backend
