@@ -109,3 +109,13 @@ def onnx_cache(golden_onnx_dir, tmp_path, monkeypatch):
     shutil.copytree(golden_onnx_dir, cache / "onnx" / f"{key}-v{EXPORTER_VERSION}")
     monkeypatch.setenv("MOBILESAM_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks and some tests set torch's thread count; never let it leak into later
+    tests (one leaked ``set_num_threads(1)`` made the rest of the suite ~1.6x slower)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
