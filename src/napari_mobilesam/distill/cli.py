@@ -27,16 +27,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import write_text_atomic
+from ..cli import CommandError
 
 PROG = "mobilesam-distill"
-
-
-class CommandError(Exception):
-    """A command failed; the message is printed and the exit status is ``status``."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _teacher_weights(teacher: str, weights: Path | None, flag: str = "--teacher-weights") -> Path:
