@@ -153,22 +153,20 @@ def load_sam(spec: ModelSpec, weights: str | PathLike, device="cpu") -> Sam:
     return model.eval().to(device)
 
 
-def _student_config(student: SamConfig, teacher: Sam) -> SamConfig:
-    """The student's encoder with the teacher's prompt encoder / decoder sizes."""
-    pe = teacher.prompt_encoder
-    emb = student.encoder.img_size // student.encoder.stride
-    if student.encoder.img_size != teacher.img_size or (emb, emb) != tuple(pe.image_embedding_size):
+def _check_student(student: SamConfig, img_size: int, emb: int, embed_dim: int) -> None:
+    """Raise ValueError unless the student's embeddings fit a teacher decoder taking
+    ``img_size`` px inputs, ``emb`` x ``emb`` embeddings of ``embed_dim`` channels."""
+    s_emb = student.image_embedding_size
+    if (student.image_size, s_emb) != (img_size, emb):
         raise ValueError(
-            f"student input {student.encoder.img_size} px -> {emb}x{emb} embedding does not "
-            f"match the teacher's {teacher.img_size} px -> "
-            f"{pe.image_embedding_size[0]}x{pe.image_embedding_size[1]}"
+            f"student input {student.image_size} px -> {s_emb}x{s_emb} embedding does not "
+            f"match the teacher's {img_size} px -> {emb}x{emb}"
         )
-    if student.encoder.out_chans != pe.embed_dim:
+    if student.encoder.out_chans != embed_dim:
         raise ValueError(
             f"student encoder writes {student.encoder.out_chans} channels, the teacher's "
-            f"decoder expects {pe.embed_dim}"
+            f"decoder expects {embed_dim}"
         )
-    return student
 
 
 def build_student(
@@ -200,7 +198,9 @@ def build_student(
     ValueError
         The student's embedding shape differs from the teacher's.
     """
-    cfg = _student_config(resolve_config(student), teacher)
+    cfg = resolve_config(student)
+    pe = teacher.prompt_encoder
+    _check_student(cfg, teacher.img_size, pe.image_embedding_size[0], pe.embed_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_sam(cfg)
@@ -242,18 +242,7 @@ def load_teacher_parts(
     t_cfg = resolve_config(teacher)
     s_cfg = resolve_config(student)
     cfg = dataclasses.replace(t_cfg, encoder=s_cfg.encoder)
-    emb = t_cfg.image_embedding_size
-    if (s_cfg.encoder.img_size, s_cfg.image_embedding_size) != (t_cfg.image_size, emb):
-        raise ValueError(
-            f"student input {s_cfg.image_size} px -> {s_cfg.image_embedding_size}x"
-            f"{s_cfg.image_embedding_size} embedding does not match the teacher's "
-            f"{t_cfg.image_size} px -> {emb}x{emb}"
-        )
-    if s_cfg.encoder.out_chans != t_cfg.prompt_embed_dim:
-        raise ValueError(
-            f"student encoder writes {s_cfg.encoder.out_chans} channels, the teacher's "
-            f"decoder expects {t_cfg.prompt_embed_dim}"
-        )
+    _check_student(s_cfg, t_cfg.image_size, t_cfg.image_embedding_size, t_cfg.prompt_embed_dim)
     state = read_state_dict(teacher_weights)
     parts = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
     with torch.random.fork_rng(devices=[]):

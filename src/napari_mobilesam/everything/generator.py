@@ -497,17 +497,23 @@ class MaskGenerator:
         data.to_cpu()
         return data
 
-    # -- device mode -------------------------------------------------------------------
-
-    def _batch_device(self, points, im_size, crop_box, orig_size, _state) -> MaskData:
+    def _decode_grid(self, points, im_size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Single positive point prompts (x, y in the crop) through :func:`_decode`, with
+        the early ``pred_iou_thresh`` filter; returns low-res logits, IoU, prompt indices."""
         pred = self.predictor
-        orig_h, orig_w = orig_size
         in_points = torch.as_tensor(
             pred.transform.apply_coords(points, im_size), dtype=torch.float32, device=pred.device
         )
         in_labels = torch.ones(in_points.shape[0], 1, dtype=torch.int64, device=pred.device)
         min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
-        low_res, iou_preds, prompts = _decode(pred, in_points[:, None, :], in_labels, min_iou)
+        return _decode(pred, in_points[:, None, :], in_labels, min_iou)
+
+    # -- device mode -------------------------------------------------------------------
+
+    def _batch_device(self, points, im_size, crop_box, orig_size, _state) -> MaskData:
+        pred = self.predictor
+        orig_h, orig_w = orig_size
+        low_res, iou_preds, prompts = self._decode_grid(points, im_size)
         n_masks = low_res.shape[1]
         masks, iou, stability, index = _device.full_res_masks(
             self.model, low_res.flatten(0, 1), iou_preds.flatten(0, 1), pred.input_size, im_size,
@@ -539,13 +545,7 @@ class MaskGenerator:
         return {"upsampler": upsampler, "valid": valid}
 
     def _batch_fast(self, points, im_size, crop_box, orig_size, state) -> MaskData:
-        pred = self.predictor
-        in_points = torch.as_tensor(
-            pred.transform.apply_coords(points, im_size), dtype=torch.float32, device=pred.device
-        )
-        in_labels = torch.ones(in_points.shape[0], 1, dtype=torch.int64, device=pred.device)
-        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
-        low_res, iou_preds, prompts = _decode(pred, in_points[:, None, :], in_labels, min_iou)
+        low_res, iou_preds, prompts = self._decode_grid(points, im_size)
         n_masks = low_res.shape[1]
         vh, vw = state["valid"]
         low_res_full = low_res.flatten(0, 1)
