@@ -1,8 +1,10 @@
-"""Segment everything: fast mode vs reference mode, time and peak memory, side by side.
+"""Segment everything: fast mode vs reference mode vs the original, time and peak memory.
 
 Each configuration runs in a fresh child process (so its peak memory is its own)
 on the same image and weights; the parent prints a table with ratios and
-optionally writes JSON. Default thresholds unless ``--all-pass``.
+optionally writes JSON. Default thresholds unless ``--all-pass``. The original is
+segment-anything's ``SamAutomaticMaskGenerator`` when it is installed (see
+``benchmarks/original.py``); otherwise its column says why it is missing.
 
 Usage::
 
@@ -36,12 +38,22 @@ def _child(args: argparse.Namespace) -> dict:
     if args.size:
         reps = (-(-args.size // image.shape[0]), -(-args.size // image.shape[1]), 1)
         image = np.ascontiguousarray(np.tile(image, reps)[: args.size, : args.size])
-    model = load_model("vit_t", args.weights or default_weights(), device="cpu")
+    weights = args.weights or default_weights()
     params = {"points_per_side": args.grid}
     if args.all_pass:
         params.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    nms = "box" if args.mode == "reference" else args.nms
-    gen = MaskGenerator(model, **params, mode=args.mode, nms=nms)
+    nms = "box" if args.mode in ("reference", "original") else args.nms
+    if args.mode == "original":
+        from benchmarks import original
+
+        try:
+            orig = original.load(weights)
+        except original.OriginalUnavailable as exc:
+            return {"mode": "original", "unavailable": str(exc)}
+        gen = orig.generator(**params)
+    else:
+        model = load_model("vit_t", weights, device="cpu")
+        gen = MaskGenerator(model, **params, mode=args.mode, nms=nms)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -50,6 +62,7 @@ def _child(args: argparse.Namespace) -> dict:
     n = int(records.max()) if args.labels else len(records)
     return {
         "mode": args.mode,
+        **({"what": orig.describe()} if args.mode == "original" else {}),
         "nms": nms,
         "grid": args.grid,
         "image_size": list(image.shape[:2]),
@@ -78,13 +91,25 @@ def run_case(mode: str, grid: int, *, weights=None, size=None, all_pass=False, n
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(grids=(16, 32), large=4096, large_grid=8, weights=None, all_pass=False) -> dict:
+def run(grids=(16, 32), large=4096, large_grid=8, weights=None, all_pass=False,
+        with_original=True) -> dict:  # fmt: skip
+    """Each grid in fast, reference and (when installed) original mode; see the module doc.
+
+    Every row has ``fast``, ``reference``, ``time_ratio`` (fast / reference) and, with
+    ``with_original``, ``original`` (its result, or ``{"unavailable": why}``) and, when
+    it ran, ``original_ratio`` (fast / original).
+    """
     rows = []
     for grid in grids:
         fast = run_case("fast", grid, weights=weights, all_pass=all_pass)
         ref = run_case("reference", grid, weights=weights, all_pass=all_pass)
-        rows.append({"grid": grid, "fast": fast, "reference": ref,
-                     "time_ratio": fast["seconds"] / ref["seconds"]})  # fmt: skip
+        row = {"grid": grid, "fast": fast, "reference": ref,
+               "time_ratio": fast["seconds"] / ref["seconds"]}  # fmt: skip
+        if with_original:
+            row["original"] = orig = run_case("original", grid, weights=weights, all_pass=all_pass)
+            if "seconds" in orig:
+                row["original_ratio"] = fast["seconds"] / orig["seconds"]
+        rows.append(row)
     result = {"benchmark": "everything", "machine": machine(), "all_pass": all_pass, "rows": rows}
     if large:
         result["large"] = run_case("fast", large_grid, weights=weights, size=large, labels=True)
@@ -107,6 +132,15 @@ def report(result: dict) -> str:
             f"{r['time_ratio']:8.2f}x {f['peak_rss_mb']:8.0f} {ref['peak_rss_mb']:8.0f} "
             f"{f['objects']:>5}/{ref['objects']}"
         )
+        orig = r.get("original")
+        if orig and "seconds" in orig:
+            lines.append(
+                f"{'':>6} original ({orig['what']}): {orig['seconds']:.1f} s, "
+                f"fast/original {r['original_ratio']:.2f}x, {orig['peak_rss_mb']:.0f} MB, "
+                f"{orig['objects']} objects"
+            )
+        elif orig:
+            lines.append(f"{'':>6} original not timed: {orig['unavailable']}")
     if "large" in result:
         g = result["large"]
         lines.append(
@@ -124,6 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--large-grid", type=int, default=8)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--all-pass", action="store_true", help="thresholds 0: every mask passes")
+    parser.add_argument("--no-original", action="store_true", help="do not time the original")
     parser.add_argument("--json", default=None)
     # internal: one configuration in this process
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -136,7 +171,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(_child(args)))
         return 0
-    result = run(args.grids, args.large, args.large_grid, args.weights, args.all_pass)
+    result = run(args.grids, args.large, args.large_grid, args.weights, args.all_pass,
+                 with_original=not args.no_original)
     print(report(result))
     write_json(args.json, result)
     return 0

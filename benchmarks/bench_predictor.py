@@ -7,7 +7,9 @@ Both run in the same process, interleaved, on the same image and weights:
   with the factorised token/image attention;
 - baseline: the reference computation in this code base (no fusion, plain
   projection attention, decoder recomputed on every call), which follows the
-  original MobileSAM step by step.
+  original MobileSAM step by step;
+- original: the original code itself when it is installed (``benchmarks/original.py``
+  says where it looks and what it builds): segment-anything's ``SamPredictor``.
 
 Usage::
 
@@ -45,35 +47,59 @@ def make_predictors(weights, device="cpu"):
     return fast, ref
 
 
-def run(weights=None, image=None, repeats=5, threads=None, device="cpu") -> dict:
-    """Benchmark and return a JSON-able dict (also used by the tests at tiny sizes)."""
+def _load_original(weights, device):
+    """(the original pipeline or None, a description or the reason it is missing)."""
+    from benchmarks import original
+
+    if device != "cpu":
+        return None, "timed on the CPU only"
+    try:
+        orig = original.load(weights)
+    except original.OriginalUnavailable as exc:
+        return None, str(exc)
+    return orig, orig.describe()
+
+
+def run(weights=None, image=None, repeats=5, threads=None, device="cpu", with_original=True) -> dict:
+    """Benchmark and return a JSON-able dict (also used by the tests at tiny sizes).
+
+    ``result["original"]`` describes the original pipeline (or why it did not run);
+    ``set_image`` / ``predict_1pt`` then also hold its timings under ``"original"``.
+    """
     if threads:
         torch.set_num_threads(threads)
     image = default_image() if image is None else image
     weights = weights or default_weights()
     fast, ref = make_predictors(weights, device)
+    orig, orig_info = _load_original(weights, device) if with_original else (None, "not asked")
     point = (np.array([[image.shape[1] * 0.6, image.shape[0] * 0.4]]), np.array([1]))
+    encoders = {"ours": lambda: fast.set_image(image), "baseline": lambda: ref.set_image(image)}
+    decoders = {"ours": lambda: fast.predict(*point), "baseline": lambda: ref.predict(*point)}
+    if orig is not None:
+        encoders["original"] = lambda: orig.predictor.set_image(image)
+        decoders["original"] = lambda: orig.predictor.predict(*point, multimask_output=True)
     with torch.inference_mode():
-        enc = interleaved(
-            {"ours": lambda: fast.set_image(image), "baseline": lambda: ref.set_image(image)},
-            repeats,
-        )
-        dec = interleaved(
-            {"ours": lambda: fast.predict(*point), "baseline": lambda: ref.predict(*point)},
-            repeats * 4,
-        )
-        # the two paths must agree, or the timing means nothing
+        enc = interleaved(encoders, repeats)
+        dec = interleaved(decoders, repeats * 4)
+        # the paths must agree, or the timing means nothing
         a, b = fast.predict(*point, return_logits=True), ref.predict(*point, return_logits=True)
         max_diff = float(np.abs(a[2] - b[2]).max())
-    return {
+        if orig is not None:
+            c = orig.predictor.predict(*point, multimask_output=True)
+            orig_diff = float(np.abs(a[2] - c[2]).max())
+    result = {
         "benchmark": "predictor",
         "image_size": list(image.shape[:2]),
         "weights": str(weights),
         "machine": machine(),
-        "set_image": {"ours": summary(enc["ours"]), "baseline": summary(enc["baseline"])},
-        "predict_1pt": {"ours": summary(dec["ours"]), "baseline": summary(dec["baseline"])},
+        "set_image": {k: summary(v) for k, v in enc.items()},
+        "predict_1pt": {k: summary(v) for k, v in dec.items()},
         "max_low_res_logit_diff": max_diff,
+        "original": {"available": orig is not None, "what": orig_info},
     }
+    if orig is not None:
+        result["original"]["max_low_res_logit_diff"] = orig_diff
+    return result
 
 
 def report(result: dict) -> str:
@@ -93,7 +119,18 @@ def report(result: dict) -> str:
     tail = (
         f"max |low-res logit difference| ours vs baseline: {result['max_low_res_logit_diff']:.2e}"
     )
-    return "\n".join([head, table(rows), tail])
+    lines = [head, table(rows), tail]
+    orig = result["original"]
+    if orig["available"]:
+        rows = [(what, result[key]["ours"], result[key]["original"])
+                for what, key in (("set_image (encoder)", "set_image"),
+                                  ("predict, 1 point, 3 masks", "predict_1pt"))]  # fmt: skip
+        lines += [f"against the original code ({orig['what']}):", table(rows),
+                  f"max |low-res logit difference| ours vs original: "
+                  f"{orig['max_low_res_logit_diff']:.2e}"]  # fmt: skip
+    else:
+        lines.append(f"original code not timed: {orig['what']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -102,8 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--no-original", action="store_true", help="do not time the original")
     args = parser.parse_args(argv)
-    result = run(args.weights, repeats=args.repeats, threads=args.threads)
+    result = run(args.weights, repeats=args.repeats, threads=args.threads,
+                 with_original=not args.no_original)
     print(report(result))
     write_json(args.json, result)
     return 0

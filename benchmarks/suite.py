@@ -7,12 +7,18 @@ Each benchmark compares our path with a baseline path measured in the same run
 benchmark       ours                              baseline
 =============== ================================= =====================================
 predictor       fused encoder, cached decoder      the reference computation (unfused,
-                                                   plain attention, no decoder cache)
-everything      fast mode                          reference mode (the original's steps)
+                                                   plain attention, no decoder cache),
+                                                   and the original code when installed
+everything      fast mode                          reference mode (the original's steps),
+                                                   and the original code when installed
 backends        onnxruntime fp32 / int8            our torch backend
 batch           ``mobilesam-everything``           a naive per-plane reference loop
 distill         precomputed teacher embeddings     teacher run on every batch (coupled)
 =============== ================================= =====================================
+
+"The original code" is segment-anything's predictor and generator around MobileSAM's
+TinyViT (``benchmarks/original.py``: where it looks, how to install it); its rows are
+missing, and ``results`` says why, when it is not installed.
 
 Sizes: ``tiny`` (seconds; what the tests run, numbers meaningless), ``small`` (a few
 minutes on 2 CPU cores: the real vit_t, one 16x16 everything grid, a 4-plane batch),
@@ -58,6 +64,13 @@ def _predictor(size: str, weights) -> tuple[dict, list[dict]]:
         _row("predict, 1 point", res["predict_1pt"]["ours"]["median"],
              res["predict_1pt"]["baseline"]["median"], "s", "reference path"),
     ]  # fmt: skip
+    if res["original"]["available"]:
+        rows += [
+            _row("encoder (set_image)", res["set_image"]["ours"]["median"],
+                 res["set_image"]["original"]["median"], "s", "original predictor"),
+            _row("predict, 1 point", res["predict_1pt"]["ours"]["median"],
+                 res["predict_1pt"]["original"]["median"], "s", "original predictor"),
+        ]  # fmt: skip
     return res, rows
 
 
@@ -70,6 +83,11 @@ def _everything(size: str, weights) -> tuple[dict, list[dict]]:
         _row(f"segment everything {r['grid']}x{r['grid']}", r["fast"]["seconds"],
              r["reference"]["seconds"], "s", "reference mode")
         for r in res["rows"]
+    ]  # fmt: skip
+    rows += [
+        _row(f"segment everything {r['grid']}x{r['grid']}", r["fast"]["seconds"],
+             r["original"]["seconds"], "s", "original generator")
+        for r in res["rows"] if "original_ratio" in r
     ]  # fmt: skip
     return res, rows
 

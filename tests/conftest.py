@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,18 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def isolated():
+    """Undo the sys.path entry and the modules that loading the original code adds.
+
+    (``benchmarks/original.py`` imports torchvision with a stand-in NMS kernel; later
+    tests, the ONNX exporter among them, must not see it.)
+    """
+    path, modules = list(sys.path), set(sys.modules)
+    yield
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:
+        if name.split(".")[0] in ("torchvision", "segment_anything", "mobile_sam"):
+            del sys.modules[name]
