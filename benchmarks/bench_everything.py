@@ -171,8 +171,14 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(_child(args)))
         return 0
-    result = run(args.grids, args.large, args.large_grid, args.weights, args.all_pass,
-                 with_original=not args.no_original)
+    result = run(
+        args.grids,
+        args.large,
+        args.large_grid,
+        args.weights,
+        args.all_pass,
+        with_original=not args.no_original,
+    )
     print(report(result))
     write_json(args.json, result)
     return 0

@@ -60,7 +60,9 @@ def _load_original(weights, device):
     return orig, orig.describe()
 
 
-def run(weights=None, image=None, repeats=5, threads=None, device="cpu", with_original=True) -> dict:
+def run(
+    weights=None, image=None, repeats=5, threads=None, device="cpu", with_original=True
+) -> dict:
     """Benchmark and return a JSON-able dict (also used by the tests at tiny sizes).
 
     ``result["original"]`` describes the original pipeline (or why it did not run);
@@ -141,8 +143,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--no-original", action="store_true", help="do not time the original")
     args = parser.parse_args(argv)
-    result = run(args.weights, repeats=args.repeats, threads=args.threads,
-                 with_original=not args.no_original)
+    result = run(
+        args.weights, repeats=args.repeats, threads=args.threads, with_original=not args.no_original
+    )
     print(report(result))
     write_json(args.json, result)
     return 0

@@ -140,18 +140,18 @@ def import_torchvision() -> str:
     if kernel == PURE_TORCH and "torchvision" not in sys.modules:  # imported again
         _pure_torch_nms()
     if kernel:
-        import torchvision.ops  # noqa: F401
+        import torchvision.ops
 
         return kernel
     try:
-        import torchvision.ops  # noqa: F401
+        import torchvision.ops
 
         kernel = "torchvision"
         torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
     except (RuntimeError, OSError):
         _forget("torchvision")
         _pure_torch_nms()
-        import torchvision.ops  # noqa: F401
+        import torchvision.ops
 
         kernel = PURE_TORCH
     import_torchvision.kernel = kernel

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 from PIL import Image
 from skimage.draw import disk
@@ -119,6 +120,8 @@ def test_folder_run_outputs(tiny_cli, tmp_path, capsys):
         assert prov["tool"] == "mobilesam-everything" and prov["version"]
         assert prov["model"]["sha256"] and prov["model"]["name"] == "vit_t"
         assert [r["device"] for r in prov["model"]["ran_on"]] == ["cpu"]
+        ran = prov["model"]["ran_on"][0]  # what was chosen, recorded
+        assert ran["backend"] == "torch" and ran["threads"] >= 1
         assert prov["parameters"]["points_per_side"] == 4
         assert prov["parameters"]["box_nms_thresh"] == 0.7  # default, recorded
         assert prov["input"]["size"] == (tmp_path / "in" / _input_name(stem)).stat().st_size
@@ -153,6 +156,24 @@ def _input_name(stem):
         "d_stack": "d_stack.tif",
         "e_chan": "e_chan.ome.tif",
     }[stem]
+
+
+def test_reports_the_automatic_choices(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
+    segment._SEGMENTERS.clear()
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"stand-in for the tiny model's weights")
+    image = tmp_path / "cells.tif"
+    tifffile.imwrite(image, _cells((64, 64), np.random.default_rng(0)))
+    argv = [str(image), "-o", str(tmp_path / "out"), *FAST, "--weights", str(weights)]
+    try:
+        assert cli.main([*argv, "--device", "cpu"]) == 0
+    finally:
+        segment._SEGMENTERS.clear()
+    # backend and threads as chosen, before the first plane
+    out = capsys.readouterr().out
+    threads = torch.get_num_threads()
+    assert out.startswith(f"model: vit_t on cpu: torch, {threads} threads, fp32\n")
 
 
 def test_labels_match_the_library(tiny_cli, tiny_model, tmp_path):

@@ -23,8 +23,9 @@ def test_bench_predictor_runs(tmp_path, capsys):
     assert "set_image" in text and "x" in text.splitlines()[-2]
     out = tmp_path / "r.json"
     assert (
-        bench_predictor.main(["--repeats", "1", "--json", str(out), "--weights", str(GOLDEN_CKPT),
-                              "--no-original"])  # fmt: skip
+        bench_predictor.main(
+            ["--repeats", "1", "--json", str(out), "--weights", str(GOLDEN_CKPT), "--no-original"]
+        )
         == 0
     )
     assert out.exists() and "ours/baseline" in capsys.readouterr().out

@@ -54,16 +54,22 @@ def test_original_predictor_reproduces_golden(golden_original, case):
     pred = golden_original.predictor
     pred.set_image(_image("micro"))
     np.testing.assert_allclose(pred.features.numpy(), cases["micro/features"], atol=1e-3)
-    get = lambda k: cases[f"micro/{case}/{k}"] if f"micro/{case}/{k}" in cases else None  # noqa: E731
+
+    def get(key):
+        key = f"micro/{case}/{key}"
+        return cases[key] if key in cases else None
+
     if case == "batch_boxes":
         import torch
 
-        boxes = pred.transform.apply_boxes_torch(torch.as_tensor(get("in_boxes")), pred.original_size)
+        boxes = torch.as_tensor(get("in_boxes"))
+        boxes = pred.transform.apply_boxes_torch(boxes, pred.original_size)
         with torch.inference_mode():
-            masks, iou, low = (t.numpy() for t in pred.predict_torch(None, None, boxes, multimask_output=False))
+            out = pred.predict_torch(None, None, boxes, multimask_output=False)
+        masks, iou, low = (t.numpy() for t in out)
     else:
-        masks, iou, low = pred.predict(get("in_point_coords"), get("in_point_labels"),
-                                       get("in_box"), multimask_output=case.endswith("1"))  # fmt: skip
+        points, labels, box = get("in_point_coords"), get("in_point_labels"), get("in_box")
+        masks, iou, low = pred.predict(points, labels, box, multimask_output=case.endswith("1"))
     np.testing.assert_allclose(low, get("low_res_logits"), atol=5e-3)
     np.testing.assert_allclose(iou, get("iou"), atol=1e-3)
     assert (masks != get("masks")).mean() < 1e-3

@@ -279,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .runner import run
 
+    if not config.dry_run and config.scheduler is None:  # what was chosen automatically
+        from .segment import get_segmenter
+
+        log(f"model: {get_segmenter(config.model, config.options).describe()}")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run(config, log=log, progress=not quiet)

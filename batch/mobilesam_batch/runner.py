@@ -145,7 +145,8 @@ class Job:
     cache: Path
     indices: list[tuple[int, ...]]
     done: dict[tuple[int, ...], tuple[int, float]] = field(default_factory=dict)
-    ran_on: set[tuple[str, str]] = field(default_factory=set)  # (host, device) of the planes
+    # (host, device, backend, threads) of the planes: what ran, as chosen automatically
+    ran_on: set[tuple] = field(default_factory=set)
     failed: str | None = None
     started: float = field(default_factory=time.perf_counter)
     _open: ImageSource | None = None
@@ -206,7 +207,9 @@ def _save_plane(job: Job, result: PlaneResult, tmp_dir: Path) -> None:
         )
     job.done[result.index] = (result.n_objects, result.seconds)
     if "device" in result.extra:
-        job.ran_on.add((result.extra.get("host", ""), result.extra["device"]))
+        extra = result.extra
+        job.ran_on.add((extra.get("host", ""), extra["device"], extra.get("backend", ""),
+                        extra.get("threads", 0)))  # fmt: skip
 
 
 def _load_plane(job: Job, index: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -290,7 +293,10 @@ def _write_outputs(job: Job, config: RunConfig, tmp_dir: Path) -> dict[str, Any]
             "backend": config.model.backend,
             "precision": config.model.precision,
             "device": config.model.device,
-            "ran_on": [{"host": h, "device": d} for h, d in sorted(job.ran_on)],
+            "ran_on": [
+                dict(zip(("host", "device", "backend", "threads"), r, strict=True))
+                for r in sorted(job.ran_on)
+            ],
         },
         "parameters": {**config.options.resolved(), "axes": config.axes},
         "outputs": {

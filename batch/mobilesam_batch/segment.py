@@ -177,7 +177,8 @@ class PlaneResult:
     seconds : float
         Wall time of reading, converting and segmenting the plane.
     extra : dict
-        Where it ran: ``device`` (e.g. ``"cpu"``) and ``host``.
+        Where and how it ran (:meth:`PlaneSegmenter.where`): ``host``, ``device``
+        (e.g. ``"cpu"``), ``backend``, ``threads``, ``precision``.
     """
 
     index: tuple[int, ...]
@@ -213,6 +214,28 @@ class PlaneSegmenter:
         )
         self.generator = MaskGenerator(predictor, **options.generator_kwargs())
 
+    def where(self) -> dict[str, Any]:
+        """What runs the planes here, as chosen (``--backend auto``, default threads):
+        ``host``, ``device``, ``backend`` (e.g. ``"onnx encoder + torch decoder"``),
+        ``threads`` (torch intra-op threads of this process) and ``precision``."""
+        import torch
+
+        return {
+            "host": _HOST,
+            "device": str(self.sam.device),
+            "backend": self.generator.predictor.backend_name,
+            "threads": torch.get_num_threads(),
+            "precision": self.model_spec.precision,
+        }
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``vit_t on cpu: torch, 2 threads, fp32``."""
+        w = self.where()
+        return (
+            f"{self.model_spec.name} on {w['device']}: {w['backend']}, {w['threads']} threads, "
+            f"{w['precision']}"
+        )
+
     def segment(self, plane: np.ndarray, index: tuple[int, ...] = ()) -> PlaneResult:
         """Segment everything in one plane.
 
@@ -245,7 +268,7 @@ class PlaneSegmenter:
             predicted_iou=info["predicted_iou"],
             stability_score=info["stability_score"],
             seconds=time.perf_counter() - start,
-            extra={"device": str(self.sam.device), "host": _HOST},
+            extra=self.where(),
         )
 
 
