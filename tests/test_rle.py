@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from napari_mobilesam.everything.rle import (
+    _changes_on_device,
+    _runs,
     area_from_rle,
     coco_to_rle,
     masks_to_coco,
@@ -124,6 +126,26 @@ def test_matches_reference_and_round_trips(masks):
         np.testing.assert_array_equal(reference_rle_to_mask(rle), mask)
         assert area_from_rle(rle) == int(mask.sum())
         assert type(rle["size"][0]) is int
+
+
+@pytest.mark.parametrize("masks", RANDOM, ids=lambda m: "x".join(map(str, m.shape)))
+def test_device_path_equals_host_path(masks):
+    """The GPU path (boundaries found on the device, positions copied), run on CPU tensors."""
+    t = torch.from_numpy(masks)
+    assert _runs(*_changes_on_device(t)) == masks_to_rle(masks)
+    assert _runs(*_changes_on_device(t.transpose(1, 2).contiguous().transpose(1, 2))) == (
+        masks_to_rle(masks)
+    )
+
+
+def test_device_path_edge_cases_and_raises():
+    assert _runs(*_changes_on_device(torch.zeros((0, 3, 4), dtype=torch.bool))) == []
+    no_pixels = _runs(*_changes_on_device(torch.zeros((2, 0, 5), dtype=torch.bool)))
+    assert no_pixels == [{"size": [0, 5], "counts": [0]}] * 2
+    with pytest.raises(TypeError, match="bool tensor.*float32"):
+        _changes_on_device(torch.zeros((1, 3, 4)))
+    with pytest.raises(ValueError, match=r"\(N, H, W\).*\(3, 4\)"):
+        _changes_on_device(torch.zeros((3, 4), dtype=torch.bool))
 
 
 def test_torch_input_any_layout():

@@ -56,7 +56,9 @@ def masks_to_rle(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
     Parameters
     ----------
     masks : (N, H, W) bool numpy array or torch tensor
-        Tensors may live on any device; they are copied to the CPU once.
+        Tensors may live on any device. On a GPU the run boundaries are found
+        there and only their positions are copied to the host (one copy, no
+        per-mask synchronisation); CPU tensors are read as numpy arrays.
 
     Returns
     -------
@@ -65,14 +67,44 @@ def masks_to_rle(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
         (possibly empty) background run. An all-False mask gives ``[H * W]``,
         an all-True mask ``[0, H * W]``; a mask with no pixels gives ``[0]``.
     """
-    arr = _as_numpy_masks(masks)
-    n, h, w = arr.shape
+    if isinstance(masks, torch.Tensor) and masks.device.type != "cpu":
+        n, h, w, mask_idx, pix_idx, first = _changes_on_device(masks)
+    else:
+        arr = _as_numpy_masks(masks)
+        n, h, w = arr.shape
+        if h * w == 0:
+            return [{"size": [h, w], "counts": [0]} for _ in range(n)]
+        # (N, H*W) in column-major order within each mask
+        flat = arr.transpose(0, 2, 1).reshape(n, h * w)
+        mask_idx, pix_idx = np.nonzero(flat[:, 1:] != flat[:, :-1])
+        first = flat[:, 0]
+    return _runs(n, h, w, mask_idx, pix_idx, first)
+
+
+def _changes_on_device(masks: torch.Tensor):
+    """Where each mask changes value, found on its device; only the positions are copied.
+
+    Returns ``(n, h, w, mask_idx, pix_idx, first)``: numpy arrays of the mask and
+    column-major pixel index before every change, and each mask's first pixel.
+    """
+    if masks.dtype != torch.bool:
+        raise TypeError(f"masks must be a bool tensor, got dtype {masks.dtype}")
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (N, H, W), got shape {tuple(masks.shape)}")
+    n, h, w = masks.shape
+    flat = masks.detach().transpose(1, 2).reshape(n, h * w)
+    if h * w == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return n, h, w, empty, empty, np.zeros(n, dtype=bool)
+    changes = torch.nonzero(flat[:, 1:] != flat[:, :-1])  # (K, 2): one copy of K positions
+    changes, first = changes.cpu().numpy(), flat[:, 0].cpu().numpy()
+    return n, h, w, changes[:, 0], changes[:, 1], first
+
+
+def _runs(n, h, w, mask_idx, pix_idx, first) -> list[dict[str, Any]]:
     hw = h * w
     if hw == 0:
         return [{"size": [h, w], "counts": [0]} for _ in range(n)]
-    # (N, H*W) in column-major order within each mask
-    flat = arr.transpose(0, 2, 1).reshape(n, hw)
-    mask_idx, pix_idx = np.nonzero(flat[:, 1:] != flat[:, :-1])
     # A run starts at pix_idx + 1 (in 1..hw-1). Shifted by mask_idx * hw these cut
     # positions lie strictly between the mask boundaries k * hw, so the merged and
     # sorted cuts give every run of every mask as consecutive differences.
@@ -82,7 +114,7 @@ def masks_to_rle(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
     runs = np.diff(cuts).tolist()
     # mask k owns runs[offsets[k]:offsets[k + 1]] (its changes + 1 runs)
     offsets = np.searchsorted(cuts, bounds).tolist()
-    first_fg = flat[:, 0].tolist()
+    first_fg = first.tolist()
     out = []
     for k in range(n):
         counts = [0] if first_fg[k] else []
