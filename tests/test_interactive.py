@@ -328,8 +328,32 @@ def test_precompute(pred, encoder_inputs):
     assert s.precompute(should_stop=lambda: next(stops)) == 1  # plane 0, then stop
     with pytest.raises(TypeError, match="indices must be an iterable"):
         s.precompute(5)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        s.precompute(batch_size=0)
     with pytest.raises(ValueError, match="index must be a plane index"):
         s.precompute([(9,)])
+
+
+def test_precompute_in_batches(pred, encoder_inputs):
+    """Batched precompute encodes only missing planes, each as set_image would."""
+    stack = _disk_stack(5, 5)
+    s = PromptSession(pred, stack, cache_key="stack", contrast_limits=(0, 1500))
+    assert s.batch_size == 1  # on the CPU
+    s.embed((2,))
+    seen = []
+    progress = lambda done, total: seen.append((done, total))  # noqa: E731
+    assert s.precompute(progress=progress, batch_size=2) == 4
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    # one encoder call per batch, with the missing planes only: [0, 1], [3], [4]
+    batches = encoder_inputs[1:]
+    assert [len(b) for b in batches] == [2, 1, 1]
+    ref = Predictor(pred.model)
+    for got, z in zip([*batches[0], batches[1][0], batches[2][0]], (0, 1, 3, 4), strict=True):
+        ref.set_image(stack[z], contrast_limits=(0, 1500))
+        torch.testing.assert_close(got[None], encoder_inputs.pop(), rtol=0, atol=0)
+    n = len(encoder_inputs)
+    assert all(s.embed((z,)) is False for z in range(5)) and len(encoder_inputs) == n
+    assert s.current == (4,)  # (embed moved it; precompute had left it on plane 2)
 
 
 @pytest.mark.parametrize(

@@ -250,6 +250,15 @@ def test_embed_images_batched_equals_one_by_one(golden_model, rng):
         torch.testing.assert_close(emb.features, pred.features, rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         pred.embed_images(images, batch_size=0)
+    # conversion options apply to every image, as in set_image
+    (emb,) = pred.embed_images([images[3]], contrast_limits=(100, 900))
+    pred.set_image(images[3], contrast_limits=(100, 900))
+    torch.testing.assert_close(emb.features, pred.features, rtol=1e-4, atol=2e-5)
+    (emb,) = pred.embed_images([images[0]], image_format="BGR")
+    pred.set_image(images[0], image_format="BGR")
+    torch.testing.assert_close(emb.features, pred.features, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="image_format must be 'RGB' or 'BGR'"):
+        pred.embed_images(images, image_format="RGBA")
 
 
 @pytest.mark.slow

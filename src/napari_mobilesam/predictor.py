@@ -241,7 +241,16 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=dtype):
             return self.model.image_encoder(x).float()
 
-    def embed_images(self, images, batch_size: int = 8) -> list[ImageEmbedding]:
+    def embed_images(
+        self,
+        images,
+        batch_size: int = 8,
+        *,
+        image_format: str = "RGB",
+        contrast_limits: tuple[float, float] | None = None,
+        channels: list[int] | None = None,
+        channel_axis: int | None = None,
+    ) -> list[ImageEmbedding]:
         """Embeddings of many images, ``batch_size`` at a time through the encoder.
 
         For stacks on a GPU, where batching raises throughput; each result can be
@@ -254,6 +263,8 @@ class Predictor:
             others go through :func:`~napari_mobilesam.normalize.to_rgb_uint8`).
         batch_size : int
             Images per encoder call.
+        image_format, contrast_limits, channels, channel_axis
+            As in :meth:`set_image`, for every image.
 
         Returns
         -------
@@ -262,6 +273,10 @@ class Predictor:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        convert = {"contrast_limits": contrast_limits, "channels": channels,
+                   "channel_axis": channel_axis}  # fmt: skip
         out: list[ImageEmbedding] = []
         pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = []
 
@@ -280,7 +295,9 @@ class Predictor:
 
         with torch.no_grad():
             for image in images:
-                rgb = to_rgb_uint8(image)
+                rgb = to_rgb_uint8(image, **convert)
+                if image_format != self.model.image_format:
+                    rgb = np.ascontiguousarray(rgb[..., ::-1])
                 resized = self.transform.apply_image(rgb)
                 t = torch.tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
                 x = self.model.preprocess(t)

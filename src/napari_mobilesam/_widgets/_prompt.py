@@ -386,11 +386,13 @@ class PromptWidget(QWidget):
         session = self.session
 
         def run():
-            total = session.n_planes
-            for i, index in enumerate(np.ndindex(*session.plane_shape)):
-                session.precompute([index])
-                self._ready.add(tuple(int(v) for v in index))
-                yield i + 1, total
+            indices = [tuple(int(v) for v in i) for i in np.ndindex(*session.plane_shape)]
+            step = session.batch_size  # planes per encoder call (batched on a GPU)
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                session.precompute(chunk)
+                self._ready.update(chunk)
+                yield start + len(chunk), len(indices)
 
         self.runner.submit(run, None, "precomputing embeddings…", yielded=self._progressed)
 
