@@ -64,7 +64,14 @@ def _predictor(size: str, weights) -> tuple[dict, list[dict]]:
         _row("predict, 1 point", res["predict_1pt"]["ours"]["median"],
              res["predict_1pt"]["baseline"]["median"], "s", "reference path"),
     ]  # fmt: skip
+    enc = res["set_image"]
+    if "ours_bf16" in enc:  # precision="auto" on a CPU with bfloat16 units
+        rows.append(_row("encoder bf16 (set_image)", enc["ours_bf16"]["median"],
+                         enc["baseline"]["median"], "s", "reference path"))  # fmt: skip
     if res["original"]["available"]:
+        if "ours_bf16" in enc:
+            rows.append(_row("encoder bf16 (set_image)", enc["ours_bf16"]["median"],
+                             enc["original"]["median"], "s", "original predictor"))  # fmt: skip
         rows += [
             _row("encoder (set_image)", res["set_image"]["ours"]["median"],
                  res["set_image"]["original"]["median"], "s", "original predictor"),

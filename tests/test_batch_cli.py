@@ -27,6 +27,7 @@ from skimage.draw import disk
 from mobilesam_batch import cli, segment
 from mobilesam_batch.runner import WORK_DIR, output_stem
 from napari_mobilesam.everything.rle import coco_to_rle, rle_to_mask
+from napari_mobilesam.predictor import resolve_precision
 
 from .conftest import GOLDEN_CKPT, requires_golden
 
@@ -271,6 +272,14 @@ def test_rerun_skips_and_changes_redo(tiny_cli, tmp_path, capsys):
     assert "5 done, 0 skipped" in capsys.readouterr().out
     record = json.loads((out / "a_rgb_labels.json").read_text())
     assert record["model"]["precision"] == "bf16"
+    assert {r["precision"] for r in record["model"]["ran_on"]} == {"bf16"}
+    # "auto" is recorded as asked, and as resolved where the planes ran
+    assert tiny_cli([*args, "--box-nms-thresh", "0.5", "--csv", "--precision", "auto"]) == 1
+    assert "5 done, 0 skipped" in capsys.readouterr().out
+    record = json.loads((out / "a_rgb_labels.json").read_text())
+    assert record["model"]["precision"] == "auto"
+    resolved = {r["precision"] for r in record["model"]["ran_on"]}
+    assert resolved == {resolve_precision("auto", "cpu")}
 
 
 def test_dry_run_touches_nothing(tiny_cli, tmp_path, capsys, monkeypatch):
@@ -364,6 +373,7 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, caps
         (["--workers", "3"], "needs --scheduler local"),
         (["--threads", "0"], "at least 1"),
         (["--precision", "bf16", "--backend", "onnx"], "--precision bf16 needs --backend torch"),
+        (["--precision", "fp16", "--backend", "onnx"], "--precision fp16 needs --backend torch"),
         (["--points-per-side", "0"], "points_per_side"),
         (["--nms", "other"], "invalid choice"),
     ],

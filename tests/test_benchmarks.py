@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from benchmarks import bench_predictor
 
+from napari_mobilesam.predictor import cpu_has_bf16
+
 from .conftest import GOLDEN, GOLDEN_CKPT, requires_golden
 
 
@@ -119,12 +121,16 @@ def test_suite_runs_at_tiny_size(tmp_path, capsys, onnx_cache, isolated):
     text = capsys.readouterr().out
     assert "encoder (set_image)" in text and "encoder, onnx int8, 1 thr" in text
     data = json.loads(out.read_text())
+    predictor = data["results"]["predictor"]
+    bf16 = {"encoder bf16 (set_image)"} if "ours_bf16" in predictor["set_image"] else set()
+    assert bf16 == ({"encoder bf16 (set_image)"} if cpu_has_bf16() else set())
     assert {r["benchmark"] for r in data["rows"]} == {
         "encoder (set_image)", "predict, 1 point", "encoder, onnx, 1 thr",
-        "encoder, onnx int8, 1 thr", "distill step, per image",
+        "encoder, onnx int8, 1 thr", "distill step, per image", *bf16,
     }  # fmt: skip
-    if data["results"]["predictor"]["original"]["available"]:  # (when it is installed)
-        assert sum(r["baseline_path"] == "original predictor" for r in data["rows"]) == 2
+    if predictor["original"]["available"]:  # (when it is installed)
+        n = sum(r["baseline_path"] == "original predictor" for r in data["rows"])
+        assert n == 2 + len(bf16)
     for r in data["rows"]:
         assert r["ours"] > 0 and r["baseline"] > 0
         assert abs(r["ratio"] - r["ours"] / r["baseline"]) < 1e-12

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_mobilesam import predictor as predictor_module
-from napari_mobilesam.predictor import ImageEmbedding, Predictor
+from napari_mobilesam.predictor import ImageEmbedding, Predictor, resolve_precision
 
 from .conftest import GOLDEN, requires_golden
 
@@ -229,10 +229,56 @@ def test_decoder_cache_equals_recompute(pred, tiny_model, rng):
 
 
 def test_precision_argument_checks(tiny_model):
-    with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp16', 'fp32'\]"):
+    with pytest.raises(
+        ValueError, match=r"precision must be one of \['auto', 'bf16', 'fp16', 'fp32'\]"
+    ):
         Predictor(tiny_model, precision="int4")
+    with pytest.raises(ValueError, match=r"precision must be one of"):
+        resolve_precision("half", "cpu")
     with pytest.raises(ValueError, match="precision='bf16' needs backend='torch'"):
         Predictor(tiny_model, precision="bf16", backend="onnx")
+
+
+def test_precision_auto_resolves_per_device(tiny_model, monkeypatch):
+    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: True)
+    assert Predictor(tiny_model, precision="auto").precision == "bf16"
+    assert Predictor(tiny_model, precision="auto", backend="auto").precision == "bf16"
+    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: False)
+    assert Predictor(tiny_model, precision="auto").precision == "fp32"
+    assert resolve_precision("auto", "mps") == "fp32"
+    assert resolve_precision("fp16", "cpu") == "fp16"
+    for bf16, want in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert resolve_precision("auto", "cuda:0") == want
+
+
+def test_precision_auto_with_onnx_is_fp32(tiny_model, monkeypatch):
+    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(predictor_module, "_make_backend", lambda *a: object())
+    assert Predictor(tiny_model, precision="auto", backend="onnx").precision == "fp32"
+
+
+def test_cpu_has_bf16_reads_the_flags(tmp_path):
+    from napari_mobilesam.predictor import cpu_has_bf16
+
+    read = cpu_has_bf16.__wrapped__  # (the real one is cached per process)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert read(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_tile amx_bf16\n")
+    assert read(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert read(str(info)) is False
+    info.write_text("processor\t: 0\n")  # no flags line (not x86)
+    assert read(str(info)) is False
+    assert read(str(tmp_path / "missing")) is False  # not Linux
+    assert isinstance(cpu_has_bf16(), bool)
+
+
+def test_fp16_on_a_cpu_warns(tiny_model):
+    with pytest.warns(RuntimeWarning, match="fp16' on a CPU is very slow"):
+        pred = Predictor(tiny_model, precision="fp16")
+    assert pred.precision == "fp16"
 
 
 def test_embed_images_batched_equals_one_by_one(golden_model, rng):

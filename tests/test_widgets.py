@@ -288,3 +288,20 @@ def test_npe2_validate():
     out = subprocess.run([str(npe2), "validate", "napari-mobilesam"], capture_output=True,
                          text=True)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_model_picker_passes_backend_and_precision(qtbot, monkeypatch, tmp_path):
+    from napari_mobilesam._widgets import _common
+
+    calls = []
+    monkeypatch.setattr(_common, "get_predictor", lambda *a: calls.append(a) or "predictor")
+    picker = _common.ModelPicker()
+    qtbot.addWidget(picker)
+    assert picker.precision.currentText() == "fp32"  # the reference's numbers by default
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"stand-in")
+    picker.weights.setText(str(weights))
+    picker.backend.setCurrentText("auto")
+    picker.precision.setCurrentText("auto")
+    assert picker.predictor() == "predictor"
+    assert calls == [("vit_t", str(weights), "auto", "auto", "auto")]

@@ -49,6 +49,8 @@ from .provenance import environment, input_identity, is_up_to_date, now, run_key
 from .segment import ModelSpec, PlaneResult, SegmentOptions, get_segmenter, segment_plane
 
 WORK_DIR = ".mobilesam-work"
+#: what the provenance records of each (host, process setup) that ran planes
+RAN_ON = ("host", "device", "backend", "threads", "precision")
 # how long to wait for a dask scheduler given by address
 CONNECT_TIMEOUT = "30s"
 
@@ -145,7 +147,7 @@ class Job:
     cache: Path
     indices: list[tuple[int, ...]]
     done: dict[tuple[int, ...], tuple[int, float]] = field(default_factory=dict)
-    # (host, device, backend, threads) of the planes: what ran, as chosen automatically
+    # RAN_ON values of the planes: what ran them, as resolved where they ran
     ran_on: set[tuple] = field(default_factory=set)
     failed: str | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -207,9 +209,7 @@ def _save_plane(job: Job, result: PlaneResult, tmp_dir: Path) -> None:
         )
     job.done[result.index] = (result.n_objects, result.seconds)
     if "device" in result.extra:
-        extra = result.extra
-        job.ran_on.add((extra.get("host", ""), extra["device"], extra.get("backend", ""),
-                        extra.get("threads", 0)))  # fmt: skip
+        job.ran_on.add(tuple(result.extra.get(k, "") for k in RAN_ON))
 
 
 def _load_plane(job: Job, index: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -293,10 +293,7 @@ def _write_outputs(job: Job, config: RunConfig, tmp_dir: Path) -> dict[str, Any]
             "backend": config.model.backend,
             "precision": config.model.precision,
             "device": config.model.device,
-            "ran_on": [
-                dict(zip(("host", "device", "backend", "threads"), r, strict=True))
-                for r in sorted(job.ran_on)
-            ],
+            "ran_on": [dict(zip(RAN_ON, r, strict=True)) for r in sorted(job.ran_on)],
         },
         "parameters": {**config.options.resolved(), "axes": config.axes},
         "outputs": {

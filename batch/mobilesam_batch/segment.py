@@ -92,8 +92,8 @@ class ModelSpec:
     threads : int or None
         torch intra-op threads for this process (None: torch's default).
     precision : str
-        Image encoder precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (GPUs; torch
-        backend).
+        Image encoder precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (torch backend) or
+        ``"auto"`` (resolved where the planes run: bf16 on GPUs and CPUs with bf16 units).
     """
 
     name: str
@@ -225,7 +225,7 @@ class PlaneSegmenter:
             "device": str(self.sam.device),
             "backend": self.generator.predictor.backend_name,
             "threads": torch.get_num_threads(),
-            "precision": self.model_spec.precision,
+            "precision": self.generator.predictor.precision,
         }
 
     def describe(self) -> str:

@@ -23,11 +23,13 @@ from qtpy.QtWidgets import (
 from ..build import MODEL_CONFIGS, load_model
 from ..predictor import Predictor
 
-_PREDICTORS: dict[tuple[str, str, str, str], Predictor] = {}
+_PREDICTORS: dict[tuple[str, str, str, str, str], Predictor] = {}
 _LOCK = threading.Lock()
 
 
-def get_predictor(name: str, weights: str | None, device: str, backend: str = "torch") -> Predictor:
+def get_predictor(
+    name: str, weights: str | None, device: str, backend: str = "torch", precision: str = "fp32"
+) -> Predictor:
     """A predictor for the model, shared by all widgets (loaded once; slow the first time).
 
     Parameters
@@ -41,13 +43,15 @@ def get_predictor(name: str, weights: str | None, device: str, backend: str = "t
     backend : {"torch", "onnx", "auto"}
         ``onnx`` exports the model on first use (cached) and runs onnxruntime; ``auto``
         runs the encoder in onnxruntime and the decoder in torch on a CPU.
+    precision : {"fp32", "auto", "bf16", "fp16"}
+        Image encoder precision (see :class:`~napari_mobilesam.predictor.Predictor`).
     """
-    key = (name, weights or "", device, backend)
+    key = (name, weights or "", device, backend, precision)
     with _LOCK:
         pred = _PREDICTORS.get(key)
         if pred is None:
             model = load_model(name, weights or None, device=device)
-            pred = _PREDICTORS[key] = Predictor(model, backend=backend)
+            pred = _PREDICTORS[key] = Predictor(model, backend=backend, precision=precision)
     return pred
 
 
@@ -80,28 +84,37 @@ class ModelPicker(QWidget):
         form.addRow("model", self.name)
         form.addRow("weights", row)
         form.addRow("device", self.device)
+        self.precision = QComboBox()
+        self.precision.addItems(["fp32", "auto", "bf16", "fp16"])
+        self.precision.setToolTip(
+            "image encoder precision. fp32: the reference's numbers; auto: bf16 on GPUs and "
+            "on CPUs with bf16 units (about 2x faster, masks mean IoU 0.998 vs fp32), else fp32"
+        )
         form.addRow("backend", self.backend)
+        form.addRow("precision", self.precision)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "MobileSAM weights", "", "*.pt *.pth")
         if path:
             self.weights.setText(path)
 
-    def spec(self) -> tuple[str, str | None, str, str]:
+    def spec(self) -> tuple[str, str | None, str, str, str]:
+        """(name, weights or None, device, backend, precision) as chosen."""
         text = self.weights.text().strip()
         return (
             self.name.currentText(),
             text or None,
             self.device.currentText(),
             self.backend.currentText(),
+            self.precision.currentText(),
         )
 
     def predictor(self) -> Predictor:
         """Load (or reuse) the chosen model; call from a worker thread."""
-        name, weights, device, backend = self.spec()
+        name, weights, device, backend, precision = self.spec()
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
-        return get_predictor(name, weights, device, backend)
+        return get_predictor(name, weights, device, backend, precision)
 
 
 class LayerCombo(QComboBox):

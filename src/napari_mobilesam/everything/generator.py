@@ -107,9 +107,10 @@ class MaskGenerator:
         What runs the encoder and decoder (see :class:`~napari_mobilesam.predictor.Predictor`);
         with ``"onnx"`` the decoder runs whole per prompt batch (no early IoU filter
         inside it). Default: torch for a model or name, a given Predictor's own backend.
-    precision : {"fp32", "bf16", "fp16"}, optional
+    precision : {"fp32", "bf16", "fp16", "auto"}, optional
         Precision of the image encoder (see :class:`~napari_mobilesam.predictor.Predictor`;
-        for GPUs). Default: fp32 for a model or name, a given Predictor's own.
+        ``"auto"``: bf16 on GPUs and on CPUs with bf16 units). Default: fp32 for a
+        model or name, a given Predictor's own.
     """
 
     def __init__(
