@@ -8,13 +8,15 @@ default thresholds and with every mask passing, in fast mode and as ``mode="devi
 label images (the on-device path). With ``--precisions bf16 fp16``
 (the default on CUDA) it also measures the reduced-precision encoder: mask IoU
 against float32 on every golden prompt, latency at batch 1, and images/s batched
-(``Predictor.embed_images``). Prints a table and writes JSON.
+(``Predictor.embed_images``). With ``--compile`` it times ``torch.compile``'d
+encoders (default mode, and CUDA graphs via ``reduce-overhead`` on CUDA) against
+eager at the device's ``precision="auto"``. Prints a table and writes JSON.
 
 Runs on CPU too (small sizes with ``--quick``), which is how the tests keep it
 working::
 
     python benchmarks/gpu.py --golden DIR [--device cuda] [--quick] [--out DIR]
-        [--precisions bf16 fp16] [--batch 16]
+        [--precisions bf16 fp16] [--batch 16] [--compile [MODE ...]]
 
 ``DIR`` holds ``mobile_sam_random.pt``, ``images/public_*.png``, a
 ``*_cases.npz`` in the golden format and ``*_amg*_*.json`` cases.
@@ -39,7 +41,7 @@ from benchmarks._common import machine, write_json
 from napari_mobilesam.build import load_model
 from napari_mobilesam.everything import MaskGenerator
 from napari_mobilesam.everything.rle import rle_to_mask
-from napari_mobilesam.predictor import Predictor
+from napari_mobilesam.predictor import Predictor, resolve_precision
 
 
 def _sync(device: torch.device) -> None:
@@ -208,6 +210,49 @@ def precision_timings(golden: Path, model, device, precisions, batch: int, quick
     return out
 
 
+def compile_timings(model, device, precision: str, modes, quick: bool) -> dict:
+    """Eager vs ``torch.compile`` encoder at batch 1 (the "where do they pay" question).
+
+    For each mode (``"default"``; ``"reduce-overhead"`` adds CUDA graphs; ``"max-autotune"``)
+    the compile time (first call), the median latency and the largest difference
+    from the eager embedding, under the same autocast precision.
+    """
+    size = model.image_encoder.img_size
+    x = torch.randn(1, 3, size, size, device=device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    reps = 1 if quick else 30
+
+    def under_autocast(fn):
+        def run():
+            if dtype is None:
+                return fn(x)
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(x).float()
+
+        return run
+
+    encoder = model.image_encoder
+    eager = under_autocast(encoder)
+    with torch.inference_mode():
+        ref = eager()
+        out = {
+            "precision": precision,
+            "eager": _time(eager, device, reps, warmup=0 if quick else 2),
+        }
+        for mode in modes:
+            torch._dynamo.reset()
+            compiled = under_autocast(torch.compile(encoder, mode=mode))
+            t0 = time.perf_counter()
+            first = compiled()
+            _sync(device)
+            row = {"compile_s": time.perf_counter() - t0,
+                   "max_abs_diff": float((first - ref).abs().max())}  # fmt: skip
+            row.update(_time(compiled, device, reps, warmup=0 if quick else 2))
+            row["ratio_to_eager"] = row["median_ms"] / out["eager"]["median_ms"]
+            out[mode] = row
+    return out
+
+
 def timings(golden: Path, device, quick: bool) -> dict:
     weights = golden / "mobile_sam_random.pt"
     fast_model = load_model("vit_t", weights, device=device)
@@ -296,6 +341,18 @@ def report(result: dict) -> str:
             f"encoder {prec:5}: batch 1 {r['batch1']['median_ms']:.2f} ms, batch {b['batch']} "
             f"{b['images_per_s']:.1f} images/s (incl. resize + normalise)"
         )
+    comp = result.get("compile")
+    if comp:
+        lines.append(
+            f"torch.compile, encoder batch 1, {comp['precision']}: eager "
+            f"{comp['eager']['median_ms']:.2f} ms"
+        )
+        for mode, r in comp.items():
+            if isinstance(r, dict) and "compile_s" in r:
+                lines.append(
+                    f"  {mode:16} {r['median_ms']:.2f} ms ({r['ratio_to_eager']:.2f}x eager), "
+                    f"compiled in {r['compile_s']:.0f} s, max |diff| {r['max_abs_diff']:.1e}"
+                )
     lines.append(f"{'':44} {'ours ms':>10} {'reference ms':>13} {'ratio':>7}")
     for name, r in result["timings"].items():
         ours = r.get("ours", r.get("fast"))
@@ -315,6 +372,11 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="*", choices=["bf16", "fp16"], default=None,
                         help="reduced precisions to check and time [CUDA: bf16 fp16]")  # fmt: skip
     parser.add_argument("--batch", type=int, default=16, help="batched encoder size [16]")
+    parser.add_argument("--compile", nargs="*", default=None, metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also time torch.compile'd encoders in these modes [none; with no "
+                        "MODE: default and reduce-overhead (CUDA graphs) on CUDA, default on "
+                        "CPU]")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     model = load_model("vit_t", args.golden / "mobile_sam_random.pt", device=device)
@@ -329,6 +391,12 @@ def main(argv=None) -> int:
     result["precision_timings"] = precision_timings(
         args.golden, model, device, precisions, args.batch if not args.quick else 2, args.quick
     )
+    if args.compile is not None:
+        modes = args.compile or (
+            ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
+        )
+        precision = resolve_precision("auto", device)
+        result["compile"] = compile_timings(model, device, precision, modes, args.quick)
     result["timings"] = timings(args.golden, device, args.quick)
     print(report(result), flush=True)
     if args.out:

@@ -62,6 +62,26 @@ def test_gpu_script_runs_on_cpu(tmp_path, capsys):
 
 
 @requires_golden
+def test_gpu_script_compile_option(tmp_path, capsys, monkeypatch):
+    """The --compile plumbing (torch.compile itself stubbed: compiling takes a minute)."""
+    import torch
+    from benchmarks import gpu
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode: compiled.append(mode) or fn)
+    monkeypatch.setattr(gpu, "timings", lambda *a: {})
+    argv = ["--golden", str(GOLDEN), "--quick", "--device", "cpu", "--out", str(tmp_path),
+            "--precisions", "--compile"]  # fmt: skip
+    assert gpu.main(argv) == 0
+    assert compiled == ["default"]  # on a CPU; CUDA adds reduce-overhead (CUDA graphs)
+    data = __import__("json").loads((tmp_path / "gpu.json").read_text())
+    row = data["compile"]["default"]
+    assert row["max_abs_diff"] == 0.0 and row["compile_s"] >= 0 and row["median_ms"] > 0
+    assert data["compile"]["precision"] in ("fp32", "bf16")
+    assert "torch.compile, encoder batch 1" in capsys.readouterr().out
+
+
+@requires_golden
 def test_bench_batch_runs():
     from benchmarks import bench_batch
 

@@ -275,6 +275,13 @@ def test_cpu_has_bf16_reads_the_flags(tmp_path):
     assert isinstance(cpu_has_bf16(), bool)
 
 
+def test_describe_says_what_runs(tiny_model):
+    threads = torch.get_num_threads()
+    assert Predictor(tiny_model).describe() == f"cpu: torch, {threads} threads, fp32"
+    pred = Predictor(tiny_model, precision="bf16")
+    assert pred.describe() == f"cpu: torch, {threads} threads, bf16"
+
+
 def test_fp16_on_a_cpu_warns(tiny_model):
     with pytest.warns(RuntimeWarning, match="fp16' on a CPU is very slow"):
         pred = Predictor(tiny_model, precision="fp16")

@@ -208,7 +208,7 @@ def test_everything_widget_plane_and_stack(make_napari_viewer, qtbot, tiny_predi
     w.run()
     _idle(qtbot, w)
     assert viewer.layers["cells everything"].data[1].max() > 0
-    assert "objects in 2 plane(s)" in w.status.text()
+    assert "objects in 2 plane(s); cpu: torch, " in w.status.text()  # and what ran them
 
 
 def test_precompute_all_planes_on_disk(make_napari_viewer, qtbot, tiny_predictor, tmp_path,

@@ -230,11 +230,7 @@ class PlaneSegmenter:
 
     def describe(self) -> str:
         """One line for the log, e.g. ``vit_t on cpu: torch, 2 threads, fp32``."""
-        w = self.where()
-        return (
-            f"{self.model_spec.name} on {w['device']}: {w['backend']}, {w['threads']} threads, "
-            f"{w['precision']}"
-        )
+        return f"{self.model_spec.name} on {self.generator.predictor.describe()}"
 
     def segment(self, plane: np.ndarray, index: tuple[int, ...] = ()) -> PlaneResult:
         """Segment everything in one plane.

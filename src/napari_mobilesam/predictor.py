@@ -146,6 +146,17 @@ class Predictor:
         self.transform = ResizeLongestSide(model.img_size)
         self.reset_image()
 
+    def describe(self) -> str:
+        """What runs, as chosen: e.g. ``"cpu: torch, 2 threads, bf16"``.
+
+        Device, :attr:`backend_name`, torch's intra-op threads (torch picks the
+        physical cores unless told otherwise) and the encoder :attr:`precision`.
+        """
+        return (
+            f"{self.device}: {self.backend_name}, {torch.get_num_threads()} threads, "
+            f"{self.precision}"
+        )
+
     @property
     def backend_name(self) -> str:
         """What runs the networks: ``"torch"``, ``"onnx"``, ``"onnx int8"``, or for

@@ -108,8 +108,11 @@ class EverythingWidget(QWidget):
         labels = np.zeros(shape, dtype=np.uint32)
         name = f"{layer.name} everything"
 
+        ran_on: list[str] = []  # what ran, as chosen (shown when done)
+
         def work():
             gen = MaskGenerator(model.predictor(), **params)
+            ran_on.append(gen.predictor.describe())
             for i, index in enumerate(planes):
                 plane = np.asarray(data[index])
                 rgb_plane = to_rgb_uint8(
@@ -129,7 +132,9 @@ class EverythingWidget(QWidget):
             else:
                 self.result_layer = self.viewer.add_labels(result, name=name)
             counts = [int(result[index].max()) for index in planes]
-            self.status.setText(f"{sum(counts)} objects in {len(planes)} plane(s)")
+            self.status.setText(
+                f"{sum(counts)} objects in {len(planes)} plane(s); {', '.join(ran_on)}"
+            )
 
         self.progress.setRange(0, len(planes))
         self.progress.setValue(0)

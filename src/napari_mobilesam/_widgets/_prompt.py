@@ -178,6 +178,7 @@ class PromptWidget(QWidget):
             self.session = session
             self._ready.clear()
             self._plane = None
+            self.status.setText(f"model on {session.predictor.describe()}")
             self._plane_changed()
             if on_disk:
                 self.precompute()
