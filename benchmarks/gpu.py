@@ -381,26 +381,41 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     model = load_model("vit_t", args.golden / "mobile_sam_random.pt", device=device)
     result = {"device": str(device), "machine": machine()}
-    with torch.inference_mode():
-        result["predictor_check"] = check_predictor(args.golden, model, device)
-        result["everything_check"] = {} if args.quick else check_everything(args.golden, model)
     precisions = args.precisions
     if precisions is None:
         precisions = ["bf16", "fp16"] if device.type == "cuda" else []
-    result["precision_check"] = {p: check_precision(args.golden, model, p) for p in precisions}
-    result["precision_timings"] = precision_timings(
-        args.golden, model, device, precisions, args.batch if not args.quick else 2, args.quick
-    )
+    start = time.perf_counter()
+
+    def stage(name: str, fn) -> None:
+        """Run one part and save what is done so far (a run cut short keeps its results)."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            result[name] = fn()
+        took, total = time.perf_counter() - t0, time.perf_counter() - start
+        print(f"[gpu.py] {name}: {took:.0f} s ({total:.0f} s in all)", file=sys.stderr, flush=True)
+        if args.out:
+            write_json(args.out / "gpu.json", result)
+
+    # correctness first, then the targets' timings, then the optional compile study
+    stage("predictor_check", lambda: check_predictor(args.golden, model, device))
+    stage("precision_check",
+          lambda: {p: check_precision(args.golden, model, p) for p in precisions})  # fmt: skip
+    batch, quick = (2 if args.quick else args.batch), args.quick
+
+    def timed_precisions():
+        return precision_timings(args.golden, model, device, precisions, batch, quick)
+
+    stage("precision_timings", timed_precisions)
+    stage("timings", lambda: timings(args.golden, device, args.quick))
+    stage("everything_check",
+          lambda: {} if args.quick else check_everything(args.golden, model))  # fmt: skip
     if args.compile is not None:
         modes = args.compile or (
             ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
         )
         precision = resolve_precision("auto", device)
-        result["compile"] = compile_timings(model, device, precision, modes, args.quick)
-    result["timings"] = timings(args.golden, device, args.quick)
+        stage("compile", lambda: compile_timings(model, device, precision, modes, args.quick))
     print(report(result), flush=True)
-    if args.out:
-        write_json(args.out / "gpu.json", result)
     ok = result["predictor_check"]["ok"] and all(
         r["ok"] for r in result["precision_check"].values()
     )

@@ -7,7 +7,7 @@ from benchmarks import bench_predictor
 
 from napari_mobilesam.predictor import cpu_has_bf16
 
-from .conftest import GOLDEN, GOLDEN_CKPT, requires_golden
+from .conftest import GOLDEN, GOLDEN_CKPT, ROOT, requires_golden
 
 
 @requires_golden
@@ -47,18 +47,41 @@ def test_bench_everything_runs():
 
 
 @requires_golden
-def test_gpu_script_runs_on_cpu(tmp_path, capsys):
-    from benchmarks import gpu
+def test_device_run_is_ready(tmp_path):
+    """What a lent GPU machine runs (prepare_device.py here, device.sh there), on the CPU
+    at test sizes: the golden subset, gpu.py's checks and timings, the distill bench."""
+    import json
+    import subprocess
+    import sys
 
-    argv = ["--golden", str(GOLDEN), "--quick", "--device", "cpu", "--out", str(tmp_path),
-            "--precisions", "bf16"]  # fmt: skip
-    assert gpu.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "bf16 encoder vs fp32, 50 golden masks" in out and "encoder bf16 " in out
-    data = __import__("json").loads((tmp_path / "gpu.json").read_text())
+    from benchmarks import prepare_device
+
+    golden, out = tmp_path / "golden", tmp_path / "out"
+    assert prepare_device.main(["--golden", str(GOLDEN), "--out", str(golden)]) == 0
+    with np.load(golden / "sub_cases.npz") as cases:
+        assert {k.split("/")[1] for k in cases.files} == set(prepare_device.CASES)
+        assert cases["photo/features"].shape == (1, 256, 64, 64)
+    env = {**__import__("os").environ, "QUICK": "1", "OUT": str(out), "GOLDEN": str(golden),
+           "PYTHON": sys.executable}  # fmt: skip
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "device.sh")], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "bf16 encoder vs fp32" in run.stdout and "encoder bf16 " in run.stdout
+    assert "golden predictor" in run.stdout and "-> OK" in run.stdout
+    data = json.loads((out / "gpu.json").read_text())
     assert data["precision_check"]["bf16"]["mean_iou"] >= 0.98
     assert set(data["precision_timings"]) == {"fp32", "bf16"}
-    assert "golden predictor" in out
+    assert data["predictor_check"]["ok"] and "timings" in data
+    assert json.loads((out / "distill.json").read_text())["rows"]
+
+
+def test_prepare_device_names_missing_files(tmp_path, capsys):
+    from benchmarks import prepare_device
+
+    assert prepare_device.main(["--golden", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "golden files not found" in err and "mobile_sam_random.pt" in err
+    assert not (tmp_path / "o").exists()
 
 
 @requires_golden

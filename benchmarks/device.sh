@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The prepared GPU run, for a lent device machine (torch is installed there; no pip).
+# Here first: python benchmarks/prepare_device.py; then the device tool's run with
+# command "bash benchmarks/device.sh", carry [".device"], timeout_s 580.
+# Results go to $OUT (the device tool's folder; benchmarks/results/device elsewhere):
+# gpu.json (saved after every stage, so a run cut short keeps what it did), gpu.log,
+# distill.json/log. The two parts have their own time limits inside the 580 s.
+# QUICK=1 runs the same steps at test sizes on the CPU (how the tests keep it working).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/device}
+GOLDEN=${GOLDEN:-.device/golden}
+mkdir -p "$OUT"
+export PYTHONPATH=src:batch PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [ "${QUICK:-0}" = 1 ]; then
+    gpu_args=(--quick --device cpu --precisions bf16)
+    distill_args=(--device cpu --steps 1 --batch-size 1 --image-size 128)
+else
+    gpu_args=(--compile)
+    distill_args=(--teacher vit_h --device cuda)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+timeout 420 "$PY" benchmarks/gpu.py --golden "$GOLDEN" --out "$OUT" "${gpu_args[@]}" 2>&1 \
+    | tee "$OUT/gpu.log"
+gpu=${PIPESTATUS[0]}
+timeout 120 "$PY" benchmarks/bench_distill.py "${distill_args[@]}" --json "$OUT/distill.json" 2>&1 \
+    | tee "$OUT/distill.log"
+distill=${PIPESTATUS[0]}
+echo "gpu.py exit $gpu, bench_distill.py exit $distill"
+[ "$gpu" = 0 ] && [ "$distill" = 0 ]
