@@ -211,7 +211,10 @@ def load(weights=None) -> Original:
     """
     _add_search_paths()
     have_mobile_sam = importlib.util.find_spec("mobile_sam") is not None
-    if not have_mobile_sam and importlib.util.find_spec("segment_anything") is None:
+    have_segment_anything = importlib.util.find_spec("segment_anything") is not None
+    if have_mobile_sam and weights is None and not have_segment_anything:
+        raise OriginalUnavailable("mobile_sam builds its model from a checkpoint: give weights")
+    if not have_mobile_sam and not have_segment_anything:
         where = " or ".join(str(p) for p in _search_paths())
         raise OriginalUnavailable(
             "the original code is not installed (neither mobile_sam nor segment_anything "

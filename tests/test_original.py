@@ -128,6 +128,21 @@ def test_missing_original_says_how_to_install(monkeypatch, tmp_path):
     assert orig is None and "not installed" in why
 
 
+def test_mobile_sam_alone_needs_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBILESAM_ORIGINAL", str(tmp_path / "nowhere"))
+    real = importlib.util.find_spec
+    present = {"mobile_sam": object()}
+
+    def find_spec(name, *args):
+        if name in ("mobile_sam", "segment_anything"):
+            return present.get(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(original.importlib.util, "find_spec", find_spec)
+    with pytest.raises(original.OriginalUnavailable, match="from a checkpoint: give weights"):
+        original.load(None)
+
+
 @requires_golden
 @requires_original
 def test_benchmarks_time_the_original(isolated):
