@@ -752,3 +752,58 @@ def test_write_coco_json_failure_keeps_old_file(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         write_coco_json(dest, [], broken(), tmp_dir=tmp_path)
     assert dest.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+# ------------------------------------------------------------- background writer
+
+
+def test_writer_keeps_order_and_bounds_the_queue():
+    import threading
+
+    from mobilesam_batch.runner import _Writer
+
+    done, gate = [], threading.Event()
+    writer = _Writer(limit=2)
+
+    def slow(i):
+        gate.wait(5)
+        done.append(i)
+
+    writer.submit(slow, 0)
+    writer.submit(slow, 1)
+    assert done == []  # both queued behind the gate, the caller not blocked
+    gate.set()
+    for i in range(2, 6):
+        writer.submit(slow, i)
+        assert len(writer._pending) <= 2
+    writer.close()
+    assert done == [0, 1, 2, 3, 4, 5]
+
+
+def test_writer_raises_write_errors_in_the_caller():
+    import threading
+
+    from mobilesam_batch.runner import _Writer
+
+    gate = threading.Event()
+
+    def fail():
+        gate.wait(5)
+        raise OSError("No space left on device")
+
+    gate.set()
+    writer = _Writer(limit=0)  # every submit waits for the write
+    with pytest.raises(OSError, match="No space left"):
+        writer.submit(fail)
+    gate.clear()
+    writer = _Writer()
+    writer.submit(fail)  # not done yet: the error comes at close
+    gate.set()
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    gate.clear()
+    writer = _Writer()
+    writer.submit(fail)
+    gate.set()
+    writer.close(raise_errors=False)  # waits, quietly (while another error is handled)
+    assert not writer._pending
