@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from napari_mobilesam.build import build_sam
-from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu
-from napari_mobilesam.model.common import ConvGELU, attention_with_bias
+from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu, fuse_linear
+from napari_mobilesam.model.common import ConvGELU, MLPBlock, OneDNNLinear, attention_with_bias
 from napari_mobilesam.model.transformer import Attention, TwoWayTransformer
 
 from .conftest import TINY_CONFIG
@@ -99,12 +99,49 @@ def test_conv_gelu_fast_equals_reference(conv):
     torch.testing.assert_close(ConvGELU(conv, use_onednn=False)(x), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 49, 24), (2, 5, 6, 24)])
+def test_onednn_linear_equals_reference(gelu, shape):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(*shape)
+    want = F.linear(x, lin.weight, lin.bias)
+    want = F.gelu(want) if gelu else want
+    fast = OneDNNLinear(lin, gelu=gelu)
+    assert fast.weight is lin.weight and fast.bias is lin.bias  # the same parameters
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x.transpose(0, -2).contiguous().transpose(0, -2)),
+                                   want, rtol=1e-5, atol=1e-5)  # fmt: skip
+        plain = OneDNNLinear(lin, gelu=gelu, use_onednn=False)
+        torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its bf16 matmul
+            assert fast(x).dtype == torch.bfloat16
+    # with autograd it is the plain path, so training works
+    with torch.enable_grad():
+        fast(x.requires_grad_()).sum().backward()
+    assert lin.weight.grad is not None
+
+
+def test_fuse_linear_merges_gelu_pairs_and_keeps_keys():
+    block = torch.nn.Sequential(MLPBlock(8, 16), MLPBlock(8, 16, torch.nn.ReLU))
+    keys = set(block.state_dict())
+    assert fuse_linear(block) == 4
+    assert set(block.state_dict()) == keys
+    gelu_block, relu_block = block
+    assert isinstance(gelu_block.lin1, OneDNNLinear) and gelu_block.lin1.gelu
+    assert isinstance(gelu_block.act, torch.nn.Identity)
+    assert not relu_block.lin1.gelu and isinstance(relu_block.act, torch.nn.ReLU)
+    assert fuse_linear(block) == 0  # already done
+
+
 def test_full_model_fast_equals_reference(tiny_model):
     reference = build_sam(TINY_CONFIG)
     reference.load_state_dict(tiny_model.state_dict())
     reference.eval().mask_decoder.transformer.factorized = False
     fast = tiny_model
     assert fuse_conv_bn(fast) > 0 and fuse_conv_gelu(fast) > 0
+    assert fuse_linear(fast.image_encoder) > 0
     fast.image_encoder.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 128, 128) * 50
     emb_ref, emb = reference.image_encoder(x), fast.image_encoder(x)

@@ -20,8 +20,8 @@ pytest.importorskip("onnxscript")
 import onnx
 
 from napari_mobilesam.build import build_sam
-from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu
-from napari_mobilesam.model.common import ConvGELU, _onednn_pointwise_available
+from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu, fuse_linear
+from napari_mobilesam.model.common import ConvGELU, OneDNNLinear, _onednn_pointwise_available
 from napari_mobilesam.predictor import Predictor
 from napari_mobilesam.runtime import (
     DEFAULT_OPSET,
@@ -55,9 +55,10 @@ def _tiny(state_dict, fuse: bool):
     model = build_sam(TINY_CONFIG)
     model.load_state_dict(state_dict)
     model.eval()
-    if fuse:
+    if fuse:  # as load_model does
         fuse_conv_bn(model)
         fuse_conv_gelu(model)
+        fuse_linear(model.image_encoder)
     return model
 
 
@@ -233,6 +234,9 @@ def test_plain_copy_uses_standard_ops(fused_tiny):
     plain = plain_copy(fused_tiny)
     convs = [m for m in plain.modules() if isinstance(m, ConvGELU)]
     assert convs and not any(m.use_onednn for m in convs)
+    linears = [m for m in plain.modules() if isinstance(m, OneDNNLinear)]
+    assert linears and not any(m.use_onednn for m in linears)
+    assert all(m.use_onednn for m in fused_tiny.modules() if isinstance(m, OneDNNLinear))
     assert plain.mask_decoder.transformer.factorized is False
     assert plain.image_encoder is not fused_tiny.image_encoder
     with pytest.raises(TypeError, match="model must be a Sam"):

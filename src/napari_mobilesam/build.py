@@ -28,6 +28,7 @@ from .model import (
     TwoWayTransformer,
     fuse_conv_bn,
     fuse_conv_gelu,
+    fuse_linear,
 )
 
 # Keys of the official checkpoints that belong to no part of the segmentation
@@ -373,6 +374,9 @@ def load_model(
     if fuse:
         fuse_conv_bn(model)
         fuse_conv_gelu(model)
+        # oneDNN matmuls pay for the encoder's big token matrices; the decoder's
+        # prompt-token matmuls are small and faster in torch's default kernels
+        fuse_linear(model.image_encoder)
     model.image_encoder.to(memory_format=torch.channels_last)
     model.model_name = name
     model.checkpoint_path = path

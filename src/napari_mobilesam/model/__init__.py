@@ -6,7 +6,7 @@
 registry of named variants live in :mod:`napari_mobilesam.build`.
 """
 
-from .common import LayerNorm2d, fuse_conv_bn, fuse_conv_gelu
+from .common import LayerNorm2d, fuse_conv_bn, fuse_conv_gelu, fuse_linear
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -25,4 +25,5 @@ __all__ = [
     "TwoWayTransformer",
     "fuse_conv_bn",
     "fuse_conv_gelu",
+    "fuse_linear",
 ]

@@ -190,6 +190,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """LayerNorm, Linear, GELU, Linear."""
 
+    linear_gelu_pairs = (("fc1", "act"),)
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)

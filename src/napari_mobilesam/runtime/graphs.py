@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..model import Sam
-from ..model.common import ConvGELU
+from ..model.common import ConvGELU, OneDNNLinear
 
 __all__ = ["DecoderGraph", "plain_copy"]
 
@@ -30,7 +30,9 @@ def plain_copy(model: Sam) -> Sam:
 
     Fused convolution + GELU pairs (:class:`~napari_mobilesam.model.common.ConvGELU`)
     keep their (folded) weights but take the two-step ``gelu(conv(x))`` path instead
-    of oneDNN's fused kernel, and the decoder's transformer runs unfactorised.
+    of oneDNN's fused kernel, oneDNN linear layers
+    (:class:`~napari_mobilesam.model.common.OneDNNLinear`) take ``F.linear``, and
+    the decoder's transformer runs unfactorised.
     ``model`` itself is not changed.
 
     Parameters
@@ -45,7 +47,7 @@ def plain_copy(model: Sam) -> Sam:
         raise TypeError(f"model must be a Sam model, got {type(model).__name__}")
     plain = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     for mod in plain.modules():
-        if isinstance(mod, ConvGELU):
+        if isinstance(mod, ConvGELU | OneDNNLinear):
             mod.use_onednn = False
     plain.mask_decoder.transformer.factorized = False
     return plain
