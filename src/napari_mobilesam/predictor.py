@@ -203,16 +203,23 @@ class Predictor:
         contrast_limits, channels, channel_axis
             Passed to :func:`~napari_mobilesam.normalize.to_rgb_uint8`.
         """
+        convert = {"contrast_limits": contrast_limits, "channels": channels,
+                   "channel_axis": channel_axis}  # fmt: skip
+        tensor, original_size = self._input_frame(image, image_format, convert)
+        self.set_torch_image(tensor, original_size)
+
+    def _input_frame(
+        self, image: np.ndarray, image_format: str, convert: dict
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(1, 3, h, w) uint8 tensor resized to the input frame, and the (H, W) before."""
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        rgb = to_rgb_uint8(
-            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
-        )
+        rgb = to_rgb_uint8(image, **convert)
         if image_format != self.model.image_format:
             rgb = np.ascontiguousarray(rgb[..., ::-1])
         resized = self.transform.apply_image(rgb)
         tensor = torch.tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self.set_torch_image(tensor, rgb.shape[:2])
+        return tensor, rgb.shape[:2]
 
     @torch.no_grad()
     def set_torch_image(
@@ -302,8 +309,6 @@ class Predictor:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         convert = {"contrast_limits": contrast_limits, "channels": channels,
                    "channel_axis": channel_axis}  # fmt: skip
         out: list[ImageEmbedding] = []
@@ -324,13 +329,9 @@ class Predictor:
 
         with torch.no_grad():
             for image in images:
-                rgb = to_rgb_uint8(image, **convert)
-                if image_format != self.model.image_format:
-                    rgb = np.ascontiguousarray(rgb[..., ::-1])
-                resized = self.transform.apply_image(rgb)
-                t = torch.tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
-                x = self.model.preprocess(t)
-                pending.append((x, rgb.shape[:2], resized.shape[:2]))
+                t, original_size = self._input_frame(image, image_format, convert)
+                x = self.model.preprocess(t.float())
+                pending.append((x, original_size, tuple(t.shape[-2:])))
                 if len(pending) == batch_size:
                     flush()
             if pending:
