@@ -154,6 +154,16 @@ def _onednn_pointwise_available() -> bool:
     )
 
 
+def _cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused inference kernels apply: float32 on the CPU, no autograd."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+    )
+
+
 class ConvGELU(nn.Module):
     """``gelu(conv(x))`` (exact erf GELU) for inference; ``conv`` may be transposed.
 
@@ -170,13 +180,7 @@ class ConvGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if (
-            self.use_onednn
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and c.weight.dtype == torch.float32
-            and not torch.is_grad_enabled()
-        ):
+        if self.use_onednn and _cpu_fp32_inference(x, c.weight):
             if isinstance(c, nn.ConvTranspose2d):
                 return torch.ops.mkldnn._convolution_transpose_pointwise(
                     x, c.weight, c.bias, c.padding, c.output_padding, c.stride, c.dilation,
@@ -238,14 +242,7 @@ class OneDNNLinear(nn.Linear):
         self.use_onednn = use_onednn and _onednn_linear_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.use_onednn
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not _autocast_on("cpu")
-        ):
+        if self.use_onednn and _cpu_fp32_inference(x, self.weight) and not _autocast_on("cpu"):
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.weight, self.bias, "gelu" if self.gelu else "none", [], "none"
             )
