@@ -60,12 +60,13 @@ def test_cases_present():
     assert len(CASES) >= 4, "the public golden set has four segment-everything cases"
 
 
-@requires_golden
-@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
-def test_reference_mode_reproduces_reference(path, golden_model):
+def _reproduces_reference(path, model, mode: str):
+    """Run ``mode`` on a golden case and check the golden tolerances on every record:
+    same count, each matched (IoU >= 0.99, scores within 1e-3), stability within 1e-3,
+    boxes within 1 px. Returns (ours, reference, {reference index: our index})."""
     case, image = _load(path)
     gen = MaskGenerator(
-        golden_model, **case["params"], output_mode="uncompressed_rle", mode="reference", nms="box"
+        model, **case["params"], output_mode="uncompressed_rle", mode=mode, nms="box"
     )
     ours = gen.generate(image)
     ref = case["annotations"]
@@ -73,9 +74,17 @@ def test_reference_mode_reproduces_reference(path, golden_model):
     _, pairs = _match(ours, ref, min_iou=0.99, score_tol=1e-3)
     assert len(pairs) == len(ref), f"{len(ref) - len(pairs)} reference masks unmatched"
     for j, i in pairs.items():
+        assert abs(ours[i]["stability_score"] - ref[j]["stability_score"]) <= 1e-3
+        assert np.abs(np.subtract(ours[i]["bbox"], ref[j]["bbox"])).max() <= 1
+    return ours, ref, pairs
+
+
+@requires_golden
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_reference_mode_reproduces_reference(path, golden_model):
+    ours, ref, pairs = _reproduces_reference(path, golden_model, "reference")
+    for j, i in pairs.items():
         o, r = ours[i], ref[j]
-        assert abs(o["stability_score"] - r["stability_score"]) <= 1e-3
-        assert np.abs(np.subtract(o["bbox"], r["bbox"])).max() <= 1
         assert o["area"] == pytest.approx(r["area"], rel=0.01, abs=2)
         assert o["crop_box"] == r["crop_box"]
         np.testing.assert_allclose(o["point_coords"], r["point_coords"], atol=1e-6)
@@ -102,18 +111,7 @@ def test_fast_mode_agrees_with_reference(path, golden_model):
 def test_device_mode_reproduces_reference(path, golden_model):
     """mode='device' (reference decisions on batched tensors, cached decoder) gives the
     reference's records, crop layers and min_mask_region_area included."""
-    case, image = _load(path)
-    gen = MaskGenerator(
-        golden_model, **case["params"], output_mode="uncompressed_rle", mode="device", nms="box"
-    )
-    ours = gen.generate(image)
-    ref = case["annotations"]
-    assert len(ours) == len(ref)
-    _, pairs = _match(ours, ref, min_iou=0.99, score_tol=1e-3)
-    assert len(pairs) == len(ref), f"{len(ref) - len(pairs)} reference masks unmatched"
-    for j, i in pairs.items():
-        assert abs(ours[i]["stability_score"] - ref[j]["stability_score"]) <= 1e-3
-        assert np.abs(np.subtract(ours[i]["bbox"], ref[j]["bbox"])).max() <= 1
+    _reproduces_reference(path, golden_model, "device")
 
 
 @requires_golden
