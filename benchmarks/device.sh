@@ -12,6 +12,10 @@ OUT=${OUT:-benchmarks/results/device}
 GOLDEN=${GOLDEN:-.device/golden}
 mkdir -p "$OUT"
 export PYTHONPATH=src:batch PYTHONUNBUFFERED=1
+# the original code that prepare_device.py copied beside the golden folder (when it did;
+# else benchmarks/original.py looks in .original)
+ORIGINAL="$(dirname "$GOLDEN")/original"
+[ -d "$ORIGINAL" ] && export MOBILESAM_ORIGINAL=${MOBILESAM_ORIGINAL:-$ORIGINAL}
 PY=${PYTHON:-python3}
 if [ "${QUICK:-0}" = 1 ]; then
     gpu_args=(--quick --device cpu --precisions bf16)
@@ -22,10 +26,10 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-timeout 420 "$PY" benchmarks/gpu.py --golden "$GOLDEN" --out "$OUT" "${gpu_args[@]}" 2>&1 \
+timeout 400 "$PY" benchmarks/gpu.py --golden "$GOLDEN" --out "$OUT" "${gpu_args[@]}" 2>&1 \
     | tee "$OUT/gpu.log"
 gpu=${PIPESTATUS[0]}
-timeout 120 "$PY" benchmarks/bench_distill.py "${distill_args[@]}" --json "$OUT/distill.json" 2>&1 \
+timeout 75 "$PY" benchmarks/bench_distill.py "${distill_args[@]}" --json "$OUT/distill.json" 2>&1 \
     | tee "$OUT/distill.log"
 distill=${PIPESTATUS[0]}
 echo "gpu.py exit $gpu, bench_distill.py exit $distill"

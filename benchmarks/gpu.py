@@ -189,23 +189,38 @@ def check_precision(golden: Path, model, precision: str) -> dict:
 
 
 def precision_timings(golden: Path, model, device, precisions, batch: int, quick: bool) -> dict:
-    """Encoder latency at batch 1 and batched images/s, per precision (fp32 first)."""
+    """Encoder latency at batch 1 and batched images/s, per precision (fp32 first).
+
+    ``batch1`` is the predictor's default path (CUDA graphs on a GPU), ``batch1_eager``
+    the same without graphs, and ``graph_max_abs_diff`` the largest difference
+    between their embeddings.
+    """
     photo = _image(golden, "photo")
     if quick:
         photo = photo[:64, :64]
-    reps = 2 if quick else 20
+    reps, warm = (1, 0) if quick else (20, 2)
     out = {}
     for precision in ("fp32", *precisions):
         pred = Predictor(model, precision=precision)
+        eager = Predictor(model, precision=precision, cuda_graphs=False)
         x = model.preprocess(
             torch.tensor(pred.transform.apply_image(photo), device=device)
             .permute(2, 0, 1)[None].float()
         )  # fmt: skip
-        row = {"batch1": _time(lambda pred=pred, x=x: pred.encode(x), device, reps)}
+        row = {
+            "batch1": _time(lambda pred=pred, x=x: pred.encode(x), device, reps, warm),
+            "batch1_eager": _time(lambda p=eager, x=x: p.encode(x), device, reps, warm),
+            "cuda_graphs": pred.uses_cuda_graphs,
+            "graph_max_abs_diff": float((pred.encode(x) - eager.encode(x)).abs().max()),
+        }
         images = [photo] * batch
         t = _time(lambda pred=pred, im=images: pred.embed_images(im, batch_size=batch),
-                  device, 1 if quick else 5)  # fmt: skip
+                  device, 1 if quick else 5, warm)  # fmt: skip
         row["batched"] = {**t, "batch": batch, "images_per_s": batch / (t["median_ms"] / 1e3)}
+        xb = x.expand(batch, -1, -1, -1).contiguous()
+        t = _time(lambda pred=pred, xb=xb: pred.encode(xb), device, 1 if quick else 10, warm)
+        row["batched_encoder_only"] = {**t, "batch": batch,
+                                       "images_per_s": batch / (t["median_ms"] / 1e3)}  # fmt: skip
         out[precision] = row
     return out
 
@@ -253,64 +268,120 @@ def compile_timings(model, device, precision: str, modes, quick: bool) -> dict:
     return out
 
 
-def timings(golden: Path, device, quick: bool) -> dict:
+def _original(weights: Path, device):
+    """The original pipeline on ``device`` (``benchmarks/original.py``), or the reason not."""
+    from benchmarks import original
+
+    try:
+        orig = original.load(weights)
+    except original.OriginalUnavailable as exc:
+        return None, str(exc)
+    orig.sam.to(device)
+    return orig, orig.describe()
+
+
+def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> dict:
+    """Ours vs the reference mode (and the original code where it imports), into ``out``.
+
+    ``save`` is called after each row, so a run cut short keeps the rows it finished.
+    """
     weights = golden / "mobile_sam_random.pt"
     fast_model = load_model("vit_t", weights, device=device)
     ref_model = load_model("vit_t", weights, device=device, fuse=False)
+    orig, what = _original(weights, device)
+    out["original"] = {"available": orig is not None, "what": what}
     photo = _image(golden, "photo")
     reps = 3 if quick else 20
-    out = {}
-    x = torch.randn(1, 3, 1024, 1024, device=device) if not quick else None
+
+    def row(name, r):
+        out[name] = r
+        save()
+
+    image, grid, name_of = _everything_case(golden, quick)
     with torch.inference_mode():
-        if x is not None:
-            out["encoder_b1"] = {
-                "ours": _time(lambda: fast_model.image_encoder(x), device, reps),
-                "reference": _time(lambda: ref_model.image_encoder(x), device, reps),
-            }
+        if not quick:
+            x = torch.randn(1, 3, 1024, 1024, device=device)
+            ours = Predictor(fast_model)
+            r = {"ours": _time(lambda: ours.encode(x), device, reps),
+                 "reference": _time(lambda: ref_model.image_encoder(x), device, reps)}  # fmt: skip
+            if orig is not None:
+                r["original"] = _time(lambda: orig.sam.image_encoder(x), device, reps)
+            row("encoder_b1", r)
         fast = Predictor(fast_model)
-        ref = Predictor(ref_model, decoder_cache=False, factorized=False)
+        ref = Predictor(ref_model, decoder_cache=False, factorized=False, cuda_graphs=False)
         fast.set_image(photo)
         ref.set_image(photo)
         pt = (np.array([[400.0, 300.0]]), np.array([1]))
-        out["predict_1pt"] = {
-            "ours": _time(lambda: fast.predict(*pt), device, reps * 3),
-            "reference": _time(lambda: ref.predict(*pt), device, reps * 3),
-        }
-        side = 64 if quick else 1024
-        grid = 4 if quick else 32
-        image = np.ascontiguousarray(np.resize(photo, (side, side, 3)))
+        r = {"ours": _time(lambda: fast.predict(*pt), device, reps * 3),
+             "reference": _time(lambda: ref.predict(*pt), device, reps * 3)}  # fmt: skip
+        if orig is not None:
+            orig.predictor.set_image(photo)
+            r["original"] = _time(lambda: orig.predictor.predict(*pt), device, reps * 3)
+            r["original_set_image"] = _time(lambda: orig.predictor.set_image(photo), device, reps)
+            r["ours_set_image"] = _time(lambda: fast.set_image(photo), device, reps)
+        row("predict_1pt", r)
         cases = (
             ("default", {}, "mask", 3),
-            ("all_pass", {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}, "box", 1),
+            ("all_pass", ALL_PASS, "box", 1),
         )
         for label, params, fast_nms, reps_everything in cases:
-            row = {}
-            for mode, nms in (("fast", fast_nms), ("reference", "box")):
-                gen = MaskGenerator(fast_model, points_per_side=grid, mode=mode, nms=nms, **params)
+            n_reps = 1 if quick else reps_everything
+            warm = 1 if reps_everything > 1 and not quick else 0
+            name = name_of(label)
+
+            def timed(fn, count, n_reps=n_reps, warm=warm):
                 n: list[int] = []
-                row[mode] = _time(
-                    lambda gen=gen, n=n: n.append(len(gen.generate(image))),
-                    device,
-                    1 if quick else reps_everything,
-                    warmup=1 if reps_everything > 1 and not quick else 0,
+                t = _time(lambda: n.append(count(fn())), device, n_reps, warmup=warm)
+                return {**t, "objects": n[-1]}
+
+            r = {}
+            precisions = ("fp32", resolve_precision("auto", device))
+            for precision in dict.fromkeys(precisions):
+                gen = MaskGenerator(fast_model, points_per_side=grid, mode="fast", nms=fast_nms,
+                                    precision=precision, **params)  # fmt: skip
+                key = "fast" if precision == "fp32" else f"fast_{precision}"
+                r[key] = {**timed(lambda gen=gen: gen.generate(image), len), "nms": fast_nms}
+                # device mode's label image (the GPU path)
+                gen = MaskGenerator(fast_model, points_per_side=grid, mode="device", nms="box",
+                                    precision=precision, **params)  # fmt: skip
+                r[key.replace("fast", "device_labels")] = timed(
+                    lambda gen=gen: gen.generate_labels(image), lambda lab: int(lab.max())
                 )
-                row[mode]["objects"] = n[-1]
-                row[mode]["nms"] = nms
-            out[f"everything_{grid}x{grid}_{side}px_{label}"] = row
-            # device mode's label image (the GPU path) against reference mode's records
-            gen = MaskGenerator(fast_model, points_per_side=grid, mode="device", nms="box",
-                                **params)  # fmt: skip
-            n = []
-            dev_row = {
-                "ours": _time(
-                    lambda gen=gen, n=n: n.append(int(gen.generate_labels(image).max())),
-                    device, 1 if quick else reps_everything,
-                    warmup=1 if reps_everything > 1 and not quick else 0,
-                ),
-                "reference": row["reference"],
-            }  # fmt: skip
-            dev_row["ours"]["objects"] = n[-1]
-            out[f"everything_{grid}x{grid}_{side}px_{label}_device_labels"] = dev_row
+                row(name, r)
+            if orig is not None and label == "default":  # all-pass: 109 s (issue 8)
+                gen = orig.generator(points_per_side=grid, **params)
+                r["original"] = timed(lambda gen=gen: gen.generate(image), len)
+                row(name, r)
+            if label == "default":  # all-pass: its own last stage (slow, unknown time)
+                r["reference"] = _reference_everything(fast_model, image, grid, params, device)
+                row(name, r)
+    return out
+
+
+def _everything_case(golden: Path, quick: bool):
+    """(image, grid, name of a case's row): 1024 px and 32x32 (64 px and 4x4 quick)."""
+    side, grid = (64, 4) if quick else (1024, 32)
+    image = np.ascontiguousarray(np.resize(_image(golden, "photo"), (side, side, 3)))
+    return image, grid, lambda label: f"everything_{grid}x{grid}_{side}px_{label}"
+
+
+ALL_PASS = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+def _reference_everything(model, image, grid, params, device) -> dict:
+    gen = MaskGenerator(model, points_per_side=grid, mode="reference", nms="box", **params)
+    n: list[int] = []
+    t = _time(lambda: n.append(len(gen.generate(image))), device, 1, warmup=0)
+    return {**t, "objects": n[-1], "nms": "box"}
+
+
+def all_pass_reference(golden: Path, device, quick: bool, out: dict) -> dict:
+    """The reference mode's all-pass row (every mask kept: the slowest run, so last)."""
+    model = load_model("vit_t", golden / "mobile_sam_random.pt", device=device)
+    image, grid, name_of = _everything_case(golden, quick)
+    with torch.inference_mode():
+        row = out.setdefault(name_of("all_pass"), {})
+        row["reference"] = _reference_everything(model, image, grid, ALL_PASS, device)
     return out
 
 
@@ -336,10 +407,13 @@ def report(result: dict) -> str:
             f"min {r['min_iou']:.4f} -> {'OK' if r['ok'] else 'FAIL'}"
         )
     for prec, r in result.get("precision_timings", {}).items():
-        b = r["batched"]
+        b, e = r["batched"], r["batched_encoder_only"]
+        graphs = "CUDA graphs" if r["cuda_graphs"] else "eager"
         lines.append(
-            f"encoder {prec:5}: batch 1 {r['batch1']['median_ms']:.2f} ms, batch {b['batch']} "
-            f"{b['images_per_s']:.1f} images/s (incl. resize + normalise)"
+            f"encoder {prec:5}: batch 1 {r['batch1']['median_ms']:.2f} ms ({graphs}; eager "
+            f"{r['batch1_eager']['median_ms']:.2f} ms, max |diff| {r['graph_max_abs_diff']:.1e}); "
+            f"batch {b['batch']} {b['images_per_s']:.1f} images/s incl. resize + normalise, "
+            f"{e['images_per_s']:.1f} encoder only"
         )
     comp = result.get("compile")
     if comp:
@@ -353,13 +427,28 @@ def report(result: dict) -> str:
                     f"  {mode:16} {r['median_ms']:.2f} ms ({r['ratio_to_eager']:.2f}x eager), "
                     f"compiled in {r['compile_s']:.0f} s, max |diff| {r['max_abs_diff']:.1e}"
                 )
-    lines.append(f"{'':44} {'ours ms':>10} {'reference ms':>13} {'ratio':>7}")
-    for name, r in result["timings"].items():
-        ours = r.get("ours", r.get("fast"))
-        lines.append(
-            f"{name:44} {ours['median_ms']:10.1f} {r['reference']['median_ms']:13.1f} "
-            f"{ours['median_ms'] / r['reference']['median_ms']:6.2f}x"
-        )
+    t = result.get("timings", {})
+    if "original" in t:
+        lines.append(f"original code: {t['original']['what']}")
+    lines.append(f"{'':52} {'ms':>9} {'/ reference':>12} {'/ original':>11}")
+    for name, r in t.items():
+        if name == "original":
+            continue
+        ref, orig = r.get("reference"), r.get("original")
+        for key, v in r.items():
+            if not isinstance(v, dict) or "median_ms" not in v or key == "reference":
+                continue
+            set_image = key.endswith("set_image")
+            to_ref = None if key.startswith("original") or set_image else ref
+            to_orig = r.get("original_set_image") if key == "ours_set_image" else orig
+            to_orig = None if key.startswith("original") else to_orig
+            ratios = "".join(
+                f"{v['median_ms'] / b['median_ms']:11.2f}x" if b else f"{'':12}"
+                for b in (to_ref, to_orig)
+            )
+            lines.append(f"{name + ' ' + key:52} {v['median_ms']:9.1f} {ratios}")
+        if ref:
+            lines.append(f"{name + ' reference':52} {ref['median_ms']:9.1f}")
     return "\n".join(lines)
 
 
@@ -406,7 +495,13 @@ def main(argv=None) -> int:
         return precision_timings(args.golden, model, device, precisions, batch, quick)
 
     stage("precision_timings", timed_precisions)
-    stage("timings", lambda: timings(args.golden, device, args.quick))
+
+    def save() -> None:
+        if args.out:
+            write_json(args.out / "gpu.json", result)
+
+    timed = result.setdefault("timings", {})
+    stage("timings", lambda: timings(args.golden, device, args.quick, timed, save))
     stage("everything_check",
           lambda: {} if args.quick else check_everything(args.golden, model))  # fmt: skip
     if args.compile is not None:
@@ -415,6 +510,8 @@ def main(argv=None) -> int:
         )
         precision = resolve_precision("auto", device)
         stage("compile", lambda: compile_timings(model, device, precision, modes, args.quick))
+    # last: how long it takes is unknown (the original took 109 s on an H200)
+    stage("timings", lambda: all_pass_reference(args.golden, device, args.quick, timed))
     print(report(result), flush=True)
     ok = result["predictor_check"]["ok"] and all(
         r["ok"] for r in result["precision_check"].values()

@@ -12,7 +12,8 @@ only its image encoder (TinyViT, ``mobile_sam``) is its own and is not on PyPI.
   (``load_model(fuse=False)``, the original's computation step by step;
   ``source == "segment_anything + our reference TinyViT"``).
 
-Where it looks: ``sys.path`` first, then ``$MOBILESAM_ORIGINAL`` or ``<repo>/.original``,
+Where it looks: ``sys.path`` first, then ``$MOBILESAM_ORIGINAL`` (when set) and
+``<repo>/.original``,
 which ``.ci/run`` fills with::
 
     pip install --no-deps --target .original segment-anything==1.0 torchvision==0.28.0
@@ -86,11 +87,11 @@ class Original:
 
 def _search_paths() -> list[Path]:
     env = os.environ.get("MOBILESAM_ORIGINAL")
-    return [Path(env)] if env else [ROOT / ".original"]
+    return [Path(env), ROOT / ".original"] if env else [ROOT / ".original"]
 
 
 def _add_search_paths() -> None:
-    for path in _search_paths():
+    for path in reversed(_search_paths()):  # the first ends up first on sys.path
         if path.is_dir() and str(path) not in sys.path:
             sys.path.insert(0, str(path))
 

@@ -9,7 +9,10 @@ the git-ignored ``.device/golden``:
   with crop layers and ``min_mask_region_area``);
 - ``sub_cases.npz``: the predictor cases of ``public_cases.npz`` whose second key
   part is one of :data:`CASES` (features, one multimask point case, a box, a point and
-  box, the batched boxes), under the golden file's key names.
+  box, the batched boxes), under the golden file's key names;
+- ``.device/original/segment_anything``: the original code (pure Python) from
+  ``.original`` when ``.ci/run`` installed it there, so that ``gpu.py`` times it on
+  the GPU too (that machine has its own torchvision).
 
 Usage (here, then with the device tool)::
 
@@ -63,6 +66,20 @@ def prepare(golden: Path, out: Path) -> list[Path]:
     return written
 
 
+def copy_original(src: Path, out: Path) -> list[Path]:
+    """Copy the ``segment_anything`` package from ``src`` (``.original``) into ``out``.
+
+    Returns the files written; none when ``src`` does not hold it.
+    """
+    package = src / "segment_anything"
+    if not package.is_dir():
+        return []
+    shutil.rmtree(out / "segment_anything", ignore_errors=True)
+    shutil.copytree(package, out / "segment_anything",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    return [f for f in (out / "segment_anything").rglob("*") if f.is_file()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--golden", type=Path, default=ROOT.parent / "shared" / "golden")
@@ -73,6 +90,11 @@ def main(argv=None) -> int:
     except FileNotFoundError as exc:
         print(f"prepare_device: {exc}", file=sys.stderr)
         return 1
+    original = copy_original(ROOT / ".original", args.out.parent / "original")
+    if not original:
+        print("prepare_device: no .original/segment_anything (see benchmarks/original.py); "
+              "the GPU run will not time the original code", file=sys.stderr)  # fmt: skip
+    files += original
     size = sum(f.stat().st_size for f in files) / 2**20
     print(f"{len(files)} files, {size:.0f} MiB in {args.out}; on the device machine: "
           "bash benchmarks/device.sh (carry .device)")  # fmt: skip

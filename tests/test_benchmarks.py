@@ -72,6 +72,18 @@ def test_device_run_is_ready(tmp_path):
     assert data["precision_check"]["bf16"]["mean_iou"] >= 0.98
     assert set(data["precision_timings"]) == {"fp32", "bf16"}
     assert data["predictor_check"]["ok"] and "timings" in data
+    fp32 = data["precision_timings"]["fp32"]
+    assert fp32["cuda_graphs"] is False and fp32["graph_max_abs_diff"] == 0.0  # CPU: eager
+    assert fp32["batched_encoder_only"]["images_per_s"] > 0
+    timings = data["timings"]
+    everything = timings["everything_4x4_64px_default"]
+    assert {"fast", "device_labels", "reference"} <= set(everything)
+    assert "reference" in timings["everything_4x4_64px_all_pass"]  # the last stage
+    if (ROOT / ".original" / "segment_anything").is_dir():  # .ci/run installs it
+        assert (tmp_path / "original" / "segment_anything" / "__init__.py").is_file()
+        assert timings["original"]["available"], timings["original"]
+        assert "original" in everything and "original" in timings["predict_1pt"]
+        assert "/ original" in run.stdout
     assert json.loads((out / "distill.json").read_text())["rows"]
 
 
@@ -93,6 +105,7 @@ def test_gpu_script_compile_option(tmp_path, capsys, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, mode: compiled.append(mode) or fn)
     monkeypatch.setattr(gpu, "timings", lambda *a: {})
+    monkeypatch.setattr(gpu, "all_pass_reference", lambda *a: {})
     argv = ["--golden", str(GOLDEN), "--quick", "--device", "cpu", "--out", str(tmp_path),
             "--precisions", "--compile"]  # fmt: skip
     assert gpu.main(argv) == 0

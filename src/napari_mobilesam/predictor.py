@@ -23,6 +23,7 @@ import torch
 from .build import load_model
 from .model import Sam
 from .normalize import to_rgb_uint8
+from .runtime.cuda_graph import CudaGraphEncoder
 from .transforms import ResizeLongestSide
 
 # Upsampled logits are produced in chunks of at most this many float32 values
@@ -96,6 +97,11 @@ class Predictor:
         fastest of these for the device (:func:`resolve_precision`); the attribute
         :attr:`precision` holds the choice. The default float32 reproduces the
         reference to float rounding.
+    cuda_graphs : bool
+        On a GPU, replay the image encoder from CUDA graphs recorded once per
+        batch size and precision (:class:`~napari_mobilesam.runtime.cuda_graph.
+        CudaGraphEncoder`): the same kernels without the launch overhead that
+        dominates at batch 1. No effect on a CPU or with another backend.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class Predictor:
         quantize: str | None = None,
         threads: int | None = None,
         precision: str = "fp32",
+        cuda_graphs: bool = True,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -136,6 +143,8 @@ class Predictor:
         self.decoder_cache = decoder_cache
         self.factorized = factorized
         self.precision = precision
+        #: the encoder through CUDA graphs (used on CUDA devices only), or None
+        self._graphed = CudaGraphEncoder(model.image_encoder) if cuda_graphs else None
         #: onnxruntime encoder of ``backend="auto"`` (decoding stays in torch), or None
         self._encoder = None
         if isinstance(backend, str) and backend == "auto":
@@ -152,9 +161,22 @@ class Predictor:
         Device, :attr:`backend_name`, torch's intra-op threads (torch picks the
         physical cores unless told otherwise) and the encoder :attr:`precision`.
         """
+        graphs = ", CUDA graphs" if self.uses_cuda_graphs else ""
         return (
             f"{self.device}: {self.backend_name}, {torch.get_num_threads()} threads, "
-            f"{self.precision}"
+            f"{self.precision}{graphs}"
+        )
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the encoder runs from CUDA graphs (``cuda_graphs`` on a GPU, torch
+        backend, no recording failure)."""
+        return (
+            self._graphed is not None
+            and self.backend is None
+            and self._encoder is None
+            and self.device.type == "cuda"
+            and self._graphed.failed is None
         )
 
     @property
@@ -272,6 +294,8 @@ class Predictor:
             return torch.from_numpy(np.concatenate(feats)).to(self.device)
         x = x.to(self.device)
         dtype = _AUTOCAST[self.precision]
+        if self._graphed is not None and self._graphed.applies(x):
+            return self._graphed(x, dtype)
         if dtype is None:
             return self.model.image_encoder(x)
         with torch.autocast(self.device.type, dtype=dtype):

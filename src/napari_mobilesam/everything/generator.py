@@ -230,6 +230,7 @@ class MaskGenerator:
                 factorized=False,
                 backend=self.predictor.backend or "torch",
                 precision=self.predictor.precision,
+                cuda_graphs=False,
             )
 
     @property

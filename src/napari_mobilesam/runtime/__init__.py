@@ -12,6 +12,7 @@ used (``pip install "napari-mobilesam[onnx]"``).
 """
 
 from .base import EncoderDecoderBackend
+from .cuda_graph import CudaGraphEncoder
 from .export import DEFAULT_OPSET, EXPORTER_VERSION, export_onnx, get_onnx_backend, onnx_cache_dir
 from .graphs import DecoderGraph, plain_copy
 from .onnx_backend import OnnxBackend
@@ -20,6 +21,7 @@ from .torch_backend import TorchBackend
 __all__ = [
     "DEFAULT_OPSET",
     "EXPORTER_VERSION",
+    "CudaGraphEncoder",
     "DecoderGraph",
     "EncoderDecoderBackend",
     "OnnxBackend",

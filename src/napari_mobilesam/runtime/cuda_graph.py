@@ -1,0 +1,141 @@
+"""The image encoder replayed from CUDA graphs (GPU inference at small batches).
+
+At batch 1 a GPU spends most of TinyViT's forward pass launching its ~400 small
+kernels, not running them. A CUDA graph records the launches once per input shape
+and precision and replays them with one call; the arithmetic is the same kernels
+on the same weights, so the embedding equals the eager one (up to the
+nondeterminism of cuBLAS/cuDNN algorithm choice).
+
+:class:`CudaGraphEncoder` wraps an encoder module. It records on the first call
+for each (shape, dtype, precision, weights' address) and keeps at most
+``max_graphs`` recordings (each holds its own activation memory, about 1 GB at
+batch 16). It runs the module eagerly where a graph cannot apply: on a CPU, with
+autograd on, or after a recording failed (then it warns once and stays eager).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["CudaGraphEncoder"]
+
+
+class CudaGraphEncoder:
+    """Call ``encoder`` through CUDA graphs, one per input shape and precision.
+
+    Parameters
+    ----------
+    encoder : torch.nn.Module
+        Maps a (B, 3, S, S) float32 image batch to (B, C, h, w) features; in eval
+        mode and free of host synchronisation (TinyViT and ViT are).
+    max_graphs : int
+        Recordings kept (least recently used dropped first).
+    warmup : int
+        Eager runs on a side stream before recording (cuBLAS/cuDNN set-up must not
+        happen inside the recording).
+
+    Notes
+    -----
+    The recording reads the module's parameters where they are when it is made:
+    in-place weight updates (``load_state_dict``) are seen by later replays, a
+    move (``.to``) makes a new recording.
+    """
+
+    def __init__(self, encoder: nn.Module, max_graphs: int = 4, warmup: int = 3):
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+        self.encoder = encoder
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.failed: str | None = None  # why recording was given up, if it was
+        self._graphs: OrderedDict = OrderedDict()
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` would be run from a graph (CUDA, no autograd, no failure)."""
+        return x.is_cuda and not torch.is_grad_enabled() and self.failed is None
+
+    def __call__(self, x: torch.Tensor, autocast_dtype: torch.dtype | None = None):
+        """The features of ``x``, float32.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            (B, 3, S, S) float32 on the encoder's device.
+        autocast_dtype : torch.dtype, optional
+            Run under ``torch.autocast`` with this dtype (bf16/fp16), as the
+            eager path would.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, C, h, w) float32, a new tensor (not the recording's buffer).
+        """
+        if not self.applies(x):
+            return self._eager(x, autocast_dtype)
+        key = (tuple(x.shape), x.dtype, x.device, autocast_dtype, self._weights_address())
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._record(x, autocast_dtype)
+            except Exception as exc:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                self._graphs.clear()
+                warnings.warn(
+                    f"CUDA graph recording of the image encoder failed ({self.failed}); "
+                    "running it eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self._eager(x, autocast_dtype)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, static_in, static_out = entry
+        with torch.inference_mode():
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()
+
+    @property
+    def n_graphs(self) -> int:
+        """Recordings held now."""
+        return len(self._graphs)
+
+    def _weights_address(self) -> int:
+        first = next(self.encoder.parameters(), None)
+        return 0 if first is None else first.data_ptr()
+
+    def _eager(self, x, autocast_dtype):
+        if autocast_dtype is None:
+            return self.encoder(x)
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            return self.encoder(x).float()
+
+    def _forward(self, x, autocast_dtype):
+        if autocast_dtype is None:
+            return self.encoder(x)
+        # autocast's weight-cast cache must be off while recording (its casts would
+        # be made outside the graph's memory)
+        with torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=False):
+            return self.encoder(x).float()
+
+    def _record(self, x, autocast_dtype):
+        device = x.device
+        with torch.inference_mode():
+            static_in = x.clone()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._forward(static_in, autocast_dtype)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_in, autocast_dtype)
+        return graph, static_in, static_out
