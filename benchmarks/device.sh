@@ -21,7 +21,9 @@ if [ "${QUICK:-0}" = 1 ]; then
     gpu_args=(--quick --device cpu --precisions bf16)
     distill_args=(--device cpu --steps 1 --batch-size 1 --image-size 128)
 else
-    gpu_args=(--compile)
+    # the torch.compile study (--compile: 60 s) ran once, 2026-11-28 (README); COMPILE=1 again
+    gpu_args=()
+    [ "${COMPILE:-0}" = 1 ] && gpu_args=(--compile)
     distill_args=(--teacher vit_h --device cuda)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 fi
@@ -29,6 +31,7 @@ fi
 timeout 400 "$PY" benchmarks/gpu.py --golden "$GOLDEN" --out "$OUT" "${gpu_args[@]}" 2>&1 \
     | tee "$OUT/gpu.log"
 gpu=${PIPESTATUS[0]}
+[ "${DISTILL:-1}" = 0 ] && { echo "gpu.py exit $gpu (DISTILL=0)"; exit "$gpu"; }
 timeout 75 "$PY" benchmarks/bench_distill.py "${distill_args[@]}" --json "$OUT/distill.json" 2>&1 \
     | tee "$OUT/distill.log"
 distill=${PIPESTATUS[0]}

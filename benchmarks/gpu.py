@@ -129,6 +129,30 @@ def check_predictor(golden: Path, model, device) -> dict:
     return worst
 
 
+def check_resize(device, quick: bool) -> dict:
+    """The device resize (set_image on GPUs) against Pillow, byte for byte."""
+    import PIL
+
+    from napari_mobilesam.transforms import (
+        pillow_pass_order,
+        resize_longest_side,
+        resize_longest_side_torch,
+    )
+
+    rng = np.random.default_rng(0)
+    sizes = [(770, 769), (3000, 200), (2001, 1000), (2048, 1536), (97, 1203), (1677, 7)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 2500, 2)) for _ in range(4 if quick else 40)]
+    bad = []
+    for size in sizes:
+        img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        ours = resize_longest_side_torch(torch.from_numpy(img).to(device).permute(2, 0, 1), 1024)
+        if not np.array_equal(ours.permute(1, 2, 0).cpu().numpy(), resize_longest_side(img, 1024)):
+            bad.append(list(size))
+    order = pillow_pass_order()
+    return {"pillow": PIL.__version__, "pass_order": getattr(order, "__name__", None),
+            "sizes": len(sizes), "mismatched": bad, "ok": not bad}  # fmt: skip
+
+
 def _match_fraction(ours, ref, min_iou) -> float:
     ref = [r for r in ref if r["area"] > 0]
     if not ref:
@@ -160,6 +184,13 @@ def check_everything(golden: Path, model) -> dict:
                 "nonempty_matched_099": _match_fraction(recs, case["annotations"], 0.99),
                 "nonempty_matched_095": _match_fraction(recs, case["annotations"], 0.95),
             }
+        fast = {"mode": "fast", "nms": "box", "output_mode": "uncompressed_rle"}
+        fp32 = MaskGenerator(model, **case["params"], **fast).generate(image)
+        low = MaskGenerator(model, **case["params"], **fast, precision="auto").generate(image)
+        res["auto_precision_vs_fp32"] = {
+            "count": [len(low), len(fp32)],
+            "matched_095": _match_fraction(low, fp32, 0.95),
+        }
         res["reference_count_equal"] = res["reference"]["count"] == len(case["annotations"])
         out[path.stem] = res
     return out
@@ -331,7 +362,11 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
 
             def timed(fn, count, n_reps=n_reps, warm=warm):
                 n: list[int] = []
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 t = _time(lambda: n.append(count(fn())), device, n_reps, warmup=warm)
+                if device.type == "cuda":
+                    t["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 return {**t, "objects": n[-1]}
 
             r = {}
@@ -399,7 +434,15 @@ def report(result: dict) -> str:
         lines.append(
             f"golden {name}: reference {r['reference']['count']} masks (equal count: "
             f"{r['reference_count_equal']}, matched {r['reference']['nonempty_matched_099']:.2f}), "
-            f"fast {r['fast']['count']} (matched {r['fast']['nonempty_matched_095']:.2f})"
+            f"fast {r['fast']['count']} (matched {r['fast']['nonempty_matched_095']:.2f}); "
+            f"auto precision vs fp32 fast: {r['auto_precision_vs_fp32']['count']} masks, "
+            f"matched {r['auto_precision_vs_fp32']['matched_095']:.2f}"
+        )
+    r = result.get("resize_check")
+    if r:
+        lines.append(
+            f"device resize vs Pillow {r['pillow']} ({r['pass_order']}): {r['sizes']} sizes, "
+            f"mismatched {r['mismatched']} -> {'OK' if r['ok'] else 'FAIL'}"
         )
     for prec, r in result.get("precision_check", {}).items():
         lines.append(
@@ -487,6 +530,7 @@ def main(argv=None) -> int:
 
     # correctness first, then the targets' timings, then the optional compile study
     stage("predictor_check", lambda: check_predictor(args.golden, model, device))
+    stage("resize_check", lambda: check_resize(device, args.quick))
     stage("precision_check",
           lambda: {p: check_precision(args.golden, model, p) for p in precisions})  # fmt: skip
     batch, quick = (2 if args.quick else args.batch), args.quick
@@ -513,8 +557,10 @@ def main(argv=None) -> int:
     # last: how long it takes is unknown (the original took 109 s on an H200)
     stage("timings", lambda: all_pass_reference(args.golden, device, args.quick, timed))
     print(report(result), flush=True)
-    ok = result["predictor_check"]["ok"] and all(
-        r["ok"] for r in result["precision_check"].values()
+    ok = (
+        result["predictor_check"]["ok"]
+        and result["resize_check"]["ok"]
+        and all(r["ok"] for r in result["precision_check"].values())
     )
     return 0 if ok else 1
 

@@ -79,3 +79,62 @@ def test_napari_rectangle_to_box():
     np.testing.assert_array_equal(T.corners_rc_to_xyxy(T.xyxy_to_corners_rc(box)), box)
     with pytest.raises(ValueError, match="box corners"):
         T.corners_rc_to_xyxy(np.zeros((1, 2)))
+
+
+# --- resize on the device ------------------------------------------------------------
+
+# upscaling, shrinking (antialiased), one axis unchanged, tall images (which recent
+# Pillow shrinks vertical pass first), the exact-2:1 edge, tiny and identity sizes
+RESIZE_SIZES = [(770, 769), (512, 300), (2048, 1536), (3000, 200), (1677, 7), (2001, 1000),
+                (2002, 1001), (200, 3000), (1023, 3), (5, 7), (1, 3), (1024, 700),
+                (97, 1203)]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", RESIZE_SIZES)
+def test_torch_resize_is_pillow_byte_for_byte(size, rng):
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    smooth = np.ascontiguousarray(np.sort(image, axis=0))  # gradients as well as noise
+    for img in (image, smooth):
+        ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 1024)
+        assert ours.dtype == torch.uint8
+        expected = T.resize_longest_side(img, 1024)
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), expected)
+
+
+def test_torch_resize_random_sizes_and_targets(rng):
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 900, 2))
+        long_side = int(rng.integers(8, 700))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), long_side)
+        expected = T.resize_longest_side(img, long_side)
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), expected, err_msg=f"{h}x{w}")
+
+
+def test_torch_resize_asks_pillow_when_its_pass_order_is_unknown(monkeypatch, rng):
+    img = rng.integers(0, 256, (300, 100, 3), dtype=np.uint8)
+    assert T.pillow_pass_order() is not None  # this Pillow's order is one of the known two
+    monkeypatch.setattr(T, "pillow_pass_order", lambda: None)
+    ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 128)
+    np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), T.resize_longest_side(img, 128))
+
+
+def test_pil_bilinear_matrix_rows_are_normalised():
+    for n_in, n_out in ((770, 1024), (3000, 1024), (7, 4), (1, 5)):
+        m = T.pil_bilinear_matrix(n_in, n_out)
+        assert m.shape == (n_out, n_in) and np.all(m == np.round(m))
+        assert np.all(np.abs(m.sum(1) - 2**22) <= m.shape[1])  # rounding of each weight
+
+
+@pytest.mark.parametrize("sizes", [(0, 4), (4, 0), (-1, 3)])
+def test_pil_bilinear_matrix_rejects_empty(sizes):
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        T.pil_bilinear_matrix(*sizes)
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(4, 4, 3, dtype=torch.uint8), torch.zeros(3, 4, 4), torch.zeros(4, 4)]
+)
+def test_torch_resize_needs_chw_uint8(bad):
+    with pytest.raises(ValueError, match=r"needs a \(3, H, W\) uint8 tensor"):
+        T.resize_longest_side_torch(bad, 64)

@@ -14,8 +14,8 @@ Two modes share one pipeline of small functions over :class:`MaskData`:
     box IoU (``nms="box"``). Memory grows with the objects, not the image.
 ``mode="device"`` (for GPUs)
     Reference mode's decisions on the model's device without per-mask host
-    work (:mod:`.device`): all grid prompts decoded in one pass by the cached,
-    factorised decoder, the survivors upsampled in batches, full-resolution
+    work (:mod:`.device`): the grid prompts decoded in as few passes as the
+    GPU's memory allows by the cached, factorised decoder, the survivors upsampled in batches, full-resolution
     stability scores, box NMS (``nms="box"``); :meth:`MaskGenerator.generate_labels`
     paints the label image on the device and reads back only that (for one crop
     without ``min_mask_region_area``; otherwise through RLEs as in reference mode).
@@ -65,7 +65,9 @@ class MaskGenerator:
         Grid of ``n x n`` points over the image (and each crop); None when
         ``point_grids`` is given.
     points_per_batch : int
-        Points decoded together (memory vs speed).
+        Points decoded together on a CPU and in reference mode (memory vs speed). On
+        a GPU, fast and device modes decode as many as fit in 60% of its free
+        memory (at least this many): a 32x32 grid in one pass on a large card.
     pred_iou_thresh : float
         Keep masks whose predicted IoU is above this (0 disables).
     stability_score_thresh : float
@@ -110,7 +112,10 @@ class MaskGenerator:
     precision : {"fp32", "bf16", "fp16", "auto"}, optional
         Precision of the image encoder (see :class:`~napari_mobilesam.predictor.Predictor`;
         ``"auto"``: bf16 on GPUs and on CPUs with bf16 units). Default: fp32 for a
-        model or name, a given Predictor's own.
+        model or name, a given Predictor's own. Reduced precisions also decode the
+        grid in 16 bits (float16 on GPUs, bfloat16 on CPUs:
+        :meth:`~napari_mobilesam.predictor.Predictor.reduced_decoder`), about twice
+        as fast.
     """
 
     def __init__(
@@ -417,10 +422,7 @@ class MaskGenerator:
         process = {"reference": self._batch_reference, "fast": self._batch_fast,
                    "device": self._batch_device}[self.mode]  # fmt: skip
         state = self._fast_state(size) if self.mode == "fast" else None
-        # on a GPU, device mode decodes every grid prompt of the crop in one pass
-        per_batch = self.points_per_batch
-        if self.mode == "device" and self.predictor.device.type != "cpu":
-            per_batch = max(per_batch, len(points))
+        per_batch = self._prompts_per_pass(len(points))
         data = MaskData()
         for start in range(0, len(points), per_batch):
             batch = points[start : start + per_batch]
@@ -444,6 +446,18 @@ class MaskGenerator:
         data["points"] = data["points"] + torch.tensor([[x0, y0]], dtype=torch.float64)
         data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data), 1)
         return data
+
+    def _prompts_per_pass(self, n_points: int) -> int:
+        """Grid prompts decoded together: ``points_per_batch`` on a CPU; on a GPU (fast
+        and device modes) as many as fit in 60% of its free memory, all of a 32x32
+        grid on a large card (one decoder pass instead of 16)."""
+        device = self.predictor.device
+        if device.type != "cuda" or self.mode == "reference" or self.predictor.backend:
+            return self.points_per_batch
+        free, _ = torch.cuda.mem_get_info(device)
+        low = self.predictor.reduced_decoder()[1] is not None
+        per_prompt = PROMPT_BYTES_FP32 // (2 if low else 1)
+        return max(self.points_per_batch, min(n_points, int(0.6 * free) // per_prompt))
 
     def _nms(self, data, scores, thresh, orig_size) -> torch.Tensor:
         if self.nms == "mask":
@@ -678,6 +692,11 @@ class MaskGenerator:
         return records
 
 
+# GPU memory one grid prompt takes while decoding, in float32 (half that in 16 bits): a
+# few (4096, 256) image-token tensors and the (32, 256, 256) upscaled features; an
+# upper estimate that sizes the decoder passes on a GPU (see _prompts_per_pass).
+PROMPT_BYTES_FP32 = 48 * 2**20
+
 # Prompts decoded together on a CPU: a few at a time keeps the per-prompt image
 # tensors (4096 x 256 floats each) in cache, ~1.7x faster per prompt than 64.
 CPU_DECODE_CHUNK = 4
@@ -700,29 +719,49 @@ def _decode(
     """
     if pred.backend is not None:
         return _decode_backend(pred, coords, labels, min_iou)
-    model, dec = pred.model, pred.model.mask_decoder
+    model = pred.model
+    low, dtype = pred.reduced_decoder()  # with a reduced precision: fp16 (GPU) / bf16 (CPU)
     chunk = CPU_DECODE_CHUNK if coords.device.type == "cpu" else len(coords)
     masks, ious, prompts = [], [], []
     for i in range(0, len(coords), chunk):
         points = (coords[i : i + chunk], labels[i : i + chunk])
         sparse, dense = model.prompt_encoder(points, None, None)
-        hs, keys, size = dec.forward_tokens(None, None, sparse, None, pred._image_cache(dense))
-        iou = dec.iou_from_tokens(hs, True)
-        sel = torch.arange(len(iou), device=iou.device)
-        if min_iou is not None:
-            sel = torch.nonzero((iou > min_iou).any(dim=1)).flatten()
-            if len(sel) == 0:
-                continue
-            hs, iou = hs[sel], iou[sel]
-            keys = keys if keys.shape[0] == 1 else keys[sel]
-        masks.append(dec.masks_from_tokens(hs, keys, size, True))
-        ious.append(iou)
-        prompts.append(sel + i)
+        found = None if low is None else _decode_chunk(pred, sparse, dense, min_iou, low, dtype)
+        if found is None:  # float32 (also where the reduced one overflowed)
+            found = _decode_chunk(pred, sparse, dense, min_iou)
+        if found is not False:
+            masks.append(found[0])
+            ious.append(found[1])
+            prompts.append(found[2] + i)
     if not masks:
         h, w = model.prompt_encoder.mask_input_size
         empty = torch.zeros(0, 3, device=coords.device)
         return empty.new_zeros(0, 3, h, w), empty, torch.zeros(0, dtype=torch.long)
     return torch.cat(masks), torch.cat(ious), torch.cat(prompts)
+
+
+def _decode_chunk(pred: Predictor, sparse, dense, min_iou, low=None, dtype=None):
+    """One chunk of :func:`_decode`: (low_res, iou, rows), False when no prompt passes
+    ``min_iou``, or None when the reduced-precision decoder ``low`` gave non-finite values."""
+    dec = pred.model.mask_decoder
+    if low is None:
+        hs, keys, size = dec.forward_tokens(None, None, sparse, None, pred._image_cache(dense))
+        iou = dec.iou_from_tokens(hs, True)
+    else:
+        cache = pred._image_cache(dense, dtype)
+        hs, keys, size = low.forward_tokens(None, None, sparse.to(dtype), None, cache)
+        iou = dec.iou_from_tokens(hs.float(), True)  # the float32 head
+    sel = torch.arange(len(iou), device=iou.device)
+    if min_iou is not None:
+        sel = torch.nonzero((iou > min_iou).any(dim=1)).flatten()
+        if len(sel) == 0:
+            return None if low is not None and not torch.isfinite(iou).all() else False
+        hs, iou = hs[sel], iou[sel]
+        keys = keys if keys.shape[0] == 1 else keys[sel]
+    low_res = (dec if low is None else low).masks_from_tokens(hs, keys, size, True).float()
+    if low is not None and not (torch.isfinite(iou).all() and torch.isfinite(low_res).all()):
+        return None
+    return low_res, iou, sel
 
 
 def _decode_backend(
