@@ -90,33 +90,59 @@ RESIZE_SIZES = [(770, 769), (512, 300), (2048, 1536), (3000, 200), (1677, 7), (2
                 (97, 1203)]  # fmt: skip
 
 
+def _both_calls_equal_pillow(img, long_side):
+    """The first call of a size learns Pillow's pass order, the second uses it."""
+    expected = T.resize_longest_side(img, long_side)
+    tensor = torch.from_numpy(img).permute(2, 0, 1)
+    for _ in range(2):
+        ours = T.resize_longest_side_torch(tensor, long_side)
+        assert ours.dtype == torch.uint8
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), expected,
+                                      err_msg=f"{img.shape} -> {long_side}")  # fmt: skip
+
+
 @pytest.mark.parametrize("size", RESIZE_SIZES)
 def test_torch_resize_is_pillow_byte_for_byte(size, rng):
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     smooth = np.ascontiguousarray(np.sort(image, axis=0))  # gradients as well as noise
     for img in (image, smooth):
-        ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 1024)
-        assert ours.dtype == torch.uint8
-        expected = T.resize_longest_side(img, 1024)
-        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), expected)
+        _both_calls_equal_pillow(img, 1024)
 
 
 def test_torch_resize_random_sizes_and_targets(rng):
     for _ in range(40):
         h, w = (int(v) for v in rng.integers(1, 900, 2))
-        long_side = int(rng.integers(8, 700))
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), long_side)
-        expected = T.resize_longest_side(img, long_side)
-        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), expected, err_msg=f"{h}x{w}")
+        _both_calls_equal_pillow(img, int(rng.integers(8, 700)))
 
 
-def test_torch_resize_asks_pillow_when_its_pass_order_is_unknown(monkeypatch, rng):
-    img = rng.integers(0, 256, (300, 100, 3), dtype=np.uint8)
-    assert T.pillow_pass_order() is not None  # this Pillow's order is one of the known two
-    monkeypatch.setattr(T, "pillow_pass_order", lambda: None)
-    ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 128)
-    np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), T.resize_longest_side(img, 128))
+def test_torch_resize_learns_pillows_pass_order_once_per_size(monkeypatch, rng):
+    monkeypatch.setattr(T, "_PASS_ORDER", {})
+    calls = []
+    real = T.resize_longest_side
+    monkeypatch.setattr(T, "resize_longest_side", lambda *a: calls.append(1) or real(*a))
+    for shape in ((300, 100), (100, 300)):  # tall: vertical first in recent Pillow
+        img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        first = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 128)
+        second = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 128)
+        assert torch.equal(first, second)
+    assert len(calls) == 2 and set(T._PASS_ORDER) == {(300, 100, 128), (100, 300, 128)}
+    # an image that cannot tell the orders apart (constant) teaches nothing
+    flat = torch.full((3, 50, 20), 7, dtype=torch.uint8)
+    expected = torch.full((3, 32, 13), 7, dtype=torch.uint8)
+    assert torch.equal(T.resize_longest_side_torch(flat, 32), expected)
+    assert (50, 20, 32) not in T._PASS_ORDER
+
+
+def test_torch_resize_stays_with_pillow_where_no_order_matches(monkeypatch, rng):
+    monkeypatch.setattr(T, "_PASS_ORDER", {})
+    monkeypatch.setattr(T, "_two_passes", lambda image, h, w, vertical_first: torch.zeros(
+        3, h, w, dtype=torch.uint8))  # fmt: skip
+    img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    for _ in range(2):
+        ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 40)
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), T.resize_longest_side(img, 40))
+    assert T._PASS_ORDER == {(60, 90, 40): None}
 
 
 def test_pil_bilinear_matrix_rows_are_normalised():

@@ -245,7 +245,7 @@ class Predictor:
         if self.device.type in _DEVICE_RESIZE and pixels <= _DEVICE_RESIZE_PIXELS:
             # upload the original and resize there (the same bytes as Pillow's resize,
             # which takes ~10 ms of a CPU core per image: the bound for stacks on a GPU)
-            image_t = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
+            image_t = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(self.device)
             resized_t = resize_longest_side_torch(image_t.permute(2, 0, 1), self.model.img_size)
             return resized_t.contiguous()[None], rgb.shape[:2]
         resized = self.transform.apply_image(rgb)

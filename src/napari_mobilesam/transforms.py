@@ -95,21 +95,35 @@ def pil_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def _pil_pass(image: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _device_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """:func:`pil_bilinear_matrix` transposed, (in_size, out_size), kept on ``device``."""
+    return torch.as_tensor(pil_bilinear_matrix(in_size, out_size).T.copy(), device=device)
+
+
+def _pil_pass(image: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
     """Resample the last axis of a float64 tensor of 0..255 integers as Pillow does."""
-    k = torch.as_tensor(matrix, device=image.device)
-    acc = image @ k.T + (1 << (_PRECISION_BITS - 1))  # exact: integers below 2**53
-    return torch.floor(acc / (1 << _PRECISION_BITS)).clamp_(0, 255)
+    acc = image @ _device_matrix(in_size, out_size, image.device)  # exact: integers < 2**53
+    return torch.floor((acc + (1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS)).clamp_(0, 255)
+
+
+#: (H, W, long_side) -> whether Pillow runs its vertical pass first for that resize
+#: (None: neither order reproduced it; such sizes stay with Pillow), learnt per size
+_PASS_ORDER: dict[tuple[int, int, int], bool | None] = {}
+_PASS_ORDER_SIZES = 512
 
 
 def resize_longest_side_torch(image: torch.Tensor, long_side: int) -> torch.Tensor:
     """:func:`resize_longest_side` on a tensor, on its device (e.g. the GPU).
 
     The same bytes as Pillow's bilinear resize: its fixed-point weights
-    (:func:`pil_bilinear_matrix`) and its two passes, each rounded to uint8, in
-    the order the installed Pillow runs them (:func:`pillow_pass_order`), as
-    float64 matrix products whose integer sums are exact. Holds the image in
-    float64 (24 bytes a pixel).
+    (:func:`pil_bilinear_matrix`) and its two passes, each rounded to uint8, as
+    float64 matrix products whose integer sums are exact. Which pass Pillow runs
+    first depends on its release and on the sizes (recent releases shrink images
+    more than twice as tall as wide vertically first), so the first image of each
+    size is resized by Pillow on the host and the order that reproduces it is
+    remembered for the later ones (a stack's planes then run on the device). Holds
+    the image in float64 (24 bytes a pixel).
 
     Parameters
     ----------
@@ -131,13 +145,24 @@ def resize_longest_side_torch(image: torch.Tensor, long_side: int) -> torch.Tens
     h, w = preprocess_shape(big_h, big_w, long_side)
     if (h, w) == (big_h, big_w):
         return image.clone()
-    order = pillow_pass_order()
-    if order is None:  # a Pillow whose order is not known: ask it
-        rgb = image.permute(1, 2, 0).cpu().numpy()
-        return (
-            torch.from_numpy(resize_longest_side(rgb, long_side)).permute(2, 0, 1).to(image.device)
-        )
-    return _two_passes(image, h, w, vertical_first=order(big_h, big_w, h))
+    if h == big_h or w == big_w:  # one pass: no order to choose
+        return _two_passes(image, h, w, vertical_first=False)
+    key = (big_h, big_w, long_side)
+    vertical_first = _PASS_ORDER.get(key)
+    if vertical_first is not None:
+        return _two_passes(image, h, w, vertical_first)
+    rgb = image.permute(1, 2, 0).cpu().numpy()
+    resized = np.require(resize_longest_side(rgb, long_side), requirements=["C", "W"])
+    pillow = torch.from_numpy(resized).permute(2, 0, 1)
+    pillow = pillow.to(image.device)
+    if key not in _PASS_ORDER:
+        horizontal_ok = torch.equal(_two_passes(image, h, w, False), pillow)
+        vertical_ok = torch.equal(_two_passes(image, h, w, True), pillow)
+        if horizontal_ok != vertical_ok or not horizontal_ok:  # else: this image cannot tell
+            if len(_PASS_ORDER) >= _PASS_ORDER_SIZES:
+                _PASS_ORDER.clear()
+            _PASS_ORDER[key] = vertical_ok if horizontal_ok != vertical_ok else None
+    return pillow
 
 
 def _two_passes(image: torch.Tensor, h: int, w: int, vertical_first: bool) -> torch.Tensor:
@@ -146,49 +171,13 @@ def _two_passes(image: torch.Tensor, h: int, w: int, vertical_first: bool) -> to
     out = image.to(torch.float64)
 
     def horizontal(t):
-        return _pil_pass(t, pil_bilinear_matrix(big_w, w)) if w != big_w else t
+        return _pil_pass(t, big_w, w) if w != big_w else t
 
     def vertical(t):
-        if h == big_h:
-            return t
-        return _pil_pass(t.transpose(1, 2), pil_bilinear_matrix(big_h, h)).transpose(1, 2)
+        return _pil_pass(t.transpose(1, 2), big_h, h).transpose(1, 2) if h != big_h else t
 
     out = horizontal(vertical(out)) if vertical_first else vertical(horizontal(out))
     return out.to(torch.uint8)
-
-
-def _horizontal_first(big_h: int, big_w: int, h: int) -> bool:
-    return False
-
-
-def _tall_vertical_first(big_h: int, big_w: int, h: int) -> bool:
-    return h < big_h and big_h > 2 * big_w
-
-
-@functools.lru_cache(maxsize=1)
-def pillow_pass_order():
-    """Which of its two resampling passes the installed Pillow runs first.
-
-    Pillow's C code runs the horizontal pass first; recent releases run the vertical
-    one first when shrinking an image more than twice as tall as wide (found by
-    comparing against Pillow on 600 random sizes). A small probe image, which the two
-    orders round differently, tells which this Pillow does.
-
-    Returns
-    -------
-    callable or None
-        ``order(H, W, h) -> bool`` (vertical pass first for an (H, W) image resized
-        to height h), or None when Pillow matches neither (then
-        :func:`resize_longest_side_torch` calls Pillow).
-    """
-    probe = np.random.default_rng(0).integers(0, 256, (201, 100, 3), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(probe).resize((32, 64), Image.BILINEAR))
-    tensor = torch.from_numpy(probe).permute(2, 0, 1)
-    for order in (_horizontal_first, _tall_vertical_first):
-        ours = _two_passes(tensor, 64, 32, order(201, 100, 64)).permute(1, 2, 0).numpy()
-        if np.array_equal(ours, pil):
-            return order
-    return None
 
 
 def _scale_xy(original_size: tuple[int, int], long_side: int) -> tuple[float, float]:

@@ -15,10 +15,11 @@ Two modes share one pipeline of small functions over :class:`MaskData`:
 ``mode="device"`` (for GPUs)
     Reference mode's decisions on the model's device without per-mask host
     work (:mod:`.device`): the grid prompts decoded in as few passes as the
-    GPU's memory allows by the cached, factorised decoder, the survivors upsampled in batches, full-resolution
-    stability scores, box NMS (``nms="box"``); :meth:`MaskGenerator.generate_labels`
-    paints the label image on the device and reads back only that (for one crop
-    without ``min_mask_region_area``; otherwise through RLEs as in reference mode).
+    GPU's memory allows by the cached, factorised decoder, the survivors
+    upsampled in batches, full-resolution stability scores, box NMS
+    (``nms="box"``); :meth:`MaskGenerator.generate_labels` paints the label
+    image on the device and reads back only that (for one crop without
+    ``min_mask_region_area``; otherwise through RLEs as in reference mode).
 
 Large images (longer side above ``2 * tile_size`` by default) are also covered
 by overlapping tiles at native resolution; an object cut by a tile border is
