@@ -17,7 +17,7 @@ the git-ignored ``.device/golden``:
 Usage (here, then with the device tool)::
 
     python benchmarks/prepare_device.py [--golden ../shared/golden] [--out .device/golden]
-    # run(command="bash benchmarks/device.sh", carry=[".device"], timeout_s=580)
+    # run(command="bash benchmarks/device.sh", carry=[".device"], timeout_s=300)
 """
 
 from __future__ import annotations
