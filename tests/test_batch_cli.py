@@ -123,6 +123,7 @@ def test_folder_run_outputs(tiny_cli, tmp_path, capsys):
         assert [r["device"] for r in prov["model"]["ran_on"]] == ["cpu"]
         ran = prov["model"]["ran_on"][0]  # what was chosen, recorded
         assert ran["backend"] == "torch" and ran["threads"] >= 1
+        assert (ran["mode"], ran["nms"]) == ("fast", "mask")  # mode/nms "auto" on a CPU
         assert prov["parameters"]["points_per_side"] == 4
         assert prov["parameters"]["box_nms_thresh"] == 0.7  # default, recorded
         assert prov["input"]["size"] == (tmp_path / "in" / _input_name(stem)).stat().st_size
@@ -455,7 +456,8 @@ def test_every_generator_parameter_is_a_flag():
     assert not missing
     help_text = parser.format_help()
     assert "--points-per-side N" in help_text and "--min-mask-region-area N" in help_text
-    assert "{mask,box}" in help_text
+    assert "{auto,mask,box}" in help_text
+    assert "60% of its free memory" in help_text  # a % in a docstring survives argparse
 
 
 # ------------------------------------------------------------- the real command, golden

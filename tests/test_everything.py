@@ -393,9 +393,10 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
         ({"crop_overlap_ratio": -1}, "crop_overlap_ratio"),
         ({"stability_score_offset": 0}, "stability_score_offset must be a positive number"),
         ({"output_mode": "png"}, "output_mode must be one of"),
-        ({"nms": "soft"}, "nms must be 'mask' or 'box'"),
-        ({"mode": "turbo"}, "mode must be 'fast', 'reference' or 'device'"),
-        ({"mode": "reference"}, "uses nms='box'"),
+        ({"nms": "soft"}, "nms must be 'auto', 'mask' or 'box'"),
+        ({"mode": "turbo"}, "mode must be 'auto', 'fast', 'reference' or 'device'"),
+        ({"mode": "reference", "nms": "mask"}, "uses nms='box'"),
+        ({"mode": "device", "nms": "mask"}, "uses nms='box'"),
         ({"tile_size": -1}, "tile_size must be an integer >= 0"),
         ({"tile_size": 100, "tile_overlap": 100}, "tile_overlap .* smaller than tile_size"),
         ({"tile_overlap": -1}, "tile_overlap must be an integer >= 0"),
@@ -512,6 +513,7 @@ def test_device_label_painting_equals_masks_to_labels(rng):
 
 def test_device_mode_needs_box_nms(tiny_model):
     with pytest.raises(ValueError, match="mode='device' follows segment-anything"):
-        MaskGenerator(tiny_model, mode="device")
+        MaskGenerator(tiny_model, mode="device", nms="mask")
+    assert MaskGenerator(tiny_model, mode="device").nms == "box"  # nms="auto"
     with pytest.raises(ValueError, match="'fast', 'reference' or 'device'"):
         MaskGenerator(tiny_model, mode="gpu")

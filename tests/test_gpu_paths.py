@@ -110,3 +110,15 @@ def test_prompts_per_pass_follow_free_gpu_memory(tiny_model, monkeypatch):
     assert low._prompts_per_pass(1024) == 2 * expect  # 16-bit decoding: half the memory
     ref = MaskGenerator(tiny_model, points_per_side=32, mode="reference", nms="box")
     assert ref._prompts_per_pass(1024) == 64
+
+
+def test_auto_mode_picks_the_gpu_path_on_a_gpu(tiny_model, monkeypatch):
+    cpu = MaskGenerator(tiny_model)
+    assert (cpu.mode, cpu.nms) == ("fast", "mask")
+    assert MaskGenerator(tiny_model, nms="box").mode == "fast"
+    assert MaskGenerator(tiny_model, mode="reference").nms == "box"
+    monkeypatch.setattr(Predictor, "device", property(lambda self: torch.device("cuda")))
+    gpu = MaskGenerator(tiny_model)
+    assert (gpu.mode, gpu.nms) == ("device", "box")
+    assert MaskGenerator(tiny_model, nms="mask").mode == "fast"  # only fast mode has mask NMS
+    assert MaskGenerator(tiny_model, mode="fast").nms == "mask"

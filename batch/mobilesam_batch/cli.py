@@ -72,7 +72,9 @@ def _generator_flags(parser: argparse.ArgumentParser) -> list[str]:
     names = []
     for name, (default, kind, doc) in generator_parameters().items():
         flag = "--" + name.replace("_", "-")
-        kwargs: dict = {"dest": name, "default": None, "help": f"{doc} [{default}]"}
+        # argparse formats help with %: a docstring's "60%" must reach it as "60%%"
+        help_text = f"{doc} [{default}]".replace("%", "%%")
+        kwargs: dict = {"dest": name, "default": None, "help": help_text}
         choices = re.findall(r'"([^"]+)"', kind) if kind.startswith("{") else []
         if choices:
             kwargs["choices"] = choices

@@ -50,7 +50,7 @@ from .segment import ModelSpec, PlaneResult, SegmentOptions, get_segmenter, segm
 
 WORK_DIR = ".mobilesam-work"
 #: what the provenance records of each (host, process setup) that ran planes
-RAN_ON = ("host", "device", "backend", "threads", "precision")
+RAN_ON = ("host", "device", "backend", "threads", "precision", "mode", "nms")
 # how long to wait for a dask scheduler given by address
 CONNECT_TIMEOUT = "30s"
 

@@ -217,7 +217,8 @@ class PlaneSegmenter:
     def where(self) -> dict[str, Any]:
         """What runs the planes here, as chosen (``--backend auto``, default threads):
         ``host``, ``device``, ``backend`` (e.g. ``"onnx encoder + torch decoder"``),
-        ``threads`` (torch intra-op threads of this process) and ``precision``."""
+        ``threads`` (torch intra-op threads of this process), ``precision``, and the
+        segment-everything ``mode`` and ``nms`` (``"auto"`` resolved)."""
         import torch
 
         return {
@@ -226,6 +227,8 @@ class PlaneSegmenter:
             "backend": self.generator.predictor.backend_name,
             "threads": torch.get_num_threads(),
             "precision": self.generator.predictor.precision,
+            "mode": self.generator.mode,
+            "nms": self.generator.nms,
         }
 
     def describe(self) -> str:

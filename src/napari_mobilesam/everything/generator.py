@@ -1,18 +1,18 @@
 """``MaskGenerator``: segment everything in an image with a grid of point prompts.
 
-Two modes share one pipeline of small functions over :class:`MaskData`:
+Three modes share one pipeline of small functions over :class:`MaskData`:
 
 ``mode="reference"``
     segment-anything's ``SamAutomaticMaskGenerator`` step by step: every mask
     upsampled to full resolution, filters and boxes on full-resolution logits,
     RLEs, box NMS. It reproduces the reference's outputs (golden tests).
-``mode="fast"`` (default)
+``mode="fast"`` (what ``mode="auto"``, the default, picks on a CPU)
     The same decisions made earlier and cheaper: the IoU and stability filters
     run on the low-resolution logits, empty masks are dropped, each survivor is
     upsampled only inside its own window (:mod:`.upsample`) and kept as a tight
     crop (:mod:`.masks`), duplicates are removed by mask IoU (``nms="mask"``) or
     box IoU (``nms="box"``). Memory grows with the objects, not the image.
-``mode="device"`` (for GPUs)
+``mode="device"`` (for GPUs; what ``mode="auto"`` picks there)
     Reference mode's decisions on the model's device without per-mask host
     work (:mod:`.device`): the grid prompts decoded in as few passes as the
     GPU's memory allows by the cached, factorised decoder, the survivors
@@ -91,10 +91,13 @@ class MaskGenerator:
         Fill holes and remove islands smaller than this many pixels (0 disables).
     output_mode : {"binary_mask", "uncompressed_rle", "coco_rle"}
         Format of each record's ``segmentation``.
-    nms : {"mask", "box"}
-        Duplicate removal by mask IoU (fast mode only) or box IoU.
-    mode : {"fast", "reference", "device"}
-        See the module docstring. ``"device"`` needs ``nms="box"``.
+    nms : {"auto", "mask", "box"}
+        Duplicate removal by mask IoU (fast mode only) or box IoU; ``"auto"``: mask
+        in fast mode, box in the others.
+    mode : {"auto", "fast", "reference", "device"}
+        See the module docstring. ``"device"`` needs ``nms="box"``. ``"auto"``:
+        device mode on a GPU (torch backend, unless ``nms="mask"``), fast mode
+        elsewhere. :attr:`mode` and :attr:`nms` hold the choices.
     tile_size : int or None
         Also cover the image with overlapping ``tile_size`` tiles at native
         resolution. None: automatic, tiles of the model input size (1024) for images
@@ -136,8 +139,8 @@ class MaskGenerator:
         point_grids: Sequence[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
-        nms: str = "mask",
-        mode: str = "fast",
+        nms: str = "auto",
+        mode: str = "auto",
         tile_size: int | None = None,
         tile_overlap: int = 256,
         progress: bool = False,
@@ -187,10 +190,10 @@ class MaskGenerator:
             )
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-        if nms not in ("mask", "box"):
-            raise ValueError(f"nms must be 'mask' or 'box', got {nms!r}")
-        if mode not in ("fast", "reference", "device"):
-            raise ValueError(f"mode must be 'fast', 'reference' or 'device', got {mode!r}")
+        if nms not in ("auto", "mask", "box"):
+            raise ValueError(f"nms must be 'auto', 'mask' or 'box', got {nms!r}")
+        if mode not in ("auto", "fast", "reference", "device"):
+            raise ValueError(f"mode must be 'auto', 'fast', 'reference' or 'device', got {mode!r}")
         if mode in ("reference", "device") and nms == "mask":
             raise ValueError(f"mode={mode!r} follows segment-anything, which uses nms='box'")
 
@@ -222,6 +225,11 @@ class MaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        if mode == "auto":  # the GPU path where it runs, else fast mode
+            on_gpu = self.predictor.device.type == "cuda" and self.predictor.backend is None
+            mode = "device" if on_gpu and nms != "mask" else "fast"
+        if nms == "auto":
+            nms = "mask" if mode == "fast" else "box"
         self.nms = nms
         self.mode = mode
         self.tile_size = tile_size
