@@ -146,6 +146,8 @@ class Predictor:
         self.precision = precision
         #: the encoder through CUDA graphs (used on CUDA devices only), or None
         self._graphed = CudaGraphEncoder(model.image_encoder) if cuda_graphs else None
+        #: (16-bit copy of the mask decoder, its dtype), made by reduced_decoder()
+        self._low_decoder = None
         #: onnxruntime encoder of ``backend="auto"`` (decoding stays in torch), or None
         self._encoder = None
         if isinstance(backend, str) and backend == "auto":
@@ -632,7 +634,7 @@ class Predictor:
         if _AUTOCAST[self.precision] is None or self.backend is not None:
             return None, None
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        held = getattr(self, "_low_decoder", None)
+        held = self._low_decoder
         if held is None or held[1] != dtype:
             import copy
 
