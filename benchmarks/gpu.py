@@ -385,6 +385,13 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
                     lambda gen=gen: gen.generate_labels(image), lambda lab: int(lab.max())
                 )
                 row(name, r)
+            # the library's defaults (mode="auto", nms="auto") at precision="auto"
+            gen = MaskGenerator(fast_model, points_per_side=grid, precision="auto", **params)
+            r["defaults_auto_precision"] = {
+                **timed(lambda gen=gen: gen.generate_labels(image), lambda lab: int(lab.max())),
+                "mode": gen.mode, "nms": gen.nms,
+            }  # fmt: skip
+            row(name, r)
             if orig is not None and label == "default":  # all-pass: 109 s (issue 8)
                 gen = orig.generator(points_per_side=grid, **params)
                 r["original"] = timed(lambda gen=gen: gen.generate(image), len)

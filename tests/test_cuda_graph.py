@@ -114,10 +114,21 @@ def test_cpu_and_autograd_run_eagerly():
     assert wrapper.n_graphs == 0
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
-def test_max_graphs_must_be_positive_int(bad):
-    with pytest.raises(ValueError, match="max_graphs must be a positive int"):
-        CudaGraphEncoder(nn.Identity(), max_graphs=bad)
+@pytest.mark.parametrize("name", ["max_graphs", "max_batch"])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_limits_must_be_positive_ints(name, bad):
+    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+        CudaGraphEncoder(nn.Identity(), **{name: bad})
+
+
+def test_large_batches_are_not_recorded(monkeypatch):
+    wrapper = CudaGraphEncoder(nn.Identity(), max_batch=4)
+    x = torch.zeros(4, 3, 8, 8)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with torch.no_grad():
+        assert wrapper.applies(x)
+        assert not wrapper.applies(torch.zeros(5, 3, 8, 8))  # eager: launches overlap work
+        assert not CudaGraphEncoder(nn.Identity(), max_batch=2).applies(x)
 
 
 def test_predictor_uses_graphs_only_on_cuda(tiny_model):

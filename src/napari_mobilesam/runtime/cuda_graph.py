@@ -8,9 +8,12 @@ nondeterminism of cuBLAS/cuDNN algorithm choice).
 
 :class:`CudaGraphEncoder` wraps an encoder module. It records on the first call
 for each (shape, dtype, precision, weights' address) and keeps at most
-``max_graphs`` recordings (each holds its own activation memory, about 1 GB at
-batch 16). It runs the module eagerly where a graph cannot apply: on a CPU, with
-autograd on, or after a recording failed (then it warns once and stays eager).
+``max_graphs`` recordings, each holding its own activation memory. Only batches
+of up to ``max_batch`` images are recorded: larger ones keep the GPU busy enough
+that launches overlap with work, and their recordings would hold gigabytes. It
+runs the module eagerly where a graph does not apply: on a CPU, with autograd
+on, for larger batches, or after a recording failed (then it warns once and
+stays eager).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class CudaGraphEncoder:
         mode and free of host synchronisation (TinyViT and ViT are).
     max_graphs : int
         Recordings kept (least recently used dropped first).
+    max_batch : int
+        Largest batch run from a graph.
     warmup : int
         Eager runs on a side stream before recording (cuBLAS/cuDNN set-up must not
         happen inside the recording).
@@ -45,18 +50,28 @@ class CudaGraphEncoder:
     move (``.to``) makes a new recording.
     """
 
-    def __init__(self, encoder: nn.Module, max_graphs: int = 4, warmup: int = 3):
-        if not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+    def __init__(
+        self, encoder: nn.Module, max_graphs: int = 4, warmup: int = 3, max_batch: int = 4
+    ):
+        for name, value in (("max_graphs", max_graphs), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.encoder = encoder
         self.max_graphs = max_graphs
+        self.max_batch = max_batch
         self.warmup = warmup
         self.failed: str | None = None  # why recording was given up, if it was
         self._graphs: OrderedDict = OrderedDict()
 
     def applies(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` would be run from a graph (CUDA, no autograd, no failure)."""
-        return x.is_cuda and not torch.is_grad_enabled() and self.failed is None
+        """Whether ``x`` would be run from a graph (CUDA, no autograd, a batch of at
+        most ``max_batch``, no failure)."""
+        return (
+            x.is_cuda
+            and not torch.is_grad_enabled()
+            and len(x) <= self.max_batch
+            and self.failed is None
+        )
 
     def __call__(self, x: torch.Tensor, autocast_dtype: torch.dtype | None = None):
         """The features of ``x``, float32.
