@@ -95,9 +95,10 @@ def pil_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _device_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    """:func:`pil_bilinear_matrix` transposed, (in_size, out_size), kept on ``device``."""
+    """:func:`pil_bilinear_matrix` transposed, (in_size, out_size), kept on ``device``
+    (8 of them: at most 256 MB for 4096 px images; a stack needs two)."""
     return torch.as_tensor(pil_bilinear_matrix(in_size, out_size).T.copy(), device=device)
 
 
