@@ -59,7 +59,7 @@ def test_grid_decoded_in_16_bits_is_close_to_float32(tiny_model, rng):
     for pred in (fp32, bf16):
         pred.set_image(image)
     bf16.features = fp32.features  # the same embedding: compare the decoders alone
-    bf16._low_cache = None
+    bf16._decoder_caches.clear()
     coords, labels = _grid()
     with torch.inference_mode():
         ref, ref_iou, ref_rows = G._decode(fp32, coords, labels, None)

@@ -23,7 +23,7 @@ import torch
 from .build import load_model
 from .model import Sam
 from .normalize import to_rgb_uint8
-from .runtime.cuda_graph import CudaGraphEncoder
+from .runtime.cuda_graph import CudaGraphEncoder, run_encoder
 from .transforms import ResizeLongestSide, resize_longest_side_torch
 
 # Upsampled logits are produced in chunks of at most this many float32 values
@@ -201,8 +201,8 @@ class Predictor:
     def reset_image(self) -> None:
         """Forget the current image and its embedding."""
         self.is_image_set = False
-        self._decoder_cache = None
-        self._low_cache = None  # (dtype, ImageCache) of the reduced-precision decoder
+        #: the decoder's image-side tensors of this image, per dtype (None: float32)
+        self._decoder_caches: dict = {}
         self.features: torch.Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
@@ -307,10 +307,7 @@ class Predictor:
         dtype = _AUTOCAST[self.precision]
         if self._graphed is not None and self._graphed.applies(x):
             return self._graphed(x, dtype)
-        if dtype is None:
-            return self.model.image_encoder(x)
-        with torch.autocast(self.device.type, dtype=dtype):
-            return self.model.image_encoder(x).float()
+        return run_encoder(self.model.image_encoder, x, dtype)
 
     def embed_images(
         self,
@@ -645,21 +642,17 @@ class Predictor:
     def _image_cache(self, no_mask_dense: torch.Tensor, dtype: torch.dtype | None = None):
         """The decoder's image-side tensors of the current image (float32, or ``dtype``
         for :meth:`reduced_decoder`)."""
-        if dtype is not None:
-            if self._low_cache is None or self._low_cache[0] != dtype:
-                decoder = self.reduced_decoder()[0]
-                pe = self.model.prompt_encoder.get_dense_pe()
-                cache = decoder.prepare_image(
-                    self.features.to(dtype), pe.to(dtype), no_mask_dense.to(dtype)
-                )
-                self._low_cache = (dtype, cache)
-            return self._low_cache[1]
-        if self._decoder_cache is None:
+        cache = self._decoder_caches.get(dtype)
+        if cache is None:
+            decoder = self.model.mask_decoder if dtype is None else self.reduced_decoder()[0]
+
+            def cast(t: torch.Tensor) -> torch.Tensor:
+                return t if dtype is None else t.to(dtype)
+
             pe = self.model.prompt_encoder.get_dense_pe()
-            self._decoder_cache = self.model.mask_decoder.prepare_image(
-                self.features, pe, no_mask_dense
-            )
-        return self._decoder_cache
+            cache = decoder.prepare_image(cast(self.features), cast(pe), cast(no_mask_dense))
+            self._decoder_caches[dtype] = cache
+        return cache
 
     def _postprocess(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
         b, c = low_res.shape[:2]

@@ -24,7 +24,23 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["CudaGraphEncoder"]
+__all__ = ["CudaGraphEncoder", "run_encoder"]
+
+
+def run_encoder(
+    encoder: nn.Module,
+    x: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    cache_enabled: bool | None = None,
+) -> torch.Tensor:
+    """``encoder(x)``, under ``torch.autocast(autocast_dtype)`` when one is given.
+
+    Returns the features as float32 either way.
+    """
+    if autocast_dtype is None:
+        return encoder(x)
+    with torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=cache_enabled):
+        return encoder(x).float()
 
 
 class CudaGraphEncoder:
@@ -127,18 +143,12 @@ class CudaGraphEncoder:
         return 0 if first is None else first.data_ptr()
 
     def _eager(self, x, autocast_dtype):
-        if autocast_dtype is None:
-            return self.encoder(x)
-        with torch.autocast(x.device.type, dtype=autocast_dtype):
-            return self.encoder(x).float()
+        return run_encoder(self.encoder, x, autocast_dtype)
 
     def _forward(self, x, autocast_dtype):
-        if autocast_dtype is None:
-            return self.encoder(x)
         # autocast's weight-cast cache must be off while recording (its casts would
         # be made outside the graph's memory)
-        with torch.autocast(x.device.type, dtype=autocast_dtype, cache_enabled=False):
-            return self.encoder(x).float()
+        return run_encoder(self.encoder, x, autocast_dtype, cache_enabled=False)
 
     def _record(self, x, autocast_dtype):
         device = x.device
