@@ -326,6 +326,23 @@ def test_interrupt_leaves_no_partial_files_and_resumes(tiny_cli, tmp_path, monke
     assert not (out / WORK_DIR).exists()
 
 
+def test_planes_left_after_the_record_are_cleared_on_rerun(tiny_cli, tmp_path, capsys):
+    # a run killed after writing an input's provenance record but before removing its
+    # saved planes: the rerun skips the input and clears what was left
+    make_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in" / "a_rgb.png"), "-o", str(out), *FAST]
+    assert tiny_cli(args) == 0
+    key = json.loads((out / "a_rgb_labels.json").read_text())["key"]
+    left = out / WORK_DIR / f"a_rgb-{key[:16]}"
+    left.mkdir(parents=True)
+    (left / "0.npz").write_bytes(b"saved plane")
+    capsys.readouterr()
+    assert tiny_cli(args) == 0
+    assert "0 done, 1 skipped" in capsys.readouterr().out
+    assert not (out / WORK_DIR).exists()
+
+
 def test_failures_are_named(tiny_cli, tmp_path, capsys):
     make_dataset(tmp_path / "in")
     (tmp_path / "in" / "notes.txt").write_text("not an image")

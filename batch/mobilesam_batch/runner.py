@@ -437,6 +437,8 @@ def _plan(config: RunConfig, summary: Summary, log: Callable[[str], None]) -> li
         if not config.overwrite and is_up_to_date(
             outputs["provenance"], key, list(outputs.values())
         ):
+            # planes a run killed between the provenance record and their removal left
+            shutil.rmtree(job.cache, ignore_errors=True)
             summary.skipped.append(path)
             log(f"skip   {path} (outputs up to date)")
             continue
