@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,18 @@ import torch.nn.functional as F
 
 from napari_mobilesam.build import build_sam
 from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu, fuse_linear
-from napari_mobilesam.model.common import ConvGELU, MLPBlock, OneDNNLinear, attention_with_bias
+from napari_mobilesam.model.common import (
+    ConvGELU,
+    MLPBlock,
+    OneDNNLinear,
+    attention_with_bias,
+    expand_project_in_slices,
+    sliced_path_applies,
+)
+from napari_mobilesam.model.common import (
+    fuse_conv_bn as fold_all,
+)
+from napari_mobilesam.model.tiny_vit import MBConv, PatchEmbed, PatchMerging
 from napari_mobilesam.model.transformer import Attention, TwoWayTransformer
 
 from .conftest import TINY_CONFIG
@@ -73,11 +85,14 @@ def test_transformer_fast_equals_reference(n_tokens):
         TwoWayTransformer(depth=0, embedding_dim=64, num_heads=4, mlp_dim=32)
 
 
-def test_attention_with_bias_matches_sdpa():
-    q, k, v = (torch.randn(6, 4, 49, 8) for _ in range(3))
-    bias = torch.randn(4, 49, 49)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bias_shape", [(4, 49, 49), (1, 4, 49, 49), (6, 4, 49, 49)])
+def test_attention_with_bias_matches_sdpa(fused, bias_shape):
+    # q, k, v as TinyViT makes them: strided views of one qkv tensor
+    q, k, v = torch.randn(6, 49, 4, 24).transpose(1, 2).split(8, dim=3)
+    bias = torch.randn(*bias_shape)
     torch.testing.assert_close(
-        attention_with_bias(q, k, v, bias),
+        attention_with_bias(q, k, v, bias, fused=fused),
         F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
         rtol=1e-5,
         atol=1e-5,
@@ -177,3 +192,85 @@ def test_postprocess_crop_first_is_bit_identical(input_size, original):
     torch.testing.assert_close(
         model.postprocess_masks(low, input_size, original), ref, rtol=0, atol=0
     )
+
+
+def _randomized(module: torch.nn.Module) -> torch.nn.Module:
+    """Random weights and BatchNorm statistics, eval mode."""
+    torch.manual_seed(3)
+    for p in module.parameters():
+        p.normal_(0, 0.3)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2)
+    return module.eval()
+
+
+def _fused(module: torch.nn.Module) -> torch.nn.Module:
+    fold_all(module)
+    fuse_conv_gelu(module)
+    return module
+
+
+def _plain(x, conv):
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, 1, conv.groups)
+
+
+@pytest.mark.parametrize("slice_channels", [16, 24, 64, 1000])
+def test_expand_project_in_slices_equals_one_pass(slice_channels):
+    block = _fused(_randomized(MBConv(16, 16, 4.0)))  # 64 hidden channels
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    e, d, p = block.conv1, block.conv2, block.conv3
+    assert sliced_path_applies(x, e, d, p)
+    want = _plain(F.gelu(_plain(F.gelu(_plain(x, e.conv)), d.conv)), p)
+    got = expand_project_in_slices(x, e, d, p, slice_channels=slice_channels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got = expand_project_in_slices(x, e, d, p, residual=x, slice_channels=slice_channels)
+    torch.testing.assert_close(got, want + x, rtol=1e-5, atol=1e-5)
+    # no depth-wise step; a strided 3x3 projection
+    strided = _randomized(torch.nn.Conv2d(64, 8, 3, 2, 1))
+    want = _plain(F.gelu(_plain(x, e.conv)), strided)
+    got = expand_project_in_slices(x, e, None, strided, slice_channels=slice_channels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sliced_path_only_where_it_applies():
+    block = _fused(_randomized(MBConv(16, 16, 4.0)))
+    x = torch.randn(1, 16, 8, 8)
+    e, d, p = block.conv1, block.conv2, block.conv3
+    assert sliced_path_applies(x, e, d, p) and sliced_path_applies(x, e, None, p)
+    with torch.enable_grad():
+        assert not sliced_path_applies(x, e, d, p)  # training: the plain path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sliced_path_applies(x, e, d, p)
+    assert not sliced_path_applies(x.double(), e, d, p)
+    assert not sliced_path_applies(x, d, e, p)  # e is not depth-wise
+    e.use_onednn = False  # (exporters' copies)
+    assert not sliced_path_applies(x, e, d, p)
+    raw = MBConv(16, 16, 4.0).eval()  # BatchNorm not folded
+    assert not sliced_path_applies(x, raw.conv1, raw.conv2, raw.conv3)
+
+
+@pytest.mark.parametrize(
+    ("make", "chans"),
+    [
+        (lambda: MBConv(32, 32, 4.0), 32),  # 128 hidden channels: two slices of 64
+        (lambda: PatchMerging(12, 32, 96, 2), 32),  # 96: a slice of 64 and one of 32
+        (lambda: PatchEmbed(3, 160), 3),  # 80 hidden channels
+    ],
+)
+def test_tinyvit_blocks_in_slices_equal_reference(make, chans, monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return expand_project_in_slices(*args, **kwargs)
+
+    monkeypatch.setattr("napari_mobilesam.model.tiny_vit.expand_project_in_slices", spy)
+    ref = _randomized(make())
+    fast = _fused(copy.deepcopy(ref))
+    x = torch.randn(1, chans, 12, 12).contiguous(memory_format=torch.channels_last)
+    want = ref(x)
+    assert not calls  # BatchNorm not folded: the reference path
+    torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-4)
+    assert calls == [1]

@@ -238,6 +238,9 @@ def test_plain_copy_uses_standard_ops(fused_tiny):
     assert linears and not any(m.use_onednn for m in linears)
     assert all(m.use_onednn for m in fused_tiny.modules() if isinstance(m, OneDNNLinear))
     assert plain.mask_decoder.transformer.factorized is False
+    window_attentions = [m for m in plain.modules() if hasattr(m, "fused_cpu")]
+    assert window_attentions and not any(m.fused_cpu for m in window_attentions)
+    assert all(m.fused_cpu for m in fused_tiny.modules() if hasattr(m, "fused_cpu"))
     assert plain.image_encoder is not fused_tiny.image_encoder
     with pytest.raises(TypeError, match="model must be a Sam"):
         plain_copy(torch.nn.Linear(2, 2))

@@ -24,6 +24,7 @@ from .build import load_model
 from .model import Sam
 from .normalize import to_rgb_uint8
 from .runtime.cuda_graph import CudaGraphEncoder, run_encoder
+from .runtime.heap import keep_freed_memory
 from .transforms import ResizeLongestSide, resize_longest_side_torch
 
 # Upsampled logits are produced in chunks of at most this many float32 values
@@ -130,6 +131,8 @@ class Predictor:
             raise TypeError(f"model must be a Sam model or a registry name, got {type(model)}")
         elif device is not None:
             model = model.to(device)
+        if model.device.type == "cpu":
+            keep_freed_memory()  # the next image reuses this one's memory, unfaulted
         precision = resolve_precision(precision, model.device) if torch_encoder else "fp32"
         if precision == "fp16" and model.device.type == "cpu":
             import warnings

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import ConvBN, LayerNorm2d, attention_with_bias
+from .common import (
+    ConvBN,
+    LayerNorm2d,
+    attention_with_bias,
+    expand_project_in_slices,
+    sliced_path_applies,
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,9 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, _, second = self.seq
+        if sliced_path_applies(x, first, None, second):
+            return expand_project_in_slices(x, first, None, second)
         return self.seq(x)
 
 
@@ -110,6 +119,9 @@ class MBConv(nn.Module):
         self.act3 = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if sliced_path_applies(x, self.conv1, self.conv2, self.conv3):
+            y = expand_project_in_slices(x, self.conv1, self.conv2, self.conv3, residual=x)
+            return torch.ops.aten.gelu_(y)
         y = self.act1(self.conv1(x))
         y = self.act2(self.conv2(y))
         y = self.conv3(y)
@@ -138,9 +150,12 @@ class PatchMerging(nn.Module):
         if x.ndim == 3:
             b = x.shape[0]
             x = x.view(b, self.resolution, self.resolution, -1).permute(0, 3, 1, 2)
-        x = self.act1(self.conv1(x))
-        x = self.act2(self.conv2(x))
-        x = self.conv3(x)
+        if sliced_path_applies(x, self.conv1, self.conv2, self.conv3):
+            x = expand_project_in_slices(x, self.conv1, self.conv2, self.conv3)
+        else:
+            x = self.act1(self.conv1(x))
+            x = self.act2(self.conv2(x))
+            x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)
 
 
@@ -166,6 +181,10 @@ class Attention(nn.Module):
     token pair on every call (no cache that could go stale after loading).
     """
 
+    #: let :func:`~.common.attention_with_bias` use torch's fused CPU kernel (False:
+    #: standard operators only, as the exporters need)
+    fused_cpu = True
+
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -183,7 +202,7 @@ class Attention(nn.Module):
             self.head_dim, dim=3
         )
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        out = attention_with_bias(q, k, v, bias)
+        out = attention_with_bias(q, k, v, bias, fused=self.fused_cpu)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

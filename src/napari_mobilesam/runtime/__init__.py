@@ -6,6 +6,7 @@ Every backend implements :class:`EncoderDecoderBackend`: ``encode`` a preprocess
 IoU of all four mask tokens. :class:`TorchBackend` runs the model's own modules;
 :class:`OnnxBackend` runs graphs written by :func:`export_onnx` with onnxruntime,
 and :func:`get_onnx_backend` exports them once into a cache.
+:func:`keep_freed_memory` tunes glibc's malloc for repeated large CPU tensors.
 
 Importing this package needs neither onnx nor onnxruntime; they are imported when
 used (``pip install "napari-mobilesam[onnx]"``).
@@ -15,6 +16,7 @@ from .base import EncoderDecoderBackend
 from .cuda_graph import CudaGraphEncoder
 from .export import DEFAULT_OPSET, EXPORTER_VERSION, export_onnx, get_onnx_backend, onnx_cache_dir
 from .graphs import DecoderGraph, plain_copy
+from .heap import keep_freed_memory
 from .onnx_backend import OnnxBackend
 from .torch_backend import TorchBackend
 
@@ -28,6 +30,7 @@ __all__ = [
     "TorchBackend",
     "export_onnx",
     "get_onnx_backend",
+    "keep_freed_memory",
     "onnx_cache_dir",
     "plain_copy",
 ]

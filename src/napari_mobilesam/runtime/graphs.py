@@ -30,8 +30,10 @@ def plain_copy(model: Sam) -> Sam:
 
     Fused convolution + GELU pairs (:class:`~napari_mobilesam.model.common.ConvGELU`)
     keep their (folded) weights but take the two-step ``gelu(conv(x))`` path instead
-    of oneDNN's fused kernel, oneDNN linear layers
-    (:class:`~napari_mobilesam.model.common.OneDNNLinear`) take ``F.linear``, and
+    of oneDNN's fused kernel (so the encoder's convolutions are not computed in
+    slices either), oneDNN linear layers
+    (:class:`~napari_mobilesam.model.common.OneDNNLinear`) take ``F.linear``, window
+    attention takes matmul + softmax instead of torch's fused CPU kernel, and
     the decoder's transformer runs unfactorised.
     ``model`` itself is not changed.
 
@@ -49,6 +51,8 @@ def plain_copy(model: Sam) -> Sam:
     for mod in plain.modules():
         if isinstance(mod, ConvGELU | OneDNNLinear):
             mod.use_onednn = False
+        if hasattr(mod, "fused_cpu"):
+            mod.fused_cpu = False
     plain.mask_decoder.transformer.factorized = False
     return plain
 
