@@ -22,7 +22,7 @@ from napari_mobilesam.model.common import (
 from napari_mobilesam.model.common import (
     fuse_conv_bn as fold_all,
 )
-from napari_mobilesam.model.tiny_vit import MBConv, PatchEmbed, PatchMerging
+from napari_mobilesam.model.tiny_vit import MBConv, Mlp, PatchEmbed, PatchMerging
 from napari_mobilesam.model.transformer import Attention, TwoWayTransformer
 
 from .conftest import TINY_CONFIG
@@ -274,3 +274,28 @@ def test_tinyvit_blocks_in_slices_equal_reference(make, chans, monkeypatch):
     assert not calls  # BatchNorm not folded: the reference path
     torch.testing.assert_close(fast(x), want, rtol=1e-4, atol=1e-4)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_mlp_residual_equals_reference(chunk, monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    for p in mlp.parameters():
+        p.normal_(0, 0.3)
+    x = torch.randn(2, 13, 16)
+    want = x + mlp.fc2(F.gelu(mlp.fc1(mlp.norm(x))))
+    assert fuse_linear(mlp) == 2
+    monkeypatch.setattr(Mlp, "chunk_tokens", chunk)
+    torch.testing.assert_close(mlp.residual(x), want, rtol=1e-5, atol=1e-5)
+    mlp.fc2.use_onednn = False  # the plain path
+    torch.testing.assert_close(mlp.residual(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_linear_plus(gelu):
+    torch.manual_seed(0)
+    lin = OneDNNLinear(torch.nn.Linear(24, 40), gelu=gelu)
+    x, other = torch.randn(3, 7, 24), torch.randn(3, 7, 40)
+    want = F.linear(x, lin.weight, lin.bias)
+    want = (F.gelu(want) if gelu else want) + other
+    torch.testing.assert_close(lin.plus(x, other), want, rtol=1e-5, atol=1e-5)

@@ -243,13 +243,26 @@ class OneDNNLinear(nn.Linear):
         self.gelu = gelu
         self.use_onednn = use_onednn and _onednn_linear_available()
 
+    def onednn_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes through the oneDNN kernel (CPU, float32, inference)."""
+        return self.use_onednn and _cpu_fp32_inference(x, self.weight) and not _autocast_on("cpu")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_onednn and _cpu_fp32_inference(x, self.weight) and not _autocast_on("cpu"):
+        if self.onednn_applies(x):
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.weight, self.bias, "gelu" if self.gelu else "none", [], "none"
             )
         y = F.linear(x, self.weight, self.bias)
         return F.gelu(y) if self.gelu else y
+
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``self(x) + other`` (``other`` of the output's shape); the sum is the matmul's
+        post-op on the oneDNN path (no GELU)."""
+        if not self.gelu and self.onednn_applies(x):
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, other, self.weight, self.bias, "add"
+            )
+        return self(x) + other
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gelu={self.gelu}, use_onednn={self.use_onednn}"
