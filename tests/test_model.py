@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mobilesam.build import build_sam
-from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu, fuse_linear
+from napari_mobilesam.model import fuse_attention, fuse_conv_bn, fuse_conv_gelu, fuse_linear
 from napari_mobilesam.model.common import (
     ConvGELU,
     MLPBlock,
@@ -157,6 +157,9 @@ def test_full_model_fast_equals_reference(tiny_model):
     fast = tiny_model
     assert fuse_conv_bn(fast) > 0 and fuse_conv_gelu(fast) > 0
     assert fuse_linear(fast.image_encoder) > 0
+    assert fuse_attention(fast.image_encoder) == sum(TINY_CONFIG.encoder.depths[1:])
+    assert fuse_attention(fast.image_encoder) == 0  # already done
+    assert not any(getattr(m, "fused_cpu", False) for m in reference.modules())
     fast.image_encoder.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 128, 128) * 50
     emb_ref, emb = reference.image_encoder(x), fast.image_encoder(x)

@@ -20,7 +20,7 @@ pytest.importorskip("onnxscript")
 import onnx
 
 from napari_mobilesam.build import build_sam
-from napari_mobilesam.model import fuse_conv_bn, fuse_conv_gelu, fuse_linear
+from napari_mobilesam.model import fuse_attention, fuse_conv_bn, fuse_conv_gelu, fuse_linear
 from napari_mobilesam.model.common import ConvGELU, OneDNNLinear, _onednn_pointwise_available
 from napari_mobilesam.predictor import Predictor
 from napari_mobilesam.runtime import (
@@ -59,6 +59,7 @@ def _tiny(state_dict, fuse: bool):
         fuse_conv_bn(model)
         fuse_conv_gelu(model)
         fuse_linear(model.image_encoder)
+        fuse_attention(model.image_encoder)
     return model
 
 

@@ -26,6 +26,7 @@ from .model import (
     TinyViT,
     TinyViTConfig,
     TwoWayTransformer,
+    fuse_attention,
     fuse_conv_bn,
     fuse_conv_gelu,
     fuse_linear,
@@ -349,9 +350,11 @@ def load_model(
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... ; None or ``"auto"`` picks CUDA when
         available.
     fuse : bool
-        Fold BatchNorm into the preceding convolutions and merge convolution +
-        GELU pairs (inference speed; same results within float rounding). Use
-        False to train or to re-save the weights.
+        Fold BatchNorm into the preceding convolutions, merge convolution +
+        GELU and linear + GELU pairs into oneDNN kernels and let the encoder's
+        attention use torch's fused CPU kernel (inference speed; same results
+        within float rounding). False: the reference computation; use it to train
+        or to re-save the weights.
     progress : bool
         Show a progress bar when downloading.
 
@@ -377,6 +380,7 @@ def load_model(
         # oneDNN matmuls pay for the encoder's big token matrices; the decoder's
         # prompt-token matmuls are small and faster in torch's default kernels
         fuse_linear(model.image_encoder)
+        fuse_attention(model.image_encoder)
     model.image_encoder.to(memory_format=torch.channels_last)
     model.model_name = name
     model.checkpoint_path = path

@@ -6,7 +6,7 @@
 registry of named variants live in :mod:`napari_mobilesam.build`.
 """
 
-from .common import LayerNorm2d, fuse_conv_bn, fuse_conv_gelu, fuse_linear
+from .common import LayerNorm2d, fuse_attention, fuse_conv_bn, fuse_conv_gelu, fuse_linear
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -23,6 +23,7 @@ __all__ = [
     "TinyViT",
     "TinyViTConfig",
     "TwoWayTransformer",
+    "fuse_attention",
     "fuse_conv_bn",
     "fuse_conv_gelu",
     "fuse_linear",

@@ -300,8 +300,22 @@ def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def fuse_attention(module: nn.Module) -> int:
+    """Let every attention below ``module`` that can (a ``fused_cpu`` attribute) use
+    torch's fused CPU attention kernel (see :func:`attention_with_bias`), in place.
+
+    Returns the number of attention modules switched.
+    """
+    count = 0
+    for mod in module.modules():
+        if hasattr(mod, "fused_cpu") and not mod.fused_cpu:
+            mod.fused_cpu = True
+            count += 1
+    return count
+
+
 def attention_with_bias(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, fused: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, fused: bool = False
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d) + bias) v`` for (B, heads, N, d) tensors.
 

@@ -182,9 +182,10 @@ class Attention(nn.Module):
     token pair on every call (no cache that could go stale after loading).
     """
 
-    #: let :func:`~.common.attention_with_bias` use torch's fused CPU kernel (False:
-    #: standard operators only, as the exporters need)
-    fused_cpu = True
+    #: let :func:`~.common.attention_with_bias` use torch's fused CPU kernel (set by
+    #: :func:`~.common.fuse_attention`; False: the reference computation, standard
+    #: operators only, as the exporters need)
+    fused_cpu = False
 
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
