@@ -49,11 +49,15 @@ def test_predictor_takes_a_backend_object(tiny_model, rng):
             np.testing.assert_allclose(got.astype(float), want.astype(float), atol=1e-4)
 
 
-def test_auto_backend_on_cpu_is_onnx_encoder_torch_decoder(golden_model, onnx_cache, rng):
-    """backend='auto': onnxruntime's encoder features, our torch decoder's masks."""
+def test_auto_backend_on_cpu_is_onnx_encoder_torch_decoder(
+    golden_model, onnx_cache, golden_onnx_dir, rng
+):
+    """backend='auto' with ONNX models asked for: onnxruntime's encoder features, our
+    torch decoder's masks; in float32 without a folder, plain torch (as fast, no export)."""
     image = rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)
-    auto, onnx_pred, torch_pred = (Predictor(golden_model, backend=b)
-                                   for b in ("auto", "onnx", "torch"))  # fmt: skip
+    assert Predictor(golden_model, backend="auto").backend_name == "torch"
+    auto = Predictor(golden_model, backend="auto", onnx_folder=golden_onnx_dir)
+    onnx_pred, torch_pred = (Predictor(golden_model, backend=b) for b in ("onnx", "torch"))
     assert auto.backend_name == "onnx encoder + torch decoder"
     assert onnx_pred.backend_name == "onnx" and torch_pred.backend_name == "torch"
     assert auto.backend is None  # decoding: the torch path with its per-image cache
@@ -70,7 +74,7 @@ def test_auto_backend_on_cpu_is_onnx_encoder_torch_decoder(golden_model, onnx_ca
     q = Predictor(golden_model, backend="auto", quantize="int8")
     assert q.backend_name == "onnx int8 encoder + torch decoder"
     gen = MaskGenerator(golden_model, points_per_side=2, backend="auto")
-    assert gen.predictor.backend_name == "onnx encoder + torch decoder"
+    assert gen.predictor.backend_name == "torch"
 
 
 def test_auto_backend_falls_back_to_torch(tiny_model, monkeypatch):
@@ -87,14 +91,14 @@ def test_auto_backend_falls_back_to_torch(tiny_model, monkeypatch):
 
     monkeypatch.setattr(runtime, "get_onnx_backend", broken)
     with pytest.warns(RuntimeWarning, match="exporter exploded.*using torch"):
-        assert Predictor(tiny_model, backend="auto").backend_name == "torch"
+        assert Predictor(tiny_model, backend="auto", quantize="int8").backend_name == "torch"
 
     # onnxruntime not installed: torch, silently
     def missing():
         raise ImportError("no onnxruntime")
 
     monkeypatch.setattr(ob, "import_onnxruntime", missing)
-    assert Predictor(tiny_model, backend="auto").backend_name == "torch"
+    assert Predictor(tiny_model, backend="auto", quantize="int8").backend_name == "torch"
 
 
 def test_mask_generator_backend_argument(tiny_model):

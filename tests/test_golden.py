@@ -54,7 +54,7 @@ def _ids(items):
 @pytest.fixture(scope="module", params=["torch", "onnx", "auto"])
 def make_predictor(request, golden_model):
     """Predictors on the golden model with each backend (onnx: exported once, onnxruntime;
-    auto: onnxruntime encoder + torch decoder)."""
+    auto with the exported folder: onnxruntime encoder + torch decoder)."""
     if request.param == "torch":
         return lambda: Predictor(golden_model)
     folder = request.getfixturevalue("golden_onnx_dir")

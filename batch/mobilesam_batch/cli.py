@@ -126,8 +126,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         help="checkpoint file in the official format (e.g. mobile_sam.pt)",
     )
     model.add_argument("--backend", default="torch", choices=["torch", "onnx", "auto"],
-                       help="onnx: onnxruntime, models exported on first use; auto: onnxruntime "
-                       "encoder + torch decoder on a CPU, torch on a GPU [torch]")  # fmt: skip
+                       help="onnx: onnxruntime, models exported on first use; auto: the "
+                       "fastest, which is torch in float32 (onnxruntime's float32 encoder is "
+                       "no faster on CPUs) [torch]")  # fmt: skip
     model.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available) [auto]"
     )

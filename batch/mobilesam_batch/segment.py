@@ -88,7 +88,8 @@ class ModelSpec:
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
     backend : str
         ``"torch"``, ``"onnx"`` (onnxruntime; the models are exported into the
-        cache on first use) or ``"auto"`` (onnxruntime encoder + torch decoder on a CPU).
+        cache on first use) or ``"auto"`` (the fastest: torch; see
+        :class:`~napari_mobilesam.predictor.Predictor`).
     threads : int or None
         torch intra-op threads for this process (None: torch's default).
     precision : str

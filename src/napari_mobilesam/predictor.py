@@ -78,13 +78,18 @@ class Predictor:
         from this model on first use (cached by checkpoint hash, see
         :func:`~napari_mobilesam.runtime.get_onnx_backend`); pre- and postprocessing
         stay in torch. Needs ``pip install "napari-mobilesam[onnx]"``. ``"auto"``: the
-        fastest exact choice: on a CPU with onnxruntime installed, the onnxruntime
-        encoder and the torch decoder; otherwise torch (:attr:`backend_name` says which).
+        fastest choice for what is asked: torch, except on a CPU where ONNX models are
+        asked for (``quantize="int8"`` or an ``onnx_folder``) and onnxruntime is
+        installed: then onnxruntime's encoder and our torch decoder (faster than the ONNX
+        decoder). In float32 onnxruntime's encoder is no faster than ours (2-core AMD EPYC: 0.99x
+        of its time at 2 threads, 1.07x at 1) and needs an export; its int8 encoder
+        takes 0.73x (:attr:`backend_name` says what runs).
     onnx_folder : path, optional
-        With ``backend="onnx"``: use the models exported there (``mobilesam
-        export-onnx``) instead of the cache.
+        With ``backend="onnx"`` or ``"auto"``: use the models exported there
+        (``mobilesam export-onnx``) instead of the cache.
     quantize : {None, "int8"}
-        With ``backend="onnx"``: run the int8 (dynamically quantised) models.
+        With ``backend="onnx"`` or ``"auto"``: run the int8 (dynamically quantised)
+        models.
     threads : int, optional
         With ``backend="onnx"``: onnxruntime threads (default: physical cores).
     precision : {"fp32", "bf16", "fp16", "auto"}
@@ -755,14 +760,17 @@ def _int8(backend) -> str:
 def _auto_encoder(model: Sam, onnx_folder, quantize, threads, precision: str):
     """The onnxruntime encoder ``backend="auto"`` uses, or None for plain torch.
 
-    On a CPU, with onnxruntime / onnx / onnxscript installed and ``precision="fp32"``,
-    the image encoder runs in onnxruntime (0.98x of our torch encoder's time at 2
-    threads, 0.86x at 1 on an AMD EPYC; features within 2e-6) while prompts are decoded by the torch
-    decoder (with its per-image cache, faster than the ONNX decoder). Elsewhere (GPU,
-    reduced precision, onnxruntime missing or the export failing, with a warning):
-    plain torch.
+    On a CPU in float32, when ONNX models are asked for (``quantize="int8"``: 0.73x of
+    our torch encoder's time on an AMD EPYC, or an ``onnx_folder``) and onnxruntime /
+    onnx / onnxscript are installed, the image encoder runs in onnxruntime while
+    prompts are decoded by the torch decoder (with its per-image cache, faster than the
+    ONNX decoder). Elsewhere plain torch: on a GPU, in reduced precision, in float32
+    without a folder (our torch encoder is as fast as onnxruntime's, with no export),
+    with onnxruntime missing or the export failing (with a warning).
     """
     if model.device.type != "cpu" or precision != "fp32":
+        return None
+    if quantize is None and onnx_folder is None:
         return None
     try:
         from .runtime.export import _import_exporter

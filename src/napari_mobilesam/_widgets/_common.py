@@ -42,7 +42,7 @@ def get_predictor(
         ``auto``, ``cpu``, ``cuda``, ...
     backend : {"torch", "onnx", "auto"}
         ``onnx`` exports the model on first use (cached) and runs onnxruntime; ``auto``
-        runs the encoder in onnxruntime and the decoder in torch on a CPU.
+        is the fastest choice (:class:`~napari_mobilesam.predictor.Predictor`): torch.
     precision : {"fp32", "auto", "bf16", "fp16"}
         Image encoder precision (see :class:`~napari_mobilesam.predictor.Predictor`).
     """
@@ -78,8 +78,8 @@ class ModelPicker(QWidget):
         self.backend = QComboBox()
         self.backend.addItems(["torch", "onnx", "auto"])
         self.backend.setToolTip(
-            "onnx: onnxruntime (exported once on first use), for CPUs; auto: onnxruntime "
-            "encoder + torch decoder on a CPU (fastest), torch on a GPU"
+            "onnx: onnxruntime (exported once on first use); auto: the fastest, which is "
+            "torch (onnxruntime's float32 encoder is no faster on CPUs)"
         )
         form.addRow("model", self.name)
         form.addRow("weights", row)
