@@ -134,7 +134,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     model.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                        help="image encoder precision; auto: bf16 on GPUs and on CPUs with bf16 "
-                       "units (about 2x faster; masks mean IoU 0.998 vs fp32), else fp32 "
+                       "units (1.5-2x faster; masks mean IoU 0.998 vs fp32), else fp32 "
                        "[fp32: the reference's numbers]")  # fmt: skip
     model.add_argument("--threads", type=int, metavar="N",
                        help="torch threads per process [all cores; cores / workers "

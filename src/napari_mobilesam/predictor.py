@@ -98,8 +98,8 @@ class Predictor:
         prompts are decoded in float32 (segment-everything's grids in 16 bits:
         :meth:`reduced_decoder`). On the golden prompts the masks keep a mean
         IoU of 0.998 (bf16) / 0.9998 (fp16) against float32 (worst 0.987 / 0.999).
-        bf16 is about 2x faster on GPUs and on CPUs with bf16 units (AVX512-BF16 or
-        AMX: 0.44x of float32's time on an AMD EPYC); elsewhere on CPUs it is
+        bf16 is about 2x faster on GPUs and faster on CPUs with bf16 units (AVX512-BF16
+        or AMX: 0.63-0.74x of float32's time on an AMD EPYC); elsewhere on CPUs it is
         slower, and fp16 is always much slower on CPUs (warned). ``"auto"``: the
         fastest of these for the device (:func:`resolve_precision`); the attribute
         :attr:`precision` holds the choice. The default float32 reproduces the

@@ -88,7 +88,7 @@ class ModelPicker(QWidget):
         self.precision.addItems(["fp32", "auto", "bf16", "fp16"])
         self.precision.setToolTip(
             "image encoder precision. fp32: the reference's numbers; auto: bf16 on GPUs and "
-            "on CPUs with bf16 units (about 2x faster, masks mean IoU 0.998 vs fp32), else fp32"
+            "on CPUs with bf16 units (1.5-2x faster, masks mean IoU 0.998 vs fp32), else fp32"
         )
         form.addRow("backend", self.backend)
         form.addRow("precision", self.precision)
