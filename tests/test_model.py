@@ -247,7 +247,7 @@ def test_sliced_path_only_where_it_applies():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not sliced_path_applies(x, e, d, p)
     assert not sliced_path_applies(x.double(), e, d, p)
-    assert not sliced_path_applies(x, d, e, p)  # e is not depth-wise
+    assert not sliced_path_applies(x, d, e, p)  # e is not depth-wise, d not a plain expansion
     e.use_onednn = False  # (exporters' copies)
     assert not sliced_path_applies(x, e, d, p)
     raw = MBConv(16, 16, 4.0).eval()  # BatchNorm not folded

@@ -383,6 +383,7 @@ def sliced_path_applies(x: torch.Tensor, expand, depthwise, project) -> bool:
         and type(project) is nn.Conv2d
         and project.bias is not None
         and project.groups == 1
+        and expand.conv.groups == 1
         and (depthwise is None or depthwise.conv.groups == depthwise.conv.out_channels)
         and _cpu_fp32_inference(x, project.weight)
         and not _autocast_on("cpu")
