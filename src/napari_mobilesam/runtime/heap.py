@@ -1,20 +1,21 @@
-"""Keep freed memory in the process for the next image (glibc malloc settings).
+"""Keep freed memory for the next image in worker threads (glibc malloc settings).
 
 Every image through the encoder allocates the same large tensors again (1024x1024:
-maps of 4-16 MB, several hundred MB in all). By default glibc hands big blocks back
-to the kernel as soon as they are freed: blocks above its *mmap threshold* are
-unmapped, and free memory at the top of the heap above its *trim threshold* is
-released. The next image's tensors are then fresh pages that the kernel must fault
-in and zero again: about 50,000 page faults per image on a 2-core AMD EPYC, 10% of
-the float32 encoder's time.
+maps of 4-16 MB). glibc hands big blocks back to the kernel when they are freed:
+blocks above its *mmap threshold* are unmapped, and free memory at the top of a heap
+above its *trim threshold* is released. Both thresholds adapt upwards as big blocks
+come and go, and in the main thread that is enough: the encoder's next image reuses
+the last one's memory. In other threads (napari's workers, dask's) the encoder still
+faulted in about 27,000 fresh pages per image on a 2-core AMD EPYC (2,400 with the
+settings below), 5-8% of the float32 encoder's time: the kernel must map and zero
+every one.
 
-:func:`keep_freed_memory` raises both thresholds once per process, so those blocks
-are reused instead: the mmap threshold to 32 MiB (the ceiling that glibc's own
-adaptive threshold climbs to) and the trim threshold to 512 MiB, which bounds what
-the process keeps beyond what it uses. The price is memory that stays with the
-process after a large image (about 100 MB after the encoder on a 1024x1024 image).
-Allocators that keep freed memory (jemalloc or tcmalloc preloaded, as Intel's
-PyTorch tuning guide advises, or onnxruntime's arena) make the same trade.
+:func:`keep_freed_memory` pins both thresholds, once per process, at the ceilings
+that glibc's adaptation climbs to on 64-bit systems: 32 MiB for the mmap threshold
+and 64 MiB for the trim threshold. The price is memory that stays with the process:
+segment-everything with every mask of a 16x16 grid passing peaked at 1565 MB instead
+of 1349 MB. :class:`~napari_mobilesam.predictor.Predictor` calls it when its encoder
+runs on the CPU outside the main thread.
 
 Set the environment variable ``MOBILESAM_KEEP_FREED_MEMORY=0`` to leave malloc
 alone. Other C libraries (macOS, Windows, musl) are left alone too.
@@ -33,8 +34,8 @@ __all__ = ["ENV_VAR", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
 ENV_VAR = "MOBILESAM_KEEP_FREED_MEMORY"
 #: blocks up to this size come from the heap (glibc's own ceiling on 64-bit systems)
 MMAP_THRESHOLD = 32 * 2**20
-#: free memory at the top of the heap is released only beyond this
-TRIM_THRESHOLD = 512 * 2**20
+#: free memory at the top of a heap is released only beyond this (glibc's ceiling too)
+TRIM_THRESHOLD = 64 * 2**20
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -60,8 +61,7 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks for reuse; once per process.
 
     Sets ``M_MMAP_THRESHOLD`` to :data:`MMAP_THRESHOLD` and ``M_TRIM_THRESHOLD``
-    to :data:`TRIM_THRESHOLD` with ``mallopt``. Called by
-    :class:`~napari_mobilesam.predictor.Predictor` for models on the CPU.
+    to :data:`TRIM_THRESHOLD` with ``mallopt``.
 
     Returns
     -------
