@@ -14,7 +14,6 @@ original size, (C, H, W) bool; ``low_res_logits`` are the decoder's
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +136,8 @@ class Predictor:
             raise TypeError(f"model must be a Sam model or a registry name, got {type(model)}")
         elif device is not None:
             model = model.to(device)
+        if model.device.type == "cpu":
+            keep_freed_memory()  # the next image reuses this one's memory (runtime.heap)
         precision = resolve_precision(precision, model.device) if torch_encoder else "fp32"
         if precision == "fp16" and model.device.type == "cpu":
             import warnings
@@ -311,8 +312,6 @@ class Predictor:
             feats = [self._encoder.encode(x[i : i + 1].cpu().numpy()) for i in range(len(x))]
             return torch.from_numpy(np.concatenate(feats)).to(self.device)
         x = x.to(self.device)
-        if x.device.type == "cpu" and threading.current_thread() is not threading.main_thread():
-            keep_freed_memory()  # (napari's and dask's worker threads: see runtime.heap)
         dtype = _AUTOCAST[self.precision]
         if self._graphed is not None and self._graphed.applies(x):
             return self._graphed(x, dtype)

@@ -1,21 +1,20 @@
-"""Keep freed memory for the next image in worker threads (glibc malloc settings).
+"""Keep freed memory for the next image (glibc malloc settings).
 
 Every image through the encoder allocates the same large tensors again (1024x1024:
 maps of 4-16 MB). glibc hands big blocks back to the kernel when they are freed:
 blocks above its *mmap threshold* are unmapped, and free memory at the top of a heap
-above its *trim threshold* is released. Both thresholds adapt upwards as big blocks
-come and go, and in the main thread that is enough: the encoder's next image reuses
-the last one's memory. In other threads (napari's workers, dask's) the encoder still
-faulted in about 27,000 fresh pages per image on a 2-core AMD EPYC (2,400 with the
-settings below), 5-8% of the float32 encoder's time: the kernel must map and zero
-every one.
+above its *trim threshold* is released; the next image's tensors are then fresh pages
+that the kernel must map and zero again. Both thresholds adapt upwards as big blocks
+come and go, but not everywhere: in threads other than the main one (napari's
+workers, dask's) the encoder still faulted in about 27,000 pages per image on a
+2-core AMD EPYC (2,400 with the settings below), 5-8% of the float32 encoder's time,
+and a 4096x4096 segment-everything run faulted 877,000 pages instead of 562,000.
 
-:func:`keep_freed_memory` pins both thresholds, once per process, at the ceilings
-that glibc's adaptation climbs to on 64-bit systems: 32 MiB for the mmap threshold
-and 64 MiB for the trim threshold. The price is memory that stays with the process:
-segment-everything with every mask of a 16x16 grid passing peaked at 1565 MB instead
-of 1349 MB. :class:`~napari_mobilesam.predictor.Predictor` calls it when its encoder
-runs on the CPU outside the main thread.
+:func:`keep_freed_memory` pins both thresholds, once per process, at the ceilings that
+glibc's adaptation climbs to on 64-bit systems: 32 MiB for the mmap threshold and 64
+MiB for the trim threshold, so at most 64 MiB of freed memory stays with a heap
+beyond what it uses. :class:`~napari_mobilesam.predictor.Predictor` calls it for
+models on the CPU.
 
 Set the environment variable ``MOBILESAM_KEEP_FREED_MEMORY=0`` to leave malloc
 alone. Other C libraries (macOS, Windows, musl) are left alone too.
