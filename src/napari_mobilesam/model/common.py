@@ -345,7 +345,7 @@ def attention_with_bias(
 SLICE_BYTES = 16 * 2**20
 
 
-def _slice_channels(x: torch.Tensor, expand: nn.Conv2d, depthwise: ConvGELU | None) -> int:
+def _slice_channels(x: torch.Tensor, expand: nn.Conv2d) -> int:
     """Hidden channels per slice: the largest hidden map (expand's output) in slices of at
     most SLICE_BYTES, the slices equal and a multiple of 16 channels."""
     h, w = x.shape[-2:]
@@ -433,20 +433,19 @@ def expand_project_in_slices(
         (B, project.out_channels, H', W').
     """
     mk = torch.ops.mkldnn
-    hidden = expand.conv.out_channels
-    out = None
+    e, p = expand.conv, project
+    d = depthwise.conv if depthwise is not None else None
+    hidden = e.out_channels
     if slice_channels is None:
-        slice_channels = _slice_channels(x, expand.conv, depthwise)
+        slice_channels = _slice_channels(x, e)
+    out = None
     for start in range(0, hidden, slice_channels):
         part = slice(start, min(start + slice_channels, hidden))
-        e = expand.conv
         h = _onednn_conv(x, e, e.weight[part], e.bias[part] if e.bias is not None else None, "gelu")
-        if depthwise is not None:
-            d = depthwise.conv
+        if d is not None:
             h = _onednn_conv(h, d, d.weight[part], d.bias[part] if d.bias is not None else None,
                              "gelu")  # fmt: skip
-        w = project.weight[:, part].contiguous()
-        p = project
+        w = p.weight[:, part].contiguous()
         if out is None and residual is None:
             out = _onednn_conv(h, p, w, p.bias, "none")
         elif out is None:
