@@ -19,9 +19,6 @@ from napari_mobilesam.model.common import (
     expand_project_in_slices,
     sliced_path_applies,
 )
-from napari_mobilesam.model.common import (
-    fuse_conv_bn as fold_all,
-)
 from napari_mobilesam.model.tiny_vit import MBConv, Mlp, PatchEmbed, PatchMerging
 from napari_mobilesam.model.transformer import Attention, TwoWayTransformer
 
@@ -210,7 +207,7 @@ def _randomized(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _fused(module: torch.nn.Module) -> torch.nn.Module:
-    fold_all(module)
+    fuse_conv_bn(module)
     fuse_conv_gelu(module)
     return module
 
