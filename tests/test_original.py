@@ -157,3 +157,27 @@ def test_benchmarks_time_the_original(isolated):
     row = result["rows"][0]
     assert row["original"]["objects"] == row["reference"]["objects"] and row["original_ratio"] > 0
     assert "original (segment_anything" in bench_everything.report(result)
+
+
+@requires_golden
+@requires_original
+def test_original_encoder_runs_in_the_originals_memory_layout(golden_original):
+    """The original never asks for channels-last memory (ours does): its encoder here
+    neither, so the layouts that follow are the ones its own operations produce."""
+    import torch
+
+    from napari_mobilesam.build import load_model
+
+    def layouts(encoder):
+        convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        seen = []
+        hook = convs[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous()))
+        try:
+            with torch.inference_mode():
+                encoder(torch.zeros(1, 3, 1024, 1024))
+        finally:
+            hook.remove()
+        return all(c.weight.is_contiguous() for c in convs), seen[0]
+
+    assert layouts(golden_original.sam.image_encoder) == (True, True)
+    assert layouts(load_model("vit_t", GOLDEN_CKPT, fuse=False).image_encoder) == (False, False)

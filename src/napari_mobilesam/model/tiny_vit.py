@@ -337,6 +337,12 @@ class TinyViT(nn.Module):
     them as ignorable keys.
     """
 
+    #: run in channels-last memory (the convolutions are faster and the token views
+    #: between stages need no copies). The original MobileSAM keeps PyTorch's default
+    #: contiguous (NCHW) layout; ``benchmarks/original.py`` sets this False (and the
+    #: weights contiguous) to time the original as it runs. Same numbers either way.
+    channels_last = True
+
     def __init__(self, config: TinyViTConfig | None = None) -> None:
         super().__init__()
         cfg = config or TinyViTConfig()
@@ -375,9 +381,9 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, img_size, img_size) -> (B, out_chans, img_size/16, img_size/16)."""
-        # channels-last throughout: the convolutions run faster and the token
-        # views between stages need no copies
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
         b, n, c = x.shape
