@@ -19,7 +19,7 @@ from napari_mobilesam.model.common import (
     expand_project_in_slices,
     sliced_path_applies,
 )
-from napari_mobilesam.model.tiny_vit import MBConv, Mlp, PatchEmbed, PatchMerging
+from napari_mobilesam.model.tiny_vit import MBConv, Mlp, PatchEmbed, PatchMerging, TinyViTBlock
 from napari_mobilesam.model.transformer import Attention, TwoWayTransformer
 
 from .conftest import TINY_CONFIG
@@ -299,3 +299,28 @@ def test_onednn_linear_plus(gelu):
     want = F.linear(x, lin.weight, lin.bias)
     want = (F.gelu(want) if gelu else want) + other
     torch.testing.assert_close(lin.plus(x, other), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("resolution", "window"), [(10, 7), (7, 7)])  # padded to 14; one window
+def test_tinyvit_block_projects_only_real_tokens(resolution, window, monkeypatch):
+    """Fused, the attention's projection (with the residual sum) skips the windows'
+    padding; the result is the reference block's."""
+    ref = _randomized(TinyViTBlock(32, resolution, 2, window, 4.0, 3))
+    fast = copy.deepcopy(ref)
+    _fused(fast)
+    fuse_linear(fast)
+    fuse_attention(fast)
+    projected = []
+    plus = OneDNNLinear.plus
+
+    def spy(self, x, other):
+        if self is fast.attn.proj:
+            projected.append(x.shape[:2])
+        return plus(self, x, other)
+
+    monkeypatch.setattr(OneDNNLinear, "plus", spy)
+    x = torch.randn(2, resolution * resolution, 32)
+    with torch.inference_mode():
+        want, got = ref(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert projected == [(2, resolution * resolution)]  # not 14 * 14 tokens per image

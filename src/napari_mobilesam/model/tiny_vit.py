@@ -197,7 +197,9 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", _window_offset_index(window), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """(B, N, dim) tokens of B windows -> (B, N, dim); without ``project`` the heads'
+        merged output before the ``proj`` layer (the caller applies it)."""
         b, n, _ = x.shape
         x = self.norm(x)
         q, k, v = (self.qkv(x).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)).split(
@@ -205,7 +207,8 @@ class Attention(nn.Module):
         )
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
         out = attention_with_bias(q, k, v, bias, fused=self.fused_cpu)
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.proj(out) if project else out
 
 
 class Mlp(nn.Module):
@@ -266,12 +269,12 @@ class TinyViTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.local_conv = ConvBN(dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim)
 
-    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def _window_attention(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
         b, n, c = x.shape
         h = w = self.resolution
         ws = self.window
         if h == ws and w == ws:
-            return self.attn(x)
+            return self.attn(x, project)
         x = x.view(b, h, w, c)
         pad_b, pad_r = (-h) % ws, (-w) % ws
         if pad_b or pad_r:
@@ -279,15 +282,21 @@ class TinyViTBlock(nn.Module):
         ph, pw = h + pad_b, w + pad_r
         nh, nw = ph // ws, pw // ws
         x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = self.attn(x)
-        x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+        x = self.attn(x, project)
+        x = x.view(b, nh, nw, ws, ws, -1).transpose(2, 3).reshape(b, ph, pw, -1)
         if pad_b or pad_r:
             x = x[:, :h, :w]
-        return x.reshape(b, n, c)
+        return x.reshape(b, n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        x = x + self._window_attention(x)
+        proj = self.attn.proj
+        if isinstance(proj, OneDNNLinear) and proj.onednn_applies(x):
+            # the projection works token by token: on the real tokens only, not the
+            # windows' padding, with the residual sum as its post-op
+            x = proj.plus(self._window_attention(x, project=False), x)
+        else:
+            x = x + self._window_attention(x)
         s = self.resolution
         y = self.local_conv(x.transpose(1, 2).reshape(b, c, s, s))
         x = y.view(b, c, n).transpose(1, 2)
