@@ -37,6 +37,39 @@ def test_reader_writer_round_trip(tmp_path):
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("shape", "axis_labels", "axes", "imagej"),
+    [
+        ((3, 8, 9), None, "ZYX", True),  # Fiji shows a z-stack, not channels
+        ((2, 3, 8, 9), ("-4", "-3", "-2", "-1"), "TZYX", True),  # napari's default labels
+        ((2, 3, 8, 9), ("t", "c", "y", "x"), "TCYX", True),  # the layer's own letters
+        ((2, 2, 2, 2, 8, 9), None, "VWTZYX", False),  # more plane axes than ImageJ holds
+    ],
+)
+def test_writer_names_the_axes(tmp_path, shape, axis_labels, axes, imagej):
+    import tifffile
+
+    labels = np.arange(np.prod(shape), dtype=np.int64).reshape(shape) % 300
+    meta = {} if axis_labels is None else {"axis_labels": axis_labels}
+    (path,) = napari_io.write_labels(str(tmp_path / "a.tif"), labels, meta)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == axes and tif.is_imagej == imagej
+        np.testing.assert_array_equal(tif.series[0].asarray(), labels)
+        assert tif.series[0].dtype == np.uint16
+
+
+def test_writer_refuses_labels_a_tiff_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="do not fit"):
+        napari_io.write_labels(str(tmp_path / "a.tif"), np.full((2, 2), 2**32, np.int64), {})
+    with pytest.raises(ValueError, match="empty dimension"):
+        napari_io.write_labels(str(tmp_path / "a.tif"), np.zeros((0, 4, 4), np.uint8), {})
+    assert not list(tmp_path.iterdir())
+    big = np.zeros((2, 5, 5), np.int64)
+    big[1, 2, 2] = 2**32 - 1
+    (path,) = napari_io.write_labels(str(tmp_path / "b.tif"), big, {})
+    np.testing.assert_array_equal(napari_io.read_labels(path)[0][0], big)
+
+
 def test_reader_opens_large_files_lazily(tmp_path, monkeypatch):
     labels = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
     (path,) = napari_io.write_labels(str(tmp_path / "big_labels.tif"), labels, {})

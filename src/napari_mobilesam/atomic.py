@@ -2,11 +2,12 @@
 
 Readers never see a half-written file or folder, and an interrupted write leaves the
 destination as it was. Everything in the package that writes to disk goes through
-:func:`atomic_path` (or :func:`write_text_atomic`).
+:func:`atomic_path` (or :func:`write_text_atomic`, :func:`write_json_atomic`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -14,8 +15,11 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "write_text_atomic"]
+import numpy as np
+
+__all__ = ["atomic_path", "to_json", "write_json_atomic", "write_text_atomic"]
 
 
 def _temp_sibling(dest: Path, folder: Path, suffix: str, *, create: str | None) -> Path:
@@ -128,3 +132,42 @@ def write_text_atomic(dest: Path, text: str, tmp_dir: Path | None = None) -> Non
     """Write ``text`` (UTF-8, newlines untranslated) to ``dest`` atomically."""
     with atomic_path(dest, tmp_dir) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def _json_default(obj: Any) -> Any:
+    """``json`` fallback: numpy scalars and arrays to Python numbers and lists, paths to str."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable: {obj!r}")
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text (no NaN/Infinity) of ``obj``, numpy values converted.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` holds something JSON cannot represent.
+    ValueError
+        If ``obj`` holds NaN or infinite floats (not valid JSON).
+    """
+    return json.dumps(obj, indent=indent, default=_json_default, allow_nan=False)
+
+
+def write_json_atomic(dest: Path, obj: Any, tmp_dir: Path | None = None) -> None:
+    """Write ``obj`` as JSON (indent 2, trailing newline) to ``dest`` atomically.
+
+    numpy scalars and arrays become Python numbers and (nested) lists, paths strings.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` holds something JSON cannot represent.
+    ValueError
+        If ``obj`` holds NaN or infinite floats (not valid JSON).
+    """
+    write_text_atomic(dest, to_json(obj, indent=2) + "\n", tmp_dir)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from .label_stack import labels_dtype, write_labels_tiff
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -94,6 +94,11 @@ def read_labels(path: str | list[str]) -> list[LayerData]:
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer: a Labels layer to a TIFF file, atomically.
 
+    The file is what ``mobilesam-everything`` writes
+    (:func:`~napari_mobilesam.label_stack.write_labels_tiff`): deflate-compressed,
+    uint16 (uint32 above 65535 labels), an ImageJ hyperstack where ImageJ can hold
+    the axes, else a plain (Big)TIFF with the axes in its JSON description.
+
     Parameters
     ----------
     path : str
@@ -101,15 +106,24 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     data : array-like
         The label image, (..., H, W) integer; dask arrays are written plane by plane.
     meta : dict
-        The layer's attributes (napari passes ``name``, ``metadata``, ...).
+        The layer's attributes (napari passes ``name``, ``axis_labels``, ...). Axis
+        labels that are distinct single letters ending in y, x name the axes
+        (``("z", "y", "x")`` -> ``"ZYX"``); otherwise the plane axes are, from the
+        last, Z, T, then other letters.
 
     Returns
     -------
     list of str
         The path written.
-    """
-    import tifffile
 
+    Raises
+    ------
+    TypeError
+        If the labels are not integers (or bool).
+    ValueError
+        If they have fewer than 2 dimensions, an empty one, negative values or
+        values above 2**32 - 1.
+    """
     dest = Path(path)
     if dest.suffix.lower() not in (".tif", ".tiff"):
         dest = dest.with_name(dest.name + ".tif")
@@ -117,27 +131,38 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         raise TypeError(f"labels must be integers to save as TIFF, got dtype {data.dtype}")
     if data.ndim < 2:
         raise ValueError(f"labels must have at least 2 dimensions (Y, X), got shape {data.shape}")
-    max_id = int(np.max(data)) if data.size else 0
-    if data.size and int(np.min(data)) < 0:
+    if 0 in data.shape:
+        raise ValueError(f"labels have an empty dimension, shape {data.shape}: nothing to save")
+    if int(np.min(data)) < 0:
         raise ValueError("labels must not be negative to save as TIFF")
-    dtype = np.uint16 if max_id <= np.iinfo(np.uint16).max else np.uint32
+    max_id = int(np.max(data))
+    if max_id > np.iinfo(np.uint32).max:
+        raise ValueError(f"labels up to {max_id} do not fit a TIFF's uint32 (max 2**32 - 1)")
+    dtype = labels_dtype(max_id)
     shape = tuple(int(s) for s in data.shape)
-    n_plane_axes = len(shape) - 2
-    imagej = dtype == np.uint16 and n_plane_axes <= 3
-    axes = ("TZC"[3 - n_plane_axes :] if n_plane_axes else "") + "YX"
 
     def planes():
-        flat = data.reshape((-1, *shape[-2:])) if n_plane_axes else data[np.newaxis]
+        flat = data.reshape((-1, *shape[-2:])) if len(shape) > 2 else data[np.newaxis]
         for i in range(flat.shape[0]):
             yield np.asarray(flat[i]).astype(dtype, copy=False)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:
-        tifffile.imwrite(
-            tmp, planes(), shape=shape, dtype=dtype, imagej=imagej, compression="zlib",
-            photometric="minisblack", metadata={"axes": axes},
-        )  # fmt: skip
+    write_labels_tiff(dest, planes(), shape, _axes(meta.get("axis_labels"), len(shape)), dtype)
     return [str(dest)]
+
+
+def _axes(labels, ndim: int) -> str:
+    """TIFF axes letters of an ``ndim``-dimensional labels layer (see :func:`write_labels`)."""
+    if labels is not None and len(labels) == ndim:
+        letters = "".join(str(a) for a in labels).upper()
+        if len(letters) == ndim and letters.isascii() and letters.isalpha():
+            if letters.endswith("YX") and len(set(letters)) == ndim:
+                return letters
+    return _PLANE_AXES[len(_PLANE_AXES) - (ndim - 2) :] + "YX"
+
+
+#: default letters of a layer's plane axes, taken from the end (no C, X or Y)
+_PLANE_AXES = "ABDEFGHIJKLMNOPQRSUVWTZ"
 
 
 # ----------------------------------------------------------------------------- sample data
