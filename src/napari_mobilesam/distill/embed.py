@@ -91,8 +91,10 @@ def embed_images(
         beside the images are ignored here.
     out : path
         Store folder (:class:`~napari_mobilesam.distill.store.EmbeddingStore`). If it
-        already holds a store, the run resumes: it must describe the same images and
-        teacher; rows already done are skipped, failed rows are retried.
+        already holds a store, the run resumes: the teacher must be the same and the
+        images it holds must still be in ``images``; images new to the folder (or
+        beyond an earlier ``limit``) are added to it as new rows; rows already done
+        are skipped, failed rows are retried.
     device : str or torch.device, optional
         None = CUDA when available, else CPU.
     batch_size : int
@@ -111,7 +113,8 @@ def embed_images(
     Returns
     -------
     dict
-        ``total`` (images in the store), ``computed`` (written by this call),
+        ``total`` (images of this call, after ``limit``), ``computed`` (written by
+        this call),
         ``skipped`` (already done before), ``failed`` (unreadable in this call),
         ``seconds`` (wall time of this call), ``store`` (path).
 
@@ -122,8 +125,8 @@ def embed_images(
     FileNotFoundError
         ``teacher_weights`` does not exist.
     DataError
-        No images in ``images``, or ``out`` holds a store of other images or of
-        another teacher.
+        No images in ``images``, or ``out`` holds a store with images that
+        ``images`` no longer has, or of another teacher.
 
     Notes
     -----
@@ -160,13 +163,17 @@ def embed_images(
 
     if (out / "index.json").exists():
         store = EmbeddingStore.open(out)
-        _check_resume(store, rel, sha, embed_shape, cfg.image_size)
+        _check_resume(store, root, sha, embed_shape, cfg.image_size)
+        added = store.extend(rel)  # images new to the folder (or beyond an earlier --limit)
+        if added:
+            log.info("%d images are new to %s: rows %d-%d", added, out, len(store) - added,
+                     len(store) - 1)  # fmt: skip
+        row_of = {p: r for r, p in enumerate(store.images)}
+        done = store.done()
+        todo = [row_of[p] for p in rel if not done[row_of[p]]]
     else:
         store = None
-
-    todo = (
-        list(range(len(rel))) if store is None else [int(r) for r in (~store.done()).nonzero()[0]]
-    )
+        todo = list(range(len(rel)))
     skipped = len(rel) - len(todo)
     if store is not None and not todo:
         log.info("all %d images of %s are already embedded", len(rel), out)
@@ -196,7 +203,7 @@ def embed_images(
     amp_dtype = _autocast_dtype(dev) if use_amp else None
 
     dataset = _ImageDataset(
-        [root / p for p in rel], todo, store.meta["img_size"], store.meta["pixel_mean"],
+        [root / p for p in store.images], todo, store.meta["img_size"], store.meta["pixel_mean"],
         store.meta["pixel_std"],
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
@@ -236,18 +243,19 @@ def embed_images(
 
 
 def _check_resume(
-    store: EmbeddingStore, images: list[str], sha: str, embed_shape: tuple, img_size: int
+    store: EmbeddingStore, root: Path, sha: str, embed_shape: tuple, img_size: int
 ) -> None:
-    """Raise DataError when an existing store was made from other images or another teacher."""
+    """Raise DataError when an existing store holds images that ``root`` no longer has,
+    or was made by another teacher. (Images new to ``root`` are added to it.)"""
     hint = "use a new --out folder (or the original image folder / teacher)"
     where = f"embedding store {os.fspath(store.path)!r}"
-    if store.images != images:
-        if len(store.images) != len(images):
-            what = f"{len(store.images)} images, the folder now gives {len(images)}"
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(store.images, images, strict=True)) if a != b)
-            what = f"image {i} is {store.images[i]!r} there, {images[i]!r} now"
-        raise DataError(f"{where} was made from other images ({what}); {hint}")
+    gone = [p for p in store.images if not (root / p).is_file()]
+    if gone:
+        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+        raise DataError(
+            f"{where} holds embeddings of images that {os.fspath(root)!r} no longer has "
+            f"({gone[0]!r}{more}); {hint}"
+        )
     old = store.meta.get("teacher_sha256")
     if old != sha:
         raise DataError(

@@ -216,7 +216,12 @@ class EmbeddingStore:
         except Exception as exc:
             raise DataError(f"embedding store {str(path)!r}: cannot open {_ARRAY}: {exc}") from None
         expected = (len(images), *shape)
-        if tuple(arr.shape) != expected or str(arr.dtype) != "float16":
+        # more rows than the index lists: an interrupted extend(); they are not part of it
+        if (
+            tuple(arr.shape[1:]) != shape
+            or arr.shape[0] < len(images)
+            or str(arr.dtype) != "float16"
+        ):
             raise DataError(
                 f"embedding store {str(path)!r}: {_ARRAY} has shape {tuple(arr.shape)} and "
                 f"dtype {arr.dtype}, the index describes {expected} float16"
@@ -299,6 +304,55 @@ class EmbeddingStore:
             _fsync_file(self.path / _ARRAY / "c" / str(r) / "0" / "0" / "0")
         self._append(_DONE, "".join(f"{r}\n" for r in rows))
         self._done[rows] = True
+
+    def extend(self, images: Sequence[str]) -> int:
+        """Add rows, not yet done, for the ``images`` the store does not list yet.
+
+        The rows there are keep their numbers and embeddings; the new images get
+        the next rows, in the order given. The array grows first and ``index.json``
+        is replaced afterwards (temp file + ``os.replace``): an interrupted call
+        leaves the store as it was, with spare rows that :meth:`open` ignores and
+        the next call reuses.
+
+        Parameters
+        ----------
+        images : sequence of str
+            Relative posix paths; those already in the store are skipped.
+
+        Returns
+        -------
+        int
+            The number of rows added.
+
+        Raises
+        ------
+        ValueError
+            ``images`` repeats a path.
+        """
+        images = [str(p) for p in images]
+        if len(set(images)) != len(images):
+            dup = next(p for p in images if images.count(p) > 1)
+            raise ValueError(f"images lists {dup!r} more than once")
+        have = set(self.images)
+        new = [p for p in images if p not in have]
+        if not new:
+            return 0
+        listed = self.images + new
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "images": listed,
+            "embed_shape": list(self.embed_shape),
+            "dtype": "float16",
+            **self.meta,
+        }
+        text = json.dumps(index, indent=1)
+        self._array(write=True).resize((len(listed), *self.embed_shape))
+        self._reader = None  # reopened with the new shape
+        write_text_atomic(self.path / _INDEX, text)
+        self.images = listed
+        self._done = np.concatenate([self._done, np.zeros(len(new), dtype=bool)])
+        return len(new)
 
     def mark_failed(self, row: int, reason: str) -> None:
         """Record that the image of ``row`` could not be read (``reason`` is one line)."""
