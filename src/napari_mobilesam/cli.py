@@ -265,21 +265,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status: 0 on success, 1 on failure, 2 on bad usage, 130 on Ctrl-C.
     """
-    parser = build_parser()
+    return run_command(build_parser(), argv, PROG, lambda: (_w.WeightsError,))
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    prog: str,
+    failures: Callable[[], tuple[type[BaseException], ...]] = tuple,
+    interrupted: str = "interrupted",
+) -> int:
+    """Parse ``argv`` and run the chosen subcommand (``args.func(args)``), as a CLI does.
+
+    Errors become ``<prog>: error: <message>`` on stderr and an exit status:
+    :class:`CommandError` its own, the exceptions ``failures()`` names 1, Ctrl-C 130
+    (with ``interrupted`` as the message); argparse's own exits (``--help``, usage
+    errors) keep theirs.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        Its subcommands set ``func``.
+    argv : sequence of str or None
+        Arguments without the program name; None: ``sys.argv[1:]``.
+    prog : str
+        The program name in error messages.
+    failures : callable
+        Returns the expected failure types; called only after parsing, so that
+        ``--help`` needs no heavy imports.
+    interrupted : str
+        The message on Ctrl-C.
+
+    Returns
+    -------
+    int
+        The exit status.
+    """
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: argparse printed already
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    expected = failures()
     try:
         return args.func(args)
     except CommandError as exc:
-        _err(str(exc))
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.status
-    except _w.WeightsError as exc:
-        _err(str(exc))
+    except expected as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        _err("interrupted")
+        print(f"{prog}: error: {interrupted}", file=sys.stderr)
         return 130
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..cli import CommandError
+from ..cli import CommandError, run_command
 
 PROG = "mobilesam-distill"
 
@@ -258,27 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mobilesam-distill``; returns the exit status (0, 1 failure, 2 usage, 130)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, usage errors: argparse printed already
-        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
-    from ..build import CheckpointError
-    from ..weights import WeightsError
-    from .data import DataError
 
-    try:
-        return args.func(args)
-    except CommandError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.status
-    except (DataError, CheckpointError, WeightsError, FileNotFoundError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted (completed work is kept; rerun to resume)",
-              file=sys.stderr)  # fmt: skip
-        return 130
+    def failures():
+        from ..build import CheckpointError
+        from ..weights import WeightsError
+        from .data import DataError
+
+        return (DataError, CheckpointError, WeightsError, FileNotFoundError, ValueError)
+
+    return run_command(build_parser(), argv, PROG, failures,
+                       "interrupted (completed work is kept; rerun to resume)")  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover
