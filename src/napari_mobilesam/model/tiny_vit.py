@@ -349,7 +349,7 @@ class TinyViT(nn.Module):
     #: run in channels-last memory (the convolutions are faster and the token views
     #: between stages need no copies). The original MobileSAM keeps PyTorch's default
     #: contiguous (NCHW) layout; ``benchmarks/original.py`` sets this False (and the
-    #: weights contiguous) to time the original as it runs. Same numbers either way.
+    #: weights contiguous) to time the original as it runs (same numbers up to rounding).
     channels_last = True
 
     def __init__(self, config: TinyViTConfig | None = None) -> None:
