@@ -53,6 +53,9 @@ def test_factorized_attentions_match_projection(attn, b, b_img):
     )
     cached = attn.image_to_tokens(None, tokens, tokens, q_heads=attn.project_q(image))
     torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
+    residual = torch.randn(b_img, 300, 64)  # summed by the product itself, broadcast over b
+    summed = attn.image_to_tokens(image, tokens, tokens, residual=residual)
+    torch.testing.assert_close(summed, residual + ref, rtol=1e-4, atol=1e-4)
 
 
 def test_worth_factoring(attn):

@@ -109,8 +109,10 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         q_heads: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``forward(q, k, v)`` for many queries (pixels) and few keys (tokens).
+        """``forward(q, k, v)`` for many queries (pixels) and few keys (tokens), plus
+        ``residual`` (B or 1, Nq, C) when given.
 
         Per head the key is mapped into the query's input space,
         ``q . (W_q,h^T k_h) + b_q,h . k_h``, and the output projection is folded
@@ -118,7 +120,9 @@ class Attention(nn.Module):
         (pixels x channels) is projected. ``q_heads`` (1 or B, heads, Nq, d), the
         already projected queries, may replace ``q``. Scores are laid out
         (B, heads, Nk, Nq) so the softmax over the few keys runs along a long
-        contiguous axis.
+        contiguous axis. The ``residual`` is added by the last matrix product itself
+        (``baddbmm``): no separate pass over the (B, Nq, C) result, about half the
+        time of product + sum on a CPU.
 
         Shapes: q (B or 1, Nq, C); k, v (B, Nk, C) -> (B, Nq, C).
         """
@@ -143,6 +147,8 @@ class Attention(nn.Module):
         # each head's weights sum to 1 per query: bias / heads on every value row adds
         # the output bias exactly once, without a pass over the (B, Nq, C) result
         v_out = (v_out + self.out_proj.bias / heads).reshape(b, heads * nk, -1)
+        if residual is not None:
+            return torch.baddbmm(residual.expand(b, -1, -1), probs.transpose(1, 2), v_out)
         return probs.transpose(1, 2) @ v_out
 
 
@@ -251,16 +257,13 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         if factorized and i2t.worth_factoring(n_tokens):
-            if image_proj is not None:
-                attn = i2t.image_to_tokens(None, q, queries, q_heads=image_proj[2])
-            else:
-                attn = i2t.image_to_tokens(k, q, queries)
+            q_heads = None if image_proj is None else image_proj[2]
+            keys = i2t.image_to_tokens(k, q, queries, q_heads=q_heads, residual=keys)
         elif image_proj is not None:
-            attn = i2t.attend(image_proj[2], i2t.project_k(q), i2t.project_v(queries))
+            keys = keys + i2t.attend(image_proj[2], i2t.project_k(q), i2t.project_v(queries))
         else:
-            attn = i2t(k, q, queries)
-        keys = self.norm4(keys + attn)
-        return queries, keys
+            keys = keys + i2t(k, q, queries)
+        return queries, self.norm4(keys)
 
 
 class TwoWayTransformer(nn.Module):
