@@ -161,13 +161,7 @@ def to_json(obj: Any, indent: int | None = None) -> str:
 def write_json_atomic(dest: Path, obj: Any, tmp_dir: Path | None = None) -> None:
     """Write ``obj`` as JSON (indent 2, trailing newline) to ``dest`` atomically.
 
-    numpy scalars and arrays become Python numbers and (nested) lists, paths strings.
-
-    Raises
-    ------
-    TypeError
-        If ``obj`` holds something JSON cannot represent.
-    ValueError
-        If ``obj`` holds NaN or infinite floats (not valid JSON).
+    numpy scalars and arrays become Python numbers and (nested) lists, paths strings;
+    raises as :func:`to_json` does, before anything is written.
     """
     write_text_atomic(dest, to_json(obj, indent=2) + "\n", tmp_dir)
