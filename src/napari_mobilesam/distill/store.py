@@ -137,14 +137,7 @@ class EmbeddingStore:
         clash = sorted(set(meta) & set(_RESERVED))
         if clash:
             raise ValueError(f"meta must not use the reserved keys {clash}")
-        index = {
-            "format": FORMAT,
-            "version": VERSION,
-            "images": images,
-            "embed_shape": list(shape),
-            "dtype": "float16",
-            **meta,
-        }
+        index = _index(images, shape, meta)
         try:
             text = json.dumps(index, indent=1)
         except (TypeError, ValueError) as exc:
@@ -308,7 +301,7 @@ class EmbeddingStore:
     def extend(self, images: Sequence[str]) -> int:
         """Add rows, not yet done, for the ``images`` the store does not list yet.
 
-        The rows there are keep their numbers and embeddings; the new images get
+        The rows already there keep their numbers and embeddings; the new images get
         the next rows, in the order given. The array grows first and ``index.json``
         is replaced afterwards (temp file + ``os.replace``): an interrupted call
         leaves the store as it was, with spare rows that :meth:`open` ignores and
@@ -338,15 +331,7 @@ class EmbeddingStore:
         if not new:
             return 0
         listed = self.images + new
-        index = {
-            "format": FORMAT,
-            "version": VERSION,
-            "images": listed,
-            "embed_shape": list(self.embed_shape),
-            "dtype": "float16",
-            **self.meta,
-        }
-        text = json.dumps(index, indent=1)
+        text = json.dumps(_index(listed, self.embed_shape, self.meta), indent=1)
         self._array(write=True).resize((len(listed), *self.embed_shape))
         self._reader = None  # reopened with the new shape
         write_text_atomic(self.path / _INDEX, text)
@@ -423,6 +408,18 @@ class EmbeddingStore:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _index(images: list[str], shape: tuple[int, ...], meta: dict) -> dict:
+    """The content of ``index.json``."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "images": images,
+        "embed_shape": list(shape),
+        "dtype": "float16",
+        **meta,
+    }
 
 
 def _check_shape(shape) -> tuple[int, int, int]:
