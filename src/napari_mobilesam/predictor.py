@@ -487,6 +487,8 @@ class Predictor:
         masks : (B, C, H, W) bool
         scores : (B, C) float32
         low_res_logits : (B, C, 256, 256) float32
+            B = 0 prompts (e.g. ``boxes`` of shape (0, 4)) give empty arrays of these
+            shapes without running the decoder.
         """
         self._require_image()
         coords, labels = _check_points(point_coords, point_labels, batched=True)
@@ -501,12 +503,27 @@ class Predictor:
         }
         if len(set(sizes.values())) > 1:
             raise ValueError(f"prompt batch sizes differ: {sizes}")
+        if 0 in sizes.values():  # an empty batch: no decoder pass
+            return self._empty_batch(multimask_output, return_logits)
         masks, scores, low_res = self.predict_torch(
             *self._to_input_frame(coords, labels, boxes_, masks_in),
             multimask_output=multimask_output,
             return_logits=return_logits,
         )
         return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+    def _empty_batch(
+        self, multimask_output: bool, return_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`predict_batch`'s three arrays for B = 0 prompts (C = 3 or 1 masks)."""
+        c = self.model.mask_decoder.num_multimask_outputs if multimask_output else 1
+        h, w = self.original_size
+        low_h, low_w = self.model.prompt_encoder.mask_input_size
+        return (
+            np.zeros((0, c, h, w), np.float32 if return_logits else bool),
+            np.zeros((0, c), np.float32),
+            np.zeros((0, c, low_h, low_w), np.float32),
+        )
 
     def _to_input_frame(self, coords, labels, boxes, masks_in):
         dev = self.device

@@ -24,11 +24,21 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
     """Size (h, w) of an (height, width) image resized so its longer side is ``long_side``.
 
     Rounds half up, as segment-anything does (a 770x769 image gives 1024x1023).
+    The aspect ratio may be at most ``2 * long_side``:1 (2048:1 for 1024), or the
+    shorter side would round to 0 pixels.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {(height, width)}")
     scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+    if min(h, w) == 0:
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(
+            f"image of shape {(height, width)} has aspect ratio {ratio:g}:1, above the limit "
+            f"of {2 * long_side}:1 for a {long_side}-pixel model input (its shorter side "
+            "would shrink to 0 pixels); crop it into pieces or pad its shorter side"
+        )
+    return h, w
 
 
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
