@@ -1,0 +1,156 @@
+"""Moving and dividing cells: the object side of a synthetic time series.
+
+Each cell has a velocity that follows a damped random walk (``v <- 0.8 v + noise``);
+cells closer than their radii push each other apart, and cells bounce off the image
+border. At a few frames a cell divides: it ends, and two daughters with half its area
+each (semi-axes / sqrt 2 in the plane), placed on either side of its centre along its
+long axis and moving apart, start new tracks whose parent is the mother's track.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ._layout import Cell
+
+__all__ = ["Track", "simulate"]
+
+
+@dataclass
+class Track:
+    """A cell followed through time.
+
+    Attributes
+    ----------
+    id : int
+        Track id (the cell's label in every frame it appears in).
+    parent : int
+        Track id of the mother cell (0 = none).
+    cells : dict
+        Frame index -> :class:`Cell`.
+    """
+
+    id: int
+    parent: int = 0
+    cells: dict[int, Cell] = field(default_factory=dict)
+
+
+def _repel(cells: list[Cell]) -> list[np.ndarray]:
+    """Displacements that push overlapping cells apart (in y, x)."""
+    pushes = [np.zeros(2) for _ in cells]
+    for i in range(len(cells)):
+        ci = np.asarray(cells[i].center[-2:])
+        for j in range(i + 1, len(cells)):
+            cj = np.asarray(cells[j].center[-2:])
+            gap = ci - cj
+            dist = float(np.hypot(*gap))
+            reach = 0.9 * (cells[i].radius + cells[j].radius)
+            if dist < reach:
+                unit = gap / dist if dist > 1e-6 else np.array([1.0, 0.0])
+                push = 0.5 * (reach - dist) * unit
+                pushes[i] += push
+                pushes[j] -= push
+    return pushes
+
+
+def simulate(
+    rng: np.random.Generator,
+    cells: list[Cell],
+    shape: tuple[int, ...],
+    n_frames: int,
+    *,
+    speed: float,
+    divisions: int,
+    min_radius: float,
+) -> list[Track]:
+    """Tracks of ``cells`` over ``n_frames`` frames of ``shape`` ((Y, X) or (Z, Y, X)).
+
+    ``divisions`` cells divide (fewer when no cell is large enough, i.e. its daughters'
+    radius would fall below ``min_radius``), at frames spread over the middle of the
+    series.
+    """
+    tracks = [Track(id=i + 1) for i in range(len(cells))]
+    alive = {t.id: c for t, c in zip(tracks, cells, strict=True)}
+    velocity = {tid: rng.normal(0, speed, 2) for tid in alive}
+    division_frames: list[int] = []
+    if divisions > 0 and n_frames >= 4:
+        lo, hi = max(1, n_frames // 5), max(2, n_frames - 2)
+        division_frames = sorted(rng.choice(np.arange(lo, hi), size=divisions, replace=True))
+    by_id = {t.id: t for t in tracks}
+    for frame in range(n_frames):
+        if frame > 0:
+            alive = _step(rng, alive, velocity, shape, speed)
+        for _ in range(division_frames.count(frame)):
+            mother = _pick_mother(alive, min_radius)
+            if mother is None:
+                continue
+            mother_cell = alive.pop(mother)
+            for daughter in _divide(rng, mother_cell, shape):
+                track = Track(id=len(by_id) + 1, parent=mother)
+                by_id[track.id] = track
+                tracks.append(track)
+                alive[track.id] = daughter
+                away = np.subtract(daughter.center[-2:], mother_cell.center[-2:])
+                norm = float(np.hypot(*away)) or 1.0
+                velocity[track.id] = away / norm * max(speed, 0.5)
+        for tid, cell in alive.items():
+            by_id[tid].cells[frame] = cell
+    return tracks
+
+
+def _pick_mother(alive: dict[int, Cell], min_radius: float) -> int | None:
+    big = [(c.radius, tid) for tid, c in alive.items() if c.radius / math.sqrt(2) >= min_radius]
+    return max(big)[1] if big else None
+
+
+def _divide(rng: np.random.Generator, cell: Cell, shape: tuple[int, ...]) -> list[Cell]:
+    axes = (cell.axes[0] / math.sqrt(2), cell.axes[1] / math.sqrt(2), *cell.axes[2:])
+    # along the long axis (angle measured from y)
+    dy, dx = math.cos(cell.angle), math.sin(cell.angle)
+    step = 0.6 * cell.axes[0]
+    out = []
+    for sign in (1, -1):
+        center = list(cell.center)
+        center[-2] = float(np.clip(center[-2] + sign * step * dy, 0, shape[-2] - 1))
+        center[-1] = float(np.clip(center[-1] + sign * step * dx, 0, shape[-1] - 1))
+        out.append(
+            replace(
+                cell,
+                center=tuple(center),
+                axes=axes,
+                angle=float(cell.angle + rng.normal(0, 0.3)),
+                brightness=float(cell.brightness * rng.lognormal(0, 0.1)),
+            )
+        )
+    return out
+
+
+def _step(
+    rng: np.random.Generator,
+    alive: dict[int, Cell],
+    velocity: dict[int, np.ndarray],
+    shape: tuple[int, ...],
+    speed: float,
+) -> dict[int, Cell]:
+    ids = list(alive)
+    cells = [alive[i] for i in ids]
+    pushes = _repel(cells)
+    out = {}
+    for tid, cell, push in zip(ids, cells, pushes, strict=True):
+        v = 0.8 * velocity[tid] + rng.normal(0, 0.6 * speed, 2)
+        yx = np.asarray(cell.center[-2:]) + v + push
+        margin = 0.5 * cell.radius
+        for k, n in enumerate(shape[-2:]):
+            if yx[k] < margin or yx[k] > n - 1 - margin:
+                v[k] = -v[k]
+                yx[k] = float(np.clip(yx[k], margin, n - 1 - margin))
+        velocity[tid] = v
+        out[tid] = replace(
+            cell,
+            center=(*cell.center[:-2], float(yx[0]), float(yx[1])),
+            angle=float(cell.angle + rng.normal(0, 0.05)),
+        )
+    return out
