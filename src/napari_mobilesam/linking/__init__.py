@@ -1,0 +1,114 @@
+"""Link per-plane label images into 3D objects (through z) and tracks (through t).
+
+Segment-everything labels each plane on its own, ids restarting at 1. This package
+gives an object one id through a z-stack, and a cell one track id through a time
+series (a TZYX series: both, ``axis="zt"``), with divisions recorded as parent links.
+
+How: objects of neighbouring planes are matched on their overlap (IoU), solved
+globally per plane pair with scipy's ``linear_sum_assignment`` (the Hungarian
+method) among pairs with IoU >= ``min_iou``; not greedily, so one object's good
+match never steals another's better one. An object missed in one plane keeps its
+id (gap closing, ``max_gap``); in time, a cell whose area is taken over by two new
+cells divides (the rule: :class:`Linker`). Why scipy: it is already a dependency
+(through scikit-image), installs cleanly everywhere, and overlap matching between
+neighbouring planes needs nothing more; tracking libraries add solvers, models and
+compiled dependencies that this problem does not use.
+
+Streaming: linking needs only the last ``max_gap + 1`` planes, so :class:`Linker`
+takes planes one at a time (``push``) and returns them relabelled at once; memory
+does not grow with the number of planes (only the table does, by one row per
+object per plane). :func:`link_stack` runs it over any array-like stack (numpy,
+dask, zarr, memory-mapped TIFF), reading one plane at a time.
+
+Output: planes with globally unique uint32 ids (1, 2, ... in order of first
+appearance), and a :class:`LinkTable`: per object and plane its area, centroid and
+predicted IoU (if given), first/last plane and parent; as napari Tracks layer data
+(:meth:`LinkTable.tracks_data`, :meth:`LinkTable.graph`) and as CSV
+(:meth:`LinkTable.write_csv`).
+
+Example::
+
+    linker = Linker("t", min_iou=0.5)
+    for frame, scores in frames:            # (Y, X) labels, {id: predicted IoU}
+        for plane in linker.push(frame, scores):
+            write(plane)
+    table = linker.finish()
+    viewer.add_tracks(table.tracks_data(), graph=table.graph())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .linker import AXES, Linker, check_labels, id_mapping
+from .table import LinkTable
+
+__all__ = ["AXES", "LinkTable", "Linker", "check_labels", "id_mapping", "link_stack"]
+
+
+def link_stack(
+    labels,
+    axis: str = "z",
+    *,
+    scores: Sequence | None = None,
+    out=None,
+    min_iou: float = 0.5,
+    max_gap: int = 1,
+    divisions: bool | None = None,
+    division_share: float = 0.25,
+) -> tuple[np.ndarray, LinkTable]:
+    """Link a whole stack of per-plane label images, reading and writing one plane at a time.
+
+    Parameters
+    ----------
+    labels : array-like of integers, shape (P, Y, X), or (T, Z, Y, X) for ``"zt"``
+        Per-plane label images (0 = background, ids per plane). Anything indexable
+        by plane (numpy, dask, zarr, ``tifffile.memmap``); each plane is read once.
+    axis : {"z", "t", "zt"}
+        See :class:`Linker`.
+    scores : sequence, optional
+        Per plane a dict ``{id: predicted IoU}`` (or None); for ``"zt"`` per time
+        point a sequence over z of such dicts.
+    out : array-like, optional
+        Where to write the relabelled planes (same shape as ``labels``, e.g. a zarr
+        array or a memmap, to stay out of memory). Default: a new uint32 array.
+    min_iou, max_gap, divisions, division_share
+        See :class:`Linker`.
+
+    Returns
+    -------
+    relabelled : ``out``, or ndarray of uint32 with the shape of ``labels``
+    table : LinkTable
+    """
+    shape = tuple(getattr(labels, "shape", ()))
+    want = 4 if axis == "zt" else 3
+    if axis in AXES and len(shape) != want:
+        what = "(T, Z, Y, X)" if axis == "zt" else "(planes, Y, X)"
+        raise ValueError(f"labels must be a {what} stack for axis={axis!r}, got shape {shape}")
+    linker = Linker(axis, min_iou=min_iou, max_gap=max_gap, divisions=divisions,
+                    division_share=division_share,
+                    n_z=shape[1] if axis == "zt" else None)  # fmt: skip
+    if out is None:
+        out = np.zeros(shape, dtype=np.uint32)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)} but labels has {shape}")
+    if scores is not None and len(scores) != shape[0]:
+        raise ValueError(f"scores has {len(scores)} entries but labels has {shape[0]} planes")
+    if axis != "zt":
+        for i in range(shape[0]):
+            (plane,) = linker.push(labels[i], None if scores is None else scores[i])
+            out[i] = plane
+        return out, linker.finish()
+    for t in range(shape[0]):
+        zs = None if scores is None else scores[t]
+        if zs is not None and len(zs) != shape[1]:
+            raise ValueError(f"scores[{t}] has {len(zs)} entries but a time point has "
+                             f"{shape[1]} planes")  # fmt: skip
+        done: list[np.ndarray] = []
+        for z in range(shape[1]):
+            done = linker.push(labels[t, z], None if zs is None else zs[z])
+        for z, plane in enumerate(done):
+            out[t, z] = plane
+    return out, linker.finish()
