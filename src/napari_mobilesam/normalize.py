@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .validation import check_contrast_limits
+
 __all__ = ["auto_contrast_limits", "to_rgb_uint8"]
 
 #: Largest number of values :func:`auto_contrast_limits` reads; bigger arrays are
@@ -96,7 +98,7 @@ def to_rgb_uint8(
     percentiles = _check_percentiles(percentiles)
     stack = _channels_last(image, channel_axis)  # (H, W, C), a view
     sources = _pick_channels(stack.shape[-1], channels)
-    limits = _check_contrast_limits(contrast_limits, len(sources))
+    limits = check_contrast_limits(contrast_limits, len(sources))
 
     if stack.dtype == np.bool_:
         stack = stack.view(np.uint8)  # 0 / 1
@@ -198,27 +200,6 @@ def _check_percentiles(percentiles) -> tuple[float, float]:
             f"percentiles must be two numbers with 0 <= lo < hi <= 100, got {percentiles!r}"
         )
     return lo, hi
-
-
-def _check_contrast_limits(contrast_limits, n_channels: int) -> list[tuple[float, float]] | None:
-    """One validated ``(lo, hi)`` per picked channel, or None."""
-    if contrast_limits is None:
-        return None
-    message = (
-        "contrast_limits must be (lo, hi) with finite lo <= hi, or one such pair per "
-        f"picked channel ({n_channels}), got {contrast_limits!r}"
-    )
-    try:
-        pairs = np.asarray(contrast_limits, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    if pairs.shape == (2,):
-        pairs = np.broadcast_to(pairs, (n_channels, 2))
-    if pairs.shape != (n_channels, 2) or not np.isfinite(pairs).all():
-        raise ValueError(message)
-    if (pairs[:, 1] < pairs[:, 0]).any():
-        raise ValueError(message)
-    return [(float(lo), float(hi)) for lo, hi in pairs]
 
 
 def _channels_last(image: np.ndarray, channel_axis) -> np.ndarray:

@@ -1,0 +1,188 @@
+"""Committing masks into a label image, with undo.
+
+A commit paints one or more bool masks into a label plane in place, each with its own
+new id, either over background pixels only (the default: existing objects are never
+changed) or over everything (``overwrite=True``). Every commit is one undo step, so
+objects committed together are undone together.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..validation import check_bool_mask, check_int
+
+__all__ = ["LabelEditor"]
+
+
+@dataclass
+class _Step:
+    target: np.ndarray
+    where: tuple[np.ndarray, ...]
+    previous: np.ndarray
+    label_ids: list[int]
+
+
+class LabelEditor:
+    """Paints masks into label planes and reverts them, newest first.
+
+    Parameters
+    ----------
+    shape_hw : (int, int)
+        (H, W) of every label plane this editor paints.
+    max_undo : int
+        How many commits :meth:`undo` can revert (>= 0).
+
+    Notes
+    -----
+    All methods are thread-safe (one lock per editor).
+    """
+
+    def __init__(self, shape_hw: tuple[int, int], max_undo: int = 64):
+        self.shape_hw = (int(shape_hw[0]), int(shape_hw[1]))
+        self.max_undo = check_int(max_undo, "max_undo", minimum=0)
+        self._steps: list[_Step] = []
+        self._lock = threading.RLock()
+
+    def _check_labels(self, labels) -> None:
+        if not isinstance(labels, np.ndarray):
+            raise TypeError(f"labels must be a numpy array (modified in place), got {type(labels)}")
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+        if labels.shape != self.shape_hw:
+            raise ValueError(
+                f"labels must have shape {self.shape_hw} (one plane), got {labels.shape}"
+            )
+        if not labels.flags.writeable:
+            raise ValueError("labels is read-only; commit paints it in place")
+
+    def commit(
+        self,
+        labels: np.ndarray,
+        masks,
+        *,
+        label_ids=None,
+        overwrite: bool = False,
+    ) -> list[int]:
+        """Paint masks into ``labels`` in place, each with its own id; one undo step.
+
+        Parameters
+        ----------
+        labels : np.ndarray
+            (H, W) integer label image (0 = background), modified in place; a view into
+            a stack (``labels3d[z]``) works.
+        masks : sequence of np.ndarray, or (K, H, W) np.ndarray
+            K >= 1 bool masks of shape (H, W). Where they overlap, the earlier one keeps
+            the pixel: new objects never paint over each other.
+        label_ids : sequence of int, optional
+            K ids (>= 1, distinct); default ``labels.max() + 1``, ``+ 2``, ... For one plane
+            of a stack, start at ``stack.max() + 1`` to keep ids unique across planes.
+        overwrite : bool
+            Also paint over pixels that already have a label; by default only background
+            pixels change.
+
+        Returns
+        -------
+        list of int
+            The ids painted, in the order of ``masks``.
+
+        Raises
+        ------
+        ValueError
+            When a mask would paint no pixel (empty, or only over labelled pixels without
+            ``overwrite``), or no new id fits the dtype. Nothing is painted then.
+        """
+        with self._lock:
+            self._check_labels(labels)
+            if isinstance(masks, np.ndarray) and masks.ndim == 2:
+                raise ValueError(
+                    f"masks must be a sequence of (H, W) masks, got one array of shape "
+                    f"{masks.shape}; use commit(labels, [mask])"
+                )
+            masks = [
+                check_bool_mask(m, self.shape_hw, "mask" if len(masks) == 1 else f"masks[{i}]")
+                for i, m in enumerate(masks)
+            ]
+            if not masks:
+                raise ValueError("masks is empty: give at least one mask to commit")
+            ids = self._ids(labels, label_ids, len(masks))
+            free = np.ones(self.shape_hw, dtype=bool) if overwrite else labels == 0
+            regions = []
+            for i, mask in enumerate(masks):
+                region = mask & free
+                if not region.any():
+                    name = "mask" if len(masks) == 1 else f"masks[{i}]"
+                    raise ValueError(
+                        f"{name} covers only pixels that already have a label; pass "
+                        "overwrite=True to paint over them"
+                    )
+                free &= ~region
+                regions.append(region)
+            where = np.nonzero(np.logical_or.reduce(regions))
+            previous = labels[where].copy()
+            for region, label_id in zip(regions, ids, strict=True):
+                labels[region] = label_id
+            self._steps.append(_Step(labels, where, previous, ids))
+            del self._steps[: len(self._steps) - self.max_undo]
+            return ids
+
+    def _ids(self, labels: np.ndarray, label_ids, n: int) -> list[int]:
+        top = int(np.iinfo(labels.dtype).max)
+        if label_ids is None:
+            start = max(int(labels.max()), 0) + 1
+            if start + n - 1 > top:
+                raise ValueError(
+                    f"labels already holds ids up to {start - 1}: {n} new id(s) do not fit "
+                    f"the largest {labels.dtype} id ({top}); use a wider dtype or pass "
+                    "label_id"
+                )
+            return list(range(start, start + n))
+        ids = [check_int(i, "label_id") for i in label_ids]
+        if len(ids) != n or len(set(ids)) != n:
+            raise ValueError(f"label_ids must hold {n} distinct ids, one per mask, got {ids}")
+        for i in ids:
+            if not 1 <= i <= top:
+                raise ValueError(f"label_id must be in [1, {top}] for {labels.dtype}, got {i}")
+        return ids
+
+    @property
+    def can_undo(self) -> bool:
+        """Whether :meth:`undo` has a commit to revert."""
+        with self._lock:
+            return bool(self._steps)
+
+    def undo(self, labels: np.ndarray | None = None) -> list[int] | None:
+        """Revert the last commit, restoring the pixels' previous values.
+
+        Parameters
+        ----------
+        labels : np.ndarray, optional
+            Revert in this array instead of the one the commit painted (when the label
+            data was replaced by a copy); same shape.
+
+        Returns
+        -------
+        list of int or None
+            The ids that were removed, or None when there is nothing to undo.
+
+        Raises
+        ------
+        ValueError
+            When ``labels`` has another shape (the step stays).
+        """
+        with self._lock:
+            if not self._steps:
+                return None
+            step = self._steps[-1]
+            target = step.target if labels is None else labels
+            if not isinstance(target, np.ndarray) or target.shape != step.target.shape:
+                raise ValueError(
+                    f"labels must be an array of shape {step.target.shape} to undo into, got "
+                    f"{getattr(target, 'shape', type(target))}"
+                )
+            target[step.where] = step.previous
+            self._steps.pop()
+            return step.label_ids

@@ -1,0 +1,500 @@
+"""``PromptSession``: interactive segmentation of one image or stack, without any GUI.
+
+It composes the pieces of this package around one :class:`~napari_mobilesam.predictor.
+Predictor`: :class:`~.planes.ImagePlanes` (which plane is which), an
+:class:`~.cache.EmbeddingCache` (embeddings per plane), prompts (:mod:`.prompts`),
+a :class:`~.labels.LabelEditor` (commit and undo) and propagation (:mod:`.propagate`).
+
+Threads: every public method may be called from several threads at once. A lock per
+session guards its current plane; :func:`predictor_lock`, shared by every session on a
+predictor, guards the predictor's current image (taken second). Precompute and
+propagation take the predictor lock one plane (or batch) at a time, so that a prompt on
+another thread gets its turn between planes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+import numpy as np
+
+from ..predictor import ImageEmbedding, Predictor
+from ..validation import check_bool_mask, check_int
+from .cache import EmbeddingCache, content_fingerprint, model_fingerprint
+from .labels import LabelEditor
+from .locks import predictor_lock
+from .planes import ImagePlanes
+from .prompts import ObjectPrompt, Prediction, SamPrompt, batches, check_choice, pick, to_sam
+from .propagate import PropagationRule, check_axis, follow
+
+__all__ = ["PromptSession"]
+
+
+def _from_planes(name: str, doc: str) -> property:
+    """A read-only attribute of the session's :class:`ImagePlanes`."""
+    return property(lambda self: getattr(self.planes, name), doc=doc)
+
+
+class PromptSession:
+    """Interactive segmentation state over an image or a stack of planes.
+
+    Parameters
+    ----------
+    predictor : Predictor
+        The predictor to run. Other users of the same predictor are fine: the session
+        puts its plane's embedding back before decoding (see :func:`predictor_lock`).
+    image : array_like
+        numpy, dask or zarr array in napari layout; see
+        :class:`~napari_mobilesam.interactive.ImagePlanes`.
+    rgb, channel_axis, channels, contrast_limits
+        How planes are read and normalised; see
+        :class:`~napari_mobilesam.interactive.ImagePlanes`.
+    cache : EmbeddingCache, optional
+        Where embeddings go; default a private in-memory cache of 16 planes. Share one
+        (with a folder) between sessions to reuse embeddings.
+    cache_key : hashable, optional
+        Names the image data (e.g. ``(layer_name, source_path)``), so that cache entries
+        are looked up by this name and the plane index without reading the plane. The
+        caller guarantees that the data under that name does not change. Default: a
+        sha1 of each plane's pixels, which is always right but reads the plane on every
+        :meth:`embed`. Either way the key also holds the normalisation settings and a
+        fingerprint of the model's weights.
+
+    Notes
+    -----
+    Coordinates are napari's: points are (row, col) = (y, x) pixels of the plane, boxes
+    two opposite corners ``(r0, c0, r1, c1)``. Every public method is thread-safe.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        image,
+        *,
+        rgb: bool = False,
+        channel_axis: int | None = None,
+        channels: Sequence[int] | None = None,
+        contrast_limits=None,
+        cache: EmbeddingCache | None = None,
+        cache_key: Hashable | None = None,
+    ):
+        if not isinstance(predictor, Predictor):
+            raise TypeError(f"predictor must be a Predictor, got {type(predictor)}")
+        if cache is not None and not isinstance(cache, EmbeddingCache):
+            raise TypeError(f"cache must be an EmbeddingCache, got {type(cache)}")
+        if cache_key is not None:
+            try:
+                hash(cache_key)
+            except TypeError:
+                raise TypeError(f"cache_key must be hashable, got {cache_key!r}") from None
+        self.planes = ImagePlanes(
+            image, rgb=rgb, channel_axis=channel_axis, channels=channels,
+            contrast_limits=contrast_limits,
+        )  # fmt: skip
+        self.predictor = predictor
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.cache_key = cache_key
+        self._settings = (*self.planes.settings(), model_fingerprint(predictor.model))
+        self._labels = LabelEditor(self.planes.shape_hw)
+        self._lock = threading.RLock()
+        self._predictor_lock = predictor_lock(predictor)
+        self._current: tuple[int, ...] | None = None
+        self._embedding: ImageEmbedding | None = None
+
+    # -- the image ------------------------------------------------------------------------
+
+    image = _from_planes("image", "The image or stack, as given.")
+    rgb = _from_planes("rgb", "Whether the last axis holds RGB(A) colour.")
+    channels = _from_planes("channels", "Channels shown to the model as R, G, B, or None.")
+    contrast_limits = _from_planes("contrast_limits", "(lo, hi) per picked channel, or None.")
+    plane_shape = _from_planes("plane_shape", "Sizes of the plane axes (() for a 2-D image).")
+    n_planes = _from_planes("n_planes", "Number of planes (1 for a single 2-D image).")
+    shape_hw = _from_planes("shape_hw", "(H, W) of every plane.")
+
+    def check_index(self, index) -> tuple[int, ...]:
+        """A plane index as a tuple of ints; see :meth:`ImagePlanes.check_index`."""
+        return self.planes.check_index(index)
+
+    def plane(self, index) -> np.ndarray:
+        """The pixels of one plane; see :meth:`ImagePlanes.plane`."""
+        return self.planes.plane(index)
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    @property
+    def current(self) -> tuple[int, ...] | None:
+        """Index of the plane :meth:`predict` works on, or None before :meth:`embed`."""
+        with self._lock:
+            return self._current
+
+    @property
+    def batch_size(self) -> int:
+        """Planes per encoder call when precomputing: 8 on a GPU, where batches raise
+        throughput, 1 on a CPU, where they do not (and progress stays per plane)."""
+        return 1 if self.predictor.device.type == "cpu" else 8
+
+    def _key(self, idx: tuple[int, ...]) -> tuple[Hashable, np.ndarray | None]:
+        """The cache key of a plane, and its pixels when the key needed them."""
+        if self.cache_key is not None:
+            return (self.cache_key, idx, *self._settings), None
+        plane = self.planes.plane(idx)
+        return ("sha1", content_fingerprint(plane), *self._settings), plane
+
+    def is_cached(self, index) -> bool:
+        """Whether the cache holds plane ``index``'s embedding (in memory or on disk)."""
+        key, _ = self._key(self.check_index(index))
+        return key in self.cache
+
+    def _activate(self, embedding: ImageEmbedding) -> ImageEmbedding:
+        """Put ``embedding`` on the predictor unless it is there (predictor lock held)."""
+        p = self.predictor
+        if not p.is_image_set or p.features is not embedding.features:
+            p.set_embedding(embedding)
+            embedding = p.get_embedding()
+        return embedding
+
+    def _embedding_of(self, idx: tuple[int, ...]) -> tuple[ImageEmbedding, bool]:
+        """Plane ``idx``'s embedding from the cache, or computed and cached; and whether
+        the encoder ran. Leaves the predictor on that plane."""
+        key, plane = self._key(idx)
+        embedding = self.cache.get(key)
+        if embedding is not None:
+            with self._predictor_lock:
+                return self._activate(embedding), False
+        if plane is None:
+            plane = self.planes.plane(idx)
+        with self._predictor_lock:
+            self.predictor.set_image(plane, **self.planes.normalize_kwargs())
+            embedding = self.predictor.get_embedding()
+        self.cache.put(key, embedding)
+        return embedding, True
+
+    def embed(self, index) -> bool:
+        """Make plane ``index`` the current plane, and the predictor's current image.
+
+        From the cache when it holds the plane (no encoder run), else by running the
+        encoder (the slow call, for a worker thread) and storing the result.
+
+        Parameters
+        ----------
+        index : tuple of int
+            Plane index (see :meth:`check_index`).
+
+        Returns
+        -------
+        bool
+            True when the encoder ran, False when the embedding came from the cache
+            (or the session was already on this plane).
+        """
+        idx = self.check_index(index)
+        with self._lock:
+            if idx == self._current and self._embedding is not None:
+                with self._predictor_lock:
+                    self._embedding = self._activate(self._embedding)
+                return False
+            embedding, computed = self._embedding_of(idx)
+            self._current, self._embedding = idx, embedding
+            return computed
+
+    def precompute(
+        self,
+        indices: Iterable | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        batch_size: int | None = None,
+    ) -> int:
+        """Embed planes into the cache ahead of time, without changing the current plane.
+
+        Size the cache (``max_items`` or a folder) for the number of planes.
+
+        Parameters
+        ----------
+        indices : iterable of plane indices, optional
+            Default: every plane, in C order.
+        progress : callable(done, total), optional
+            Called after each plane (each batch of planes when batching).
+        should_stop : callable() -> bool, optional
+            Checked before each plane (each batch); True stops early.
+        batch_size : int, optional
+            Planes per encoder call (:meth:`Predictor.embed_images`); only planes missing
+            from the cache are encoded. Default: :attr:`batch_size`.
+
+        Returns
+        -------
+        int
+            How many planes were computed (cache hits do not count).
+        """
+        if indices is None:
+            todo = list(self.planes.indices())
+        else:
+            if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+                raise TypeError(f"indices must be an iterable of plane indices, got {indices!r}")
+            todo = [self.check_index(i) for i in indices]
+        batch_size = self.batch_size if batch_size is None else batch_size
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        computed = 0
+        for start in range(0, len(todo), batch_size):
+            if should_stop is not None and should_stop():
+                break
+            computed += self._embed_missing(todo[start : start + batch_size])
+            if progress is not None:
+                progress(min(start + batch_size, len(todo)), len(todo))
+        return computed
+
+    def _embed_missing(self, indices: list[tuple[int, ...]]) -> int:
+        """Cache the embeddings of ``indices`` missing from the cache, in one encoder call."""
+        missing = []
+        for idx in indices:
+            key, plane = self._key(idx)
+            if key not in self.cache:
+                missing.append((key, self.planes.plane(idx) if plane is None else plane))
+        if missing:
+            planes = [plane for _, plane in missing]
+            kwargs = self.planes.normalize_kwargs()
+            with self._predictor_lock:
+                embeddings = self.predictor.embed_images(planes, batch_size=len(planes), **kwargs)
+            for (key, _), embedding in zip(missing, embeddings, strict=True):
+                self.cache.put(key, embedding)
+        return len(missing)
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def _decode(self, embedding, prompt: SamPrompt, multimask: bool, mask_input=None):
+        with self._predictor_lock:
+            self._activate(embedding)
+            return self.predictor.predict(
+                prompt.points_xy, prompt.labels, prompt.box_xyxy,
+                mask_input=mask_input, multimask_output=multimask,
+            )  # fmt: skip
+
+    def _current_embedding(self) -> ImageEmbedding:
+        with self._lock:
+            if self._embedding is None:
+                raise RuntimeError("no plane is embedded: call embed(index) before predict()")
+            return self._embedding
+
+    def predict(
+        self,
+        points_rc=None,
+        labels=None,
+        box_rc=None,
+        *,
+        multimask: bool = True,
+        mask_input=None,
+        choice: int | str = "best",
+    ) -> Prediction:
+        """Masks for one object's prompts on the current plane.
+
+        Parameters
+        ----------
+        points_rc : (N, 2) array_like, optional
+            Points as (row, col) pixels of the plane (napari's order).
+        labels : (N,) array_like, optional
+            1 = foreground, 0 = background; default all 1.
+        box_rc : (4,) or (K, 2) array_like, optional
+            Two opposite corners ``(r0, c0, r1, c1)`` in any order, or K >= 2 corner
+            points (row, col) such as a napari rectangle; the box is their bounding box.
+        multimask : bool
+            Ask for three candidates. Used only for a single prompt (one point or a box
+            alone), where it resolves ambiguity; with several prompts a single mask is
+            predicted, as SAM recommends.
+        mask_input : (1, h, w) array_like, optional
+            Low-res logits of an earlier prediction (:attr:`Prediction.mask_input`).
+        choice : "best" or int
+            The candidate to choose: the highest score, or index ``choice % K`` (to
+            cycle through the candidates).
+
+        Returns
+        -------
+        Prediction
+        """
+        prompt = to_sam(points_rc, labels, box_rc)
+        choice = check_choice(choice)
+        multimask_output = bool(multimask) and prompt.n_prompts == 1
+        with self._lock:
+            masks, scores, low_res = self._decode(
+                self._current_embedding(), prompt, multimask_output, mask_input
+            )
+        return Prediction(masks, scores, low_res, pick(scores, choice))
+
+    def predict_many(
+        self, prompts: Sequence[ObjectPrompt], *, multimask: bool = False
+    ) -> list[Prediction]:
+        """Masks for several objects on the current plane, batched into decoder calls.
+
+        Objects whose prompts have the same form (as many points, with or without a
+        box) share one decoder call: for example every box of a plane in one call.
+
+        Parameters
+        ----------
+        prompts : sequence of ObjectPrompt
+            One per object.
+        multimask : bool
+            Three candidates for objects with a single prompt (the best is chosen);
+            others always get one mask.
+
+        Returns
+        -------
+        list of Prediction
+            One per object, in the order of ``prompts``.
+        """
+        if isinstance(prompts, ObjectPrompt) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a sequence of ObjectPrompt, got {prompts!r}")
+        checked = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, ObjectPrompt):
+                raise TypeError(f"prompts[{i}] must be an ObjectPrompt, got {type(p)}")
+            checked.append(to_sam(p.points_rc, p.labels, p.box_rc))
+        out: list[Prediction | None] = [None] * len(checked)
+        with self._lock:
+            embedding = self._current_embedding()
+            for members, arrays in batches(checked):
+                single = checked[members[0]].n_prompts == 1
+                with self._predictor_lock:
+                    self._activate(embedding)
+                    masks, scores, low_res = self.predictor.predict_batch(
+                        *arrays, multimask_output=bool(multimask) and single
+                    )
+                for j, i in enumerate(members):
+                    out[i] = Prediction(masks[j], scores[j], low_res[j], pick(scores[j], "best"))
+        return out  # type: ignore[return-value]
+
+    # -- labels ---------------------------------------------------------------------------
+
+    @property
+    def max_undo(self) -> int:
+        """How many commits :meth:`undo` can revert (default 64)."""
+        return self._labels.max_undo
+
+    @max_undo.setter
+    def max_undo(self, value: int) -> None:
+        self._labels.max_undo = check_int(value, "max_undo", minimum=0)
+
+    @property
+    def can_undo(self) -> bool:
+        """Whether :meth:`undo` has a commit to revert."""
+        return self._labels.can_undo
+
+    def commit(
+        self,
+        labels: np.ndarray,
+        mask: np.ndarray,
+        *,
+        label_id: int | None = None,
+        overwrite: bool = False,
+    ) -> int:
+        """Paint ``mask`` into a label plane in place, with a new id; undoable.
+
+        Parameters
+        ----------
+        labels : np.ndarray
+            (H, W) integer label image (0 = background), modified in place; a view into
+            a stack (``labels3d[z]``) works.
+        mask : np.ndarray
+            (H, W) bool.
+        label_id : int, optional
+            The id to paint (>= 1); default ``labels.max() + 1``. For one plane of a
+            stack, pass ``stack.max() + 1`` to keep ids unique across planes.
+        overwrite : bool
+            Also paint over other objects; by default only unlabelled pixels change (and
+            a mask inside existing objects only is an error that says so).
+
+        Returns
+        -------
+        int
+            The id painted.
+        """
+        ids = None if label_id is None else [label_id]
+        return self._labels.commit(labels, [mask], label_ids=ids, overwrite=overwrite)[0]
+
+    def commit_many(
+        self, labels: np.ndarray, masks, *, label_ids=None, overwrite: bool = False
+    ) -> list[int]:
+        """Paint several masks into a label plane, each with a new id; one undo step.
+
+        See :meth:`LabelEditor.commit`: where the masks overlap, the earlier one keeps
+        the pixel; ``label_ids`` default to ``labels.max() + 1, + 2, ...``.
+        """
+        return self._labels.commit(labels, masks, label_ids=label_ids, overwrite=overwrite)
+
+    def undo(self, labels: np.ndarray | None = None) -> list[int] | None:
+        """Revert the last commit (all objects committed together).
+
+        Parameters
+        ----------
+        labels : np.ndarray, optional
+            Revert in this array instead of the one the commit painted (when the label
+            data was replaced by a copy); same shape.
+
+        Returns
+        -------
+        list of int or None
+            The ids that were removed, or None when there is nothing to undo.
+        """
+        return self._labels.undo(labels)
+
+    # -- propagation ----------------------------------------------------------------------
+
+    def propagate(
+        self,
+        start,
+        mask: np.ndarray,
+        axis: int,
+        *,
+        direction: int = 0,
+        min_score: float = 0.7,
+        min_area_ratio: float = 0.3,
+        max_planes: int | None = None,
+        use_mask_input: bool = False,
+        progress: Callable[[tuple[int, ...], float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[tuple[int, ...], np.ndarray]:
+        """Segment the object of ``mask`` in neighbouring planes along one plane axis.
+
+        Plane by plane away from ``start``, the previous plane's mask becomes the prompt
+        (:func:`~napari_mobilesam.interactive.mask_prompt`), single-mask output. A
+        result is accepted when it is non-empty, its score is ``>= min_score`` and its
+        area over the previous area lies in ``[min_area_ratio, 1 / min_area_ratio]``;
+        the first rejected plane ends that direction. Planes are embedded (or taken from
+        the cache) as needed; the current plane does not change.
+
+        Parameters
+        ----------
+        start : tuple of int
+            Plane index of ``mask``.
+        mask : np.ndarray
+            (H, W) bool, non-empty: the object on ``start``.
+        axis : int
+            Which plane axis to walk along (0-based index into :attr:`plane_shape`).
+        direction, min_score, min_area_ratio, max_planes, use_mask_input
+            The walk's rule; see :class:`~napari_mobilesam.interactive.PropagationRule`
+            (both directions, higher first; predicted IoU >= 0.7; area within 0.3x to
+            1 / 0.3x of the previous plane's; no plane limit; no mask input).
+        progress : callable(index, score), optional
+            Called after each accepted plane.
+        should_stop : callable() -> bool, optional
+            Checked before each plane; True stops.
+
+        Returns
+        -------
+        dict
+            ``{plane index: (H, W) bool mask}`` for the accepted planes, ``start``
+            excluded, in the order they were found.
+        """
+        start = self.check_index(start)
+        mask = check_bool_mask(mask, self.shape_hw)
+        axis = check_axis(axis, self.plane_shape)
+        rule = PropagationRule(direction, min_score, min_area_ratio, max_planes, use_mask_input)
+
+        def segment(idx, points_rc, box_rc, mask_input) -> Prediction:
+            prompt = to_sam(points_rc, None, box_rc)
+            with self._predictor_lock:  # embedding and decoding together
+                embedding, _ = self._embedding_of(idx)
+                masks, scores, low_res = self._decode(embedding, prompt, False, mask_input)
+            return Prediction(masks, scores, low_res, 0)
+
+        return follow(
+            start, mask, axis, self.plane_shape, segment, rule,
+            progress=progress, should_stop=should_stop,
+        )  # fmt: skip
