@@ -495,3 +495,18 @@ def test_too_many_objects_for_uint32():
     linker._main.next_id = 2**32 - 1  # as if 4 billion objects had been seen
     with pytest.raises(OverflowError, match="2\\*\\*32 - 1 objects"):
         linker.push(paint((16, 16), [(1, (4, 4), 2), (2, (12, 12), 2)]))
+
+
+def test_bench_linking_runs(tmp_path, capsys):
+    from benchmarks import bench_linking
+
+    result = bench_linking.run(stacks=(3, 6), size=32, cells=4, baseline_max=3)
+    ours3, base3, ours6 = result["rows"]
+    assert (ours3["kind"], base3["kind"], ours6["kind"]) == ("ours", "baseline", "ours")
+    assert ours3["checksum"] == base3["checksum"] and ours3["rows"] == base3["rows"]
+    assert ours6["planes"] == 6 and ours6["planes_per_s"] > 0 and ours6["peak_rss_mb"] > 0
+    assert "3 -> 6 planes: peak RSS" in bench_linking.report(result)
+    out = tmp_path / "r.json"
+    argv = ["--stacks", "2", "--size", "24", "--cells", "3", "--axis", "t", "--json", str(out)]
+    assert bench_linking.main(argv) == 0
+    assert "linking (t)" in capsys.readouterr().out and out.exists()

@@ -43,16 +43,15 @@ class Coded:
 
     def centroids(self) -> np.ndarray:
         """Mean pixel coordinate of each object, float64 of shape (n, ndim), in axis order."""
-        flat = self.codes.ravel()
         out = np.empty((self.n, self.codes.ndim))
         if self.n == 0:
             return out
-        grids = np.indices(self.codes.shape, sparse=True)
-        area = self.areas[1:]
-        for ax, grid in enumerate(grids):
-            coord = np.broadcast_to(grid, self.codes.shape).ravel()
-            sums = np.bincount(flat, weights=coord, minlength=self.n + 1)
-            out[:, ax] = sums[1:] / area
+        flat = self.codes.ravel()
+        fg = np.flatnonzero(flat)  # foreground only: a fraction of the plane
+        codes = flat[fg]
+        for ax, coord in enumerate(np.unravel_index(fg, self.codes.shape)):
+            sums = np.bincount(codes, weights=coord, minlength=self.n + 1)
+            out[:, ax] = sums[1:] / self.areas[1:]
         return out
 
 
