@@ -34,7 +34,8 @@ def check_labels(labels, name: str = "labels", ndims: tuple[int, ...] = (2, 3)) 
     if arr.ndim not in ndims:
         want = " or ".join(f"{d}D" for d in ndims)
         raise ValueError(f"{name} must be a {want} label image, got shape {arr.shape}")
-    if arr.size and arr.dtype != np.uint32:
+    info = np.iinfo(arr.dtype)
+    if arr.size and (info.min < 0 or info.max > _MAX_ID):  # else every value fits
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > _MAX_ID:
             raise ValueError(f"{name} ids must lie in 0..{_MAX_ID} (uint32), got values {lo}..{hi}")
