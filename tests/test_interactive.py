@@ -9,8 +9,16 @@ import pytest
 import torch
 from skimage.draw import disk
 
-from napari_mobilesam import interactive as interactive_module
-from napari_mobilesam.interactive import EmbeddingCache, Prediction, PromptSession
+from napari_mobilesam.interactive import (
+    EmbeddingCache,
+    ObjectPrompt,
+    Prediction,
+    PromptSession,
+    PropagationRule,
+    mask_prompt,
+    predictor_lock,
+)
+from napari_mobilesam.interactive.propagate import follow
 from napari_mobilesam.predictor import ImageEmbedding, Predictor
 
 H, W = 60, 80
@@ -328,8 +336,10 @@ def test_precompute(pred, encoder_inputs):
     assert s.precompute(should_stop=lambda: next(stops)) == 1  # plane 0, then stop
     with pytest.raises(TypeError, match="indices must be an iterable"):
         s.precompute(5)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
         s.precompute(batch_size=0)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        s.precompute(batch_size=1.0)
     with pytest.raises(ValueError, match="index must be a plane index"):
         s.precompute([(9,)])
 
@@ -450,6 +460,7 @@ def test_cache_lru_order():
     assert cache.keys() == ["a", "d"] and cache.get("a") is b
     cache.clear()
     assert len(cache) == 0 and "a" not in cache
+    assert cache.file_for("a") is None  # no folder
 
 
 def test_cache_disk_round_trip(tmp_path, session2d, direct):
@@ -496,11 +507,12 @@ def test_cache_disk_round_trip(tmp_path, session2d, direct):
 def test_cache_bad_files(tmp_path):
     cache = EmbeddingCache(folder=tmp_path)
     cache.put("a", _emb(1))
-    path_a = cache._path("a")
+    path_a = cache.file_for("a")
+    assert path_a.is_file() and path_a.parent == tmp_path
     # a file under another key's name (e.g. a hash collision) is a miss
-    path_a.rename(cache._path("b"))
+    path_a.rename(cache.file_for("b"))
     assert EmbeddingCache(folder=tmp_path).get("b") is None
-    cache._path("c").write_bytes(b"not a torch file")
+    cache.file_for("c").write_bytes(b"not a torch file")
     with pytest.warns(RuntimeWarning, match="ignoring unreadable embedding cache file"):
         assert EmbeddingCache(folder=tmp_path).get("c") is None
 
@@ -512,7 +524,7 @@ def test_cache_write_failure_warns_and_leaves_no_temp(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(interactive_module.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.warns(RuntimeWarning, match="could not write the embedding cache file"):
         cache.put("a", _emb(1))
     assert list(tmp_path.iterdir()) == []
@@ -521,7 +533,7 @@ def test_cache_write_failure_warns_and_leaves_no_temp(tmp_path, monkeypatch):
     def interrupted_save(obj, f):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(interactive_module.torch, "save", interrupted_save)
+    monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         cache.put("b", _emb(1))
     assert list(tmp_path.iterdir()) == []
@@ -566,11 +578,11 @@ def test_commit_and_undo(pred):
     assert s.commit(labels, a, label_id=7, overwrite=True) == 7
     assert s.commit(labels, ~(a | b)) == 8
     assert s.can_undo
-    assert s.undo() == 8 and s.undo() == 7 and s.undo() == 3
+    assert s.undo() == [8] and s.undo() == [7] and s.undo() == [3]
     np.testing.assert_array_equal(labels, states[2])
-    assert s.undo() == 2
+    assert s.undo() == [2]
     np.testing.assert_array_equal(labels, states[1])
-    assert s.undo() == 1
+    assert s.undo() == [1]
     np.testing.assert_array_equal(labels, states[0])
     assert s.undo() is None and not s.can_undo
 
@@ -586,26 +598,27 @@ def test_commit_into_stack_view_and_undo_into_copy(pred):
     np.testing.assert_array_equal(stack[1], after)
     assert stack[0].max() == 0 and stack[2].max() == 0
     copy = stack[1].copy()
-    assert s.undo(copy) == 6
+    assert s.undo(copy) == [6]
     assert copy[0, 0] == 5 and copy.sum() == 5
     np.testing.assert_array_equal(stack[1], after)
     s.commit(stack[1], mask, overwrite=True, label_id=2)
     assert (stack[1] == 2).all()
     with pytest.raises(ValueError, match=r"labels must be an array of shape \(4, 5\)"):
         s.undo(np.zeros((2, 2), dtype=np.int16))
-    assert s.undo() == 2  # the failed undo left the step
+    assert s.undo() == [2]  # the failed undo left the step
     np.testing.assert_array_equal(stack[1], after)
 
 
 def test_undo_depth_is_bounded(pred, monkeypatch):
     s = PromptSession(pred, np.zeros((2, 2)))
+    assert s.max_undo == 64
     monkeypatch.setattr(s, "max_undo", 2)
     labels = np.zeros((2, 2), dtype=np.uint8)
     for i in range(4):
         m = np.zeros((2, 2), dtype=bool)
         m.flat[i] = True
         s.commit(labels, m)
-    assert s.undo() == 4 and s.undo() == 3 and s.undo() is None
+    assert s.undo() == [4] and s.undo() == [3] and s.undo() is None
     np.testing.assert_array_equal(labels, [[1, 2], [0, 0]])
 
 
@@ -649,25 +662,25 @@ def test_commit_read_only(pred):
 
 def test_mask_prompt():
     mask = _disk_mask(0)  # rows 19..41, cols 19..41: 23 px, widened by 2.3 per side
-    box, point = interactive_module._mask_prompt(mask)
+    box, point = mask_prompt(mask)
     np.testing.assert_allclose(box, [16.7, 16.7, 43.3, 43.3])
     np.testing.assert_array_equal(point, [30, 30])
     edge = np.zeros((10, 10), dtype=bool)
     edge[:4, 6:] = True  # touches the top and right borders
-    box, point = interactive_module._mask_prompt(edge)
+    box, point = mask_prompt(edge)
     np.testing.assert_allclose(box, [0, 5.6, 3.4, 9])
     np.testing.assert_array_equal(point, [1, 7])  # the border is no edge of the object
 
 
 class _Scripted:
-    """Stand-in for PromptSession.predict returning scripted (area, score) per call."""
+    """A ``segment`` callable for :func:`follow` returning scripted (area, score) per call."""
 
     def __init__(self, script):
         self.script = list(script)
         self.calls = []
 
-    def __call__(self, points_rc, labels, box_rc, *, multimask, mask_input):
-        self.calls.append((points_rc, box_rc, multimask, mask_input))
+    def __call__(self, index, points_rc, box_rc, mask_input):
+        self.calls.append((index, points_rc, box_rc, mask_input))
         area, score = self.script.pop(0)
         mask = np.zeros((H, W), dtype=bool)
         mask.flat[:area] = True
@@ -682,7 +695,7 @@ def stack_session(pred):
     return s
 
 
-def test_propagate_stop_rule(stack_session, monkeypatch):
+def test_follow_stop_rule():
     start_area = int(_disk_mask(2).sum())  # 437 px
     cases = [
         # (area, score) per plane going up from plane 2: planes 3, 4, 5
@@ -693,40 +706,56 @@ def test_propagate_stop_rule(stack_session, monkeypatch):
         ([(int(start_area * 0.31), 0.9), (int(start_area * 0.31 / 0.29), 0.9)], [3]),  # grew
         ([(int(start_area * 0.31), 0.9), (start_area, 0.9)], [3, 4, 5]),  # 1 / 0.31 < 1 / 0.3
     ]
+    rule = PropagationRule(direction=1)
     for script, want in cases:
         scripted = _Scripted(script + [(start_area, 0.9)] * 3)
-        monkeypatch.setattr(stack_session, "predict", scripted)
-        got = stack_session.propagate((2,), _disk_mask(2), 0, direction=1)
+        got = follow((2,), _disk_mask(2), 0, (6,), scripted, rule)
         assert [k[0] for k in got] == want, script
         assert all(m.dtype == np.bool_ and m.shape == (H, W) for m in got.values())
-        # prompts: previous mask's box + interior point, single mask, no mask_input
-        points_rc, box_rc, multimask, mask_input = scripted.calls[0]
+        # prompts: previous mask's box + interior point, no mask_input
+        index, points_rc, box_rc, mask_input = scripted.calls[0]
+        assert index == (3,)
         np.testing.assert_array_equal(points_rc, [[30, 34]])
         np.testing.assert_allclose(box_rc, [16.7, 20.7, 43.3, 47.3])
-        assert multimask is False and mask_input is None
+        assert mask_input is None
 
 
-def test_propagate_mask_input_option(stack_session, monkeypatch):
+def test_follow_mask_input_option():
     scripted = _Scripted([(400, 0.9)] * 3)
-    monkeypatch.setattr(stack_session, "predict", scripted)
-    stack_session.propagate((2,), _disk_mask(2), 0, direction=1, use_mask_input=True)
+    follow((2,), _disk_mask(2), 0, (6,), scripted, PropagationRule(1, use_mask_input=True))
     inputs = [c[3] for c in scripted.calls]
     assert inputs[0] is None
     assert inputs[1].shape == (1, 32, 32) and inputs[1][0, 0, 0] == 1  # from call 1
     assert inputs[2][0, 0, 0] == 2
 
 
+def test_propagate_predicts_like_embed_and_predict(stack_session, pred):
+    """Each accepted plane's mask is what embed + predict with the same prompt give."""
+    kw = {"min_score": -math.inf, "min_area_ratio": 1e-6}
+    got = stack_session.propagate((2,), _disk_mask(2), 0, direction=1, **kw)
+    assert got and list(got) == [(3,), (4,), (5,)][: len(got)]
+    other = PromptSession(pred, stack_session.image, cache_key="disks")
+    prev = _disk_mask(2)
+    for idx, m in got.items():
+        other.embed(idx)
+        box_rc, point_rc = mask_prompt(prev)
+        np.testing.assert_array_equal(m, other.predict(point_rc[None], None, box_rc).mask)
+        prev = m
+
+
 def test_propagate_structure(stack_session, pred):
     mask = _disk_mask(2)
     kw = {"min_score": -math.inf, "min_area_ratio": 1e-6}
-    start_embedding = stack_session.cache.get(stack_session._key((2,), None))
+    stack_session.embed((2,))
+    before = stack_session.predict([[30.0, 34.0]])
 
-    def check_back_on_start():
+    def check_current_unchanged():
         assert stack_session.current == (2,)
-        assert pred.get_image_embedding() is start_embedding.features
+        _assert_same(stack_session.predict([[30.0, 34.0]]), (before.masks, before.scores,
+                                                              before.low_res))  # fmt: skip
 
     up = stack_session.propagate((2,), mask, 0, direction=1, **kw)
-    check_back_on_start()
+    check_current_unchanged()
     assert list(up) == [(3,), (4,), (5,)][: len(up)] and up
     for m in up.values():
         assert m.shape == (H, W) and m.dtype == np.bool_ and m.any()
@@ -736,7 +765,7 @@ def test_propagate_structure(stack_session, pred):
     assert list(both) == list(up) + list(down)
     for k in both:
         np.testing.assert_array_equal(both[k], (up | down)[k])
-    check_back_on_start()
+    check_current_unchanged()
 
     assert list(stack_session.propagate((2,), mask, 0, max_planes=1, **kw)) == [(3,), (1,)]
     assert stack_session.propagate((2,), mask, 0, max_planes=0, **kw) == {}
@@ -752,22 +781,33 @@ def test_propagate_structure(stack_session, pred):
     stops = iter([False, True, False, True])
     got = stack_session.propagate((2,), mask, 0, should_stop=lambda: next(stops), **kw)
     assert list(got) == [(3,), (1,)]
-    check_back_on_start()
+    check_current_unchanged()
 
     # a score nobody reaches: nothing accepted
     assert stack_session.propagate((2,), mask, 0, min_score=1.01) == {}
-    check_back_on_start()
+    check_current_unchanged()
 
 
-def test_propagate_restores_start_after_error(stack_session, pred, monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom")
+class _FaultyStack:
+    """A (Z, H, W) array whose plane ``bad`` cannot be read."""
 
-    monkeypatch.setattr(stack_session, "predict", boom)
-    stack_session.embed((4,))
-    with pytest.raises(RuntimeError, match="boom"):
-        stack_session.propagate((1,), _disk_mask(1), 0)
-    assert stack_session.current == (1,)
+    def __init__(self, data: np.ndarray, bad: int):
+        self.data, self.bad = data, bad
+        self.shape, self.dtype = data.shape, data.dtype
+
+    def __getitem__(self, key):
+        if key[0] == self.bad:
+            raise OSError(f"cannot read plane {self.bad}")
+        return self.data[key]
+
+
+def test_propagate_error_keeps_the_current_plane(pred):
+    s = PromptSession(pred, _FaultyStack(_disk_stack(6, 4), bad=2))
+    s.embed((1,))
+    with pytest.raises(OSError, match="cannot read plane 2"):
+        s.propagate((1,), _disk_mask(1), 0, min_score=-math.inf, min_area_ratio=1e-6)
+    assert s.current == (1,)
+    assert s.predict([[30.0, 32.0]]).masks.shape == (3, H, W)
 
 
 def test_propagate_along_second_axis(pred):
@@ -785,6 +825,7 @@ def test_propagate_along_second_axis(pred):
     [
         (((9,), "mask", 0), {}, ValueError, "plane index within"),
         (((2,), np.zeros((H, W), bool), 0), {}, ValueError, "mask is empty"),
+        (((2,), "mask", 0), {"direction": 0.5}, ValueError, "direction must be 1, -1 or 0"),
         (((2,), np.ones((H, W)), 0), {}, TypeError, "mask must be a bool array"),
         (((2,), np.ones((4, 4), bool), 0), {}, ValueError, r"mask must have shape \(60, 80\)"),
         (((2,), "mask", 1), {}, ValueError, r"axis must index a plane axis in \[0, 1\)"),
@@ -840,13 +881,201 @@ def test_golden_point_rc_equals_xy(golden_session):
 
 def test_golden_propagate(golden_session):
     s = golden_session
+    s.embed((1,))
     mask = _disk_mask(1)
-    start = s.cache.get(s._key((1,), None))
+    assert all(s.is_cached(z) for z in range(3))
     got = s.propagate((1,), mask, 0, direction=0, min_score=-math.inf, min_area_ratio=1e-6)
     assert list(got) == [(2,), (0,)]  # up first, then down; plane 2 is blank
     for m in got.values():
         assert m.shape == (H, W) and m.dtype == np.bool_ and m.any()
     assert s.current == (1,)
-    assert s.predictor.get_image_embedding() is start.features
     assert s.propagate((1,), mask, 0, min_score=1.01) == {}
     assert s.propagate((0,), mask, 0, direction=-1, min_score=-math.inf) == {}
+
+
+# --------------------------------------------------------------------------- several objects
+
+
+def test_predict_many_equals_one_by_one(session2d, direct):
+    prompts = [
+        ObjectPrompt(box_rc=(10, 20, 40, 70)),
+        ObjectPrompt(points_rc=[[12.0, 50.0]], box_rc=(5, 5, 30, 30)),
+        ObjectPrompt(box_rc=(30, 40, 55, 75)),
+        ObjectPrompt(points_rc=[[12.0, 50.0], [30.0, 10.0]], labels=[1, 0]),
+    ]
+    got = session2d.predict_many(prompts)
+    assert len(got) == 4
+    for p, g in zip(prompts, got, strict=True):
+        want = session2d.predict(p.points_rc, p.labels, p.box_rc, multimask=False)
+        np.testing.assert_array_equal(g.masks, want.masks)
+        np.testing.assert_allclose(g.scores, want.scores, atol=1e-5)
+        assert g.masks.shape == (1, H, W) and g.choice == 0
+    # a single prompt per object may ask for three candidates, the best chosen
+    many = session2d.predict_many(prompts[:1], multimask=True)
+    one = session2d.predict(box_rc=(10, 20, 40, 70))
+    np.testing.assert_array_equal(many[0].masks, one.masks)
+    assert many[0].choice == one.choice
+    assert session2d.predict_many([]) == []
+
+
+@pytest.mark.parametrize(
+    ("prompts", "error", "match"),
+    [
+        (ObjectPrompt(box_rc=(1, 2, 3, 4)), TypeError, "prompts must be a sequence"),
+        ([(1, 2, 3, 4)], TypeError, r"prompts\[0\] must be an ObjectPrompt"),
+        ([ObjectPrompt()], ValueError, "needs a prompt"),
+        ([ObjectPrompt(box_rc=(1, 2, 3))], ValueError, "box_rc must have shape"),
+    ],
+)
+def test_predict_many_errors(session2d, prompts, error, match):
+    with pytest.raises(error, match=match):
+        session2d.predict_many(prompts)
+
+
+def test_predict_many_before_embed(pred, image2d):
+    with pytest.raises(RuntimeError, match=r"call embed\(index\)"):
+        PromptSession(pred, image2d).predict_many([ObjectPrompt(box_rc=(1, 2, 3, 4))])
+
+
+def test_commit_many_is_one_undo_step(pred):
+    s = PromptSession(pred, np.zeros((4, 5)))
+    labels = np.zeros((4, 5), dtype=np.uint16)
+    labels[0, 0] = 3
+    a = np.zeros((4, 5), dtype=bool)
+    a[:2, :2] = True
+    b = np.zeros((4, 5), dtype=bool)
+    b[1:, 1:] = True
+    before = labels.copy()
+    assert s.commit_many(labels, [a, b]) == [4, 5]
+    assert labels[0, 0] == 3 and labels[1, 1] == 4  # the existing object and the first mask
+    assert labels[3, 4] == 5 and (labels[~(a | b)] == 0).all()
+    assert s.commit_many(labels, np.stack([b, a]), label_ids=[9, 8], overwrite=True) == [9, 8]
+    assert labels[1, 1] == 9 and labels[0, 0] == 8
+    assert s.undo() == [9, 8] and s.undo() == [4, 5]
+    np.testing.assert_array_equal(labels, before)
+
+
+@pytest.mark.parametrize(
+    ("masks", "kwargs", "error", "match"),
+    [
+        ([], {}, ValueError, "masks is empty"),
+        ("one", {}, ValueError, r"use commit\(labels, \[mask\]\)"),
+        ("pair", {"label_ids": [5]}, ValueError, "label_ids must hold 2 distinct ids"),
+        ("pair", {"label_ids": [5, 5]}, ValueError, "label_ids must hold 2 distinct ids"),
+        ("pair", {"label_ids": [5, 1.0]}, TypeError, "label_id must be an int"),
+        ("same", {}, ValueError, r"masks\[1\] covers only pixels that already have a label"),
+        ("pair_empty", {}, ValueError, r"masks\[1\] is empty"),
+        ("full", {}, ValueError, "2 new id"),
+    ],
+)
+def test_commit_many_errors(pred, masks, kwargs, error, match):
+    s = PromptSession(pred, np.zeros((2, 2)))
+    labels = np.zeros((2, 2), np.uint8)
+    one = np.array([[True, False], [False, False]])
+    other = np.array([[False, True], [False, False]])
+    if isinstance(masks, str):
+        masks = {
+            "one": one, "pair": [one, other], "same": [one, one],
+            "pair_empty": [one, np.zeros((2, 2), bool)], "full": [one, other],
+        }[masks]  # fmt: skip
+    if kwargs == {} and match == "2 new id":
+        labels[1, 1] = 254
+    before = labels.copy()
+    with pytest.raises(error, match=match):
+        s.commit_many(labels, masks, **kwargs)
+    np.testing.assert_array_equal(labels, before)  # nothing painted
+    assert not s.can_undo
+
+
+def test_max_undo_errors_and_zero(pred):
+    s = PromptSession(pred, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="max_undo must be >= 0"):
+        s.max_undo = -1
+    s.max_undo = 0
+    labels = np.zeros((2, 2), np.uint8)
+    assert s.commit(labels, np.ones((2, 2), bool)) == 1
+    assert not s.can_undo and s.undo() is None
+
+
+# --------------------------------------------------------------------------- keys and threads
+
+
+def test_content_key_sees_changed_pixels(pred, encoder_inputs):
+    """The same array object, edited in place, is another image to the cache."""
+    image = _disk_stack(1, 1)
+    cache = EmbeddingCache()
+    s = PromptSession(pred, image, cache=cache)
+    assert not s.is_cached(0)
+    assert s.embed((0,)) is True and s.is_cached(0)
+    image[0, :5] = 7
+    s2 = PromptSession(pred, image, cache=cache)
+    assert not s2.is_cached(0) and s2.embed((0,)) is True
+    assert len(encoder_inputs) == 2
+
+
+def test_predictor_lock_is_one_per_predictor(tiny_model):
+    a, b = Predictor(tiny_model), Predictor(tiny_model)
+    assert predictor_lock(a) is predictor_lock(a)
+    assert predictor_lock(a) is not predictor_lock(b)
+
+
+def test_sessions_on_one_predictor_from_many_threads(pred):
+    """Two images, several threads each embedding and predicting on one shared predictor
+    (and a third thread setting other images under its lock): every result equals the
+    single-threaded one."""
+    import threading
+
+    stacks = [_disk_stack(3, 3), _disk_stack(3, 3, value=300)[:, ::-1]]
+    sessions = [PromptSession(pred, s, contrast_limits=(0, 1000)) for s in stacks]
+    points = [[[30.0, 30.0 + 2 * z]] for z in range(3)]
+    want = {}
+    for i, s in enumerate(sessions):
+        for z in range(3):
+            s.embed((z,))
+            want[i, z] = s.predict(points[z])
+    errors, mismatches = [], []
+    other = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
+
+    def prompts(i, rounds=4):
+        try:
+            for r in range(rounds):
+                z = (r + i) % 3
+                sessions[i].embed((z,))
+                got = sessions[i].predict(points[z])
+                if not np.array_equal(got.masks, want[i, z].masks):
+                    mismatches.append((i, z))
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    def intruder():
+        for _ in range(4):
+            with predictor_lock(pred):
+                pred.set_image(other)
+                pred.predict(np.array([[5.0, 5.0]]), np.array([1]))
+
+    threads = [threading.Thread(target=prompts, args=(i % 2,)) for i in range(4)]
+    threads.append(threading.Thread(target=intruder))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not mismatches
+
+
+def test_commits_from_many_threads_keep_ids_unique(pred):
+    import threading
+
+    s = PromptSession(pred, np.zeros((8, 8)))
+    labels = np.zeros((8, 8), np.uint16)
+    masks = []
+    for i in range(8):
+        m = np.zeros((8, 8), bool)
+        m[i] = True
+        masks.append(m)
+    threads = [threading.Thread(target=s.commit, args=(labels, m)) for m in masks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(np.unique(labels[:, 0]).tolist()) == list(range(1, 9))
+    assert all(len(np.unique(labels[i])) == 1 for i in range(8))

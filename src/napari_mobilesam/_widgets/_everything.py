@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..everything import MaskGenerator
+from ..interactive import predictor_lock
 from ..normalize import to_rgb_uint8
 from ._common import LayerCombo, ModelPicker, Runner, current_plane
 
@@ -119,7 +120,10 @@ class EverythingWidget(QWidget):
                     plane, contrast_limits=None if rgb else limits,
                     channel_axis=-1 if rgb else None,
                 )  # fmt: skip
-                labels[index] = gen.generate_labels(rgb_plane)
+                # the predictor is shared with the prompt widget: hold its image for
+                # the plane (a prompt gets its turn between planes)
+                with predictor_lock(gen.predictor):
+                    labels[index] = gen.generate_labels(rgb_plane)
                 yield i + 1, len(planes)
             return labels
 

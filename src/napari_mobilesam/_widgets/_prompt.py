@@ -163,16 +163,15 @@ class PromptWidget(QWidget):
         def make():
             predictor = self.model.predictor()
             limits = tuple(float(v) for v in layer.contrast_limits)
+            # keyed by the planes' pixels (and the model and limits), so an entry is never
+            # taken for other data, and a later session on the same image reuses it
             if on_disk:
-                # keyed by the planes' pixels, so a later session with the same image reuses it
                 cache = EmbeddingCache(max_items=32, folder=embedding_cache_dir())
-                key = None
             else:
-                cache, key = self.cache, (layer.name, id(layer.data), limits)
+                cache = self.cache
             return PromptSession(
-                predictor, layer.data, rgb=bool(layer.rgb), contrast_limits=limits,
-                cache=cache, cache_key=key,
-            )  # fmt: skip
+                predictor, layer.data, rgb=bool(layer.rgb), contrast_limits=limits, cache=cache
+            )
 
         def made(session) -> None:
             self.session = session
@@ -342,7 +341,7 @@ class PromptWidget(QWidget):
         removed = self.session.undo()
         if removed is not None:
             target.refresh()
-            self.status.setText(f"removed object {removed}")
+            self.status.setText(f"removed object {', '.join(map(str, removed))}")
 
     def clear(self) -> None:
         """Remove the prompts of the shown plane and the preview."""

@@ -102,6 +102,7 @@ class LabelEditor:
                     f"masks must be a sequence of (H, W) masks, got one array of shape "
                     f"{masks.shape}; use commit(labels, [mask])"
                 )
+            masks = list(masks)
             masks = [
                 check_bool_mask(m, self.shape_hw, "mask" if len(masks) == 1 else f"masks[{i}]")
                 for i, m in enumerate(masks)

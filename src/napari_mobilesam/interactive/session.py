@@ -113,7 +113,7 @@ class PromptSession:
     shape_hw = _from_planes("shape_hw", "(H, W) of every plane.")
 
     def check_index(self, index) -> tuple[int, ...]:
-        """A plane index as a tuple of ints; see :meth:`ImagePlanes.check_index`."""
+        """A plane index as a tuple of ints (:meth:`ImagePlanes.check_index`)."""
         return self.planes.check_index(index)
 
     def plane(self, index) -> np.ndarray:
@@ -394,16 +394,15 @@ class PromptSession:
         mask : np.ndarray
             (H, W) bool.
         label_id : int, optional
-            The id to paint (>= 1); default ``labels.max() + 1``. For one plane of a
-            stack, pass ``stack.max() + 1`` to keep ids unique across planes.
+            The id to paint; default ``labels.max() + 1`` (for one plane of a stack, pass
+            ``stack.max() + 1`` to keep ids unique across planes).
         overwrite : bool
-            Also paint over other objects; by default only unlabelled pixels change (and
-            a mask inside existing objects only is an error that says so).
+            Also paint over other objects; by default only unlabelled pixels change.
 
         Returns
         -------
         int
-            The id painted.
+            The id painted. Errors: see :meth:`LabelEditor.commit`.
         """
         ids = None if label_id is None else [label_id]
         return self._labels.commit(labels, [mask], label_ids=ids, overwrite=overwrite)[0]
