@@ -1,7 +1,7 @@
-"""Prepare the files a lent GPU machine needs, then run ``benchmarks/device.sh`` there.
+"""Prepare the files a GPU machine needs, then run ``benchmarks/device.sh`` there.
 
-``../shared`` does not travel to the device machine, so this copies a subset of the
-golden files (about 55 MB; the working tree that travels is limited to 64 MiB) into
+``../shared`` need not exist on the GPU machine, so this copies a subset of the
+golden files (about 55 MB, small enough to copy with the checkout) into
 the git-ignored ``.device/golden``:
 
 - ``mobile_sam_random.pt`` and ``images/public_*.png``;
@@ -14,10 +14,10 @@ the git-ignored ``.device/golden``:
   ``.original`` when ``.ci/run`` installed it there, so that ``gpu.py`` times it on
   the GPU too (that machine has its own torchvision).
 
-Usage (here, then with the device tool)::
+Usage (here, then on the GPU machine, in a copy of the checkout that includes ``.device``)::
 
     python benchmarks/prepare_device.py [--golden ../shared/golden] [--out .device/golden]
-    # run(command="bash benchmarks/device.sh", carry=[".device"], timeout_s=300)
+    bash benchmarks/device.sh
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ def test_bench_everything_runs():
 
 @requires_golden
 def test_device_run_is_ready(tmp_path):
-    """What a lent GPU machine runs (prepare_device.py here, device.sh there), on the CPU
-    at test sizes: the golden subset, gpu.py's checks and timings, the distill bench."""
+    """What a GPU machine runs (prepare_device.py here, device.sh there), on the CPU at
+    test sizes and without time limits: the golden subset, gpu.py's checks and timings,
+    the distill bench."""
     import json
     import subprocess
     import sys
@@ -64,7 +65,7 @@ def test_device_run_is_ready(tmp_path):
     env = {**__import__("os").environ, "QUICK": "1", "OUT": str(out), "GOLDEN": str(golden),
            "PYTHON": sys.executable}  # fmt: skip
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "device.sh")], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+                         capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "bf16 encoder vs fp32" in run.stdout and "encoder bf16 " in run.stdout
     assert "golden predictor" in run.stdout and "-> OK" in run.stdout
