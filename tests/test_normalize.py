@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -198,11 +199,19 @@ def test_auto_contrast_limits_subsamples_large_images(monkeypatch):
     assert auto_contrast_limits(stack, (0, 100)) == (0.0, 2096.0)
 
 
-def test_grid_subsample_size_bound():
+def test_subsample_size_bound(monkeypatch):
+    """Large images are sampled on a grid of at most MAX_PERCENTILE_VALUES values (at least
+    half of that), every channel kept, starting at the first pixel."""
+    monkeypatch.setattr(normalize, "MAX_PERCENTILE_VALUES", 4000)
+    seen = []
+    percentile = np.percentile
+    monkeypatch.setattr(np, "percentile", lambda a, q: seen.append(a.shape) or percentile(a, q))
     a = np.zeros((3, 1000, 777))
-    sub = normalize._grid_subsample(a, 4000)
-    assert 2000 <= sub.size <= 4000
-    assert sub.shape[0] == 3
+    a[2, 0, 0] = 7.0  # on the grid
+    a[0, 1, 1] = -1.0  # off the grid (both long axes are strided)
+    assert auto_contrast_limits(a, (0, 100)) == (0.0, 7.0)
+    (shape,) = seen
+    assert 2000 <= math.prod(shape) <= 4000
 
 
 # ---------------------------------------------------------------------- NaN, inf, flat
