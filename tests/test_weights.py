@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from napari_mobilesam import cli
+from napari_mobilesam import download as dl
 from napari_mobilesam import weights as w
 from napari_mobilesam.weights import ModelInfo, WeightsError
 
@@ -407,7 +408,7 @@ def test_download_http_404(server, tmp_path):
 
 
 def test_download_timeout(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(w, "_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(dl, "_TIMEOUT_S", 0.2)
     info = make_info(server.serve("/slow.pt", PAYLOAD, delay=1.0))
     dest = tmp_path / "tiny.pt"
     with pytest.raises(WeightsError, match="timeout"):
@@ -466,7 +467,7 @@ def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
         sink.write(PAYLOAD[:100])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(w, "_transfer", half_then_ctrl_c)
+    monkeypatch.setattr(dl, "_transfer", half_then_ctrl_c)
     dest = tmp_path / "tiny.pt"
     with pytest.raises(KeyboardInterrupt):
         w.download(make_info(), dest, progress=True)
@@ -488,15 +489,156 @@ def test_fetch_downloads_through_the_mirror_then_reuses(server, tiny, monkeypatc
     assert leftovers(path.parent) == []
 
 
-def test_fetch_reuses_cached_file_without_network(monkeypatch, dead_url, tmp_path):
+def test_fetch_reuses_cached_file_without_network(tiny, monkeypatch, dead_url, tmp_path):
     monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", dead_url)
 
     def no_network(*args, **kwargs):
         raise AssertionError("fetch() must not download a cached file")
 
     monkeypatch.setattr(w, "download", no_network)
-    cached = sparse_file(tmp_path / "cache" / "mobile_sam.pt", VIT_T["size"])
-    assert w.fetch("vit_t") == cached
+    cached = tmp_path / "cache" / "tiny.pt"
+    cached.parent.mkdir()
+    cached.write_bytes(PAYLOAD)
+    assert w.fetch("tiny") == cached
+
+
+def _damaged(tmp_path) -> Path:
+    """The tiny payload in the cache with one byte changed: right size, wrong sha256."""
+    cached = tmp_path / "cache" / "tiny.pt"
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_bytes(b"X" + PAYLOAD[1:])
+    return cached
+
+
+def test_fetch_refuses_a_cached_file_with_the_wrong_sha256(tiny, monkeypatch, dead_url, tmp_path):
+    monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", dead_url)
+    cached = _damaged(tmp_path)
+    with pytest.raises(WeightsError) as exc:
+        w.fetch("tiny")
+    message = str(exc.value)
+    assert str(cached) in message and PAYLOAD_SHA in message
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() in message
+    assert "mobilesam weights download tiny" in message and "--weights PATH" in message
+    assert exc.value.dest == cached and exc.value.url is None
+    assert cached.read_bytes()[:1] == b"X"  # left for the user to look at
+
+
+def test_cached_weights_are_hashed_once_per_file_version(tiny, monkeypatch, dead_url, tmp_path):
+    monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", dead_url)
+    cached = tmp_path / "cache" / "tiny.pt"
+    cached.parent.mkdir()
+    cached.write_bytes(PAYLOAD)
+    hashed = []
+    real = w.sha256_file
+    monkeypatch.setattr(w, "sha256_file", lambda path, *a: hashed.append(path) or real(path))
+    for _ in range(3):
+        assert w.fetch("tiny") == cached
+    assert len(hashed) == 1
+    memo = json.loads((cached.parent / ".tiny.pt.sha256.json").read_text())
+    assert memo["sha256"] == PAYLOAD_SHA and memo["size"] == len(PAYLOAD)
+    w._DIGESTS.clear()  # a new process: the sidecar remembers
+    assert w.fetch("tiny") == cached and len(hashed) == 1
+    # the same size, another content and mtime: hashed again, and refused
+    cached.write_bytes(b"X" + PAYLOAD[1:])
+    os.utime(cached, ns=(1, 1))
+    with pytest.raises(WeightsError, match="not the published file"):
+        w.fetch("tiny")
+    assert len(hashed) == 2
+
+
+def test_a_downloaded_file_is_not_hashed_again(server, tiny, monkeypatch, tmp_path):
+    server.serve("/tiny.pt", PAYLOAD)
+    monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", server.base)
+    path = w.fetch("tiny", progress=False)
+    monkeypatch.setattr(w, "sha256_file", lambda *a: pytest.fail("hashed again"))
+    assert w.fetch("tiny", progress=False) == path
+    assert w.file_sha256(path) == PAYLOAD_SHA
+
+
+def test_file_sha256_outside_the_cache_leaves_no_sidecar(tmp_path):
+    own = tmp_path / "mine.pt"
+    own.write_bytes(PAYLOAD)
+    assert w.file_sha256(own) == PAYLOAD_SHA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt"]
+
+
+def test_a_read_only_cache_still_verifies(tiny, monkeypatch, dead_url, tmp_path):
+    monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", dead_url)
+    cached = tmp_path / "cache" / "tiny.pt"
+    cached.parent.mkdir()
+    cached.write_bytes(PAYLOAD)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("napari_mobilesam.atomic.write_json_atomic", read_only)
+    assert w.fetch("tiny") == cached
+    assert not (cached.parent / ".tiny.pt.sha256.json").exists()
+
+
+def _part(folder: Path, name: str = "tiny.pt") -> Path:
+    part = folder / f".{name}.abc123.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"half a download")
+    return part
+
+
+def test_fetch_removes_the_part_file_of_a_killed_download(tiny, monkeypatch, dead_url, tmp_path):
+    monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", dead_url)
+    cache = tmp_path / "cache"
+    stale = _part(cache)
+    other = _part(cache, "other.pt")  # another model's: left to its own fetch
+    with pytest.raises(WeightsError):
+        w.fetch("tiny", progress=False)  # the download fails; the leftover is gone anyway
+    assert not stale.exists() and other.exists()
+    assert leftovers(cache) == [other.name]
+
+
+def test_the_part_file_of_a_running_download_is_kept(tiny, tmp_path):
+    import fcntl
+
+    cache = tmp_path / "cache"
+    running = _part(cache)
+    with open(running, "rb+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # as a download in another process holds it
+        assert w.remove_stale_parts(cache, "tiny.pt") == []
+        assert running.exists()
+    assert w.remove_stale_parts(cache, "tiny.pt") == [running]
+
+
+def test_a_part_file_left_by_sigkill_is_removed_by_the_next_fetch(server, tiny, tmp_path):
+    """A real download process killed with SIGKILL mid-transfer leaves its .part file
+    (nothing can remove it then); the next fetch removes it and downloads."""
+    import signal
+
+    server.serve("/big.pt", PAYLOAD * 32, announce=len(PAYLOAD) * 64)  # 2 chunks of 64 KiB
+    server.serve("/tiny.pt", PAYLOAD)
+    code = (
+        "import sys, os, signal\n"
+        "from napari_mobilesam import download as dl, weights as w\n"
+        "info = w.ModelInfo('tiny', 'tiny.pt', sys.argv[1], 'a' * 64, 10**6, 'MIT', 'x')\n"
+        "real = dl._Sink.write\n"
+        "def write(self, data):\n"
+        "    n = real(self, data)\n"
+        "    print('part', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "dl._Sink.write = write\n"
+        "w.download(info, sys.argv[2], progress=False)\n"
+    )
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MOBILESAM_WEIGHTS_MIRROR": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code, server.base + "/big.pt", str(cache / "tiny.pt")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL and "part" in done.stdout, done.stderr
+    assert len(leftovers(cache)) == 1
+    os.environ["MOBILESAM_WEIGHTS_MIRROR"] = server.base
+    try:
+        assert w.fetch("tiny", progress=False).read_bytes() == PAYLOAD
+    finally:
+        del os.environ["MOBILESAM_WEIGHTS_MIRROR"]
+    assert leftovers(cache) == []
 
 
 def test_fetch_replaces_a_file_of_the_wrong_size(server, tiny, monkeypatch, tmp_path):
@@ -535,18 +677,24 @@ def test_import_is_light_and_has_no_side_effects(tmp_path):
 # --------------------------------------------------------------------------------- CLI
 
 
-def test_cli_list(capsys, tmp_path):
-    sparse_file(tmp_path / "cache" / "mobile_sam.pt", VIT_T["size"])
+def test_cli_list(tiny, capsys, tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "tiny.pt").write_bytes(PAYLOAD)
+    sparse_file(tmp_path / "cache" / "mobile_sam.pt", VIT_T["size"])  # zeros: wrong sha256
     sparse_file(tmp_path / "cache" / "sam_vit_b_01ec64.pth", 10)
     assert cli.main(["weights", "list"]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("vit_")}
-    assert sorted(lines) == ["vit_b", "vit_h", "vit_l", "vit_t"]
-    assert lines["vit_t"].split()[1:5] == ["mobile_sam.pt", "40.7", "Apache-2.0", "yes"]
+    lines = {
+        line.split()[0]: line for line in out.splitlines() if line.startswith(("vit_", "tiny"))
+    }
+    assert sorted(lines) == ["tiny", "vit_b", "vit_h", "vit_l", "vit_t"]
+    assert lines["tiny"].split()[1:5] == ["tiny.pt", "0.0", "MIT", "yes"]
+    assert lines["vit_t"].split()[1:5] == ["mobile_sam.pt", "40.7", "Apache-2.0", "corrupt"]
     assert lines["vit_t"].endswith(str(tmp_path / "cache" / "mobile_sam.pt"))
     assert lines["vit_b"].split()[4] == "partial"
     assert lines["vit_h"].split()[2:5] == ["2564.6", "Apache-2.0", "no"]
     assert str(tmp_path / "cache") in out
+    assert "mobilesam weights download NAME` replaces it" in out
 
 
 def test_cli_download_via_mirror(server, tiny, monkeypatch, capsys, tmp_path):
@@ -561,8 +709,23 @@ def test_cli_download_via_mirror(server, tiny, monkeypatch, capsys, tmp_path):
 
     assert cli.main(["weights", "download", "tiny"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == str(dest) and "already in the cache" in err
+    assert out.strip() == str(dest) and "already in the cache (sha256 checked)" in err
     assert server.hits == ["/tiny.pt"]
+
+
+def test_cli_download_replaces_a_damaged_file(server, tiny, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MOBILESAM_WEIGHTS_MIRROR", server.base)
+    server.serve("/tiny.pt", PAYLOAD)
+    dest = _damaged(tmp_path)
+    assert cli.main(["weights", "path", "tiny"]) == 1
+    assert "has the wrong sha256" in capsys.readouterr().err
+    assert cli.main(["weights", "download", "tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert "has the wrong sha256 (damaged or replaced); downloading it again" in err
+    assert "already in the cache" not in err
+    assert out.strip() == str(dest) and dest.read_bytes() == PAYLOAD
+    assert server.hits == ["/tiny.pt"]
+    assert cli.main(["weights", "path", "tiny"]) == 0
 
 
 def test_cli_download_quiet(server, tiny, monkeypatch, capsys, tmp_path):
@@ -626,9 +789,18 @@ def test_cli_path(capsys, tmp_path):
     assert cli.main(["weights", "path", "vit_t"]) == 1
     assert "is incomplete" in capsys.readouterr().err
 
-    sparse_file(expected, VIT_T["size"])
-    assert cli.main(["weights", "path", "vit_t"]) == 0
+    sparse_file(expected, VIT_T["size"])  # the right size, but zeros
+    assert cli.main(["weights", "path", "vit_t"]) == 1
+    assert "has the wrong sha256" in capsys.readouterr().err
+    assert cli.main(["weights", "path", "--no-check", "vit_t"]) == 0
     assert capsys.readouterr().out.strip() == str(expected)
+
+
+def test_cli_path_of_a_good_file(tiny, capsys, tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "tiny.pt").write_bytes(PAYLOAD)
+    assert cli.main(["weights", "path", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache" / "tiny.pt")
 
 
 def test_cli_path_unknown_name(capsys):
@@ -660,7 +832,7 @@ def test_cli_weights_error_from_a_command(monkeypatch, capsys):
 
     def add_failing(subparsers):
         def run(args):
-            raise w._error(info, info.url, Path("/x/tiny.pt"), "some reason")
+            raise dl._error(info, info.url, Path("/x/tiny.pt"), "some reason")
 
         subparsers.add_parser("fail").set_defaults(func=run)
 

@@ -9,6 +9,7 @@ reads checkpoints).
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -242,17 +243,35 @@ def _magic(path: Path) -> str:
 
 
 def _not_a_checkpoint(path: Path, size: int, exc: BaseException) -> str:
+    detail = load_error_detail(exc)
     if _magic(path) == "zip":
         try:
             with zipfile.ZipFile(path):
                 pass
-            return f"checkpoint {str(path)!r} ({size:,} bytes) is corrupt: {exc}"
+            return f"checkpoint {str(path)!r} ({size:,} bytes) is corrupt: {detail}"
         except zipfile.BadZipFile:
             return (
                 f"checkpoint {str(path)!r} ({size:,} bytes) is truncated or corrupt "
-                f"(the zip archive is incomplete); download it again. Details: {exc}"
+                f"(the zip archive is incomplete); download it again. Details: {detail}"
             )
-    return f"file {str(path)!r} ({size:,} bytes) is not a PyTorch checkpoint: {exc}"
+    return f"file {str(path)!r} ({size:,} bytes) is not a PyTorch checkpoint: {detail}"
+
+
+def load_error_detail(exc: BaseException) -> str:
+    """What ``torch.load(..., weights_only=True)`` found wrong, without its advice.
+
+    torch's "Weights only load failed" message suggests re-running with
+    ``weights_only=False``, which runs whatever code the file holds: never pass that
+    on. Keeps only the unpickler's own reason (e.g. ``Unsupported operand 103``).
+    """
+    text = str(exc)
+    if "weights_only" not in text:
+        return text
+    found = re.search(
+        r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S
+    )
+    reason = " ".join(found.group(1).split()) if found else ""
+    return f"unreadable pickle data ({reason})" if reason else "unreadable pickle data"
 
 
 def detect_model_name(state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -65,14 +65,10 @@ def _weights_list(args: argparse.Namespace) -> int:
     """``mobilesam weights list``: a table of the registry and the cache state."""
     folder = _w.cache_dir()
     rows = [("name", "file", "size (MB)", "license", "cached", "path")]
+    states = {"ok": "yes", "mismatch": "corrupt", "partial": "partial", "missing": "no"}
     for info in _w.REGISTRY.values():
         path = folder / info.filename
-        if _w._is_cached(info, path):
-            cached = "yes"
-        elif path.exists():
-            cached = "partial"
-        else:
-            cached = "no"
+        cached = states[_w.cache_state(info, path)]  # sha256 checked once per file version
         rows.append(
             (info.name, info.filename, f"{info.size / 1e6:.1f}", info.license, cached, str(path))
         )
@@ -85,6 +81,9 @@ def _weights_list(args: argparse.Namespace) -> int:
         ]
         print("  ".join([*cells, row[-1]]))
     print(f"\ncache folder: {folder}  (set {_w.CACHE_ENV} to change it)")
+    if "corrupt" in {row[4] for row in rows}:
+        print(f"corrupt: the file's sha256 is not the published one; `{PROG} weights download "
+              "NAME` replaces it")  # fmt: skip
     return 0
 
 
@@ -95,15 +94,22 @@ def _weights_download(args: argparse.Namespace) -> int:
     failed = 0
     for info in infos:
         dest = _w.cache_dir() / info.filename
+        state = _w.cache_state(info, dest)
         if not args.quiet:
-            if _w._is_cached(info, dest):
-                print(f"{info.name}: already in the cache", file=sys.stderr)
+            if state == "ok":
+                print(f"{info.name}: already in the cache (sha256 checked)", file=sys.stderr)
             else:
+                if state == "mismatch":
+                    print(f"{info.name}: {dest} has the wrong sha256 (damaged or replaced); "
+                          "downloading it again", file=sys.stderr)  # fmt: skip
                 url = _w.download_url(info)
                 size = info.size / 1e6
                 print(f"{info.name}: downloading {size:.1f} MB from {url}", file=sys.stderr)
         try:
-            path = _w.fetch(info.name, progress=not args.quiet)
+            if state == "mismatch":  # asked to download: replace the damaged file
+                path = _w.download(info, dest, progress=not args.quiet)
+            else:
+                path = _w.fetch(info.name, progress=not args.quiet)
         except _w.WeightsError as exc:
             _err(str(exc))
             failed += 1
@@ -118,10 +124,15 @@ def _weights_path(args: argparse.Namespace) -> int:
     """``mobilesam weights path``: print the cache path of a model's file."""
     info = _info(args.name)
     path = _w.cache_dir() / info.filename
-    if not args.no_check and not _w._is_cached(info, path):
-        state = "is incomplete" if path.exists() else "does not exist yet"
+    state = "ok" if args.no_check else _w.cache_state(info, path)
+    if state != "ok":
+        what = {
+            "missing": "does not exist yet",
+            "partial": "is incomplete",
+            "mismatch": "has the wrong sha256 (damaged or replaced)",
+        }[state]
         raise CommandError(
-            f"the weights of {info.name!r} are not in the cache: {path} {state}; "
+            f"the weights of {info.name!r} are not in the cache: {path} {what}; "
             f"run `{PROG} weights download {info.name}`, or pass --no-check"
         )
     print(path)

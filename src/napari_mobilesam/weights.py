@@ -7,8 +7,12 @@ name, download URL, sha256, size in bytes, license and a description.
 :func:`fetch` returns the path of a model's weights file, downloading it into the
 cache folder (see :func:`cache_dir`) on first use. Every download is checked
 against the registry's size and sha256 and written atomically: a failed or
-interrupted download leaves nothing at the final path. Every failure raises
-:class:`WeightsError`, whose message says which file to put where to work offline.
+interrupted download leaves nothing at the final path, and the ``.part`` file of a
+download whose process was killed is removed by the next :func:`fetch`. A file
+already in the cache is checked against the registry's sha256 once per file
+version (:func:`file_sha256` remembers digests by size and modification time, in
+the process and beside the file as ``.<name>.sha256.json``). Every failure raises
+:class:`WeightsError`, whose message says what to do.
 
 Environment variables
 ---------------------
@@ -29,13 +33,10 @@ import hashlib
 import json
 import os
 import re
-import sys
-import tempfile
+import threading
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import urlparse
 
 __all__ = [
     "REGISTRY",
@@ -45,8 +46,11 @@ __all__ = [
     "download",
     "download_url",
     "fetch",
+    "file_sha256",
     "get_model_info",
+    "remove_stale_parts",
     "sha256_file",
+    "verify_cached",
     "weight_path",
 ]
 
@@ -60,20 +64,20 @@ _PACKAGED_REGISTRY = Path(__file__).resolve().parent / "_data" / "registry.json"
 #: The ``weights/`` folder of a source checkout: registry and checkout-local cache.
 _CHECKOUT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
-#: Seconds to wait for the server to connect or to send the next bytes.
-_TIMEOUT_S = 60
-_CHUNK = 1 << 16
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REQUIRED_KEYS = ("filename", "url", "sha256", "size", "license", "description")
 
 
 class WeightsError(RuntimeError):
-    """A model's weights could not be downloaded.
+    """A model's weights could not be downloaded, or the cached file is not the
+    published one.
 
     Raised for every failed download: server unreachable or offline (connection
     refused, DNS failure, timeout), an HTTP error status, a truncated transfer or a
-    file of the wrong size, and a checksum mismatch. The message names the model,
-    the URL and the reason, and explains how to work offline.
+    file of the wrong size, and a checksum mismatch; the message names the model,
+    the URL and the reason, and explains how to work offline. Raised too for a
+    cached file of the right size but the wrong sha256 (``url`` is None then); the
+    message says how to replace it.
 
     Attributes
     ----------
@@ -336,21 +340,132 @@ def sha256_file(path: str | PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: (resolved path, size, mtime_ns) -> sha256 of files hashed in this process
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.sha256.json")
+
+
+def file_sha256(path: str | PathLike) -> str:
+    """Hex sha256 of a file, computed once per version of the file.
+
+    The digest is remembered by (path, size, modification time): in this process,
+    and for files in the cache folder (:func:`cache_dir`) also in a hidden
+    ``.<name>.sha256.json`` beside the file, so that a 2.5 GB checkpoint is hashed
+    once, not at every start. A file replaced or modified gets a new size or
+    modification time, and is hashed again.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    str
+        64 lower-case hex digits.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+    in_cache = path.parent == cache_dir().resolve()
+    digest = _read_sidecar(path, st) if in_cache else None
+    if digest is None:
+        digest = sha256_file(path)
+        if in_cache:
+            _write_sidecar(path, st, digest)
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = digest
+    return digest
+
+
+def _read_sidecar(path: Path, st: os.stat_result) -> str | None:
+    try:
+        memo = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(memo, dict) or (memo.get("size"), memo.get("mtime_ns")) != (
+        st.st_size,
+        st.st_mtime_ns,
+    ):
+        return None
+    digest = memo.get("sha256")
+    return digest if isinstance(digest, str) and _SHA256_RE.fullmatch(digest) else None
+
+
+def _write_sidecar(path: Path, st: os.stat_result, digest: str) -> None:
+    """Remember ``digest`` beside ``path`` (quietly skipped where the folder is read-only)."""
+    from .atomic import write_json_atomic
+
+    memo = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        write_json_atomic(_sidecar(path), memo)
+    except OSError:
+        pass
+
+
 def _is_cached(info: ModelInfo, path: Path) -> bool:
-    """True when ``path`` is a file of the registry size."""
+    """True when ``path`` is a file of the registry size (its contents unchecked)."""
     try:
         return path.is_file() and path.stat().st_size == info.size
     except OSError:
         return False
 
 
+def cache_state(info: ModelInfo, path: Path) -> str:
+    """``"ok"`` (registry size and sha256), ``"mismatch"`` (registry size, another
+    sha256), ``"partial"`` (another size) or ``"missing"``; hashes at most once per
+    file version (:func:`file_sha256`)."""
+    if not _is_cached(info, path):
+        return "partial" if path.exists() else "missing"
+    return "ok" if file_sha256(path) == info.sha256 else "mismatch"
+
+
+def verify_cached(info: ModelInfo, path: Path) -> Path:
+    """Check a cached weights file of the registry size against the registry's sha256.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    WeightsError
+        The file's sha256 differs from the registry's; the message says how to
+        replace it.
+    """
+    got = file_sha256(path)
+    if got != info.sha256:
+        lines = [
+            f"the cached weights of model {info.name!r} are not the published file:",
+            f"  {path}",
+            f"  has sha256 {got},",
+            f"  expected   {info.sha256} (a damaged or replaced file).",
+            f"To fix it, download it again: `mobilesam weights download {info.name}` "
+            "replaces it (or delete the file; it is downloaded on next use).",
+            "To use a checkpoint of your own, pass it directly: --weights PATH on the "
+            'command line, checkpoint="PATH" in Python.',
+        ]
+        reason = f"sha256 mismatch: {got}"
+        raise WeightsError("\n".join(lines), model=info.name, dest=path, reason=reason)
+    return path
+
+
 def fetch(name: str, *, progress: bool = True) -> Path:
     """Path of a model's weights file, downloading it into the cache if needed.
 
-    A file already in the cache with the registry size is returned as is,
+    A file already in the cache with the registry size is checked against the
+    registry's sha256 (once per file version, see :func:`file_sha256`) and returned,
     without any network access. Otherwise the file is downloaded from
     :func:`download_url`, checked against the registry's size and sha256, and
-    moved into place atomically (see :func:`download`).
+    moved into place atomically (see :func:`download`). ``.part`` files of killed
+    downloads are removed first (:func:`remove_stale_parts`).
 
     Parameters
     ----------
@@ -369,192 +484,39 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     ValueError
         Unknown model name.
     WeightsError
-        The download failed; the message says how to work offline.
+        The download failed (the message says how to work offline), or the cached
+        file has the wrong sha256 (the message says how to replace it).
     """
     info = get_model_info(name)
     dest = cache_dir() / info.filename
+    remove_stale_parts(dest.parent, info.filename)
     if _is_cached(info, dest):
-        return dest
+        return verify_cached(info, dest)
     return download(info, dest, progress=progress)
 
 
-# --------------------------------------------------------------------------- download
-
-
-class _Sink:
-    """File-like writer that hashes, counts and reports the bytes it writes.
-
-    The progress bar (if ``progress``) is created on the first bytes, so that a
-    server that cannot be reached leaves no empty bar behind.
-    """
-
-    def __init__(self, f: BinaryIO, info: ModelInfo, progress: bool) -> None:
-        self._f = f
-        self._info = info
-        self._progress = progress
-        self.bar = None
-        self.hash = hashlib.sha256()
-        self.nbytes = 0
-
-    def write(self, data: bytes) -> int:
-        n = self._f.write(data)
-        self.hash.update(data)
-        self.nbytes += len(data)
-        if self._progress:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(
-                    total=self._info.size,
-                    desc=self._info.filename,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1000,
-                    file=sys.stderr,
-                    leave=True,
-                )
-            self.bar.update(len(data))
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def _transfer(url: str, sink: _Sink) -> None:
-    """Copy ``url`` into ``sink``: http(s) through pooch, ``file://`` from disk."""
-    scheme = urlparse(url).scheme.lower()
-    if scheme in ("http", "https"):
-        import pooch
-
-        downloader = pooch.HTTPDownloader(
-            progressbar=False,
-            chunk_size=_CHUNK,
-            timeout=_TIMEOUT_S,
-            headers={"User-Agent": "napari-mobilesam"},
-        )
-        downloader(url, sink, None)
-    elif scheme == "file":
-        from urllib.request import url2pathname
-
-        with open(url2pathname(urlparse(url).path), "rb") as src:
-            while block := src.read(_CHUNK):
-                sink.write(block)
-    else:
-        raise _Unsupported(f"unsupported URL scheme {scheme!r} (use https://, http:// or file://)")
-
-
-class _Unsupported(Exception):
-    """Internal: the URL's scheme cannot be downloaded."""
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying why a transfer failed."""
-    import requests
-
-    if isinstance(exc, _Unsupported):
-        return str(exc)
-    if isinstance(exc, requests.exceptions.Timeout):
-        return f"the server did not answer within {_TIMEOUT_S} s (timeout): {exc}"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        return f"could not connect (offline, server down or name not resolved): {exc}"
-    if isinstance(exc, requests.exceptions.HTTPError):
-        resp = exc.response
-        status = f"{resp.status_code} {resp.reason}" if resp is not None else str(exc)
-        return f"the server answered HTTP {status}"
-    broken = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)
-    if isinstance(exc, broken):
-        return f"truncated transfer: the connection broke before the whole file arrived ({exc})"
-    if isinstance(exc, requests.exceptions.RequestException):
-        return f"download failed: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _error(info: ModelInfo, url: str, dest: Path, reason: str) -> WeightsError:
-    """A :class:`WeightsError` whose message explains how to work offline."""
-    fn = info.filename
-    lines = [
-        f"could not download the weights of model {info.name!r} ({fn})",
-        f"  from:   {url}",
-        f"  reason: {reason}",
-        "To work offline, put the file there yourself:",
-        f"  {dest}",
-        f"  (sha256 {info.sha256}, size {info.size:,} bytes; published at {info.url})",
-        f"or set {CACHE_ENV} to a folder that holds {fn},",
-        f"or set {MIRROR_ENV} to a mirror (https://... or file:///...) that serves {fn},",
-        f'or pass the file directly: checkpoint="path/to/{fn}" in Python, '
-        "--weights PATH on the command line.",
-    ]
-    return WeightsError("\n".join(lines), model=info.name, url=url, dest=dest, reason=reason)
+def _remember(path: Path, digest: str) -> None:
+    """Record the digest of a file just downloaded (checked while it arrived)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    with _DIGESTS_LOCK:
+        _DIGESTS[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = digest
+    if path.parent.resolve() == cache_dir().resolve():
+        _write_sidecar(path.resolve(), st, digest)
 
 
 def download(info: ModelInfo, dest: str | PathLike, *, progress: bool = True) -> Path:
-    """Download one weights file to ``dest``, verified and atomic.
+    """Download one weights file to ``dest``, verified and atomic: see
+    :func:`napari_mobilesam.download.download`."""
+    from .download import download as _download  # (it imports this module)
 
-    The bytes go to a temporary ``.part`` file in ``dest``'s folder (created if
-    needed); only when the size and sha256 match ``info`` is it renamed to
-    ``dest``, replacing any file there. On any failure, including Ctrl-C, the
-    temporary file is removed and ``dest`` is left untouched.
+    return _download(info, dest, progress=progress)
 
-    Parameters
-    ----------
-    info : ModelInfo
-        What to download and how to check it; the URL is
-        ``download_url(info)`` (so ``MOBILESAM_WEIGHTS_MIRROR`` applies).
-    dest : str or path-like
-        Final path of the file.
-    progress : bool
-        Show a tqdm progress bar on stderr.
 
-    Returns
-    -------
-    pathlib.Path
-        ``dest``.
+def remove_stale_parts(folder: Path, filename: str) -> list[Path]:
+    """Remove leftover ``.part`` files: see :func:`napari_mobilesam.download.remove_stale_parts`."""
+    from .download import remove_stale_parts as _remove
 
-    Raises
-    ------
-    WeightsError
-        Unreachable server, HTTP error, truncated transfer, wrong size, checksum
-        mismatch, unsupported URL, or the folder cannot be written.
-    """
-    dest = Path(dest)
-    url = download_url(info)
-    tmp: Path | None = None
-    sink: _Sink | None = None
-    try:
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        except OSError as exc:
-            reason = f"cannot write to the folder {str(dest.parent)!r}: {exc}"
-            raise _error(info, url, dest, reason) from exc
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            sink = _Sink(f, info, progress)
-            try:
-                _transfer(url, sink)
-            except (OSError, EOFError, _Unsupported) as exc:
-                raise _error(info, url, dest, _reason(exc)) from exc
-        if sink.nbytes != info.size:
-            what = "truncated transfer" if sink.nbytes < info.size else "wrong size"
-            reason = f"{what}: received {sink.nbytes:,} bytes, expected {info.size:,}"
-            raise _error(info, url, dest, reason)
-        got = sink.hash.hexdigest()
-        if got != info.sha256:
-            reason = (
-                f"checksum mismatch: expected sha256 {info.sha256}, "
-                f"but the file that arrived has sha256 {got}"
-            )
-            raise _error(info, url, dest, reason)
-        try:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except OSError as exc:
-            reason = f"cannot move the downloaded file into place: {exc}"
-            raise _error(info, url, dest, reason) from exc
-        tmp = None
-    finally:
-        if sink is not None and sink.bar is not None:
-            sink.bar.close()
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    return dest
+    return _remove(folder, filename)
