@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from benchmarks import bench_predictor
 
 from napari_mobilesam.predictor import cpu_has_bf16
@@ -46,6 +47,7 @@ def test_bench_everything_runs():
     assert "fast/ref" in bench_everything.report(result)
 
 
+@pytest.mark.slow  # the real-size model through every step of gpu.py and bench_distill.py
 @requires_golden
 def test_device_run_is_ready(tmp_path):
     """What a GPU machine runs (prepare_device.py here, device.sh there), on the CPU at
