@@ -204,7 +204,7 @@ def test_divided_parent_is_not_bridged_to_later_objects():
     back = paint((48, 48), [(1, (24, 24), 10)])
     linked, table = link_stack(np.stack([parent, kids, back]), "t")
     assert table.parents == {2: 1, 3: 1}
-    assert linked[2].max() == 4
+    assert 1 not in linked[2] and table.objects()["last"][0] == 0
 
 
 def test_asymmetric_division_replaces_the_parents_own_match():
@@ -421,6 +421,8 @@ def test_bad_labels(labels, exc, match):
         ({"min_iou": 0}, ValueError, r"min_iou must lie in \(0, 1\], got 0"),
         ({"min_iou": 1.5}, ValueError, "min_iou must lie in"),
         ({"min_iou": "0.5"}, TypeError, "min_iou must be a number"),
+        ({"min_cover_z": 0}, ValueError, r"min_cover_z must lie in \(0, 1\], got 0"),
+        ({"min_cover_t": "x"}, TypeError, r"min_cover_t must be a number in \(0, 1\] or None"),
         ({"max_gap": -1}, ValueError, "max_gap must be a whole number >= 0"),
         ({"max_gap": 1.5}, ValueError, "max_gap"),
         ({"division_share": 0.6}, ValueError, r"division_share must lie in \(0, 0.5\]"),

@@ -7,12 +7,17 @@ series (a TZYX series: both, ``axis="zt"``), with divisions recorded as parent l
 How: objects of neighbouring planes are matched on their overlap (IoU), solved
 globally per plane pair with scipy's ``linear_sum_assignment`` (the Hungarian
 method) among pairs with IoU >= ``min_iou``; not greedily, so one object's good
-match never steals another's better one. An object missed in one plane keeps its
-id (gap closing, ``max_gap``); in time, a cell whose area is taken over by two new
-cells divides (the rule: :class:`Linker`). Why scipy: it is already a dependency
-(through scikit-image), installs cleanly everywhere, and overlap matching between
-neighbouring planes needs nothing more; tracking libraries add solvers, models and
-compiled dependencies that this problem does not use.
+match never steals another's better one. Objects left unmatched are then matched on
+containment (``min_cover_z``, ``min_cover_t``): that joins the small end sections of
+round objects to them in z, and keeps fast or changing cells in t. Through t the
+overlap is also taken where each cell's last displacement puts it. An object missed
+in one plane keeps its id (gap closing, ``max_gap``); in time, a cell whose area is
+taken over by two new cells divides (the rule: :class:`Linker`).
+
+Why scipy: it is already a dependency (through scikit-image), installs cleanly
+everywhere, and overlap matching between neighbouring planes needs nothing more;
+tracking libraries add solvers, models and compiled dependencies that this problem
+does not use.
 
 Streaming: linking needs only the last ``max_gap + 1`` planes, so :class:`Linker`
 takes planes one at a time (``push``) and returns them relabelled at once; memory
@@ -55,9 +60,11 @@ def link_stack(
     scores: Sequence | None = None,
     out=None,
     min_iou: float = 0.5,
+    min_cover_z: float | None = 0.8,
+    min_cover_t: float | None = 0.5,
     max_gap: int = 1,
     divisions: bool | None = None,
-    division_share: float = 0.25,
+    division_share: float = 0.2,
 ) -> tuple[np.ndarray, LinkTable]:
     """Link a whole stack of per-plane label images, reading and writing one plane at a time.
 
@@ -74,7 +81,7 @@ def link_stack(
     out : array-like, optional
         Where to write the relabelled planes (same shape as ``labels``, e.g. a zarr
         array or a memmap, to stay out of memory). Default: a new uint32 array.
-    min_iou, max_gap, divisions, division_share
+    min_iou, min_cover_z, min_cover_t, max_gap, divisions, division_share
         See :class:`Linker`.
 
     Returns
@@ -87,8 +94,8 @@ def link_stack(
     if axis in AXES and len(shape) != want:
         what = "(T, Z, Y, X)" if axis == "zt" else "(planes, Y, X)"
         raise ValueError(f"labels must be a {what} stack for axis={axis!r}, got shape {shape}")
-    linker = Linker(axis, min_iou=min_iou, max_gap=max_gap, divisions=divisions,
-                    division_share=division_share,
+    linker = Linker(axis, min_iou=min_iou, min_cover_z=min_cover_z, min_cover_t=min_cover_t,
+                    max_gap=max_gap, divisions=divisions, division_share=division_share,
                     n_z=shape[1] if axis == "zt" else None)  # fmt: skip
     if out is None:
         out = np.zeros(shape, dtype=np.uint32)

@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["Coded", "code_plane", "iou", "match_global", "overlaps"]
+__all__ = ["Coded", "code_plane", "iou", "match_global", "overlaps", "shifted_overlaps"]
 
 _MAX_LABEL = np.iinfo(np.uint32).max
 
@@ -98,15 +98,7 @@ def overlaps(a: Coded, b: Coded) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     fa, fb = a.codes.ravel(), b.codes.ravel()
     both = (fa > 0) & (fb > 0)
-    width = b.n + 1
-    keys = fa[both].astype(np.int64) * width + fb[both]
-    if (a.n + 1) * width <= max(4 * keys.size, 1 << 20):
-        counts = np.bincount(keys, minlength=(a.n + 1) * width)
-        keys = np.flatnonzero(counts)
-        counts = counts[keys]
-    else:
-        keys, counts = np.unique(keys, return_counts=True)
-    return keys // width, keys % width, counts.astype(np.int64)
+    return _count_pairs(fa[both], fb[both], a.n, b.n)
 
 
 def iou(a: Coded, b: Coded, ia: np.ndarray, ib: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -165,3 +157,39 @@ def match_global(
     mr, mc = ur[np.concatenate(out_r)], uc[np.concatenate(out_c)]
     order = np.argsort(mr, kind="stable")
     return mr[order].astype(np.int64), mc[order].astype(np.int64)
+
+
+def _count_pairs(ka: np.ndarray, kb: np.ndarray, na: int, nb: int):
+    """Counts of the code pairs ``(ka[i], kb[i])`` (all > 0) -> (ia, ib, counts)."""
+    width = nb + 1
+    keys = ka.astype(np.int64) * width + kb
+    if (na + 1) * width <= max(4 * keys.size, 1 << 20):
+        counts = np.bincount(keys, minlength=(na + 1) * width)
+        keys = np.flatnonzero(counts)
+        counts = counts[keys]
+    else:
+        keys, counts = np.unique(keys, return_counts=True)
+    return keys // width, keys % width, counts.astype(np.int64)
+
+
+def shifted_overlaps(a: Coded, b: Coded, shift: np.ndarray):
+    """Like :func:`overlaps`, with each object of ``a`` moved by its own shift first.
+
+    Parameters
+    ----------
+    shift : ndarray of int, shape (a.n + 1, a.codes.ndim)
+        Displacement of each code of ``a`` in pixels, in axis order (row 0 unused).
+        Pixels moved out of the plane overlap nothing.
+    """
+    flat = a.codes.ravel()
+    fg = np.flatnonzero(flat)
+    codes = flat[fg]
+    moved = [c + shift[codes, ax] for ax, c in enumerate(np.unravel_index(fg, a.codes.shape))]
+    inside = np.ones(len(fg), dtype=bool)
+    for ax, c in enumerate(moved):
+        inside &= (c >= 0) & (c < a.codes.shape[ax])
+    where = np.ravel_multi_index([c[inside] for c in moved], a.codes.shape)
+    kb = b.codes.ravel()[where]
+    ka = codes[inside]
+    hit = kb > 0
+    return _count_pairs(ka[hit], kb[hit], a.n, b.n)

@@ -1,0 +1,1 @@
+"""Training SAM-style models on images with instance labels (``mobilesam-train``)."""

@@ -1,0 +1,168 @@
+"""``mobilesam-train``: train SAM-style models on images with instance labels.
+
+Examples::
+
+    # fine-tune MobileSAM's decoder on your annotations (img.tif + img_labels.tif)
+    mobilesam-train annotated/ --out runs/mine
+    # also train the encoder's last stage, 20 epochs, on a GPU
+    mobilesam-train annotated/ --out runs/mine --train-encoder last --epochs 20 --device cuda
+    # continue an interrupted run
+    mobilesam-train annotated/ --out runs/mine --resume
+
+Errors are one message on stderr and exit status 1 (2 for bad usage, 130 on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import __version__
+from ..cli import CommandError, run_command
+from .config import ENCODER_MODES
+
+PROG = "mobilesam-train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Train the mask decoder (and optionally the image encoder) of a SAM-style model "
+            "on images with instance label images, with SAM's interactive recipe: a point or "
+            "box per object, then corrective clicks; focal + dice + IoU-head loss. The "
+            "best checkpoint on a held-out split is kept in the official format."
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "data", type=Path, nargs="?",
+        help="folder of img.tif + img_labels.tif pairs, images/ + labels/ folders, or SA-1B "
+        "img.jpg + img.json",
+    )  # fmt: skip
+    p.add_argument("-o", "--out", type=Path, required=True, help="run folder (created)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--val", type=Path, help="held-out folder (default: --val-fraction of data)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--synthetic", type=int, default=0, metavar="N",
+        help="train on N fresh synthetic cell images per epoch (napari_mobilesam.synthetic) "
+        "instead of a folder",
+    )  # fmt: skip
+    p.add_argument("--val-images", type=int, default=8, help="held-out synthetic images")
+    p.add_argument(
+        "--model", default="vit_t", help="architecture: a registry name or a JSON config file"
+    )
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--checkpoint", default=None,
+        help="starting weights: a file or a registry name (default: the official weights of "
+        "--model)",
+    )  # fmt: skip
+    start.add_argument(
+        "--from-scratch", action="store_true", help="start from a fresh initialisation"
+    )
+    p.add_argument(
+        "--train-encoder", choices=ENCODER_MODES, default="none",
+        help="none: decoder only, embeddings cached (fastest); last: also the encoder's last "
+        "stage and neck; all: the whole encoder",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--encoder-lr", type=float)
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    p.add_argument("--objects", type=int, default=12, help="objects prompted per image")
+    p.add_argument("--rounds", type=int, default=2, help="1 + corrective clicks per object")
+    p.add_argument("--background", type=int, default=2, help="'no object' points per image")
+    p.add_argument("--box-fraction", type=float, default=0.5)
+    p.add_argument("--focal-weight", type=float, default=1.0)
+    p.add_argument("--no-augment", action="store_true", help="no flips, rotations, contrast")
+    p.add_argument(
+        "--eval-points-per-side", type=int, default=32,
+        help="segment-everything grid of the held-out scores (0: skip)",
+    )  # fmt: skip
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between held-out scores")
+    p.add_argument(
+        "--input-size", type=int,
+        help="train at this model input size (e.g. 512 for a 1024 model, ~4x cheaper), on "
+        "crops that keep objects at their full-size scale",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .loop import train
+    from .step import StepConfig
+
+    if (args.data is None) == (args.synthetic == 0):
+        raise CommandError("give a data folder or --synthetic N (not both)", status=2)
+    if args.data is not None and not args.data.is_dir():
+        raise CommandError(f"data folder {args.data}: no such folder", status=2)
+    checkpoint = None if args.from_scratch else (args.checkpoint or args.model)
+    if checkpoint is not None and Path(checkpoint).suffix and not Path(checkpoint).is_file():
+        raise CommandError(f"--checkpoint {checkpoint}: no such file", status=2)
+    cfg = TrainConfig(
+        out=args.out,
+        data=args.data,
+        synthetic=args.synthetic,
+        val_data=args.val,
+        val_fraction=args.val_fraction,
+        val_images=args.val_images,
+        model=args.model,
+        checkpoint=checkpoint,
+        train_encoder=args.train_encoder,
+        epochs=args.epochs,
+        lr=args.lr,
+        encoder_lr=args.encoder_lr,
+        warmup=args.warmup,
+        step=StepConfig(
+            objects=args.objects,
+            rounds=args.rounds,
+            background=args.background,
+            box_fraction=args.box_fraction,
+            focal_weight=args.focal_weight,
+        ),
+        augment=not args.no_augment,
+        eval_points_per_side=args.eval_points_per_side,
+        eval_every=args.eval_every,
+        device=args.device,
+        input_size=args.input_size,
+        precision=args.precision,
+        seed=args.seed,
+    )
+    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    best = summary.get("best")
+    if best:
+        scores = ", ".join(
+            f"{k} {best[k]:.3f}" for k in ("point_miou", "box_miou", "f1") if k in best
+        )
+        print(f"best checkpoint (epoch {best['epoch'] + 1}): {scores} -> {args.out / 'best.pt'}")
+    else:
+        print(f"trained {summary['steps']} steps -> {args.out / 'best.pt'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mobilesam-train``; returns the exit status (0, 1 failure, 2 usage, 130)."""
+
+    def failures():
+        from ..build import CheckpointError
+        from ..weights import WeightsError
+        from .data import DataError
+
+        return (DataError, CheckpointError, WeightsError, FileExistsError, ValueError)
+
+    return run_command(build_parser(), argv, PROG, failures,
+                       "interrupted (finished epochs are kept; rerun with --resume)")  # fmt: skip
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

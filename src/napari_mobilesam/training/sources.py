@@ -1,0 +1,143 @@
+"""Where training examples come from: folders of annotated images, or the generator.
+
+A source hands out, for epoch ``e``, a list of zero-argument callables that each
+return one :class:`~napari_mobilesam.training.data.Example`, in a seeded order. Loading
+is lazy so that an epoch over thousands of files holds one image at a time.
+
+- :class:`FolderSource`: the planes of image/label pairs on disk, shuffled per epoch;
+- :class:`SyntheticSource`: images made by :mod:`napari_mobilesam.synthetic` with
+  varied sizes, cell radii, shapes, densities, dtypes and brightness, a fresh set
+  every epoch (so the model never sees an image twice), each fixed by
+  ``(seed, epoch, index)``; :meth:`SyntheticSource.held_out` makes a fixed set from a
+  different seed stream for validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import Example, Pair, load_examples
+
+__all__ = ["FolderSource", "SyntheticSource", "augment"]
+
+Loader = Callable[[], Example]
+
+
+def _seed(*parts: object) -> int:
+    h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") % 2**63
+
+
+class FolderSource:
+    """The planes of annotated image files (see :func:`load_examples`).
+
+    Parameters
+    ----------
+    pairs : list of Pair
+    seed : int
+        Seeds the per-epoch order.
+    """
+
+    def __init__(self, pairs: list[Pair], seed: int = 0) -> None:
+        self.pairs = list(pairs)
+        self.seed = seed
+        # planes per file are only known after reading; index them once
+        self._index: list[tuple[int, int]] = []
+        for i, pair in enumerate(self.pairs):
+            n = len(load_examples(pair))
+            self._index += [(i, k) for k in range(n)]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _loader(self, i: int, k: int) -> Loader:
+        return lambda: load_examples(self.pairs[i])[k]
+
+    def all(self) -> list[Loader]:
+        """Every plane, in file order."""
+        return [self._loader(i, k) for i, k in self._index]
+
+    def epoch(self, epoch: int) -> list[Loader]:
+        """Every plane, shuffled by ``(seed, epoch)``."""
+        order = np.random.default_rng(_seed(self.seed, "order", epoch)).permutation(len(self))
+        return [self._loader(*self._index[j]) for j in order]
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """Fresh synthetic cell images every epoch.
+
+    Parameters
+    ----------
+    images_per_epoch : int
+    seed : int
+    size : (int, int)
+        Range of the image side, pixels (square images; drawn per image).
+    """
+
+    images_per_epoch: int
+    seed: int = 0
+    size: tuple[int, int] = (384, 768)
+
+    def __len__(self) -> int:
+        return self.images_per_epoch
+
+    def make(self, seed: int) -> Example:
+        """One varied synthetic image (parameters drawn from ``seed``)."""
+        from .. import synthetic
+
+        rng = np.random.default_rng(seed)
+        side = int(rng.integers(self.size[0], self.size[1] + 1))
+        r_lo = float(rng.uniform(4, 16))
+        r_hi = float(min(60.0, r_lo * rng.uniform(1.5, 4.0)))
+        look = synthetic.Appearance(
+            dtype=str(rng.choice(["uint8", "uint16"], p=[0.3, 0.7])),
+            photons=float(np.exp(rng.uniform(np.log(40), np.log(1500)))),
+            illumination=float(rng.uniform(0.0, 0.6)),
+            psf_sigma=float(rng.uniform(0.6, 2.0)),
+            rim=float(rng.uniform(0.1, 0.7)),
+            background=float(rng.uniform(0.0, 0.2)),
+        )
+        s = synthetic.cells_2d(
+            (side, side),
+            seed=int(rng.integers(2**63)),
+            coverage=float(rng.uniform(0.1, 0.5)),
+            radius=(r_lo, r_hi),
+            elongated=float(rng.uniform(0.0, 0.6)),
+            clustered=float(rng.uniform(0.0, 0.9)),
+            appearance=look,
+        )
+        return Example(f"synthetic-{seed}", s.image, s.labels)
+
+    def epoch(self, epoch: int) -> list[Loader]:
+        seeds = [_seed(self.seed, "train", epoch, i) for i in range(self.images_per_epoch)]
+        return [lambda s=s: self.make(s) for s in seeds]
+
+    def held_out(self, n: int) -> list[Loader]:
+        """``n`` validation images from a seed stream the epochs never use."""
+        return [lambda i=i: self.make(_seed(self.seed, "held-out", i)) for i in range(n)]
+
+
+def augment(example: Example, rng: np.random.Generator) -> tuple[Example, tuple[float, float]]:
+    """A random flip / 90-degree rotation of ``example`` and contrast percentiles.
+
+    Returns
+    -------
+    (Example, (lo, hi))
+        The transformed example and percentiles in [0, 2] x [98, 100] for
+        :meth:`Example.rgb`, as users' contrast settings vary.
+    """
+    k = int(rng.integers(4))
+    image, labels = example.image, example.labels
+    rgb_axes = (0, 1)
+    image = np.rot90(image, k, axes=rgb_axes)
+    labels = np.rot90(labels, k)
+    if rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    lo, hi = float(rng.uniform(0, 2)), float(rng.uniform(98, 100))
+    out = Example(example.name, np.ascontiguousarray(image), np.ascontiguousarray(labels))
+    return out, (lo, hi)

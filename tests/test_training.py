@@ -1,0 +1,306 @@
+"""Training pieces: window logits, prompts, losses, the step, data, metrics, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_mobilesam import synthetic
+from napari_mobilesam.training import metrics
+from napari_mobilesam.training.data import DataError, Pair, find_pairs, load_examples, split_pairs
+from napari_mobilesam.training.decoder import Window, decode_tokens, window_logits
+from napari_mobilesam.training.evaluate import centre_point, evaluate
+from napari_mobilesam.training.losses import dice_loss_per_mask, focal_loss_per_mask, mask_iou
+from napari_mobilesam.training.prompts import (
+    background_points,
+    corrective_points,
+    noisy_boxes,
+    points_from_masks,
+)
+from napari_mobilesam.training.step import StepConfig, interactive_loss
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_window_logits_equal_the_full_decoder_output(tiny_model, multimask):
+    torch.manual_seed(0)
+    emb = torch.randn(1, 32, 8, 8)
+    coords = torch.rand(3, 2, 2) * 128
+    labels = torch.tensor([[1, 0], [1, 1], [1, -1]])
+    with torch.no_grad():
+        sparse, dense = tiny_model.prompt_encoder((coords, labels), None, None)
+        full, iou_full = tiny_model.mask_decoder(
+            emb, tiny_model.prompt_encoder.get_dense_pe(), sparse, dense, multimask
+        )
+        hyper, iou, keys = decode_tokens(tiny_model, emb, sparse, dense, multimask)
+        torch.testing.assert_close(iou, iou_full, rtol=1e-5, atol=1e-5)
+        win = Window(1, 5, 2, 8)
+        far = torch.tensor([0, 9, 63])
+        for b in range(3):
+            w, f = window_logits(tiny_model, keys[b : b + 1], hyper[b], (8, 8), win, far)
+            torch.testing.assert_close(w, full[b][:, 4:20, 8:32], rtol=1e-4, atol=1e-4)
+            for k, t in enumerate(far.tolist()):
+                r, c = divmod(t, 8)
+                block = full[b][:, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4]
+                torch.testing.assert_close(f[:, k], block, rtol=1e-4, atol=1e-4)
+
+
+def test_window_around_covers_the_target_with_a_margin():
+    t = torch.zeros(32, 32, dtype=torch.bool)
+    t[10:14, 20:22] = True
+    w = Window.around(t, (8, 8), grow=0.5, min_tokens=2)
+    rows, cols = w.pixels
+    assert rows.start <= 10 and rows.stop >= 14 and cols.start <= 20 and cols.stop >= 22
+    assert 0 <= w.t0 < w.t1 <= 8 and 0 <= w.u0 < w.u1 <= 8
+
+
+def test_points_from_masks_fall_inside_and_scale():
+    masks = torch.zeros(2, 10, 10, dtype=torch.bool)
+    masks[0, 2, 3] = True
+    masks[1, 7:9, 1:3] = True
+    gen = torch.Generator().manual_seed(0)
+    xy = points_from_masks(masks, gen, scale=2.0)
+    assert xy[0].tolist() == [6.0, 4.0]
+    x, y = (xy[1] / 2).long().tolist()
+    assert masks[1, y, x]
+    with pytest.raises(ValueError, match="non-empty"):
+        points_from_masks(torch.zeros(1, 4, 4, dtype=torch.bool), gen, 1.0)
+
+
+def test_noisy_boxes_stay_ordered_and_bounded():
+    gen = torch.Generator().manual_seed(1)
+    boxes = torch.tensor([[10.0, 10.0, 20.0, 30.0]]).repeat(200, 1)
+    out = noisy_boxes(boxes, gen, frac=0.5, max_px=3.0)
+    assert (out[:, 0] <= out[:, 2]).all() and (out[:, 1] <= out[:, 3]).all()
+    assert (out - boxes).abs().max() <= 6.0  # a swap can move a corner by 2 * max_px
+    assert (out != boxes).any()
+
+
+def test_corrective_points_come_from_the_error_region():
+    target = torch.zeros(3, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    pred = target.clone()
+    pred[0, 2:6, 2:4] = False  # missed part -> foreground click there
+    pred[1, 0, 0] = True  # spill -> background click on it
+    gen = torch.Generator().manual_seed(0)
+    xy, lab = corrective_points(pred, target, gen, scale=1.0)
+    assert lab.tolist() == [1, 0, 1]  # no error: a confirming click inside the object
+    assert 2 <= xy[0, 0] + 0.5 < 4 and 2 <= xy[0, 1] + 0.5 < 6
+    assert xy[1].tolist() == [0.0, 0.0]
+    assert target[2, int(xy[2, 1]), int(xy[2, 0])]
+
+
+def test_background_points_avoid_objects():
+    labels = np.zeros((40, 40), np.uint32)
+    labels[5:35, 5:35] = 1
+    pts = background_points(labels, 50, np.random.default_rng(0), margin=2)
+    assert len(pts) == 50
+    assert not labels[pts[:, 1].astype(int), pts[:, 0].astype(int)].any()
+    assert len(background_points(np.ones((5, 5), np.uint32), 3, np.random.default_rng(0))) == 0
+
+
+def test_losses_are_low_for_right_and_high_for_wrong_logits():
+    target = torch.zeros(1, 16, 16)
+    target[0, 4:12, 4:12] = 1
+    right = (target * 2 - 1) * 10
+    assert focal_loss_per_mask(right, target) < 1e-4
+    assert dice_loss_per_mask(right, target) < 0.01
+    assert focal_loss_per_mask(-right, target) > 1 and dice_loss_per_mask(-right, target) > 0.9
+    assert mask_iou(right > 0, target.bool()).item() == 1.0
+    assert mask_iou(torch.zeros(1, 4, 4, dtype=torch.bool), torch.zeros(1, 4, 4)).item() == 1.0
+
+
+def _labels(seed=0, shape=(128, 128)):
+    return synthetic.cells_2d(shape, seed=seed, radius=(10, 20)).labels
+
+
+def test_interactive_loss_backpropagates_into_decoder_and_encoder(tiny_model):
+    tiny_model.train()
+    x = torch.randn(1, 3, 128, 128)
+    emb = tiny_model.image_encoder(x)
+    cfg = StepConfig(objects=4, rounds=3, background=2, far_tokens=4)
+    loss, parts = interactive_loss(
+        tiny_model, emb, (128, 128), _labels(), cfg, np.random.default_rng(0)
+    )
+    assert torch.isfinite(loss) and 0 <= parts["miou"] <= 1 and parts["objects"] == 4
+    loss.backward()
+    grads = [p.grad for p in tiny_model.mask_decoder.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert tiny_model.image_encoder.neck[0].weight.grad.abs().sum() > 0
+
+
+def test_interactive_loss_is_none_without_objects(tiny_model):
+    emb = torch.randn(1, 32, 8, 8)
+    labels = np.zeros((64, 64), np.uint32)
+    labels[0, 0] = 1  # below min_area
+    assert (
+        interactive_loss(
+            tiny_model, emb, (128, 128), labels, StepConfig(), np.random.default_rng(0)
+        )
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"objects": 0}, "objects"), ({"rounds": 0}, "rounds"), ({"background": -1}, "background"),
+     ({"box_fraction": 2.0}, "box_fraction"), ({"iou_weight": -1.0}, "iou_weight")],
+)  # fmt: skip
+def test_step_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StepConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _write(folder, name, image, labels, labels_name=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(folder / f"{name}.tif", image)
+    tifffile.imwrite(folder / (labels_name or f"{name}_labels.tif"), labels)
+
+
+def test_find_pairs_suffix_layout_and_stacks(tmp_path):
+    s = synthetic.cells_2d((64, 64), seed=0, radius=(6, 10))
+    _write(tmp_path, "a", s.image, s.labels)
+    stack = synthetic.cells_3d((3, 64, 64), seed=0, z_radius=(2, 3))
+    _write(tmp_path / "sub", "b", stack.image, stack.labels)
+    tifffile.imwrite(tmp_path / "lonely.tif", s.image)  # no labels: not a training image
+    pairs = find_pairs(tmp_path)
+    assert [p.name for p in pairs] == ["a", "b"]
+    planes = load_examples(pairs[1])
+    assert 1 <= len(planes) <= 3 and planes[0].name.startswith("b[")
+    assert planes[0].image.shape == planes[0].labels.shape == (64, 64)
+
+
+def test_find_pairs_folders_layout(tmp_path):
+    s = synthetic.cells_2d((64, 64), seed=1, radius=(6, 10))
+    _write(tmp_path / "images", "x", s.image, s.labels, labels_name="unused_labels.tif")
+    (tmp_path / "images" / "unused_labels.tif").unlink()
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "labels" / "x.tif", s.labels)
+    (pair,) = find_pairs(tmp_path)
+    assert pair.labels == tmp_path / "labels" / "x.tif"
+    tifffile.imwrite(tmp_path / "images" / "y.tif", s.image)
+    with pytest.raises(DataError, match=r"y\.tif.*no label image"):
+        find_pairs(tmp_path)
+
+
+def test_sa1b_json_is_read_as_labels(tmp_path):
+    from PIL import Image
+
+    from napari_mobilesam.distill.data import rle_encode
+
+    big = np.zeros((32, 40), bool)
+    big[4:28, 4:36] = True
+    small = np.zeros((32, 40), bool)
+    small[10:14, 10:14] = True
+    Image.fromarray(np.full((32, 40, 3), 90, np.uint8)).save(tmp_path / "sa_1.jpg")
+    anns = [{"segmentation": rle_encode(m)} for m in (small, big)]
+    (tmp_path / "sa_1.json").write_text(json.dumps({"annotations": anns}))
+    (ex,) = load_examples(find_pairs(tmp_path)[0])
+    assert ex.image.shape == (32, 40, 3)
+    assert (ex.labels[small] == 1).all()  # the small mask is painted over the large one
+    assert (ex.labels[big & ~small] == 2).all()
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (np.zeros((64, 64), np.uint16), "no object"),
+        (np.full((64, 64), 1.5, np.float32), "non-integer"),
+        (np.ones((32, 64), np.uint16), "shape"),
+        (-np.ones((64, 64), np.int16), "negative"),
+        (np.ones((64, 64), np.complex64), "dtype"),
+    ],
+)
+def test_bad_label_images_are_named(tmp_path, labels, match):
+    _write(tmp_path, "img", np.zeros((64, 64), np.uint16), labels)
+    (pair,) = find_pairs(tmp_path)
+    with pytest.raises(DataError, match=match) as err:
+        load_examples(pair)
+    assert "img" in str(err.value)
+
+
+def test_unreadable_file_and_empty_folder(tmp_path):
+    (tmp_path / "img.tif").write_bytes(b"not a tiff")
+    tifffile.imwrite(tmp_path / "img_labels.tif", np.ones((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"cannot read .*img\.tif"):
+        load_examples(find_pairs(tmp_path)[0])
+    with pytest.raises(DataError, match="no annotated images"):
+        find_pairs(_empty(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        find_pairs(tmp_path / "missing")
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_split_is_stable_and_never_empty(tmp_path):
+    pairs = [Pair(tmp_path / f"i{k}.tif", tmp_path / f"i{k}_labels.tif") for k in range(20)]
+    train, held = split_pairs(pairs, 0.2, seed=0)
+    assert len(train) + len(held) == 20 and set(train).isdisjoint(held) and held
+    _, held2 = split_pairs([*pairs, Pair(tmp_path / "new.tif", tmp_path / "n.tif")], 0.2)
+    assert set(held).issubset(set(held2))  # old files keep their side
+    assert split_pairs(pairs[:2], 0.01)[1]  # at least one held out
+    assert split_pairs(pairs[:1], 0.5) == (pairs[:1], [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_pairs(pairs, 1.0)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_iou_matrix_and_matching():
+    truth = np.zeros((10, 10), np.uint32)
+    truth[0:4, 0:4] = 1
+    truth[6:10, 6:10] = 7
+    good = truth == 1
+    half = np.zeros((10, 10), bool)
+    half[6:10, 6:8] = True
+    ious = metrics.iou_matrix([good, half, np.zeros((10, 10), bool)], truth)
+    assert ious.shape == (3, 2)
+    assert ious[0, 0] == 1.0 and ious[1, 1] == 0.5 and ious[2].sum() == 0
+    m = metrics.match_counts(ious, 0.5)
+    assert (m["tp"], m["n_pred"], m["n_true"]) == (2, 3, 2)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == 1.0
+    assert metrics.match_counts(np.zeros((0, 0)))["f1"] == 1.0
+    assert np.array_equal(metrics.iou_matrix(truth, truth), np.eye(2))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.iou_matrix([np.zeros((3, 3), bool)], truth)
+
+
+def test_average_precision():
+    ious = np.array([[0.9, 0.0], [0.0, 0.8], [0.1, 0.1]])
+    assert metrics.average_precision([(ious, np.array([0.9, 0.8, 0.1]))]) == pytest.approx(1.0)
+    # the false positive ranked first: precision 1/2 then 2/3, made monotone (2/3 at both)
+    ap = metrics.average_precision([(ious, np.array([0.5, 0.4, 0.9]))])
+    assert ap == pytest.approx(2 / 3)
+    assert np.isnan(metrics.average_precision([(np.zeros((1, 0)), np.array([0.3]))]))
+
+
+def test_centre_point_is_deep_inside():
+    m = np.zeros((20, 30), bool)
+    m[2:19, 3:12] = True
+    x, y = centre_point(m)
+    assert m[int(y), int(x)] and 6 <= x <= 8 and 9 <= y <= 11
+    with pytest.raises(ValueError, match="non-empty"):
+        centre_point(np.zeros((3, 3), bool))
+
+
+def test_evaluate_reports_every_score_in_range(tiny_model):
+    from napari_mobilesam.training.data import Example
+
+    s = synthetic.cells_2d((96, 96), seed=0, radius=(8, 14))
+    res = evaluate(tiny_model, [Example("a", s.image, s.labels)], points_per_side=4, max_objects=5)
+    for key in ("point_miou", "random_point_miou", "box_miou", "precision", "recall", "f1"):
+        assert 0 <= res[key] <= 1, key
+    assert res["n_objects"] == 5 and res["n_images"] == 1
+    res = evaluate(tiny_model, [Example("a", s.image, s.labels)], points_per_side=None)
+    assert "f1" not in res

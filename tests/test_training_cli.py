@@ -1,0 +1,143 @@
+"""``mobilesam-train`` end to end: outputs, resume, errors, and a model that gets better."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mobilesam import synthetic
+from napari_mobilesam.distill.models import config_to_dict, load_sam
+from napari_mobilesam.training import loop
+from napari_mobilesam.training.cli import main
+
+from .conftest import GOLDEN_CKPT, TINY_CONFIG, requires_golden
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(config_to_dict(TINY_CONFIG)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    synthetic.write_dataset(folder, 5, seed=2, shape=(96, 96), radius=(8, 14))
+    return folder
+
+
+def _args(data, out, tiny_json, *extra):
+    return [str(data), "-o", str(out), "--model", str(tiny_json), "--from-scratch",
+            "--eval-points-per-side", "4", "--objects", "4", "--quiet", *extra]  # fmt: skip
+
+
+def test_trains_and_writes_a_loadable_run(data, tmp_path, tiny_json, capsys):
+    out = tmp_path / "run"
+    assert main(_args(data, out, tiny_json, "--epochs", "2", "--train-encoder", "all")) == 0
+    assert "best checkpoint" in capsys.readouterr().out
+    for name in ("best.pt", "last.pt", "state.pt", "log.csv", "val.csv", "run.json"):
+        assert (out / name).is_file(), name
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {r["epoch"] for r in rows} == {"0", "1"}  # 4 train images x 2
+    with open(out / "val.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 8 and 0 <= run["best"]["point_miou"] <= 1
+    model = load_sam(TINY_CONFIG, out / "best.pt")  # official format, strict keys
+    assert model.image_encoder.img_size == 128
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_resume_continues_to_the_same_weights(data, tmp_path, tiny_json, monkeypatch):
+    full = tmp_path / "full"
+    assert main(_args(data, full, tiny_json, "--epochs", "2", "--no-augment")) == 0
+    cut = tmp_path / "cut"
+    calls = {"n": 0}
+    real = loop.interactive_loss
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the second epoch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "interactive_loss", interrupted)
+    assert main(_args(data, cut, tiny_json, "--epochs", "2", "--no-augment")) == 130
+    assert (cut / "state.pt").is_file() and not (cut / "run.json").exists()
+    monkeypatch.setattr(loop, "interactive_loss", real)
+    assert main(_args(data, cut, tiny_json, "--epochs", "2", "--no-augment", "--resume")) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    with open(cut / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(8))
+
+
+def test_refuses_an_existing_run_or_other_settings(data, tmp_path, tiny_json, capsys):
+    out = tmp_path / "run"
+    assert main(_args(data, out, tiny_json, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(_args(data, out, tiny_json, "--epochs", "1")) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(_args(data, out, tiny_json, "--epochs", "3", "--resume")) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "match"),
+    [
+        (["-o", "x"], 2, "data folder or --synthetic"),
+        (["nowhere", "-o", "x"], 2, "no such folder"),
+        (["{data}", "-o", "x", "--synthetic", "3"], 2, "not both"),
+        (["{data}", "-o", "x", "--checkpoint", "missing.pt"], 2, "no such file"),
+        (["{data}", "-o", "x", "--model", "vit_q", "--from-scratch"], 1, "unknown model"),
+        (["{data}", "-o", "x", "--input-size", "100", "--from-scratch"], 1, "input_size"),
+        (["{data}", "-o", "x", "--epochs", "0", "--from-scratch"], 1, "epochs"),
+    ],
+)
+def test_usage_errors(data, tmp_path, monkeypatch, capsys, argv, status, match):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{data}", str(data)) for a in argv]
+    assert main(argv) == status
+    assert match in capsys.readouterr().err
+
+
+def test_bad_data_names_the_file(tmp_path, tiny_json, capsys):
+    import tifffile
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", np.zeros((32, 32), np.uint16))
+    tifffile.imwrite(folder / "a_labels.tif", np.zeros((32, 48), np.uint16))
+    assert main(_args(folder, tmp_path / "out", tiny_json)) == 1
+    err = capsys.readouterr().err
+    assert "a_labels.tif" in err and "shape" in err
+
+
+@pytest.mark.slow
+@requires_golden
+def test_twenty_pairs_decoder_training_beats_the_starting_model(tmp_path):
+    """The acceptance check: vit_t from the random-valued checkpoint, decoder only
+    (embeddings cached), 20 synthetic image/label pairs, end to end on the CPU."""
+    from napari_mobilesam.training.data import find_pairs, load_examples, split_pairs
+    from napari_mobilesam.training.evaluate import evaluate
+
+    data = tmp_path / "data"
+    synthetic.write_dataset(data, 20, seed=7, shape=(256, 256), radius=(12, 28))
+    out = tmp_path / "run"
+    argv = [str(data), "-o", str(out), "--checkpoint", str(GOLDEN_CKPT), "--epochs", "3",
+            "--eval-points-per-side", "0", "--lr", "1e-3", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    _, held = split_pairs(find_pairs(data), 0.2)
+    examples = [ex for p in held for ex in load_examples(p)]
+    before = evaluate(load_sam("vit_t", GOLDEN_CKPT), examples, points_per_side=None)
+    after = evaluate(load_sam("vit_t", out / "best.pt"), examples, points_per_side=None)
+    assert after["point_miou"] > before["point_miou"] + 0.1
+    assert after["box_miou"] > before["box_miou"] + 0.1
