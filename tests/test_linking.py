@@ -234,6 +234,55 @@ def test_z_does_not_look_for_divisions_by_default():
     assert table.parents == {2: 1, 3: 1}
 
 
+def concentric(radii, shape=(48, 48)):
+    """One disk per plane, all centred on the same point: sections of a round object."""
+    return np.stack([paint(shape, [(1, (24, 24), r)]) for r in radii])
+
+
+def test_caps_of_a_round_object_join_it_through_z():
+    stack = concentric([4, 9, 10, 9, 4])
+    assert _iou(stack[0], stack[1]) < 0.25  # the caps' IoU is far below min_iou
+    linked, table = link_stack(stack, "z")
+    assert len(table.objects()["id"]) == 1 and (linked[stack > 0] == 1).all()
+    _, iou_only = link_stack(stack, "z", min_cover_z=None)
+    assert len(iou_only.objects()["id"]) == 3
+
+
+def test_an_object_ending_below_one_that_starts_is_not_joined_to_it():
+    """A (radii 10, 9, 5) ends with a cap inside the first section of B (8, 10, 10):
+    joining them would give A a waist at its cap, so B is another object."""
+    stack = concentric([10, 9, 5, 8, 10, 10])
+    _, table = link_stack(stack, "z")
+    objs = table.objects()
+    assert objs["first"].tolist() == [0, 3] and objs["last"].tolist() == [2, 5]
+
+
+def test_a_cell_that_shrinks_keeps_its_track_through_containment():
+    stack = concentric([10, 6, 6])
+    assert _iou(stack[0], stack[1]) < 0.5
+    assert len(link_stack(stack, "t")[1].objects()["id"]) == 1
+    assert len(link_stack(stack, "t", min_cover_t=None)[1].objects()["id"]) == 2
+
+
+def test_motion_prediction_follows_an_accelerating_cell():
+    xs = [12, 14, 18, 24, 32]  # steps of 2, 4, 6, 8 px; r = 8
+    frames = np.stack([paint((40, 64), [(1, (20, x), 8)]) for x in xs])
+    assert _iou(frames[3], frames[4]) < 0.3  # where it was: no match
+    linked, table = link_stack(frames, "t", min_cover_t=None)
+    assert len(table.objects()["id"]) == 1 and np.array_equal(linked > 0, frames > 0)
+    _, as_z = link_stack(frames, "z", min_cover_z=None)  # no motion model through z
+    assert len(as_z.objects()["id"]) > 1
+
+
+def test_a_neighbour_mostly_outside_the_parent_is_no_child():
+    parent = paint((48, 64), [(1, (24, 24), 10)])
+    after = paint((48, 64), [(1, (24, 19), 7), (2, (24, 38), 12)])  # 2 lies mostly outside
+    inside = ((after == 2) & (parent > 0)).sum()
+    assert inside >= 0.2 * (parent > 0).sum() and inside < 0.5 * (after == 2).sum()
+    _, table = link_stack(np.stack([parent, after]), "t")
+    assert table.parents == {}
+
+
 # ---------------------------------------------------------------- invariants
 
 
