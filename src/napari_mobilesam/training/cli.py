@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", type=int, default=2, help="'no object' points per image")
     p.add_argument("--box-fraction", type=float, default=0.5)
     p.add_argument("--focal-weight", type=float, default=1.0)
+    p.add_argument(
+        "--aux-weight", type=float, default=0.0,
+        help="weight of a dense foreground/boundary loss on the encoder (for encoders trained "
+        "from scratch; 0: off)",
+    )  # fmt: skip
     p.add_argument("--no-augment", action="store_true", help="no flips, rotations, contrast")
     p.add_argument(
         "--eval-points-per-side", type=int, default=32,
@@ -130,6 +135,7 @@ def _train(args: argparse.Namespace) -> int:
             box_fraction=args.box_fraction,
             focal_weight=args.focal_weight,
         ),
+        aux_weight=args.aux_weight,
         augment=not args.no_augment,
         eval_points_per_side=args.eval_points_per_side,
         eval_every=args.eval_every,

@@ -53,6 +53,10 @@ class TrainConfig:
         Clip the global gradient norm (0 = off).
     step : StepConfig
         Prompts and loss weights of a step.
+    aux_weight : float
+        Weight of the dense auxiliary loss on the encoder
+        (:mod:`napari_mobilesam.training.auxiliary`); useful when the encoder trains
+        from a fresh initialisation, 0 (off) otherwise.
     augment : bool
         Random flips, 90-degree rotations and contrast (folders; off when the
         encoder is frozen, whose embeddings are then cached per image).
@@ -92,6 +96,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     step: StepConfig = field(default_factory=StepConfig)
+    aux_weight: float = 0.0
     augment: bool = True
     eval_points_per_side: int = 32
     eval_every: int = 1
@@ -121,7 +126,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        for name in ("weight_decay", "grad_clip"):
+        if self.aux_weight and self.train_encoder == "none":
+            raise ValueError(
+                "aux_weight trains the encoder: it needs train_encoder 'last' or 'all'"
+            )
+        for name in ("weight_decay", "grad_clip", "aux_weight"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")

@@ -32,6 +32,7 @@ from ..atomic import atomic_path, to_json, write_json_atomic, write_text_atomic
 from ..build import build_sam, resolve_device
 from ..distill.data import preprocess
 from ..distill.models import load_sam, resolve_config, save_student
+from .auxiliary import DenseHead
 from .config import TrainConfig
 from .data import DataError, Example, find_pairs, split_pairs
 from .evaluate import evaluate
@@ -40,7 +41,9 @@ from .step import image_embedding, interactive_loss
 
 __all__ = ["LOG_FIELDS", "VAL_FIELDS", "train"]
 
-LOG_FIELDS = ("step", "epoch", "loss", "mask", "iou", "miou", "objects", "lr", "seconds")
+LOG_FIELDS = (
+    "step", "epoch", "loss", "mask", "iou", "aux", "miou_first", "miou", "objects", "lr", "seconds",
+)  # fmt: skip
 VAL_FIELDS = (
     "epoch", "step", "score", "point_miou", "random_point_miou", "box_miou",
     "precision", "recall", "f1", "ap50",
@@ -92,6 +95,21 @@ def _trainable(model, mode: str) -> tuple[list, list]:
     enc_params = [p for p in enc.parameters() if p.requires_grad]
     dec_params = [p for p in [*model.prompt_encoder.parameters(), *model.mask_decoder.parameters()]]
     return enc_params, dec_params
+
+
+def _set_modes(model, mode: str) -> None:
+    """Training mode for what trains; normalisation statistics always frozen.
+
+    BatchNorm statistics are not updated during training (they are per image at
+    batch size 1, and fine-tuning keeps the pretrained ones, as detection models
+    do); a frozen encoder runs entirely in eval mode.
+    """
+    model.train()
+    if mode == "none":
+        model.image_encoder.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def _groups(params: list, lr: float, weight_decay: float) -> list[dict]:
@@ -176,7 +194,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         ``cfg.out`` holds a run and ``resume`` is False, or the settings of the run
         there differ from ``cfg``.
     """
-    from ..engine.precision import resolve_precision
+    from ..predictor import resolve_precision
 
     out = Path(cfg.out)
     state_path = out / "state.pt"
@@ -190,9 +208,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     )
     source, held_out = _sources(cfg)
     model = _model(cfg, device)
-    model.train()
     full_size = resolve_config(cfg.model).image_size
     enc_params, dec_params = _trainable(model, cfg.train_encoder)
+    _set_modes(model, cfg.train_encoder)
+    head = None
+    if cfg.aux_weight:
+        head = DenseHead(model.prompt_encoder.embed_dim).to(device)
+        dec_params = dec_params + list(head.parameters())
     groups = _groups(dec_params, cfg.lr, cfg.weight_decay)
     if enc_params:
         groups += _groups(enc_params, cfg.encoder_lr or cfg.lr, cfg.weight_decay)
@@ -209,6 +231,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 f"{out} holds a run with other settings; use another --out to start a new run"
             )
         model.load_state_dict(state["model"])
+        if head is not None:
+            head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
         if state.get("best_record"):
@@ -248,6 +272,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             res = interactive_loss(model, emb, isz, ex.labels, cfg.step, rng)
             if res is not None:
                 loss, parts = res
+                if head is not None:
+                    aux = head.loss(emb, ex.labels, model.img_size, isz)
+                    loss = loss + cfg.aux_weight * aux
+                    parts["aux"] = float(aux.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -260,7 +288,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                      "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
                 )  # fmt: skip
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", miou=f"{parts['miou']:.2f}")
+                    bar.set_postfix(
+                        loss=f"{float(loss.detach()):.3f}",
+                        miou=f"{parts['miou_first']:.2f}/{parts['miou']:.2f}",
+                    )
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -289,6 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             torch.save(
                 {"config": to_json(cfg.to_dict()), "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step, "best": best,
+                 "head": None if head is None else head.state_dict(),
                  "best_record": summary.get("best")},
                 tmp,
             )  # fmt: skip

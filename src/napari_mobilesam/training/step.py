@@ -134,6 +134,7 @@ class _Losses:
         self.mask: list[torch.Tensor] = []
         self.iou: list[torch.Tensor] = []
         self.last_iou: list[float] = []
+        self.first_iou: list[float] = []
 
     def score(
         self, logits: torch.Tensor, far: torch.Tensor | None, far_weight: float, p: _Prompt
@@ -218,6 +219,8 @@ def _run_round(
         iou_terms.append(F.mse_loss(iou_pred[b].float(), actual, reduction="sum") / len(actual))
         if not p.is_background:
             losses.last_iou.append(float(actual[best]))
+            if first:
+                losses.first_iou.append(float(actual[best]))
         canvas = torch.full(
             (1, *p.target.shape),
             float(far[best].detach().mean()) if far is not None else -10.0,
@@ -268,7 +271,8 @@ def interactive_loss(
     -------
     (loss, parts) or None
         The scalar loss and floats: ``mask`` (focal + dice), ``iou`` (IoU-head
-        MSE), ``miou`` (mean IoU of the objects' masks in the last round),
+        MSE), ``miou`` (mean IoU of the objects' best masks in the last round),
+        ``miou_first`` (the same after the first prompt),
         ``objects``; None when the image has no object large enough to prompt.
     """
     from ..distill.finetune import low_res_target
@@ -331,6 +335,7 @@ def interactive_loss(
         "mask": float(mask_loss.detach()),
         "iou": float(iou_loss.detach()),
         "miou": float(np.mean(losses.last_iou)) if losses.last_iou else float("nan"),
+        "miou_first": float(np.mean(losses.first_iou)) if losses.first_iou else float("nan"),
         "objects": float(len(masks)),
     }
     return loss, parts
