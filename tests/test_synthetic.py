@@ -172,3 +172,26 @@ def test_write_dataset_bad_arguments(tmp_path, kwargs, match):
     n = args.pop("n")
     with pytest.raises(ValueError, match=match):
         synthetic.write_dataset(tmp_path, n, **args)
+
+
+def test_mobilesam_synthetic_command(tmp_path, capsys):
+    from napari_mobilesam.cli import main
+
+    assert main(["synthetic", str(tmp_path / "a"), "-n", "2", "--size", "64", "--seed", "3"]) == 0
+    assert "wrote 2" in capsys.readouterr().out
+    assert tifffile.imread(tmp_path / "a" / "cells_001_labels.tif").shape == (64, 64)
+    argv = ["synthetic", str(tmp_path / "b"), "-n", "1", "--kind", "3d", "--planes", "4",
+            "--size", "64", "--layout", "folders"]  # fmt: skip
+    assert main(argv) == 0
+    assert tifffile.imread(tmp_path / "b" / "images" / "cells_000.tif").shape == (4, 64, 64)
+    argv = ["synthetic", str(tmp_path / "c"), "--kind", "timeseries", "--frames", "3",
+            "--size", "48", "-n", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert tifffile.imread(tmp_path / "c" / "cells_000.tif").shape == (3, 48, 48)
+    capsys.readouterr()
+    assert main(["synthetic", str(tmp_path / "d"), "--planes", "3"]) == 1
+    assert "--planes is for --kind 3d" in capsys.readouterr().err
+    assert main(["synthetic", str(tmp_path / "d"), "--frames", "3"]) == 1
+    assert "--frames is for --kind timeseries" in capsys.readouterr().err
+    assert main(["synthetic", str(tmp_path / "d"), "-n", "0"]) == 1
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())

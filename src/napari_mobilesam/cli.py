@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from . import weights as _w
+from .synthetic_command import add_parser as add_synthetic_parser
 
 PROG = "mobilesam"
 
@@ -242,6 +243,7 @@ def _add_export_onnx_parser(subparsers: argparse._SubParsersAction) -> None:
 _GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_weights_parser,
     _add_export_onnx_parser,
+    add_synthetic_parser,
 ]
 
 
@@ -276,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status: 0 on success, 1 on failure, 2 on bad usage, 130 on Ctrl-C.
     """
-    return run_command(build_parser(), argv, PROG, lambda: (_w.WeightsError,))
+    return run_command(build_parser(), argv, PROG, lambda: (_w.WeightsError, ValueError))
 
 
 def run_command(
