@@ -85,6 +85,8 @@ def test_sample_data_functions():
     assert cells.max() > 2000 > np.median(cells)  # bright cells on a dim background
     ((stack, _, _),) = napari_io.sample_cell_stack()
     assert stack.shape == (12, 256, 256)
+    ((movie, meta, _),) = napari_io.sample_cell_movie()
+    assert movie.shape == (20, 256, 256) and meta["name"] == "synthetic cell movie"
     ((coins, _, _),) = napari_io.sample_coins()
     assert coins.ndim == 2
 

@@ -272,9 +272,9 @@ def test_errors_become_notifications(make_napari_viewer, qtbot, monkeypatch, tmp
 
 def test_sample_data_and_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
-    for key in ("cells", "cell_stack", "coins"):
+    for key in ("cells", "cell_stack", "cell_movie", "coins"):
         viewer.open_sample("napari-mobilesam", key)
-    assert len(viewer.layers) == 3
+    assert len(viewer.layers) == 4
     assert viewer.layers["synthetic cell stack"].data.shape == (12, 256, 256)
     assert viewer.layers["synthetic cells"].data.dtype == np.uint16
 

@@ -168,37 +168,39 @@ _PLANE_AXES = "ABDEFGHIJKLMNOPQRSUVWTZ"
 # ----------------------------------------------------------------------------- sample data
 
 
-def _cells(shape: tuple[int, int], centers, radii, rng: np.random.Generator) -> np.ndarray:
-    from skimage.draw import disk
-
-    img = rng.normal(400, 40, shape)
-    for (r, c), rad in zip(centers, radii, strict=True):
-        rr, cc = disk((r, c), rad, shape=shape)
-        img[rr, cc] += 2500 + 600 * np.cos(np.hypot(rr - r, cc - c) / rad * np.pi / 2)
-    return np.clip(img, 0, 65535).astype(np.uint16)
+def _limits(image: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(image, (0.5, 99.8))
+    return float(lo), float(hi)
 
 
 def sample_cells() -> list[LayerData]:
-    """A 2D uint16 image of 25 synthetic round cells on a noisy background (512 x 512)."""
-    rng = np.random.default_rng(0)
-    centers = rng.integers(40, 472, size=(25, 2))
-    radii = rng.integers(12, 28, size=25)
-    img = _cells((512, 512), centers, radii, rng)
-    return [(img, {"name": "synthetic cells", "contrast_limits": (0, 4000)}, "image")]
+    """A 2D uint16 image of synthetic fluorescent cells (512 x 512, seed 0).
+
+    Made by :func:`napari_mobilesam.synthetic.cells_2d`: round and elongated cells,
+    some touching, with texture, uneven illumination and noise.
+    """
+    from .synthetic import cells_2d
+
+    img = cells_2d((512, 512), seed=0).image
+    return [(img, {"name": "synthetic cells", "contrast_limits": _limits(img)}, "image")]
 
 
 def sample_cell_stack() -> list[LayerData]:
-    """A (12, 256, 256) uint16 stack: 6 synthetic cells drifting slowly through z."""
-    rng = np.random.default_rng(1)
-    centers = rng.integers(50, 206, size=(6, 2)).astype(float)
-    radii = rng.integers(14, 24, size=6)
-    drift = rng.normal(0, 1.5, size=(6, 2))
-    planes = []
-    for z in range(12):
-        scale = 1.0 - abs(z - 5.5) / 12  # cells are widest mid-stack
-        planes.append(_cells((256, 256), centers + z * drift, np.maximum(4, radii * scale), rng))
-    stack = np.stack(planes)
-    return [(stack, {"name": "synthetic cell stack", "contrast_limits": (0, 4000)}, "image")]
+    """A (12, 256, 256) uint16 z-stack of synthetic cells with a z extent (seed 1)."""
+    from .synthetic import cells_3d
+
+    stack = cells_3d((12, 256, 256), seed=1, z_radius=(2.5, 5.0)).image
+    meta = {"name": "synthetic cell stack", "contrast_limits": _limits(stack)}
+    return [(stack, meta, "image")]
+
+
+def sample_cell_movie() -> list[LayerData]:
+    """A (20, 256, 256) uint16 time series of moving, dividing synthetic cells (seed 2)."""
+    from .synthetic import cell_time_series
+
+    movie = cell_time_series(20, (256, 256), seed=2).image
+    meta = {"name": "synthetic cell movie", "contrast_limits": _limits(movie)}
+    return [(movie, meta, "image")]
 
 
 def sample_coins() -> list[LayerData]:
