@@ -346,6 +346,16 @@ def test_generator_time_series_tracks_and_divisions_are_recovered_exactly(seed):
     assert table.graph() == {c: [p] for c, p in sorted(truth.items())}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_generator_tzyx_series_3d_tracks_and_divisions_are_recovered_exactly(seed):
+    sample = synthetic.cell_time_series(8, (12, 128, 128), seed=seed, coverage=0.08)
+    linked, table = link_stack(per_plane_ids(sample.labels, seed), "zt")
+    ids = bijection(sample.labels, linked)  # one id per cell through z and t
+    truth = {ids[c]: ids[p] for c, p in sample.parents.items() if p}
+    assert truth and table.parents == truth
+    assert table.tracks_data().shape[1] == 5  # (track_id, t, z, y, x)
+
+
 # ---------------------------------------------------------------- invariants
 
 
