@@ -290,7 +290,7 @@ def test_dry_run_touches_nothing(tiny_cli, tmp_path, capsys, monkeypatch):
     code = tiny_cli([str(tmp_path / "in"), "-o", str(out), "--dry-run"])
     captured = capsys.readouterr()
     assert code == 1 and "5 to do, 0 up to date, 2 failed (dry run)" in captured.out
-    assert _visible(out) == []
+    assert not out.exists()  # not even created
 
 
 def _forbidden(*args, **kwargs):
@@ -421,9 +421,9 @@ def test_zarr_output_needs_at_most_five_axes(tiny_cli, tmp_path, capsys):
 
 def test_unreachable_scheduler(tiny_cli, tmp_path, capsys, monkeypatch):
     pytest.importorskip("distributed")
-    from mobilesam_batch import runner
+    from mobilesam_batch import executors
 
-    monkeypatch.setattr(runner, "CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr(executors, "CONNECT_TIMEOUT", "1s")
     make_dataset(tmp_path / "in")
     code = tiny_cli([str(tmp_path / "in" / "a_rgb.png"), "-o", str(tmp_path / "out"),
                      "--scheduler", "tcp://127.0.0.1:9", *FAST])  # fmt: skip
@@ -462,19 +462,44 @@ def test_output_stem():
 
 
 def test_every_generator_parameter_is_a_flag():
+    """The flags are declared (mobilesam_batch.flags), and the declaration covers every
+    MaskGenerator keyword: a new library parameter fails here until it is declared."""
     import inspect
 
+    from mobilesam_batch.flags import GENERATOR_FLAGS, NOT_FLAGS, generator_defaults
     from napari_mobilesam.everything import MaskGenerator
 
-    parser, _names = cli.build_parser()
-    flags = {a.dest for a in parser._actions}
-    params = set(inspect.signature(MaskGenerator.__init__).parameters) - {"self"}
-    missing = params - flags - set(segment._NOT_FLAGS)
-    assert not missing
-    help_text = parser.format_help()
+    parser, names = cli.build_parser()
+    params = inspect.signature(MaskGenerator.__init__).parameters
+    declared = {f.name for f in GENERATOR_FLAGS}
+    assert set(params) - {"self"} == declared | set(NOT_FLAGS)
+    assert not declared & set(NOT_FLAGS) and names == [f.name for f in GENERATOR_FLAGS]
+    assert generator_defaults() == {n: params[n].default for n in declared}
+    for flag in GENERATOR_FLAGS:  # types as declared
+        default = params[flag.name].default
+        assert default is None or isinstance(default, flag.kind), flag.name
+        if flag.choices:
+            assert default in flag.choices
+    help_text = " ".join(parser.format_help().split())
     assert "--points-per-side N" in help_text and "--min-mask-region-area N" in help_text
-    assert "{auto,mask,box}" in help_text
-    assert "60% of its free memory" in help_text  # a % in a docstring survives argparse
+    assert "{auto,mask,box}" in help_text and "--tile-size N" in help_text
+    assert "60% of its free memory" in help_text  # a % survives argparse
+    assert "[0.341333]" in help_text  # crop_overlap_ratio's default, 512/1500
+
+
+def test_generator_flags_reach_the_generator(tiny_cli, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(_cells((48, 48), rng)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "a.png"), "-o", str(out), *FAST, "--crop-overlap-ratio", "0.25",
+            "--nms", "box", "--tile-size", "0", "--min-mask-region-area", "3"]  # fmt: skip
+    assert tiny_cli(args) == 0
+    params = json.loads((out / "a_labels.json").read_text())["parameters"]
+    assert params["crop_overlap_ratio"] == 0.25 and params["nms"] == "box"
+    assert params["tile_size"] == 0 and params["min_mask_region_area"] == 3
+    assert params["points_per_batch"] == 64  # left out: the library default, recorded
+    seg = next(iter(segment._SEGMENTERS.values()))
+    assert (seg.generator.nms, seg.generator.crop_overlap_ratio) == ("box", 0.25)
 
 
 # ------------------------------------------------------------- the real command, golden
@@ -550,15 +575,26 @@ def test_local_cluster_equals_local_run(tmp_path):
     local = tmp_path / "local"
     dask = tmp_path / "dask"
     args = _golden_args(tmp_path / "in", local)
-    a = subprocess.run(_command(*args, "-q"), capture_output=True, text=True)
+    a = subprocess.run(_command(*args, "-q", "--csv"), capture_output=True, text=True)
     assert a.returncode == 1 and "5 done, 0 skipped, 2 failed" in a.stdout, a.stderr
     args = _golden_args(tmp_path / "in", dask)
-    b = subprocess.run(_command(*args, "-q", "--scheduler", "local", "--workers", "2"),
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    b = subprocess.run(_command(*args, "-q", "--csv", "--scheduler", "local", "--workers", "2"),
+                       capture_output=True, text=True)  # fmt: skip
     assert b.returncode == 1 and "5 done, 0 skipped, 2 failed" in b.stdout, b.stderr
+    assert "Traceback" not in b.stderr
     for bad in BAD:
         assert bad in b.stderr
     got, want = _read_all(dask), _read_all(local)
     assert got.keys() == want.keys() and len(got) == 5
-    for name in want:
+    for name in want:  # label images identical (as docs/batch.md says)...
         np.testing.assert_array_equal(got[name], want[name])
+    for csv_file in sorted(local.glob("*_objects.csv")):  # ...scores within float rounding
+        rows_a = list(csv.DictReader(open(csv_file)))
+        rows_b = list(csv.DictReader(open(dask / csv_file.name)))
+        assert len(rows_a) == len(rows_b)
+        for ra, rb in zip(rows_a, rows_b, strict=True):
+            for col in ra:
+                if col in ("predicted_iou", "stability_score"):
+                    assert abs(float(ra[col]) - float(rb[col])) <= 1e-6, (col, ra, rb)
+                else:
+                    assert ra[col] == rb[col]

@@ -760,10 +760,10 @@ def test_write_coco_json_failure_keeps_old_file(tmp_path):
 def test_writer_keeps_order_and_bounds_the_queue():
     import threading
 
-    from mobilesam_batch.runner import _Writer
+    from mobilesam_batch.planes import Writer
 
     done, gate = [], threading.Event()
-    writer = _Writer(limit=2)
+    writer = Writer(limit=2)
 
     def slow(i):
         gate.wait(5)
@@ -783,7 +783,7 @@ def test_writer_keeps_order_and_bounds_the_queue():
 def test_writer_raises_write_errors_in_the_caller():
     import threading
 
-    from mobilesam_batch.runner import _Writer
+    from mobilesam_batch.planes import Writer
 
     gate = threading.Event()
 
@@ -792,17 +792,17 @@ def test_writer_raises_write_errors_in_the_caller():
         raise OSError("No space left on device")
 
     gate.set()
-    writer = _Writer(limit=0)  # every submit waits for the write
+    writer = Writer(limit=0)  # every submit waits for the write
     with pytest.raises(OSError, match="No space left"):
         writer.submit(fail)
     gate.clear()
-    writer = _Writer()
+    writer = Writer()
     writer.submit(fail)  # not done yet: the error comes at close
     gate.set()
     with pytest.raises(OSError, match="No space left"):
         writer.close()
     gate.clear()
-    writer = _Writer()
+    writer = Writer()
     writer.submit(fail)
     gate.set()
     writer.close(raise_errors=False)  # waits, quietly (while another error is handled)

@@ -6,10 +6,12 @@
         [--device auto] [--points-per-side 32 ...] [--channels 0,1] [--axes TZYX]
         [--coco] [--csv] [--zarr] [--scheduler local --workers 2]
 
-Every MaskGenerator parameter is a flag (``--points-per-side``, ``--nms``, ...);
-flags left out keep the library defaults. Exit status: 0 when every input is done
-or already up to date, 1 when some input failed (each is named with its reason),
-2 for bad usage, 130 when interrupted (Ctrl-C or SIGTERM; rerun to resume).
+The MaskGenerator parameters are flags (``--points-per-side``, ``--nms``, ...,
+declared in :mod:`.flags`); flags left out keep the library defaults. Exit status: 0
+when every input is done or already up to date, 1 when some input failed (each is
+named with its reason) or the run could not go on (output folder unusable, full or
+held by another run; no dask worker), 2 for bad usage, 130 when interrupted (Ctrl-C
+or SIGTERM, at any moment; rerun to resume).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .flags import add_generator_flags
 
 PROG = "mobilesam-everything"
 
@@ -37,7 +40,9 @@ outputs, per input <stem>:
   <stem>_objects.csv  with --csv: one row per object
   <stem>_labels.zarr  with --zarr: OME-Zarr label image, chunked per plane
 
-A rerun skips inputs whose outputs are up to date and finishes the rest.
+A rerun skips inputs whose outputs are up to date and finishes the rest. Outputs
+another input wrote (same file name from another folder) are never replaced
+silently: see --on-clash. One run at a time writes to an output folder.
 
 examples:
   mobilesam-everything images/ -o labels/
@@ -60,43 +65,6 @@ def _numbers(text: str, kind, count: int | None, flag: str) -> tuple:
     if count is not None and len(values) != count:
         raise UsageError(f"{flag} {text!r}: expected {count} values, got {len(values)}")
     return values
-
-
-def _generator_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """One flag per MaskGenerator parameter; returns the parameter names."""
-    from .segment import generator_parameters
-
-    group = parser.add_argument_group(
-        "segment-everything parameters (defaults: the library's, shown in brackets)"
-    )
-    names = []
-    for name, (default, kind, doc) in generator_parameters().items():
-        flag = "--" + name.replace("_", "-")
-        # argparse formats help with %: a docstring's "60%" must reach it as "60%%"
-        help_text = f"{doc} [{default}]".replace("%", "%%")
-        kwargs: dict = {"dest": name, "default": None, "help": help_text}
-        choices = re.findall(r'"([^"]+)"', kind) if kind.startswith("{") else []
-        if choices:
-            kwargs["choices"] = choices
-        elif isinstance(default, bool):
-            kwargs["type"] = _bool
-        elif isinstance(default, int) or kind.startswith("int"):
-            kwargs["type"] = int
-            kwargs["metavar"] = "N"
-        elif isinstance(default, float) or kind.startswith("float"):
-            kwargs["type"] = float
-            kwargs["metavar"] = "X"
-        group.add_argument(flag, **kwargs)
-        names.append(name)
-    return names
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
@@ -140,7 +108,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                        help="torch threads per process [all cores; cores / workers "
                        "with --scheduler local]")  # fmt: skip
 
-    names = _generator_flags(parser)
+    names = add_generator_flags(parser)
 
     image = parser.add_argument_group("image")
     image.add_argument(
@@ -178,6 +146,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     run.add_argument(
         "--overwrite", action="store_true", help="recompute inputs whose outputs are up to date"
     )
+    run.add_argument("--on-clash", default="refuse", choices=["refuse", "suffix", "overwrite"],
+                     help="when an input's outputs would replace those another input wrote "
+                     "(e.g. plate1/well.png, then plate2/well.png): refuse (fail that input, "
+                     "naming both), suffix (write well-2_labels.tif ...) or overwrite "
+                     "[refuse]")  # fmt: skip
     run.add_argument(
         "--dry-run", action="store_true", help="list what would be done, without loading the model"
     )
@@ -195,6 +168,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     run.add_argument("--workers", type=int, default=2, metavar="N",
                      help="worker processes with --scheduler local [2]")  # fmt: skip
+    run.add_argument("--worker-timeout", type=float, default=60.0, metavar="S",
+                     help="seconds to wait for a dask worker (at the start, or when all have "
+                     "left) before stopping [60]")  # fmt: skip
     return parser, names
 
 
@@ -250,6 +226,18 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mobilesam-everything``; returns the exit status."""
+    # SIGTERM (a cluster job's time limit, kill) stops the run as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the run began (imports, model loading) or after
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # fewer page faults in the encoder (~10% faster); must precede importing torch
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser, names = build_parser()
@@ -257,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.quiet
 
     def log(line: str) -> None:
-        if line.startswith("FAILED"):
+        if line.startswith(("FAILED", "note", "waiting")):
             print(line, file=sys.stderr, flush=True)
         elif not quiet:
             print(line, flush=True)
@@ -269,42 +257,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--workers {args.workers}: must be at least 1")
         if args.threads is not None and args.threads < 1:
             raise UsageError(f"--threads {args.threads}: must be at least 1")
+        if not args.worker_timeout > 0:
+            raise UsageError(f"--worker-timeout {args.worker_timeout:g}: must be positive")
         if args.precision not in ("fp32", "auto") and args.backend == "onnx":
             raise UsageError(f"--precision {args.precision} needs --backend torch")
-        if args.scheduler is None and "--workers" in (argv if argv is not None else sys.argv):
+        given = argv if argv is not None else sys.argv
+        if args.scheduler is None and "--workers" in given:
             raise UsageError("--workers needs --scheduler local")
-        config = _config(args, options, axes, quiet, argv)
+        if args.scheduler in (None, "local") and "--worker-timeout" in given:
+            raise UsageError("--worker-timeout needs --scheduler ADDRESS")
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except (RuntimeError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
 
+    from .folder import OutputError, OutputFolder
     from .runner import run
 
-    if not config.dry_run and config.scheduler is None:  # what was chosen automatically
-        from .segment import get_segmenter
-
-        log(f"model: {get_segmenter(config.model, config.options).describe()}")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    command = [PROG, *(argv if argv is not None else sys.argv[1:])]
+    folder = None
     try:
-        summary = run(config, log=log, progress=not quiet)
-    except RuntimeError as exc:
+        # the output folder is checked and held before the model loads: a bad -o, or
+        # one another run is writing to, fails at once
+        if not args.dry_run:
+            folder = OutputFolder.open(args.output, command=command, log=log)
+        config = _config(args, options, axes, quiet, command)
+        if not config.dry_run and config.scheduler is None:  # what was chosen automatically
+            from .segment import get_segmenter
+
+            log(f"model: {get_segmenter(config.model, config.options).describe()}")
+        summary = run(config, log=log, progress=not quiet, folder=folder)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (OutputError, RuntimeError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if folder is not None:
+            folder.close()
     if summary.failed:
         print(f"{len(summary.failed)} input(s) failed:", file=sys.stderr)
         for path, reason in summary.failed:
             print(f"  {path}: {reason}", file=sys.stderr)
+    if summary.stopped:
+        print(f"{PROG}: error: {summary.stopped}", file=sys.stderr)
     print(f"{summary.line()} ({summary.planes} planes in {summary.seconds:.1f} s)", flush=True)
     return summary.exit_code
 
 
-def _config(args, options, axes, quiet, argv):
+def _config(args, options, axes, quiet, command):
     from .runner import RunConfig
     from .segment import ModelSpec, get_segmenter
 
@@ -340,15 +343,15 @@ def _config(args, options, axes, quiet, argv):
         inputs=list(args.inputs), outdir=args.output, model=spec, model_sha256=sha,
         options=options, coco=args.coco, csv=args.csv, zarr=args.zarr, axes=axes,
         recursive=args.recursive, overwrite=args.overwrite, dry_run=args.dry_run,
-        scheduler=args.scheduler, workers=args.workers,
-        command=[PROG, *(argv if argv is not None else sys.argv[1:])],
+        on_clash=args.on_clash, scheduler=args.scheduler, workers=args.workers,
+        worker_timeout=args.worker_timeout, command=command,
     )  # fmt: skip
 
 
 def _sha(path: Path) -> str:
-    from napari_mobilesam.weights import sha256_file
+    from napari_mobilesam.weights import file_sha256
 
-    return sha256_file(path)
+    return file_sha256(path)  # once per file version: fetch() has usually hashed it
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,10 @@
-"""Find the inputs of ``mobilesam-everything`` and read them lazily, one 2-D plane at a time.
+"""Read the inputs of ``mobilesam-everything`` lazily, one 2-D plane at a time.
 
-:func:`discover_inputs` expands files, folders and glob patterns into a list of input
-paths. :func:`open_source` opens one input and reads only its metadata; the returned
-:class:`ImageSource` knows the shape, dtype and axes of the data and reads one plane at a
-time with :meth:`ImageSource.read_plane`, so a 20 GB stack is never loaded whole:
+:func:`discover_inputs` (from :mod:`.discover`) expands files, folders and glob
+patterns into a list of input paths. :func:`open_source` opens one input and reads only
+its metadata; the returned :class:`ImageSource` knows the shape, dtype and axes of the
+data and reads one plane at a time with :meth:`ImageSource.read_plane`, so a 20 GB
+stack is never loaded whole:
 
 - TIFF (multi-page, ImageJ hyperstacks, OME-TIFF; level 0 of a pyramid) through
   ``tifffile`` ``series[0].aszarr()`` opened with zarr;
@@ -19,10 +20,8 @@ plane to segment. A plane is returned as ``(H, W)``, or ``(H, W, C)`` channels-l
 
 from __future__ import annotations
 
-import glob
 import math
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,17 @@ import tifffile
 import zarr
 from PIL import Image
 
+from .discover import (
+    _FILE_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    InputError,
+    _is_zarr_dir,
+    _short,
+    discover_inputs,
+)
+
 __all__ = ["SUPPORTED_SUFFIXES", "ImageSource", "InputError", "discover_inputs", "open_source"]
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr")
-# file suffix -> reader kind (a .zarr store is a folder)
-_FILE_SUFFIXES = {
-    ".png": "png",
-    ".jpg": "jpeg",
-    ".jpeg": "jpeg",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-    ".npy": "npy",
-}
-_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 _OVERRIDE_LETTERS = "TZCSYXQI"
 _CHANNEL_LETTERS = "CS"
 _OME_NAMES = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
@@ -61,139 +58,6 @@ _PIL_MODES = {
     "RGB": ("RGB", np.dtype(np.uint8), 3),
     "RGBA": ("RGBA", np.dtype(np.uint8), 4),
 }
-
-
-class InputError(Exception):
-    """An input that cannot be used: missing, unsupported, empty or undecodable.
-
-    Attributes
-    ----------
-    path : Path
-        The file, folder or pattern at fault.
-    reason : str
-        What is wrong with it. ``str(exc) == f"{path}: {reason}"``.
-    """
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-
-# ----------------------------------------------------------------------------- discovery
-
-
-def _is_zarr_dir(path: Path) -> bool:
-    """Whether ``path`` is a zarr store folder (``*.zarr`` or holding zarr metadata)."""
-    if not path.is_dir():
-        return False
-    return path.suffix.lower() == ".zarr" or any((path / m).is_file() for m in _ZARR_MARKERS)
-
-
-def _is_candidate(path: Path) -> bool:
-    """Whether a folder entry or glob match is an input: supported file or zarr folder."""
-    if path.name.startswith("."):
-        return False
-    if path.is_dir():
-        return _is_zarr_dir(path)
-    return path.is_file() and path.suffix.lower() in _FILE_SUFFIXES
-
-
-def _scan_folder(folder: Path, recursive: bool, visited: set[Path]) -> list[Path]:
-    """Supported inputs in ``folder`` sorted by name; subfolders too when ``recursive``."""
-    visited.add(folder.resolve())
-    found = []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if _is_candidate(entry):
-            found.append(entry)
-        elif recursive and entry.is_dir() and not entry.name.startswith("."):
-            if entry.resolve() not in visited:  # symlink loops
-                found.extend(_scan_folder(entry, True, visited))
-    return found
-
-
-def _is_pattern(text: str) -> bool:
-    """Whether ``text`` is a glob pattern (contains ``*``, ``?`` or ``[``)."""
-    return any(c in text for c in "*?[")
-
-
-def _glob(pattern: str) -> tuple[list[Path], bool]:
-    """Inputs matching ``pattern`` (sorted) and whether the pattern matched anything at all.
-
-    Matches inside a zarr store below the pattern's literal prefix are skipped, so that
-    ``data/**/*`` yields ``data/a.zarr`` and not its inner arrays.
-    """
-    matches = sorted(glob.glob(pattern, recursive=True))
-    parts = Path(pattern).parts
-    n_literal = next((i for i, p in enumerate(parts) if _is_pattern(p)), len(parts))
-    kept = []
-    for match in map(Path, matches):
-        above = [Path(*match.parts[:i]) for i in range(n_literal + 1, len(match.parts))]
-        if _is_candidate(match) and not any(_is_zarr_dir(p) for p in above):
-            kept.append(match)
-    return kept, bool(matches)
-
-
-def discover_inputs(
-    specs: Sequence[str | Path], recursive: bool = False
-) -> tuple[list[Path], list[InputError]]:
-    """Expand files, folders and glob patterns into input paths.
-
-    Parameters
-    ----------
-    specs : sequence of str or Path
-        Each one is an image file, a zarr store folder (``*.zarr`` or a folder holding
-        ``zarr.json`` / ``.zarray`` / ``.zgroup``), a folder of images, or a glob pattern
-        (contains ``*``, ``?`` or ``[``; ``**`` matches any depth).
-    recursive : bool
-        Also take the images in subfolders of a folder (never inside a zarr store).
-
-    Returns
-    -------
-    paths : list of Path
-        The inputs, in the order of ``specs``; within a folder or glob, sorted by name.
-        Paths resolving to the same file are kept once, at their first occurrence.
-    errors : list of InputError
-        One per spec that gave nothing: an unsupported or missing file, a folder without
-        supported images, a pattern without match. Unsupported and hidden files inside
-        a folder or glob are skipped silently.
-    """
-    paths: list[Path] = []
-    errors: list[InputError] = []
-    seen: set[Path] = set()
-    for spec in specs:
-        path = Path(spec)
-        found: list[Path] = []
-        if path.is_dir() and not _is_zarr_dir(path):
-            try:
-                found = _scan_folder(path, recursive, set())
-            except OSError as exc:
-                errors.append(InputError(path, f"cannot list folder: {_short(exc)}"))
-                continue
-            if not found:
-                errors.append(InputError(path, "no supported images in folder"))
-        elif path.exists():
-            suffix = path.suffix.lower()
-            if suffix in SUPPORTED_SUFFIXES or _is_zarr_dir(path):
-                found = [path]
-            else:
-                supported = ", ".join(SUPPORTED_SUFFIXES)
-                reason = f"unsupported file type {suffix!r} (supported: {supported})"
-                errors.append(InputError(path, reason))
-        elif _is_pattern(str(spec)):
-            found, matched = _glob(str(spec))
-            if not matched:
-                errors.append(InputError(path, "no file matches this pattern"))
-            elif not found:
-                errors.append(InputError(path, "no supported images match this pattern"))
-        else:
-            errors.append(InputError(path, "no such file or directory"))
-        for p in found:
-            key = p.resolve()
-            if key not in seen:
-                seen.add(key)
-                paths.append(p)
-    return paths, errors
 
 
 # ----------------------------------------------------------------------------- axes
@@ -253,13 +117,6 @@ def _resolve_file_axes(axes: str, shape: tuple[int, ...], path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- readers
-
-
-def _short(exc: BaseException) -> str:
-    """First line of an exception message, at most 200 characters."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 class _PillowArray:

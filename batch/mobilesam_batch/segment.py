@@ -8,8 +8,6 @@ segments. :func:`segment_plane` is the task function the runner maps over planes
 
 from __future__ import annotations
 
-import inspect
-import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -17,60 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from .flags import generator_defaults
 from .inputs import open_source
 
-# MaskGenerator parameters the batch tool does not expose: the model is given by
-# --model/--weights, records are not returned, and the tool draws its own progress.
-_NOT_FLAGS = (
-    "model_or_predictor",
-    "point_grids",
-    "output_mode",
-    "progress",
-    "backend",
-    "precision",
-)
 _HOST = socket.gethostname()
-
-
-def generator_parameters() -> dict[str, tuple[Any, str, str]]:
-    """The MaskGenerator parameters exposed as flags: name -> (default, type, description).
-
-    ``type`` is the numpydoc type line (e.g. ``int``, ``{"mask", "box"}``).
-
-    Read from :class:`~napari_mobilesam.everything.MaskGenerator`'s signature and
-    numpydoc docstring, so that a new library parameter becomes a flag without edits
-    here.
-    """
-    from napari_mobilesam.everything import MaskGenerator
-
-    docs = _numpydoc_parameters(MaskGenerator.__doc__ or "")
-    params = {}
-    for name, p in inspect.signature(MaskGenerator.__init__).parameters.items():
-        if name == "self" or name in _NOT_FLAGS or p.default is inspect.Parameter.empty:
-            continue
-        params[name] = (p.default, *docs.get(name, ("", "")))
-    return params
-
-
-def _numpydoc_parameters(doc: str) -> dict[str, tuple[str, str]]:
-    """``name -> (type, description)`` from the Parameters section of a numpydoc docstring."""
-    text = inspect.cleandoc(doc)
-    section = re.search(r"^Parameters.*?\n-+\n(.*?)(?:\n\n[A-Z][a-z]+\n-+\n|\Z)", text, re.S | re.M)
-    if section is None:
-        return {}
-    types: dict[str, str] = {}
-    descriptions: dict[str, str] = {}
-    current: list[str] = []
-    for line in section.group(1).splitlines():
-        if line and not line[0].isspace():
-            names, _, kind = line.partition(":")
-            current = [n.strip() for n in names.split(",")]
-            for name in current:
-                types[name], descriptions[name] = kind.strip(), ""
-        elif current and line.strip():
-            for name in current:
-                descriptions[name] = (descriptions[name] + " " + line.strip()).strip()
-    return {name: (types[name], descriptions[name]) for name in types}
 
 
 @dataclass(frozen=True)
@@ -144,7 +92,7 @@ class SegmentOptions:
 
     def resolved(self) -> dict[str, Any]:
         """Every parameter with its effective value (defaults filled in), JSON-able."""
-        params = {name: spec[0] for name, spec in generator_parameters().items()}
+        params = generator_defaults()
         params.update(self.generator_kwargs())
         out = {k: _jsonable(v) for k, v in params.items()}
         out.update(

@@ -575,8 +575,11 @@ def _train(cfg: TrainConfig, progress: bool, env: _Dist) -> dict:
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated / not a torch file / foreign objects
+            from ..build import load_error_detail  # (torch's weights_only advice left out)
+
             raise ValueError(
-                f"cannot read the training checkpoint {os.fspath(ckpt_path)!r}: {exc}"
+                f"cannot read the training checkpoint {os.fspath(ckpt_path)!r}: "
+                f"{load_error_detail(exc)}"
             ) from None
         _check_checkpoint(ckpt, ckpt_path, student_config, cfg, env.world, rows_digest)
 

@@ -172,8 +172,10 @@ class EmbeddingCache:
                 tuple(int(s) for s in record["input_size"]),
             )
         except Exception as err:  # a truncated or foreign file is a miss, not a crash
+            from ..build import load_error_detail  # (torch's weights_only advice left out)
+
             warnings.warn(
-                f"ignoring unreadable embedding cache file {path}: {err}",
+                f"ignoring unreadable embedding cache file {path}: {load_error_detail(err)}",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -1,0 +1,229 @@
+"""Finishing an input: its outputs written from the saved planes, then moved into place.
+
+Every output of an input is first written whole into the run's temporary folder
+(``OUTDIR/.mobilesam-work/tmp-*/``, same filesystem), one plane at a time so memory
+stays flat. Only when all of them are there does the set move into place: a commit
+note naming the input first, then each file by rename, the provenance record last,
+then the note goes. A full disk therefore stops a run *before* anything of the set is
+visible; a run killed among the renames leaves a note, by which the next run knows
+the set as this input's and completes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__
+from .folder import OutputError, describe, is_fatal
+from .jobs import Job, commit_note
+from .outputs import (
+    atomic_path,
+    coco_annotations,
+    labels_dtype,
+    object_table,
+    write_coco_json,
+    write_json_atomic,
+    write_labels_tiff,
+    write_labels_zarr,
+    write_objects_csv,
+)
+from .planes import RAN_ON, load_plane
+from .provenance import environment, now
+
+if TYPE_CHECKING:
+    from .runner import RunConfig, Summary
+
+__all__ = ["finish"]
+
+
+def finish(
+    job: Job, config: RunConfig, tmp: Path, summary: Summary, log: Callable[[str], None]
+) -> None:
+    """Write a finished job's outputs, move them into place and clear its saved planes.
+
+    A bad output of this input (e.g. a value the format cannot hold) fails the input
+    alone.
+
+    Raises
+    ------
+    OutputError
+        The output folder is full, read-only or denies writing: the run stops.
+    """
+    stage = tmp / f"stage-{job.stem}"
+    try:
+        stage.mkdir()
+        record = _write_outputs(job, config, stage)
+        _commit(job, stage, tmp)
+    except OSError as exc:
+        if is_fatal(exc):
+            raise OutputError(
+                f"cannot write in {config.outdir}: {describe(exc)} (writing the outputs of "
+                f"{job.path}); free space or fix the folder, then run the same command again "
+                "to finish"
+            ) from None
+        _failed(job, f"cannot write outputs: {exc}", summary, log)
+        return
+    except ValueError as exc:
+        _failed(job, f"cannot write outputs: {exc}", summary, log)
+        return
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(job.cache, ignore_errors=True)
+    summary.done.append(job.path)
+    n = len(job.indices)
+    seconds = sum(s for _, s in job.done.values())
+    log(
+        f"done   {job.path} ({n} plane{'s' if n != 1 else ''}, {record['objects']} objects, "
+        f"{seconds:.1f} s) -> {job.outputs['labels'].name}"
+    )
+
+
+def _failed(job: Job, reason: str, summary: Summary, log: Callable[[str], None]) -> None:
+    job.failed = reason
+    summary.failed.append((str(job.path), reason))
+    log(f"FAILED {job.path}: {reason}")
+
+
+def _commit(job: Job, stage: Path, tmp: Path) -> None:
+    """Move the staged set into place, provenance last; undo the moves if one fails."""
+    note = commit_note(job.outputs["provenance"].parent, job.stem)
+    write_json_atomic(note, {"path": job.identity["path"], "key": job.key}, tmp_dir=tmp)
+    moved: list[Path] = []
+    try:
+        for dest in job.outputs.values():  # provenance is the last
+            staged = stage / dest.name
+            if staged.is_dir():
+                with atomic_path(dest, tmp, is_dir=True) as t:
+                    os.replace(staged, t)
+            else:
+                os.replace(staged, dest)
+            moved.append(dest)
+    except BaseException:
+        for dest in moved:  # this run's own files: no label image without its record
+            if dest.is_dir():
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                dest.unlink(missing_ok=True)
+        raise
+    note.unlink(missing_ok=True)
+
+
+def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
+    """Write every output of a finished job into ``stage``; returns the provenance record."""
+    src = job.source
+    out_shape = tuple(src["out_shape"])
+    out_axes = src["out_axes"]
+    max_id = max((n for n, _ in job.done.values()), default=0)
+    dtype = labels_dtype(max_id)
+    staged = {kind: stage / path.name for kind, path in job.outputs.items()}
+
+    def planes() -> Iterator[np.ndarray]:
+        for index in job.indices:
+            yield load_plane(job, index)["labels"]
+
+    info = {"tool": "mobilesam-everything", "version": __version__,
+            "source": job.identity["path"]}  # fmt: skip
+    write_labels_tiff(
+        staged["labels"], planes(), out_shape, out_axes, dtype, tmp_dir=stage, description=info
+    )
+    if config.zarr:
+        write_labels_zarr(
+            staged["zarr"], planes(), out_shape, out_axes, dtype, tmp_dir=stage, attrs=info
+        )
+    if config.csv:
+        write_objects_csv(staged["csv"], _object_rows(job), tmp_dir=stage)
+    if config.coco:
+        _write_coco(job, staged["coco"], stage)
+
+    planes_record = [
+        {
+            "index": list(index),
+            "objects": job.done[index][0],
+            "seconds": round(job.done[index][1], 3),
+        }
+        for index in job.indices
+    ]
+    record = {
+        "tool": "mobilesam-everything",
+        "version": __version__,
+        "created": now(),
+        "command": config.command,
+        "key": job.key,
+        "input": {**job.identity, **{k: v for k, v in src.items() if k not in ("out_shape",)}},
+        "model": {
+            "name": config.model.name,
+            "weights": config.model.weights,
+            "sha256": config.model_sha256,
+            "backend": config.model.backend,
+            "precision": config.model.precision,
+            "device": config.model.device,
+            # every process setup that computed planes of this output, in this run and
+            # in earlier, interrupted ones; "auto" choices as they were resolved there
+            "ran_on": [dict(zip(RAN_ON, r, strict=True)) for r in sorted(job.ran_on, key=str)],
+        },
+        "parameters": {**config.options.resolved(), "axes": config.axes},
+        "outputs": {
+            **{k: p.name for k, p in job.outputs.items() if k != "provenance"},
+            "dtype": np.dtype(dtype).name,
+            "shape": list(out_shape),
+            "axes": out_axes,
+            "label_ids": "per plane: 1..N in each plane, by decreasing predicted IoU",
+        },
+        "objects": int(sum(n for n, _ in job.done.values())),
+        "planes": planes_record,
+        "environment": environment(),
+    }
+    write_json_atomic(staged["provenance"], record, tmp_dir=stage)
+    return record
+
+
+def _scores(plane: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
+    return {
+        k + 1: {"predicted_iou": float(iou), "stability_score": float(stab)}
+        for k, (iou, stab) in enumerate(
+            zip(plane["predicted_iou"], plane["stability_score"], strict=True)
+        )
+    }
+
+
+def _object_rows(job: Job) -> Iterator[dict[str, Any]]:
+    for index in job.indices:
+        plane = load_plane(job, index)
+        for row in object_table(plane["labels"], _scores(plane)):
+            yield {"plane": _flat_plane(job, index), **row}
+
+
+def _flat_plane(job: Job, index: tuple[int, ...]) -> int:
+    """A plane's position as one number: its flat index in C order (0 for a 2D image)."""
+    shape = tuple(job.source["out_shape"][:-2])
+    return int(np.ravel_multi_index(index, shape)) if index else 0
+
+
+def _write_coco(job: Job, dest: Path, stage: Path) -> None:
+    """COCO JSON, one image per plane and one annotation per label, streamed plane by plane."""
+    height, width = job.source["out_shape"][-2:]
+    images = [
+        {"id": i, "file_name": job.path.name, "height": height, "width": width, "plane": list(ix)}
+        for i, ix in enumerate(job.indices, start=1)
+    ]
+
+    def annotations() -> Iterator[dict[str, Any]]:
+        next_id = 1
+        for image_id, index in enumerate(job.indices, start=1):
+            plane = load_plane(job, index)
+            anns = coco_annotations(plane["labels"], image_id, next_id, _scores(plane))
+            next_id += len(anns)
+            yield from anns
+
+    info = {
+        "description": f"mobilesam-everything objects of {job.path.name}",
+        "version": __version__,
+        "date_created": now(),
+    }
+    write_coco_json(dest, images, annotations(), info=info, tmp_dir=stage)
