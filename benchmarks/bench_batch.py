@@ -122,7 +122,7 @@ def _child_baseline(args) -> dict:
     from napari_mobilesam.normalize import to_rgb_uint8
 
     t0 = time.perf_counter()
-    model = load_model("vit_t", args.weights, device="cpu", fuse=False)
+    model = load_model("vit_t", args.weights, device="cpu", optimize=False)
     gen = MaskGenerator(model, points_per_side=args.points_per_side, mode="reference", nms="box")
     stack = tifffile.imread(args.input)[: args.limit]  # the whole stack in memory
     out = np.zeros(stack.shape, dtype=np.uint32)

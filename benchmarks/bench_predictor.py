@@ -2,12 +2,12 @@
 
 Both run in the same process, interleaved, on the same image and weights:
 
-- ours: ``load_model`` defaults (BatchNorm folded, conv+GELU fused, channels-last
-  encoder) and a ``Predictor`` that caches the prompt-independent decoder work,
-  with the factorised token/image attention;
-- baseline: the reference computation in this code base (no fusion, plain
-  projection attention, decoder recomputed on every call), which follows the
-  original MobileSAM step by step;
+- ours: ``load_model`` defaults (:func:`napari_mobilesam.accel.optimize`: BatchNorm
+  folded, fused CPU kernels, channels-last encoder) and a ``Predictor`` that caches the
+  prompt-independent decoder work, with the factorised token/image attention;
+- baseline: the reference computation in this code base (``optimize=False``: the
+  model's own modules, plain projection attention, decoder recomputed on every call),
+  which follows the original MobileSAM step by step;
 - original: the original code itself when it is installed (``benchmarks/original.py``
   says where it looks and what it builds): segment-anything's ``SamPredictor``.
 
@@ -42,7 +42,7 @@ from napari_mobilesam.predictor import Predictor, resolve_precision
 
 def make_predictors(weights, device="cpu"):
     fast = Predictor(load_model("vit_t", weights, device=device))
-    ref_model = load_model("vit_t", weights, device=device, fuse=False)
+    ref_model = load_model("vit_t", weights, device=device, optimize=False)
     ref = Predictor(ref_model, decoder_cache=False, factorized=False)
     return fast, ref
 

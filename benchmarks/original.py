@@ -9,8 +9,9 @@ only its image encoder (TinyViT, ``mobile_sam``) is its own and is not on PyPI.
   all of it is the original (``source == "mobile_sam"``);
 - else ``segment_anything`` importable: segment-anything's predictor, generator,
   prompt encoder and mask decoder around our reference-path TinyViT
-  (``load_model(fuse=False)``, the original's computation step by step, in the
-  original's memory layout: contiguous NCHW, where our models run channels-last;
+  (:func:`napari_mobilesam.accel.reference` of ``load_model(optimize=False)``: the
+  original's computation step by step, in the original's memory layout, contiguous
+  NCHW, where our optimised models run channels-last;
   ``source == "segment_anything + our reference TinyViT"``). Where it still differs,
   it is faster than the original: the attention scales q instead of the scores and
   adds the bias in place.
@@ -48,7 +49,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: MobileSAM's ``vit_t`` settings of the prompt encoder and mask decoder (``build_sam``)
 EMBED_DIM, IMAGE_SIZE, EMBED_SIZE = 256, 1024, 64
-PIXEL_MEAN, PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
 PURE_TORCH = "pure torch (torchvision's compiled ops do not load)"
@@ -165,14 +165,13 @@ def import_torchvision() -> str:
 def _segment_anything_sam(weights) -> torch.nn.Module:
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+    from napari_mobilesam.accel import reference
     from napari_mobilesam.build import load_model
+    from napari_mobilesam.model import PIXEL_MEAN, PIXEL_STD
 
-    ours = load_model("vit_t", weights, device="cpu", fuse=False)
-    # the original never asks for channels-last memory: its convolutions take and
-    # give contiguous NCHW tensors (20-25% slower on our AMD EPYC than the same
-    # computation channels-last), so its encoder here does the same
-    ours.image_encoder.channels_last = False
-    ours.image_encoder.to(memory_format=torch.contiguous_format)
+    # the original's modules and memory layout: it never asks for channels-last memory,
+    # its convolutions take and give contiguous NCHW tensors
+    ours = reference(load_model("vit_t", weights, device="cpu", optimize=False))
     sam = Sam(
         image_encoder=ours.image_encoder,
         prompt_encoder=PromptEncoder(

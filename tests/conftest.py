@@ -91,7 +91,7 @@ def golden_onnx_dir(tmp_path_factory):
     from napari_mobilesam.weights import sha256_file
 
     out = tmp_path_factory.mktemp("onnx") / "vit_t"
-    unfused = load_model("vit_t", GOLDEN_CKPT, device="cpu", fuse=False)
+    unfused = load_model("vit_t", GOLDEN_CKPT, device="cpu", optimize=False)
     source = {"checkpoint": str(GOLDEN_CKPT), "sha256": sha256_file(GOLDEN_CKPT)}
     export_onnx(unfused, out, quantize="int8", source=source)
     return out

@@ -60,13 +60,13 @@ def test_auto_backend_on_cpu_is_onnx_encoder_torch_decoder(
     onnx_pred, torch_pred = (Predictor(golden_model, backend=b) for b in ("onnx", "torch"))
     assert auto.backend_name == "onnx encoder + torch decoder"
     assert onnx_pred.backend_name == "onnx" and torch_pred.backend_name == "torch"
-    assert auto.backend is None  # decoding: the torch path with its per-image cache
+    assert auto.engine.decoder.name == "torch"  # decoding: torch with its per-image cache
     for p in (auto, onnx_pred, torch_pred):
         p.set_image(image)
     assert torch.equal(auto.features, onnx_pred.features)
     torch.testing.assert_close(auto.features, torch_pred.features, rtol=0, atol=1e-4)
     pt = (np.array([[40, 50]]), np.array([1]))
-    torch_pred.features = auto.features  # same embedding -> the same torch decoder output
+    torch_pred.set_embedding(auto.get_embedding())  # same embedding -> same decoder output
     for got, want in zip(auto.predict(*pt), torch_pred.predict(*pt), strict=True):
         np.testing.assert_array_equal(got, want)
     embs = auto.embed_images([image, image[:60]], batch_size=2)
@@ -122,7 +122,7 @@ def test_everything_onnx_equals_torch(golden_model, golden_onnx_dir, photo):
     assert want.max() > 0
     np.testing.assert_array_equal(got, want)
     ref = MaskGenerator(onnx, **params, mode="reference", nms="box")
-    assert ref.predictor.backend is onnx.backend  # reference mode keeps the backend
+    assert ref.pipeline.decoder is onnx.engine.decoder  # reference mode keeps the backend
     assert len(ref.generate(photo)) > 0
 
 

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from napari_mobilesam.accel import is_optimized
 from napari_mobilesam.build import (
     MODEL_CONFIGS,
     CheckpointError,
@@ -18,7 +19,6 @@ from napari_mobilesam.build import (
     read_state_dict,
     resolve_device,
 )
-from napari_mobilesam.model import fuse_conv_bn
 
 from .conftest import GOLDEN_CKPT, TINY_CONFIG, requires_golden
 
@@ -50,8 +50,8 @@ def test_encoder_sizes(name, n_params):
 def test_load_official_format_with_head_keys(tmp_path):
     state = read_state_dict(GOLDEN_CKPT)
     assert any(k.startswith("image_encoder.head.") for k in state)  # present, ignored
-    model = load_model("vit_t", GOLDEN_CKPT, device="cpu", fuse=False)
-    assert not model.training
+    model = load_model("vit_t", GOLDEN_CKPT, device="cpu", optimize=False)
+    assert not model.training and not is_optimized(model)
     assert model.model_name == "vit_t" and model.checkpoint_path == GOLDEN_CKPT
     own = model.state_dict()
     for k, v in own.items():
@@ -174,12 +174,8 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
-def test_fuse_matches_unfused(tiny_model):
-    x = torch.randn(2, 3, 128, 128)
-    with torch.no_grad():
-        ref = tiny_model.image_encoder(x)
-        n = fuse_conv_bn(tiny_model)
-        fused = tiny_model.image_encoder(x)
-    assert n > 0
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_model.modules())
-    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+@requires_golden
+def test_load_model_optimizes_by_default_and_fuse_is_deprecated():
+    assert is_optimized(load_model("vit_t", GOLDEN_CKPT, device="cpu"))
+    with pytest.warns(DeprecationWarning, match="use optimize="):
+        assert not is_optimized(load_model("vit_t", GOLDEN_CKPT, device="cpu", fuse=False))

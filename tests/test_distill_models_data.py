@@ -168,7 +168,7 @@ def test_save_student_official_format(tiny_teacher_file, tmp_path):
 def test_vit_t_student_checkpoint_loads_with_load_model(tmp_path):
     student = models.load_teacher_parts("vit_t", "vit_t", GOLDEN_CKPT)
     path = models.save_student(student, tmp_path / "student.pt")
-    model = load_model("vit_t", path, device="cpu", fuse=False)
+    model = load_model("vit_t", path, device="cpu", optimize=False)
     want = student.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     # official key set: the golden (official-format) checkpoint's keys exactly

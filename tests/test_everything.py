@@ -7,8 +7,8 @@ import pytest
 import torch
 from skimage.draw import disk, rectangle
 
+from napari_mobilesam.engine import Prompts
 from napari_mobilesam.everything import MaskData, MaskGenerator
-from napari_mobilesam.everything import generator as gen_module
 from napari_mobilesam.everything.boxes import (
     batched_mask_to_box,
     box_iou,
@@ -16,6 +16,7 @@ from napari_mobilesam.everything.boxes import (
     is_box_near_crop_edge,
     nms,
 )
+from napari_mobilesam.everything.fast import clean_crop
 from napari_mobilesam.everything.grid import (
     build_all_layer_point_grids,
     build_point_grid,
@@ -225,7 +226,7 @@ def test_small_region_cleanup_in_a_window_equals_full_image(rng):
         want, _ = remove_small_regions(mask, 25, "holes")
         want, _ = remove_small_regions(want, 25, "islands")
         crop, box = tight_crop(mask, 0, 0)
-        got_crop, got_box, _ = gen_module._clean_crop(crop, box, 25, shape)
+        got_crop, got_box, _ = clean_crop(crop, box, 25, shape)
         np.testing.assert_array_equal(paste(got_crop, got_box, shape), want)
 
 
@@ -381,9 +382,9 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
     [
         ({"points_per_side": None}, "exactly one of points_per_side and point_grids"),
         ({"point_grids": [np.zeros((1, 2))]}, "exactly one of"),
-        ({"points_per_side": 0}, "points_per_side must be an integer >= 1"),
-        ({"points_per_batch": 0}, "points_per_batch must be an integer >= 1"),
-        ({"crop_n_layers": -1}, "crop_n_layers must be an integer >= 0"),
+        ({"points_per_side": 0}, "points_per_side must be >= 1"),
+        ({"points_per_batch": 0}, "points_per_batch must be >= 1"),
+        ({"crop_n_layers": -1}, "crop_n_layers must be >= 0"),
         ({"crop_n_points_downscale_factor": 0}, "crop_n_points_downscale_factor"),
         ({"min_mask_region_area": -5}, "min_mask_region_area"),
         ({"pred_iou_thresh": 1.5}, r"pred_iou_thresh must be a number in \[0, 1\]"),
@@ -397,9 +398,9 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
         ({"mode": "turbo"}, "mode must be 'auto', 'fast', 'reference' or 'device'"),
         ({"mode": "reference", "nms": "mask"}, "uses nms='box'"),
         ({"mode": "device", "nms": "mask"}, "uses nms='box'"),
-        ({"tile_size": -1}, "tile_size must be an integer >= 0"),
+        ({"tile_size": -1}, "tile_size must be >= 0"),
         ({"tile_size": 100, "tile_overlap": 100}, "tile_overlap .* smaller than tile_size"),
-        ({"tile_overlap": -1}, "tile_overlap must be an integer >= 0"),
+        ({"tile_overlap": -1}, "tile_overlap must be >= 0"),
         (
             {"points_per_side": None, "point_grids": [np.zeros((2, 2))], "crop_n_layers": 1},
             "one grid per crop layer",
@@ -412,28 +413,45 @@ def test_parameter_errors(tiny_model, kwargs, match):
         MaskGenerator(tiny_model, **kwargs)
 
 
+def test_integer_parameters_must_be_ints(tiny_model):
+    with pytest.raises(TypeError, match="points_per_batch must be an int, got 2.5"):
+        MaskGenerator(tiny_model, points_per_batch=2.5)
+    with pytest.raises(TypeError, match="points_per_side must be an int, got True"):
+        MaskGenerator(tiny_model, points_per_side=True)
+
+
 @torch.no_grad()
-def test_early_iou_filter_changes_nothing(tiny_model, image, rng):
-    pred = Predictor(tiny_model)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_early_iou_filter_changes_nothing(tiny_model, image, rng, precision):
+    pred = Predictor(tiny_model, precision=precision)
     pred.set_image(image)
+    decoder = pred.engine.grid_decoder  # in chunks of a few prompts on a CPU
+    state = decoder.prepare(pred.features)
     coords = torch.as_tensor(rng.uniform(0, 128, size=(9, 1, 2)), dtype=torch.float32)
-    labels = torch.ones(9, 1, dtype=torch.int64)
-    all_masks, all_iou, all_idx = gen_module._decode(pred, coords, labels, None)
-    assert all_idx.tolist() == list(range(9))
-    thresh = float(all_iou.max(dim=1).values.median())  # some prompts pass, some do not
-    masks, iou, idx = gen_module._decode(pred, coords, labels, thresh)
-    want = torch.nonzero((all_iou > thresh).any(dim=1)).flatten()
-    assert 0 < len(idx) < 9 and idx.tolist() == want.tolist()
-    torch.testing.assert_close(iou, all_iou[idx])
-    torch.testing.assert_close(masks, all_masks[idx], rtol=1e-5, atol=1e-5)
-    none = gen_module._decode(pred, coords, labels, 1e9)
-    assert none[0].shape == (0, 3, 32, 32) and len(none[2]) == 0
+    prompts = Prompts(coords, torch.ones(9, 1, dtype=torch.int64))
+    every = decoder.decode(state, prompts)
+    assert every.rows.tolist() == list(range(9))
+    thresh = float(every.iou.max(dim=1).values.median())  # some prompts pass, some do not
+    got = decoder.decode(state, prompts, min_iou=thresh)
+    want = torch.nonzero((every.iou > thresh).any(dim=1)).flatten()
+    assert 0 < len(got.rows) < 9 and got.rows.tolist() == want.tolist()
+    torch.testing.assert_close(got.iou, every.iou[got.rows])
+    torch.testing.assert_close(got.low_res, every.low_res[got.rows], rtol=1e-5, atol=1e-5)
+    none = decoder.decode(state, prompts, min_iou=1e9)
+    assert none.low_res.shape == (0, 3, 32, 32) and len(none.rows) == 0
 
 
 def test_reference_mode_runs_the_reference_computation(tiny_model):
     gen = MaskGenerator(tiny_model, points_per_side=2, mode="reference", nms="box")
-    assert gen.predictor.decoder_cache is False and gen.predictor.factorized is False
+    engine = gen.predictor.engine
+    assert (
+        gen.pipeline.decoder is engine.reference_decoder and engine.reference_decoder.is_reference
+    )
     assert gen.model is tiny_model
+    pred = Predictor(tiny_model)
+    ref = MaskGenerator(pred, points_per_side=2, mode="reference", nms="box")
+    assert ref.predictor is pred  # no second predictor: the same engine's reference decoder
+    assert pred.decoder_cache and pred.factorized
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -475,7 +493,7 @@ def test_precision_goes_to_the_predictor_and_reference_mode(tiny_model):
     ref = MaskGenerator(
         tiny_model, points_per_side=2, precision="bf16", mode="reference", nms="box"
     )
-    assert ref.predictor.precision == "bf16" and not ref.predictor.factorized
+    assert ref.predictor.precision == "bf16" and ref.pipeline.decoder.is_reference
     assert MaskGenerator(tiny_model, points_per_side=2).predictor.precision == "fp32"
     labels = gen.generate_labels(np.zeros((40, 50, 3), np.uint8))
     assert labels.shape == (40, 50)

@@ -93,6 +93,8 @@ def test_predictor_on_cpu_applies_them(monkeypatch, tiny_model):
     from napari_mobilesam.predictor import Predictor
 
     calls = []
-    monkeypatch.setattr("napari_mobilesam.predictor.keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(
+        "napari_mobilesam.engine.registry.keep_freed_memory", lambda: calls.append(1)
+    )
     Predictor(tiny_model)
     assert calls == [1]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mobilesam import predictor as predictor_module
+from napari_mobilesam.engine import frames
+from napari_mobilesam.engine import precision as precision_module
 from napari_mobilesam.predictor import ImageEmbedding, Predictor, resolve_precision
 
 from .conftest import GOLDEN, requires_golden
@@ -115,8 +116,10 @@ def test_malformed_batch_prompts(pred, kwargs, match):
 
 
 def test_bad_arguments(tiny_model, image):
-    with pytest.raises(TypeError, match="Sam model or a registry name"):
+    with pytest.raises(TypeError, match="Sam model, a registry name or an Engine"):
         Predictor(object())
+    with pytest.raises(ValueError, match="an Engine comes with its device, backend"):
+        Predictor(Predictor(tiny_model).engine, precision="bf16")
     p = Predictor(tiny_model)
     with pytest.raises(ValueError, match="image_format must be 'RGB' or 'BGR'"):
         p.set_image(image, image_format="RGBA")
@@ -199,7 +202,7 @@ def test_shared_embedding_equals_per_prompt_copy(pred, rng):
 def test_postprocess_chunking(pred, rng, monkeypatch):
     boxes = np.array([[0, 0, 30, 30], [10, 10, 60, 80], [5, 5, 6, 6]], dtype=float)
     want = pred.predict_batch(boxes=boxes, return_logits=True)[0]
-    monkeypatch.setattr(predictor_module, "_POSTPROCESS_CHUNK", 1)
+    monkeypatch.setattr(frames, "POSTPROCESS_CHUNK", 1)
     got = pred.predict_batch(boxes=boxes, return_logits=True)[0]
     np.testing.assert_array_equal(got, want)
 
@@ -240,10 +243,10 @@ def test_precision_argument_checks(tiny_model):
 
 
 def test_precision_auto_resolves_per_device(tiny_model, monkeypatch):
-    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: True)
     assert Predictor(tiny_model, precision="auto").precision == "bf16"
     assert Predictor(tiny_model, precision="auto", backend="auto").precision == "bf16"
-    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)
     assert Predictor(tiny_model, precision="auto").precision == "fp32"
     assert resolve_precision("auto", "mps") == "fp32"
     assert resolve_precision("fp16", "cpu") == "fp16"
@@ -252,10 +255,14 @@ def test_precision_auto_resolves_per_device(tiny_model, monkeypatch):
         assert resolve_precision("auto", "cuda:0") == want
 
 
-def test_precision_auto_with_onnx_is_fp32(tiny_model, monkeypatch):
-    monkeypatch.setattr(predictor_module, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(predictor_module, "_make_backend", lambda *a: object())
-    assert Predictor(tiny_model, precision="auto", backend="onnx").precision == "fp32"
+def test_precision_auto_with_a_numpy_backend_is_fp32(tiny_model, monkeypatch):
+    from napari_mobilesam.runtime import TorchBackend
+
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: True)
+    pred = Predictor(tiny_model, precision="auto", backend=TorchBackend(tiny_model))
+    assert pred.precision == "fp32"
+    with pytest.raises(ValueError, match="precision='bf16' needs backend='torch'"):
+        Predictor(tiny_model, precision="bf16", backend=TorchBackend(tiny_model))
 
 
 def test_cpu_has_bf16_reads_the_flags(tmp_path):

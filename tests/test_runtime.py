@@ -19,9 +19,9 @@ pytest.importorskip("onnxscript")
 
 import onnx
 
+from napari_mobilesam.accel import is_optimized, optimize
+from napari_mobilesam.accel.onednn import ConvGELU, OneDNNLinear
 from napari_mobilesam.build import build_sam
-from napari_mobilesam.model import fuse_attention, fuse_conv_bn, fuse_conv_gelu, fuse_linear
-from napari_mobilesam.model.common import ConvGELU, OneDNNLinear, _onednn_pointwise_available
 from napari_mobilesam.predictor import Predictor
 from napari_mobilesam.runtime import (
     DEFAULT_OPSET,
@@ -34,6 +34,7 @@ from napari_mobilesam.runtime import (
     onnx_cache_dir,
     plain_copy,
 )
+from napari_mobilesam.runtime import cache as cache_mod
 from napari_mobilesam.runtime import export as export_mod
 from napari_mobilesam.runtime.onnx_backend import (
     import_onnxruntime,
@@ -51,16 +52,11 @@ FILES = {"encoder.onnx", "decoder.onnx", "encoder.int8.onnx", "decoder.int8.onnx
 # ---------------------------------------------------------------------------- helpers
 
 
-def _tiny(state_dict, fuse: bool):
+def _tiny(state_dict, optimized: bool):
     model = build_sam(TINY_CONFIG)
     model.load_state_dict(state_dict)
     model.eval()
-    if fuse:  # as load_model does
-        fuse_conv_bn(model)
-        fuse_conv_gelu(model)
-        fuse_linear(model.image_encoder)
-        fuse_attention(model.image_encoder)
-    return model
+    return optimize(model) if optimized else model  # as load_model does
 
 
 def _image(model, seed: int = 0) -> np.ndarray:
@@ -123,8 +119,8 @@ def _assert_close(got, want, tol, what):
 
 @pytest.fixture(scope="module")
 def fused_tiny(tiny_state_dict):
-    """A tiny model fused like load_model's (oneDNN conv+GELU on CPU)."""
-    return _tiny(tiny_state_dict, fuse=True)
+    """A tiny model optimised as load_model does (oneDNN kernels on the CPU)."""
+    return _tiny(tiny_state_dict, optimized=True)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +128,7 @@ def tiny_export(fused_tiny, tmp_path_factory):
     """One export (fp32 + int8) of the fused tiny model, with its state before."""
     root = tmp_path_factory.mktemp("export")
     before = {k: v.clone() for k, v in fused_tiny.state_dict().items()}
-    onednn = [m.use_onednn for m in fused_tiny.modules() if isinstance(m, ConvGELU)]
+    layers = [type(m) for m in fused_tiny.modules()]
     source = {"checkpoint": "tiny.pt", "sha256": "0" * 64}
     meta = export_onnx(fused_tiny, root / "tiny", quantize="int8", source=source)
     return {
@@ -140,7 +136,7 @@ def tiny_export(fused_tiny, tmp_path_factory):
         "dir": root / "tiny",
         "meta": meta,
         "before": before,
-        "onednn": onednn,
+        "layers": layers,
         "source": source,
     }
 
@@ -233,15 +229,9 @@ def test_backend_argument_errors(tiny_model):
 
 def test_plain_copy_uses_standard_ops(fused_tiny):
     plain = plain_copy(fused_tiny)
-    convs = [m for m in plain.modules() if isinstance(m, ConvGELU)]
-    assert convs and not any(m.use_onednn for m in convs)
-    linears = [m for m in plain.modules() if isinstance(m, OneDNNLinear)]
-    assert linears and not any(m.use_onednn for m in linears)
-    assert all(m.use_onednn for m in fused_tiny.modules() if isinstance(m, OneDNNLinear))
+    assert is_optimized(fused_tiny) and not is_optimized(plain)
+    assert not any(isinstance(m, ConvGELU | OneDNNLinear) for m in plain.modules())
     assert plain.mask_decoder.transformer.factorized is False
-    window_attentions = [m for m in plain.modules() if hasattr(m, "fused_cpu")]
-    assert window_attentions and not any(m.fused_cpu for m in window_attentions)
-    assert all(m.fused_cpu for m in fused_tiny.modules() if hasattr(m, "fused_cpu"))
     assert plain.image_encoder is not fused_tiny.image_encoder
     with pytest.raises(TypeError, match="model must be a Sam"):
         plain_copy(torch.nn.Linear(2, 2))
@@ -296,10 +286,8 @@ def test_export_leaves_model_unchanged(tiny_export, fused_tiny):
     assert after.keys() == tiny_export["before"].keys()
     for k, v in tiny_export["before"].items():
         assert torch.equal(after[k], v), k
-    convs = [m for m in fused_tiny.modules() if isinstance(m, ConvGELU)]
-    assert convs and [m.use_onednn for m in convs] == tiny_export["onednn"]  # still fused
-    if _onednn_pointwise_available():  # the export did face the oneDNN path
-        assert all(tiny_export["onednn"])
+    assert [type(m) for m in fused_tiny.modules()] == tiny_export["layers"]  # still optimised
+    assert is_optimized(fused_tiny)
     assert fused_tiny.mask_decoder.transformer.factorized is True
     assert not fused_tiny.training
 
@@ -516,9 +504,9 @@ def test_get_onnx_backend_exports_once(tiny_export, tiny_state_dict, tmp_path, m
     torch.save(tiny_state_dict, ckpt)
     loads = []
 
-    def fake_load_model(name, checkpoint, device=None, *, fuse=True, progress=True):
-        loads.append((name, Path(checkpoint), device, fuse))
-        return _tiny(tiny_state_dict, fuse=fuse)
+    def fake_load_model(name, checkpoint, device=None, *, optimize=True, progress=True):
+        loads.append((name, Path(checkpoint), device, optimize))
+        return _tiny(tiny_state_dict, optimized=optimize)
 
     import napari_mobilesam.build as build
 
@@ -605,7 +593,7 @@ def test_get_onnx_backend_cache_keys(tiny_model, tiny_state_dict, tmp_path, monk
     with pytest.raises(Exported):
         get_onnx_backend(tiny_model, quantize="int8")
     model, out_dir, kwargs = calls[-1]
-    key = export_mod._state_dict_sha256(tiny_model)
+    key = cache_mod._state_dict_sha256(tiny_model)
     assert model is tiny_model
     assert out_dir == onnx_cache_dir() / f"{key[:16]}-v{EXPORTER_VERSION}"
     assert kwargs == {"quantize": "int8", "source": {"state_dict_sha256": key}}
@@ -626,7 +614,7 @@ def test_get_onnx_backend_cache_keys(tiny_model, tiny_state_dict, tmp_path, monk
     with pytest.raises(Exported):
         get_onnx_backend(model_name="vit_t")
     assert fetched == ["vit_t"]
-    assert calls[-2] == ("load", ("vit_t", ckpt), {"device": "cpu", "fuse": False})
+    assert calls[-2] == ("load", ("vit_t", ckpt), {"device": "cpu", "optimize": False})
     assert calls[-1][1].name == f"{digest[:16]}-v{EXPORTER_VERSION}"
 
 

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 from napari_mobilesam import transforms as T
+from napari_mobilesam.accel import resize as R
+from napari_mobilesam.accel.resize import PillowResize, pil_bilinear_matrix
 
 
 @pytest.mark.parametrize(
@@ -94,8 +96,9 @@ def _both_calls_equal_pillow(img, long_side):
     """The first call of a size learns Pillow's pass order, the second uses it."""
     expected = T.resize_longest_side(img, long_side)
     tensor = torch.from_numpy(img).permute(2, 0, 1)
+    resize = PillowResize(long_side)
     for _ in range(2):
-        ours = T.resize_longest_side_torch(tensor, long_side)
+        ours = resize(tensor)
         assert ours.dtype == torch.uint8
         np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), expected,
                                       err_msg=f"{img.shape} -> {long_side}")  # fmt: skip
@@ -117,37 +120,48 @@ def test_torch_resize_random_sizes_and_targets(rng):
 
 
 def test_torch_resize_learns_pillows_pass_order_once_per_size(monkeypatch, rng):
-    monkeypatch.setattr(T, "_PASS_ORDER", {})
     calls = []
     real = T.resize_longest_side
-    monkeypatch.setattr(T, "resize_longest_side", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(R, "resize_longest_side", lambda *a: calls.append(1) or real(*a))
+    resize = PillowResize(128)
     for shape in ((300, 100), (100, 300)):  # tall: vertical first in recent Pillow
         img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        first = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 128)
-        second = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 128)
+        first = resize(torch.from_numpy(img).permute(2, 0, 1))
+        second = resize(torch.from_numpy(img).permute(2, 0, 1))
         assert torch.equal(first, second)
-    assert len(calls) == 2 and set(T._PASS_ORDER) == {(300, 100, 128), (100, 300, 128)}
+    assert len(calls) == 2 and set(resize.pass_order) == {(300, 100), (100, 300)}
     # an image that cannot tell the orders apart (constant) teaches nothing
     flat = torch.full((3, 50, 20), 7, dtype=torch.uint8)
     expected = torch.full((3, 32, 13), 7, dtype=torch.uint8)
-    assert torch.equal(T.resize_longest_side_torch(flat, 32), expected)
-    assert (50, 20, 32) not in T._PASS_ORDER
+    small = PillowResize(32)
+    assert torch.equal(small(flat), expected)
+    assert (50, 20) not in small.pass_order
+    assert PillowResize(32).pass_order == {}  # each object learns for itself
 
 
-def test_torch_resize_stays_with_pillow_where_no_order_matches(monkeypatch, rng):
-    monkeypatch.setattr(T, "_PASS_ORDER", {})
-    monkeypatch.setattr(T, "_two_passes", lambda image, h, w, vertical_first: torch.zeros(
-        3, h, w, dtype=torch.uint8))  # fmt: skip
+def test_torch_resize_stays_with_pillow_where_no_order_matches(rng):
+    def wrong(image, h, w, vertical_first):
+        return torch.zeros(3, h, w, dtype=torch.uint8)
+
+    resize = PillowResize(40, passes=wrong)
     img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
     for _ in range(2):
-        ours = T.resize_longest_side_torch(torch.from_numpy(img).permute(2, 0, 1), 40)
+        ours = resize(torch.from_numpy(img).permute(2, 0, 1))
         np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), T.resize_longest_side(img, 40))
-    assert T._PASS_ORDER == {(60, 90, 40): None}
+    assert resize.pass_order == {(60, 90): None}
+
+
+def test_torch_resize_forgets_beyond_max_sizes(rng):
+    resize = PillowResize(16, max_sizes=2)
+    for size in ((30, 20), (20, 30), (40, 20)):
+        img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        resize(torch.from_numpy(img).permute(2, 0, 1))
+    assert list(resize.pass_order) == [(40, 20)]
 
 
 def test_pil_bilinear_matrix_rows_are_normalised():
     for n_in, n_out in ((770, 1024), (3000, 1024), (7, 4), (1, 5)):
-        m = T.pil_bilinear_matrix(n_in, n_out)
+        m = pil_bilinear_matrix(n_in, n_out)
         assert m.shape == (n_out, n_in) and np.all(m == np.round(m))
         assert np.all(np.abs(m.sum(1) - 2**22) <= m.shape[1])  # rounding of each weight
 
@@ -155,7 +169,7 @@ def test_pil_bilinear_matrix_rows_are_normalised():
 @pytest.mark.parametrize("sizes", [(0, 4), (4, 0), (-1, 3)])
 def test_pil_bilinear_matrix_rejects_empty(sizes):
     with pytest.raises(ValueError, match="sizes must be positive"):
-        T.pil_bilinear_matrix(*sizes)
+        pil_bilinear_matrix(*sizes)
 
 
 @pytest.mark.parametrize(
@@ -163,4 +177,4 @@ def test_pil_bilinear_matrix_rejects_empty(sizes):
 )
 def test_torch_resize_needs_chw_uint8(bad):
     with pytest.raises(ValueError, match=r"needs a \(3, H, W\) uint8 tensor"):
-        T.resize_longest_side_torch(bad, 64)
+        PillowResize(64)(bad)

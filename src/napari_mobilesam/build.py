@@ -27,11 +27,8 @@ from .model import (
     TinyViT,
     TinyViTConfig,
     TwoWayTransformer,
-    fuse_attention,
-    fuse_conv_bn,
-    fuse_conv_gelu,
-    fuse_linear,
 )
+from .model.sam import PIXEL_MEAN, PIXEL_STD
 
 # Keys of the official checkpoints that belong to no part of the segmentation
 # model (TinyViT's ImageNet classifier head, trained but unused by MobileSAM).
@@ -92,8 +89,8 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = PIXEL_STD
     description: str = field(default="", compare=False)
 
     @property
@@ -352,8 +349,9 @@ def load_model(
     checkpoint: str | PathLike | None = None,
     device: str | torch.device | None = None,
     *,
-    fuse: bool = True,
+    optimize: bool = True,
     progress: bool = True,
+    fuse: bool | None = None,
 ) -> Sam:
     """Build a model and load its weights; returned in eval mode.
 
@@ -368,20 +366,28 @@ def load_model(
     device : str or torch.device, optional
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... ; None or ``"auto"`` picks CUDA when
         available.
-    fuse : bool
-        Fold BatchNorm into the preceding convolutions, merge convolution +
-        GELU and linear + GELU pairs into oneDNN kernels and let the encoder's
-        attention use torch's fused CPU kernel (inference speed; same results
-        within float rounding). False: the reference computation; use it to train
-        or to re-save the weights.
+    optimize : bool
+        Swap in the fast inference modules (:func:`napari_mobilesam.accel.optimize`:
+        BatchNorm folded, fused CPU kernels, channels-last memory; the same results
+        within float rounding). False: the model's own modules, the reference
+        computation; use it to train or to re-save the weights.
     progress : bool
         Show a progress bar when downloading.
+    fuse : bool, optional
+        Deprecated name of ``optimize``.
 
     Returns
     -------
     Sam
         With attributes ``model_name`` and ``checkpoint_path`` recording the source.
     """
+    if fuse is not None:
+        import warnings
+
+        warnings.warn(
+            "load_model(fuse=...) is deprecated: use optimize=...", DeprecationWarning, stacklevel=2
+        )
+        optimize = fuse
     cfg = get_config(name)
     dev = resolve_device(device)
     if checkpoint is None:
@@ -393,14 +399,10 @@ def load_model(
     model = build_sam(cfg)
     load_state_dict_checked(model, state_dict, source=f"checkpoint {str(path)!r}")
     model.eval()
-    if fuse:
-        fuse_conv_bn(model)
-        fuse_conv_gelu(model)
-        # oneDNN matmuls pay for the encoder's big token matrices; the decoder's
-        # prompt-token matmuls are small and faster in torch's default kernels
-        fuse_linear(model.image_encoder)
-        fuse_attention(model.image_encoder)
-    model.image_encoder.to(memory_format=torch.channels_last)
+    if optimize:
+        from .accel import optimize as optimize_model
+
+        optimize_model(model)
     model.model_name = name
     model.checkpoint_path = path
     return model.to(dev)

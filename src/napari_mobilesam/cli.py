@@ -189,7 +189,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
     try:
-        model = load_model(args.model, checkpoint, device="cpu", fuse=False)
+        model = load_model(args.model, checkpoint, device="cpu", optimize=False)
     except CheckpointError as exc:
         raise CommandError(str(exc)) from None
     source = {"checkpoint": str(checkpoint), "sha256": _w.sha256_file(checkpoint)}

@@ -9,50 +9,41 @@ same pixels, labels 1 = foreground, 0 = background. Masks come back at the
 original size, (C, H, W) bool; ``low_res_logits`` are the decoder's
 (C, 256, 256) logits (before upsampling), which can be fed back as
 ``mask_input``.
+
+A predictor is the current image over an :class:`~napari_mobilesam.engine.Engine`
+(what runs the networks), plus a lock: every public method is safe to call from
+several threads, each call seeing one image from start to end (the image is an
+immutable snapshot, replaced whole under the lock; the networks run outside it).
+Code that sets an image and then predicts on it must hold :attr:`Predictor.lock`
+around both when other threads set images on the same predictor; or give each thread
+its own predictor over one engine (``Predictor(engine)``), which shares the weights.
 """
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .build import load_model
+from .engine import Decoded, Engine, EngineOptions, ImageEmbedding, Prompts, make_engine
+from .engine.precision import PRECISIONS, cpu_has_bf16, resolve_precision
 from .model import Sam
 from .normalize import to_rgb_uint8
-from .runtime.cuda_graph import CudaGraphEncoder, run_encoder
-from .runtime.heap import keep_freed_memory
-from .transforms import ResizeLongestSide, resize_longest_side_torch
+from .transforms import ResizeLongestSide
+from .validation import check_boxes, check_mask_input, check_points
 
-# Upsampled logits are produced in chunks of at most this many float32 values
-# (~256 MB), so predict_batch with many prompts does not hold them all at once.
-_POSTPROCESS_CHUNK = 64 * 2**20
+__all__ = ["PRECISIONS", "ImageEmbedding", "Predictor", "cpu_has_bf16", "resolve_precision"]
 
 
 @dataclass(frozen=True)
-class ImageEmbedding:
-    """An image embedding with the sizes needed to decode against it.
+class _Image:
+    """The current image: its embedding and what the decoder keeps for it."""
 
-    Attributes
-    ----------
-    features : torch.Tensor
-        (1, C, h', w') encoder output (256 x 64 x 64 for SAM models).
-    original_size : (int, int)
-        (H, W) of the image given to ``set_image``.
-    input_size : (int, int)
-        (h, w) after resize-longest-side, before padding.
-    """
-
-    features: torch.Tensor
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-
-    def to(self, device: str | torch.device) -> ImageEmbedding:
-        """Copy on another device."""
-        return ImageEmbedding(self.features.to(device), self.original_size, self.input_size)
+    embedding: ImageEmbedding
+    decoder_state: object
 
 
 class Predictor:
@@ -60,9 +51,10 @@ class Predictor:
 
     Parameters
     ----------
-    model : Sam or str
-        A loaded model, or a registry name (``"vit_t"``) passed to
-        :func:`~napari_mobilesam.build.load_model`.
+    model : Sam, str or Engine
+        A loaded model, a registry name (``"vit_t"``) passed to
+        :func:`~napari_mobilesam.build.load_model`, or an engine to share with another
+        predictor (``Predictor(other.engine)``, with no other argument).
     device : str or torch.device, optional
         Move the model there (default: keep the model where it is; for a name,
         CUDA when available).
@@ -73,17 +65,14 @@ class Predictor:
     factorized : bool
         Let the decoder's token/image attentions use the cheaper factorised form
         (default). False runs the reference computation.
-    backend : {"torch", "onnx", "auto"} or EncoderDecoderBackend
-        What runs the encoder and decoder. ``"onnx"``: onnxruntime on models exported
-        from this model on first use (cached by checkpoint hash, see
-        :func:`~napari_mobilesam.runtime.get_onnx_backend`); pre- and postprocessing
-        stay in torch. Needs ``pip install "napari-mobilesam[onnx]"``. ``"auto"``: the
-        fastest choice for what is asked: torch, except on a CPU where ONNX models are
-        asked for (``quantize="int8"`` or an ``onnx_folder``) and onnxruntime is
-        installed: then onnxruntime's encoder and our torch decoder (faster than the ONNX
-        decoder). In float32 onnxruntime's encoder is no faster than ours (2-core AMD EPYC: 0.99x
-        of its time at 2 threads, 1.07x at 1) and needs an export; its int8 encoder
-        takes 0.73x (:attr:`backend_name` says what runs).
+    backend : str or EncoderDecoderBackend
+        What runs the networks (:func:`~napari_mobilesam.engine.make_engine`): ``"torch"``;
+        ``"onnx"``, onnxruntime on models exported on first use (needs
+        ``pip install "napari-mobilesam[onnx]"``); ``"auto"``, torch, or on a CPU where
+        ONNX models are asked for (``quantize`` or ``onnx_folder``) onnxruntime's
+        encoder with the torch decoder; a name added with
+        :func:`~napari_mobilesam.engine.register_backend`; or an object with numpy
+        ``encode`` / ``decode``. :attr:`backend_name` says what runs.
     onnx_folder : path, optional
         With ``backend="onnx"`` or ``"auto"``: use the models exported there
         (``mobilesam export-onnx``) instead of the cache.
@@ -94,26 +83,20 @@ class Predictor:
         With ``backend="onnx"``: onnxruntime threads (default: physical cores).
     precision : {"fp32", "bf16", "fp16", "auto"}
         Precision of the image encoder (torch backend): ``"bf16"`` / ``"fp16"`` run it
-        under ``torch.autocast``, the embedding is returned as float32 and
-        prompts are decoded in float32 (segment-everything's grids in 16 bits:
-        :meth:`reduced_decoder`). On the golden prompts the masks keep a mean
-        IoU of 0.998 (bf16) / 0.9998 (fp16) against float32 (worst 0.987 / 0.999).
-        bf16 is about 2x faster on GPUs and faster on CPUs with bf16 units (AVX512-BF16
-        or AMX: 0.63-0.74x of float32's time on an AMD EPYC); elsewhere on CPUs it is
-        slower, and fp16 is always much slower on CPUs (warned). ``"auto"``: the
-        fastest of these for the device (:func:`resolve_precision`); the attribute
-        :attr:`precision` holds the choice. The default float32 reproduces the
-        reference to float rounding.
+        under ``torch.autocast``; embeddings are float32 and prompts are decoded in
+        float32 (segment-everything's grids in 16 bits). On the golden prompts the
+        masks keep a mean IoU of 0.998 (bf16) / 0.9998 (fp16) against float32.
+        ``"auto"``: the fastest for the device (:func:`resolve_precision`), held by
+        :attr:`precision`. The default float32 reproduces the reference.
     cuda_graphs : bool
         On a GPU, replay the image encoder from CUDA graphs recorded once per
-        batch size and precision (:class:`~napari_mobilesam.runtime.cuda_graph.
-        CudaGraphEncoder`): the same kernels without the launch overhead that
-        dominates at batch 1. No effect on a CPU or with another backend.
+        batch size and precision: the same kernels without the launch overhead
+        that dominates at batch 1. No effect on a CPU or with another backend.
     """
 
     def __init__(
         self,
-        model: Sam | str = "vit_t",
+        model: Sam | str | Engine = "vit_t",
         *,
         device: str | torch.device | None = None,
         decoder_cache: bool = True,
@@ -125,95 +108,90 @@ class Predictor:
         precision: str = "fp32",
         cuda_graphs: bool = True,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        torch_encoder = isinstance(backend, str) and backend in ("torch", "auto")
-        if precision not in ("fp32", "auto") and not torch_encoder:
-            raise ValueError(f"precision={precision!r} needs backend='torch'")
-        if isinstance(model, str):
-            model = load_model(model, device=device)
-        elif not isinstance(model, Sam):
-            raise TypeError(f"model must be a Sam model or a registry name, got {type(model)}")
-        elif device is not None:
-            model = model.to(device)
-        if model.device.type == "cpu":
-            keep_freed_memory()  # the next image reuses this one's memory (runtime.heap)
-        precision = resolve_precision(precision, model.device) if torch_encoder else "fp32"
-        if precision == "fp16" and model.device.type == "cpu":
-            import warnings
-
-            warnings.warn(
-                "precision='fp16' on a CPU is very slow (no fast float16 kernels: 7.6x "
-                "float32's time measured on an AMD EPYC); use 'bf16' or 'auto'",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self.model = model
-        self.decoder_cache = decoder_cache
-        self.factorized = factorized
-        self.precision = precision
-        #: the encoder through CUDA graphs (used on CUDA devices only), or None
-        self._graphed = CudaGraphEncoder(model.image_encoder) if cuda_graphs else None
-        #: (16-bit copy of the mask decoder, its dtype), made by reduced_decoder()
-        self._low_decoder = None
-        #: onnxruntime encoder of ``backend="auto"`` (decoding stays in torch), or None
-        self._encoder = None
-        if isinstance(backend, str) and backend == "auto":
-            self._encoder = _auto_encoder(model, onnx_folder, quantize, threads, precision)
-            self.backend = None
+        options = EngineOptions(
+            decoder_cache=decoder_cache, factorized=factorized, cuda_graphs=cuda_graphs,
+            onnx_folder=onnx_folder, quantize=quantize, threads=threads,
+        )  # fmt: skip
+        if isinstance(model, Engine):
+            given = (options, backend, precision, device)
+            if given != (EngineOptions(), "torch", "fp32", None):
+                raise ValueError(
+                    "an Engine comes with its device, backend, precision and options: give "
+                    "no other argument with it (or give a model instead)"
+                )
+            engine = model
         else:
-            self.backend = _make_backend(backend, model, onnx_folder, quantize, threads)
-        self.transform = ResizeLongestSide(model.img_size)
-        self.reset_image()
+            if isinstance(model, str):
+                model = load_model(model, device=device)
+                device = None
+            elif not isinstance(model, Sam):
+                raise TypeError(
+                    f"model must be a Sam model, a registry name or an Engine, got {type(model)}"
+                )
+            engine = make_engine(model, backend, precision, device, options)
+        #: what runs the networks (shared by every predictor made from it)
+        self.engine = engine
+        #: held by every public method; hold it around set_image + predict sequences
+        self.lock = threading.RLock()
+        self.transform = ResizeLongestSide(engine.model.img_size)
+        self._image: _Image | None = None
 
-    def describe(self) -> str:
-        """What runs, as chosen: e.g. ``"cpu: torch, 2 threads, bf16"``.
-
-        Device, :attr:`backend_name`, torch's intra-op threads (torch picks the
-        physical cores unless told otherwise) and the encoder :attr:`precision`.
-        """
-        graphs = ", CUDA graphs" if self.uses_cuda_graphs else ""
-        return (
-            f"{self.device}: {self.backend_name}, {torch.get_num_threads()} threads, "
-            f"{self.precision}{graphs}"
-        )
+    # -- what runs --------------------------------------------------------------------
 
     @property
-    def uses_cuda_graphs(self) -> bool:
-        """Whether the encoder runs from CUDA graphs (``cuda_graphs`` on a GPU, torch
-        backend, no recording failure)."""
-        return (
-            self._graphed is not None
-            and self.backend is None
-            and self._encoder is None
-            and self.device.type == "cuda"
-            and self._graphed.failed is None
-        )
+    def model(self) -> Sam:
+        return self.engine.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def precision(self) -> str:
+        """The image encoder's precision, as chosen (``"fp32"``, ``"bf16"``, ``"fp16"``)."""
+        return self.engine.precision
+
+    decoder_cache = property(lambda self: self.engine.options.decoder_cache)
+    factorized = property(lambda self: self.engine.options.factorized)
 
     @property
     def backend_name(self) -> str:
         """What runs the networks: ``"torch"``, ``"onnx"``, ``"onnx int8"``, or for
         ``backend="auto"`` on a CPU ``"onnx encoder + torch decoder"`` (with ``int8``)."""
-        if self._encoder is not None:
-            return f"onnx{_int8(self._encoder)} encoder + torch decoder"
-        if self.backend is None:
-            return "torch"
-        return f"{getattr(self.backend, 'name', type(self.backend).__name__)}{_int8(self.backend)}"
+        return self.engine.name
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the encoder runs from CUDA graphs (``cuda_graphs`` on a GPU, torch
+        backend, no recording failure)."""
+        return self.engine.uses_cuda_graphs
+
+    def describe(self) -> str:
+        """What runs, as chosen: e.g. ``"cpu: torch, 2 threads, bf16"`` (device,
+        :attr:`backend_name`, torch's intra-op threads, :attr:`precision`)."""
+        return self.engine.describe()
 
     # -- image ------------------------------------------------------------------------
 
     @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def is_image_set(self) -> bool:
+        return self._image is not None
+
+    features = property(lambda self: self._field("features"),
+                        doc="The current (1, C, h', w') embedding, or None.")  # fmt: skip
+    original_size = property(lambda self: self._field("original_size"),
+                             doc="(H, W) of the current image, or None.")  # fmt: skip
+    input_size = property(lambda self: self._field("input_size"),
+                          doc="(h, w) of the current image, resized, or None.")  # fmt: skip
+
+    def _field(self, name: str):
+        image = self._image
+        return None if image is None else getattr(image.embedding, name)
 
     def reset_image(self) -> None:
         """Forget the current image and its embedding."""
-        self.is_image_set = False
-        #: the decoder's image-side tensors of this image, per dtype (None: float32)
-        self._decoder_caches: dict = {}
-        self.features: torch.Tensor | None = None
-        self.original_size: tuple[int, int] | None = None
-        self.input_size: tuple[int, int] | None = None
+        with self.lock:
+            self._image = None
 
     def set_image(
         self,
@@ -237,30 +215,25 @@ class Predictor:
         contrast_limits, channels, channel_axis
             Passed to :func:`~napari_mobilesam.normalize.to_rgb_uint8`.
         """
-        convert = {"contrast_limits": contrast_limits, "channels": channels,
-                   "channel_axis": channel_axis}  # fmt: skip
-        tensor, original_size = self._input_frame(image, image_format, convert)
-        self.set_torch_image(tensor, original_size)
+        rgb = self._rgb(image, image_format, contrast_limits, channels, channel_axis)
+        self._set(self.engine.embed_image(rgb))
 
-    def _input_frame(
-        self, image: np.ndarray, image_format: str, convert: dict
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(1, 3, h, w) uint8 tensor resized to the input frame, and the (H, W) before."""
+    def _rgb(self, image, image_format, contrast_limits, channels, channel_axis) -> np.ndarray:
+        """``image`` as (H, W, 3) uint8 in the model's channel order."""
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        rgb = to_rgb_uint8(image, **convert)
+        rgb = to_rgb_uint8(
+            image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
+        )
         if image_format != self.model.image_format:
             rgb = np.ascontiguousarray(rgb[..., ::-1])
-        pixels = rgb.shape[0] * rgb.shape[1]
-        if self.device.type in _DEVICE_RESIZE and pixels <= _DEVICE_RESIZE_PIXELS:
-            # upload the original and resize there (the same bytes as Pillow's resize,
-            # which takes ~10 ms of a CPU core per image: the bound for stacks on a GPU)
-            image_t = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(self.device)
-            resized_t = resize_longest_side_torch(image_t.permute(2, 0, 1), self.model.img_size)
-            return resized_t.contiguous()[None], rgb.shape[:2]
-        resized = self.transform.apply_image(rgb)
-        tensor = torch.tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        return tensor, rgb.shape[:2]
+        return rgb
+
+    def _set(self, embedding: ImageEmbedding) -> None:
+        """Make ``embedding`` the current image (its decoder state made first)."""
+        image = _Image(embedding, self.engine.decoder.prepare(embedding.features))
+        with self.lock:
+            self._image = image
 
     @torch.no_grad()
     def set_torch_image(
@@ -284,19 +257,10 @@ class Predictor:
                 "set_torch_image needs a (1, 3, h, w) tensor with max(h, w) = "
                 f"{self.model.img_size}, got {tuple(transformed_image.shape)}"
             )
-        self.reset_image()
-        x = self.model.preprocess(transformed_image.to(self.device).float())
-        if self.backend is None:
-            self.features = self.encode(x)
-        else:
-            self.features = torch.from_numpy(self.backend.encode(x.cpu().numpy())).to(self.device)
-        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
-        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
-        self.is_image_set = True
+        self._set(self.engine.embed([transformed_image], [original_image_size])[0])
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the image encoder (torch backend) at this predictor's ``precision``.
+        """Run the image encoder at this predictor's :attr:`precision`.
 
         Parameters
         ----------
@@ -306,16 +270,9 @@ class Predictor:
         Returns
         -------
         torch.Tensor
-            (B, C, h', w') float32 embeddings.
+            (B, C, h, w) float32 embeddings.
         """
-        if self._encoder is not None:
-            feats = [self._encoder.encode(x[i : i + 1].cpu().numpy()) for i in range(len(x))]
-            return torch.from_numpy(np.concatenate(feats)).to(self.device)
-        x = x.to(self.device)
-        dtype = _AUTOCAST[self.precision]
-        if self._graphed is not None and self._graphed.applies(x):
-            return self._graphed(x, dtype)
-        return run_encoder(self.model.image_encoder, x, dtype)
+        return self.engine.encoder.encode(x)
 
     def embed_images(
         self,
@@ -349,44 +306,16 @@ class Predictor:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        convert = {"contrast_limits": contrast_limits, "channels": channels,
-                   "channel_axis": channel_axis}  # fmt: skip
-        out: list[ImageEmbedding] = []
-        pending: list[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = []
-
-        def flush() -> None:
-            x = torch.cat([t for t, _, _ in pending])
-            if self.backend is None:
-                feats = self.encode(x)
-            else:
-                feats = torch.cat([
-                    torch.from_numpy(self.backend.encode(x[i : i + 1].cpu().numpy()))
-                    for i in range(len(x))
-                ]).to(self.device)  # fmt: skip
-            for i, (_, orig, inp) in enumerate(pending):
-                out.append(ImageEmbedding(feats[i : i + 1], orig, inp))
-            pending.clear()
-
-        with torch.no_grad():
-            for image in images:
-                t, original_size = self._input_frame(image, image_format, convert)
-                x = self.model.preprocess(t.float())
-                pending.append((x, original_size, tuple(t.shape[-2:])))
-                if len(pending) == batch_size:
-                    flush()
-            if pending:
-                flush()
-        return out
+        convert = (image_format, contrast_limits, channels, channel_axis)
+        return self.engine.embed_images((self._rgb(im, *convert) for im in images), batch_size)
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current (1, C, h', w') embedding."""
-        self._require_image()
-        return self.features
+        return self._current().embedding.features
 
     def get_embedding(self) -> ImageEmbedding:
         """The current embedding with its sizes (to cache and restore later)."""
-        self._require_image()
-        return ImageEmbedding(self.features, self.original_size, self.input_size)
+        return self._current().embedding
 
     def set_embedding(self, embedding: ImageEmbedding) -> None:
         """Restore an embedding from :meth:`get_embedding` (no encoder run)."""
@@ -398,15 +327,16 @@ class Predictor:
                 f"embedding features have shape {tuple(embedding.features.shape)}, this model "
                 f"needs (1, C, {emb_size[0]}, {emb_size[1]})"
             )
-        self.reset_image()
-        self.features = embedding.features.to(self.device)
-        self.original_size = tuple(embedding.original_size)
-        self.input_size = tuple(embedding.input_size)
-        self.is_image_set = True
+        features = embedding.features.to(self.device)
+        sizes = (tuple(embedding.original_size), tuple(embedding.input_size))
+        self._set(ImageEmbedding(features, *sizes))
 
-    def _require_image(self) -> None:
-        if not self.is_image_set:
+    def _current(self) -> _Image:
+        with self.lock:
+            image = self._image
+        if image is None:
             raise RuntimeError("no image is set: call set_image() before predicting")
+        return image
 
     # -- prompts ----------------------------------------------------------------------
 
@@ -443,17 +373,16 @@ class Predictor:
         scores : (C,) float32 predicted IoU
         low_res_logits : (C, 256, 256) float32
         """
-        self._require_image()
-        coords, labels = _check_points(point_coords, point_labels, batched=False)
-        boxes = _check_boxes(box, batched=False)
-        masks_in = _check_mask_input(
+        image = self._current()
+        coords, labels = check_points(point_coords, point_labels)
+        if coords is not None:
+            coords, labels = coords[None], labels[None]
+        boxes = check_boxes(box, batched=False)
+        masks_in = check_mask_input(
             mask_input, self.model.prompt_encoder.mask_input_size, batched=False
         )
-        masks, scores, low_res = self.predict_torch(
-            *self._to_input_frame(coords, labels, boxes, masks_in),
-            multimask_output=multimask_output,
-            return_logits=return_logits,
-        )
+        prompts = self._prompts(image, coords, labels, boxes, masks_in)
+        masks, scores, low_res = self._predict(image, prompts, multimask_output, return_logits)
         return (
             masks[0].cpu().numpy(),
             scores[0].float().cpu().numpy(),
@@ -490,10 +419,10 @@ class Predictor:
             B = 0 prompts (e.g. ``boxes`` of shape (0, 4)) give empty arrays of these
             shapes without running the decoder.
         """
-        self._require_image()
-        coords, labels = _check_points(point_coords, point_labels, batched=True)
-        boxes_ = _check_boxes(boxes, batched=True)
-        masks_in = _check_mask_input(
+        image = self._current()
+        coords, labels = check_points(point_coords, point_labels, batched=True)
+        boxes_ = check_boxes(boxes, batched=True)
+        masks_in = check_mask_input(
             mask_input, self.model.prompt_encoder.mask_input_size, batched=True
         )
         sizes = {
@@ -503,47 +432,25 @@ class Predictor:
         }
         if len(set(sizes.values())) > 1:
             raise ValueError(f"prompt batch sizes differ: {sizes}")
-        if 0 in sizes.values():  # an empty batch: no decoder pass
-            return self._empty_batch(multimask_output, return_logits)
-        masks, scores, low_res = self.predict_torch(
-            *self._to_input_frame(coords, labels, boxes_, masks_in),
-            multimask_output=multimask_output,
-            return_logits=return_logits,
-        )
+        prompts = None  # an empty batch: no decoder pass
+        if 0 not in sizes.values():
+            prompts = self._prompts(image, coords, labels, boxes_, masks_in)
+        masks, scores, low_res = self._predict(image, prompts, multimask_output, return_logits)
         return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
 
-    def _empty_batch(
-        self, multimask_output: bool, return_logits: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`predict_batch`'s three arrays for B = 0 prompts (C = 3 or 1 masks)."""
-        c = self.model.mask_decoder.num_multimask_outputs if multimask_output else 1
-        h, w = self.original_size
-        low_h, low_w = self.model.prompt_encoder.mask_input_size
-        return (
-            np.zeros((0, c, h, w), np.float32 if return_logits else bool),
-            np.zeros((0, c), np.float32),
-            np.zeros((0, c, low_h, low_w), np.float32),
-        )
+    def _prompts(self, image: _Image, coords, labels, boxes, masks_in) -> Prompts:
+        """Checked numpy prompts in the original frame -> :class:`Prompts` (input frame)."""
+        dev, size = self.device, image.embedding.original_size
 
-    def _to_input_frame(self, coords, labels, boxes, masks_in):
-        dev = self.device
-        coords_t = labels_t = boxes_t = masks_t = None
-        if coords is not None:
-            coords_t = torch.as_tensor(
-                self.transform.apply_coords(coords, self.original_size),
-                dtype=torch.float32,
-                device=dev,
-            )
-            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=dev)
-        if boxes is not None:
-            boxes_t = torch.as_tensor(
-                self.transform.apply_boxes(boxes, self.original_size),
-                dtype=torch.float32,
-                device=dev,
-            )
-        if masks_in is not None:
-            masks_t = torch.as_tensor(masks_in, dtype=torch.float32, device=dev)
-        return coords_t, labels_t, boxes_t, masks_t
+        def tensor(a, dtype=torch.float32):
+            return None if a is None else torch.as_tensor(a, dtype=dtype, device=dev)
+
+        return Prompts(
+            tensor(None if coords is None else self.transform.apply_coords(coords, size)),
+            tensor(labels, torch.int64),
+            tensor(None if boxes is None else self.transform.apply_boxes(boxes, size)),
+            tensor(masks_in),
+        )
 
     @torch.no_grad()
     def predict_torch(
@@ -572,329 +479,21 @@ class Predictor:
         iou_predictions : (B, C)
         low_res_logits : (B, C, 256, 256)
         """
-        self._require_image()
-        if self.backend is not None:
-            low_res, iou = self.decode_backend(point_coords, point_labels, boxes, mask_input)
-            sl = slice(1, None) if multimask_output else slice(0, 1)
-            low_res, iou = low_res[:, sl], iou[:, sl]
-            return self._postprocess(low_res, return_logits), iou, low_res
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.model.prompt_encoder(points, boxes, mask_input)
-        decoder = self.model.mask_decoder
-        if mask_input is None and self.decoder_cache:
-            # the image side of the decoder's first block does not depend on the
-            # prompts: computed once per image, reused by every call
-            cache = self._image_cache(dense)
-            low_res, iou = decoder(
-                None, None, sparse, None, multimask_output, cache, factorized=self.factorized
-            )
+        image = self._current()
+        prompts = Prompts(point_coords, point_labels, boxes, mask_input)
+        return self._predict(image, prompts, multimask_output, return_logits)
+
+    @torch.no_grad()
+    def _predict(self, image: _Image, prompts, multimask: bool, return_logits: bool):
+        """Decode ``prompts`` (None: no prompts, B = 0) and upsample the masks."""
+        if prompts is None:
+            m = self.model.mask_decoder.num_multimask_outputs if multimask else 1
+            size = self.model.prompt_encoder.mask_input_size
+            decoded = Decoded.empty(m, size, self.device)
         else:
-            pe = self.model.prompt_encoder.get_dense_pe()
-            low_res, iou = decoder(
-                self.features, pe, sparse, dense, multimask_output, factorized=self.factorized
-            )
-        masks = self._postprocess(low_res, return_logits)
-        return masks, iou, low_res
-
-    def decode_backend(
-        self,
-        point_coords: torch.Tensor | None,
-        point_labels: torch.Tensor | None,
-        boxes: torch.Tensor | None = None,
-        mask_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All four mask tokens' low-res logits (B, 4, h, w) and IoU (B, 4) from the backend.
-
-        Prompts are encoded as segment-anything's ONNX decoder takes them: a box is two
-        corner points labelled 2 and 3; without a box one padding point (label -1) is
-        appended, as the prompt encoder does.
-        """
-        coords, labels = [], []
-        if point_coords is not None:
-            coords.append(point_coords.float())
-            labels.append(point_labels.float())
-        if boxes is not None:
-            b = boxes.reshape(-1, 2, 2).float()
-            coords.append(b)
-            labels.append(torch.tensor([2.0, 3.0], device=b.device).expand(len(b), 2))
-        else:
-            n = len(coords[0]) if coords else (len(mask_input) if mask_input is not None else 1)
-            coords.append(torch.zeros(n, 1, 2, device=self.device))
-            labels.append(torch.full((n, 1), -1.0, device=self.device))
-        c = torch.cat(coords, dim=1).cpu().numpy()
-        lab = torch.cat(labels, dim=1).cpu().numpy()
-        m = None if mask_input is None else mask_input.float().cpu().numpy()
-        low_res, iou = self.backend.decode(self.features.cpu().numpy(), c, lab, m)
-        return torch.from_numpy(low_res).to(self.device), torch.from_numpy(iou).to(self.device)
-
-    def reduced_decoder(self):
-        """The mask decoder in this predictor's reduced :attr:`precision`, for many prompts.
-
-        Segment-everything decodes a whole grid of prompts at once: work bound by
-        memory traffic and float32 arithmetic, which a 16-bit copy of the decoder
-        halves (the IoU head still runs in float32 on its output tokens).
-        Single prompts (:meth:`predict`) keep the float32 decoder. Made once, from
-        the model's weights at the time.
-
-        Returns
-        -------
-        (MaskDecoder, torch.dtype) or (None, None)
-            float16 on a GPU (tensor cores run it as fast as bfloat16 and its finer
-            mantissa keeps the logits 10x closer to float32's; callers fall back to
-            float32 where it overflows), bfloat16 on a CPU (fast kernels on CPUs with
-            bf16 units; float16 has none). None where it does not apply: float32
-            precision or another backend.
-
-        Notes
-        -----
-        Measured against the float32 decoder on 144 grid prompts of each golden
-        image (random weights, whose logits are near 0 and so thresholded most
-        fragilely): float16 mask IoU 0.998 mean, predicted IoU within 0.0014;
-        bfloat16 0.981-0.986 mean, within 0.013. Speed: 256 grid prompts on an AMD
-        EPYC (2 cores, bf16 units) 6.4 s in float32, 3.3 s in bfloat16.
-        """
-        if _AUTOCAST[self.precision] is None or self.backend is not None:
-            return None, None
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        held = self._low_decoder
-        if held is None or held[1] != dtype:
-            import copy
-
-            held = (copy.deepcopy(self.model.mask_decoder).to(dtype).eval(), dtype)
-            self._low_decoder = held
-        return held
-
-    def _image_cache(self, no_mask_dense: torch.Tensor, dtype: torch.dtype | None = None):
-        """The decoder's image-side tensors of the current image (float32, or ``dtype``
-        for :meth:`reduced_decoder`)."""
-        cache = self._decoder_caches.get(dtype)
-        if cache is None:
-            decoder = self.model.mask_decoder if dtype is None else self.reduced_decoder()[0]
-
-            def cast(t: torch.Tensor) -> torch.Tensor:
-                return t if dtype is None else t.to(dtype)
-
-            pe = self.model.prompt_encoder.get_dense_pe()
-            cache = decoder.prepare_image(cast(self.features), cast(pe), cast(no_mask_dense))
-            self._decoder_caches[dtype] = cache
-        return cache
-
-    def _postprocess(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
-        b, c = low_res.shape[:2]
-        h, w = self.original_size
-        per_prompt = c * max(h * w, self.model.img_size**2)
-        step = max(1, _POSTPROCESS_CHUNK // per_prompt)
-        out = torch.empty(
-            (b, c, h, w),
-            dtype=low_res.dtype if return_logits else torch.bool,
-            device=low_res.device,
+            decoded = self.engine.decoder.decode(image.decoder_state, prompts, multimask=multimask)
+        emb = image.embedding
+        masks = self.engine.frames.masks(
+            decoded.low_res, emb.input_size, emb.original_size, return_logits
         )
-        for i in range(0, b, step):
-            logits = self.model.postprocess_masks(
-                low_res[i : i + step], self.input_size, self.original_size
-            )
-            out[i : i + step] = logits if return_logits else logits > self.model.mask_threshold
-        return out
-
-
-#: device types whose images are resized on the device (:func:`resize_longest_side_torch`)
-_DEVICE_RESIZE = ("cuda",)
-#: larger images are resized by Pillow on the host (the device copy is float64)
-_DEVICE_RESIZE_PIXELS = 4096 * 4096
-
-#: torch.autocast dtype of each ``precision`` (None: plain float32).
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: what ``precision=`` accepts
-PRECISIONS = (*_AUTOCAST, "auto")
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """The image encoder precision that ``precision`` means on ``device``.
-
-    ``"auto"`` is the fastest choice that keeps the golden masks (mean IoU >= 0.98
-    against float32): on CUDA ``"bf16"`` (``"fp16"`` on GPUs without bfloat16);
-    on a CPU ``"bf16"`` when it has bfloat16 units (:func:`cpu_has_bf16`), else
-    ``"fp32"``; ``"fp32"`` on other devices. Other values are returned unchanged.
-
-    Parameters
-    ----------
-    precision : {"fp32", "bf16", "fp16", "auto"}
-    device : str or torch.device
-
-    Returns
-    -------
-    str
-        ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_has_bf16():
-        return "bf16"
-    return "fp32"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16).
-
-    Read from the ``flags`` line of ``/proc/cpuinfo`` (Linux); False where that
-    is missing, so other systems keep float32 under ``precision="auto"``.
-    """
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
-    return False
-
-
-def _onnx_backend(model: Sam, onnx_folder, quantize, threads):
-    """The model's onnxruntime backend: exported into the cache on first use, or a folder."""
-    from .runtime import get_onnx_backend
-
-    return get_onnx_backend(
-        model,
-        checkpoint=getattr(model, "checkpoint_path", None),
-        model_name=getattr(model, "model_name", None) or "vit_t",
-        folder=onnx_folder,
-        quantize=quantize,
-        threads=threads,
-    )
-
-
-def _int8(backend) -> str:
-    path = getattr(backend, "encoder_path", None)
-    return " int8" if path is not None and ".int8." in str(path) else ""
-
-
-def _auto_encoder(model: Sam, onnx_folder, quantize, threads, precision: str):
-    """The onnxruntime encoder ``backend="auto"`` uses, or None for plain torch.
-
-    On a CPU in float32, when ONNX models are asked for (``quantize="int8"``: 0.73x of
-    our torch encoder's time on an AMD EPYC, or an ``onnx_folder``) and onnxruntime /
-    onnx / onnxscript are installed, the image encoder runs in onnxruntime while
-    prompts are decoded by the torch decoder (with its per-image cache, faster than the
-    ONNX decoder). Elsewhere plain torch: on a GPU, in reduced precision, in float32
-    without a folder (our torch encoder is as fast as onnxruntime's, with no export),
-    with onnxruntime missing or the export failing (with a warning).
-    """
-    if model.device.type != "cpu" or precision != "fp32":
-        return None
-    if quantize is None and onnx_folder is None:
-        return None
-    try:
-        from .runtime.export import _import_exporter
-        from .runtime.onnx_backend import import_onnxruntime
-
-        import_onnxruntime()
-        if onnx_folder is None:
-            _import_exporter()
-    except ImportError:
-        return None
-    try:
-        return _onnx_backend(model, onnx_folder, quantize, threads)
-    except Exception as exc:  # an export failure must not stop predicting
-        import warnings
-
-        warnings.warn(
-            f"backend='auto': the onnxruntime encoder is not available ({exc}); using torch",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-
-
-def _make_backend(backend, model: Sam, onnx_folder, quantize, threads):
-    """None for the built-in torch path, else an EncoderDecoderBackend."""
-    if isinstance(backend, str):
-        if backend == "torch":
-            if onnx_folder is not None or quantize is not None:
-                raise ValueError("onnx_folder and quantize need backend='onnx'")
-            return None
-        if backend == "onnx":
-            return _onnx_backend(model, onnx_folder, quantize, threads)
-        raise ValueError(f"backend must be 'torch', 'onnx' or 'auto', got {backend!r}")
-    if hasattr(backend, "encode") and hasattr(backend, "decode"):
-        return backend
-    raise TypeError(
-        f"backend must be 'torch', 'onnx', 'auto' or a backend object, got {type(backend)}"
-    )
-
-
-# -- prompt validation (numpy level) ------------------------------------------------
-
-
-def _as_float_array(value, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numeric, got {value!r}") from None
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite values: {value!r}")
-    return arr
-
-
-def _check_points(coords, labels, *, batched: bool):
-    if coords is None:
-        if labels is not None:
-            raise ValueError("point_labels given without point_coords")
-        return None, None
-    if labels is None:
-        raise ValueError("point_coords given without point_labels (1 foreground, 0 background)")
-    coords = _as_float_array(coords, "point_coords")
-    labels_f = _as_float_array(labels, "point_labels")
-    want = "(B, N, 2)" if batched else "(N, 2)"
-    ndim = 3 if batched else 2
-    if coords.ndim != ndim or coords.shape[-1] != 2 or coords.shape[-2] == 0:
-        raise ValueError(f"point_coords must have shape {want} as (x, y), got {coords.shape}")
-    if labels_f.shape != coords.shape[:-1]:
-        raise ValueError(
-            f"point_labels must have shape {coords.shape[:-1]} to match point_coords "
-            f"{coords.shape}, got {labels_f.shape}"
-        )
-    if not np.isin(labels_f, (0, 1)).all():
-        bad = np.unique(labels_f[~np.isin(labels_f, (0, 1))])
-        raise ValueError(
-            f"point_labels must be 1 (foreground) or 0 (background), got {bad.tolist()}"
-        )
-    if not batched:
-        coords, labels_f = coords[None], labels_f[None]
-    return coords, labels_f.astype(np.int64)
-
-
-def _check_boxes(boxes, *, batched: bool):
-    if boxes is None:
-        return None
-    name = "boxes" if batched else "box"
-    arr = _as_float_array(boxes, name)
-    if batched:
-        if arr.ndim != 2 or arr.shape[1] != 4:
-            raise ValueError(f"boxes must have shape (B, 4) as XYXY, got {arr.shape}")
-    else:
-        if arr.size != 4:
-            raise ValueError(f"box must have shape (4,) as XYXY, got {arr.shape}")
-        arr = arr.reshape(1, 4)
-    inverted = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
-    if inverted.any():
-        raise ValueError(
-            f"{name} must be XYXY with x1 >= x0 and y1 >= y0, got {arr[inverted][0].tolist()}"
-        )
-    return arr
-
-
-def _check_mask_input(mask_input, size: tuple[int, int], *, batched: bool):
-    if mask_input is None:
-        return None
-    arr = _as_float_array(mask_input, "mask_input")
-    want = (arr.shape[0] if arr.ndim else -1, 1, *size) if batched else (1, *size)
-    if arr.shape != want or (batched and arr.shape[0] == 0):
-        shape = f"(B, 1, {size[0]}, {size[1]})" if batched else f"(1, {size[0]}, {size[1]})"
-        raise ValueError(f"mask_input must have shape {shape}, got {arr.shape}")
-    return arr.astype(np.float32) if batched else arr.astype(np.float32)[None]
+        return masks, decoded.iou, decoded.low_res

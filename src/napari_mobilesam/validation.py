@@ -16,8 +16,10 @@ import numpy as np
 __all__ = [
     "as_float",
     "check_bool_mask",
+    "check_boxes",
     "check_contrast_limits",
     "check_int",
+    "check_mask_input",
     "check_points",
     "finite_array",
 ]
@@ -173,6 +175,66 @@ def check_points(
             f"{np.unique(lab[bad]).tolist()}"
         )
     return pts, lab.astype(np.int64)
+
+
+def check_boxes(boxes, *, batched: bool) -> np.ndarray | None:
+    """XYXY boxes checked and as (B, 4) float64, or None.
+
+    Parameters
+    ----------
+    boxes : (B, 4) or, not ``batched``, (4,) array_like, or None
+        Named ``boxes`` / ``box`` in messages; finite, ``x1 >= x0`` and ``y1 >= y0``.
+    batched : bool
+        Expect a leading box axis B (B may be 0).
+
+    Raises
+    ------
+    ValueError
+        For a wrong shape, non-numeric or non-finite values, or inverted corners.
+    """
+    if boxes is None:
+        return None
+    name = "boxes" if batched else "box"
+    arr = finite_array(boxes, name)
+    if batched and (arr.ndim != 2 or arr.shape[1] != 4):
+        raise ValueError(f"boxes must have shape (B, 4) as XYXY, got {arr.shape}")
+    if not batched:
+        if arr.size != 4:
+            raise ValueError(f"box must have shape (4,) as XYXY, got {arr.shape}")
+        arr = arr.reshape(1, 4)
+    inverted = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
+    if inverted.any():
+        raise ValueError(
+            f"{name} must be XYXY with x1 >= x0 and y1 >= y0, got {arr[inverted][0].tolist()}"
+        )
+    return arr
+
+
+def check_mask_input(mask_input, size: tuple[int, int], *, batched: bool) -> np.ndarray | None:
+    """Low-res mask logits checked and as (B, 1, h, w) float32, or None.
+
+    Parameters
+    ----------
+    mask_input : (B, 1, h, w) or, not ``batched``, (1, h, w) array_like, or None
+        Finite; B >= 1.
+    size : (int, int)
+        (h, w) the model's decoder takes (256 x 256 for SAM).
+    batched : bool
+        Expect a leading prompt axis B.
+
+    Raises
+    ------
+    ValueError
+        For a wrong shape, or non-numeric or non-finite values.
+    """
+    if mask_input is None:
+        return None
+    arr = finite_array(mask_input, "mask_input")
+    want = (arr.shape[0] if arr.ndim else -1, 1, *size) if batched else (1, *size)
+    if arr.shape != want or (batched and arr.shape[0] == 0):
+        shape = f"(B, 1, {size[0]}, {size[1]})" if batched else f"(1, {size[0]}, {size[1]})"
+        raise ValueError(f"mask_input must have shape {shape}, got {arr.shape}")
+    return arr.astype(np.float32) if batched else arr.astype(np.float32)[None]
 
 
 def check_bool_mask(mask, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:

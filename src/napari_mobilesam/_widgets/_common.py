@@ -21,16 +21,18 @@ from qtpy.QtWidgets import (
 )
 
 from ..build import MODEL_CONFIGS, load_model
+from ..engine import Engine, make_engine
 from ..predictor import Predictor
 
-_PREDICTORS: dict[tuple[str, str, str, str, str], Predictor] = {}
+_ENGINES: dict[tuple[str, str, str, str, str], Engine] = {}
 _LOCK = threading.Lock()
 
 
 def get_predictor(
     name: str, weights: str | None, device: str, backend: str = "torch", precision: str = "fp32"
 ) -> Predictor:
-    """A predictor for the model, shared by all widgets (loaded once; slow the first time).
+    """A new predictor for the model, over an engine shared by all widgets (the model is
+    loaded once; slow the first time). Each caller gets its own current image.
 
     Parameters
     ----------
@@ -48,11 +50,11 @@ def get_predictor(
     """
     key = (name, weights or "", device, backend, precision)
     with _LOCK:
-        pred = _PREDICTORS.get(key)
-        if pred is None:
+        engine = _ENGINES.get(key)
+        if engine is None:
             model = load_model(name, weights or None, device=device)
-            pred = _PREDICTORS[key] = Predictor(model, backend=backend, precision=precision)
-    return pred
+            engine = _ENGINES[key] = make_engine(model, backend, precision)
+    return Predictor(engine)
 
 
 class ModelPicker(QWidget):

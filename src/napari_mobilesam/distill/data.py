@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.sam import PIXEL_MEAN, PIXEL_STD
 from ..normalize import to_rgb_uint8
 from ..transforms import resize_longest_side
 
@@ -108,8 +109,8 @@ def load_image(path: str | PathLike) -> np.ndarray:
 def preprocess(
     image: np.ndarray,
     img_size: int = 1024,
-    pixel_mean=(123.675, 116.28, 103.53),
-    pixel_std=(58.395, 57.12, 57.375),
+    pixel_mean=PIXEL_MEAN,
+    pixel_std=PIXEL_STD,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Model input of an RGB ``uint8`` image.
 

@@ -13,18 +13,20 @@ of up to ``max_batch`` images are recorded: larger ones keep the GPU busy enough
 that launches overlap with work, and their recordings would hold gigabytes. It
 runs the module eagerly where a graph does not apply: on a CPU, with autograd
 on, for larger batches, or after a recording failed (then it warns once and
-stays eager).
+stays eager). A recording's input and output buffers are shared by its replays, so
+recording and replaying hold a lock (one thread at a time per encoder).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-__all__ = ["CudaGraphEncoder", "run_encoder"]
+__all__ = ["CudaGraphEncoder", "record_cuda_graph", "run_encoder"]
 
 
 def run_encoder(
@@ -43,6 +45,39 @@ def run_encoder(
         return encoder(x).float()
 
 
+def record_cuda_graph(forward, static_in: torch.Tensor, warmup: int = 3):
+    """Record ``forward(static_in)`` as a CUDA graph.
+
+    Parameters
+    ----------
+    forward : callable
+        Tensor -> tensor, free of host synchronisation.
+    static_in : torch.Tensor
+        The input buffer the graph reads on every replay (on a CUDA device).
+    warmup : int
+        Eager runs on a side stream first (cuBLAS/cuDNN set-up must not happen inside
+        the recording).
+
+    Returns
+    -------
+    replay : callable
+        Runs the recorded kernels again on whatever ``static_in`` then holds.
+    static_out : torch.Tensor
+        The buffer each replay writes.
+    """
+    device = static_in.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            forward(static_in)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward(static_in)
+    return graph.replay, static_out
+
+
 class CudaGraphEncoder:
     """Call ``encoder`` through CUDA graphs, one per input shape and precision.
 
@@ -58,6 +93,11 @@ class CudaGraphEncoder:
     warmup : int
         Eager runs on a side stream before recording (cuBLAS/cuDNN set-up must not
         happen inside the recording).
+    record : callable, optional
+        ``record(forward, static_in, warmup) -> (replay, static_out)``; default
+        :func:`record_cuda_graph`.
+    device_types : tuple of str
+        Devices whose inputs are run from recordings.
 
     Notes
     -----
@@ -67,7 +107,14 @@ class CudaGraphEncoder:
     """
 
     def __init__(
-        self, encoder: nn.Module, max_graphs: int = 4, warmup: int = 3, max_batch: int = 4
+        self,
+        encoder: nn.Module,
+        max_graphs: int = 4,
+        warmup: int = 3,
+        max_batch: int = 4,
+        *,
+        record=record_cuda_graph,
+        device_types: tuple[str, ...] = ("cuda",),
     ):
         for name, value in (("max_graphs", max_graphs), ("max_batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,14 +123,17 @@ class CudaGraphEncoder:
         self.max_graphs = max_graphs
         self.max_batch = max_batch
         self.warmup = warmup
+        self.record = record
+        self.device_types = device_types
         self.failed: str | None = None  # why recording was given up, if it was
         self._graphs: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether ``x`` would be run from a graph (CUDA, no autograd, a batch of at
         most ``max_batch``, no failure)."""
         return (
-            x.is_cuda
+            x.device.type in self.device_types
             and not torch.is_grad_enabled()
             and len(x) <= self.max_batch
             and self.failed is None
@@ -106,12 +156,16 @@ class CudaGraphEncoder:
             (B, C, h, w) float32, a new tensor (not the recording's buffer).
         """
         if not self.applies(x):
-            return self._eager(x, autocast_dtype)
+            return self.eager(x, autocast_dtype)
+        with self._lock:
+            return self._replay(x, autocast_dtype)
+
+    def _replay(self, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, autocast_dtype, self._weights_address())
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._record(x, autocast_dtype)
+                entry = self._recording(x, autocast_dtype)
             except Exception as exc:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 self._graphs.clear()
@@ -121,16 +175,16 @@ class CudaGraphEncoder:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                return self._eager(x, autocast_dtype)
+                return self.eager(x, autocast_dtype)
             self._graphs[key] = entry
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(key)
-        graph, static_in, static_out = entry
+        replay, static_in, static_out = entry
         with torch.inference_mode():
             static_in.copy_(x)
-            graph.replay()
+            replay()
             return static_out.clone()
 
     @property
@@ -142,25 +196,17 @@ class CudaGraphEncoder:
         first = next(self.encoder.parameters(), None)
         return 0 if first is None else first.data_ptr()
 
-    def _eager(self, x, autocast_dtype):
+    def eager(self, x: torch.Tensor, autocast_dtype: torch.dtype | None = None):
+        """The encoder run eagerly (what a replay computes)."""
         return run_encoder(self.encoder, x, autocast_dtype)
 
-    def _forward(self, x, autocast_dtype):
-        # autocast's weight-cast cache must be off while recording (its casts would
-        # be made outside the graph's memory)
-        return run_encoder(self.encoder, x, autocast_dtype, cache_enabled=False)
+    def _recording(self, x, autocast_dtype):
+        def forward(t):
+            # autocast's weight-cast cache must be off while recording (its casts would
+            # be made outside the graph's memory)
+            return run_encoder(self.encoder, t, autocast_dtype, cache_enabled=False)
 
-    def _record(self, x, autocast_dtype):
-        device = x.device
         with torch.inference_mode():
             static_in = x.clone()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self._forward(static_in, autocast_dtype)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._forward(static_in, autocast_dtype)
-        return graph, static_in, static_out
+            replay, static_out = self.record(forward, static_in, self.warmup)
+        return replay, static_in, static_out

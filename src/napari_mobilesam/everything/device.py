@@ -3,7 +3,9 @@
 For GPUs: the reference computation (full-resolution stability scores, box NMS) on
 batched tensors, with the host reading only small per-batch index tensors, one
 (M, M) overlap matrix per crop for the greedy NMS, and the final label image, never
-one mask at a time. On a CPU the same code runs (it is how the tests check it
+one mask at a time. The grid is decoded by the engine's grid decoder (per-image
+cache, factorised attention, 16 bits with a reduced precision) in as few passes as
+the GPU's memory allows. On a CPU the same code runs (it is how the tests check it
 against reference mode), but fast mode is quicker there.
 """
 
@@ -12,9 +14,53 @@ from __future__ import annotations
 import torch
 
 from ..model import Sam
+from .boxes import batched_mask_to_box, is_box_near_crop_edge
+from .mask_data import MaskData
+from .pipeline import CropImage, Pipeline, uncrop_masks
+from .rle import masks_to_rle
 from .stability import calculate_stability_score
 
-__all__ = ["full_res_masks", "labels_from_masks"]
+__all__ = ["DevicePipeline", "full_res_masks", "labels_from_masks"]
+
+
+class DevicePipeline(Pipeline):
+    """Reference mode's decisions on the model's device, without per-mask host work."""
+
+    mode = "device"
+
+    def batch(self, image: CropImage, points, crop_box, orig_size, state) -> MaskData:
+        f = self.filters
+        orig_h, orig_w = orig_size
+        decoded = self.decode_grid(image, points, f.pred_iou_thresh or None)
+        n_masks = decoded.low_res.shape[1]
+        masks, iou, stability, index = full_res_masks(
+            self.model, decoded.low_res.flatten(0, 1), decoded.iou.flatten(0, 1),
+            image.input_size, image.size,
+            pred_iou_thresh=f.pred_iou_thresh,
+            stability_score_thresh=f.stability_score_thresh,
+            stability_score_offset=f.stability_score_offset,
+        )  # fmt: skip
+        boxes = batched_mask_to_box(masks)
+        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+        rows = index[keep]
+        pts = torch.as_tensor(points, dtype=torch.float64)[
+            decoded.rows.repeat_interleave(n_masks)[rows.cpu()]
+        ]
+        return MaskData(
+            masks=masks[keep], boxes=boxes[keep], iou_preds=iou[keep],
+            stability_score=stability[keep], points=pts,
+        )  # fmt: skip
+
+    def finish(self, data: MaskData, crop_box, orig_size, keep_masks: bool) -> MaskData:
+        """Boxes and scores to the host; masks as RLEs, unless ``keep_masks`` keeps them
+        on the device (for :func:`labels_from_masks`)."""
+        data["boxes"] = data["boxes"].cpu()
+        if not keep_masks:
+            data["rles"] = masks_to_rle(uncrop_masks(data["masks"], crop_box, *orig_size))
+            del data["masks"]
+        for key in ("iou_preds", "stability_score"):
+            data[key] = data[key].cpu()
+        return super().finish(data, crop_box, orig_size, keep_masks)
 
 
 def full_res_masks(

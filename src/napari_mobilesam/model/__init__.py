@@ -6,15 +6,17 @@
 registry of named variants live in :mod:`napari_mobilesam.build`.
 """
 
-from .common import LayerNorm2d, fuse_attention, fuse_conv_bn, fuse_conv_gelu, fuse_linear
+from .common import LayerNorm2d
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
-from .sam import Sam
+from .sam import PIXEL_MEAN, PIXEL_STD, Sam
 from .tiny_vit import TinyViT, TinyViTConfig
 from .transformer import TwoWayTransformer
 
 __all__ = [
+    "PIXEL_MEAN",
+    "PIXEL_STD",
     "ImageEncoderViT",
     "LayerNorm2d",
     "MaskDecoder",
@@ -23,8 +25,4 @@ __all__ = [
     "TinyViT",
     "TinyViTConfig",
     "TwoWayTransformer",
-    "fuse_attention",
-    "fuse_conv_bn",
-    "fuse_conv_gelu",
-    "fuse_linear",
 ]

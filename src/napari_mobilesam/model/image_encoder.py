@@ -164,10 +164,6 @@ class Block(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention on (B, H, W, C) tokens with decomposed relative positions."""
 
-    #: let :func:`~.common.attention_with_bias` use torch's fused CPU kernel (set by
-    #: :func:`~.common.fuse_attention`)
-    fused_cpu = False
-
     def __init__(
         self,
         dim: int,
@@ -192,11 +188,17 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, heads, H*W, head_dim)
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-            out = attention_with_bias(q, k, v, bias, fused=self.fused_cpu)
+            out = self.attend(q, k, v, bias)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(out)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + bias) v`` over (B, heads, N, d) tensors."""
+        return attention_with_bias(q, k, v, bias)
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .common import MLP, LayerNorm2d
-from .transformer import ImageCache
 
 
 class MaskDecoder(nn.Module):
@@ -27,6 +26,7 @@ class MaskDecoder(nn.Module):
         Layers and width of the IoU prediction MLP (3, 256).
     """
 
+    #: (convolution, activation) pairs that may run as one kernel (napari_mobilesam.accel)
     conv_gelu_pairs = (("output_upscaling.3", "output_upscaling.4"),)
 
     def __init__(
@@ -61,32 +61,13 @@ class MaskDecoder(nn.Module):
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
 
-    def prepare_image(
+    def forward(
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
-    ) -> ImageCache:
-        """Prompt-independent work for one image and a shared dense prompt.
-
-        Parameters
-        ----------
-        image_embeddings : (1, C, h, w)
-        image_pe : (1, C, h, w)
-        dense_prompt_embeddings : (1, C, h, w)
-            The "no mask" embedding; the cache is only valid with it.
-        """
-        return self.transformer.prepare_image(image_embeddings + dense_prompt_embeddings, image_pe)
-
-    def forward(
-        self,
-        image_embeddings: torch.Tensor | None,
-        image_pe: torch.Tensor | None,
         sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor | None,
+        dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-        image_cache: ImageCache | None = None,
-        factorized: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict masks.
 
@@ -100,85 +81,74 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings : (1 or B, C, h, w)
         multimask_output : bool
             Return the ``num_multimask_outputs`` masks instead of the single one.
-        image_cache : ImageCache, optional
-            :meth:`prepare_image` of this image and dense prompt; the three tensor
-            arguments before it are then ignored (may be None).
-        factorized : bool, optional
-            Override the transformer's ``factorized`` setting (False: the plain
-            reference computation).
 
         Returns
         -------
         masks : (B, M, 4h, 4w) low-resolution logits, M = 3 or 1
         iou_pred : (B, M)
         """
-        hs, keys, size = self.forward_tokens(
-            image_embeddings,
-            image_pe,
-            sparse_prompt_embeddings,
-            dense_prompt_embeddings,
-            image_cache,
-            factorized,
+        hs, keys, size = self._transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
-        return (
-            self.masks_from_tokens(hs, keys, size, multimask_output),
-            self.iou_from_tokens(hs, multimask_output),
-        )
+        sl = self.token_slice(multimask_output)
+        return self.masks_from_tokens(hs, keys, size, sl), self.iou_prediction_head(hs[:, 0])[:, sl]
 
-    def _token_slice(self, multimask_output: bool) -> slice:
-        return slice(1, None) if multimask_output else slice(0, 1)
-
-    def forward_tokens(
+    def predict_masks(
         self,
-        image_embeddings: torch.Tensor | None,
-        image_pe: torch.Tensor | None,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor | None,
-        image_cache: ImageCache | None = None,
-        factorized: bool | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """The transformer part: output tokens (B, T', C), image tokens (B or 1, h*w, C)
-        and the grid size (h, w). Arguments as in :meth:`forward`."""
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, 4h, 4w) and IoU (B, T) of all T = ``num_mask_tokens`` outputs
+        (token 0: the single-mask output, 1..3: the multimask outputs); arguments as
+        for :meth:`forward`."""
+        hs, keys, size = self._transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        every = slice(0, None)
+        return self.masks_from_tokens(hs, keys, size, every), self.iou_prediction_head(hs[:, 0])
+
+    def _transformer(self, image_embeddings, image_pe, sparse, dense):
+        tokens = self.prompt_tokens(sparse)
+        src = image_embeddings + dense
+        if src.shape[0] not in (1, tokens.shape[0]):
+            raise ValueError(
+                f"image embeddings have batch {src.shape[0]} but there are {tokens.shape[0]} "
+                "prompts"
+            )
+        hs, keys = self.transformer(src, image_pe, tokens)
+        return hs, keys, (src.shape[2], src.shape[3])
+
+    def prompt_tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """The transformer's input tokens (B, 1 + T + N, C): the IoU token and the T mask
+        tokens before each prompt's N sparse embeddings (in their dtype)."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
-        tokens = torch.cat(
+        return torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        if image_cache is None:
-            src = image_embeddings + dense_prompt_embeddings
-            if src.shape[0] not in (1, b):
-                raise ValueError(
-                    f"image embeddings have batch {src.shape[0]} but there are {b} prompts"
-                )
-            size = (src.shape[2], src.shape[3])
-            hs, keys = self.transformer(src, image_pe, tokens, factorized=factorized)
-        else:
-            size = image_cache.size
-            hs, keys = self.transformer(None, None, tokens, image_cache, factorized=factorized)
-        return hs, keys, size
 
-    def iou_from_tokens(self, hs: torch.Tensor, multimask_output: bool) -> torch.Tensor:
-        """Predicted IoU (B, M) from the transformer's output tokens."""
-        return self.iou_prediction_head(hs[:, 0, :])[:, self._token_slice(multimask_output)]
+    @staticmethod
+    def token_slice(multimask_output: bool) -> slice:
+        """The mask tokens returned: 1..3 with ``multimask_output``, else 0."""
+        return slice(1, None) if multimask_output else slice(0, 1)
 
     def masks_from_tokens(
         self,
         hs: torch.Tensor,
         keys: torch.Tensor,
         size: tuple[int, int],
-        multimask_output: bool,
+        tokens: slice,
     ) -> torch.Tensor:
-        """Low-res mask logits (B, M, 4h, 4w) from the transformer's outputs.
-
-        The expensive part (upscaling convolutions): callers that filter on the
-        IoU first can run it on the surviving prompts only.
-        """
+        """Low-res mask logits (B, M, 4h, 4w) of the mask ``tokens`` (a slice of the T
+        mask tokens) from the transformer's outputs: output tokens ``hs`` (B, 1 + T + N,
+        C) and image tokens ``keys`` (B or 1, h*w, C) on an (h, w) grid."""
         b = hs.shape[0]
         h, w = size
-        sl = self._token_slice(multimask_output)
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :][:, sl]
-        mlps = list(self.output_hypernetworks_mlps)[sl]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :][:, tokens]
+        mlps = list(self.output_hypernetworks_mlps)[tokens]
         # (B, h*w, C) tokens are a channels-last image: view, don't copy (the
         # transposed convolutions are also several times faster channels-last).
         c = keys.shape[-1]

@@ -11,6 +11,10 @@ from torch import nn
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
+#: RGB normalisation of every SAM model, in 0..255 units (ImageNet's mean and std)
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
 
 class Sam(nn.Module):
     """Segment Anything model assembled from its parts.
@@ -34,8 +38,8 @@ class Sam(nn.Module):
         image_encoder: nn.Module,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder

@@ -18,14 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (
-    ConvBN,
-    LayerNorm2d,
-    OneDNNLinear,
-    attention_with_bias,
-    expand_project_in_slices,
-    sliced_path_applies,
-)
+from .common import ConvBN, LayerNorm2d, attention_with_bias
 
 
 @dataclass(frozen=True)
@@ -87,6 +80,7 @@ def _strided_size(size: int, stride: int) -> int:
 class PatchEmbed(nn.Module):
     """Stride-4 stem: two 3x3 stride-2 ConvBN with a GELU between."""
 
+    #: (convolution, activation) pairs that may run as one kernel (napari_mobilesam.accel)
     conv_gelu_pairs = (("seq.0", "seq.1"),)
 
     def __init__(self, in_chans: int, embed_dim: int) -> None:
@@ -98,15 +92,13 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first, _, second = self.seq
-        if sliced_path_applies(x, first, None, second):
-            return expand_project_in_slices(x, first, None, second)
         return self.seq(x)
 
 
 class MBConv(nn.Module):
     """Inverted residual block: 1x1 expand, 3x3 depth-wise, 1x1 project, residual."""
 
+    #: (convolution, activation) pairs that may run as one kernel (napari_mobilesam.accel)
     conv_gelu_pairs = (("conv1", "act1"), ("conv2", "act2"))
 
     def __init__(self, in_chans: int, out_chans: int, expand_ratio: float) -> None:
@@ -120,9 +112,6 @@ class MBConv(nn.Module):
         self.act3 = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if sliced_path_applies(x, self.conv1, self.conv2, self.conv3):
-            y = expand_project_in_slices(x, self.conv1, self.conv2, self.conv3, residual=x)
-            return torch.ops.aten.gelu_(y)
         y = self.act1(self.conv1(x))
         y = self.act2(self.conv2(y))
         y = self.conv3(y)
@@ -136,6 +125,7 @@ class PatchMerging(nn.Module):
     (B, H'*W', out_dim).
     """
 
+    #: (convolution, activation) pairs that may run as one kernel (napari_mobilesam.accel)
     conv_gelu_pairs = (("conv1", "act1"), ("conv2", "act2"))
 
     def __init__(self, resolution: int, dim: int, out_dim: int, stride: int) -> None:
@@ -151,13 +141,13 @@ class PatchMerging(nn.Module):
         if x.ndim == 3:
             b = x.shape[0]
             x = x.view(b, self.resolution, self.resolution, -1).permute(0, 3, 1, 2)
-        if sliced_path_applies(x, self.conv1, self.conv2, self.conv3):
-            x = expand_project_in_slices(x, self.conv1, self.conv2, self.conv3)
-        else:
-            x = self.act1(self.conv1(x))
-            x = self.act2(self.conv2(x))
-            x = self.conv3(x)
-        return x.flatten(2).transpose(1, 2)
+        return self.convs(x).flatten(2).transpose(1, 2)
+
+    def convs(self, x: torch.Tensor) -> torch.Tensor:
+        """The three convolutions on a (B, C, H, W) map."""
+        x = self.act1(self.conv1(x))
+        x = self.act2(self.conv2(x))
+        return self.conv3(x)
 
 
 def _window_offset_index(window: int) -> torch.Tensor:
@@ -182,11 +172,6 @@ class Attention(nn.Module):
     token pair on every call (no cache that could go stale after loading).
     """
 
-    #: let :func:`~.common.attention_with_bias` use torch's fused CPU kernel (set by
-    #: :func:`~.common.fuse_attention`; False: the reference computation, standard
-    #: operators only, as the exporters need)
-    fused_cpu = False
-
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -197,28 +182,32 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", _window_offset_index(window), persistent=False)
 
-    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
-        """(B, N, dim) tokens of B windows -> (B, N, dim); without ``project`` the heads'
-        merged output before the ``proj`` layer (the caller applies it)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) tokens of B windows -> (B, N, dim)."""
+        return self.proj(self.heads(x))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' merged output (B, N, dim), before the ``proj`` layer."""
         b, n, _ = x.shape
         x = self.norm(x)
         q, k, v = (self.qkv(x).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)).split(
             self.head_dim, dim=3
         )
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        out = attention_with_bias(q, k, v, bias, fused=self.fused_cpu)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        return self.proj(out) if project else out
+        return self.attend(q, k, v, bias).transpose(1, 2).reshape(b, n, -1)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + bias) v`` over (B, heads, N, d) tensors."""
+        return attention_with_bias(q, k, v, bias)
 
 
 class Mlp(nn.Module):
     """LayerNorm, Linear, GELU, Linear."""
 
+    #: (linear, activation) pairs that may run as one kernel (napari_mobilesam.accel)
     linear_gelu_pairs = (("fc1", "act"),)
-    #: tokens per chunk of :meth:`residual` on the oneDNN path: TinyViT's 128x128
-    #: stage then runs in 4 chunks whose (tokens, 4 x dim) activation stays in cache
-    #: (28.7 -> 25.9 ms per block on an AMD EPYC; the same numbers)
-    chunk_tokens = 4096
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -229,20 +218,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(x))))
-
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + self(x)`` for tokens (B, N, C).
-
-        With oneDNN linear layers (:func:`~.common.fuse_linear`) on the CPU in float32,
-        ``chunk_tokens`` tokens at a time, the residual sum as fc2's post-op.
-        """
-        fc1, fc2 = self.fc1, self.fc2
-        if isinstance(fc1, OneDNNLinear) and fc1.gelu and isinstance(fc2, OneDNNLinear):
-            if fc2.onednn_applies(x) and fc1.onednn_applies(x):
-                parts = [fc2.plus(fc1(self.norm(xs)), xs)
-                         for xs in x.split(self.chunk_tokens, dim=1)]  # fmt: skip
-                return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return x + self(x)
 
 
 class TinyViTBlock(nn.Module):
@@ -269,12 +244,14 @@ class TinyViTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.local_conv = ConvBN(dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim)
 
-    def _window_attention(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
+    def windows(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """``attend`` (tokens (B', ws*ws, C) -> (B', ws*ws, C')) over the zero-padded
+        windows of tokens ``x`` (B, H*W, C); returns (B, H*W, C')."""
         b, n, c = x.shape
         h = w = self.resolution
         ws = self.window
         if h == ws and w == ws:
-            return self.attn(x, project)
+            return attend(x)
         x = x.view(b, h, w, c)
         pad_b, pad_r = (-h) % ws, (-w) % ws
         if pad_b or pad_r:
@@ -282,25 +259,22 @@ class TinyViTBlock(nn.Module):
         ph, pw = h + pad_b, w + pad_r
         nh, nw = ph // ws, pw // ws
         x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        x = self.attn(x, project)
+        x = attend(x)
         x = x.view(b, nh, nw, ws, ws, -1).transpose(2, 3).reshape(b, ph, pw, -1)
         if pad_b or pad_r:
             x = x[:, :h, :w]
         return x.reshape(b, n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.local(x + self.windows(x, self.attn))
+        return x + self.mlp(x)
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """The depth-wise local convolution on tokens (B, H*W, C)."""
         b, n, c = x.shape
-        proj = self.attn.proj
-        if isinstance(proj, OneDNNLinear) and proj.onednn_applies(x):
-            # the projection works token by token: on the real tokens only, not the
-            # windows' padding, with the residual sum as its post-op
-            x = proj.plus(self._window_attention(x, project=False), x)
-        else:
-            x = x + self._window_attention(x)
         s = self.resolution
         y = self.local_conv(x.transpose(1, 2).reshape(b, c, s, s))
-        x = y.view(b, c, n).transpose(1, 2)
-        return self.mlp.residual(x)
+        return y.view(b, c, n).transpose(1, 2)
 
 
 class ConvLayer(nn.Module):
@@ -346,12 +320,6 @@ class TinyViT(nn.Module):
     them as ignorable keys.
     """
 
-    #: run in channels-last memory (the convolutions are faster and the token views
-    #: between stages need no copies). The original MobileSAM keeps PyTorch's default
-    #: contiguous (NCHW) layout; ``benchmarks/original.py`` sets this False (and the
-    #: weights contiguous) to time the original as it runs (same numbers up to rounding).
-    channels_last = True
-
     def __init__(self, config: TinyViTConfig | None = None) -> None:
         super().__init__()
         cfg = config or TinyViTConfig()
@@ -390,8 +358,6 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, img_size, img_size) -> (B, out_chans, img_size/16, img_size/16)."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)

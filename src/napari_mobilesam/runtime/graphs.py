@@ -4,12 +4,12 @@
 segment-anything's ONNX interface: prompts as labelled points (boxes are two corner
 points labelled 2 and 3), a mask input with a per-prompt "has mask" flag, and the
 outputs of all four mask tokens. It is composed of the model's own modules and
-runs the plain reference computation (``factorized=False``, no image cache): it
+runs their plain computation (:meth:`MaskDecoder.predict_masks`, no image cache): it
 equals ``prompt_encoder`` + ``mask_decoder`` of the same model up to float
 rounding.
 
 :func:`plain_copy` returns a copy of a model that runs only standard torch
-operators (no oneDNN fused convolution + GELU), as the exporters need.
+operators (:func:`napari_mobilesam.accel.reference`), as the exporters need.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import copy
 import torch
 from torch import nn
 
+from ..accel import reference
 from ..model import Sam
-from ..model.common import ConvGELU, OneDNNLinear
 
 __all__ = ["DecoderGraph", "plain_copy"]
 
@@ -28,14 +28,8 @@ __all__ = ["DecoderGraph", "plain_copy"]
 def plain_copy(model: Sam) -> Sam:
     """A CPU float32 eval-mode copy of ``model`` that runs only standard operators.
 
-    Fused convolution + GELU pairs (:class:`~napari_mobilesam.model.common.ConvGELU`)
-    keep their (folded) weights but take the two-step ``gelu(conv(x))`` path instead
-    of oneDNN's fused kernel (so the encoder's convolutions are not computed in
-    slices either), oneDNN linear layers
-    (:class:`~napari_mobilesam.model.common.OneDNNLinear`) take ``F.linear``, window
-    attention takes matmul + softmax instead of torch's fused CPU kernel, and
-    the decoder's transformer runs unfactorised.
-    ``model`` itself is not changed.
+    :func:`napari_mobilesam.accel.reference` of a copy: the model's own modules (folded
+    BatchNorm stays folded). ``model`` itself is not changed.
 
     Parameters
     ----------
@@ -47,14 +41,7 @@ def plain_copy(model: Sam) -> Sam:
     """
     if not isinstance(model, Sam):
         raise TypeError(f"model must be a Sam model, got {type(model).__name__}")
-    plain = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    for mod in plain.modules():
-        if isinstance(mod, ConvGELU | OneDNNLinear):
-            mod.use_onednn = False
-        if hasattr(mod, "fused_cpu"):
-            mod.fused_cpu = False
-    plain.mask_decoder.transformer.factorized = False
-    return plain
+    return reference(copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval())
 
 
 class DecoderGraph(nn.Module):
@@ -136,25 +123,6 @@ class DecoderGraph(nn.Module):
             Logits of all four mask tokens (0: single-mask output, 1..3: multimask).
         iou_predictions : (B, 4) float32
         """
-        dec = self.mask_decoder
         sparse = self.embed_points(point_coords, point_labels)
         dense = self.embed_masks(mask_input, has_mask_input)
-        hs, keys, (h, w) = dec.forward_tokens(
-            image_embeddings, self.image_pe, sparse, dense, factorized=False
-        )
-        iou = dec.iou_prediction_head(hs[:, 0, :])
-        # MaskDecoder.masks_from_tokens for all tokens at once (it takes either the
-        # first or the last three; running it twice would upscale twice)
-        b = hs.shape[0]
-        mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens, :]
-        c = keys.shape[-1]
-        grid = keys.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        upscaled = dec.output_upscaling(grid)  # (B, C/8, 4h, 4w)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (B, 4, C/8)
-        _, cu, hu, wu = upscaled.shape
-        pixels = upscaled.permute(0, 2, 3, 1).reshape(b, hu * wu, cu)
-        masks = (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)
-        return masks, iou
+        return self.mask_decoder.predict_masks(image_embeddings, self.image_pe, sparse, dense)

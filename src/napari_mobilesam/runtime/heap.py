@@ -6,14 +6,13 @@ blocks above its *mmap threshold* are unmapped, and free memory at the top of a 
 above its *trim threshold* is released; the next image's tensors are then fresh pages
 that the kernel must map and zero again. Both thresholds adapt upwards as big blocks
 come and go, but not everywhere: in threads other than the main one (napari's
-workers, dask's) the encoder still faulted in about 27,000 pages per image on a
-2-core AMD EPYC (2,400 with the settings below), 5-8% of the float32 encoder's time,
-and a 4096x4096 segment-everything run faulted 877,000 pages instead of 562,000.
+workers, dask's) the encoder keeps faulting in fresh pages for every image
+(docs/speed.md gives the numbers).
 
 :func:`keep_freed_memory` pins both thresholds, once per process, at the ceilings that
 glibc's adaptation climbs to on 64-bit systems: 32 MiB for the mmap threshold and 64
 MiB for the trim threshold, so at most 64 MiB of freed memory stays with a heap
-beyond what it uses. :class:`~napari_mobilesam.predictor.Predictor` calls it for
+beyond what it uses. :func:`~napari_mobilesam.engine.make_engine` calls it for
 models on the CPU.
 
 Set the environment variable ``MOBILESAM_KEEP_FREED_MEMORY=0`` to leave malloc

@@ -1,0 +1,173 @@
+"""``mode="fast"``: reference mode's decisions made earlier and cheaper.
+
+The IoU and stability filters run on the low-resolution logits, prompts none of whose
+masks pass the IoU filter are never upscaled (the engine decoder's ``min_iou``), empty
+masks are dropped, and each survivor is upsampled only inside its own window
+(:mod:`.upsample`) and kept as a tight crop (:mod:`.masks`). Memory grows with the
+objects, not the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .boxes import batched_mask_to_box, is_box_near_crop_edge, nms
+from .mask_data import MaskData
+from .masks import mask_nms, tight_crop
+from .pipeline import CropImage, Pipeline
+from .regions import remove_small_regions
+from .stability import calculate_stability_score
+from .upsample import Upsampler
+
+__all__ = ["FastPipeline", "clean_crop"]
+
+
+@dataclass(frozen=True)
+class _CropState:
+    upsampler: Upsampler
+    #: low-res rows/columns that pixels of the crop read (one past the image when its
+    #: size is a multiple of 4: bilinear reads into the padding)
+    valid: tuple[int, int]
+
+
+class FastPipeline(Pipeline):
+    """Filters on low-res logits, windowed upsampling, tight crop masks."""
+
+    mode = "fast"
+    full_size = False
+
+    def crop_state(self, image: CropImage) -> _CropState:
+        low_res = self.model.prompt_encoder.mask_input_size
+        up = Upsampler.create(low_res, self.model.img_size, image.input_size, image.size)
+        return _CropState(up, (int(up.row_hi.max()) + 1, int(up.col_hi.max()) + 1))
+
+    def batch(self, image: CropImage, points, crop_box, orig_size, state: _CropState) -> MaskData:
+        f = self.filters
+        decoded = self.decode_grid(image, points, f.pred_iou_thresh or None)
+        low_res, iou_preds, prompts = decoded.low_res, decoded.iou, decoded.rows
+        n_masks = low_res.shape[1]
+        vh, vw = state.valid
+        low_res_full = low_res.flatten(0, 1)
+        low_res = low_res_full[:, :vh, :vw]
+        iou_preds = iou_preds.flatten(0, 1)
+        pts = torch.as_tensor(points[prompts.numpy()].repeat(n_masks, axis=0))
+        keep = torch.ones(len(iou_preds), dtype=torch.bool, device=low_res.device)
+        if f.pred_iou_thresh > 0.0:
+            keep &= iou_preds > f.pred_iou_thresh
+        threshold = self.model.mask_threshold
+        stability = torch.full_like(iou_preds, float("nan"))
+        stability[keep] = calculate_stability_score(
+            low_res[keep], threshold, f.stability_score_offset
+        ).to(stability.dtype)
+        if f.stability_score_thresh > 0.0:
+            keep &= stability >= f.stability_score_thresh
+        positive = low_res > threshold
+        keep &= positive.flatten(1).any(dim=1)  # an empty low-res mask upsamples to nothing
+        idx = torch.nonzero(keep).flatten().cpu()
+        low_boxes = batched_mask_to_box(positive[idx.to(positive.device)]).cpu().numpy()
+        found = self._upsample(low_res_full[idx.to(low_res_full.device)], low_boxes, image, state)
+        kept = [k for k, c in enumerate(found) if c is not None]
+        crops = [found[k][0] for k in kept]
+        boxes = [found[k][1] for k in kept]
+        orig_h, orig_w = orig_size
+        boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.int64).reshape(-1, 4))
+        edge = is_box_near_crop_edge(boxes_t, crop_box, [0, 0, orig_w, orig_h])
+        sel = [i for i, e in enumerate(edge.tolist()) if not e]
+        kept_idx = idx[torch.as_tensor(kept, dtype=torch.long)][sel]
+        offset = torch.tensor([[crop_box[0], crop_box[1], crop_box[0], crop_box[1]]])
+        return MaskData(
+            crops=[crops[i] for i in sel],
+            boxes=boxes_t[sel] + offset,
+            iou_preds=iou_preds[kept_idx.to(iou_preds.device)].float().cpu(),
+            stability_score=stability[kept_idx.to(stability.device)].float().cpu(),
+            points=pts[kept_idx],
+        )
+
+    def finish(self, data: MaskData, crop_box, orig_size, keep_masks: bool) -> MaskData:
+        return data  # boxes are in image coordinates already
+
+    def _upsample(self, low_res: torch.Tensor, low_boxes: np.ndarray, image: CropImage, state):
+        """Tight crop masks (crop, inclusive box) at crop resolution, or None if empty.
+
+        Each mask is upsampled inside the window its positive low-res samples reach;
+        masks whose window covers more than a quarter of the crop go through the exact
+        batched postprocessing instead, which is cheaper there.
+        """
+        up: Upsampler = state.upsampler
+        size = image.size
+        threshold = self.model.mask_threshold
+        out: list = [None] * len(low_res)
+        low_cpu = low_res.float().cpu()
+        large = []
+        for k in range(len(low_cpu)):
+            win = up.window(tuple(low_boxes[k]))
+            if (win[1] - win[0]) * (win[3] - win[2]) * 4 > size[0] * size[1]:
+                large.append(k)
+                continue
+            logits = up.logits(low_cpu[k], win)
+            out[k] = tight_crop((logits > threshold).numpy(), win[0], win[2])
+        for start in range(0, len(large), 8):
+            ks = large[start : start + 8]
+            logits = self.model.postprocess_masks(low_res[ks][:, None], image.input_size, size)
+            masks = (logits[:, 0] > threshold).cpu().numpy()
+            for k, mask in zip(ks, masks, strict=True):
+                out[k] = tight_crop(mask, 0, 0)
+        return out
+
+
+def small_regions_of_crops(data: MaskData, min_area: int, nms_thresh: float, shape,
+                           nms_kind: str) -> None:  # fmt: skip
+    """Fill small holes and remove small islands of every crop mask (:func:`clean_crop`),
+    then NMS preferring the masks that needed no cleanup, as segment-anything does."""
+    crops, boxes = data["crops"], np.asarray(data["boxes"], dtype=np.int64)
+    new_crops, new_boxes, unchanged = [], [], []
+    for crop, box in zip(crops, boxes, strict=True):
+        crop2, box2, changed = clean_crop(crop, box, min_area, shape)
+        new_crops.append(crop2)
+        new_boxes.append(box2)
+        unchanged.append(float(not changed))
+    scores = torch.tensor(unchanged)
+    new_boxes_arr = np.asarray(new_boxes, dtype=np.int64).reshape(-1, 4)
+    if nms_kind == "mask":
+        keep = mask_nms(new_crops, new_boxes_arr, scores, nms_thresh)
+    else:
+        keep = nms(torch.as_tensor(new_boxes_arr).float(), scores, nms_thresh)
+    data["crops"] = new_crops
+    data["boxes"] = torch.as_tensor(new_boxes_arr)
+    data.filter(keep)
+
+
+def clean_crop(crop: np.ndarray, box, min_area: int, shape) -> tuple[np.ndarray, list, bool]:
+    """Fill small holes, remove small islands of one crop mask, as on the full mask.
+
+    Holes are found in a window around the box wide enough that the background
+    around the object alone holds ``min_area`` pixels (or reaches the image
+    border), so a background region that is large in the full image is never
+    mistaken for a small hole.
+
+    Returns
+    -------
+    crop : np.ndarray
+        The cleaned tight crop (bool).
+    box : list of int
+        Its inclusive XYXY box in image coordinates.
+    changed : bool
+    """
+    h, w = shape
+    x0, y0, x1, y1 = (int(v) for v in box)
+    pad = -(-min_area // max(1, min(x1 - x0 + 1, y1 - y0 + 1))) + 1
+    wx0, wy0 = max(0, x0 - pad), max(0, y0 - pad)
+    wx1, wy1 = min(w - 1, x1 + pad), min(h - 1, y1 + pad)
+    win = np.zeros((wy1 - wy0 + 1, wx1 - wx0 + 1), dtype=bool)
+    win[y0 - wy0 : y1 - wy0 + 1, x0 - wx0 : x1 - wx0 + 1] = crop
+    win, holes_changed = remove_small_regions(win, min_area, mode="holes")
+    win, islands_changed = remove_small_regions(win, min_area, mode="islands")
+    if not (holes_changed or islands_changed):
+        return crop, [x0, y0, x1, y1], False
+    found = tight_crop(win, wy0, wx0)
+    if found is None:  # cannot happen: islands keep the largest region
+        return crop, [x0, y0, x1, y1], True
+    return found[0], found[1], True
