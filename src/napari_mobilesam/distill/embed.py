@@ -20,7 +20,7 @@ import torch
 
 from ..build import resolve_device
 from .data import DataError, find_images, load_image, preprocess
-from .models import ModelSpec, config_to_dict, load_sam, resolve_config, spec_name
+from .models import SamConfigLike, config_to_dict, load_sam, resolve_config, spec_name
 from .store import EmbeddingStore
 
 __all__ = ["embed_images"]
@@ -64,7 +64,7 @@ def _autocast_dtype(device: torch.device) -> torch.dtype:
 
 
 def embed_images(
-    teacher: ModelSpec,
+    teacher: SamConfigLike,
     teacher_weights: str | PathLike,
     images: str | PathLike,
     out: str | PathLike,
@@ -80,7 +80,7 @@ def embed_images(
 
     Parameters
     ----------
-    teacher : ModelSpec
+    teacher : SamConfigLike
         Registry name (``"vit_h"``, ``"vit_t"``, ...), JSON config file, or
         :class:`~napari_mobilesam.build.SamConfig`.
     teacher_weights : path

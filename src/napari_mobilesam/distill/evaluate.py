@@ -30,7 +30,7 @@ from ..build import resolve_device
 from ..model import Sam
 from ..predictor import ImageEmbedding, Predictor
 from . import data
-from .models import ModelSpec, load_sam, load_teacher_parts, spec_name
+from .models import SamConfigLike, load_sam, load_teacher_parts, spec_name
 
 __all__ = [
     "PROMPT_KINDS",
@@ -288,11 +288,11 @@ def _mean(values: list[np.ndarray]) -> float | None:
 
 def evaluate(
     student: str | PathLike,
-    teacher: ModelSpec,
+    teacher: SamConfigLike,
     teacher_weights: str | PathLike,
     images: str | PathLike,
     *,
-    student_model: ModelSpec = "vit_t",
+    student_model: SamConfigLike = "vit_t",
     prompts: str = "both",
     n: int = 50,
     seed: int = 0,
@@ -308,7 +308,7 @@ def evaluate(
     student : path
         The student checkpoint (official format, e.g. ``RUN/student.pt``): image
         encoder, prompt encoder and mask decoder.
-    teacher : ModelSpec
+    teacher : SamConfigLike
         The teacher's architecture (registry name, JSON config file or SamConfig).
     teacher_weights : path
         The teacher's weights (official format).
@@ -316,7 +316,7 @@ def evaluate(
         Folder of images (:func:`~napari_mobilesam.distill.data.find_images`), with
         optional SA-1B ``.json`` annotations beside them (then the prompts follow the
         annotations, see :func:`sample_prompts`).
-    student_model : ModelSpec
+    student_model : SamConfigLike
         The student's architecture.
     prompts : {"points", "boxes", "both"}
         Prompt kinds; ``n`` of each per image.

@@ -38,7 +38,7 @@ from ..model import Sam
 from ..transforms import apply_boxes, apply_coords
 from . import data
 from .evaluate import points_in_mask, xywh_to_xyxy
-from .models import ModelSpec, load_sam, save_student
+from .models import SamConfigLike, load_sam, save_student
 
 __all__ = ["LOG_FIELDS", "dice_loss", "finetune_decoder", "low_res_target", "sigmoid_focal_loss"]
 
@@ -173,7 +173,7 @@ def finetune_decoder(
     images: str | PathLike,
     out: str | PathLike,
     *,
-    model: ModelSpec = "vit_t",
+    model: SamConfigLike = "vit_t",
     epochs: int = 1,
     lr: float = 1e-4,
     weight_decay: float = 0.01,
@@ -209,7 +209,7 @@ def finetune_decoder(
         Output folder: ``finetuned.pt`` (complete official-format checkpoint, written
         atomically) and ``log.csv`` (``step,epoch,loss,focal,dice,iou_loss,lr``,
         rewritten after every epoch).
-    model : ModelSpec
+    model : SamConfigLike
         Architecture of ``checkpoint``.
     epochs : int
         Passes over the annotated images.

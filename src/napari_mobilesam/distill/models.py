@@ -44,7 +44,7 @@ from ..build import (
 from ..model import Sam, TinyViTConfig
 
 __all__ = [
-    "ModelSpec",
+    "SamConfigLike",
     "build_student",
     "config_from_dict",
     "config_to_dict",
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: A registry name, a path to a JSON config file, or a config.
-ModelSpec = str | PathLike | SamConfig
+SamConfigLike = str | PathLike | SamConfig
 
 _ENCODER_TYPES = {"tiny_vit": TinyViTConfig, "vit": ViTConfig}
 
@@ -103,7 +103,7 @@ def _tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def resolve_config(spec: ModelSpec) -> SamConfig:
+def resolve_config(spec: SamConfigLike) -> SamConfig:
     """Configuration of a registry name, a JSON config file, or a config (returned as is).
 
     Raises
@@ -129,14 +129,14 @@ def resolve_config(spec: ModelSpec) -> SamConfig:
     )
 
 
-def spec_name(spec: ModelSpec) -> str:
+def spec_name(spec: SamConfigLike) -> str:
     """Short name for logs and provenance: the registry name or the file's path."""
     if isinstance(spec, SamConfig):
         return "custom"
     return os.fspath(spec)
 
 
-def load_sam(spec: ModelSpec, weights: str | PathLike, device="cpu") -> Sam:
+def load_sam(spec: SamConfigLike, weights: str | PathLike, device="cpu") -> Sam:
     """A complete model with ``weights`` loaded (strictly), unfused, in eval mode.
 
     Raises
@@ -170,13 +170,13 @@ def _check_student(student: SamConfig, img_size: int, emb: int, embed_dim: int) 
 
 
 def build_student(
-    student: ModelSpec, teacher: Sam, init: str | PathLike | None = None, seed: int = 0
+    student: SamConfigLike, teacher: Sam, init: str | PathLike | None = None, seed: int = 0
 ) -> Sam:
     """Student image encoder + copies of the teacher's prompt encoder and mask decoder.
 
     Parameters
     ----------
-    student : ModelSpec
+    student : SamConfigLike
         The student's architecture (only its encoder is used).
     teacher : Sam
         Provides the prompt encoder and mask decoder (deep-copied, frozen:
@@ -223,7 +223,7 @@ def build_student(
 
 
 def load_teacher_parts(
-    student: ModelSpec, teacher: ModelSpec, teacher_weights: str | PathLike, seed: int = 0
+    student: SamConfigLike, teacher: SamConfigLike, teacher_weights: str | PathLike, seed: int = 0
 ) -> Sam:
     """Like :func:`build_student`, without building the teacher's image encoder.
 

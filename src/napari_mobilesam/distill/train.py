@@ -48,7 +48,7 @@ from ..build import (
 )
 from .data import DataError, load_image, preprocess
 from .models import (
-    ModelSpec,
+    SamConfigLike,
     config_from_dict,
     config_to_dict,
     load_teacher_parts,
@@ -82,7 +82,7 @@ class TrainConfig:
         The image folder the store was made from (images are ``images / rel``).
     out : Path
         Run folder (created).
-    student : ModelSpec
+    student : SamConfigLike
         Student architecture: registry name, JSON config file or ``SamConfig``.
     teacher_weights : Path, optional
         The teacher's checkpoint (its prompt encoder and mask decoder go into the
@@ -122,7 +122,7 @@ class TrainConfig:
     embeddings: Path
     images: Path
     out: Path
-    student: ModelSpec = "vit_t"
+    student: SamConfigLike = "vit_t"
     teacher_weights: Path | None = None
     epochs: int = 8
     batch_size: int = 8
