@@ -631,6 +631,7 @@ def test_bench_linking_runs(tmp_path, capsys):
     assert ours6["planes"] == 6 and ours6["planes_per_s"] > 0 and ours6["peak_rss_mb"] > 0
     assert "3 -> 6 planes: peak RSS" in bench_linking.report(result)
     out = tmp_path / "r.json"
-    argv = ["--stacks", "2", "--size", "24", "--cells", "3", "--axis", "t", "--json", str(out)]
+    argv = ["--stacks", "2", "--size", "24", "--cells", "3", "--axis", "t", "--baseline-max", "0"]
+    argv += ["--json", str(out)]
     assert bench_linking.main(argv) == 0
     assert "linking (t)" in capsys.readouterr().out and out.exists()

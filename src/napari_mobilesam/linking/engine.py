@@ -249,11 +249,14 @@ class AxisLinker:
 
     # ------------------------------------------------------------------ result
 
-    def table(self, axis: str, ndim: int) -> LinkTable:
-        """Everything pushed so far as a :class:`LinkTable`."""
+    def table(self, axis: str, ndim: int, *, release: bool = False) -> LinkTable:
+        """Everything pushed so far as a :class:`LinkTable` (``release``: drop the
+        per-plane rows as they are gathered, for a last call)."""
         if self.rows:
             idx = np.concatenate([np.full(len(r[1]), r[0], dtype=np.int64) for r in self.rows])
             ids, area, score, cen = (np.concatenate([r[k] for r in self.rows]) for k in range(1, 5))
+            if release:
+                self.rows = []
         else:
             idx, ids, area = (np.zeros(0, dtype=np.int64),) * 3
             score, cen = np.zeros(0), np.zeros((0, ndim))

@@ -207,7 +207,7 @@ class Linker:
         self._volume.append(self._z.push(arr, scores))
         if len(self._volume) < self.n_z:
             return []
-        z_table = self._z.table("z", 2)
+        z_table = self._z.table("z", 2, release=True)
         volume = np.stack(self._volume)
         self._z, self._volume = None, []
         out = self._main.push(volume, _volume_scores(z_table))
@@ -227,7 +227,8 @@ class Linker:
                 "of its last time point"
             )
         self._finished = True
-        return self._main.table(self.axis, 3 if self.axis == "zt" else len(self._shape or (0, 0)))
+        ndim = 3 if self.axis == "zt" else len(self._shape or (0, 0))
+        return self._main.table(self.axis, ndim, release=True)
 
 
 def id_mapping(before, after) -> dict[int, int]:
