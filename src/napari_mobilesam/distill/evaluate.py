@@ -18,7 +18,6 @@ the original image resolution (logits > 0), through the same
 
 from __future__ import annotations
 
-import math
 import os
 from os import PathLike
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..model import Sam
 from ..predictor import ImageEmbedding, Predictor
 from . import data
 from .models import SamConfigLike, load_sam, load_teacher_parts, spec_name
+from .report import format_report
 
 __all__ = [
     "PROMPT_KINDS",
@@ -492,26 +492,3 @@ def _progress(items, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(items, desc="evaluate", unit="img", leave=False)
-
-
-def _fmt(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:.4f}"
-
-
-def format_report(result: dict) -> str:
-    """Text summary of :func:`evaluate`'s result; the first line is ``mIoU: 0.xxxx``."""
-    lines = [
-        f"mIoU: {_fmt(result['miou'])}",
-        f"mIoU points: {_fmt(result.get('miou_points'))}"
-        + (f" ({result['n_points']} prompts)" if result.get("miou_points") is not None else ""),
-        f"mIoU boxes: {_fmt(result.get('miou_boxes'))}"
-        + (f" ({result['n_boxes']} prompts)" if result.get("miou_boxes") is not None else ""),
-        f"embedding MSE: {result['embedding_mse']:.6g}",
-        f"images: {result['n_images']}, prompts: {result['n_prompts']}"
-        + (f" ({result['skipped']} images skipped)" if result.get("skipped") else ""),
-        f"student: {result.get('student')} ({result.get('student_model', '?')}), "
-        f"teacher: {result.get('teacher')}, seed: {result.get('seed')}",
-    ]
-    return "\n".join(lines)

@@ -21,34 +21,22 @@ train ...``; each process trains on its shard of every epoch (DistributedDataPar
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
 import logging
 import math
 import os
-import random
 import time
-from dataclasses import dataclass
-from os import PathLike
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, write_text_atomic
-from ..build import (
-    IGNORED_KEY_PREFIXES,
-    SamConfig,
-    load_state_dict_checked,
-    read_state_dict,
-    resolve_device,
-)
-from .data import DataError, load_image, preprocess
+from ..atomic import atomic_path
+from .data import DataError
 from .models import (
-    SamConfigLike,
     config_from_dict,
     config_to_dict,
     load_teacher_parts,
@@ -57,376 +45,31 @@ from .models import (
     spec_name,
 )
 from .store import EmbeddingStore
+from .train_config import (  # noqa: F401 (public names of this module)
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LOG_FIELDS,
+    NO_DECAY_NAMES,
+    TrainConfig,
+    _default_warmup,
+    lr_at,
+    param_groups,
+)
+from .train_parts import (
+    _atomic_write_text,
+    _Dist,
+    _DistillDataset,
+    _epoch_indices,
+    _IndexSampler,
+    _Log,
+    _rng_state,
+    _set_rng_state,
+    load_encoder_weights,
+)
 
 __all__ = ["TrainConfig", "load_encoder_weights", "lr_at", "param_groups", "train"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "mobilesam-distill-checkpoint"
-CHECKPOINT_VERSION = 1
-LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
-
-#: Parameter names (suffixes) of attention-bias / position tables: no weight decay.
-NO_DECAY_NAMES = ("attention_biases", "rel_pos_h", "rel_pos_w", "pos_embed")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of a distillation run (``mobilesam-distill train``).
-
-    Attributes
-    ----------
-    embeddings : Path
-        An :class:`~napari_mobilesam.distill.store.EmbeddingStore` folder.
-    images : Path
-        The image folder the store was made from (images are ``images / rel``).
-    out : Path
-        Run folder (created).
-    student : SamConfigLike
-        Student architecture: registry name, JSON config file or ``SamConfig``.
-    teacher_weights : Path, optional
-        The teacher's checkpoint (its prompt encoder and mask decoder go into the
-        student); default: the store's ``meta["teacher_weights"]``. Either way its
-        sha256 must be the store's ``teacher_sha256``.
-    epochs, batch_size : int
-        Passes over the data; images per optimizer step *per process*.
-    lr, weight_decay, betas : float
-        AdamW settings (peak learning rate).
-    warmup_steps : int, optional
-        Linear warmup length; default ``max(1, min(500, round(0.05 * total)))``.
-    min_lr_ratio : float
-        The cosine schedule ends at ``lr * min_lr_ratio``.
-    grad_clip : float, optional
-        Clip the gradient norm to this value (None = no clipping).
-    amp : bool
-        CUDA only: autocast (bfloat16 when supported, else float16 with a
-        ``GradScaler``); ignored with a logged note on the CPU.
-    resume : bool
-        Continue from ``out/checkpoint.pt``.
-    workers : int
-        ``DataLoader`` worker processes per training process (0 = in process).
-    seed : int
-        Seeds the student initialisation and the per-epoch data order.
-    device : str, optional
-        None = CUDA when available, else CPU (under ``torchrun``: ``cuda:LOCAL_RANK``).
-    init : Path, optional
-        Initialise the student encoder from this checkpoint's ``image_encoder.*``.
-    max_steps : int, optional
-        Stop after this many optimizer steps in total.
-    save_every : int, optional
-        Also write the checkpoint every this many steps.
-    log_format : str
-        ``"csv"`` or ``"jsonl"``.
-    """
-
-    embeddings: Path
-    images: Path
-    out: Path
-    student: SamConfigLike = "vit_t"
-    teacher_weights: Path | None = None
-    epochs: int = 8
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
-    amp: bool = False
-    resume: bool = False
-    workers: int = 2
-    seed: int = 0
-    device: str | None = None
-    init: Path | None = None
-    max_steps: int | None = None
-    save_every: int | None = None
-    log_format: str = "csv"
-
-    def __post_init__(self) -> None:
-        for name in ("embeddings", "images", "out"):
-            setattr(self, name, Path(getattr(self, name)))
-        for name in ("teacher_weights", "init"):
-            if getattr(self, name) is not None:
-                setattr(self, name, Path(getattr(self, name)))
-        _positive_int(self, "epochs")
-        _positive_int(self, "batch_size")
-        _positive_int(self, "workers", minimum=0)
-        _positive_int(self, "seed", minimum=0)
-        for name in ("warmup_steps",):
-            if getattr(self, name) is not None:
-                _positive_int(self, name, minimum=0)
-        for name in ("max_steps", "save_every"):
-            if getattr(self, name) is not None:
-                _positive_int(self, name)
-        if not _number(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not _number(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not _number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        if self.grad_clip is not None and (not _number(self.grad_clip) or self.grad_clip <= 0):
-            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
-        if self.log_format not in ("csv", "jsonl"):
-            raise ValueError(f"log_format must be 'csv' or 'jsonl', got {self.log_format!r}")
-
-    def to_dict(self) -> dict:
-        """JSON-able form (paths as strings; a ``SamConfig`` student as its dict)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, SamConfig):
-                value = {"config": config_to_dict(value)}
-            elif isinstance(value, PathLike):
-                value = os.fspath(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-
-def _number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(cfg: TrainConfig, name: str, minimum: int = 1) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-# ---------------------------------------------------------------------- schedule
-
-
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr_ratio: float) -> float:
-    """Learning rate of the optimizer step ``step`` (0-based) of ``total``.
-
-    Linear warmup: ``lr * (step + 1) / warmup`` for ``step < warmup``, so the first
-    step already learns and step ``warmup - 1`` uses the peak ``lr``. Then a half
-    cosine from the peak to ``lr * min_lr_ratio`` at the last step ``total - 1``
-    (held there beyond it). With ``warmup = 0`` the cosine starts at step 0.
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    peak = max(warmup - 1, 0)
-    p = min(1.0, (step - peak) / max(1, total - 1 - peak))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def _default_warmup(total: int) -> int:
-    return max(1, min(500, round(0.05 * total)))
-
-
-def param_groups(encoder: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay only on weight matrices / kernels.
-
-    No decay on 1-D parameters (biases, norm weights) and on the attention-bias /
-    position tables (names ending in :data:`NO_DECAY_NAMES`: TinyViT's
-    ``attention_biases``, ViT's ``rel_pos_h`` / ``rel_pos_w`` / ``pos_embed``).
-    """
-    decay, no_decay = [], []
-    for name, p in encoder.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-# ---------------------------------------------------------------------- data
-
-
-class _DistillDataset(torch.utils.data.Dataset):
-    """Item i: (x (3, S, S) float32 model input, teacher embedding (C, h, w) float32)."""
-
-    def __init__(self, store: EmbeddingStore, rows: list[int], root: Path) -> None:
-        self.store = store
-        self.rows = rows
-        self.root = root
-        self.img_size = int(store.meta["img_size"])
-        self.mean = tuple(store.meta["pixel_mean"])
-        self.std = tuple(store.meta["pixel_std"])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = self.rows[i]
-        image = load_image(self.root / self.store.images[row])
-        x, _ = preprocess(image, self.img_size, self.mean, self.std)
-        y = torch.from_numpy(self.store.read(row).astype(np.float32))
-        return x, y
-
-
-class _IndexSampler(torch.utils.data.Sampler):
-    """Yields ``self.indices``, which the training loop sets before every epoch."""
-
-    def __init__(self) -> None:
-        self.indices: list[int] = []
-
-    def __iter__(self):
-        return iter(list(self.indices))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _epoch_indices(n: int, epoch: int, seed: int, world: int, rank: int) -> list[int]:
-    """This rank's dataset indices for ``epoch``, like ``DistributedSampler``.
-
-    A permutation seeded with ``seed + epoch``, padded by repeating its start to a
-    multiple of ``world``, then every ``world``-th entry from ``rank``.
-    """
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    per_rank = math.ceil(n / world)
-    pad = per_rank * world - n
-    if pad:
-        perm += (perm * math.ceil(pad / n))[:pad]
-    return perm[rank::world]
-
-
-# ---------------------------------------------------------------------- files
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
-
-
-class _Log:
-    """Per-step log (csv or jsonl), flushed every row."""
-
-    def __init__(self, path: Path, fmt: str, keep_until: int | None) -> None:
-        self.path = path
-        self.fmt = fmt
-        header = ",".join(LOG_FIELDS) + "\n" if fmt == "csv" else ""
-        kept = []
-        if keep_until is not None and path.exists():
-            kept = [ln for ln in self._rows(path) if self._step(ln) <= keep_until]
-        _atomic_write_text(path, header + "".join(ln + "\n" for ln in kept))
-        self.fh = open(path, "a", encoding="utf-8")  # closed by close()
-
-    def _rows(self, path: Path) -> list[str]:
-        lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # drop a partial line
-        if self.fmt == "csv":
-            lines = lines[1:]
-        return [ln for ln in lines if ln.strip() and self._step(ln) is not None]
-
-    def _step(self, line: str) -> int | None:
-        try:
-            if self.fmt == "csv":
-                return int(line.split(",", 1)[0])
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def write(self, row: dict) -> None:
-        if self.fmt == "csv":
-            line = ",".join(str(row[k]) for k in LOG_FIELDS)
-        else:
-            line = json.dumps({k: row[k] for k in LOG_FIELDS})
-        self.fh.write(line + "\n")
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def _rng_state(cuda: bool) -> dict:
-    key, state, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - global state saved
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if cuda else [],
-        "numpy": [key, torch.from_numpy(state.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict, cuda: bool) -> None:
-    torch.set_rng_state(state["torch"])
-    if cuda and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    key, arr, pos, has_gauss, gauss = state["numpy"]
-    state_np = (key, arr.numpy().astype(np.uint32), pos, has_gauss, gauss)
-    np.random.set_state(state_np)  # noqa: NPY002 - global state restored
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def load_encoder_weights(encoder: torch.nn.Module, checkpoint: str | PathLike) -> None:
-    """Load a checkpoint's ``image_encoder.*`` weights into ``encoder`` (strictly).
-
-    TinyViT's unused classifier keys (``norm_head``, ``head``) are ignored.
-
-    Raises
-    ------
-    FileNotFoundError, napari_mobilesam.build.CheckpointError
-        Missing or unusable file, or encoder weights that do not fit.
-    """
-    state = read_state_dict(checkpoint)
-    prefix = "image_encoder."
-    enc = {
-        k[len(prefix) :]: v
-        for k, v in state.items()
-        if k.startswith(prefix) and not k.startswith(IGNORED_KEY_PREFIXES)
-    }
-    load_state_dict_checked(encoder, enc, source=f"image encoder of {os.fspath(checkpoint)!r}")
-
-
-# ---------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @classmethod
-    def setup(cls, device: str | None) -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        dev = resolve_device(device)
-        if world <= 1:
-            return cls(1, 0, dev, False)
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local)
-            torch.cuda.set_device(dev)
-        owns = not dist.is_initialized()
-        if owns:
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        return cls(dist.get_world_size(), dist.get_rank(), dev, owns)
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.world
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------- training
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-fraction", type=float, default=0.5)
     p.add_argument("--focal-weight", type=float, default=1.0)
     p.add_argument(
+        "--far-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("START", "END"),
+        help="fractions of the run between which the focal loss goes from balanced around "
+        "each object to full-mask (e.g. 0.5 0.8 for a fresh decoder; default: full-mask)",
+    )  # fmt: skip
+    p.add_argument(
         "--aux-weight", type=float, default=0.0,
         help="weight of a dense foreground/boundary loss on the encoder (for encoders trained "
         "from scratch; 0: off)",
@@ -135,6 +140,7 @@ def _train(args: argparse.Namespace) -> int:
             box_fraction=args.box_fraction,
             focal_weight=args.focal_weight,
         ),
+        far_ramp=tuple(args.far_ramp),
         aux_weight=args.aux_weight,
         augment=not args.no_augment,
         eval_points_per_side=args.eval_points_per_side,

@@ -53,6 +53,12 @@ class TrainConfig:
         Clip the global gradient norm (0 = off).
     step : StepConfig
         Prompts and loss weights of a step.
+    far_ramp : (float, float)
+        Fractions of the run between which the focal loss moves from balanced around
+        each object to a full-mask estimate (``far_mix`` of
+        :func:`~napari_mobilesam.training.step.interactive_loss` goes 0 -> 1).
+        ``(0, 0)``: full-mask from the start (fine-tuning); about ``(0.5, 0.8)`` for a
+        fresh decoder, which first learns where objects are, then to stop spilling.
     aux_weight : float
         Weight of the dense auxiliary loss on the encoder
         (:mod:`napari_mobilesam.training.auxiliary`); useful when the encoder trains
@@ -96,6 +102,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     step: StepConfig = field(default_factory=StepConfig)
+    far_ramp: tuple[float, float] = (0.0, 0.0)
     aux_weight: float = 0.0
     augment: bool = True
     eval_points_per_side: int = 32
@@ -140,6 +147,11 @@ class TrainConfig:
             raise ValueError(f"input_size must be a multiple of 64, got {self.input_size!r}")
         if not 0 < self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio!r}")
+        ramp = tuple(self.far_ramp)
+        if len(ramp) != 2 or not 0 <= ramp[0] <= ramp[1] <= 1:
+            raise ValueError(
+                f"far_ramp must be (start, end) with 0 <= start <= end <= 1, got {ramp!r}"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
 

@@ -97,19 +97,31 @@ def _trainable(model, mode: str) -> tuple[list, list]:
     return enc_params, dec_params
 
 
-def _set_modes(model, mode: str) -> None:
-    """Training mode for what trains; normalisation statistics always frozen.
+def _far_mix(progress: float, ramp: tuple[float, float]) -> float:
+    """0 before ``ramp[0]`` of the run, 1 after ``ramp[1]``, linear between."""
+    start, end = ramp
+    if progress >= end:
+        return 1.0
+    if progress <= start:
+        return 0.0
+    return (progress - start) / (end - start)
 
-    BatchNorm statistics are not updated during training (they are per image at
-    batch size 1, and fine-tuning keeps the pretrained ones, as detection models
-    do); a frozen encoder runs entirely in eval mode.
+
+def _set_modes(model, mode: str, fresh: bool) -> None:
+    """Training mode for what trains; a frozen encoder runs in eval mode.
+
+    Fine-tuning keeps pretrained BatchNorm statistics frozen (at batch size 1 they
+    would become one image's, as detection models avoid). A fresh model must learn
+    them: its BatchNorm layers normalise by batch statistics and update the running
+    ones (frozen at their initial 0 / 1, the untrained activations blow up).
     """
     model.train()
     if mode == "none":
         model.image_encoder.eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    if not fresh:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _groups(params: list, lr: float, weight_decay: float) -> list[dict]:
@@ -194,7 +206,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         ``cfg.out`` holds a run and ``resume`` is False, or the settings of the run
         there differ from ``cfg``.
     """
-    from ..predictor import resolve_precision
+    from ..engine.precision import resolve_precision
 
     out = Path(cfg.out)
     state_path = out / "state.pt"
@@ -210,7 +222,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     model = _model(cfg, device)
     full_size = resolve_config(cfg.model).image_size
     enc_params, dec_params = _trainable(model, cfg.train_encoder)
-    _set_modes(model, cfg.train_encoder)
+    _set_modes(model, cfg.train_encoder, fresh=cfg.checkpoint is None)
     head = None
     if cfg.aux_weight:
         head = DenseHead(model.prompt_encoder.embed_dim).to(device)
@@ -269,7 +281,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                     emb = image_embedding(model, x[None].to(device), autocast)
                 if cfg.caches_embeddings:
                     emb_cache[ex.name] = (emb.detach(), isz)
-            res = interactive_loss(model, emb, isz, ex.labels, cfg.step, rng)
+            mix = _far_mix(step / total, cfg.far_ramp)
+            res = interactive_loss(model, emb, isz, ex.labels, cfg.step, rng, far_mix=mix)
             if res is not None:
                 loss, parts = res
                 if head is not None:

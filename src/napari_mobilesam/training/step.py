@@ -56,7 +56,10 @@ class StepConfig:
     far_tokens : int
         Image tokens outside each object's window whose logits also enter the loss.
     focal_weight, dice_weight, iou_weight : float
-        Loss weights (SAM: 20, 1, 1).
+        Loss weights. SAM fine-tunes with focal : dice = 20 : 1; a decoder trained from
+        a fresh initialisation with that weight learns to predict empty masks (the
+        focal loss of the many background pixels wins before any object is found),
+        hence 1 : 1 by default.
     """
 
     objects: int = 12
@@ -65,7 +68,7 @@ class StepConfig:
     box_fraction: float = 0.5
     min_area: int = 12
     far_tokens: int = 64
-    focal_weight: float = 20.0
+    focal_weight: float = 1.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
 
@@ -129,8 +132,9 @@ class _Prompt:
 class _Losses:
     """Accumulates the mask and IoU losses of all rounds."""
 
-    def __init__(self, cfg: StepConfig) -> None:
+    def __init__(self, cfg: StepConfig, far_mix: float = 1.0) -> None:
         self.cfg = cfg
+        self.far_mix = far_mix
         self.mask: list[torch.Tensor] = []
         self.iou: list[torch.Tensor] = []
         self.last_iou: list[float] = []
@@ -141,9 +145,9 @@ class _Losses:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-mask losses (M,) and actual IoUs (M,) of window + far logits.
 
-        Each far pixel counts ``far_weight`` times (the far tokens are a sample of
-        everything outside the window), so the losses and IoUs estimate those of the
-        whole low-resolution mask.
+        Each far pixel counts ``far_weight`` times in the focal loss and the IoU (the far
+        tokens are a sample of everything outside the window), so that they estimate
+        those of the whole low-resolution mask; the dice loss counts it once.
         """
         m = logits.shape[0]
         target = p.target[p.window.pixels].reshape(1, -1)
@@ -162,7 +166,9 @@ class _Losses:
         )
         cfg = self.cfg
         per_mask = cfg.focal_weight * focal_loss_per_mask(flat, target, weight)
-        per_mask = per_mask + cfg.dice_weight * dice_loss_per_mask(flat, target, weight)
+        # dice unweighted: balanced around the object (weighted, the far background
+        # would dominate it and a fresh decoder collapses to empty masks)
+        per_mask = per_mask + cfg.dice_weight * dice_loss_per_mask(flat, target)
         actual = mask_iou(flat.detach() > 0, target, weight)
         if p.is_background:
             actual = torch.zeros_like(actual)
@@ -210,6 +216,7 @@ def _run_round(
     mask_terms, iou_terms = [], []
     for b, p in enumerate(prompts):
         far_idx, far_weight = _far_tokens(p.window, grid, losses.cfg.far_tokens, gen)
+        far_weight = 1.0 + losses.far_mix * (far_weight - 1.0)
         k = keys[b : b + 1] if keys.shape[0] > 1 else keys
         win, far = window_logits(model, k, hyper[b], grid, p.window, far_idx)
         far = None if far is None else far.float()
@@ -251,6 +258,7 @@ def interactive_loss(
     labels: np.ndarray,
     cfg: StepConfig,
     rng: np.random.Generator,
+    far_mix: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]] | None:
     """SAM's interactive training loss for one image.
 
@@ -266,6 +274,13 @@ def interactive_loss(
     cfg : StepConfig
     rng : numpy Generator
         Drives every random choice (objects, prompt kinds, points, noise).
+    far_mix : float in [0, 1]
+        How much the far tokens stand for everything outside each object's window:
+        1 weights them by the share of the mask they sample (the losses estimate
+        full-mask losses), 0 counts each far pixel once (a loss balanced around the
+        object). A fresh decoder trained on full-mask losses from the start learns to
+        predict empty masks (the background outweighs any object); ramping 0 -> 1
+        lets it first learn where objects are, then stop spilling beyond them.
 
     Returns
     -------
@@ -315,7 +330,7 @@ def interactive_loss(
         p.is_background = True
         background.append(p)
 
-    losses = _Losses(cfg)
+    losses = _Losses(cfg, far_mix)
     if point_prompts or background:
         _run_round(model, embedding, point_prompts + background, True, losses, gen, first=True)
     if box_prompts:
