@@ -73,18 +73,21 @@ def simulate(
     series.
     """
     tracks = [Track(id=i + 1) for i in range(len(cells))]
-    alive = {t.id: c for t, c in zip(tracks, cells, strict=True)}
+    alive = _relax({t.id: c for t, c in zip(tracks, cells, strict=True)}, shape)
     velocity = {tid: rng.normal(0, speed, 2) for tid in alive}
     division_frames: list[int] = []
     if divisions > 0 and n_frames >= 4:
         lo, hi = max(1, n_frames // 5), max(2, n_frames - 2)
         division_frames = sorted(rng.choice(np.arange(lo, hi), size=divisions, replace=True))
     by_id = {t.id: t for t in tracks}
+    born: dict[int, int] = {}  # track id -> frame of birth (daughters)
     for frame in range(n_frames):
         if frame > 0:
             alive = _step(rng, alive, velocity, shape, speed)
         for _ in range(division_frames.count(frame)):
-            mother = _pick_mother(alive, min_radius)
+            # a daughter divides again only after a few frames of its own
+            ready = {t: c for t, c in alive.items() if frame - born.get(t, -10) > 3}
+            mother = _pick_mother(ready, min_radius)
             if mother is None:
                 continue
             mother_cell = alive.pop(mother)
@@ -93,12 +96,36 @@ def simulate(
                 by_id[track.id] = track
                 tracks.append(track)
                 alive[track.id] = daughter
+                born[track.id] = frame
                 away = np.subtract(daughter.center[-2:], mother_cell.center[-2:])
                 norm = float(np.hypot(*away)) or 1.0
                 velocity[track.id] = away / norm * max(speed, 0.5)
         for tid, cell in alive.items():
             by_id[tid].cells[frame] = cell
     return tracks
+
+
+def _relax(alive: dict[int, Cell], shape: tuple[int, ...], rounds: int = 20) -> dict[int, Cell]:
+    """Push overlapping cells apart before the first frame, so that frame 0 -> 1 shows
+    motion, not the resolution of the placement's overlaps."""
+    ids = list(alive)
+    cells = [alive[i] for i in ids]
+    for _ in range(rounds):
+        pushes = _repel(cells)
+        if not any(np.any(p) for p in pushes):
+            break
+        cells = [
+            replace(
+                c,
+                center=(
+                    *c.center[:-2],
+                    float(np.clip(c.center[-2] + p[0], 0, shape[-2] - 1)),
+                    float(np.clip(c.center[-1] + p[1], 0, shape[-1] - 1)),
+                ),
+            )
+            for c, p in zip(cells, pushes, strict=True)
+        ]
+    return dict(zip(ids, cells, strict=True))
 
 
 def _pick_mother(alive: dict[int, Cell], min_radius: float) -> int | None:
