@@ -862,16 +862,17 @@ def test_saved_planes_computed_otherwise_are_computed_again(tool, tmp_path, caps
 
 @pytest.mark.parametrize(
     "moment",
-    ["holding the folder", "fetching weights", "loading the model", "planning",
+    ["reading the flags", "holding the folder", "fetching weights", "loading the model", "planning",
      "segmenting", "saving a plane", "writing outputs"],
 )  # fmt: skip
 def test_ctrl_c_at_any_moment_is_clean(tool, tmp_path, capsys, monkeypatch, moment):
-    from mobilesam_batch import finish, jobs, planes
+    from mobilesam_batch import finish, flags, jobs, planes
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
     target, name = {
+        "reading the flags": (flags, "generator_defaults"),
         "holding the folder": (folder_mod, "_clear_temporaries"),
         "fetching weights": (cli, "_sha"),
         "loading the model": (segment.ModelSpec, "load"),
@@ -925,12 +926,11 @@ class _TinyModel(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
+            sys.path.insert(0, ROOT)
+            from tests.conftest import TINY_CONFIG, _randomize  # imported with the module,
+            from napari_mobilesam.build import build_sam  # as the real load's imports are
 
             def load(spec_):
-                sys.path.insert(0, ROOT)
-                from tests.conftest import TINY_CONFIG, _randomize
-                from napari_mobilesam.build import build_sam
-
                 return _randomize(build_sam(TINY_CONFIG), seed=0).eval()
 
             module.ModelSpec.load = load
@@ -955,22 +955,26 @@ def tiny_env(tmp_path):
     return {**os.environ, "PYTHONPATH": path}, weights
 
 
-def _ctrl_c_after(argv: list[str], env: dict, delays: list[float]) -> tuple[int, str]:
+def _ctrl_c_after(argv: list[str], env: dict, out: Path, delays: list[float]) -> tuple:
     """Run the command in a session of its own and press Ctrl-C (SIGINT to the whole
-    process group, as a terminal does) after each of ``delays``; returns (status, stderr)."""
+    process group, as a terminal does) after each of ``delays``, counted from the moment
+    the command holds ``out`` (its first act: the interpreter's own start-up, before any
+    of this package runs, is no business of it); returns (status, stdout, stderr)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mobilesam_batch.cli", *argv], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    while proc.poll() is None and not (out / LOCK_NAME).exists():
+        time.sleep(0.01)
     for delay in delays:
         time.sleep(delay)
         try:
             os.killpg(proc.pid, signal.SIGINT)
         except ProcessLookupError:
             break
-    _, err = proc.communicate()
-    return proc.returncode, err
+    stdout, stderr = proc.communicate()
+    return proc.returncode, stdout, stderr
 
 
 @pytest.mark.slow
@@ -982,15 +986,18 @@ def test_ctrl_c_with_a_local_cluster_prints_no_traceback(tiny_env, tmp_path):
     inp = tmp_path / "in"
     for i in range(6):
         _image(inp / f"img{i}.png", seed=i)
-    for i, delays in enumerate([[0.0], [0.5], [2.0], [4.0], [6.0], [4.0, 0.3], [6.0, 0.5]]):
+    for i, delays in enumerate([[0.0], [0.3], [1.0], [2.0], [4.0], [2.0, 0.3], [4.0, 0.5]]):
         out = tmp_path / f"out{i}"
         argv = [str(inp), "-o", str(out), "--weights", str(weights), "--device", "cpu", "-q",
                 "--scheduler", "local", "--workers", "2", *FAST]  # fmt: skip
-        code, err = _ctrl_c_after(argv, env, delays)
+        code, stdout, err = _ctrl_c_after(argv, env, out, delays)
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delays, err)
-        assert code in (0, 130), (delays, code, err)
+        # a second Ctrl-C while the interpreter itself winds down (its signal handlers
+        # already reset) ends the process by the signal, silently
+        allowed = (0, 130, -signal.SIGINT) if len(delays) > 1 else (0, 130)
+        assert code in allowed, (delays, code, err)
         if code == 130:
-            assert "interrupted" in err or "stopping now" in err
+            assert "interrupted" in stdout + err or "stopping now" in err
         for labels in out.glob("*_labels.tif") if out.exists() else []:
             assert labels.with_suffix(".json").exists()
 

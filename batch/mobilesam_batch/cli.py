@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,6 +225,46 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class _deferred_interrupts:
+    """Ctrl-C or SIGTERM while this block runs is acted on when it ends.
+
+    For imports: a KeyboardInterrupt raised inside the import machinery can be
+    swallowed ("Exception ignored in ...", the run then goes on) or leave a module
+    half imported. A press is remembered and raised once the imports are done.
+    """
+
+    def __enter__(self):
+        self._pressed: list[int] = []
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, lambda s, f: self._pressed.append(s))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._pressed and exc_type is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _import_modules(cluster: bool) -> None:
+    """Import what a run needs (torch, the model, readers, writers; dask for a cluster)."""
+    import tqdm.auto  # noqa: F401
+
+    import napari_mobilesam.build
+    import napari_mobilesam.everything  # noqa: F401
+
+    from . import runner  # noqa: F401
+
+    if cluster:
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            pass  # said when the cluster starts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mobilesam-everything``; returns the exit status."""
     # SIGTERM (a cluster job's time limit, kill) stops the run as Ctrl-C does
@@ -240,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     # fewer page faults in the encoder (~10% faster); must precede importing torch
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    parser, names = build_parser()
+    with _deferred_interrupts():  # (the flags' defaults come from the library: torch)
+        parser, names = build_parser()
     args = parser.parse_args(argv)
     quiet = args.quiet
 
@@ -272,7 +314,6 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
 
     from .folder import OutputError, OutputFolder
-    from .runner import run
 
     command = [PROG, *(argv if argv is not None else sys.argv[1:])]
     folder = None
@@ -281,6 +322,10 @@ def _main(argv: Sequence[str] | None) -> int:
         # one another run is writing to, fails at once
         if not args.dry_run:
             folder = OutputFolder.open(args.output, command=command, log=log)
+        with _deferred_interrupts():
+            _import_modules(cluster=args.scheduler is not None)
+        from .runner import run
+
         config = _config(args, options, axes, quiet, command)
         if not config.dry_run and config.scheduler is None:  # what was chosen automatically
             from .segment import get_segmenter

@@ -121,17 +121,31 @@ def dask_results(
             cluster.workers_seen()
             for fut in [f for f in owner if f in done]:  # in submission order
                 task = owner.pop(fut)
-                try:
-                    result = fut.result()
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as exc:
-                    result = exc
+                result = _result(fut, cluster)
                 submit_next()
                 yield task, result
     finally:
         for fut in owner:
             fut.cancel()
+
+
+def _result(fut, cluster: Cluster) -> PlaneResult | BaseException:
+    """A finished future's result, or the exception it raised.
+
+    A result held only by a worker that has since left is lost: the future goes back
+    to pending and would wait for a worker forever, so it is waited on in steps, with
+    the no-worker clock (:meth:`Cluster.check_workers`) running in between.
+    """
+    while True:
+        try:
+            return fut.result(timeout=_POLL_S)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError) and not fut.done():  # (not the plane's own)
+                cluster.check_workers()
+                continue
+            return exc
 
 
 class Cluster:
@@ -167,10 +181,13 @@ class Cluster:
         if scheduler == "local":
             # the workers ignore Ctrl-C (this process stops them), else each prints a
             # traceback; SIG_IGN is the one disposition a new process inherits
+            # worker logs below CRITICAL silenced: a plane's error comes back on its
+            # future and is reported with its input; during shutdown after Ctrl-C a
+            # worker whose scheduler has gone logs heartbeat tracebacks at ERROR
             with _ignoring_sigint():
                 self.cluster = LocalCluster(
                     n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=None, silence_logs=logging.ERROR,
+                    dashboard_address=None, silence_logs=logging.CRITICAL,
                 )  # fmt: skip
             self.client = Client(self.cluster)
         else:

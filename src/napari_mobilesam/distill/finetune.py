@@ -157,7 +157,7 @@ def _decode(net: Sam, feat, coords, boxes) -> tuple[torch.Tensor, torch.Tensor]:
             points = (coords, labels)
         sparse, dense = net.prompt_encoder(points, boxes, None)
         pe = net.prompt_encoder.get_dense_pe()
-    return net.mask_decoder(feat, pe, sparse, dense, False, factorized=False)
+    return net.mask_decoder(feat, pe, sparse, dense, False)
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:

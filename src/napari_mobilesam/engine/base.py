@@ -74,7 +74,9 @@ class Prompts:
     def rows(self, start: int, stop: int) -> Prompts:
         """Prompts ``start:stop`` of the batch."""
         sl = slice(start, stop)
-        if all(t is None for t in (self.coords, self.boxes, self.masks)):
+        if (start <= 0 and stop >= len(self)) or all(
+            t is None for t in (self.coords, self.boxes, self.masks)
+        ):
             return self
         return Prompts(*(None if t is None else t[sl] for t in (
             self.coords, self.labels, self.boxes, self.masks)))  # fmt: skip
