@@ -169,14 +169,18 @@ def test_original_encoder_runs_in_the_originals_memory_layout(golden_original):
     from napari_mobilesam.build import load_model
 
     def layouts(encoder):
-        convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        # every convolution, ours fused (ConvGELU) or not; seen[0]: the first one run
+        convs = [m for m in encoder.modules()
+                 if getattr(m, "weight", None) is not None and m.weight.dim() == 4]  # fmt: skip
         seen = []
-        hook = convs[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous()))
+        hooks = [c.register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous()))
+                 for c in convs]  # fmt: skip
         try:
             with torch.inference_mode():
                 encoder(torch.zeros(1, 3, 1024, 1024))
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         return all(c.weight.is_contiguous() for c in convs), seen[0]
 
     assert layouts(golden_original.sam.image_encoder) == (True, True)

@@ -95,9 +95,7 @@ def _sam_reference(model, emb, points=None, labels=None, boxes=None, masks=None)
         None if masks is None else t(masks).float(),
     )
     pe = model.prompt_encoder.get_dense_pe()
-    out = [
-        model.mask_decoder(t(emb), pe, sparse, dense, mm, factorized=False) for mm in (False, True)
-    ]
+    out = [model.mask_decoder(t(emb), pe, sparse, dense, mm) for mm in (False, True)]
     low = torch.cat([out[0][0], out[1][0]], dim=1).numpy()
     iou = torch.cat([out[0][1], out[1][1]], dim=1).numpy()
     return low, iou
@@ -231,7 +229,6 @@ def test_plain_copy_uses_standard_ops(fused_tiny):
     plain = plain_copy(fused_tiny)
     assert is_optimized(fused_tiny) and not is_optimized(plain)
     assert not any(isinstance(m, ConvGELU | OneDNNLinear) for m in plain.modules())
-    assert plain.mask_decoder.transformer.factorized is False
     assert plain.image_encoder is not fused_tiny.image_encoder
     with pytest.raises(TypeError, match="model must be a Sam"):
         plain_copy(torch.nn.Linear(2, 2))
@@ -288,7 +285,6 @@ def test_export_leaves_model_unchanged(tiny_export, fused_tiny):
         assert torch.equal(after[k], v), k
     assert [type(m) for m in fused_tiny.modules()] == tiny_export["layers"]  # still optimised
     assert is_optimized(fused_tiny)
-    assert fused_tiny.mask_decoder.transformer.factorized is True
     assert not fused_tiny.training
 
 
@@ -516,7 +512,7 @@ def test_get_onnx_backend_exports_once(tiny_export, tiny_state_dict, tmp_path, m
     folder = onnx_cache_dir() / f"{digest[:16]}-v{EXPORTER_VERSION}"
     assert loads == [("vit_t", ckpt, "cpu", False)]
     assert len(exported) == 1 and exported[0][1] == DEFAULT_OPSET
-    assert exported[0][0].mask_decoder.transformer.factorized is False  # a plain copy
+    assert not is_optimized(exported[0][0])  # a plain copy
     assert backend.encoder_path == folder / "encoder.onnx"
     meta = json.loads((folder / "mobilesam_onnx.json").read_text())
     assert meta["source"] == {"checkpoint": str(ckpt), "sha256": digest}
