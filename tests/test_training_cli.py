@@ -80,6 +80,28 @@ def test_resume_continues_to_the_same_weights(data, tmp_path, tiny_json, monkeyp
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(8))
 
 
+def test_stop_after_then_resume_equals_the_whole_schedule(data, tmp_path, tiny_json):
+    full = tmp_path / "full"
+    assert main(_args(data, full, tiny_json, "--epochs", "2", "--no-augment",
+                      "--eval-every", "2")) == 0  # fmt: skip
+    part = tmp_path / "part"
+    args = _args(data, part, tiny_json, "--epochs", "2", "--no-augment", "--eval-every", "2")
+    assert main([*args, "--stop-after", "1"]) == 0
+    with open(part / "val.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]  # scored at the stop
+    assert main([*args, "--resume"]) == 0
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_stop_after_below_one_is_refused(data, tmp_path, tiny_json, capsys):
+    args = _args(data, tmp_path / "run", tiny_json, "--epochs", "2")
+    assert main([*args, "--stop-after", "0"]) == 1
+    assert "--stop-after must be at least 1 epoch, got 0" in capsys.readouterr().err
+
+
 def test_refuses_an_existing_run_or_other_settings(data, tmp_path, tiny_json, capsys):
     out = tmp_path / "run"
     assert main(_args(data, out, tiny_json, "--epochs", "1")) == 0

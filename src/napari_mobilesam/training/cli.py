@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stage and neck; all: the whole encoder",
     )  # fmt: skip
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop after this many epochs of the schedule (resumable)")  # fmt: skip
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--encoder-lr", type=float)
     p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
@@ -150,7 +152,7 @@ def _train(args: argparse.Namespace) -> int:
         precision=args.precision,
         seed=args.seed,
     )
-    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    summary = train(cfg, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
     best = summary.get("best")
     if best:
         scores = ", ".join(

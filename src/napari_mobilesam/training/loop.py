@@ -195,8 +195,22 @@ def _eval_model(cfg: TrainConfig, model, device):
     return copy.to(device).eval()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict:
     """Run (or resume) a training run; returns the summary written to ``run.json``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    resume : bool
+        Continue the run in ``cfg.out`` after its last finished epoch.
+    progress : bool
+        A progress bar per epoch.
+    stop_after : int, optional
+        Stop after this many epochs of the ``cfg.epochs``-epoch schedule (the learning
+        rate follows the whole schedule; the run can be resumed to its end). The
+        held-out set is scored at the stop.
 
     Raises
     ------
@@ -205,9 +219,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     FileExistsError
         ``cfg.out`` holds a run and ``resume`` is False, or the settings of the run
         there differ from ``cfg``.
+    ValueError
+        ``stop_after`` below 1.
     """
     from ..engine.precision import resolve_precision
 
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after must be at least 1 epoch, got {stop_after}")
     out = Path(cfg.out)
     state_path = out / "state.pt"
     if out.exists() and any(out.iterdir()) and not resume:
@@ -253,7 +271,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         val_rows = _read_csv(out / "val.csv", step)
     write_json_atomic(out / "config.json", cfg.to_dict())
     emb_cache: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    end = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
+    for epoch in range(start_epoch, end):
         rng = np.random.default_rng([cfg.seed, epoch])
         loaders = source.epoch(epoch)
         bar = None
@@ -310,7 +329,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 bar.update(1)
         if bar is not None:
             bar.close()
-        last = epoch + 1 == cfg.epochs
+        last = epoch + 1 == end
         if held_out and ((epoch + 1) % cfg.eval_every == 0 or last):
             res = evaluate(
                 _eval_model(cfg, model, device),
