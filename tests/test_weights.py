@@ -166,10 +166,13 @@ def sparse_file(path: Path, size: int) -> Path:
 # ---------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_four_models():
-    assert list(w.REGISTRY) == ["vit_t", "vit_b", "vit_l", "vit_h"]
+def test_registry_lists_the_four_published_models_and_the_bundled_one():
+    assert list(w.REGISTRY) == ["vit_t", "vit_b", "vit_l", "vit_h", "vit_t_synthetic_cells"]
     for name, info in w.REGISTRY.items():
         assert info.name == name
+        if info.bundled:
+            assert info.url == "" and info.network == "vit_t"
+            continue
         assert info.license == "Apache-2.0"
         assert info.url.startswith("https://") and info.url.endswith("/" + info.filename)
         assert len(info.sha256) == 64 and info.size > 0 and info.description
@@ -687,7 +690,9 @@ def test_cli_list(tiny, capsys, tmp_path):
     lines = {
         line.split()[0]: line for line in out.splitlines() if line.startswith(("vit_", "tiny"))
     }
-    assert sorted(lines) == ["tiny", "vit_b", "vit_h", "vit_l", "vit_t"]
+    assert sorted(lines) == ["tiny", "vit_b", "vit_h", "vit_l", "vit_t", "vit_t_synthetic_cells"]
+    bundled = lines["vit_t_synthetic_cells"].split()
+    assert bundled[4:6] == ["yes", "(bundled)"]  # not in the cache folder: in the package
     assert lines["tiny"].split()[1:5] == ["tiny.pt", "0.0", "MIT", "yes"]
     assert lines["vit_t"].split()[1:5] == ["mobile_sam.pt", "40.7", "Apache-2.0", "corrupt"]
     assert lines["vit_t"].endswith(str(tmp_path / "cache" / "mobile_sam.pt"))

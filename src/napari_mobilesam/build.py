@@ -124,14 +124,38 @@ class CheckpointError(ValueError):
 
 
 def get_config(name: str | SamConfig) -> SamConfig:
-    """Look up a registry name (``vit_t``, ``vit_b``, ``vit_l``, ``vit_h``)."""
+    """The architecture of a model name (``vit_t``, ``vit_b``, ``vit_l``, ``vit_h``, or
+    registry weights such as ``vit_t_synthetic_cells``: their ``architecture``).
+
+    Raises
+    ------
+    ValueError
+        An unknown name; the message lists the known ones.
+    """
     if isinstance(name, SamConfig):
         return name
     try:
         return MODEL_CONFIGS[name]
     except (KeyError, TypeError):
-        known = ", ".join(MODEL_CONFIGS)
-        raise ValueError(f"unknown model name {name!r}; known models: {known}") from None
+        pass
+    from .weights import REGISTRY  # trained weights of a known architecture
+
+    info = REGISTRY.get(name) if isinstance(name, str) else None
+    if info is not None and info.network in MODEL_CONFIGS:
+        return MODEL_CONFIGS[info.network]
+    known = ", ".join(model_names())
+    raise ValueError(f"unknown model name {name!r}; known models: {known}")
+
+
+def model_names() -> list[str]:
+    """Every name :func:`load_model` accepts: the architectures, then registry weights
+    of a known architecture (e.g. ``vit_t_synthetic_cells``)."""
+    from .weights import REGISTRY
+
+    extra = [
+        n for n, i in REGISTRY.items() if n not in MODEL_CONFIGS and i.network in MODEL_CONFIGS
+    ]
+    return [*MODEL_CONFIGS, *extra]
 
 
 def build_image_encoder(config: EncoderConfig) -> nn.Module:

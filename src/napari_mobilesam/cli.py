@@ -68,8 +68,9 @@ def _weights_list(args: argparse.Namespace) -> int:
     rows = [("name", "file", "size (MB)", "license", "cached", "path")]
     states = {"ok": "yes", "mismatch": "corrupt", "partial": "partial", "missing": "no"}
     for info in _w.REGISTRY.values():
-        path = folder / info.filename
-        cached = states[_w.cache_state(info, path)]  # sha256 checked once per file version
+        path = _w.local_path(info)
+        cached = states[_w.cache_state(info, path)]
+        cached = f"{cached} (bundled)" if info.bundled else cached
         rows.append(
             (info.name, info.filename, f"{info.size / 1e6:.1f}", info.license, cached, str(path))
         )
@@ -82,7 +83,7 @@ def _weights_list(args: argparse.Namespace) -> int:
         ]
         print("  ".join([*cells, row[-1]]))
     print(f"\ncache folder: {folder}  (set {_w.CACHE_ENV} to change it)")
-    if "corrupt" in {row[4] for row in rows}:
+    if any(row[4].startswith("corrupt") for row in rows):
         print(f"corrupt: the file's sha256 is not the published one; `{PROG} weights download "
               "NAME` replaces it")  # fmt: skip
     return 0
@@ -94,10 +95,14 @@ def _weights_download(args: argparse.Namespace) -> int:
     infos = [_info(n) for n in names]  # check every name before downloading anything
     failed = 0
     for info in infos:
-        dest = _w.cache_dir() / info.filename
+        dest = _w.local_path(info)
         state = _w.cache_state(info, dest)
+        if info.bundled:  # nothing to download: fetch() verifies it or says to reinstall
+            state = "ok"
         if not args.quiet:
-            if state == "ok":
+            if info.bundled:
+                print(f"{info.name}: ships with napari-mobilesam", file=sys.stderr)
+            elif state == "ok":
                 print(f"{info.name}: already in the cache (sha256 checked)", file=sys.stderr)
             else:
                 if state == "mismatch":
@@ -124,7 +129,7 @@ def _weights_download(args: argparse.Namespace) -> int:
 def _weights_path(args: argparse.Namespace) -> int:
     """``mobilesam weights path``: print the cache path of a model's file."""
     info = _info(args.name)
-    path = _w.cache_dir() / info.filename
+    path = _w.local_path(info)
     state = "ok" if args.no_check else _w.cache_state(info, path)
     if state != "ok":
         what = {

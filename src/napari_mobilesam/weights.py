@@ -32,11 +32,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+
+from .registry import (
+    _PACKAGED_REGISTRY,  # noqa: F401  (re-exported for tests and tools)
+    _SHA256_RE,
+    CHECKOUT_WEIGHTS,
+    ModelInfo,
+    _load_registry,
+    _parse_entry,  # noqa: F401
+    bundled_path,
+)
 
 __all__ = [
     "REGISTRY",
@@ -48,6 +56,7 @@ __all__ = [
     "fetch",
     "file_sha256",
     "get_model_info",
+    "local_path",
     "remove_stale_parts",
     "sha256_file",
     "verify_cached",
@@ -59,13 +68,8 @@ CACHE_ENV = "MOBILESAM_CACHE"
 #: Environment variable naming a mirror that serves ``<mirror>/<filename>``.
 MIRROR_ENV = "MOBILESAM_WEIGHTS_MIRROR"
 
-#: Registry shipped inside the wheel (pyproject force-include).
-_PACKAGED_REGISTRY = Path(__file__).resolve().parent / "_data" / "registry.json"
 #: The ``weights/`` folder of a source checkout: registry and checkout-local cache.
-_CHECKOUT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
-
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_REQUIRED_KEYS = ("filename", "url", "sha256", "size", "license", "description")
+_CHECKOUT_WEIGHTS = CHECKOUT_WEIGHTS
 
 
 class WeightsError(RuntimeError):
@@ -105,112 +109,6 @@ class WeightsError(RuntimeError):
         self.url = url
         self.dest = dest
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """One published weights file.
-
-    Attributes
-    ----------
-    name : str
-        Registry name (``vit_t``, ``vit_b``, ``vit_l``, ``vit_h``).
-    filename : str
-        File name in the cache, as published (e.g. ``mobile_sam.pt``).
-    url : str
-        Canonical download URL.
-    sha256 : str
-        Lower-case hex sha256 of the file.
-    size : int
-        File size in bytes.
-    license : str
-        SPDX license identifier of the weights.
-    description : str
-        One line for people.
-    source : str
-        Web page of the project that publishes the weights ("" if unknown).
-    """
-
-    name: str
-    filename: str
-    url: str
-    sha256: str
-    size: int
-    license: str
-    description: str
-    source: str = ""
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _load_registry(paths: list[Path] | None = None) -> dict[str, ModelInfo]:
-    """Read the first registry file that exists among ``paths``.
-
-    Parameters
-    ----------
-    paths : list of pathlib.Path, optional
-        Candidates in order; by default the packaged copy, then the checkout's.
-
-    Returns
-    -------
-    dict of str to ModelInfo
-        In file order.
-
-    Raises
-    ------
-    FileNotFoundError
-        None of the candidates exists (a broken installation).
-    ValueError
-        The file is not valid JSON or an entry is malformed; names file and entry.
-    """
-    if paths is None:
-        paths = [_PACKAGED_REGISTRY, _CHECKOUT_WEIGHTS / "registry.json"]
-    path = next((p for p in paths if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(
-            "model registry not found; looked in: "
-            + ", ".join(str(p) for p in paths)
-            + " (reinstall napari-mobilesam)"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"model registry {str(path)!r} is not valid JSON: {exc}") from None
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, dict):
-        raise ValueError(f"model registry {str(path)!r} has no 'models' mapping")
-    return {name: _parse_entry(path, name, entry) for name, entry in models.items()}
-
-
-def _parse_entry(path: Path, name: str, entry: object) -> ModelInfo:
-    """Check one registry entry and turn it into a :class:`ModelInfo`."""
-    where = f"model registry {str(path)!r}, entry {name!r}"
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
-    missing = [k for k in _REQUIRED_KEYS if k not in entry]
-    if missing:
-        raise ValueError(f"{where}: missing keys {missing}")
-    size = entry["size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"{where}: 'size' must be a positive integer, got {size!r}")
-    if not isinstance(entry["sha256"], str) or not _SHA256_RE.fullmatch(entry["sha256"]):
-        raise ValueError(
-            f"{where}: 'sha256' must be 64 lower-case hex digits, got {entry['sha256']!r}"
-        )
-    filename = entry["filename"]
-    if not isinstance(filename, str) or not filename or Path(filename).name != filename:
-        raise ValueError(f"{where}: 'filename' must be a bare file name, got {filename!r}")
-    return ModelInfo(
-        name=name,
-        filename=filename,
-        url=str(entry["url"]),
-        sha256=entry["sha256"],
-        size=size,
-        license=str(entry["license"]),
-        description=str(entry["description"]),
-        source=str(entry.get("source", "")),
-    )
 
 
 #: Every known model, by name, loaded from ``registry.json`` at import.
@@ -291,6 +189,12 @@ def weight_path(name: str) -> Path:
         ``cache_dir() / filename``; the file may not exist yet.
     """
     return cache_dir() / get_model_info(name).filename
+
+
+def local_path(info: ModelInfo) -> Path:
+    """Where a model's weights file is on this machine (or will be, once downloaded):
+    :func:`napari_mobilesam.registry.bundled_path` for bundled weights, else the cache."""
+    return bundled_path(info) if info.bundled else cache_dir() / info.filename
 
 
 def download_url(info: ModelInfo) -> str:
@@ -447,8 +351,13 @@ def verify_cached(info: ModelInfo, path: Path) -> Path:
             f"  {path}",
             f"  has sha256 {got},",
             f"  expected   {info.sha256} (a damaged or replaced file).",
-            f"To fix it, download it again: `mobilesam weights download {info.name}` "
-            "replaces it (or delete the file; it is downloaded on next use).",
+            (
+                "It ships with napari-mobilesam: reinstall it (in a checkout: "
+                "git checkout -- weights/)."
+                if info.bundled
+                else f"To fix it, download it again: `mobilesam weights download {info.name}` "
+                "replaces it (or delete the file; it is downloaded on next use)."
+            ),
             "To use a checkpoint of your own, pass it directly: --weights PATH on the "
             'command line, checkpoint="PATH" in Python.',
         ]
@@ -488,11 +397,26 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         file has the wrong sha256 (the message says how to replace it).
     """
     info = get_model_info(name)
+    if info.bundled:
+        return _bundled(info)
     dest = cache_dir() / info.filename
     remove_stale_parts(dest.parent, info.filename)
     if _is_cached(info, dest):
         return verify_cached(info, dest)
     return download(info, dest, progress=progress)
+
+
+def _bundled(info: ModelInfo) -> Path:
+    """The verified path of weights shipped with the package (never downloaded)."""
+    path = bundled_path(info)
+    if not _is_cached(info, path):
+        raise WeightsError(
+            f"the weights of model {info.name!r} ship with napari-mobilesam but "
+            f"{path} is {'damaged (wrong size)' if path.exists() else 'missing'}; "
+            "reinstall napari-mobilesam (in a checkout: git checkout -- weights/)",
+            model=info.name, dest=path, reason="bundled file missing or damaged",
+        )  # fmt: skip
+    return verify_cached(info, path)
 
 
 def _remember(path: Path, digest: str) -> None:

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..build import MODEL_CONFIGS, load_model
+from ..build import load_model, model_names
 from ..engine import Engine, make_engine
 from ..predictor import Predictor
 
@@ -65,8 +65,11 @@ class ModelPicker(QWidget):
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         self.name = QComboBox()
-        self.name.addItems(list(MODEL_CONFIGS))
-        self.name.setToolTip("vit_t is MobileSAM; vit_b/l/h are SAM's encoders")
+        self.name.addItems(model_names())
+        self.name.setToolTip(
+            "vit_t is MobileSAM; vit_b/l/h are SAM's encoders; vit_t_synthetic_cells is "
+            "the bundled demonstration model for synthetic fluorescent cells"
+        )
         self.weights = QLineEdit()
         self.weights.setPlaceholderText("registry weights (downloaded once)")
         browse = QPushButton("…")

@@ -38,9 +38,9 @@ def _teacher_weights(teacher: str, weights: Path | None, flag: str = "--teacher-
         if not weights.is_file():
             raise CommandError(f"{flag} {weights}: no such file", status=2)
         return weights
-    from ..build import MODEL_CONFIGS
+    from ..build import model_names
 
-    if teacher not in MODEL_CONFIGS:
+    if teacher not in model_names():
         raise CommandError(f"{flag} is needed for the model {teacher!r}", status=2)
     from ..weights import fetch
 

@@ -33,12 +33,12 @@ import torch
 
 from ..atomic import atomic_path
 from ..build import (
-    MODEL_CONFIGS,
     SamConfig,
     ViTConfig,
     build_sam,
     get_config,
     load_state_dict_checked,
+    model_names,
     read_state_dict,
 )
 from ..model import Sam, TinyViTConfig
@@ -114,7 +114,7 @@ def resolve_config(spec: SamConfigLike) -> SamConfig:
     if isinstance(spec, SamConfig):
         return spec
     text = os.fspath(spec)
-    if text in MODEL_CONFIGS:
+    if text in model_names():
         return get_config(text)
     path = Path(text)
     if path.suffix.lower() == ".json" and path.is_file():
@@ -123,7 +123,7 @@ def resolve_config(spec: SamConfigLike) -> SamConfig:
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"model config {str(path)!r} is not readable JSON: {exc}") from None
         return config_from_dict(data, source=f"model config {str(path)!r}")
-    known = ", ".join(MODEL_CONFIGS)
+    known = ", ".join(model_names())
     raise ValueError(
         f"unknown model {text!r}: give a registry name ({known}) or a JSON config file"
     )

@@ -120,9 +120,7 @@ def make_engine(
         keep_freed_memory()  # the next image reuses this one's memory (runtime.heap)
     if not isinstance(backend, str):
         if not (hasattr(backend, "encode") and hasattr(backend, "decode")):
-            raise TypeError(
-                f"backend must be {_names()} or a backend object, got {type(backend)}"
-            )
+            raise TypeError(f"backend must be {_names()} or a backend object, got {type(backend)}")
         return backend_object_engine(model, backend, _fp32_only(precision), options)
     with _LOCK:
         factory = _BACKENDS.get(backend)
