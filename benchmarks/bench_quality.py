@@ -1,0 +1,240 @@
+"""Quality against ground truth: prompts, segment-everything per mode, dim cells, 3D.
+
+On held-out images of :mod:`napari_mobilesam.synthetic` (seeds the stand-in model's
+training never drew) with a trained model at default settings:
+
+- point mIoU (a click at each cell's centre, best of 3) and box mIoU;
+- segment-everything (32 x 32 grid, default thresholds) precision, recall, F1 at IoU
+  0.5 and AP50 for ``mode`` reference, fast and device (device runs on the CPU too),
+  with the time per image;
+- the same in the default mode at :data:`STANDIN_THRESHOLDS` (lower score thresholds);
+- fast vs reference: the share of reference mode's objects that fast mode finds at
+  IoU >= 0.9, and the F1 difference;
+- dim uint16 cells (30 photons at a cell's centre instead of 400): point, box, F1;
+- propagation through 3D stacks: from each cell's middle plane (its true mask),
+  ``PromptSession.propagate`` up and down; mean IoU per plane against the truth (a
+  plane the walk did not reach counts 0) and the share of planes reached.
+
+Usage::
+
+    python benchmarks/bench_quality.py [--weights vit_t_synthetic_cells] [--images 8]
+                                       [--grid 32] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine, write_json
+
+#: First seed of the held-out images (training draws its own seed stream).
+SEED = 10_000
+
+
+def held_out(n: int, seed: int = SEED, **kwargs) -> list:
+    """``n`` default generator images as training examples."""
+    from napari_mobilesam import synthetic
+    from napari_mobilesam.training.data import Example
+
+    out = []
+    for i in range(n):
+        s = synthetic.cells_2d(seed=seed + i, **kwargs)
+        out.append(Example(f"held-out-{seed + i}", s.image, s.labels))
+    return out
+
+
+#: Lower score thresholds for the stand-in model, whose IoU and stability scores keep few
+#: masks at the defaults (0.88, 0.95): what the README's first command uses.
+STANDIN_THRESHOLDS = {"pred_iou_thresh": 0.6, "stability_score_thresh": 0.8}
+
+
+def _everything(
+    model, examples, mode: str, grid: int, **thresholds
+) -> tuple[dict, list[list[np.ndarray]]]:
+    from napari_mobilesam.everything import MaskGenerator
+    from napari_mobilesam.training.metrics import average_precision, iou_matrix, match_counts
+
+    gen = MaskGenerator(model, points_per_side=grid, mode=mode, **thresholds)
+    tp = n_pred = n_true = 0
+    scored, masks, seconds = [], [], []
+    for ex in examples:
+        t0 = time.perf_counter()
+        records = gen.generate(ex.image)
+        seconds.append(time.perf_counter() - t0)
+        segs = [r["segmentation"] for r in records]
+        masks.append(segs)
+        ious = iou_matrix(segs, ex.labels)
+        c = match_counts(ious)
+        tp, n_pred, n_true = tp + c["tp"], n_pred + c["n_pred"], n_true + c["n_true"]
+        scored.append((ious, np.array([r["predicted_iou"] for r in records])))
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_true if n_true else 0.0
+    res = {
+        "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+        "ap50": average_precision(scored), "objects": n_pred, "truth": n_true,
+        "seconds_per_image": float(np.median(seconds)),
+    }  # fmt: skip
+    return res, masks
+
+
+def agreement(reference: list[list[np.ndarray]], fast: list[list[np.ndarray]]) -> float:
+    """Share of reference objects that fast mode finds at IoU >= 0.9 (one-to-one)."""
+    from scipy.optimize import linear_sum_assignment
+
+    found = total = 0
+    for ref, fst in zip(reference, fast, strict=True):
+        total += len(ref)
+        if not ref or not fst:
+            continue
+        a = np.stack(ref).reshape(len(ref), -1).astype(np.float32)
+        b = np.stack(fst).reshape(len(fst), -1).astype(np.float32)
+        inter = a @ b.T
+        union = a.sum(1)[:, None] + b.sum(1)[None] - inter
+        ious = inter / np.maximum(union, 1)
+        rows, cols = linear_sum_assignment(-ious)
+        found += int((ious[rows, cols] >= 0.9).sum())
+    return found / total if total else 1.0
+
+
+def propagation(model, n_stacks: int, seed: int = SEED, max_objects: int = 6) -> dict:
+    """Mean IoU per plane of objects propagated through synthetic 3D stacks."""
+    from napari_mobilesam import synthetic
+    from napari_mobilesam.interactive import PromptSession
+    from napari_mobilesam.predictor import Predictor
+
+    predictor = Predictor(model)
+    ious, reached, total = [], 0, 0
+    for k in range(n_stacks):
+        s = synthetic.cells_3d((16, 256, 256), seed=seed + k, z_radius=(3, 6))
+        session = PromptSession(predictor, s.image)
+        ids = [i for i in np.unique(s.labels) if i]
+        rng = np.random.default_rng(seed + k)
+        for i in rng.permutation(ids)[:max_objects]:
+            planes = np.nonzero((s.labels == i).any((1, 2)))[0]
+            if len(planes) < 3:
+                continue
+            mid = int(planes[len(planes) // 2])
+            start = s.labels[mid] == i
+            got = session.propagate((mid,), start, 0)
+            for z in planes:
+                if z == mid:
+                    continue
+                total += 1
+                truth = s.labels[z] == i
+                mask = got.get((int(z),))
+                if mask is None:
+                    ious.append(0.0)
+                    continue
+                reached += 1
+                ious.append(float((mask & truth).sum() / max(1, (mask | truth).sum())))
+    return {
+        "mean_iou_per_plane": float(np.mean(ious)) if ious else float("nan"),
+        "planes_reached": reached / total if total else float("nan"),
+        "planes": total,
+    }
+
+
+MODES = ("reference", "fast", "device")
+
+
+def run(
+    weights: str, n_images: int, grid: int, n_stacks: int = 2, modes: tuple[str, ...] = MODES
+) -> dict:
+    """Every figure of the benchmark, as a dict (segment-everything in ``modes``; the
+    fast-vs-reference agreement when both are among them)."""
+    import torch
+
+    from napari_mobilesam.build import load_model
+    from napari_mobilesam.synthetic import Appearance
+    from napari_mobilesam.training.evaluate import evaluate
+
+    named = Path(weights).suffix == ""
+    model = load_model(weights) if named else load_model("vit_t", weights)
+    out: dict = {"weights": str(weights), "images": n_images, "grid": grid}
+    examples = held_out(n_images)
+    with torch.inference_mode():
+        prompts = evaluate(model, examples, points_per_side=None, max_objects=None)
+        out["prompts"] = {k: prompts[k] for k in ("point_miou", "random_point_miou", "box_miou")}
+        masks = {}
+        for mode in modes:
+            out[mode], masks[mode] = _everything(model, examples, mode, grid)
+        out["lower_thresholds"], _ = _everything(
+            model, examples, "auto", grid, **STANDIN_THRESHOLDS
+        )
+        if "reference" in modes and "fast" in modes:
+            out["fast_vs_reference"] = {
+                "found_at_0.9": agreement(masks["reference"], masks["fast"]),
+                "f1_difference": out["fast"]["f1"] - out["reference"]["f1"],
+            }
+        dim = held_out(n_images, appearance=Appearance(photons=30))
+        d = evaluate(model, dim, points_per_side=grid, max_objects=None)
+        out["dim_uint16"] = {k: d[k] for k in ("point_miou", "box_miou", "f1", "ap50")}
+        out["propagation_3d"] = propagation(model, n_stacks)
+    return out
+
+
+def _table(res: dict) -> str:
+    lines = [
+        f"point mIoU {res['prompts']['point_miou']:.3f}  (random point "
+        f"{res['prompts']['random_point_miou']:.3f})   box mIoU {res['prompts']['box_miou']:.3f}",
+        "",
+        "| mode | precision | recall | F1 | AP50 | objects / truth | s per image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in [m for m in MODES if m in res]:
+        r = res[mode]
+        lines.append(
+            f"| {mode} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+            f"{r['ap50']:.3f} | {r['objects']} / {r['truth']} | {r['seconds_per_image']:.2f} |"
+        )
+    r = res["lower_thresholds"]
+    lines.append(
+        f"| auto, IoU >= {STANDIN_THRESHOLDS['pred_iou_thresh']}, stability >= "
+        f"{STANDIN_THRESHOLDS['stability_score_thresh']} | {r['precision']:.3f} | "
+        f"{r['recall']:.3f} | {r['f1']:.3f} | {r['ap50']:.3f} | {r['objects']} / {r['truth']} | "
+        f"{r['seconds_per_image']:.2f} |"
+    )
+    d, p = res["dim_uint16"], res["propagation_3d"]
+    lines.append("")
+    if "fast_vs_reference" in res:
+        fr = res["fast_vs_reference"]
+        lines.append(
+            f"fast vs reference: {fr['found_at_0.9']:.1%} of reference objects found at "
+            f"IoU >= 0.9, F1 difference {fr['f1_difference']:+.3f}"
+        )
+    lines += [
+        f"dim uint16 cells: point {d['point_miou']:.3f}, box {d['box_miou']:.3f}, "
+        f"F1 {d['f1']:.3f}, AP50 {d['ap50']:.3f}",
+        f"3D propagation: mean IoU per plane {p['mean_iou_per_plane']:.3f}, "
+        f"{p['planes_reached']:.1%} of {p['planes']} planes reached",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", default="vit_t_synthetic_cells",
+                    help="registry name or checkpoint file (vit_t architecture)")  # fmt: skip
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--grid", type=int, default=32)
+    ap.add_argument("--stacks", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    res = run(args.weights, args.images, args.grid, args.stacks, tuple(args.modes))
+    res["machine"] = machine()
+    print(_table(res))
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
