@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..accel.decoder import decode_tokens, prepare_image
 from ..distill.data import preprocess
+from ..everything.grid import build_point_grid
 from ..model import Sam
 from .data import Example
 
@@ -61,14 +62,6 @@ def best_iou_with_objects(masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _grid(h: int, w: int, n: int) -> np.ndarray:
-    """(n*n, 2) x, y points at the centres of an n x n grid over a (h, w) image."""
-    offset = 1 / (2 * n)
-    side = np.linspace(offset, 1 - offset, n)
-    xs, ys = np.meshgrid(side * w, side * h)
-    return np.stack([xs.ravel(), ys.ravel()], 1)
-
-
 @torch.no_grad()
 def iou_head_samples(
     model: Sam, examples: Iterable[Example], points_per_side: int = 16, chunk: int = 64
@@ -93,7 +86,8 @@ def iou_head_samples(
         # tokens to float rounding, many times cheaper for a grid of prompts)
         cache = prepare_image(dec, emb, pe_layer.get_dense_pe(), no_mask)
         scale = model.img_size / max(h, w)
-        points = torch.as_tensor(_grid(h, w, points_per_side) * scale, dtype=torch.float32)
+        grid = build_point_grid(points_per_side) * np.array([w, h])  # (x, y) pixels
+        points = torch.as_tensor(grid * scale, dtype=torch.float32)
         for i in range(0, len(points), chunk):
             xy = points[i : i + chunk, None].to(device)
             labels = torch.ones(xy.shape[:2], dtype=torch.int64, device=device)
@@ -101,10 +95,7 @@ def iou_head_samples(
             hs, keys, size = decode_tokens(dec, sparse, cache=cache)
             logits = dec.masks_from_tokens(hs, keys, size, slice(0, None))
             b, t = logits.shape[:2]
-            up = F.interpolate(logits.float(), (model.img_size, model.img_size),
-                               mode="bilinear", align_corners=False)  # fmt: skip
-            up = up[..., : isz[0], : isz[1]]
-            full = F.interpolate(up, (h, w), mode="bilinear", align_corners=False) > 0
+            full = model.postprocess_masks(logits.float(), isz, (h, w)) > 0
             iou = best_iou_with_objects(full.reshape(b * t, h, w).cpu().numpy(), ex.labels)
             feats.append(hs[:, 0].float().cpu())
             targets.append(torch.from_numpy(iou.reshape(b, t)))
