@@ -68,14 +68,12 @@ def _prompt_widget(viewer, qtbot, image_layer):
 
 
 def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_predictor):
-    from napari_mobilesam._widgets._prompt import POINTS, PREVIEW, TARGET
-
     viewer = make_napari_viewer()
     img = _blobs(centers=((40, 50), (70, 95)))
     layer = viewer.add_image(img, contrast_limits=(0, 4000))
     w = _prompt_widget(viewer, qtbot, layer)
 
-    viewer.layers[POINTS].add(np.array([[40.0, 50.0]]))
+    w.state.points.add(np.array([[40.0, 50.0]]))
     _idle(qtbot, w)
     # the preview is the predictor's best mask for that point, converted (row, col) -> (x, y)
     ref = Predictor(golden_predictor.model)
@@ -83,13 +81,13 @@ def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_pred
     masks, scores, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
     expected = masks[int(np.argmax(scores))]
     assert expected.any() and not expected.all()
-    np.testing.assert_array_equal(viewer.layers[PREVIEW].data.astype(bool), expected)
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool), expected)
     assert "predicted IoU" in w.status.text()
 
-    target = viewer.layers[TARGET]
+    target = w.state.labels
     assert w.commit() == 1
-    assert target.data.max() == 1 and len(viewer.layers[POINTS].data) == 0
-    viewer.layers[POINTS].add(np.array([[70.0, 95.0]]))
+    assert target.data.max() == 1 and len(w.state.points.data) == 0
+    w.state.points.add(np.array([[70.0, 95.0]]))
     _idle(qtbot, w)
     assert w.commit() == 2
     w.undo()
@@ -99,46 +97,42 @@ def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_pred
 
 
 def test_negative_points_and_cycle(make_napari_viewer, qtbot, golden_predictor):
-    from napari_mobilesam._widgets._prompt import POINTS
-
     viewer = make_napari_viewer()
     layer = viewer.add_image(_blobs())
     w = _prompt_widget(viewer, qtbot, layer)
-    viewer.layers[POINTS].add(np.array([[40.0, 50.0]]))
+    w.state.points.add(np.array([[40.0, 50.0]]))
     _idle(qtbot, w)
     w.toggle_negative()
-    viewer.layers[POINTS].add(np.array([[10.0, 10.0]]))
+    w.state.points.add(np.array([[10.0, 10.0]]))
     _idle(qtbot, w)
     points, labels, box = w.prompts()
     assert labels.tolist() == [1, 0] and box is None
     np.testing.assert_allclose(points, [[40, 50], [10, 10]])
     w.clear()
-    viewer.layers[POINTS].add(np.array([[40.0, 50.0]]))  # negative again until toggled
+    w.state.points.add(np.array([[40.0, 50.0]]))  # negative again until toggled
     _idle(qtbot, w)
     w.toggle_negative()
-    viewer.layers[POINTS].add(np.array([[41.0, 50.0]]))
+    w.state.points.add(np.array([[41.0, 50.0]]))
     _idle(qtbot, w)
     choices = set()
     for _ in range(3):
         w.next_mask()
         _idle(qtbot, w)
         choices.add(w.prediction.choice)
-    assert len(choices) >= 1 and w.multimask.currentIndex() == 1
+    assert len(choices) >= 1 and w.multimask.currentIndex() == 0  # X keeps best of 3
 
 
 def test_box_prompt(make_napari_viewer, qtbot, tiny_predictor):
-    from napari_mobilesam._widgets._prompt import BOX, PREVIEW
-
     viewer = make_napari_viewer()
     img = _blobs()
     layer = viewer.add_image(img, contrast_limits=(0, 4000))
     w = _prompt_widget(viewer, qtbot, layer)
-    viewer.layers[BOX].add_rectangles(np.array([[60.0, 70.0], [20.0, 30.0]]))
+    w.state.box.add_rectangles(np.array([[60.0, 70.0], [20.0, 30.0]]))
     _idle(qtbot, w)
     ref = Predictor(tiny_predictor.model)
     ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
     masks, _, _ = ref.predict(box=np.array([30.0, 20.0, 70.0, 60.0]), multimask_output=False)
-    np.testing.assert_array_equal(viewer.layers[PREVIEW].data.astype(bool), masks[0])
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool), masks[0])
 
 
 def test_plane_change_recomputes_then_caches(make_napari_viewer, qtbot, tiny_predictor,
@@ -163,19 +157,17 @@ def test_plane_change_recomputes_then_caches(make_napari_viewer, qtbot, tiny_pre
 
 
 def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_predictor):
-    from napari_mobilesam._widgets._prompt import POINTS, TARGET
-
     stack = np.stack([_blobs(centers=((40 + z, 50 + z),)) for z in range(5)])
     viewer = make_napari_viewer()
     layer = viewer.add_image(stack, contrast_limits=(0, 4000))
     viewer.dims.current_step = (2, 0, 0)
     w = _prompt_widget(viewer, qtbot, layer)
-    viewer.layers[POINTS].add(np.array([[2.0, 42.0, 52.0]]))
+    w.state.points.add(np.array([[2.0, 42.0, 52.0]]))
     _idle(qtbot, w)
     w.prop_min_score.setValue(0.0)  # random weights: accept any score
     w.propagate()
     _idle(qtbot, w)
-    target = viewer.layers[TARGET].data
+    target = w.state.labels.data
     filled = [z for z in range(5) if (target[z] == 1).any()]
     assert 2 in filled and len(filled) >= 2
     assert set(np.unique(target)) <= {0, 1}
@@ -183,7 +175,7 @@ def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_p
     # a new object on another plane gets the next id of the whole layer
     viewer.dims.current_step = (4, 0, 0)
     _idle(qtbot, w)
-    viewer.layers[POINTS].add(np.array([[4.0, 44.0, 54.0]]))
+    w.state.points.add(np.array([[4.0, 44.0, 54.0]]))
     _idle(qtbot, w)
     assert w.commit() == 2
 
@@ -312,8 +304,6 @@ def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_p
     shared predictor: every preview equals a single-threaded prediction (before the
     predictor lock, some came back with the other image's shape or raised)."""
     from napari_mobilesam._widgets import EverythingWidget
-    from napari_mobilesam._widgets._prompt import POINTS
-
     viewer = make_napari_viewer()
     img = _blobs(centers=((40, 50), (70, 95)))
     layer = viewer.add_image(img, contrast_limits=(0, 4000))
@@ -332,7 +322,7 @@ def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_p
     overlapped = 0
     for i in range(8):
         r, c = 20.0 + 7 * i, 30.0 + 9 * i
-        viewer.layers[POINTS].data = np.array([[r, c]])
+        w.state.points.data = np.array([[r, c]])
         overlapped += e.runner.busy
         _idle(qtbot, w)
         masks, _, low_res = ref.predict(np.array([[c, r]]), np.array([1]))

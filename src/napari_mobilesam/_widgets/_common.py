@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPushButton,
     QWidget,
@@ -123,7 +124,11 @@ class ModelPicker(QWidget):
 
 
 class LayerCombo(QComboBox):
-    """The viewer's layers of one kind, kept up to date as layers come and go."""
+    """The viewer's layers of one kind, kept up to date as layers come and go.
+
+    It starts on the selected layer when that is of the kind, else on the top visible
+    one; when its layer goes away it moves to the selected (else top visible) one again.
+    """
 
     def __init__(self, viewer, kind: type, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -134,20 +139,26 @@ class LayerCombo(QComboBox):
         viewer.layers.events.renamed.connect(self.refresh)  # type: ignore[attr-defined]
         self.refresh()
 
+    def default(self) -> str:
+        """Name of the selected layer of the kind, else of the top visible one, else ""."""
+        active = self.viewer.layers.selection.active
+        if isinstance(active, self.kind):
+            return active.name
+        layers = [layer for layer in self.viewer.layers if isinstance(layer, self.kind)]
+        visible = [layer for layer in layers if layer.visible] or layers
+        return visible[-1].name if visible else ""
+
     def refresh(self, *_args) -> None:
         current = self.currentText()
-        names = [
-            layer.name
-            for layer in self.viewer.layers
-            if isinstance(layer, self.kind) and not layer.name.startswith("MobileSAM ")
-        ]
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, self.kind)]
         self.blockSignals(True)
         self.clear()
         self.addItems(names)
-        if current in names:
-            self.setCurrentText(current)
+        choice = current if current in names else self.default()
+        if choice:
+            self.setCurrentText(choice)
         self.blockSignals(False)
-        if current not in names:
+        if self.currentText() != current:
             self.currentTextChanged.emit(self.currentText())
 
     def layer(self):
@@ -160,14 +171,32 @@ def plane_axes_count(layer) -> int:
     return layer.ndim - 2
 
 
-def current_plane(viewer, layer) -> tuple[int, ...]:
-    """The plane of ``layer`` the viewer shows, as indices into its leading axes."""
+def current_plane(viewer, layer) -> tuple[int, ...] | None:
+    """The plane of ``layer`` the viewer shows, as indices into its leading axes.
+
+    None when the viewer's sliders point beyond the layer (a stack shorter than the
+    slider's range): the layer shows nothing there, so no plane of it is meant.
+    """
     n = plane_axes_count(layer)
     if n == 0:
         return ()
     step = viewer.dims.current_step[-layer.ndim :]
     shape = layer.data.shape
-    return tuple(int(min(max(s, 0), shape[i] - 1)) for i, s in enumerate(step[:n]))
+    plane = tuple(int(s) for s in step[:n])
+    if any(not 0 <= s < shape[i] for i, s in enumerate(plane)):
+        return None
+    return plane
+
+
+def outside_message(viewer, layer) -> str:
+    """Why :func:`current_plane` is None for ``layer``, and what to do."""
+    n = plane_axes_count(layer)
+    step = tuple(int(s) for s in viewer.dims.current_step[-layer.ndim :][:n])
+    sizes = tuple(int(s) for s in layer.data.shape[:n])
+    return (
+        f"the sliders show plane {step}, beyond {layer.name!r} (planes {sizes}); "
+        "move the slider into its range"
+    )
 
 
 class Runner:
@@ -177,12 +206,23 @@ class Runner:
     its result is delivered on the GUI thread, and errors become napari
     notifications. A job submitted with a ``key`` replaces a queued job with the same
     key (a newer prompt supersedes an older one that has not started).
+
+    Parameters
+    ----------
+    on_busy : callable(busy, message), optional
+        Called when a job starts (True, its message) and when the queue is empty.
+    status : QLabel, optional
+        The widget's status line: a job's message is shown while it runs and cleared
+        when it ends (unless its result replaced it); an error replaces it.
     """
 
-    def __init__(self, on_busy: Callable[[bool, str], None] | None = None) -> None:
+    def __init__(
+        self, on_busy: Callable[[bool, str], None] | None = None, status: QLabel | None = None
+    ) -> None:
         self.worker = None
         self._queue: list[tuple] = []
         self.on_busy = on_busy
+        self.status = status
 
     @property
     def busy(self) -> bool:
@@ -195,8 +235,14 @@ class Runner:
         message: str = "",
         yielded: Callable[[Any], None] | None = None,
         key: str | None = None,
+        failed: Callable[[BaseException], None] | None = None,
     ) -> None:
-        job = (func, done, message, yielded, key)
+        """Queue ``func`` (a function or generator function) to run in a worker.
+
+        ``done(result)``, ``yielded(value)`` and ``failed(exception)`` run on the GUI
+        thread; ``message`` is shown in the status line while the job runs.
+        """
+        job = (func, done, message, yielded, key, failed)
         if key is not None:
             self._queue = [j for j in self._queue if j[4] != key]
         self._queue.append(job)
@@ -204,12 +250,14 @@ class Runner:
             self._start_next()
 
     def _start_next(self) -> None:
+        if self.status is not None and not alive(self.status):
+            self._queue.clear()  # the widget was closed: nothing to show results in
         if not self._queue:
             self.worker = None
-            if self.on_busy:
+            if self.on_busy and (self.status is None or alive(self.status)):
                 self.on_busy(False, "")
             return
-        func, done, message, yielded, _ = self._queue.pop(0)
+        func, done, message, yielded, _, failed = self._queue.pop(0)
         # errors are shown as notifications (_notify), not re-raised in the event loop
         worker = create_worker(func, _start_thread=False, _ignore_errors=True)
         self.worker = worker
@@ -218,10 +266,29 @@ class Runner:
         if yielded is not None and hasattr(worker, "yielded"):
             worker.yielded.connect(yielded)
         worker.errored.connect(_notify)
-        worker.finished.connect(self._start_next)
+        worker.errored.connect(self._show_error)
+        if failed is not None:
+            worker.errored.connect(failed)
+        worker.finished.connect(lambda: self._finished(message))
+        if message and self.status is not None:
+            self.status.setText(message)
         if self.on_busy:
             self.on_busy(True, message)
         worker.start()
+
+    def _show_error(self, exc: BaseException) -> None:
+        if self.status is not None and alive(self.status):
+            self.status.setText(f"failed: {type(exc).__name__}: {exc}")
+
+    def _finished(self, message: str) -> None:
+        if (
+            message
+            and self.status is not None
+            and alive(self.status)
+            and (self.status.text() == message)
+        ):
+            self.status.setText("")  # nothing runs any more: no stale "computing…"
+        self._start_next()
 
     def cancel(self) -> None:
         """Drop queued jobs and ask the running one to stop (generators stop at a yield)."""
@@ -230,8 +297,33 @@ class Runner:
             self.worker.quit()
 
 
+def alive(widget: QWidget) -> bool:
+    """Whether the Qt object behind ``widget`` still exists (not deleted with its viewer)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _notify(exc: BaseException) -> None:
     show_error(f"MobileSAM: {type(exc).__name__}: {exc}")
+
+
+def guarded(func: Callable) -> Callable:
+    """``func`` for a key binding or a button: an exception becomes a short notification
+    (its message names the fix) instead of reaching Qt's event loop."""
+
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:  # shown to the user, never re-raised
+            show_info(f"MobileSAM: {exc}")
+            return None
+
+    run.__name__ = getattr(func, "__name__", "handler")
+    run.__doc__ = func.__doc__
+    return run
 
 
 def embedding_cache_dir() -> Path:

@@ -1,7 +1,9 @@
 """MobileSAM: segment with prompts (points and boxes) on 2D images and stacks.
 
 The widget translates napari layers into :class:`~napari_mobilesam.interactive.PromptSession`
-calls and back; the embedding, predictions and propagation run in thread workers.
+calls and back; the embedding, predictions and propagation run in thread workers. Every
+image layer has its own session (:class:`~._layers.ImageSession`): its prompt layers, its
+labels and its undo steps, kept while the widget switches between images.
 """
 
 from __future__ import annotations
@@ -30,22 +32,27 @@ from ._common import (
     Runner,
     current_plane,
     embedding_cache_dir,
-    empty_labels,
+    guarded,
+    outside_message,
 )
-
-POINTS = "MobileSAM points"
-BOX = "MobileSAM box"
-PREVIEW = "MobileSAM preview"
-TARGET = "MobileSAM labels"
+from ._layers import (
+    ImageSession,
+    LayerConflict,
+    check_layers,
+    ensure_layers,
+    on_plane,
+    plane_prompts,
+)
+from ._stacks import StackActions
 
 SHORTCUTS = (
-    "click: add a point (Points layer, add mode) · N: next points negative/positive · "
-    "draw a rectangle in the box layer · C: commit · X: cycle masks · "
-    "Shift-Z: undo · Escape: clear prompts"
+    "click: a positive point (green); right-click or Shift-click: a negative point (red) · "
+    "N: next points negative/positive · draw a rectangle in the box layer · C: commit · "
+    "X: next candidate mask · Shift-Z: undo · Escape: clear prompts"
 )
 
 
-class PromptWidget(QWidget):
+class PromptWidget(StackActions, QWidget):
     """Dock widget: click points / draw a box, see the mask, commit it to a Labels layer.
 
     Parameters
@@ -57,14 +64,10 @@ class PromptWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.session: PromptSession | None = None
+        self.sessions: list[ImageSession] = []
+        self.state: ImageSession | None = None
         self.cache = EmbeddingCache(max_items=32)
-        self.prediction: Prediction | None = None
-        self.cycle = 0
         self.negative = False
-        self._plane: tuple[int, ...] | None = None
-        self._ready: set[tuple[int, ...]] = set()
-        self.runner = Runner(self._busy)
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -77,8 +80,13 @@ class PromptWidget(QWidget):
 
         opts = QFormLayout()
         self.multimask = QComboBox()
-        self.multimask.addItems(["best of 3", "cycle (X)", "single"])
+        self.multimask.addItems(["best of 3", "single"])
+        self.multimask.setToolTip("a single point gives 3 candidate masks: X shows the next")
         opts.addRow("masks", self.multimask)
+        self.overlap = QComboBox()
+        self.overlap.addItems(["only unlabeled pixels", "overwrite"])
+        self.overlap.setToolTip("what a commit does where the mask covers existing objects")
+        opts.addRow("overlap", self.overlap)
         self.negative_box = QCheckBox("next points are negative (N)")
         self.negative_box.toggled.connect(self._set_negative)
         opts.addRow(self.negative_box)
@@ -92,15 +100,14 @@ class PromptWidget(QWidget):
 
         buttons = QHBoxLayout()
         self.start_button = QPushButton("Start")
-        self.start_button.setToolTip("compute the embedding of the shown plane, add prompt layers")
-        self.start_button.clicked.connect(self.start)
+        self.start_button.setToolTip("load the model, add this image's prompt layers, embed")
         self.commit_button = QPushButton("Commit (C)")
-        self.commit_button.clicked.connect(self.commit)
         self.undo_button = QPushButton("Undo (Shift-Z)")
-        self.undo_button.clicked.connect(self.undo)
         self.clear_button = QPushButton("Clear (Esc)")
-        self.clear_button.clicked.connect(self.clear)
-        for b in (self.start_button, self.commit_button, self.undo_button, self.clear_button):
+        for b, f in ((self.start_button, self.start), (self.commit_button, self.commit),
+                     (self.undo_button, self.undo), (self.clear_button, self.clear)):  # fmt: skip
+            handler = guarded(f)
+            b.clicked.connect(lambda _checked=False, f=handler: f())
             buttons.addWidget(b)
         layout.addLayout(buttons)
 
@@ -115,7 +122,7 @@ class PromptWidget(QWidget):
         self.prop_min_score.setValue(0.7)
         self.prop_button = QPushButton("Propagate")
         self.prop_button.setToolTip("commit the mask and follow the object plane by plane")
-        self.prop_button.clicked.connect(self.propagate)
+        self.prop_button.clicked.connect(lambda _checked=False: guarded(self.propagate)())
         pform.addRow("axis", self.prop_axis)
         pform.addRow("direction", self.prop_direction)
         pform.addRow("stop below score", self.prop_min_score)
@@ -132,32 +139,67 @@ class PromptWidget(QWidget):
         help_label.setWordWrap(True)
         layout.addWidget(help_label)
         layout.addStretch()
+        self.runner = Runner(self._busy, self.status)
 
         napari_viewer.dims.events.current_step.connect(self._plane_changed)
         self._image_changed()
 
-    # -- setup ---------------------------------------------------------------------------
+    # -- sessions ------------------------------------------------------------------------
+
+    @property
+    def session(self) -> PromptSession | None:
+        """The chosen image's :class:`PromptSession` (None before Start)."""
+        return self.state.session if self.state is not None else None
+
+    @property
+    def prediction(self) -> Prediction | None:
+        """The chosen image's previewed prediction."""
+        return self.state.prediction if self.state is not None else None
+
+    def session_of(self, image) -> ImageSession | None:
+        """The session of an image layer (None before its first Start)."""
+        return next((s for s in self.sessions if s.image is image), None)
 
     def _image_changed(self, *_args) -> None:
-        self.session = None
-        self._ready.clear()
-        self.prop_axis.clear()
+        if self.state is not None:
+            self._show(self.state, None)  # its preview would lie over the next image
+        self.sessions = [s for s in self.sessions if s.image in self.viewer.layers]
         layer = self.image_combo.layer()
+        self.state = self.session_of(layer)
+        self.prop_axis.clear()
         if layer is not None:
             shape = layer.data.shape
             self.prop_axis.addItems(
                 [f"axis {i} ({shape[i]} planes)" for i in range(layer.ndim - 2)]
             )
         self.prop_button.setEnabled(self.prop_axis.count() > 0)
+        if self.state is None:
+            if layer is not None:
+                self.status.setText(f"press Start to segment {layer.name!r}")
+            return
+        self._set_negative(self.negative)
+        self.state.plane = None
+        self.viewer.layers.selection.active = self.state.points
+        n = len(np.unique(np.asarray(self.state.labels.data))) - 1
+        self.status.setText(f"back to {layer.name!r}: {n} object(s) in {self.state.labels.name}")
+        self._plane_changed()
 
     def start(self) -> None:
-        """Create the session and the prompt layers, and embed the shown plane."""
+        """Load the model, create the image's session and layers, and embed the shown plane.
+
+        Layers are added only once the model has loaded; existing layers of the image's
+        names are reused (its labels keep their objects), never removed.
+        """
         layer = self.image_combo.layer()
         if layer is None:
             show_info("MobileSAM: add an image layer first")
             return
-        self._ensure_layers(layer)
-
+        try:
+            check_layers(self.viewer, layer)
+        except LayerConflict as exc:
+            show_info(f"MobileSAM: {exc}")
+            self.status.setText(str(exc))
+            return
         on_disk = self.disk_cache.isChecked()
 
         def make():
@@ -174,275 +216,243 @@ class PromptWidget(QWidget):
             )
 
         def made(session) -> None:
-            self.session = session
-            self._ready.clear()
-            self._plane = None
+            if layer not in self.viewer.layers:
+                return
+            state = self.session_of(layer)
+            if state is None:
+                try:
+                    state = ensure_layers(self.viewer, layer)
+                except LayerConflict as exc:
+                    show_info(f"MobileSAM: {exc}")
+                    self.status.setText(str(exc))
+                    return
+                self._connect(state)
+                self.sessions.append(state)
+            state.session, state.ready, state.plane = session, set(), None
             self.status.setText(f"model on {session.predictor.describe()}")
-            self._plane_changed()
-            if on_disk:
-                self.precompute()
+            if state.image is self.image_combo.layer():
+                self.state = state
+                self.viewer.layers.selection.active = state.points
+                self._set_negative(self.negative)
+                self._plane_changed()
+                if on_disk:
+                    self.precompute()
 
         self.runner.submit(make, made, "loading the model…")
 
-    def _ensure_layers(self, image) -> None:
-        ndim = image.ndim
-        shape = image.data.shape[:-1] if image.rgb else image.data.shape
-        v = self.viewer
-        if POINTS not in v.layers:
-            pts = v.add_points(
-                ndim=ndim, name=POINTS, size=max(4, min(shape[-2:]) // 60),
-                features={"positive": np.zeros(0, dtype=bool)},
-                feature_defaults={"positive": True},
-                face_color="positive", face_color_cycle=["red", "lime"],
-            )  # fmt: skip
-            pts.events.data.connect(self._prompts_changed)
-            pts.mode = "add"
-            self._bind_keys(pts)
-        if BOX not in v.layers:
-            box = v.add_shapes(
-                ndim=ndim, name=BOX, edge_color="yellow", face_color="transparent",
-                edge_width=max(1, min(shape[-2:]) // 300),
-            )  # fmt: skip
-            box.events.data.connect(self._prompts_changed)
-            self._bind_keys(box)
-        if PREVIEW not in v.layers:
-            v.add_labels(np.zeros(shape[-2:], dtype=np.uint8), name=PREVIEW, opacity=0.5)
-        if TARGET not in v.layers or v.layers[TARGET].data.shape != tuple(shape):
-            if TARGET in v.layers:
-                v.layers.remove(TARGET)
-            v.add_labels(empty_labels(tuple(shape)), name=TARGET, opacity=0.6)
-        self._bind_keys(image)
-        v.layers.selection.active = v.layers[POINTS]
+    def _connect(self, state: ImageSession) -> None:
+        state.points.events.data.connect(lambda _e=None, s=state: self._prompts_changed(s))
+        state.box.events.data.connect(lambda _e=None, s=state: self._prompts_changed(s))
+        state.points.mouse_drag_callbacks.insert(0, self._click)
+        state.points.mode = "add"
+        for layer in state.layers():
+            for key, func in (
+                ("c", self.commit), ("x", self.next_mask), ("n", self.toggle_negative),
+                ("Shift-z", self.undo), ("Escape", self.clear),
+            ):  # fmt: skip
+                handler = guarded(func)
+                layer.bind_key(key, lambda _layer, f=handler: f(), overwrite=True)
 
-    def _bind_keys(self, layer) -> None:
-        for key, func in (
-            ("c", self.commit), ("x", self.next_mask), ("n", self.toggle_negative),
-            ("Shift-z", self.undo), ("Escape", self.clear),
-        ):  # fmt: skip
-            layer.bind_key(key, lambda _layer, f=func: f(), overwrite=True)
+    def _click(self, layer, event) -> None:
+        """Before napari adds the clicked point: right-click or Shift-click is negative."""
+        button = getattr(event, "button", 1)
+        gesture = button == 2 or "Shift" in tuple(getattr(event, "modifiers", ()) or ())
+        defaults = layer.feature_defaults
+        defaults["positive"] = not (self.negative or gesture)
+        layer.feature_defaults = defaults
 
     # -- plane and prompts -----------------------------------------------------------------
 
-    def current_plane(self) -> tuple[int, ...]:
+    def current_plane(self) -> tuple[int, ...] | None:
+        """The chosen image's plane the viewer shows (None beyond its extent)."""
         return current_plane(self.viewer, self.image_combo.layer())
 
     def _plane_changed(self, *_args) -> None:
-        if self.session is None or self.image_combo.layer() is None:
+        state = self.state
+        if state is None or state.session is None:
             return
-        plane = self.current_plane()
-        if plane == self._plane:
+        plane = current_plane(self.viewer, state.image)
+        if plane is None:  # a stack shorter than the slider: never embed another plane
+            state.plane = None
+            self._show(state, None)
+            self.status.setText(outside_message(self.viewer, state.image))
             return
-        self._plane = plane
-        self._show(None)
-        if plane in self._ready:
-            self.runner.submit(lambda: self.session.embed(plane), lambda _: self._predict())
-        else:
-            self.runner.submit(
-                lambda: self.session.embed(plane), lambda _: self._embedded(plane),
-                f"computing the embedding of plane {plane}…",
-            )  # fmt: skip
+        if plane == state.plane:
+            return
+        state.plane = plane
+        self._show(state, None)
+        session = state.session
+        message = "" if plane in state.ready else f"computing the embedding of plane {plane}…"
+        self.runner.submit(
+            lambda: session.embed(plane), lambda _: self._embedded(state, plane), message
+        )
 
-    def _embedded(self, plane) -> None:
-        self._ready.add(plane)
-        self._predict()
+    def _embedded(self, state: ImageSession, plane) -> None:
+        state.ready.add(plane)
+        self._predict(state)
 
-    def _prompts_changed(self, *_args) -> None:
-        self.cycle = 0
-        self._predict()
+    def _prompts_changed(self, state: ImageSession) -> None:
+        state.choice = "best"  # a new object, or a changed one: the best candidate first
+        self._predict(state)
 
     def prompts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Points (N, 2) (row, col), labels (N,), box (4,) (r0, c0, r1, c1) on the shown plane."""
-        plane = self._plane or ()
-        points = labels = box = None
-        if POINTS in self.viewer.layers:
-            layer = self.viewer.layers[POINTS]
-            data = np.asarray(layer.data)
-            if len(data):
-                on = _on_plane(data, plane)
-                if on.any():
-                    points = data[on][:, -2:]
-                    labels = np.asarray(layer.features["positive"])[on].astype(int)
-        if BOX in self.viewer.layers:
-            layer = self.viewer.layers[BOX]
-            for shape, kind in zip(layer.data[::-1], layer.shape_type[::-1], strict=True):
-                shape = np.asarray(shape)
-                if kind == "rectangle" and _on_plane(shape, plane).all():
-                    rc = shape[:, -2:]
-                    box = np.array([*rc.min(axis=0), *rc.max(axis=0)])
-                    break
-        return points, labels, box
+        """Points (N, 2) (row, col), labels (N,), box (4,) (r0, c0, r1, c1) on the shown plane
+        of the chosen image (None where there is none); see :func:`~._layers.plane_prompts`."""
+        if self.state is None:
+            return None, None, None
+        return plane_prompts(self.state)
 
-    def _predict(self) -> None:
-        if self.session is None or self._plane not in self._ready:
+    def _predict(self, state: ImageSession) -> None:
+        if state is not self.state or state.session is None or state.plane not in state.ready:
             return
         points, labels, box = self.prompts()
         if points is None and box is None:
-            self._show(None)
+            self._show(state, None)
             return
-        mode = self.multimask.currentIndex()
-        choice = "best" if mode == 0 else self.cycle
-        plane = self._plane
-
         # three candidates only for an ambiguous prompt: a single point (a box is not)
-        multimask = mode != 2 and box is None
+        multimask = self.multimask.currentIndex() == 0 and box is None
+        choice, plane, session = state.choice, state.plane, state.session
 
         def run():
-            return plane, self.session.predict(
-                points, labels, box, multimask=multimask, choice=choice
-            )
+            return session.predict(points, labels, box, multimask=multimask, choice=choice)
 
-        self.runner.submit(run, self._predicted, key="predict")
+        def done(prediction) -> None:
+            if state.plane == plane:
+                self._show(state, prediction)
 
-    def _predicted(self, result) -> None:
-        plane, prediction = result
-        if plane != self._plane:
-            return
-        self._show(prediction)
+        self.runner.submit(run, done, key="predict")
 
-    def _show(self, prediction: Prediction | None) -> None:
-        self.prediction = prediction
-        if PREVIEW not in self.viewer.layers:
-            return
-        preview = self.viewer.layers[PREVIEW]
+    def _show(self, state: ImageSession, prediction: Prediction | None) -> None:
+        state.prediction = prediction
+        preview = state.preview
         if prediction is None:
-            preview.data = np.zeros_like(preview.data)
+            if preview.data.any():
+                preview.data = np.zeros_like(preview.data)
             return
         preview.data = prediction.mask.astype(np.uint8)
-        n = len(prediction.scores)
-        self.status.setText(
-            f"mask {prediction.choice + 1} of {n}, predicted IoU {prediction.score:.3f}"
-        )
+        if state is self.state:
+            n = len(prediction.scores)
+            self.status.setText(
+                f"mask {prediction.choice + 1} of {n}, predicted IoU {prediction.score:.3f}"
+            )
 
     # -- actions ---------------------------------------------------------------------------
 
-    def _target(self):
-        return self.viewer.layers[TARGET] if TARGET in self.viewer.layers else None
-
     def commit(self) -> int | None:
-        """Write the previewed mask into the target Labels layer with a new id."""
-        target = self._target()
-        if self.session is None or self.prediction is None or target is None:
+        """Write the previewed mask into the image's labels with a new id.
+
+        Where the mask covers existing objects, *overlap* decides: only unlabeled pixels
+        change (default), or the mask overwrites them. Problems become a message.
+
+        Returns
+        -------
+        int or None
+            The new id, or None when nothing was committed.
+        """
+        state = self.state
+        if state is None or state.session is None:
+            show_info("MobileSAM: press Start first")
             return None
-        if not self.prediction.mask.any():
+        if state.prediction is None or state.plane is None:
+            show_info("MobileSAM: nothing to commit: click a point or draw a box first")
             return None
-        plane = self._plane or ()
-        # ids are unique over the whole layer, not per plane
-        new_id = int(np.max(target.data)) + 1
-        self.session.commit(target.data[plane], self.prediction.mask, label_id=new_id)
-        target.refresh()
-        self.status.setText(f"committed object {new_id}")
+        mask = state.prediction.mask
+        if not mask.any():
+            show_info("MobileSAM: the mask is empty: move the point or draw a box")
+            return None
+        data = state.labels.data
+        if not isinstance(data, np.ndarray):
+            show_info(
+                f"MobileSAM: {state.labels.name!r} is not an in-memory array (opened lazily?); "
+                "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
+            )
+            return None
+        new_id = int(np.max(data)) + 1  # ids are unique over the whole layer, not per plane
+        overwrite = self.overlap.currentIndex() == 1
+        try:
+            state.session.commit(data[state.plane], mask, label_id=new_id, overwrite=overwrite)
+        except ValueError as exc:
+            if "already have a label" in str(exc):
+                exc = ValueError(
+                    "the mask lies inside existing objects only; choose 'overlap: overwrite' "
+                    "in the widget to paint over them"
+                )
+            show_info(f"MobileSAM: {exc}")
+            return None
+        state.labels.refresh()
         self.clear()
+        self.negative_box.setChecked(False)  # each object starts with positive points
+        self.status.setText(f"committed object {new_id} to {state.labels.name}")
         return new_id
 
     def undo(self) -> None:
-        target = self._target()
-        if self.session is None or target is None:
+        """Revert the chosen image's last commit."""
+        state = self.state
+        if state is None or state.session is None:
             return
-        removed = self.session.undo()
+        removed = state.session.undo()
         if removed is not None:
-            target.refresh()
+            state.labels.refresh()
             self.status.setText(f"removed object {', '.join(map(str, removed))}")
 
     def clear(self) -> None:
         """Remove the prompts of the shown plane and the preview."""
-        plane = self._plane or ()
-        if POINTS in self.viewer.layers:
-            layer = self.viewer.layers[POINTS]
-            data = np.asarray(layer.data)
-            if len(data):
-                keep = ~_on_plane(data, plane)
+        state = self.state
+        if state is None:
+            return
+        plane = state.plane or ()
+        for layer in (state.points, state.box):
+            if layer is state.points:
+                data = np.asarray(layer.data)
+                drop = np.flatnonzero(on_plane(data, plane)) if len(data) else []
+            else:
+                drop = [i for i, s in enumerate(layer.data) if on_plane(np.asarray(s), plane).all()]
+            if len(drop):
                 with layer.events.data.blocker():
-                    layer.selected_data = set(np.flatnonzero(~keep))
+                    layer.selected_data = set(int(i) for i in drop)
                     layer.remove_selected()
-        if BOX in self.viewer.layers:
-            layer = self.viewer.layers[BOX]
-            with layer.events.data.blocker():
-                layer.selected_data = set(range(layer.nshapes))
-                layer.remove_selected()
-        self.cycle = 0
-        self._show(None)
+        state.choice = "best"
+        self._show(state, None)
 
     def next_mask(self) -> None:
-        """Show the next of the three candidate masks."""
-        if self.multimask.currentIndex() == 0:
-            self.multimask.setCurrentIndex(1)
-        self.cycle += 1
-        self._predict()
+        """Show the next candidate mask of the current object (a single point's three),
+        starting after the best-scored one; later objects start with the best again."""
+        state = self.state
+        prediction = state.prediction if state is not None else None
+        if prediction is None:
+            show_info("MobileSAM: X shows the next candidate mask: click a point first")
+            return
+        if len(prediction.scores) < 2:
+            points, _, box = self.prompts()
+            why = (
+                "a box" if box is not None
+                else f"{len(points)} points" if points is not None and len(points) > 1
+                else "'masks: single'"
+            )  # fmt: skip
+            show_info(
+                f"MobileSAM: X does nothing with {why}: SAM gives one mask for it; "
+                "candidates exist for a single point with 'masks: best of 3'"
+            )
+            return
+        state.choice = (prediction.choice + 1) % len(prediction.scores)
+        self._show(
+            state, Prediction(prediction.masks, prediction.scores, prediction.low_res, state.choice)
+        )
 
     def toggle_negative(self) -> None:
+        """Switch the next points between positive and negative."""
         self.negative_box.setChecked(not self.negative_box.isChecked())
 
     def _set_negative(self, negative: bool) -> None:
         self.negative = negative
-        if POINTS in self.viewer.layers:
-            layer = self.viewer.layers[POINTS]
+        if self.state is not None:
+            layer = self.state.points
             layer.feature_defaults["positive"] = not negative
             layer.feature_defaults = layer.feature_defaults
 
-    def precompute(self) -> None:
-        """Embed every plane in the background (shown in the progress bar)."""
-        if self.session is None:
-            return
-        session = self.session
-
-        def run():
-            indices = [tuple(int(v) for v in i) for i in np.ndindex(*session.plane_shape)]
-            step = session.batch_size  # planes per encoder call (batched on a GPU)
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                session.precompute(chunk)
-                self._ready.update(chunk)
-                yield start + len(chunk), len(indices)
-
-        self.runner.submit(run, None, "precomputing embeddings…", yielded=self._progressed)
-
-    def _progressed(self, value) -> None:
-        done, total = value
-        self.progress.setRange(0, total)
-        self.progress.setValue(done)
-
-    def propagate(self) -> None:
-        """Commit the shown mask, then segment the same object in neighbouring planes."""
-        target = self._target()
-        if self.session is None or self.prediction is None or target is None:
-            show_info("MobileSAM: segment an object on this plane first")
-            return
-        start = self._plane or ()
-        mask = self.prediction.mask.copy()
-        new_id = self.commit()
-        if new_id is None:
-            return
-        axis = self.prop_axis.currentIndex()
-        direction = {0: 0, 1: 1, 2: -1}[self.prop_direction.currentIndex()]
-        min_score = self.prop_min_score.value()
-        session = self.session
-
-        def run():
-            masks = session.propagate(start, mask, axis, direction=direction, min_score=min_score)
-            return masks
-
-        def done(masks) -> None:
-            for index, m in masks.items():
-                session.commit(target.data[index], m, label_id=new_id)
-                self._ready.add(index)
-            target.refresh()
-            self.status.setText(f"object {new_id} propagated to {len(masks)} more plane(s)")
-
-        self.runner.submit(run, done, "propagating…")
-
-    def _busy(self, busy: bool, message: str) -> None:
+    def _busy(self, busy: bool, _message: str) -> None:
         if busy:
             self.progress.setRange(0, 0)  # indeterminate
-            if message:
-                self.status.setText(message)
         else:
             self.progress.setRange(0, 1)
             self.progress.setValue(1)
-
-
-def _on_plane(coords: np.ndarray, plane: tuple[int, ...]) -> np.ndarray:
-    """Rows of (N, ndim) layer coordinates that lie on ``plane`` (leading axes)."""
-    if not plane:
-        return np.ones(len(coords), dtype=bool)
-    lead = np.round(coords[:, : len(plane)]).astype(int)
-    return (lead == np.asarray(plane)).all(axis=1)

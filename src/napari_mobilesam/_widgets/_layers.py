@@ -1,0 +1,222 @@
+"""The layers of one image's prompt session: prompts, preview and labels, named after it.
+
+Every image layer gets its own set (``<image> points``, ``<image> box``,
+``<image> preview``, ``<image>_labels``), created once and then found again by name, so
+that switching images never reuses or deletes another image's layers. A layer of the
+right name but the wrong kind or shape is a :class:`LayerConflict` (a message for the
+user), never a reason to remove it: the plugin never removes a Labels layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes
+
+from ..interactive import Prediction, PromptSession
+
+POSITIVE_COLOR = "lime"
+NEGATIVE_COLOR = "red"
+
+
+class LayerConflict(ValueError):
+    """A layer with the name the plugin needs exists but cannot be used."""
+
+
+def image_shape(image: Image) -> tuple[int, ...]:
+    """Shape of ``image`` without its RGB axis: (plane axes..., H, W)."""
+    shape = image.data.shape
+    return tuple(int(s) for s in (shape[:-1] if image.rgb else shape))
+
+
+def labels_name(image_name: str) -> str:
+    """The session labels layer of an image: ``<image>_labels``, the name napari's save
+    dialog suggests as a file name and the one the plugin's reader opens again."""
+    return f"{image_name}_labels"
+
+
+def labels_layer(viewer, image: Image, create: bool = True) -> Labels | None:
+    """The image's session Labels layer: found by name, else added (uint32 zeros of the
+    image's shape) when ``create``.
+
+    Raises
+    ------
+    LayerConflict
+        When a layer of that name is not a Labels layer of the image's shape.
+    """
+    name, shape = labels_name(image.name), image_shape(image)
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if not isinstance(layer, Labels) or tuple(layer.data.shape) != shape:
+            found = getattr(layer.data, "shape", "?")
+            raise LayerConflict(
+                f"the layer {name!r} ({type(layer).__name__}, shape {tuple(found)}) does not "
+                f"fit image {image.name!r} (shape {shape}); rename or move that layer, "
+                "then press Start again"
+            )
+        return layer
+    if not create:
+        return None
+    return viewer.add_labels(np.zeros(shape, dtype=np.uint32), name=name, opacity=0.6)
+
+
+@dataclass(eq=False)
+class ImageSession:
+    """One image's prompt layers, labels, :class:`PromptSession` and prompt state.
+
+    Attributes
+    ----------
+    image : napari.layers.Image
+        The image layer segmented.
+    points, box, preview, labels : napari layers
+        Its prompt layers (image's dimensionality), the (H, W) preview and the labels
+        (image's shape) that commits paint.
+    session : PromptSession or None
+        Set once the model is loaded for this image.
+    ready : set of tuple of int
+        Planes whose embedding has been computed.
+    plane : tuple of int or None
+        The plane the prompts and the preview refer to.
+    prediction : Prediction or None
+        The previewed prediction.
+    choice : "best" or int
+        The candidate shown for the current object (X cycles it; reset per object).
+    """
+
+    image: Image
+    points: Points
+    box: Shapes
+    preview: Labels
+    labels: Labels
+    session: PromptSession | None = None
+    ready: set = field(default_factory=set)
+    plane: tuple[int, ...] | None = None
+    prediction: Prediction | None = None
+    choice: int | str = "best"
+
+    def layers(self) -> tuple:
+        """The prompt layers (where the shortcuts are bound)."""
+        return (self.image, self.points, self.box)
+
+
+def _find(viewer, name: str, kind: type, ndim: int, image: Image):
+    if name not in viewer.layers:
+        return None
+    layer = viewer.layers[name]
+    if not isinstance(layer, kind) or layer.ndim != ndim:
+        raise LayerConflict(
+            f"the layer {name!r} ({type(layer).__name__}, {layer.ndim}D) is not the "
+            f"{kind.__name__} layer of image {image.name!r} ({ndim}D); rename or remove it, "
+            "then press Start again"
+        )
+    return layer
+
+
+def check_layers(viewer, image: Image) -> tuple:
+    """The image's existing layers (points, box, preview, labels; None where missing).
+
+    Raises
+    ------
+    LayerConflict
+        When a layer of one of the names has another kind, dimensionality or shape.
+    """
+    shape = image_shape(image)
+    ndim = image.ndim
+    name = image.name
+    points = _find(viewer, f"{name} points", Points, ndim, image)
+    box = _find(viewer, f"{name} box", Shapes, ndim, image)
+    preview = _find(viewer, f"{name} preview", Labels, 2, image)
+    if preview is not None and tuple(preview.data.shape) != shape[-2:]:
+        raise LayerConflict(
+            f"the layer {name + ' preview'!r} has shape {preview.data.shape}, not the "
+            f"planes' {shape[-2:]}; rename or remove it, then press Start again"
+        )
+    labels = labels_layer(viewer, image, create=False)
+    return points, box, preview, labels
+
+
+def ensure_layers(viewer, image: Image) -> ImageSession:
+    """The image's layer set: existing layers of its names are reused, missing ones added.
+
+    Everything is checked before anything is added, so a conflict changes no layer.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+    image : napari.layers.Image
+
+    Returns
+    -------
+    ImageSession
+        Without a :class:`PromptSession` yet.
+
+    Raises
+    ------
+    LayerConflict
+        When a layer of one of the names has another kind, dimensionality or shape.
+    """
+    points, box, preview, labels = check_layers(viewer, image)
+    shape, ndim, name = image_shape(image), image.ndim, image.name
+    size = max(4, min(shape[-2:]) // 60)
+    if points is None:
+        points = viewer.add_points(
+            ndim=ndim, name=f"{name} points", size=size,
+            features={"positive": np.zeros(0, dtype=bool)},
+            feature_defaults={"positive": True}, face_color="positive",
+            face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR},
+        )  # fmt: skip
+    if box is None:
+        box = viewer.add_shapes(
+            ndim=ndim, name=f"{name} box", edge_color="yellow", face_color="transparent",
+            edge_width=max(1, min(shape[-2:]) // 300),
+        )  # fmt: skip
+    if preview is None:
+        preview = viewer.add_labels(
+            np.zeros(shape[-2:], dtype=np.uint8), name=f"{name} preview", opacity=0.5
+        )
+    if labels is None:
+        labels = labels_layer(viewer, image)
+    return ImageSession(image, points, box, preview, labels)
+
+
+def on_plane(coords: np.ndarray, plane: tuple[int, ...]) -> np.ndarray:
+    """Rows of (N, ndim) layer coordinates that lie on ``plane`` (leading axes)."""
+    if not plane:
+        return np.ones(len(coords), dtype=bool)
+    lead = np.round(coords[:, : len(plane)]).astype(int)
+    return (lead == np.asarray(plane)).all(axis=1)
+
+
+def plane_prompts(
+    state: ImageSession,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The prompts of ``state``'s shown plane: points, their labels and the newest box.
+
+    Returns
+    -------
+    points : (N, 2) float array or None
+        (row, col) of the points on the plane; points on other planes are ignored.
+    labels : (N,) int array or None
+        1 for positive, 0 for negative points.
+    box : (4,) float array or None
+        (r0, c0, r1, c1) of the newest rectangle on the plane.
+    """
+    plane = state.plane
+    if plane is None:
+        return None, None, None
+    points = labels = box = None
+    data = np.asarray(state.points.data)
+    if len(data):
+        on = on_plane(data, plane)
+        if on.any():
+            points = data[on][:, -2:]
+            labels = np.asarray(state.points.features["positive"])[on].astype(int)
+    layer = state.box
+    for shape, kind in zip(layer.data[::-1], layer.shape_type[::-1], strict=True):
+        shape = np.asarray(shape)
+        if kind == "rectangle" and on_plane(shape, plane).all():
+            rc = shape[:, -2:]
+            box = np.array([*rc.min(axis=0), *rc.max(axis=0)])
+            break
+    return points, labels, box

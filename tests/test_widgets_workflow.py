@@ -1,0 +1,211 @@
+"""Headless napari: the prompt workflow never loses work (issue 19), on a real viewer.
+
+One test per problem of the issue, with the tiny random model (its box masks are the
+same large mask wherever the box is, which is what the overlap tests need), and a
+scripted walk over two images with the bundled stand-in model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
+    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
+
+from skimage.draw import disk  # noqa: E402
+
+from napari_mobilesam.predictor import Predictor  # noqa: E402
+
+WAIT = 1_800_000  # ms: only a hang guard
+
+
+@pytest.fixture
+def tiny_predictor(tiny_model, monkeypatch):
+    from napari_mobilesam._widgets import _common
+
+    pred = Predictor(tiny_model)
+    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
+    return pred
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """The messages the widgets show with ``show_info``."""
+    from napari_mobilesam._widgets import _common, _everything, _prompt, _stacks
+
+    shown: list[str] = []
+    for module in (_common, _prompt, _everything, _stacks):
+        monkeypatch.setattr(module, "show_info", shown.append)
+    return shown
+
+
+def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
+    img = np.full(shape, 300, np.uint16)
+    for c in centers:
+        img[disk(c, 14, shape=shape)] = value
+    return img
+
+
+def _idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
+
+
+def _widget(viewer, qtbot, layer=None):
+    from napari_mobilesam._widgets import PromptWidget
+
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    if layer is not None:
+        _start(w, qtbot, layer)
+    return w
+
+
+def _start(w, qtbot, layer):
+    w.image_combo.setCurrentText(layer.name)
+    w.start()
+    _idle(qtbot, w)
+    assert w.session is not None and w.state.image is layer
+
+
+def _box(w, qtbot, corners, plane=()):
+    (r0, c0), (r1, c1) = corners
+    rc = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
+    w.state.box.add_rectangles(np.array([[*plane, r, c] for r, c in rc], dtype=float))
+    _idle(qtbot, w)
+    assert w.prediction is not None
+
+
+def _objects(layer) -> set[int]:
+    return set(np.unique(np.asarray(layer.data)).tolist()) - {0}
+
+
+# -- problem 1: one session per image -----------------------------------------------------
+
+
+def test_each_image_keeps_its_own_layers_and_objects(make_napari_viewer, qtbot, tiny_predictor):
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells", contrast_limits=(0, 4000))
+    stack = viewer.add_image(np.stack([_blobs((64, 80))] * 4), name="stack")
+    w = _widget(viewer, qtbot, cells)
+    assert {"cells points", "cells box", "cells preview", "cells_labels"} <= set(
+        layer.name for layer in viewer.layers
+    )
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    assert w.commit() == 1
+    cells_labels = viewer.layers["cells_labels"]
+    first = cells_labels.data.copy()
+
+    # the stack: its own layers, of its dimensionality; the 2D image's layers stay
+    viewer.dims.current_step = (2, 0, 0)
+    _start(w, qtbot, stack)
+    assert viewer.layers["stack points"].ndim == 3 and viewer.layers["stack box"].ndim == 3
+    assert viewer.layers["stack_labels"].data.shape == (4, 64, 80)
+    assert viewer.layers["cells_labels"] is cells_labels
+    np.testing.assert_array_equal(cells_labels.data, first)
+    # leftover points on another plane are no prompts on this one
+    w.state.points.add(np.array([[0.0, 30.0, 30.0]]))
+    _idle(qtbot, w)
+    assert w.prompts() == (None, None, None) and w.prediction is None
+    _box(w, qtbot, ((10, 10), (40, 50)), plane=(2,))
+    assert w.commit() == 1
+    stack_labels = viewer.layers["stack_labels"]
+    assert _objects(stack_labels) == {1} and stack_labels.data[[0, 1, 3]].max() == 0
+
+    # back to the 2D image: its session resumes (labels, undo), no new layer, no Start
+    n_layers = len(viewer.layers)
+    w.image_combo.setCurrentText("cells")
+    _idle(qtbot, w)
+    assert w.state.labels is cells_labels and w.session is not None
+    assert len(viewer.layers) == n_layers
+    w.overlap.setCurrentText("overwrite")
+    _box(w, qtbot, ((50, 60), (90, 110)))
+    assert w.commit() == 2
+    w.undo()  # this image's undo step, not the stack's
+    np.testing.assert_array_equal(cells_labels.data, first)
+    assert _objects(stack_labels) == {1}
+
+
+def test_shape_mismatch_and_failed_start_touch_no_layer(
+    make_napari_viewer, qtbot, tiny_predictor, notes, tmp_path
+):
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells")
+    w = _widget(viewer, qtbot, cells)
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    w.commit()
+    kept = viewer.layers["cells_labels"].data.copy()
+
+    # an image whose labels name is taken by a layer of another shape: a message
+    other = viewer.add_image(np.zeros((50, 40), np.uint8), name="other")
+    wrong = viewer.add_labels(np.ones((3, 3), np.uint32), name="other_labels")
+    names = [layer.name for layer in viewer.layers]
+    w.image_combo.setCurrentText("other")
+    w.start()
+    _idle(qtbot, w)
+    assert any("'other_labels'" in n and "rename" in n for n in notes)
+    assert [layer.name for layer in viewer.layers] == names and w.session is None
+    assert viewer.layers["other_labels"] is wrong and wrong.data.shape == (3, 3)
+
+    # a failed Start (bad weights) on an image with labels: nothing removed or added
+    viewer.layers.remove(wrong)
+    names = [layer.name for layer in viewer.layers]
+    w.model.weights.setText(str(tmp_path / "missing.pt"))
+    w.image_combo.setCurrentText("cells")
+    w.start()
+    _idle(qtbot, w)
+    assert [layer.name for layer in viewer.layers] == names
+    np.testing.assert_array_equal(viewer.layers["cells_labels"].data, kept)
+    assert "missing.pt" in w.status.text() and "loading" not in w.status.text()
+    assert other in viewer.layers
+
+
+# -- problem 2: commit inside an existing object; handlers never raise --------------------
+
+
+def test_commit_inside_an_object_follows_the_overlap_option(make_napari_viewer, qtbot,
+                                                            tiny_predictor, notes):  # fmt: skip
+    from app_model.types import KeyBinding
+
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells")
+    w = _widget(viewer, qtbot, cells)
+    assert w.overlap.currentText() == "only unlabeled pixels"
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    assert w.commit() == 1
+    labels = w.state.labels
+    first = labels.data.copy()
+    # the same box again: its mask lies inside the first object
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    assert w.commit() is None
+    assert "overlap: overwrite" in notes[-1]
+    np.testing.assert_array_equal(labels.data, first)
+    w.overlap.setCurrentText("overwrite")
+    assert w.commit() == 2
+    assert _objects(labels) == {2}
+
+    # the C key with a read-only labels layer: a message, never an exception in Qt
+    _box(w, qtbot, ((30, 40), (50, 60)))
+    labels.data.flags.writeable = False
+    handler = w.state.points.keymap[KeyBinding.from_str("C")]
+    handler(w.state.points)
+    assert "read-only" in notes[-1]
+    labels.data.flags.writeable = True
+    # any other error in a handler also becomes a message
+    session = w.session
+
+    def broken(*_a, **_k):
+        raise RuntimeError("boom")
+
+    session.commit = broken
+    handler(w.state.points)
+    assert notes[-1] == "MobileSAM: boom"
+    del session.commit
+    for key in ("X", "N", "Shift+Z", "Escape"):
+        w.state.image.keymap[KeyBinding.from_str(key)](w.state.image)
+    assert _objects(labels) == {1}  # Shift-Z undid object 2 and gave object 1 back
