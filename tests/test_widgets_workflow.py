@@ -209,3 +209,85 @@ def test_commit_inside_an_object_follows_the_overlap_option(make_napari_viewer, 
     for key in ("X", "N", "Shift+Z", "Escape"):
         w.state.image.keymap[KeyBinding.from_str(key)](w.state.image)
     assert _objects(labels) == {1}  # Shift-Z undid object 2 and gave object 1 back
+
+
+# -- problem 3: X cycles the current object's candidates only ----------------------------
+
+
+def test_x_cycles_this_object_only_and_explains_when_it_cannot(
+    make_napari_viewer, qtbot, tiny_predictor, notes
+):
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells")
+    w = _widget(viewer, qtbot, cells)
+    w.state.points.add(np.array([[40.0, 50.0]]))
+    _idle(qtbot, w)
+    first = w.prediction
+    best = int(np.argmax(first.scores))
+    assert len(first.scores) == 3 and first.choice == best
+    w.next_mask()
+    assert w.prediction.choice == (best + 1) % 3 and w.multimask.currentText() == "best of 3"
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool), first.masks[(best + 1) % 3])
+    w.next_mask()
+    assert w.prediction.choice == (best + 2) % 3
+    # the next object starts with the best candidate again
+    w.clear()
+    w.state.points.add(np.array([[70.0, 90.0]]))
+    _idle(qtbot, w)
+    assert w.prediction.choice == int(np.argmax(w.prediction.scores))
+    # two points, or a box: one mask, and X says why it does nothing
+    w.state.points.add(np.array([[72.0, 92.0]]))
+    _idle(qtbot, w)
+    w.next_mask()
+    assert "2 points" in notes[-1] and w.prediction.choice == 0
+    w.clear()
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    w.next_mask()
+    assert "a box" in notes[-1]
+
+
+# -- problem 9 (part): prompt conventions --------------------------------------------------
+
+
+def _click(layer, position, button=1, modifiers=()):
+    """A mouse click on ``layer`` at world ``position``, through napari's callbacks."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+
+    for kind, callbacks in (("mouse_press", mouse_press_callbacks),
+                            ("mouse_release", mouse_release_callbacks)):  # fmt: skip
+        event = read_only_mouse_event(
+            type=kind, button=button, modifiers=list(modifiers), position=position
+        )
+        callbacks(layer, event)
+
+
+def test_green_positive_red_negative_right_click_and_n_reset(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells")
+    w = _widget(viewer, qtbot, cells)
+    points = w.state.points
+    assert points.mode == "add"
+    _click(points, (40, 50))
+    _click(points, (10, 10), button=2)  # right-click
+    _click(points, (12, 12), modifiers=("Shift",))
+    _click(points, (42, 52))
+    _idle(qtbot, w)
+    assert points.features["positive"].tolist() == [True, False, False, True]
+    green, red = [0, 1, 0, 1], [1, 0, 0, 1]
+    np.testing.assert_allclose(points.face_color, [green, red, red, green])
+    assert w.prompts()[1].tolist() == [1, 0, 0, 1]
+    # N: negative until toggled back, or until the object is committed
+    w.clear()
+    w.toggle_negative()
+    _click(points, (30, 30))
+    assert points.features["positive"].tolist() == [False]
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    assert w.commit() == 1
+    assert not w.negative_box.isChecked()
+    _click(points, (40, 50))
+    _idle(qtbot, w)
+    assert points.features["positive"].tolist() == [True]
+    np.testing.assert_allclose(points.face_color, [green])
