@@ -304,6 +304,7 @@ def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_p
     shared predictor: every preview equals a single-threaded prediction (before the
     predictor lock, some came back with the other image's shape or raised)."""
     from napari_mobilesam._widgets import EverythingWidget
+
     viewer = make_napari_viewer()
     img = _blobs(centers=((40, 50), (70, 95)))
     layer = viewer.add_image(img, contrast_limits=(0, 4000))

@@ -291,3 +291,97 @@ def test_green_positive_red_negative_right_click_and_n_reset(
     _idle(qtbot, w)
     assert points.features["positive"].tolist() == [True]
     np.testing.assert_allclose(points.face_color, [green])
+
+
+# -- problem 5: segment everything per plane, and into the session's labels ---------------
+
+
+def _everything(viewer, qtbot, image_name):
+    from napari_mobilesam._widgets import EverythingWidget
+
+    e = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(e)
+    e.image_combo.setCurrentText(image_name)
+    e.points_per_side.setValue(4)
+    e.pred_iou_thresh.setValue(0.0)
+    e.stability_score_thresh.setValue(0.0)
+    return e
+
+
+def test_everything_per_plane_then_commit_to_labels(make_napari_viewer, qtbot, tiny_predictor):
+    viewer = make_napari_viewer()
+    stack = np.stack([_blobs(centers=((40, 50), (70, 95)))] * 3)
+    viewer.add_image(stack, name="cells")
+    e = _everything(viewer, qtbot, "cells")
+    viewer.dims.current_step = (0, 0, 0)
+    e.run()
+    _idle(qtbot, e)
+    result = viewer.layers["cells everything"]
+    plane0 = result.data[0].copy()
+    assert plane0.max() > 0 and result.data[1:].max() == 0
+    viewer.dims.current_step = (2, 0, 0)
+    e.run()
+    _idle(qtbot, e)
+    assert viewer.layers["cells everything"] is result  # updated, not replaced
+    np.testing.assert_array_equal(result.data[0], plane0)  # plane 0 kept its objects
+    assert result.data[2].max() > 0 and result.data[1].max() == 0
+
+    # commit the shown plane (2) into cells_labels, which already holds an object on 0
+    labels = viewer.add_labels(np.zeros(stack.shape, np.uint32), name="cells_labels")
+    labels.data[0, :10, :10] = 1
+    ids = e.commit_to_labels()
+    n2 = len(np.unique(result.data[2])) - 1
+    assert ids == list(range(2, 2 + n2))
+    np.testing.assert_array_equal(labels.data[2] > 0, result.data[2] > 0)
+    assert labels.data[1].max() == 0 and (labels.data[0] == 1).sum() == 100
+    # the whole stack: plane 0's objects only where plane 0 is unlabeled; nothing twice
+    e.scope.setCurrentIndex(1)
+    before = labels.data.copy()
+    ids = e.commit_to_labels()
+    assert min(ids) == before.max() + 1
+    np.testing.assert_array_equal(labels.data[2], before[2])  # already committed
+    assert (labels.data[0, :10, :10] == 1).all()  # the existing object is untouched
+    assert set(np.unique(labels.data[0])) - {0, 1} == set(ids)
+
+
+def test_add_objects_refuses_ids_that_do_not_fit():
+    from napari_mobilesam.interactive import add_objects
+
+    labels = np.zeros((4, 4), np.uint8)
+    labels[0, 1] = 250  # object 1's only pixel is labeled: it is skipped
+    objects = np.arange(16).reshape(4, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        add_objects(labels, objects)
+    assert labels.sum() == 250
+    with pytest.raises(ValueError, match="shape"):
+        add_objects(labels, objects[:2])
+    assert add_objects(labels, objects, start=1) == list(range(1, 15))
+    assert labels[0, 1] == 250 and labels[3, 3] == 14 and labels[0, 0] == 0
+
+
+# -- problem 6: the status line says what runs now ----------------------------------------
+
+
+def test_status_clears_when_idle_and_cancel_waits_for_the_work(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_blobs()] * 30), name="cells")
+    w = _widget(viewer, qtbot, viewer.layers["cells"])
+    viewer.dims.current_step = (3, 0, 0)
+    qtbot.waitUntil(
+        lambda: "computing the embedding of plane (3,)" in w.status.text(), timeout=WAIT
+    )
+    _idle(qtbot, w)
+    assert "computing" not in w.status.text()
+
+    e = _everything(viewer, qtbot, "cells")
+    e.scope.setCurrentIndex(1)
+    e.run()
+    qtbot.waitUntil(lambda: e.progress.value() >= 1, timeout=WAIT)
+    e.cancel()
+    assert e.runner.busy  # the plane being segmented still runs
+    assert e.status.text().startswith("cancelling") and not e.cancel_button.isEnabled()
+    _idle(qtbot, e)
+    assert e.status.text() == "cancelled" and e.run_button.isEnabled()
+    assert "cells everything" not in viewer.layers

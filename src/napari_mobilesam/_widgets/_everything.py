@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
     QComboBox,
@@ -19,13 +19,15 @@ from qtpy.QtWidgets import (
 )
 
 from ..everything import MaskGenerator
-from ..interactive import predictor_lock
+from ..interactive import add_objects, predictor_lock
 from ..normalize import to_rgb_uint8
-from ._common import LayerCombo, ModelPicker, Runner, current_plane
+from ._common import LayerCombo, ModelPicker, Runner, current_plane, guarded, outside_message
+from ._layers import LayerConflict, image_shape, labels_layer
 
 
 class EverythingWidget(QWidget):
-    """Dock widget: segment everything into a new Labels layer, in the background.
+    """Dock widget: segment everything into the image's ``<image> everything`` Labels layer,
+    in the background, and commit its objects to the image's ``<image>_labels``.
 
     Parameters
     ----------
@@ -36,7 +38,6 @@ class EverythingWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.runner = Runner(self._busy)
         self.result_layer = None
         self._cancelled = False
 
@@ -66,12 +67,18 @@ class EverythingWidget(QWidget):
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
+        self.commit_button = QPushButton("Commit to labels")
+        self.commit_button.setToolTip(
+            "add the objects of the shown plane (whole stack: of every plane) to the "
+            "image's <image>_labels layer with new ids, only into unlabeled pixels"
+        )
+        for button, func in ((self.run_button, self.run), (self.cancel_button, self.cancel),
+                             (self.commit_button, self.commit_to_labels)):  # fmt: skip
+            handler = guarded(func)
+            button.clicked.connect(lambda _checked=False, f=handler: f())
+            buttons.addWidget(button)
         layout.addLayout(buttons)
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -79,6 +86,7 @@ class EverythingWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.progress)
         layout.addStretch()
+        self.runner = Runner(self._busy, self.status)
 
     def parameters(self) -> dict:
         """The MaskGenerator keyword arguments chosen in the widget."""
@@ -90,30 +98,61 @@ class EverythingWidget(QWidget):
             "min_mask_region_area": self.min_mask_region_area.value(),
         }
 
+    def _plane_or_message(self, layer) -> tuple[int, ...] | None:
+        plane = current_plane(self.viewer, layer)
+        if plane is None:
+            message = outside_message(self.viewer, layer)
+            show_info(f"MobileSAM: {message}")
+            self.status.setText(message)
+        return plane
+
+    def result_layer_of(self, layer):
+        """The image's ``<image> everything`` Labels layer, or None before the first run.
+
+        Raises
+        ------
+        LayerConflict
+            When a layer of that name is not a Labels layer of the image's shape.
+        """
+        name, shape = f"{layer.name} everything", image_shape(layer)
+        if name not in self.viewer.layers:
+            return None
+        result = self.viewer.layers[name]
+        if not isinstance(result, Labels) or tuple(result.data.shape) != shape:
+            raise LayerConflict(
+                f"the layer {name!r} does not fit image {layer.name!r} (shape {shape}); "
+                "rename or move it, then run again"
+            )
+        return result
+
     def run(self) -> None:
-        """Segment the shown plane or every plane into a new Labels layer."""
+        """Segment the shown plane or every plane into the image's ``<image> everything``
+        layer: each plane's result replaces that plane only; other planes keep theirs."""
         layer = self.image_combo.layer()
         if layer is None:
             show_info("MobileSAM: add an image layer first")
             return
+        self.result_layer_of(layer)  # a name conflict stops here, before any work
         data, rgb = layer.data, bool(layer.rgb)
-        shape = tuple(data.shape[:-1] if rgb else data.shape)
+        shape = image_shape(layer)
         lead = shape[:-2]
         if self.scope.currentIndex() == 0 or not lead:
-            planes = [current_plane(self.viewer, layer)]
+            plane = self._plane_or_message(layer)
+            if plane is None:
+                return
+            planes = [plane]
         else:
             planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*lead)]
         limits = tuple(float(v) for v in layer.contrast_limits)
         params = self.parameters()
         model = self.model
-        labels = np.zeros(shape, dtype=np.uint32)
-        name = f"{layer.name} everything"
 
         ran_on: list[str] = []  # what ran, as chosen (shown when done)
 
         def work():
             gen = MaskGenerator(model.predictor(), **params)
             ran_on.append(gen.predictor.describe())
+            results = {}
             for i, index in enumerate(planes):
                 plane = np.asarray(data[index])
                 rgb_plane = to_rgb_uint8(
@@ -123,19 +162,27 @@ class EverythingWidget(QWidget):
                 # the predictor is shared with the prompt widget: hold its image for
                 # the plane (a prompt gets its turn between planes)
                 with predictor_lock(gen.predictor):
-                    labels[index] = gen.generate_labels(rgb_plane)
+                    results[index] = gen.generate_labels(rgb_plane)
                 yield i + 1, len(planes)
-            return labels
+            return results
 
-        def done(result) -> None:
-            if self._cancelled:
+        def done(results) -> None:
+            if self._cancelled or layer not in self.viewer.layers:
                 return
-            if name in self.viewer.layers:
-                self.viewer.layers[name].data = result
-                self.result_layer = self.viewer.layers[name]
-            else:
-                self.result_layer = self.viewer.add_labels(result, name=name)
-            counts = [int(result[index].max()) for index in planes]
+            try:
+                result = self.result_layer_of(layer)
+            except LayerConflict as exc:
+                show_info(f"MobileSAM: {exc}")
+                return
+            if result is None:
+                result = self.viewer.add_labels(
+                    np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything"
+                )
+            for index, labels in results.items():
+                result.data[index] = labels
+            result.refresh()
+            self.result_layer = result
+            counts = [int(labels.max()) for labels in results.values()]
             self.status.setText(
                 f"{sum(counts)} objects in {len(planes)} plane(s); {', '.join(ran_on)}"
             )
@@ -146,11 +193,51 @@ class EverythingWidget(QWidget):
         self.runner.submit(work, done, f"segmenting {len(planes)} plane(s)…",
                            yielded=self._progressed)  # fmt: skip
 
+    def commit_to_labels(self) -> list[int]:
+        """Merge the everything objects of the shown plane (or of every plane, with
+        *whole stack*) into the image's ``<image>_labels`` layer, which the prompt widget
+        commits to: each object gets a fresh id and fills only unlabeled pixels.
+
+        Returns
+        -------
+        list of int
+            The new ids (empty when nothing was merged).
+        """
+        layer = self.image_combo.layer()
+        result = self.result_layer_of(layer) if layer is not None else None
+        if result is None:
+            show_info("MobileSAM: nothing to commit: press Run first")
+            return []
+        shape = image_shape(layer)
+        if self.scope.currentIndex() == 0 and shape[:-2]:
+            plane = self._plane_or_message(layer)
+            if plane is None:
+                return []
+            planes = [plane]
+        else:
+            planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*shape[:-2])]
+        target = labels_layer(self.viewer, layer)
+        data = target.data
+        if not isinstance(data, np.ndarray):
+            raise TypeError(
+                f"{target.name!r} is not an in-memory array (opened lazily?); convert it "
+                "with layer.data = numpy.asarray(layer.data) to commit into it"
+            )
+        ids: list[int] = []
+        for index in planes:
+            start = int(data.max()) + 1  # ids unique over the whole layer
+            ids += add_objects(data[index], np.asarray(result.data[index]), start=start)
+        target.refresh()
+        self.status.setText(f"{len(ids)} object(s) added to {target.name}")
+        return ids
+
     def cancel(self) -> None:
         """Stop after the plane being segmented; nothing is added to the viewer."""
         self._cancelled = True
         self.runner.cancel()
-        self.status.setText("cancelled")
+        self.cancel_button.setEnabled(False)
+        if self.runner.busy:
+            self.status.setText("cancelling: finishing the plane being segmented…")
 
     def _progressed(self, value) -> None:
         if self._cancelled:
@@ -162,11 +249,10 @@ class EverythingWidget(QWidget):
 
     def _busy(self, busy: bool, message: str) -> None:
         self.run_button.setEnabled(not busy)
-        self.cancel_button.setEnabled(busy)
-        if busy and message:
-            self.status.setText(message)
-        elif not busy and self._cancelled:
-            self.status.setText("cancelled")
+        self.commit_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy and not self._cancelled)
+        if not busy and self._cancelled:
+            self.status.setText("cancelled")  # only now has the work stopped
 
 
 def _spin(box, lo, hi, value, step=None):

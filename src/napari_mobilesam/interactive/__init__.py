@@ -9,6 +9,7 @@ One module per job:
 - :mod:`.cache`: :class:`EmbeddingCache`, per-plane embeddings in memory and on disk;
 - :mod:`.prompts`: :class:`ObjectPrompt`, :class:`Prediction`, napari prompts to SAM's;
 - :mod:`.labels`: :class:`LabelEditor`, commit masks into label images, undo;
+  :func:`add_objects`, merge a label image's objects into unlabeled pixels;
 - :mod:`.propagate`: following an object through neighbouring planes;
 - :mod:`.session`: :class:`PromptSession`, all of the above around one predictor;
 - :mod:`.locks`: :func:`predictor_lock`, what keeps sessions on one predictor apart.
@@ -19,7 +20,7 @@ boxes two opposite corners (r0, c0, r1, c1). They are converted to SAM's (x, y) 
 """
 
 from .cache import EmbeddingCache, content_fingerprint, model_fingerprint
-from .labels import LabelEditor
+from .labels import LabelEditor, add_objects
 from .locks import predictor_lock
 from .planes import ImagePlanes
 from .prompts import ObjectPrompt, Prediction
@@ -34,6 +35,7 @@ __all__ = [
     "Prediction",
     "PromptSession",
     "PropagationRule",
+    "add_objects",
     "content_fingerprint",
     "mask_prompt",
     "model_fingerprint",

@@ -187,3 +187,47 @@ class LabelEditor:
             target[step.where] = step.previous
             self._steps.pop()
             return step.label_ids
+
+
+def add_objects(labels: np.ndarray, objects: np.ndarray, start: int | None = None) -> list[int]:
+    """Paint the objects of a label image into ``labels`` in place, with fresh ids, only
+    into unlabeled pixels (existing objects are never changed).
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        (..., H, W) integer labels (0 = background), modified in place.
+    objects : array_like
+        Integer labels of the same shape (0 = background), e.g. a segment-everything
+        result. An object none of whose pixels is unlabeled in ``labels`` is skipped.
+    start : int, optional
+        The first new id; default ``labels.max() + 1``. Ids follow the objects' order.
+
+    Returns
+    -------
+    list of int
+        The new ids painted.
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ, or the new ids do not fit ``labels``' dtype (nothing is
+        painted then).
+    """
+    objects = np.asarray(objects)
+    if objects.shape != labels.shape:
+        raise ValueError(f"objects must have the labels' shape {labels.shape}, got {objects.shape}")
+    region = (labels == 0) & (objects > 0)
+    ids = np.unique(objects[region])
+    first = int(labels.max()) + 1 if start is None else int(start)
+    top = int(np.iinfo(labels.dtype).max)
+    if first + len(ids) - 1 > top:
+        raise ValueError(
+            f"{len(ids)} new ids from {first} do not fit the labels' {labels.dtype} "
+            f"(largest id {top}); convert the labels to uint32"
+        )
+    lut = np.zeros(int(objects.max()) + 1 if objects.size else 1, dtype=labels.dtype)
+    new = np.arange(first, first + len(ids))
+    lut[ids] = new
+    labels[region] = lut[objects[region]]
+    return new.tolist()
