@@ -33,7 +33,7 @@ def test_reader_writer_round_trip(tmp_path):
     with pytest.raises(ValueError, match="negative"):
         napari_io.write_labels(str(tmp_path / "z.tif"), -np.ones((4, 4), np.int32), {})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "x_labels.json", "x_labels.tif", "y_labels.tif",
+        "x_labels.json", "x_labels.tif", "y_labels.json", "y_labels.tif",
     ]  # fmt: skip
 
 

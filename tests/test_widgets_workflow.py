@@ -385,3 +385,74 @@ def test_status_clears_when_idle_and_cancel_waits_for_the_work(
     _idle(qtbot, e)
     assert e.status.text() == "cancelled" and e.run_button.isEnabled()
     assert "cells everything" not in viewer.layers
+
+
+# -- problem 7: a stack shorter than the slider's range -----------------------------------
+
+
+def test_shorter_stack_beyond_the_slider_is_refused(
+    make_napari_viewer, qtbot, tiny_predictor, notes, monkeypatch
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.stack([_blobs()] * 12), name="long")
+    short = viewer.add_image(np.stack([_blobs()] * 3), name="short")
+    embedded = []
+    real = tiny_predictor.set_image
+    monkeypatch.setattr(
+        tiny_predictor, "set_image", lambda *a, **k: embedded.append(1) or real(*a, **k)
+    )
+    viewer.dims.current_step = (5, 0, 0)
+    w = _widget(viewer, qtbot, short)
+    assert embedded == [] and w.session.current is None
+    assert "beyond 'short'" in w.status.text() and "slider" in w.status.text()
+    w.state.box.add_rectangles(np.array([[5, 20, 30], [5, 20, 70], [5, 60, 70], [5, 60, 30.0]]))
+    _idle(qtbot, w)
+    assert w.prediction is None and w.commit() is None
+    e = _everything(viewer, qtbot, "short")
+    e.run()
+    _idle(qtbot, e)
+    assert "beyond 'short'" in notes[-1] and "short everything" not in viewer.layers
+    viewer.dims.current_step = (1, 0, 0)
+    _idle(qtbot, w)
+    assert w.session.current == (1,) and embedded == [1]
+
+
+# -- problem 8: saving and opening ---------------------------------------------------------
+
+
+def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
+    make_napari_viewer, qtbot, tiny_predictor, tmp_path
+):
+    import tifffile
+    from napari.plugins import _npe2
+
+    from napari_mobilesam import napari_io
+
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells")
+    w = _widget(viewer, qtbot, cells)
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    w.commit()
+    labels = w.state.labels
+    filters, _ = _npe2.file_extensions_string_for_layers([labels])
+    assert (
+        "MobileSAM labels TIFF (*.tif *.tiff)" in filters and "MobileSAM MobileSAM" not in filters
+    )
+    # napari's save dialog suggests the layer's name: cells_labels.tif, what the reader opens
+    path = tmp_path / f"{labels.name}.tif"
+    viewer.layers.selection.active = labels
+    viewer.layers.save(str(path), selected=True, plugin="napari-mobilesam")
+    assert (tmp_path / "cells_labels.json").is_file()
+    viewer.layers.remove(labels)
+    (opened,) = viewer.open(str(path), plugin="napari-mobilesam")
+    assert opened.name == "cells_labels" and type(opened).__name__ == "Labels"
+    assert opened.metadata["mobilesam"]["tool"] == "napari-mobilesam"
+    assert _objects(opened) == {1}
+    # an ordinary *_labels.tif (no MobileSAM provenance beside it) is not claimed
+    tifffile.imwrite(tmp_path / "other_labels.tif", np.zeros((4, 4), np.uint8))
+    assert napari_io.get_reader(str(tmp_path / "other_labels.tif")) is None
+    # the reopened labels are this image's session labels again
+    w.image_combo.setCurrentText("cells")
+    w.start()
+    _idle(qtbot, w)
+    assert w.state.labels is opened

@@ -1,12 +1,13 @@
 """napari reader, writer and sample data (npe2 contributions; no napari import needed).
 
 - :func:`get_reader`: ``*_labels.tif`` written by ``mobilesam-everything`` (or by
-  :func:`write_labels`) -> a Labels layer, with the JSON provenance sidecar
-  ``*_labels.json`` (when present) in the layer's ``metadata["mobilesam"]``. Stacks
-  larger than :data:`LAZY_BYTES` are opened lazily (dask over tifffile's zarr view).
+  :func:`write_labels`), recognised by the JSON provenance sidecar ``*_labels.json``
+  beside it (other ``*_labels.tif`` files are left to napari's own reader) -> a Labels
+  layer with the sidecar in its ``metadata["mobilesam"]``. Stacks larger than
+  :data:`LAZY_BYTES` are opened lazily (dask over tifffile's zarr view).
 - :func:`write_labels`: a Labels layer -> a zlib-compressed TIFF (uint16 when the ids
   fit, else uint32; ImageJ hyperstack for up to 3 plane axes when uint16), written
-  atomically.
+  atomically, with a provenance sidecar when the name ends in ``_labels.tif``.
 - :func:`sample_cells`, :func:`sample_cell_stack`, :func:`sample_coins`: images that
   need no download.
 """
@@ -33,7 +34,9 @@ LAZY_BYTES = 512 * 2**20
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
-    """npe2 reader hook: a reader for ``*_labels.tif`` files, None for anything else."""
+    """npe2 reader hook: a reader for ``*_labels.tif`` files with their MobileSAM
+    provenance ``*_labels.json`` beside them, None for anything else (so that napari
+    opens other TIFFs with its own reader, without asking which reader to use)."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not paths or not all(_is_labels_tif(p) for p in paths):
         return None
@@ -41,8 +44,10 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 
 def _is_labels_tif(path) -> bool:
-    name = Path(path).name.lower()
-    return name.endswith(("_labels.tif", "_labels.tiff")) and Path(path).is_file()
+    path = Path(path)
+    if not path.name.lower().endswith(("_labels.tif", "_labels.tiff")):
+        return False
+    return path.is_file() and path.with_suffix(".json").is_file()
 
 
 def read_labels(path: str | list[str]) -> list[LayerData]:
@@ -114,7 +119,8 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     Returns
     -------
     list of str
-        The path written.
+        The TIFF written. For a ``*_labels.tif`` name its provenance ``*_labels.json``
+        is written beside it (what the plugin's reader recognises).
 
     Raises
     ------
@@ -147,7 +153,26 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
             yield np.asarray(flat[i]).astype(dtype, copy=False)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_labels_tiff(dest, planes(), shape, _axes(meta.get("axis_labels"), len(shape)), dtype)
+    axes = _axes(meta.get("axis_labels"), len(shape))
+    write_labels_tiff(dest, planes(), shape, axes, dtype)
+    if not dest.name.lower().endswith(("_labels.tif", "_labels.tiff")):
+        return [str(dest)]
+    from . import __version__
+    from .atomic import write_json_atomic
+
+    sidecar = dest.with_suffix(".json")
+    record = {
+        "tool": "napari-mobilesam",
+        "version": __version__,
+        "writer": "napari plugin (Save Selected Layers)",
+        "layer": meta.get("name"),
+        "shape": list(shape),
+        "axes": axes,
+        "dtype": str(np.dtype(dtype)),
+        "max_id": max_id,
+        "read_from": (meta.get("metadata") or {}).get("mobilesam"),
+    }
+    write_json_atomic(sidecar, record)
     return [str(dest)]
 
 

@@ -99,6 +99,11 @@ class ImageSession:
         """The prompt layers (where the shortcuts are bound)."""
         return (self.image, self.points, self.box)
 
+    def intact(self, viewer) -> bool:
+        """Whether all its layers are still in ``viewer`` (the user may remove some)."""
+        layers = (self.image, self.points, self.box, self.preview, self.labels)
+        return all(layer in viewer.layers for layer in layers)
+
 
 def _find(viewer, name: str, kind: type, ndim: int, image: Image):
     if name not in viewer.layers:

@@ -163,7 +163,8 @@ class PromptWidget(StackActions, QWidget):
     def _image_changed(self, *_args) -> None:
         if self.state is not None:
             self._show(self.state, None)  # its preview would lie over the next image
-        self.sessions = [s for s in self.sessions if s.image in self.viewer.layers]
+        # a session whose layers the user removed starts again (at Start) from its names
+        self.sessions = [s for s in self.sessions if s.intact(self.viewer)]
         layer = self.image_combo.layer()
         self.state = self.session_of(layer)
         self.prop_axis.clear()
@@ -219,6 +220,9 @@ class PromptWidget(StackActions, QWidget):
             if layer not in self.viewer.layers:
                 return
             state = self.session_of(layer)
+            if state is not None and not state.intact(self.viewer):
+                self.sessions.remove(state)
+                state = None
             if state is None:
                 try:
                     state = ensure_layers(self.viewer, layer)
@@ -355,6 +359,9 @@ class PromptWidget(StackActions, QWidget):
             return None
         if state.prediction is None or state.plane is None:
             show_info("MobileSAM: nothing to commit: click a point or draw a box first")
+            return None
+        if not state.intact(self.viewer):
+            show_info(f"MobileSAM: a layer of {state.image.name!r} was removed; press Start again")
             return None
         mask = state.prediction.mask
         if not mask.any():
