@@ -456,3 +456,39 @@ def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
     w.start()
     _idle(qtbot, w)
     assert w.state.labels is opened
+
+
+# -- problem 9 (part): the image defaults to the selected or top visible one ---------------
+
+
+def test_image_combo_defaults_to_selected_then_top_visible(make_napari_viewer, qtbot):
+    from napari_mobilesam._widgets import EverythingWidget, PromptWidget
+
+    viewer = make_napari_viewer()
+    w0 = PromptWidget(viewer)
+    qtbot.addWidget(w0)
+    assert w0.image_combo.currentText() == ""
+    viewer.add_image(np.zeros((8, 8)), name="a")
+    assert w0.image_combo.currentText() == "a"  # the first image, once there is one
+    b = viewer.add_image(np.zeros((8, 8)), name="b")
+    c = viewer.add_image(np.zeros((8, 8)), name="c", visible=False)
+    viewer.layers.selection.active = b
+    for kind in (PromptWidget, EverythingWidget):
+        w = kind(viewer)
+        qtbot.addWidget(w)
+        assert w.image_combo.currentText() == "b"  # the selected image, not the first
+    viewer.add_points(name="p")  # selected, not an image: the top visible image
+    w = PromptWidget(viewer)
+    qtbot.addWidget(w)
+    assert w.image_combo.currentText() == "b" and c.name in _items(w.image_combo)
+    # the list follows the layers: renamed, removed (-> top visible), added
+    viewer.layers["b"].name = "b2"
+    assert w.image_combo.currentText() == "b2"
+    viewer.layers.remove("b2")
+    assert w.image_combo.currentText() == "a" and _items(w.image_combo) == ["a", "c"]
+    viewer.add_image(np.zeros((8, 8)), name="d")
+    assert _items(w.image_combo) == ["a", "c", "d"] and w.image_combo.currentText() == "a"
+
+
+def _items(combo) -> list[str]:
+    return [combo.itemText(i) for i in range(combo.count())]
