@@ -492,3 +492,94 @@ def test_image_combo_defaults_to_selected_then_top_visible(make_napari_viewer, q
 
 def _items(combo) -> list[str]:
     return [combo.itemText(i) for i in range(combo.count())]
+
+
+# -- the scripted walk: three images, objects on each, back and forth ---------------------
+
+
+@pytest.fixture(scope="module")
+def stand_in_model():
+    from napari_mobilesam.build import load_model
+
+    return load_model("vit_t_synthetic_cells", device="cpu")
+
+
+def _interior(mask: np.ndarray) -> tuple[float, float]:
+    """The most interior pixel (row, col) of a bool mask."""
+    from scipy.ndimage import distance_transform_edt
+
+    depth = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(depth)), mask.shape)
+    return float(r), float(c)
+
+
+def _far_apart_cells(truth: np.ndarray, n: int) -> list[tuple[float, float]]:
+    """Interior points of the ``n`` largest objects of a label plane."""
+    ids, areas = np.unique(truth[truth > 0], return_counts=True)
+    return [_interior(truth == i) for i in ids[np.argsort(areas)[::-1][:n]]]
+
+
+def test_walk_commits_on_three_images_and_every_object_stays(
+    make_napari_viewer, qtbot, stand_in_model, monkeypatch
+):
+    from skimage.data import coins
+
+    from napari_mobilesam._widgets import _common
+    from napari_mobilesam.synthetic import cells_2d, cells_3d
+
+    predictor = Predictor(stand_in_model)
+    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: predictor)
+    cells = cells_2d((256, 256), seed=0, n_cells=6)
+    stack = cells_3d((4, 160, 160), seed=1, n_cells=5)
+    viewer = make_napari_viewer()
+    layers = {
+        "cells": viewer.add_image(cells.image, name="cells"),
+        "stack": viewer.add_image(stack.image, name="stack"),
+        "coins": viewer.add_image(coins()[:160, :200], name="coins"),
+    }
+    w = _widget(viewer, qtbot)
+    w.model.name.setCurrentText("vit_t_synthetic_cells")
+    expected: dict[str, np.ndarray] = {}
+
+    def visit(name, plane=None):
+        if plane is not None:
+            viewer.dims.current_step = (plane, 0, 0)
+        w.image_combo.setCurrentText(name)
+        _idle(qtbot, w)
+        if w.session is None:
+            _start(w, qtbot, layers[name])
+        # everything committed so far is still there, in each image's own labels
+        for other, data in expected.items():
+            np.testing.assert_array_equal(viewer.layers[f"{other}_labels"].data, data)
+
+    def commit_point(name, rc, plane=()):
+        w.state.points.add(np.array([[*plane, *rc]]))
+        _idle(qtbot, w)
+        new_id = w.commit()
+        assert new_id is not None, (name, rc, plane)
+        expected[name] = viewer.layers[f"{name}_labels"].data.copy()
+        return new_id
+
+    a, b = _far_apart_cells(cells.labels, 2)
+    s1 = _far_apart_cells(stack.labels[1], 1)[0]
+    s2 = _far_apart_cells(stack.labels[2], 2)[1]
+    visit("cells")
+    assert commit_point("cells", a) == 1
+    visit("stack", plane=1)
+    assert commit_point("stack", s1, plane=(1,)) == 1
+    visit("cells")
+    assert commit_point("cells", b) == 2
+    visit("coins")
+    _box(w, qtbot, ((20, 20), (90, 90)))
+    assert w.commit() == 1
+    expected["coins"] = viewer.layers["coins_labels"].data.copy()
+    visit("stack", plane=2)
+    assert commit_point("stack", s2, plane=(2,)) == 2
+    visit("cells")
+    visit("coins")
+    visit("stack", plane=1)
+    assert {name: _objects(viewer.layers[f"{name}_labels"]) for name in layers} == {
+        "cells": {1, 2}, "stack": {1, 2}, "coins": {1},
+    }  # fmt: skip
+    stack_labels = viewer.layers["stack_labels"].data
+    assert set(np.unique(stack_labels[1])) == {0, 1} and set(np.unique(stack_labels[2])) == {0, 2}

@@ -273,8 +273,8 @@ class PromptWidget(StackActions, QWidget):
 
     def _plane_changed(self, *_args) -> None:
         state = self.state
-        if state is None or state.session is None:
-            return
+        if state is None or state.session is None or not state.intact(self.viewer):
+            return  # (layers are removed one by one when the viewer closes)
         plane = current_plane(self.viewer, state.image)
         if plane is None:  # a stack shorter than the slider: never embed another plane
             state.plane = None
