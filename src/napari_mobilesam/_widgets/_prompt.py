@@ -181,8 +181,7 @@ class PromptWidget(StackActions, QWidget):
         self._set_negative(self.negative)
         self.state.plane = None
         self.viewer.layers.selection.active = self.state.points
-        n = len(np.unique(np.asarray(self.state.labels.data))) - 1
-        self.status.setText(f"back to {layer.name!r}: {n} object(s) in {self.state.labels.name}")
+        self.status.setText(f"back to {layer.name!r}: its objects are in {self.state.labels.name}")
         self._plane_changed()
 
     def start(self) -> None:
@@ -259,6 +258,8 @@ class PromptWidget(StackActions, QWidget):
 
     def _click(self, layer, event) -> None:
         """Before napari adds the clicked point: right-click or Shift-click is negative."""
+        if layer.mode != "add":
+            return
         button = getattr(event, "button", 1)
         gesture = button == 2 or "Shift" in tuple(getattr(event, "modifiers", ()) or ())
         defaults = layer.feature_defaults
