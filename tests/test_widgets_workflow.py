@@ -583,3 +583,27 @@ def test_walk_commits_on_three_images_and_every_object_stays(
     }  # fmt: skip
     stack_labels = viewer.layers["stack_labels"].data
     assert set(np.unique(stack_labels[1])) == {0, 1} and set(np.unique(stack_labels[2])) == {0, 2}
+
+
+def test_layers_of_the_names_that_do_not_fit_are_messages(
+    make_napari_viewer, qtbot, tiny_predictor, notes
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 40, 50), np.uint8), name="x")
+    shapes = viewer.add_shapes(name="x points")  # another kind
+    w = _widget(viewer, qtbot)
+    w.image_combo.setCurrentText("x")
+    w.start_button.click()
+    assert "'x points'" in notes[-1] and "Shapes" in notes[-1] and w.session is None
+    viewer.layers.remove(shapes)
+    preview = viewer.add_labels(np.zeros((4, 4), np.uint8), name="x preview")  # another shape
+    w.start_button.click()
+    assert "'x preview'" in notes[-1] and w.session is None
+    viewer.layers.remove(preview)
+    n_layers = len(viewer.layers)
+    e = _everything(viewer, qtbot, "x")
+    viewer.add_labels(np.zeros((40, 50), np.uint32), name="x everything")
+    e.run_button.click()  # a button: the error is a message
+    assert "'x everything'" in notes[-1] and not e.runner.busy
+    e.commit_button.click()
+    assert "'x everything'" in notes[-1] and len(viewer.layers) == n_layers + 1

@@ -219,10 +219,11 @@ class EverythingWidget(QWidget):
         target = labels_layer(self.viewer, layer)
         data = target.data
         if not isinstance(data, np.ndarray):
-            raise TypeError(
-                f"{target.name!r} is not an in-memory array (opened lazily?); convert it "
-                "with layer.data = numpy.asarray(layer.data) to commit into it"
+            show_info(
+                f"MobileSAM: {target.name!r} is not an in-memory array (opened lazily?); "
+                "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
             )
+            return []
         ids: list[int] = []
         for index in planes:
             start = int(data.max()) + 1  # ids unique over the whole layer
