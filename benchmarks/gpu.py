@@ -12,8 +12,8 @@ against float32 on every golden prompt, latency at batch 1, and images/s batched
 encoders (default mode, and CUDA graphs via ``reduce-overhead`` on CUDA) against
 eager at the device's ``precision="auto"``. Prints a table and writes JSON.
 
-Runs on CPU too (small sizes with ``--quick``), which is how the tests keep it
-working::
+The checks live in ``benchmarks/gpu_checks.py``. Runs on CPU too (small sizes with
+``--quick``), which is how the tests keep it working::
 
     python benchmarks/gpu.py --golden DIR [--device cuda] [--quick] [--out DIR]
         [--precisions bf16 fp16] [--batch 16] [--compile [MODE ...]]
@@ -25,8 +25,6 @@ working::
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,187 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from benchmarks._common import machine, write_json
+from benchmarks.gpu_checks import (
+    check_everything,
+    check_precision,
+    check_predictor,
+    check_resize,
+    golden_image,
+    sync,
+    time_fn,
+)
 from napari_mobilesam.build import load_model
 from napari_mobilesam.everything import MaskGenerator
-from napari_mobilesam.everything.rle import rle_to_mask
 from napari_mobilesam.predictor import Predictor, resolve_precision
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, repeats: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "n": repeats}
-
-
-def _image(golden: Path, name: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(golden / "images" / f"public_{name}.png").convert("RGB"))
-
-
-def check_predictor(golden: Path, model, device) -> dict:
-    """Golden predictor cases on ``device``: worst differences over all cases."""
-    worst = {"feature_max_abs": 0.0, "logit_max_abs": 0.0, "iou_max_abs": 0.0, "mask_mismatch": 0.0}
-    pred = Predictor(model)
-    for npz in sorted(golden.glob("*_cases.npz")):
-        with np.load(npz) as z:
-            for name in sorted({k.split("/")[0] for k in z.files}):
-                pred.set_image(_image(golden, name))
-                if f"{name}/features" in z.files:
-                    ref = torch.from_numpy(z[f"{name}/features"]).to(device)
-                    diff = (pred.features - ref).abs().max().item()
-                    worst["feature_max_abs"] = max(worst["feature_max_abs"], diff)
-                cases = sorted(
-                    {
-                        k.rsplit("/", 1)[0] + "/"
-                        for k in z.files
-                        if k.startswith(f"{name}/p") or k.startswith(f"{name}/batch")
-                    }
-                )
-                for pre in cases:
-
-                    def opt(key, pre=pre):
-                        return z[pre + key] if pre + key in z.files else None
-
-                    if opt("low_res_logits") is None:
-                        continue
-                    if opt("in_boxes") is not None:
-                        masks, iou, low = pred.predict_batch(
-                            boxes=opt("in_boxes"), multimask_output=False
-                        )
-                    else:
-                        parent = pre.split("refine/")[0]
-                        coords = opt("in_point_coords")
-                        labels = opt("in_point_labels")
-                        if coords is None and parent != pre:
-                            coords, labels = (
-                                z.get(parent + "in_point_coords"),
-                                z.get(parent + "in_point_labels"),
-                            )
-                        masks, iou, low = pred.predict(
-                            coords, labels, opt("in_box"), opt("in_mask_input"),
-                            multimask_output=pre.rstrip("/").endswith("mm1"),
-                        )  # fmt: skip
-                    worst["logit_max_abs"] = max(
-                        worst["logit_max_abs"], float(np.abs(low - z[pre + "low_res_logits"]).max())
-                    )
-                    worst["iou_max_abs"] = max(
-                        worst["iou_max_abs"], float(np.abs(iou - z[pre + "iou"]).max())
-                    )
-                    worst["mask_mismatch"] = max(
-                        worst["mask_mismatch"], float((masks != z[pre + "masks"]).mean())
-                    )
-    worst["ok"] = (
-        worst["feature_max_abs"] <= 1e-3
-        and worst["logit_max_abs"] <= 5e-3
-        and worst["iou_max_abs"] <= 1e-3
-        and worst["mask_mismatch"] <= 1e-3
-    )
-    return worst
-
-
-def check_resize(device, quick: bool) -> dict:
-    """The device resize (set_image on GPUs) against Pillow, byte for byte: each size
-    twice (the first call learns Pillow's pass order, the second runs on the device)."""
-    import PIL
-
-    from napari_mobilesam import transforms
-    from napari_mobilesam.accel.resize import PillowResize
-
-    rng = np.random.default_rng(0)
-    resize = PillowResize(1024)
-    sizes = [(770, 769), (3000, 200), (2001, 1000), (2048, 1536), (97, 1203), (1677, 7)]
-    sizes += [tuple(int(v) for v in rng.integers(1, 2500, 2)) for _ in range(4 if quick else 40)]
-    bad = []
-    for size in sizes:
-        img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-        expected = transforms.resize_longest_side(img, 1024)
-        for _ in range(2):
-            ours = resize(torch.from_numpy(img).to(device).permute(2, 0, 1))
-            if not np.array_equal(ours.permute(1, 2, 0).cpu().numpy(), expected):
-                bad.append(list(size))
-    orders = list(resize.pass_order.values())
-    return {"pillow": PIL.__version__, "sizes": len(sizes), "mismatched": bad, "ok": not bad,
-            "vertical_first": orders.count(True), "horizontal_first": orders.count(False),
-            "pillow_only": orders.count(None)}  # fmt: skip
-
-
-def _match_fraction(ours, ref, min_iou) -> float:
-    ref = [r for r in ref if r["area"] > 0]
-    if not ref:
-        return 1.0
-    om = [rle_to_mask(o["segmentation"]) for o in ours]
-    hits = 0
-    for r in ref:
-        rm = rle_to_mask(r["segmentation"])
-        best = max(((m & rm).sum() / max((m | rm).sum(), 1) for m in om), default=0.0)
-        hits += best >= min_iou
-    return hits / len(ref)
-
-
-def check_everything(golden: Path, model) -> dict:
-    out = {}
-    for path in sorted(golden.glob("*_amg*_*.json")):
-        case = json.loads(path.read_text())
-        image = np.asarray(
-            __import__("PIL.Image").Image.open(golden / case["image"]).convert("RGB")
-        )
-        res = {}
-        for mode in ("reference", "fast"):
-            gen = MaskGenerator(
-                model, **case["params"], mode=mode, nms="box", output_mode="uncompressed_rle"
-            )
-            recs = gen.generate(image)
-            res[mode] = {
-                "count": len(recs),
-                "nonempty_matched_099": _match_fraction(recs, case["annotations"], 0.99),
-                "nonempty_matched_095": _match_fraction(recs, case["annotations"], 0.95),
-            }
-        fast = {"mode": "fast", "nms": "box", "output_mode": "uncompressed_rle"}
-        fp32 = MaskGenerator(model, **case["params"], **fast).generate(image)
-        low = MaskGenerator(model, **case["params"], **fast, precision="auto").generate(image)
-        res["auto_precision_vs_fp32"] = {
-            "count": [len(low), len(fp32)],
-            "matched_095": _match_fraction(low, fp32, 0.95),
-        }
-        res["reference_count_equal"] = res["reference"]["count"] == len(case["annotations"])
-        out[path.stem] = res
-    return out
-
-
-def check_precision(golden: Path, model, precision: str) -> dict:
-    """Mask IoU of the ``precision`` encoder against float32 over every golden call."""
-    from benchmarks.bench_backends import _golden_calls, _iou
-
-    fp32, low = Predictor(model), Predictor(model, precision=precision)
-    ious = []
-    for npz_path in sorted(golden.glob("*_cases.npz")):
-        with np.load(npz_path) as npz:
-            for name in sorted({k.split("/")[0] for k in npz.files}):
-                if not (golden / "images" / f"public_{name}.png").exists():
-                    continue
-                image = _image(golden, name)
-                fp32.set_image(image)
-                low.set_image(image)
-                for _, method, kwargs in _golden_calls(npz, name):
-                    a = getattr(fp32, method)(**kwargs)[0]
-                    b = getattr(low, method)(**kwargs)[0]
-                    a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-                    ious += [_iou(x, y) for x, y in zip(a, b, strict=True)]
-    return {"n_masks": len(ious), "mean_iou": float(np.mean(ious)),
-            "min_iou": float(np.min(ious)), "ok": bool(np.mean(ious) >= 0.98)}  # fmt: skip
 
 
 def precision_timings(golden: Path, model, device, precisions, batch: int, quick: bool) -> dict:
@@ -228,7 +57,7 @@ def precision_timings(golden: Path, model, device, precisions, batch: int, quick
     the same without graphs, and ``graph_max_abs_diff`` the largest difference
     between their embeddings.
     """
-    photo = _image(golden, "photo")
+    photo = golden_image(golden, "photo")
     if quick:
         photo = photo[:64, :64]
     reps, warm = (1, 0) if quick else (20, 2)
@@ -241,17 +70,17 @@ def precision_timings(golden: Path, model, device, precisions, batch: int, quick
             .permute(2, 0, 1)[None].float()
         )  # fmt: skip
         row = {
-            "batch1": _time(lambda pred=pred, x=x: pred.encode(x), device, reps, warm),
-            "batch1_eager": _time(lambda p=eager, x=x: p.encode(x), device, reps, warm),
+            "batch1": time_fn(lambda pred=pred, x=x: pred.encode(x), device, reps, warm),
+            "batch1_eager": time_fn(lambda p=eager, x=x: p.encode(x), device, reps, warm),
             "cuda_graphs": pred.uses_cuda_graphs,
             "graph_max_abs_diff": float((pred.encode(x) - eager.encode(x)).abs().max()),
         }
         images = [photo] * batch
-        t = _time(lambda pred=pred, im=images: pred.embed_images(im, batch_size=batch),
+        t = time_fn(lambda pred=pred, im=images: pred.embed_images(im, batch_size=batch),
                   device, 1 if quick else 5, warm)  # fmt: skip
         row["batched"] = {**t, "batch": batch, "images_per_s": batch / (t["median_ms"] / 1e3)}
         xb = x.expand(batch, -1, -1, -1).contiguous()
-        t = _time(lambda pred=pred, xb=xb: pred.encode(xb), device, 1 if quick else 10, warm)
+        t = time_fn(lambda pred=pred, xb=xb: pred.encode(xb), device, 1 if quick else 10, warm)
         row["batched_encoder_only"] = {**t, "batch": batch,
                                        "images_per_s": batch / (t["median_ms"] / 1e3)}  # fmt: skip
         out[precision] = row
@@ -285,17 +114,17 @@ def compile_timings(model, device, precision: str, modes, quick: bool) -> dict:
         ref = eager()
         out = {
             "precision": precision,
-            "eager": _time(eager, device, reps, warmup=0 if quick else 2),
+            "eager": time_fn(eager, device, reps, warmup=0 if quick else 2),
         }
         for mode in modes:
             torch._dynamo.reset()
             compiled = under_autocast(torch.compile(encoder, mode=mode))
             t0 = time.perf_counter()
             first = compiled()
-            _sync(device)
+            sync(device)
             row = {"compile_s": time.perf_counter() - t0,
                    "max_abs_diff": float((first - ref).abs().max())}  # fmt: skip
-            row.update(_time(compiled, device, reps, warmup=0 if quick else 2))
+            row.update(time_fn(compiled, device, reps, warmup=0 if quick else 2))
             row["ratio_to_eager"] = row["median_ms"] / out["eager"]["median_ms"]
             out[mode] = row
     return out
@@ -323,7 +152,7 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
     ref_model = load_model("vit_t", weights, device=device, optimize=False)
     orig, what = _original(weights, device)
     out["original"] = {"available": orig is not None, "what": what}
-    photo = _image(golden, "photo")
+    photo = golden_image(golden, "photo")
     reps = 3 if quick else 20
 
     def row(name, r):
@@ -335,23 +164,25 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
         if not quick:
             x = torch.randn(1, 3, 1024, 1024, device=device)
             ours = Predictor(fast_model)
-            r = {"ours": _time(lambda: ours.encode(x), device, reps),
-                 "reference": _time(lambda: ref_model.image_encoder(x), device, reps)}  # fmt: skip
+            r = {
+                "ours": time_fn(lambda: ours.encode(x), device, reps),
+                "reference": time_fn(lambda: ref_model.image_encoder(x), device, reps),
+            }
             if orig is not None:
-                r["original"] = _time(lambda: orig.sam.image_encoder(x), device, reps)
+                r["original"] = time_fn(lambda: orig.sam.image_encoder(x), device, reps)
             row("encoder_b1", r)
         fast = Predictor(fast_model)
         ref = Predictor(ref_model, decoder_cache=False, factorized=False, cuda_graphs=False)
         fast.set_image(photo)
         ref.set_image(photo)
         pt = (np.array([[400.0, 300.0]]), np.array([1]))
-        r = {"ours": _time(lambda: fast.predict(*pt), device, reps * 3),
-             "reference": _time(lambda: ref.predict(*pt), device, reps * 3)}  # fmt: skip
+        r = {"ours": time_fn(lambda: fast.predict(*pt), device, reps * 3),
+             "reference": time_fn(lambda: ref.predict(*pt), device, reps * 3)}  # fmt: skip
         if orig is not None:
             orig.predictor.set_image(photo)
-            r["original"] = _time(lambda: orig.predictor.predict(*pt), device, reps * 3)
-            r["original_set_image"] = _time(lambda: orig.predictor.set_image(photo), device, reps)
-            r["ours_set_image"] = _time(lambda: fast.set_image(photo), device, reps)
+            r["original"] = time_fn(lambda: orig.predictor.predict(*pt), device, reps * 3)
+            r["original_set_image"] = time_fn(lambda: orig.predictor.set_image(photo), device, reps)
+            r["ours_set_image"] = time_fn(lambda: fast.set_image(photo), device, reps)
         row("predict_1pt", r)
         cases = (
             ("default", {}, "mask", 3),
@@ -366,7 +197,7 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
                 n: list[int] = []
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                t = _time(lambda: n.append(count(fn())), device, n_reps, warmup=warm)
+                t = time_fn(lambda: n.append(count(fn())), device, n_reps, warmup=warm)
                 if device.type == "cuda":
                     t["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 return {**t, "objects": n[-1]}
@@ -405,7 +236,7 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
 def _everything_case(golden: Path, quick: bool):
     """(image, grid, name of a case's row): 1024 px and 32x32 (64 px and 4x4 quick)."""
     side, grid = (64, 4) if quick else (1024, 32)
-    image = np.ascontiguousarray(np.resize(_image(golden, "photo"), (side, side, 3)))
+    image = np.ascontiguousarray(np.resize(golden_image(golden, "photo"), (side, side, 3)))
     return image, grid, lambda label: f"everything_{grid}x{grid}_{side}px_{label}"
 
 
@@ -415,7 +246,7 @@ ALL_PASS = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 def _reference_everything(model, image, grid, params, device) -> dict:
     gen = MaskGenerator(model, points_per_side=grid, mode="reference", nms="box", **params)
     n: list[int] = []
-    t = _time(lambda: n.append(len(gen.generate(image))), device, 1, warmup=0)
+    t = time_fn(lambda: n.append(len(gen.generate(image))), device, 1, warmup=0)
     return {**t, "objects": n[-1], "nms": "box"}
 
 
@@ -448,7 +279,7 @@ def report(result: dict) -> str:
             f"matched {r['auto_precision_vs_fp32']['matched_095']:.2f}"
         )
     r = result.get("resize_check")
-    if r:
+    if r and "sizes" in r:
         lines.append(
             f"device resize vs Pillow {r['pillow']}: {r['sizes']} sizes (passes: vertical "
             f"first {r['vertical_first']}, horizontal first {r['horizontal_first']}, Pillow "

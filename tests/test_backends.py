@@ -49,6 +49,7 @@ def test_predictor_takes_a_backend_object(tiny_model, rng):
             np.testing.assert_allclose(got.astype(float), want.astype(float), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_auto_backend_on_cpu_is_onnx_encoder_torch_decoder(
     golden_model, onnx_cache, golden_onnx_dir, rng
 ):
@@ -114,6 +115,7 @@ def photo():
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_everything_onnx_equals_torch(golden_model, golden_onnx_dir, photo):
     params = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     onnx = Predictor(golden_model, backend="onnx", onnx_folder=golden_onnx_dir)
@@ -126,6 +128,7 @@ def test_everything_onnx_equals_torch(golden_model, golden_onnx_dir, photo):
     assert len(ref.generate(photo)) > 0
 
 
+@pytest.mark.slow
 def test_batch_tool_onnx_backend(onnx_cache, tmp_path, photo):
     from mobilesam_batch import cli, segment
 

@@ -280,6 +280,7 @@ def test_rows_without_embedding_are_skipped(data, tmp_path, caplog):
         train(make_cfg(data, out, embeddings=emb, epochs=2, resume=True, **FLAT), progress=False)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(data, tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "ddp_train.py"

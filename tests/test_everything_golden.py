@@ -81,6 +81,7 @@ def _reproduces_reference(path, model, mode: str):
 
 @requires_golden
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_reference_mode_reproduces_reference(path, golden_model):
     ours, ref, pairs = _reproduces_reference(path, golden_model, "reference")
     for j, i in pairs.items():
@@ -92,6 +93,7 @@ def test_reference_mode_reproduces_reference(path, golden_model):
 
 @requires_golden
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_fast_mode_agrees_with_reference(path, golden_model):
     case, image = _load(path)
     gen = MaskGenerator(
@@ -115,6 +117,7 @@ def test_device_mode_reproduces_reference(path, golden_model):
 
 
 @requires_golden
+@pytest.mark.slow
 def test_device_labels_equal_reference_labels(golden_model):
     """generate_labels in device mode paints on the device; same labels and info as the
     label image made from reference mode's masks."""

@@ -51,7 +51,15 @@ def _ids(items):
     return [f"{prefix}-{name}" for _, prefix, name in items]
 
 
-@pytest.fixture(scope="module", params=["torch", "onnx", "auto"])
+# the onnx and auto backends export the golden model first (~20 s): slow
+@pytest.fixture(
+    scope="module",
+    params=[
+        "torch",
+        pytest.param("onnx", marks=pytest.mark.slow),
+        pytest.param("auto", marks=pytest.mark.slow),
+    ],
+)
 def make_predictor(request, golden_model):
     """Predictors on the golden model with each backend (onnx: exported once, onnxruntime;
     auto with the exported folder: onnxruntime encoder + torch decoder)."""

@@ -56,6 +56,7 @@ def test_refused_setting_is_reported(fresh):
 
 
 @pytest.mark.skipif(heap._glibc() is None, reason="glibc only")
+@pytest.mark.slow
 def test_freed_blocks_are_reused_without_page_faults():
     # three 20 MiB blocks allocated, touched and freed three times: glibc's adaptive
     # trim threshold (twice the largest block freed) releases the top of the heap each

@@ -77,6 +77,7 @@ def test_original_predictor_reproduces_golden(golden_original, case):
 
 @requires_golden
 @requires_original
+@pytest.mark.slow
 def test_original_generator_equals_reference_mode(golden_original):
     from napari_mobilesam.build import load_model
     from napari_mobilesam.everything import MaskGenerator
@@ -145,6 +146,7 @@ def test_mobile_sam_alone_needs_weights(monkeypatch, tmp_path):
 
 @requires_golden
 @requires_original
+@pytest.mark.slow
 def test_benchmarks_time_the_original(isolated):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)

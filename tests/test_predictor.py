@@ -295,6 +295,7 @@ def test_fp16_on_a_cpu_warns(tiny_model):
     assert pred.precision == "fp16"
 
 
+@pytest.mark.slow
 def test_embed_images_batched_equals_one_by_one(golden_model, rng):
     """Batches of 2 through the encoder give each image's own embedding and sizes."""
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

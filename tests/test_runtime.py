@@ -618,6 +618,7 @@ def test_get_onnx_backend_cache_keys(tiny_model, tiny_state_dict, tmp_path, monk
 
 
 @requires_golden
+@pytest.mark.slow
 def test_golden_export_uses_one_gelu_operator(golden_onnx_dir):
     """At the default opset every GELU is one ``Gelu`` node (3x faster in onnxruntime than
     the ``Div, Erf, Add, Mul, Mul`` chain of opset < 20), in the encoder and the decoder."""
