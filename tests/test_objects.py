@@ -7,6 +7,7 @@ import pytest
 from skimage.draw import disk
 
 from napari_mobilesam.interactive.objects import (
+    apply_scores,
     concat_tables,
     delete_objects,
     edit_indices,
@@ -17,6 +18,7 @@ from napari_mobilesam.interactive.objects import (
     plane_table,
     record_scores,
     scores_from,
+    table_csv,
 )
 
 
@@ -175,3 +177,15 @@ def test_edit_indices_rejects(rows, merge, match):
         labels = np.zeros((4, 4), np.uint32)  # a 2D image has no plane (0,)
     with pytest.raises(ValueError, match=match):
         edit_indices(labels, rows, merge=merge)
+
+
+def test_apply_scores_and_csv():
+    stack = np.zeros((2, 40, 50), np.uint32)
+    stack[1] = _plane()
+    t = apply_scores(object_table(stack), {((1,), 4): (0.5, 0.25), ((0,), 2): (0.9, 0.9)})
+    assert np.isnan(t["predicted_iou"][0]) and t["predicted_iou"][1] == 0.5
+    lines = table_csv(t, order=[1, 0]).splitlines()
+    assert lines[0].split(",")[:3] == ["id", "plane_0", "area"]
+    assert lines[1].split(",")[:3] == ["4", "1", "50"] and "0.5,0.25" in lines[1]
+    assert ",,," not in lines[1] and lines[2].endswith(",,")  # NaN scores: empty cells
+    assert len(table_csv(empty_table()).splitlines()) == 1

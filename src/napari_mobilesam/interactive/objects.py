@@ -28,6 +28,8 @@ Scores are kept in napari's layer ``features`` with the same column names plus n
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -35,6 +37,7 @@ from skimage.measure import regionprops_table
 
 __all__ = [
     "SCORE_COLUMNS",
+    "apply_scores",
     "concat_tables",
     "delete_objects",
     "edit_indices",
@@ -45,6 +48,7 @@ __all__ = [
     "plane_table",
     "record_scores",
     "scores_from",
+    "table_csv",
 ]
 
 SCORE_COLUMNS = ("predicted_iou", "stability_score")
@@ -315,6 +319,63 @@ def _score_columns(scores: Scores, n_plane_axes: int) -> dict[str, np.ndarray]:
     out["predicted_iou"] = np.array([scores[k][0] for k in keys], dtype=np.float64)
     out["stability_score"] = np.array([scores[k][1] for k in keys], dtype=np.float64)
     return out
+
+
+def apply_scores(table: Mapping[str, np.ndarray], scores: Scores) -> dict[str, np.ndarray]:
+    """A copy of ``table`` with its score columns taken from ``scores``.
+
+    Parameters
+    ----------
+    table : mapping of str to np.ndarray
+        From :func:`object_table`.
+    scores : mapping
+        ``{(plane, id): (predicted_iou, stability_score)}``; rows not in it get NaN.
+
+    Returns
+    -------
+    dict of str to np.ndarray
+    """
+    out = {name: np.asarray(col) for name, col in table.items()}
+    n_plane_axes = sum(1 for name in out if name.startswith("plane_"))
+    planes = [out[f"plane_{i}"] for i in range(n_plane_axes)]
+    pairs = [
+        scores.get((tuple(int(p[k]) for p in planes), int(label)), (np.nan, np.nan))
+        for k, label in enumerate(out["id"])
+    ]
+    n = len(pairs)
+    out["predicted_iou"] = np.array([p[0] for p in pairs], dtype=np.float64).reshape(n)
+    out["stability_score"] = np.array([p[1] for p in pairs], dtype=np.float64).reshape(n)
+    return out
+
+
+def table_csv(table: Mapping[str, np.ndarray], order=None) -> str:
+    """The table as CSV text: a header of the column names, one line per row, NaN as an
+    empty cell.
+
+    Parameters
+    ----------
+    table : mapping of str to np.ndarray
+    order : (M,) array_like of int, optional
+        The rows to write, in this order; default all in table order.
+
+    Returns
+    -------
+    str
+    """
+    names = list(table)
+    n = len(table[names[0]]) if names else 0
+    rows = range(n) if order is None else np.asarray(order, dtype=np.intp)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(names)
+    cols = [np.asarray(table[name]) for name in names]
+    for k in rows:
+        writer.writerow(["" if _isnan(c[k]) else c[k].item() for c in cols])
+    return buf.getvalue()
+
+
+def _isnan(value) -> bool:
+    return isinstance(value, np.floating) and bool(np.isnan(value))
 
 
 def features_from(table: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
