@@ -4,7 +4,7 @@
 
     mobilesam-everything INPUT... -o OUTDIR [--model vit_t | --weights PATH]
         [--device auto] [--points-per-side 32 ...] [--channels 0,1] [--axes TZYX]
-        [--coco] [--csv] [--zarr] [--scheduler local --workers 2]
+        [--coco] [--csv] [--zarr] [--link z|t|zt] [--scheduler local --workers 2]
 
 The MaskGenerator parameters are flags (``--points-per-side``, ``--nms``, ...,
 declared in :mod:`.flags`); flags left out keep the library defaults. Exit status: 0
@@ -40,6 +40,11 @@ outputs, per input <stem>:
   <stem>_coco.json    with --coco: COCO annotations, RLE per object
   <stem>_objects.csv  with --csv: one row per object
   <stem>_labels.zarr  with --zarr: OME-Zarr label image, chunked per plane
+  <stem>_tracks.csv   with --link t or zt: one row per track per time point
+                      (track_id, t, [z,] y, x, ..., parent_track_id)
+
+--link z|t|zt links the planes of a stack: one id per 3D object through Z, one
+track id per cell through T (divisions recorded), or 3D objects tracked through T.
 
 A rerun skips inputs whose outputs are up to date and finishes the rest. Outputs
 another input wrote (same file name from another folder) are never replaced
@@ -141,6 +146,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         action="store_true",
         help="also write <stem>_labels.zarr (OME-Zarr, for very large stacks)",
     )
+
+    link = parser.add_argument_group("linking (stacks)")
+    link.add_argument("--link", choices=["z", "t", "zt"],
+                      help="link the planes' objects: z: one id per 3D object through Z; t: one "
+                      "track id per cell through T, divisions recorded, <stem>_tracks.csv; zt: "
+                      "3D objects tracked through T (TZYX) [off: ids per plane]")  # fmt: skip
+    link.add_argument("--link-iou", type=float, metavar="X",
+                      help="objects of neighbouring planes are one object when their IoU is at "
+                      "least this [0.5]")  # fmt: skip
+    link.add_argument("--link-gap", type=int, metavar="N",
+                      help="planes an object may be missed in and keep its id [1]")  # fmt: skip
 
     run = parser.add_argument_group("run")
     run.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
@@ -308,6 +324,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UsageError("--workers needs --scheduler local")
         if args.scheduler in (None, "local") and "--worker-timeout" in given:
             raise UsageError("--worker-timeout needs --scheduler ADDRESS")
+        link = _link(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -326,7 +343,7 @@ def _main(argv: Sequence[str] | None) -> int:
             _import_modules(cluster=args.scheduler is not None)
         from .runner import run
 
-        config = _config(args, options, axes, quiet, command)
+        config = _config(args, options, axes, quiet, command, link)
         if not config.dry_run and config.scheduler is None:  # what was chosen automatically
             from .segment import get_segmenter
 
@@ -352,7 +369,23 @@ def _main(argv: Sequence[str] | None) -> int:
     return summary.exit_code
 
 
-def _config(args, options, axes, quiet, command):
+def _link(args: argparse.Namespace):
+    """The ``--link`` options, or None; UsageError for bad values or strays."""
+    from .link import LinkOptions
+
+    if args.link is None:
+        for flag, value in (("--link-iou", args.link_iou), ("--link-gap", args.link_gap)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --link z|t|zt")
+        return None
+    given = {"min_iou": args.link_iou, "max_gap": args.link_gap}
+    try:
+        return LinkOptions(args.link, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _config(args, options, axes, quiet, command, link=None):
     from .runner import RunConfig
     from .segment import ModelSpec, get_segmenter
 
@@ -389,7 +422,7 @@ def _config(args, options, axes, quiet, command):
         options=options, coco=args.coco, csv=args.csv, zarr=args.zarr, axes=axes,
         recursive=args.recursive, overwrite=args.overwrite, dry_run=args.dry_run,
         on_clash=args.on_clash, scheduler=args.scheduler, workers=args.workers,
-        worker_timeout=args.worker_timeout, command=command,
+        worker_timeout=args.worker_timeout, command=command, link=link,
     )  # fmt: skip
 
 

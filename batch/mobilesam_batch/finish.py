@@ -21,8 +21,10 @@ import numpy as np
 
 from . import __version__
 from .folder import OutputError, describe, is_fatal
-from .jobs import Job, commit_note
+from .jobs import Job, commit_note, link_parameters
+from .link import Linked, link_layout, link_planes, write_tracks_csv
 from .outputs import (
+    OBJECT_COLUMNS,
     atomic_path,
     coco_annotations,
     labels_dtype,
@@ -78,9 +80,13 @@ def finish(
     summary.done.append(job.path)
     n = len(job.indices)
     seconds = sum(s for _, s in job.done.values())
+    linked = ""
+    if "linked" in record:
+        what = "3D objects" if config.link.axis == "z" else "tracks"
+        linked = f" linked into {record['linked']['objects']} {what}"
     log(
-        f"done   {job.path} ({n} plane{'s' if n != 1 else ''}, {record['objects']} objects, "
-        f"{seconds:.1f} s) -> {job.outputs['labels'].name}"
+        f"done   {job.path} ({n} plane{'s' if n != 1 else ''}, {record['objects']} objects"
+        f"{linked}, {seconds:.1f} s) -> {job.outputs['labels'].name}"
     )
 
 
@@ -119,13 +125,20 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
     src = job.source
     out_shape = tuple(src["out_shape"])
     out_axes = src["out_axes"]
-    max_id = max((n for n, _ in job.done.values()), default=0)
+    linked = layout = None
+    if config.link is not None:  # one pass over the saved planes, in linking order
+        layout = link_layout(src["plane_axes"], out_shape[:-2], config.link)
+        linked = link_planes(layout, config.link, lambda index: load_plane(job, index))
+        max_id = linked.n_objects
+    else:
+        max_id = max((n for n, _ in job.done.values()), default=0)
     dtype = labels_dtype(max_id)
     staged = {kind: stage / path.name for kind, path in job.outputs.items()}
 
     def planes() -> Iterator[np.ndarray]:
         for index in job.indices:
-            yield load_plane(job, index)["labels"]
+            labels = load_plane(job, index)["labels"]
+            yield labels if linked is None else linked.relabel(index, labels)
 
     info = {"tool": "mobilesam-everything", "version": __version__,
             "source": job.identity["path"]}  # fmt: skip
@@ -136,10 +149,17 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
         write_labels_zarr(
             staged["zarr"], planes(), out_shape, out_axes, dtype, tmp_dir=stage, attrs=info
         )
+    id_name = None if config.link is None else config.link.id_name
     if config.csv:
-        write_objects_csv(staged["csv"], _object_rows(job), tmp_dir=stage)
+        columns = list(OBJECT_COLUMNS)
+        if id_name is not None:
+            columns.insert(columns.index("label") + 1, id_name)
+        write_objects_csv(staged["csv"], _object_rows(job, linked, id_name), tmp_dir=stage,
+                          columns=columns)  # fmt: skip
     if config.coco:
-        _write_coco(job, staged["coco"], stage)
+        _write_coco(job, staged["coco"], stage, linked, id_name)
+    if "tracks" in staged:
+        write_tracks_csv(staged["tracks"], linked, layout, tmp_dir=stage)
 
     planes_record = [
         {
@@ -167,20 +187,30 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
             # in earlier, interrupted ones; "auto" choices as they were resolved there
             "ran_on": [dict(zip(RAN_ON, r, strict=True)) for r in sorted(job.ran_on, key=str)],
         },
-        "parameters": {**config.options.resolved(), "axes": config.axes},
+        "parameters": link_parameters(config, {**config.options.resolved(), "axes": config.axes}),
         "outputs": {
             **{k: p.name for k, p in job.outputs.items() if k != "provenance"},
             "dtype": np.dtype(dtype).name,
             "shape": list(out_shape),
             "axes": out_axes,
-            "label_ids": "per plane: 1..N in each plane, by decreasing predicted IoU",
+            "label_ids": _label_ids(config),
         },
         "objects": int(sum(n for n, _ in job.done.values())),
         "planes": planes_record,
         "environment": environment(),
     }
+    if linked is not None:
+        record["linked"] = {"objects": linked.n_objects, "divisions": linked.n_divisions}
     write_json_atomic(staged["provenance"], record, tmp_dir=stage)
     return record
+
+
+def _label_ids(config: RunConfig) -> str:
+    if config.link is None:
+        return "per plane: 1..N in each plane, by decreasing predicted IoU"
+    along = {"z": "one id per 3D object through Z", "t": "one track id per cell through T",
+             "zt": "one track id per 3D object through Z and T"}[config.link.axis]  # fmt: skip
+    return f"linked: {along}, 1..N in order of first appearance (linking order)"
 
 
 def _scores(plane: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
@@ -192,10 +222,14 @@ def _scores(plane: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
     }
 
 
-def _object_rows(job: Job) -> Iterator[dict[str, Any]]:
+def _object_rows(job: Job, linked: Linked | None, id_name: str | None) -> Iterator[dict]:
+    """The CSV rows, plane by plane; with ``linked``, each row's linked id in ``id_name``."""
     for index in job.indices:
         plane = load_plane(job, index)
+        lut = None if linked is None else linked.luts[index]
         for row in object_table(plane["labels"], _scores(plane)):
+            if lut is not None:
+                row = {"label": row["label"], id_name: int(lut[row["label"]]), **row}
             yield {"plane": _flat_plane(job, index), **row}
 
 
@@ -205,7 +239,9 @@ def _flat_plane(job: Job, index: tuple[int, ...]) -> int:
     return int(np.ravel_multi_index(index, shape)) if index else 0
 
 
-def _write_coco(job: Job, dest: Path, stage: Path) -> None:
+def _write_coco(
+    job: Job, dest: Path, stage: Path, linked: Linked | None, id_name: str | None
+) -> None:
     """COCO JSON, one image per plane and one annotation per label, streamed plane by plane."""
     height, width = job.source["out_shape"][-2:]
     images = [
@@ -218,6 +254,10 @@ def _write_coco(job: Job, dest: Path, stage: Path) -> None:
         for image_id, index in enumerate(job.indices, start=1):
             plane = load_plane(job, index)
             anns = coco_annotations(plane["labels"], image_id, next_id, _scores(plane))
+            if linked is not None:
+                lut = linked.luts[index]
+                for ann in anns:
+                    ann[id_name] = int(lut[ann["label"]])
             next_id += len(anns)
             yield from anns
 

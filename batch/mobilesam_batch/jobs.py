@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .discover import discover_inputs, split_output_folder
 from .folder import WORK_DIR
 from .inputs import ImageSource, InputError, open_source
+from .link import link_layout
 from .outputs import ngff_attrs
 from .planes import scan_cache
 from .provenance import input_identity, read_provenance, run_key
@@ -96,6 +97,7 @@ def output_paths(outdir: Path, stem: str, kinds: list[str]) -> dict[str, Path]:
         "zarr": f"{stem}_labels.zarr",
         "coco": f"{stem}_coco.json",
         "csv": f"{stem}_objects.csv",
+        "tracks": f"{stem}_tracks.csv",
         "provenance": f"{stem}_labels.json",
     }
     return {k: outdir / names[k] for k in [*kinds, "provenance"]}
@@ -232,6 +234,10 @@ def plan(
     if config.model.precision != "fp32":  # (absent for fp32: keys of earlier runs still match)
         model["precision"] = config.model.precision
     parameters = {**config.options.resolved(), "axes": config.axes}
+    # the saved planes depend on the segmentation only: a changed linking parameter
+    # re-links the planes an interrupted run saved, without segmenting them again
+    plane_kinds = [k for k in kinds if k != "tracks"]
+    keyed = link_parameters(config, parameters)
     jobs: list[Job] = []
     claimed: dict[str, Path] = {}
     for path in paths:
@@ -243,8 +249,11 @@ def plan(
                 indices = [tuple(int(i) for i in ix) for ix in src.plane_indices()]
                 if config.zarr:
                     ngff_attrs(src.out_axes)  # OME-Zarr takes 2 to 5 axes: fail now, not later
+                if config.link is not None:  # a 2D image, or no such axis: fail now
+                    link_layout(src.plane_axes, src.plane_shape, config.link)
             identity = input_identity(path)
-            key = run_key(identity, source, model, parameters, kinds)
+            key = run_key(identity, source, model, keyed, kinds)
+            planes_key = run_key(identity, source, model, parameters, plane_kinds)
             stem = _choose_stem(path, identity, key, kinds, claimed, config, log)
         except (InputError, ValueError, OSError) as exc:
             fail(path, exc.reason if isinstance(exc, InputError) else str(exc))
@@ -253,7 +262,7 @@ def plan(
         outputs = output_paths(config.outdir, stem, kinds)
         job = Job(
             path=path, stem=stem, source=source, identity=identity, key=key, outputs=outputs,
-            cache=config.outdir / WORK_DIR / f"{stem}-{key[:16]}", indices=indices,
+            cache=config.outdir / WORK_DIR / f"{stem}-{planes_key[:16]}", indices=indices,
         )  # fmt: skip
         if not config.overwrite and _up_to_date(outputs, config.outdir, stem, identity, key):
             if not config.dry_run:
@@ -270,6 +279,14 @@ def plan(
             scan_cache(job, None if config.dry_run else same_as)
         jobs.append(job)
     return jobs
+
+
+def link_parameters(config: RunConfig, parameters: dict) -> dict:
+    """``parameters`` with the linking parameters under ``"link"`` when linking (else
+    unchanged, so the keys of runs without ``--link`` stay as they were)."""
+    if config.link is None:
+        return parameters
+    return {**parameters, "link": config.link.record()}
 
 
 def _up_to_date(outputs: dict[str, Path], outdir: Path, stem: str, identity: dict, key: str):

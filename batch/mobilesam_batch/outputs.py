@@ -288,9 +288,12 @@ def object_table(
 
 
 def write_objects_csv(
-    dest: Path, rows: Iterable[Mapping[str, Any]], tmp_dir: Path | None = None
+    dest: Path,
+    rows: Iterable[Mapping[str, Any]],
+    tmp_dir: Path | None = None,
+    columns: list[str] | None = None,
 ) -> None:
-    """Write object rows as CSV with header :data:`OBJECT_COLUMNS`, atomically.
+    """Write object rows as CSV with header ``columns`` (:data:`OBJECT_COLUMNS`), atomically.
 
     Parameters
     ----------
@@ -302,14 +305,18 @@ def write_objects_csv(
         cells; floats are written by the csv module (shortest round-trip repr).
     tmp_dir : path, optional
         Folder for the temporary file (see :func:`atomic_path`).
+    columns : list of str, optional
+        The header, in order (default :data:`OBJECT_COLUMNS`; ``--link`` adds the
+        linked id after ``label``).
 
     Raises
     ------
     ValueError
-        If a row has a key that is not in :data:`OBJECT_COLUMNS`.
+        If a row has a key that is not in ``columns``.
     """
+    fields = list(OBJECT_COLUMNS if columns is None else columns)
     with atomic_path(dest, tmp_dir) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=OBJECT_COLUMNS, restval="", lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow(row)

@@ -35,6 +35,7 @@ from .finish import finish
 from .folder import WORK_DIR, OutputError, OutputFolder, check_writable
 from .inputs import InputError
 from .jobs import CLASH_CHOICES, Job, output_paths, output_stem, plan
+from .link import LinkOptions
 from .planes import RAN_ON, Writer, save_plane
 from .segment import ModelSpec, SegmentOptions, get_segmenter
 
@@ -42,6 +43,7 @@ __all__ = [
     "CLASH_CHOICES",
     "RAN_ON",
     "WORK_DIR",
+    "LinkOptions",
     "RunConfig",
     "Summary",
     "output_paths",
@@ -82,6 +84,8 @@ class RunConfig:
         Seconds to wait for a dask worker before giving up.
     command : list of str, optional
         The command line, recorded in the provenance.
+    link : LinkOptions or None
+        ``--link``: link each stack's planes into 3D objects or tracks (:mod:`.link`).
     """
 
     inputs: list[str]
@@ -101,10 +105,13 @@ class RunConfig:
     workers: int = 1
     worker_timeout: float = 60.0
     command: list[str] | None = None
+    link: LinkOptions | None = None
 
     def output_kinds(self) -> list[str]:
         kinds = ["labels"]
         kinds += [k for k in ("coco", "csv", "zarr") if getattr(self, k)]
+        if self.link is not None and self.link.writes_tracks:
+            kinds.append("tracks")
         return kinds
 
 

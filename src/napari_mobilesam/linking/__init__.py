@@ -50,7 +50,21 @@ import numpy as np
 from .linker import AXES, Linker, check_labels, id_mapping
 from .table import LinkTable
 
-__all__ = ["AXES", "LinkTable", "Linker", "check_labels", "id_mapping", "link_stack"]
+__all__ = [
+    "AXES",
+    "RULE_VERSION",
+    "LinkTable",
+    "Linker",
+    "check_labels",
+    "id_mapping",
+    "link_stack",
+]
+
+#: Version of the linking rules (matching, containment, divisions, gap closing, id
+#: order). Raised whenever a change to this package can change which ids it gives;
+#: ``mobilesam-everything --link`` records it and keys its outputs on it, so outputs
+#: linked under older rules are redone.
+RULE_VERSION = 1
 
 
 def link_stack(
