@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..interactive import EmbeddingCache, Prediction, PromptSession
+from . import _features
 from ._common import (
     LayerCombo,
     ModelPicker,
@@ -387,6 +388,8 @@ class PromptWidget(StackActions, QWidget):
                 )
             show_info(f"MobileSAM: {exc}")
             return None
+        scores = _features.prediction_scores(state.prediction)  # for the object table
+        _features.record(state.labels, state.plane, [new_id], [scores[0]], [scores[1]])
         state.labels.refresh()
         self.clear()
         self.negative_box.setChecked(False)  # each object starts with positive points

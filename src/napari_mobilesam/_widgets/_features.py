@@ -1,0 +1,57 @@
+"""The model's scores of committed objects, kept in a Labels layer's ``features``.
+
+The prompt widget records a mask's predicted IoU and stability when it commits it, the
+everything widget records every object's when it segments a plane and carries them over
+when it commits objects to the labels; the object table (:mod:`._objects`) shows them.
+Rows are keyed by plane and id (see :mod:`napari_mobilesam.interactive.objects`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..everything.stability import calculate_stability_score
+from ..interactive import Prediction
+from ..interactive.objects import record_scores, scores_from
+
+
+def prediction_scores(prediction: Prediction, offset: float = 1.0) -> tuple[float, float]:
+    """(predicted IoU, stability score) of the chosen mask of a prediction.
+
+    The stability is computed on the mask's low-resolution logits (threshold 0, the
+    masks' threshold, +- ``offset``), as segment-everything's fast mode does.
+    """
+    logits = torch.from_numpy(np.ascontiguousarray(prediction.low_res[prediction.choice][None]))
+    stability = float(calculate_stability_score(logits.float(), 0.0, offset)[0])
+    return prediction.score, stability
+
+
+def record(layer, plane, ids, predicted_iou, stability_score, *, replace_plane=False) -> None:
+    """Add the scores of objects on ``plane`` (a tuple of leading indices) to a Labels
+    layer's features (see :func:`~napari_mobilesam.interactive.objects.record_scores`)."""
+    layer.features = record_scores(
+        layer.features, ids, predicted_iou, stability_score,
+        plane=plane, replace_plane=replace_plane,
+    )  # fmt: skip
+
+
+def carry(source, target, plane, start: int) -> None:
+    """Copy the scores of ``source``'s objects on ``plane`` to the objects they became in
+    ``target`` after :func:`~napari_mobilesam.interactive.add_objects` gave them the ids
+    ``start, start + 1, ...`` (the new objects are ``target``'s pixels >= ``start``)."""
+    n = target.ndim - 2
+    scores = scores_from(source.features, n)
+    new = np.asarray(target.data[plane])
+    where = new >= start
+    if not scores or not where.any():
+        return
+    pairs = np.unique(np.stack([new[where], np.asarray(source.data[plane])[where]]), axis=1)
+    ids, iou, stab = [], [], []
+    for new_id, old_id in pairs.T.tolist():
+        if (plane, old_id) in scores:
+            ids.append(new_id)
+            iou.append(scores[(plane, old_id)][0])
+            stab.append(scores[(plane, old_id)][1])
+    if ids:
+        record(target, plane, ids, iou, stab)
