@@ -174,10 +174,11 @@ def test_delete_and_merge_touch_only_the_selected_objects_and_undo(
     from napari_mobilesam._widgets import _features
 
     viewer = make_napari_viewer()
-    image, labels = _cells()
+    _, labels = _cells()
     layer = viewer.add_labels(labels.copy(), name="objects")
     w = _dock(viewer, qtbot, layer)
-    assert w.image_label.text() == "(no image of its shape)" and "mean_intensity" not in w.model.names
+    assert w.image_label.text() == "(no image of its shape)"
+    assert "mean_intensity" not in w.model.names
     _select(w, [1])
     assert w.delete_selected() == int((labels == 2).sum())
     assert not (layer.data == 2).any()
