@@ -374,3 +374,35 @@ def test_local_cluster_links_as_a_local_run(tmp_path):
                         ("m_objects.csv", ("plane", "label", "track_id", "area"))):  # fmt: skip
         ra, rb = _rows(tmp_path / "local" / name), _rows(tmp_path / "dask" / name)
         assert [[r[c] for c in exact] for r in ra] == [[r[c] for c in exact] for r in rb]
+
+
+# --------------------------------------------------------------- the 3D AP50 benchmark
+
+
+def test_bench_linked_3d_scores_perfect_segmentation_1(tiny_model, tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_quality
+
+    shape, seed = (10, 96, 96), 10_000
+    samples = [synthetic.cells_3d(shape, seed=seed + k) for k in range(2)]
+    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
+    segment._SEGMENTERS.clear()
+    image = np.concatenate([s.image for s in samples])
+    truth = np.concatenate([s.labels for s in samples])
+    Perfect(image, truth).patch(monkeypatch)
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"stand-in")
+    res = bench_quality.linked_3d(str(weights), 2, seed, shape, grid=4, folder=tmp_path / "w",
+                                  extra=("--device", "cpu"))  # fmt: skip
+    segment._SEGMENTERS.clear()
+    assert res["truth"] == res["objects"] == sum(int(s.labels.max()) for s in samples)
+    assert res["ap50"] == res["f1"] == 1.0
+    assert res["planes"] == 20
+    # a cell the segmenter misses in every plane: recall and AP50 drop, precision stays
+    broken = truth.copy()
+    broken[: shape[0]][broken[: shape[0]] == 1] = 0
+    Perfect(image, broken).patch(monkeypatch)
+    res = bench_quality.linked_3d(str(weights), 2, seed, shape, grid=4, folder=tmp_path / "x",
+                                  extra=("--device", "cpu"))  # fmt: skip
+    segment._SEGMENTERS.clear()
+    assert res["precision"] == 1.0 and res["recall"] < 1.0 and res["ap50"] < 1.0
