@@ -86,8 +86,9 @@ def test_table_of_a_labels_layer_with_intensities_and_features(make_napari_viewe
     assert _column(w, "mean_intensity") == [1000.0, 3000.0, 2000.0]
     assert _column(w, "area") == [int((labels == i).sum()) for i in (1, 2, 3)]
     assert np.isnan(_column(w, "predicted_iou")).all()
-    headers = [w.model.headerData(c, Qt.Orientation.Horizontal) for c in range(3)]
-    assert headers == ["id", "area", "bbox min row"]
+    headers = [w.model.headerData(c, Qt.Orientation.Horizontal) for c in range(5)]
+    assert headers == ["id", "predicted iou", "stability score", "area", "mean intensity"]
+    assert w.model.names[-4:] == ["bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col"]
     assert w.model.data(w.model.index(0, 0)) == "1" and w.model.rowCount(w.model.index(0, 0)) == 0
     # napari's features (tooltips, features table): one row per object, napari's index
     assert list(layer.features["index"]) == [1, 2, 3]

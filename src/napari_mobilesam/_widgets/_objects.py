@@ -61,8 +61,9 @@ class ObjectModel(QAbstractTableModel):
         self.iou_below: float | None = None
 
     def set_table(self, table: dict[str, np.ndarray]) -> None:
+        """Show a table; its columns in review order (id, plane, scores, area, ...)."""
         self.beginResetModel()
-        self.table, self.names = table, list(table)
+        self.table, self.names = table, sorted(table, key=_review_rank)
         self._arrange()
         self.endResetModel()
 
@@ -168,6 +169,7 @@ class ObjectsWidget(QWidget):
         self.view.setModel(self.model)
         self.view.setSortingEnabled(True)
         self.view.sortByColumn(0, Qt.SortOrder.AscendingOrder)
+        self.view.horizontalHeader().setDefaultSectionSize(72)
         self.view.horizontalHeader().setSortIndicatorShown(True)
         self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
@@ -273,6 +275,8 @@ class ObjectsWidget(QWidget):
         table = apply_scores(table, scores_from(layer.features, layer.ndim - 2))
         selected = self._selected_keys()
         self.model.set_table(table)
+        if len(table["id"]) <= 5000:  # Qt measures (up to) 1000 rows per column
+            self.view.resizeColumnsToContents()
         self._select(selected)
         n = len(table["id"])
         self.status.setText(f"{n} object{'s' if n != 1 else ''} in {layer.name}")
@@ -369,6 +373,11 @@ class ObjectsWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Export objects", f"{name}.csv", "*.csv")
         if path:
             self.export_csv(path)
+
+
+def _review_rank(name: str) -> int:
+    prefixes = ("id", "plane_", "predicted_iou", "stability", "area", "mean_", "max_", "centroid")
+    return next((i for i, p in enumerate(prefixes) if name.startswith(p)), len(prefixes))
 
 
 def _fingerprint(data) -> bytes | None:
