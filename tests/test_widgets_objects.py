@@ -285,3 +285,37 @@ def test_prompt_commits_record_their_scores(make_napari_viewer, qtbot, tiny_pred
     assert _column(w, "id") == [1]
     assert _column(w, "predicted_iou") == [pytest.approx(score)]
     assert 0.0 <= _column(w, "stability_score")[0] <= 1.0
+
+
+def test_everything_records_scores_and_commit_carries_them(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    from napari_mobilesam._widgets import EverythingWidget
+
+    viewer = make_napari_viewer()
+    image, _ = _cells()
+    viewer.add_image(np.stack([image, image]), name="cells")
+    viewer.dims.set_point(0, 1)
+    e = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(e)
+    e.points_per_side.setValue(4)
+    e.pred_iou_thresh.setValue(0.0)
+    e.stability_score_thresh.setValue(0.0)
+    e.run()
+    qtbot.waitUntil(lambda: not e.runner.busy, timeout=WAIT)
+    found = viewer.layers["cells everything"]
+    n = int(found.data[1].max())
+    assert n > 0 and found.data[0].max() == 0
+    feats = found.features
+    assert list(feats["index"]) == list(range(1, n + 1)) and set(feats["plane_0"]) == {1}
+    assert np.isfinite(feats["predicted_iou"]).all() and np.isfinite(feats["stability_score"]).all()
+
+    ids = e.commit_to_labels()
+    labels = viewer.layers["cells_labels"]
+    w = _dock(viewer, qtbot, labels)
+    assert _column(w, "id") == ids and set(_column(w, "plane_0")) == {1}
+    # each committed object has the scores of the everything object it came from
+    by_id = dict(zip(feats["index"], feats["predicted_iou"], strict=True))
+    for label, iou in zip(_column(w, "id"), _column(w, "predicted_iou"), strict=True):
+        source = np.unique(found.data[1][labels.data[1] == label])
+        assert len(source) == 1 and iou == by_id[int(source[0])]

@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
 from ..everything import MaskGenerator
 from ..interactive import add_objects, predictor_lock
 from ..normalize import to_rgb_uint8
+from . import _features
 from ._common import LayerCombo, ModelPicker, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
 
@@ -148,6 +149,7 @@ class EverythingWidget(QWidget):
         model = self.model
 
         ran_on: list[str] = []  # what ran, as chosen (shown when done)
+        infos: dict = {}  # each plane's scores, for the object table
 
         def work():
             gen = MaskGenerator(model.predictor(), **params)
@@ -162,7 +164,7 @@ class EverythingWidget(QWidget):
                 # the predictor is shared with the prompt widget: hold its image for
                 # the plane (a prompt gets its turn between planes)
                 with predictor_lock(gen.predictor):
-                    results[index] = gen.generate_labels(rgb_plane)
+                    results[index], infos[index] = gen.generate_labels(rgb_plane, return_info=True)
                 yield i + 1, len(planes)
             return results
 
@@ -180,6 +182,7 @@ class EverythingWidget(QWidget):
                 )
             for index, labels in results.items():
                 result.data[index] = labels
+                _features.record_plane(result, index, infos[index])
             result.refresh()
             self.result_layer = result
             counts = [int(labels.max()) for labels in results.values()]
@@ -228,6 +231,7 @@ class EverythingWidget(QWidget):
         for index in planes:
             start = int(data.max()) + 1  # ids unique over the whole layer
             ids += add_objects(data[index], np.asarray(result.data[index]), start=start)
+            _features.carry(result, target, index, start)  # the objects' scores
         target.refresh()
         self.status.setText(f"{len(ids)} object(s) added to {target.name}")
         return ids

@@ -55,3 +55,12 @@ def carry(source, target, plane, start: int) -> None:
             stab.append(scores[(plane, old_id)][1])
     if ids:
         record(target, plane, ids, iou, stab)
+
+
+def record_plane(layer, plane, info: dict) -> None:
+    """Replace the scores of a plane of a segment-everything result layer with those of
+    :meth:`~napari_mobilesam.everything.MaskGenerator.generate_labels`'s ``info`` (row
+    ``k`` is label ``k + 1``)."""
+    iou = np.asarray(info["predicted_iou"])
+    ids = np.arange(1, len(iou) + 1)
+    record(layer, plane, ids, iou, info["stability_score"], replace_plane=True)
