@@ -406,3 +406,11 @@ def test_bench_linked_3d_scores_perfect_segmentation_1(tiny_model, tmp_path, mon
                                   extra=("--device", "cpu"))  # fmt: skip
     segment._SEGMENTERS.clear()
     assert res["precision"] == 1.0 and res["recall"] < 1.0 and res["ap50"] < 1.0
+
+
+def test_bench_linked_3d_fails_when_the_command_fails(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_quality
+
+    with pytest.raises(RuntimeError, match="exited with status 2"):
+        bench_quality.linked_3d(str(tmp_path / "missing.pt"), 1, shape=(2, 32, 32), grid=4)
