@@ -7,6 +7,9 @@ note naming the input first, then each file by rename, the provenance record las
 then the note goes. A full disk therefore stops a run *before* anything of the set is
 visible; a run killed among the renames leaves a note, by which the next run knows
 the set as this input's and completes it.
+
+With ``--link``, the saved planes are first linked, one at a time (:mod:`.link`), and
+every output is written from them relabelled with the linked ids.
 """
 
 from __future__ import annotations
