@@ -170,6 +170,7 @@ class ObjectsWidget(QWidget):
         self.view.setSortingEnabled(True)
         self.view.sortByColumn(0, Qt.SortOrder.AscendingOrder)
         self.view.horizontalHeader().setDefaultSectionSize(72)
+        self.view.horizontalHeader().setResizeContentsPrecision(200)  # rows measured
         self.view.horizontalHeader().setSortIndicatorShown(True)
         self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
@@ -275,8 +276,7 @@ class ObjectsWidget(QWidget):
         table = apply_scores(table, scores_from(layer.features, layer.ndim - 2))
         selected = self._selected_keys()
         self.model.set_table(table)
-        if len(table["id"]) <= 5000:  # Qt measures (up to) 1000 rows per column
-            self.view.resizeColumnsToContents()
+        self.view.resizeColumnsToContents()
         self._select(selected)
         n = len(table["id"])
         self.status.setText(f"{n} object{'s' if n != 1 else ''} in {layer.name}")
@@ -306,8 +306,12 @@ class ObjectsWidget(QWidget):
 
     def _select(self, keys: set) -> None:
         self.view.clearSelection()
+        if not keys:
+            return
         flags = self.view.selectionModel().SelectionFlag
-        for r in range(self.model.rowCount()):
+        table, order = self.model.table, self.model.order
+        ids = set(int(label) for _, label in keys)
+        for r in np.flatnonzero(np.isin(table["id"][order], list(ids))).tolist():
             if self._key(self.model.row(r)) in keys:
                 index = self.model.index(r, 0)
                 self.view.selectionModel().select(index, flags.Select | flags.Rows)
@@ -325,7 +329,7 @@ class ObjectsWidget(QWidget):
             self.viewer.dims.set_point(offset + i, world[i])
         displayed = [axis - offset for axis in self.viewer.dims.displayed]
         if all(axis >= 0 for axis in displayed):
-            self.viewer.camera.center = tuple(world[displayed])
+            _camera(self.viewer).center = tuple(world[displayed])
         layer.selected_label = label
         self.status.setText(f"object {label}" + (f" on plane {plane}" if plane else ""))
 
@@ -373,6 +377,12 @@ class ObjectsWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Export objects", f"{name}.csv", "*.csv")
         if path:
             self.export_csv(path)
+
+
+def _camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, else ``viewer.camera``)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
 
 
 def _review_rank(name: str) -> int:
