@@ -383,8 +383,9 @@ def test_status_clears_when_idle_and_cancel_waits_for_the_work(
     assert e.runner.busy  # the plane being segmented still runs
     assert e.status.text().startswith("cancelling") and not e.cancel_button.isEnabled()
     _idle(qtbot, e)
-    assert e.status.text() == "cancelled" and e.run_button.isEnabled()
-    assert "cells everything" not in viewer.layers
+    assert e.status.text().startswith("cancelled; the ") and e.run_button.isEnabled()
+    kept = viewer.layers["cells everything"].data
+    assert 1 <= sum(kept[z].any() for z in range(30)) < 30  # the planes done stay
 
 
 # -- problem 7: a stack shorter than the slider's range -----------------------------------

@@ -200,12 +200,14 @@ def outside_message(viewer, layer) -> str:
 
 
 class Runner:
-    """Background jobs, one at a time, in submission order.
+    """Background jobs, one at a time: interactive jobs first, background jobs after.
 
     Model work never runs on the GUI thread: each job runs in a napari thread worker,
     its result is delivered on the GUI thread, and errors become napari
     notifications. A job submitted with a ``key`` replaces a queued job with the same
-    key (a newer prompt supersedes an older one that has not started).
+    key (a newer prompt supersedes an older one that has not started). A *background*
+    job (one plane of a precompute) waits behind every interactive job, so a click is
+    served after the plane that runs now, not after all queued planes.
 
     Parameters
     ----------
@@ -220,6 +222,7 @@ class Runner:
         self, on_busy: Callable[[bool, str], None] | None = None, status: QLabel | None = None
     ) -> None:
         self.worker = None
+        self.running = ""  # the message of the job that runs now
         self._queue: list[tuple] = []
         self.on_busy = on_busy
         self.status = status
@@ -227,6 +230,11 @@ class Runner:
     @property
     def busy(self) -> bool:
         return self.worker is not None or bool(self._queue)
+
+    @property
+    def queued_background(self) -> int:
+        """How many background jobs wait."""
+        return sum(1 for job in self._queue if job[6])
 
     def submit(
         self,
@@ -236,16 +244,22 @@ class Runner:
         yielded: Callable[[Any], None] | None = None,
         key: str | None = None,
         failed: Callable[[BaseException], None] | None = None,
+        background: bool = False,
     ) -> None:
         """Queue ``func`` (a function or generator function) to run in a worker.
 
         ``done(result)``, ``yielded(value)`` and ``failed(exception)`` run on the GUI
-        thread; ``message`` is shown in the status line while the job runs.
+        thread; ``message`` is shown in the status line while the job runs. An
+        interactive job (``background=False``) goes before every queued background job.
         """
-        job = (func, done, message, yielded, key, failed)
+        job = (func, done, message, yielded, key, failed, background)
         if key is not None:
             self._queue = [j for j in self._queue if j[4] != key]
-        self._queue.append(job)
+        if background:
+            self._queue.append(job)
+        else:
+            first = next((i for i, j in enumerate(self._queue) if j[6]), len(self._queue))
+            self._queue.insert(first, job)
         if self.worker is None:
             self._start_next()
 
@@ -253,14 +267,14 @@ class Runner:
         if self.status is not None and not alive(self.status):
             self._queue.clear()  # the widget was closed: nothing to show results in
         if not self._queue:
-            self.worker = None
+            self.worker, self.running = None, ""
             if self.on_busy and (self.status is None or alive(self.status)):
                 self.on_busy(False, "")
             return
-        func, done, message, yielded, _, failed = self._queue.pop(0)
+        func, done, message, yielded, _, failed, _ = self._queue.pop(0)
         # errors are shown as notifications (_notify), not re-raised in the event loop
         worker = create_worker(func, _start_thread=False, _ignore_errors=True)
-        self.worker = worker
+        self.worker, self.running = worker, message
         if done is not None:
             worker.returned.connect(done)
         if yielded is not None and hasattr(worker, "yielded"):
@@ -295,6 +309,12 @@ class Runner:
         self._queue.clear()
         if self.worker is not None:
             self.worker.quit()
+
+    def cancel_background(self) -> int:
+        """Drop the queued background jobs (the running job finishes); how many."""
+        n = self.queued_background
+        self._queue = [job for job in self._queue if not job[6]]
+        return n
 
 
 def alive(widget: QWidget) -> bool:

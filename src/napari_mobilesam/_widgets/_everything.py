@@ -41,6 +41,7 @@ class EverythingWidget(QWidget):
         self.viewer = napari_viewer
         self.result_layer = None
         self._cancelled = False
+        self._done_planes = 0
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -149,12 +150,12 @@ class EverythingWidget(QWidget):
         model = self.model
 
         ran_on: list[str] = []  # what ran, as chosen (shown when done)
+        counts: list[int] = []  # objects per plane done
         infos: dict = {}  # each plane's scores, for the object table
 
         def work():
             gen = MaskGenerator(model.predictor(), **params)
             ran_on.append(gen.predictor.describe())
-            results = {}
             for i, index in enumerate(planes):
                 plane = np.asarray(data[index])
                 rgb_plane = to_rgb_uint8(
@@ -164,12 +165,14 @@ class EverythingWidget(QWidget):
                 # the predictor is shared with the prompt widget: hold its image for
                 # the plane (a prompt gets its turn between planes)
                 with predictor_lock(gen.predictor):
-                    results[index], infos[index] = gen.generate_labels(rgb_plane, return_info=True)
-                yield i + 1, len(planes)
-            return results
+                    labels, infos[index] = gen.generate_labels(rgb_plane, return_info=True)
+                yield i + 1, len(planes), index, labels
 
-        def done(results) -> None:
-            if self._cancelled or layer not in self.viewer.layers:
+        def got(value) -> None:
+            """One plane's result, written at once: Cancel keeps the planes done."""
+            n_done, total, index, labels = value
+            self._progressed((n_done, total))
+            if layer not in self.viewer.layers:
                 return
             try:
                 result = self.result_layer_of(layer)
@@ -180,21 +183,23 @@ class EverythingWidget(QWidget):
                 result = self.viewer.add_labels(
                     np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything"
                 )
-            for index, labels in results.items():
-                result.data[index] = labels
-                _features.record_plane(result, index, infos[index])
+            result.data[index] = labels
+            _features.record_plane(result, index, infos.pop(index))
             result.refresh()
             self.result_layer = result
-            counts = [int(labels.max()) for labels in results.values()]
+            counts.append(int(labels.max()))
+            self._done_planes = len(counts)
+
+        def done(_result) -> None:
             self.status.setText(
                 f"{sum(counts)} objects in {len(planes)} plane(s); {', '.join(ran_on)}"
             )
 
         self.progress.setRange(0, len(planes))
         self.progress.setValue(0)
-        self._cancelled = False
+        self._cancelled, self._done_planes = False, 0
         self.runner.submit(work, done, f"segmenting {len(planes)} plane(s)…",
-                           yielded=self._progressed)  # fmt: skip
+                           yielded=got)  # fmt: skip
 
     def commit_to_labels(self) -> list[int]:
         """Merge the everything objects of the shown plane (or of every plane, with
@@ -237,7 +242,7 @@ class EverythingWidget(QWidget):
         return ids
 
     def cancel(self) -> None:
-        """Stop after the plane being segmented; nothing is added to the viewer."""
+        """Stop after the plane being segmented; the planes done stay in the result."""
         self._cancelled = True
         self.runner.cancel()
         self.cancel_button.setEnabled(False)
@@ -256,8 +261,8 @@ class EverythingWidget(QWidget):
         self.run_button.setEnabled(not busy)
         self.commit_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy and not self._cancelled)
-        if not busy and self._cancelled:
-            self.status.setText("cancelled")  # only now has the work stopped
+        if not busy and self._cancelled:  # only now has the work stopped
+            self.status.setText(f"cancelled; the {self._done_planes} plane(s) done are kept")
 
 
 def _spin(box, lo, hi, value, step=None):

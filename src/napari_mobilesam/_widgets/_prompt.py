@@ -134,8 +134,18 @@ class PromptWidget(StackActions, QWidget):
         self.status.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip(
+            "stop precomputing or propagating after the plane that runs now; "
+            "the planes done are kept"
+        )
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(lambda _checked=False: guarded(self.cancel)())
         layout.addWidget(self.status)
-        layout.addWidget(self.progress)
+        row = QHBoxLayout()
+        row.addWidget(self.progress)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
         help_label = QLabel(SHORTCUTS)
         help_label.setWordWrap(True)
         layout.addWidget(help_label)
@@ -289,6 +299,7 @@ class PromptWidget(StackActions, QWidget):
         self._show(state, None)
         session = state.session
         message = "" if plane in state.ready else f"computing the embedding of plane {plane}…"
+        self._note_queued()
         self.runner.submit(
             lambda: session.embed(plane), lambda _: self._embedded(state, plane), message
         )
@@ -326,7 +337,13 @@ class PromptWidget(StackActions, QWidget):
             if state.plane == plane:
                 self._show(state, prediction)
 
+        self._note_queued()
         self.runner.submit(run, done, key="predict")
+
+    def _note_queued(self) -> None:
+        """Say in the status line that a prompt waits for the job that runs now."""
+        if self.runner.worker is not None and self.runner.running:
+            self.status.setText(f"your prompt runs next, after: {self.runner.running}")
 
     def _show(self, state: ImageSession, prediction: Prediction | None) -> None:
         state.prediction = prediction
@@ -460,10 +477,3 @@ class PromptWidget(StackActions, QWidget):
             layer = self.state.points
             layer.feature_defaults["positive"] = not negative
             layer.feature_defaults = layer.feature_defaults
-
-    def _busy(self, busy: bool, _message: str) -> None:
-        if busy:
-            self.progress.setRange(0, 0)  # indeterminate
-        else:
-            self.progress.setRange(0, 1)
-            self.progress.setValue(1)

@@ -1,43 +1,106 @@
-"""The prompt widget's work on whole stacks: precompute every plane, propagate an object."""
+"""The prompt widget's work on whole stacks: precompute every plane, propagate an object.
+
+Both are cancellable at plane granularity and keep what is done: precompute runs as one
+background job per plane (or batch of planes on a GPU), which a click's jobs overtake;
+propagation checks a flag before each plane and commits the planes found so far.
+"""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from napari.utils.notifications import show_info
 
 
 class StackActions:
-    """Mixin of :class:`~._prompt.PromptWidget`: precompute and propagation.
+    """Mixin of :class:`~._prompt.PromptWidget`: precompute, propagation and Cancel.
 
     Uses the widget's ``state``, ``runner``, ``progress``, ``status``, ``overlap``,
-    ``prop_*`` controls and :meth:`commit`.
+    ``cancel_button``, ``prop_*`` controls and :meth:`commit`.
     """
 
+    #: [planes done, planes to do] of the precompute under way, or None
+    _precompute: list[int] | None = None
+    #: the stop flag of the propagation under way, or None
+    _stop: threading.Event | None = None
+    _cancel_note = ""
+
     def precompute(self) -> None:
-        """Embed every plane in the background (shown in the progress bar)."""
+        """Embed every plane in the background, one job per plane (per batch on a GPU),
+        behind any click; the progress bar counts planes done of the total."""
         state = self.state
         if state is None or state.session is None:
             return
         session = state.session
+        indices = [tuple(int(v) for v in i) for i in np.ndindex(*session.plane_shape)]
+        todo = [i for i in indices if i not in state.ready]
+        self._precompute = [len(indices) - len(todo), len(indices)]
+        self._cancel_note = ""
+        step = session.batch_size  # planes per encoder call (batched on a GPU)
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            at = len(indices) - len(todo) + start + len(chunk)
+            self.runner.submit(
+                lambda chunk=chunk: session.precompute(chunk),
+                lambda _n, chunk=chunk: self._precomputed(state, chunk),
+                f"precomputing embeddings: plane {at} of {len(indices)}…",
+                background=True,
+            )
+        self._show_progress()
+        self.cancel_button.setEnabled(self.runner.busy and self._cancellable())
 
-        def run():
-            indices = [tuple(int(v) for v in i) for i in np.ndindex(*session.plane_shape)]
-            step = session.batch_size  # planes per encoder call (batched on a GPU)
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                session.precompute(chunk)
-                state.ready.update(chunk)
-                yield start + len(chunk), len(indices)
+    def _precomputed(self, state, chunk) -> None:
+        state.ready.update(chunk)
+        if self._precompute is not None:
+            self._precompute[0] += len(chunk)
+            self._show_progress()
 
-        self.runner.submit(run, None, "precomputing embeddings…", yielded=self._progressed)
+    def _show_progress(self) -> None:
+        """Determinate while precomputing (planes done of the total), else busy/idle."""
+        if self._precompute is not None:
+            done, total = self._precompute
+            self.progress.setRange(0, total)
+            self.progress.setValue(done)
+            self.progress.setFormat("%v / %m planes")
+        elif self.runner.busy:
+            self.progress.setRange(0, 0)  # indeterminate
+        else:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1)
+            self.progress.setFormat("%p%")
 
-    def _progressed(self, value) -> None:
-        done, total = value
-        self.progress.setRange(0, total)
-        self.progress.setValue(done)
+    def cancel(self) -> None:
+        """Stop precompute and propagation after the plane that runs now; the planes
+        done stay (embeddings in the cache, propagated planes committed)."""
+        dropped = self.runner.cancel_background()
+        if self._stop is not None:
+            self._stop.set()
+        if self._precompute is not None:
+            total = self._precompute[1]
+            self._cancel_note = f"precompute cancelled: {{}} of {total} planes embedded (kept)"
+        self.cancel_button.setEnabled(False)
+        if (dropped or self._stop is not None) and self.runner.worker is not None:
+            self.status.setText("cancelling: finishing the plane that runs now…")
+
+    def _busy(self, busy: bool, _message: str) -> None:
+        if not busy:
+            if self._cancel_note and self._precompute is not None:
+                self.status.setText(self._cancel_note.format(self._precompute[0]))
+            elif self._precompute is not None and self.status.text() == "":
+                self.status.setText(f"all {self._precompute[1]} planes embedded")
+            self._precompute, self._cancel_note = None, ""
+        self.cancel_button.setEnabled(busy and self._cancellable())
+        self._show_progress()
+
+    def _cancellable(self) -> bool:
+        """Whether a precompute or a propagation runs that Cancel has not stopped yet."""
+        precomputing = self._precompute is not None and not self._cancel_note
+        return precomputing or (self._stop is not None and not self._stop.is_set())
 
     def propagate(self) -> None:
-        """Commit the shown mask, then segment the same object in neighbouring planes."""
+        """Commit the shown mask, then segment the same object in neighbouring planes
+        (Cancel stops after the plane that runs now and commits the planes found)."""
         state = self.state
         if state is None or state.session is None or state.prediction is None:
             show_info("MobileSAM: segment an object on this plane first")
@@ -52,9 +115,13 @@ class StackActions:
         min_score = self.prop_min_score.value()
         overwrite = self.overlap.currentIndex() == 1
         session, target = state.session, state.labels
+        stop = self._stop = threading.Event()
 
         def run():
-            return session.propagate(start, mask, axis, direction=direction, min_score=min_score)
+            return session.propagate(
+                start, mask, axis, direction=direction, min_score=min_score,
+                should_stop=stop.is_set,
+            )  # fmt: skip
 
         def done(masks) -> None:
             skipped = 0
@@ -66,8 +133,16 @@ class StackActions:
                 state.ready.add(index)
             target.refresh()
             note = f" ({skipped} inside other objects, skipped)" if skipped else ""
+            how = "propagation cancelled: " if stop.is_set() else ""
             self.status.setText(
-                f"object {new_id} propagated to {len(masks) - skipped} more plane(s){note}"
+                f"{how}object {new_id} propagated to {len(masks) - skipped} more plane(s){note}"
             )
 
-        self.runner.submit(run, done, "propagating…")
+        def finished(*_args) -> None:
+            if self._stop is stop:
+                self._stop = None
+
+        self.runner.submit(run, lambda masks: (finished(), done(masks)),
+                           "propagating… (Cancel keeps the planes done)",
+                           failed=finished)  # fmt: skip
+        self.cancel_button.setEnabled(True)

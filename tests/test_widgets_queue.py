@@ -1,0 +1,164 @@
+"""Headless napari: the prompt widget's work queue (issue 19, problem 4), on a real viewer.
+
+The encoder is held at a gate (a semaphore the test releases plane by plane), so each
+test decides exactly when a plane finishes: nothing depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
+    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
+
+from skimage.draw import disk  # noqa: E402
+
+from napari_mobilesam.predictor import Predictor  # noqa: E402
+
+WAIT = 1_800_000  # ms: only a hang guard
+
+
+@pytest.fixture
+def tiny_predictor(tiny_model, monkeypatch):
+    from napari_mobilesam._widgets import _common
+
+    pred = Predictor(tiny_model)
+    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
+    return pred
+
+
+class Gate:
+    """Holds every call of a predictor method until the test lets one through."""
+
+    def __init__(self, monkeypatch, predictor, name: str):
+        self.entered = 0
+        self.passed = 0
+        self._sem = threading.Semaphore(0)
+        real = getattr(predictor, name)
+
+        def gated(*args, **kwargs):
+            self.entered += 1
+            assert self._sem.acquire(timeout=WAIT / 1000)  # a hang guard only
+            self.passed += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(predictor, name, gated)
+
+    def release(self, n: int = 1) -> None:
+        self._sem.release(n)
+
+
+def _stack(n=6, shape=(64, 80)):
+    """``n`` planes that differ (so no plane is another's cache hit), one blob each."""
+    planes = []
+    for z in range(n):
+        img = np.full(shape, 300 + z, np.uint16)
+        img[disk((30 + z, 40), 12, shape=shape)] = 3000
+        planes.append(img)
+    return np.stack(planes)
+
+
+def _idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
+
+
+def _widget(viewer, qtbot, layer):
+    from napari_mobilesam._widgets import PromptWidget
+
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image_combo.setCurrentText(layer.name)
+    w.start()
+    _idle(qtbot, w)
+    assert w.session is not None
+    return w
+
+
+def test_a_click_overtakes_the_queued_precompute_planes(
+    make_napari_viewer, qtbot, tiny_predictor, monkeypatch
+):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_stack(), name="cells", contrast_limits=(0, 4000))
+    viewer.dims.current_step = (0, 0, 0)
+    w = _widget(viewer, qtbot, layer)
+    gate = Gate(monkeypatch, tiny_predictor, "embed_images")  # precompute's encoder call
+    w.precompute()
+    qtbot.waitUntil(lambda: gate.entered == 1, timeout=WAIT)
+    # determinate: plane 0 (embedded at Start) of 6 is done; Cancel is offered
+    assert (w.progress.minimum(), w.progress.maximum(), w.progress.value()) == (0, 6, 1)
+    assert w.cancel_button.isEnabled() and w.runner.queued_background == 4
+
+    # move to plane 3 and click there while plane 1 is being precomputed
+    viewer.dims.current_step = (3, 0, 0)
+    assert "your prompt runs next, after: precomputing" in w.status.text()
+    w.state.points.add(np.array([[3.0, 33.0, 40.0]]))
+    gate.release()  # plane 1 ends: the click's embedding and prediction run next
+    qtbot.waitUntil(lambda: w.prediction is not None, timeout=WAIT)
+    assert gate.passed == 1 and w.runner.queued_background >= 2  # planes 2, 4, 5 wait
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool), w.prediction.mask)
+    assert (3,) in w.state.ready
+    assert w.session.current == (3,)
+
+    gate.release(10)
+    _idle(qtbot, w)
+    # plane 3 came from the click's embedding (a cache hit): only 1, 2, 4, 5 encoded here
+    assert gate.passed == 4 and w.state.ready == {(z,) for z in range(6)}
+    assert "all 6 planes embedded" in w.status.text()
+    assert not w.cancel_button.isEnabled() and w.progress.value() == w.progress.maximum()
+
+
+def test_cancel_precompute_keeps_the_planes_done(
+    make_napari_viewer, qtbot, tiny_predictor, monkeypatch
+):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_stack(), name="cells", contrast_limits=(0, 4000))
+    viewer.dims.current_step = (0, 0, 0)
+    w = _widget(viewer, qtbot, layer)
+    gate = Gate(monkeypatch, tiny_predictor, "embed_images")
+    w.precompute()
+    gate.release()  # plane 1
+    qtbot.waitUntil(lambda: gate.entered == 2, timeout=WAIT)  # plane 2 runs
+    assert w.progress.value() == 2
+    w.cancel()
+    assert w.runner.queued_background == 0 and w.runner.busy
+    assert w.status.text().startswith("cancelling") and not w.cancel_button.isEnabled()
+    gate.release()  # plane 2 ends; nothing more starts
+    _idle(qtbot, w)
+    assert gate.entered == 2 and w.state.ready == {(0,), (1,), (2,)}
+    assert [w.session.is_cached((z,)) for z in range(6)] == [True] * 3 + [False] * 3
+    assert w.status.text() == "precompute cancelled: 3 of 6 planes embedded (kept)"
+    assert w.progress.maximum() == 1 and w.progress.value() == 1  # idle again
+
+
+def test_cancel_propagation_commits_the_planes_done(
+    make_napari_viewer, qtbot, tiny_predictor, monkeypatch
+):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_stack(8), name="cells", contrast_limits=(0, 4000))
+    viewer.dims.current_step = (0, 0, 0)
+    w = _widget(viewer, qtbot, layer)
+    w.state.box.add_rectangles(np.array([[0, 16, 26], [0, 16, 54], [0, 44, 54], [0, 44, 26.0]]))
+    _idle(qtbot, w)
+    w.prop_min_score.setValue(0.0)  # random weights: any score
+    w.prop_direction.setCurrentText("forward")
+    gate = Gate(monkeypatch, tiny_predictor, "set_image")  # the encoder of each next plane
+    w.propagate()
+    assert w.cancel_button.isEnabled() and "propagating" in w.status.text()
+    gate.release(2)  # planes 1 and 2
+    qtbot.waitUntil(lambda: gate.entered == 3, timeout=WAIT)  # plane 3 runs
+    w.cancel()
+    assert w.status.text().startswith("cancelling") and not w.cancel_button.isEnabled()
+    gate.release()
+    _idle(qtbot, w)
+    assert gate.entered == 3  # no plane after the one that ran
+    labels = w.state.labels.data
+    found = [z for z in range(8) if (labels[z] == 1).any()]
+    assert found == [0, 1, 2, 3] and labels.max() == 1
+    assert w.status.text().startswith("propagation cancelled: object 1 propagated to 3")
