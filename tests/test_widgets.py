@@ -289,11 +289,11 @@ def test_npe2_validate():
 
 
 def test_model_picker_passes_backend_and_precision(qtbot, monkeypatch, tmp_path):
-    from napari_mobilesam._widgets import _common
+    from napari_mobilesam._widgets import _common, _model
 
     calls = []
     monkeypatch.setattr(_common, "get_predictor", lambda *a: calls.append(a) or "predictor")
-    picker = _common.ModelPicker()
+    picker = _model.ModelPicker()
     qtbot.addWidget(picker)
     assert picker.precision.currentText() == "fp32"  # the reference's numbers by default
     weights = tmp_path / "w.pt"
@@ -339,3 +339,34 @@ def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_p
     _idle(qtbot, e)
     assert overlapped >= 1  # the prompts really ran beside segment-everything
     assert viewer.layers["stack everything"].data.shape == stack.shape
+
+
+def test_one_model_setting_for_both_widgets(make_napari_viewer, qtbot, tmp_path):
+    """Weights entered in one widget are the other's too; backend and precision are
+    under a collapsed 'advanced' group."""
+    from napari_mobilesam._widgets import EverythingWidget, PromptWidget
+
+    viewer = make_napari_viewer()
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    weights = tmp_path / "w.pt"
+    w.model.weights.setText(str(weights))  # entered once, before the other widget exists
+    e = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(e)
+    assert e.model.spec() == w.model.spec() == ("vit_t", str(weights), "auto", "torch", "fp32")
+    e.model.name.setCurrentText("vit_t_synthetic_cells")
+    e.model.precision.setCurrentText("bf16")
+    assert w.model.spec() == ("vit_t_synthetic_cells", str(weights), "auto", "torch", "bf16")
+    w.model.weights.setText("")
+    assert e.model.spec()[1] is None
+    # advanced: hidden until opened, in each widget on its own
+    for picker in (w.model, e.model):
+        assert not picker.advanced.isChecked() and picker.advanced_box.isHidden()
+        assert picker.advanced_box.isAncestorOf(picker.backend)
+        assert picker.advanced_box.isAncestorOf(picker.precision)
+    w.model.advanced.click()
+    assert not w.model.advanced_box.isHidden() and e.model.advanced_box.isHidden()
+    # another viewer has a setting of its own
+    other = PromptWidget(make_napari_viewer())
+    qtbot.addWidget(other)
+    assert other.model.spec()[0] == "vit_t"

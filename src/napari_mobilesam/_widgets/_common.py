@@ -1,4 +1,5 @@
-"""Pieces shared by the widgets: model choice, cached predictors, layer helpers, workers."""
+"""Pieces shared by the widgets: cached predictors, layer helpers, workers (the model
+choice is in :mod:`._model`)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,11 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
     QLabel,
-    QLineEdit,
-    QPushButton,
     QWidget,
 )
 
-from ..build import load_model, model_names
+from ..build import load_model
 from ..engine import Engine, make_engine
 from ..predictor import Predictor
 
@@ -56,71 +52,6 @@ def get_predictor(
             model = load_model(name, weights or None, device=device)
             engine = _ENGINES[key] = make_engine(model, backend, precision)
     return Predictor(engine)
-
-
-class ModelPicker(QWidget):
-    """Model name, optional weights file and device."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        form = QFormLayout(self)
-        form.setContentsMargins(0, 0, 0, 0)
-        self.name = QComboBox()
-        self.name.addItems(model_names())
-        self.name.setToolTip(
-            "vit_t is MobileSAM; vit_b/l/h are SAM's encoders; vit_t_synthetic_cells is "
-            "the bundled demonstration model for synthetic fluorescent cells"
-        )
-        self.weights = QLineEdit()
-        self.weights.setPlaceholderText("registry weights (downloaded once)")
-        browse = QPushButton("…")
-        browse.setToolTip("choose a checkpoint file (e.g. mobile_sam.pt)")
-        browse.clicked.connect(self._browse)
-        row = QHBoxLayout()
-        row.addWidget(self.weights)
-        row.addWidget(browse)
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda"])
-        self.backend = QComboBox()
-        self.backend.addItems(["torch", "onnx", "auto"])
-        self.backend.setToolTip(
-            "onnx: onnxruntime (exported once on first use); auto: the fastest, which is "
-            "torch (onnxruntime's float32 encoder is no faster on CPUs)"
-        )
-        form.addRow("model", self.name)
-        form.addRow("weights", row)
-        form.addRow("device", self.device)
-        self.precision = QComboBox()
-        self.precision.addItems(["fp32", "auto", "bf16", "fp16"])
-        self.precision.setToolTip(
-            "image encoder precision. fp32: the reference's numbers; auto: bf16 on GPUs and "
-            "on CPUs with bf16 units (1.5-2x faster, masks mean IoU 0.998 vs fp32), else fp32"
-        )
-        form.addRow("backend", self.backend)
-        form.addRow("precision", self.precision)
-
-    def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "MobileSAM weights", "", "*.pt *.pth")
-        if path:
-            self.weights.setText(path)
-
-    def spec(self) -> tuple[str, str | None, str, str, str]:
-        """(name, weights or None, device, backend, precision) as chosen."""
-        text = self.weights.text().strip()
-        return (
-            self.name.currentText(),
-            text or None,
-            self.device.currentText(),
-            self.backend.currentText(),
-            self.precision.currentText(),
-        )
-
-    def predictor(self) -> Predictor:
-        """Load (or reuse) the chosen model; call from a worker thread."""
-        name, weights, device, backend, precision = self.spec()
-        if weights is not None and not Path(weights).is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        return get_predictor(name, weights, device, backend, precision)
 
 
 class LayerCombo(QComboBox):

@@ -22,8 +22,9 @@ from ..everything import MaskGenerator
 from ..interactive import add_objects, predictor_lock
 from ..normalize import to_rgb_uint8
 from . import _features
-from ._common import LayerCombo, ModelPicker, Runner, current_plane, guarded, outside_message
+from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
+from ._model import ModelPicker
 
 
 class EverythingWidget(QWidget):
@@ -51,7 +52,7 @@ class EverythingWidget(QWidget):
         self.scope.addItems(["shown plane", "whole stack"])
         form.addRow("segment", self.scope)
         layout.addLayout(form)
-        self.model = ModelPicker()
+        self.model = ModelPicker(napari_viewer)
         layout.addWidget(self.model)
 
         params = QFormLayout()

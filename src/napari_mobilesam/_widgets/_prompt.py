@@ -29,7 +29,6 @@ from ..interactive import EmbeddingCache, Prediction, PromptSession
 from . import _features
 from ._common import (
     LayerCombo,
-    ModelPicker,
     Runner,
     current_plane,
     embedding_cache_dir,
@@ -44,6 +43,7 @@ from ._layers import (
     on_plane,
     plane_prompts,
 )
+from ._model import ModelPicker
 from ._stacks import StackActions
 
 SHORTCUTS = (
@@ -76,7 +76,7 @@ class PromptWidget(StackActions, QWidget):
         self.image_combo.currentTextChanged.connect(self._image_changed)
         form.addRow("image", self.image_combo)
         layout.addLayout(form)
-        self.model = ModelPicker()
+        self.model = ModelPicker(napari_viewer)
         layout.addWidget(self.model)
 
         opts = QFormLayout()
