@@ -80,6 +80,8 @@ class ImageSession:
         The plane the prompts and the preview refer to.
     prediction : Prediction or None
         The previewed prediction.
+    predictions : list of Prediction or None
+        The previewed objects of several boxes (:mod:`._multi`), instead of ``prediction``.
     choice : "best" or int
         The candidate shown for the current object (X cycles it; reset per object).
     """
@@ -93,6 +95,7 @@ class ImageSession:
     ready: set = field(default_factory=set)
     plane: tuple[int, ...] | None = None
     prediction: Prediction | None = None
+    predictions: list | None = None
     choice: int | str = "best"
 
     def layers(self) -> tuple:

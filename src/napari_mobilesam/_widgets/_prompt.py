@@ -44,6 +44,7 @@ from ._layers import (
     plane_prompts,
 )
 from ._model import ModelPicker
+from ._multi import MultiObjects, plane_objects
 from ._stacks import StackActions
 
 SHORTCUTS = (
@@ -53,7 +54,7 @@ SHORTCUTS = (
 )
 
 
-class PromptWidget(StackActions, QWidget):
+class PromptWidget(StackActions, MultiObjects, QWidget):
     """Dock widget: click points / draw a box, see the mask, commit it to a Labels layer.
 
     Parameters
@@ -255,8 +256,8 @@ class PromptWidget(StackActions, QWidget):
         self.runner.submit(make, made, "loading the model…")
 
     def _connect(self, state: ImageSession) -> None:
-        state.points.events.data.connect(lambda _e=None, s=state: self._prompts_changed(s))
-        state.box.events.data.connect(lambda _e=None, s=state: self._prompts_changed(s))
+        for layer in (state.points, state.box):
+            layer.events.data.connect(lambda e=None, s=state: self._prompts_changed(s, e))
         state.points.mouse_drag_callbacks.insert(0, self._click)
         state.points.mode = "add"
         for layer in state.layers():
@@ -308,7 +309,9 @@ class PromptWidget(StackActions, QWidget):
         state.ready.add(plane)
         self._predict(state)
 
-    def _prompts_changed(self, state: ImageSession) -> None:
+    def _prompts_changed(self, state: ImageSession, event=None) -> None:
+        if str(getattr(event, "action", "")) in ("adding", "removing"):
+            return  # announced before the data changes; the -ed event follows
         state.choice = "best"  # a new object, or a changed one: the best candidate first
         self._predict(state)
 
@@ -321,6 +324,10 @@ class PromptWidget(StackActions, QWidget):
 
     def _predict(self, state: ImageSession) -> None:
         if state is not self.state or state.session is None or state.plane not in state.ready:
+            return
+        objects = plane_objects(state)  # two or more boxes: as many objects
+        if objects:
+            self._predict_many(state, objects)
             return
         points, labels, box = self.prompts()
         if points is None and box is None:
@@ -346,7 +353,7 @@ class PromptWidget(StackActions, QWidget):
             self.status.setText(f"your prompt runs next, after: {self.runner.running}")
 
     def _show(self, state: ImageSession, prediction: Prediction | None) -> None:
-        state.prediction = prediction
+        state.prediction, state.predictions = prediction, None
         preview = state.preview
         if prediction is None:
             if preview.data.any():
@@ -376,6 +383,8 @@ class PromptWidget(StackActions, QWidget):
         if state is None or state.session is None:
             show_info("MobileSAM: press Start first")
             return None
+        if state.predictions and state.plane is not None and state.intact(self.viewer):
+            return self._commit_many(state)  # several boxes: several objects
         if state.prediction is None or state.plane is None:
             show_info("MobileSAM: nothing to commit: click a point or draw a box first")
             return None

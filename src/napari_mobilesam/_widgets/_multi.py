@@ -1,0 +1,134 @@
+"""Several boxes on the shown plane: several objects, predicted in one decoder call,
+previewed together and committed together with consecutive fresh ids.
+
+With two or more rectangles on the plane, each rectangle is an object, and each point
+goes with the smallest rectangle that contains it; points outside every rectangle form
+one more object when one of them is positive. With one rectangle or none, the prompt
+widget's single-object path applies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.utils.notifications import show_info
+
+from ..interactive import ObjectPrompt
+from . import _features
+from ._layers import ImageSession, on_plane
+
+
+def plane_objects(state: ImageSession) -> list[ObjectPrompt]:
+    """The objects of the shown plane when it holds two or more rectangles, else [].
+
+    Returns
+    -------
+    list of ObjectPrompt
+        One per rectangle (in drawing order), with the points inside it, (row, col)
+        order; then one for the points outside every rectangle when any is positive.
+    """
+    plane = state.plane
+    if plane is None:
+        return []
+    boxes = []
+    for shape, kind in zip(state.box.data, state.box.shape_type, strict=True):
+        shape = np.asarray(shape)
+        if kind == "rectangle" and on_plane(shape, plane).all():
+            rc = shape[:, -2:]
+            boxes.append(np.array([*rc.min(axis=0), *rc.max(axis=0)]))
+    if len(boxes) < 2:
+        return []
+    data = np.asarray(state.points.data)
+    on = on_plane(data, plane) if len(data) else np.zeros(0, bool)
+    points = data[on][:, -2:] if on.any() else np.zeros((0, 2))
+    labels = np.asarray(state.points.features["positive"])[on].astype(int) if on.any() else []
+    owner = np.full(len(points), -1)
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    for k in np.argsort(areas)[::-1]:  # the smallest containing box is assigned last
+        b = boxes[k]
+        inside = (points[:, 0] >= b[0]) & (points[:, 0] <= b[2])
+        inside &= (points[:, 1] >= b[1]) & (points[:, 1] <= b[3])
+        owner[inside] = k
+    labels = np.asarray(labels, dtype=int)
+    objects = []
+    for k, box in enumerate(boxes):
+        mine = owner == k
+        pts = points[mine] if mine.any() else None
+        objects.append(ObjectPrompt(pts, labels[mine] if mine.any() else None, box))
+    rest = owner == -1
+    if rest.any() and labels[rest].any():
+        objects.append(ObjectPrompt(points[rest], labels[rest], None))
+    return objects
+
+
+class MultiObjects:
+    """Mixin of :class:`~._prompt.PromptWidget`: several objects at once.
+
+    Uses the widget's ``state``, ``runner``, ``status``, ``overlap``, ``viewer``,
+    :meth:`clear` and ``negative_box``.
+    """
+
+    def _predict_many(self, state: ImageSession, objects: list[ObjectPrompt]) -> None:
+        """Predict every object of the plane in the background (one decoder call for
+        objects of the same form, e.g. all boxes without points)."""
+        plane, session = state.plane, state.session
+
+        def run():
+            return session.predict_many(objects)
+
+        def done(predictions) -> None:
+            if state.plane == plane:
+                self._show_many(state, predictions)
+
+        self._note_queued()
+        self.runner.submit(run, done, key="predict")
+
+    def _show_many(self, state: ImageSession, predictions: list) -> None:
+        """Preview object k as label k + 1 (where masks overlap, the earlier object)."""
+        state.prediction, state.predictions = None, predictions
+        preview = np.zeros(state.preview.data.shape, np.uint8)
+        for k in range(len(predictions))[::-1]:
+            preview[predictions[k].mask] = min(k + 1, 255)
+        state.preview.data = preview
+        if state is self.state:
+            scores = ", ".join(f"{p.score:.2f}" for p in predictions)
+            self.status.setText(f"{len(predictions)} objects, predicted IoU {scores}")
+
+    def _commit_many(self, state: ImageSession) -> int | None:
+        """Commit every previewed object with consecutive fresh ids (one undo step).
+
+        Returns
+        -------
+        int or None
+            The first new id, or None when nothing was committed.
+        """
+        data = state.labels.data
+        if not isinstance(data, np.ndarray):
+            show_info(
+                f"MobileSAM: {state.labels.name!r} is not an in-memory array (opened lazily?); "
+                "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
+            )
+            return None
+        predictions = [p for p in state.predictions if p.mask.any()]
+        if not predictions:
+            show_info("MobileSAM: every mask is empty: move the boxes")
+            return None
+        first = int(np.max(data)) + 1
+        ids = list(range(first, first + len(predictions)))
+        overwrite = self.overlap.currentIndex() == 1
+        try:
+            state.session.commit_many(
+                data[state.plane], [p.mask for p in predictions], label_ids=ids,
+                overwrite=overwrite,
+            )  # fmt: skip
+        except ValueError as exc:
+            show_info(f"MobileSAM: {exc}; choose 'overlap: overwrite' to paint over objects")
+            return None
+        scores = [_features.prediction_scores(p) for p in predictions]  # for the object table
+        _features.record(
+            state.labels, state.plane, ids, [s[0] for s in scores], [s[1] for s in scores]
+        )
+        state.labels.refresh()
+        self.clear()
+        self.negative_box.setChecked(False)
+        self.status.setText(f"committed objects {ids[0]}-{ids[-1]} to {state.labels.name}")
+        return first
