@@ -11,6 +11,8 @@ One module per job:
 - :mod:`.labels`: :class:`LabelEditor`, commit masks into label images, undo;
   :func:`add_objects`, merge a label image's objects into unlabeled pixels;
 - :mod:`.propagate`: following an object through neighbouring planes;
+- :mod:`.objects`: the objects of a label image as a table (area, bbox, scores,
+  intensities), delete and merge;
 - :mod:`.session`: :class:`PromptSession`, all of the above around one predictor;
 - :mod:`.locks`: :func:`predictor_lock`, what keeps sessions on one predictor apart.
 
