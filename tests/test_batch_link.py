@@ -354,12 +354,13 @@ def test_link_options_and_layout_errors():
 @pytest.mark.slow
 def test_local_cluster_links_as_a_local_run(tmp_path):
     pytest.importorskip("distributed")
-    sample = synthetic.cell_time_series(4, (96, 96), seed=0, coverage=0.2, divisions=1)
+    sample = synthetic.cell_time_series(3, (256, 256), seed=0, coverage=0.2, divisions=1)
     inp = _write(tmp_path / "m.tif", sample)
 
     def command(out: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "mobilesam_batch.cli", str(inp), "-o", str(out),
                 "--model", "vit_t_synthetic_cells", "--device", "cpu", "--points-per-side", "8",
+                "--pred-iou-thresh", "0.6", "--stability-score-thresh", "0.8",
                 "--link", "t", "--csv", "-q", *extra]  # fmt: skip
 
     a = subprocess.run(command(tmp_path / "local"), capture_output=True, text=True)
