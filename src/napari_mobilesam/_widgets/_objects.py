@@ -219,8 +219,6 @@ class ObjectsWidget(QWidget):
             return
         for event in self._events(self.layer):
             event.connect(self._changed)
-        image = self.image()
-        self.image_label.setText(image.name if image is not None else "(no image of its shape)")
         self._changed()
 
     def _changed(self, *_args) -> None:
@@ -251,6 +249,7 @@ class ObjectsWidget(QWidget):
         layer, image = self.layer, self.image()
         if layer is None:
             return
+        self.image_label.setText(image.name if image is not None else "(no image of its shape)")
         data = layer.data
         pixels = None if image is None else image.data
         previous, generation = self._fingerprint, self._generation
