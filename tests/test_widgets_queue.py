@@ -162,3 +162,35 @@ def test_cancel_propagation_commits_the_planes_done(
     found = [z for z in range(8) if (labels[z] == 1).any()]
     assert found == [0, 1, 2, 3] and labels.max() == 1
     assert w.status.text().startswith("propagation cancelled: object 1 propagated to 3")
+
+
+def test_start_adds_the_layers_in_separate_turns_of_the_event_loop(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    """napari takes 0.1-0.3 s per added layer: Start adds one per turn of the event loop,
+    so the viewer serves input and timers between them (no block of all four)."""
+    from qtpy.QtCore import QTimer
+
+    from napari_mobilesam._widgets import PromptWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_stack(2), name="cells")
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    inserted, served, seen = [], [], []
+
+    def on_insert(event):
+        seen.append(len(served))  # how many earlier insertions' timers have run
+        inserted.append(event.value.name)
+        count = len(inserted)
+        QTimer.singleShot(0, lambda: served.append(count))
+
+    viewer.layers.events.inserted.connect(on_insert)
+    w.start()
+    qtbot.waitUntil(lambda: len(inserted) == 4, timeout=WAIT)
+    assert w.runner.busy  # until the session is ready
+    _idle(qtbot, w)
+    assert inserted == ["cells points", "cells box", "cells preview", "cells_labels"]
+    # a timer queued at each insertion ran before the next insertion
+    assert seen == [0, 1, 2, 3] and served == [1, 2, 3, 4]
+    assert w.session is not None and w.state.points.name == "cells points"

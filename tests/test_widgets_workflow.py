@@ -37,10 +37,10 @@ def tiny_predictor(tiny_model, monkeypatch):
 @pytest.fixture
 def notes(monkeypatch):
     """The messages the widgets show with ``show_info``."""
-    from napari_mobilesam._widgets import _common, _everything, _prompt, _stacks
+    from napari_mobilesam._widgets import _common, _everything, _input, _multi, _prompt, _stacks
 
     shown: list[str] = []
-    for module in (_common, _prompt, _everything, _stacks):
+    for module in (_common, _prompt, _everything, _stacks, _input, _multi):
         monkeypatch.setattr(module, "show_info", shown.append)
     return shown
 

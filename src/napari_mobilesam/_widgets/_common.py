@@ -155,12 +155,24 @@ class Runner:
         self.worker = None
         self.running = ""  # the message of the job that runs now
         self._queue: list[tuple] = []
+        self._held = 0
         self.on_busy = on_busy
         self.status = status
 
     @property
     def busy(self) -> bool:
-        return self.worker is not None or bool(self._queue)
+        return self.worker is not None or bool(self._queue) or self._held > 0
+
+    def hold(self) -> None:
+        """Keep the runner busy, and queued jobs waiting, until :meth:`release` (for work
+        on the GUI thread spread over several turns of the event loop)."""
+        self._held += 1
+
+    def release(self) -> None:
+        """End a :meth:`hold`; queued jobs start again."""
+        self._held -= 1
+        if self._held == 0 and self.worker is None:
+            self._start_next()
 
     @property
     def queued_background(self) -> int:
@@ -197,6 +209,9 @@ class Runner:
     def _start_next(self) -> None:
         if self.status is not None and not alive(self.status):
             self._queue.clear()  # the widget was closed: nothing to show results in
+        if self._held:
+            self.worker, self.running = None, ""
+            return  # release() starts the next job
         if not self._queue:
             self.worker, self.running = None, ""
             if self.on_busy and (self.status is None or alive(self.status)):
@@ -246,6 +261,32 @@ class Runner:
         n = self.queued_background
         self._queue = [job for job in self._queue if not job[6]]
         return n
+
+
+def in_turns(
+    steps: list[Callable[[], object]],
+    done: Callable[[], object],
+    failed: Callable[[Exception], object],
+) -> None:
+    """Run ``steps`` on the GUI thread one per turn of the event loop (5 ms apart, so that
+    input, painting and timers are served between them), then ``done()``; an exception
+    in a step calls ``failed(exception)`` instead, and no later step runs."""
+    from qtpy.QtCore import QTimer
+
+    pending = list(steps)
+
+    def next_step() -> None:
+        if not pending:
+            done()
+            return
+        try:
+            pending.pop(0)()
+        except Exception as exc:  # shown by failed(), never raised into Qt
+            failed(exc)
+            return
+        QTimer.singleShot(5, next_step)
+
+    QTimer.singleShot(0, next_step)
 
 
 def alive(widget: QWidget) -> bool:

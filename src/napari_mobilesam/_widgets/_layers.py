@@ -164,28 +164,63 @@ def ensure_layers(viewer, image: Image) -> ImageSession:
     LayerConflict
         When a layer of one of the names has another kind, dimensionality or shape.
     """
-    points, box, preview, labels = check_layers(viewer, image)
+    steps, finish = layer_steps(viewer, image)
+    for step in steps:
+        step()
+    return finish()
+
+
+def layer_steps(viewer, image: Image) -> tuple[list, object]:
+    """What :func:`ensure_layers` does, one added layer per step: napari takes 0.1-0.3 s
+    to add a layer on the GUI thread, so a caller can run the steps in separate turns of
+    the event loop (the viewer stays responsive between them).
+
+    Returns
+    -------
+    steps : list of callable()
+        One per missing layer, each adding it (and checking the names again first).
+    finish : callable() -> ImageSession
+        The session of the layers, once every step ran.
+
+    Raises
+    ------
+    LayerConflict
+        When a layer of one of the names does not fit (now, or in a step later on).
+    """
+    check_layers(viewer, image)
     shape, ndim, name = image_shape(image), image.ndim, image.name
     size = max(4, min(shape[-2:]) // 60)
-    if points is None:
-        points = viewer.add_points(
+    makers = {
+        0: lambda: viewer.add_points(
             ndim=ndim, name=f"{name} points", size=size,
             features={"positive": np.zeros(0, dtype=bool)},
             feature_defaults={"positive": True}, face_color="positive",
             face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR},
-        )  # fmt: skip
-    if box is None:
-        box = viewer.add_shapes(
+        ),
+        1: lambda: viewer.add_shapes(
             ndim=ndim, name=f"{name} box", edge_color="yellow", face_color="transparent",
             edge_width=max(1, min(shape[-2:]) // 300),
-        )  # fmt: skip
-    if preview is None:
-        preview = viewer.add_labels(
+        ),
+        2: lambda: viewer.add_labels(
             np.zeros(shape[-2:], dtype=np.uint8), name=f"{name} preview", opacity=0.5
-        )
-    if labels is None:
-        labels = labels_layer(viewer, image)
-    return ImageSession(image, points, box, preview, labels)
+        ),
+        3: lambda: labels_layer(viewer, image),
+    }  # fmt: skip
+
+    def step(k):
+        def run():
+            if check_layers(viewer, image)[k] is None:
+                makers[k]()
+
+        return run
+
+    existing = check_layers(viewer, image)
+    steps = [step(k) for k in range(4) if existing[k] is None]
+
+    def finish() -> ImageSession:
+        return ImageSession(image, *check_layers(viewer, image))
+
+    return steps, finish
 
 
 def on_plane(coords: np.ndarray, plane: tuple[int, ...]) -> np.ndarray:

@@ -33,13 +33,15 @@ from ._common import (
     current_plane,
     embedding_cache_dir,
     guarded,
+    in_turns,
     outside_message,
 )
+from ._input import PromptInput
 from ._layers import (
     ImageSession,
     LayerConflict,
     check_layers,
-    ensure_layers,
+    layer_steps,
     on_plane,
     plane_prompts,
 )
@@ -54,7 +56,7 @@ SHORTCUTS = (
 )
 
 
-class PromptWidget(StackActions, MultiObjects, QWidget):
+class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
     """Dock widget: click points / draw a box, see the mask, commit it to a Labels layer.
 
     Parameters
@@ -234,15 +236,28 @@ class PromptWidget(StackActions, MultiObjects, QWidget):
             if state is not None and not state.intact(self.viewer):
                 self.sessions.remove(state)
                 state = None
-            if state is None:
+            if state is None:  # the layers are added one per turn of the event loop
                 try:
-                    state = ensure_layers(self.viewer, layer)
+                    steps, finish = layer_steps(self.viewer, layer)
                 except LayerConflict as exc:
                     show_info(f"MobileSAM: {exc}")
                     self.status.setText(str(exc))
                     return
-                self._connect(state)
-                self.sessions.append(state)
+                self.runner.hold()
+                in_turns(steps, lambda: added(session, finish), self._layers_failed)
+                return
+            ready(session, state)
+
+        def added(session, finish) -> None:
+            self.runner.release()
+            if layer not in self.viewer.layers:
+                return
+            state = finish()
+            self._connect(state)
+            self.sessions.append(state)
+            ready(session, state)
+
+        def ready(session, state) -> None:
             state.session, state.ready, state.plane = session, set(), None
             self.status.setText(f"model on {session.predictor.describe()}")
             if state.image is self.image_combo.layer():
@@ -255,28 +270,10 @@ class PromptWidget(StackActions, MultiObjects, QWidget):
 
         self.runner.submit(make, made, "loading the model…")
 
-    def _connect(self, state: ImageSession) -> None:
-        for layer in (state.points, state.box):
-            layer.events.data.connect(lambda e=None, s=state: self._prompts_changed(s, e))
-        state.points.mouse_drag_callbacks.insert(0, self._click)
-        state.points.mode = "add"
-        for layer in state.layers():
-            for key, func in (
-                ("c", self.commit), ("x", self.next_mask), ("n", self.toggle_negative),
-                ("Shift-z", self.undo), ("Escape", self.clear),
-            ):  # fmt: skip
-                handler = guarded(func)
-                layer.bind_key(key, lambda _layer, f=handler: f(), overwrite=True)
-
-    def _click(self, layer, event) -> None:
-        """Before napari adds the clicked point: right-click or Shift-click is negative."""
-        if layer.mode != "add":
-            return
-        button = getattr(event, "button", 1)
-        gesture = button == 2 or "Shift" in tuple(getattr(event, "modifiers", ()) or ())
-        defaults = layer.feature_defaults
-        defaults["positive"] = not (self.negative or gesture)
-        layer.feature_defaults = defaults
+    def _layers_failed(self, exc: Exception) -> None:
+        self.runner.release()
+        show_info(f"MobileSAM: {exc}")
+        self.status.setText(str(exc))
 
     # -- plane and prompts -----------------------------------------------------------------
 
@@ -450,39 +447,3 @@ class PromptWidget(StackActions, MultiObjects, QWidget):
                     layer.remove_selected()
         state.choice = "best"
         self._show(state, None)
-
-    def next_mask(self) -> None:
-        """Show the next candidate mask of the current object (a single point's three),
-        starting after the best-scored one; later objects start with the best again."""
-        state = self.state
-        prediction = state.prediction if state is not None else None
-        if prediction is None:
-            show_info("MobileSAM: X shows the next candidate mask: click a point first")
-            return
-        if len(prediction.scores) < 2:
-            points, _, box = self.prompts()
-            why = (
-                "a box" if box is not None
-                else f"{len(points)} points" if points is not None and len(points) > 1
-                else "'masks: single'"
-            )  # fmt: skip
-            show_info(
-                f"MobileSAM: X does nothing with {why}: SAM gives one mask for it; "
-                "candidates exist for a single point with 'masks: best of 3'"
-            )
-            return
-        state.choice = (prediction.choice + 1) % len(prediction.scores)
-        self._show(
-            state, Prediction(prediction.masks, prediction.scores, prediction.low_res, state.choice)
-        )
-
-    def toggle_negative(self) -> None:
-        """Switch the next points between positive and negative."""
-        self.negative_box.setChecked(not self.negative_box.isChecked())
-
-    def _set_negative(self, negative: bool) -> None:
-        self.negative = negative
-        if self.state is not None:
-            layer = self.state.points
-            layer.feature_defaults["positive"] = not negative
-            layer.feature_defaults = layer.feature_defaults
