@@ -35,6 +35,7 @@ from ._common import (
     guarded,
     in_turns,
     outside_message,
+    warm_imports,
 )
 from ._input import PromptInput
 from ._layers import (
@@ -217,6 +218,7 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
         on_disk = self.disk_cache.isChecked()
 
         def make():
+            warm_imports()  # what napari would import on the GUI thread to add the layers
             predictor = self.model.predictor()
             limits = tuple(float(v) for v in layer.contrast_limits)
             # keyed by the planes' pixels (and the model and limits), so an entry is never
