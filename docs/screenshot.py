@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_mobilesam._widgets import EverythingWidget, PromptWidget
-    from napari_mobilesam._widgets._prompt import POINTS
     from napari_mobilesam.napari_io import sample_cell_stack
 
     viewer = napari.Viewer(title="napari-mobilesam", show=True)
@@ -53,9 +52,9 @@ def main(argv=None) -> int:
 
     prompt = PromptWidget(viewer)
     everything = EverythingWidget(viewer)
-    for w in (prompt, everything):
-        w.model.name.setCurrentText(args.model)
-        w.model.weights.setText(str(args.weights) if args.weights else "")
+    # one model setting per viewer: the everything widget shows the same choice
+    prompt.model.name.setCurrentText(args.model)
+    prompt.model.weights.setText(str(args.weights) if args.weights else "")
     viewer.window.add_dock_widget(prompt, name="MobileSAM: segment with prompts", area="right")
     viewer.window.add_dock_widget(everything, name="MobileSAM: segment everything", area="right")
 
@@ -64,10 +63,10 @@ def main(argv=None) -> int:
     # a point on the brightest pixel of the shown plane: inside a cell
     plane = stack[5]
     r, c = np.unravel_index(np.argmax(plane), plane.shape)
-    viewer.layers[POINTS].add(np.array([[5, r, c]], dtype=float))
+    prompt.state.points.add(np.array([[5, r, c]], dtype=float))
     _wait(app, prompt)
     prompt.commit()
-    viewer.layers[POINTS].add(np.array([[5, r, c]], dtype=float))
+    prompt.state.points.add(np.array([[5, r, c]], dtype=float))
     _wait(app, prompt)
 
     # 32 x 32 points; the stand-in model's scores need lower thresholds than the
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
     everything.stability_score_thresh.setValue(0.8)
     everything.run()
     _wait(app, everything)
-    viewer.layers.selection.active = viewer.layers[POINTS]
+    viewer.layers.selection.active = prompt.state.points
     for _ in range(20):
         app.processEvents()
         time.sleep(0.05)
