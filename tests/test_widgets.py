@@ -359,6 +359,12 @@ def test_one_model_setting_for_both_widgets(make_napari_viewer, qtbot, tmp_path)
     assert w.model.spec() == ("vit_t_synthetic_cells", str(weights), "auto", "torch", "bf16")
     w.model.weights.setText("")
     assert e.model.spec()[1] is None
+    # an empty weights field says where the weights come from, in both widgets
+    for picker in (w.model, e.model):
+        assert picker.weights.placeholderText().startswith("bundled weights")
+    w.model.name.setCurrentText("vit_t")
+    for picker in (w.model, e.model):
+        assert picker.weights.placeholderText() == "registry weights (downloaded once)"
     # advanced: hidden until opened, in each widget on its own
     for picker in (w.model, e.model):
         assert not picker.advanced.isChecked() and picker.advanced_box.isHidden()

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..build import model_names
 from ..predictor import Predictor
+from ..weights import REGISTRY
 from . import _common
 
 _FIELDS = ("name", "weights", "device", "backend", "precision")
@@ -83,7 +84,6 @@ class ModelPicker(QWidget):
             "the bundled demonstration model for synthetic fluorescent cells"
         )
         self.weights = QLineEdit()
-        self.weights.setPlaceholderText("registry weights (downloaded once)")
         browse = QPushButton("…")
         browse.setToolTip("choose a checkpoint file (e.g. mobile_sam.pt)")
         browse.clicked.connect(self._browse)
@@ -124,6 +124,8 @@ class ModelPicker(QWidget):
         outer.addWidget(self.advanced)
         outer.addWidget(self.advanced_box)
 
+        self.name.currentTextChanged.connect(self._weights_hint)
+        self._weights_hint()
         self.setting = model_setting(viewer)
         if self.setting.values:
             self._pull()  # a second widget shows what the first chose
@@ -133,6 +135,16 @@ class ModelPicker(QWidget):
         for combo in (self.name, self.device, self.backend, self.precision):
             combo.currentTextChanged.connect(self._push)
         self.weights.textChanged.connect(self._push)
+
+    def _weights_hint(self, *_args) -> None:
+        """What an empty weights field means for the chosen model."""
+        info = REGISTRY.get(self.name.currentText())
+        bundled = info is not None and info.bundled
+        self.weights.setPlaceholderText(
+            "bundled weights (installed with the plugin)"
+            if bundled
+            else "registry weights (downloaded once)"
+        )
 
     def _toggle_advanced(self, shown: bool) -> None:
         self.advanced_box.setVisible(shown)
@@ -162,6 +174,7 @@ class ModelPicker(QWidget):
             else:
                 control.setCurrentText(values[field])
             control.blockSignals(False)
+        self._weights_hint()
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "MobileSAM weights", "", "*.pt *.pth")
