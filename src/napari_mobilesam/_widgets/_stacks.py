@@ -12,6 +12,8 @@ import threading
 import numpy as np
 from napari.utils.notifications import show_info
 
+from . import _features
+
 
 class StackActions:
     """Mixin of :class:`~._prompt.PromptWidget`: precompute, propagation and Cancel.
@@ -116,11 +118,12 @@ class StackActions:
         overwrite = self.overlap.currentIndex() == 1
         session, target = state.session, state.labels
         stop = self._stop = threading.Event()
+        scores: dict[tuple[int, ...], float] = {}  # plane -> predicted IoU (object table)
 
         def run():
             return session.propagate(
                 start, mask, axis, direction=direction, min_score=min_score,
-                should_stop=stop.is_set,
+                progress=scores.__setitem__, should_stop=stop.is_set,
             )  # fmt: skip
 
         def done(masks) -> None:
@@ -130,6 +133,8 @@ class StackActions:
                     session.commit(target.data[index], m, label_id=new_id, overwrite=overwrite)
                 except ValueError:
                     skipped += 1  # inside other objects only, with overlap: only unlabeled
+                else:  # its predicted IoU for the object table (stability: not computed)
+                    _features.record(target, index, [new_id], [scores[index]], [np.nan])
                 state.ready.add(index)
             target.refresh()
             note = f" ({skipped} inside other objects, skipped)" if skipped else ""
