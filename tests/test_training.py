@@ -304,3 +304,16 @@ def test_evaluate_reports_every_score_in_range(tiny_model):
     assert res["n_objects"] == 5 and res["n_images"] == 1
     res = evaluate(tiny_model, [Example("a", s.image, s.labels)], points_per_side=None)
     assert "f1" not in res
+
+
+def test_train_config_round_trips_through_its_stored_json(tmp_path):
+    from napari_mobilesam.training.config import TrainConfig
+
+    cfg = TrainConfig(out=tmp_path / "run", synthetic=8, step=StepConfig(objects=3),
+                      far_ramp=(0.2, 0.4), input_size=256)  # fmt: skip
+    back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    with pytest.raises(ValueError, match=r"unknown training settings \['colour'\]"):
+        TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="incomplete training settings"):
+        TrainConfig.from_dict({"synthetic": 8})

@@ -92,11 +92,23 @@ def test_stop_after_then_resume_equals_the_whole_schedule(data, tmp_path, tiny_j
     assert main([*args, "--stop-after", "1"]) == 0
     with open(part / "val.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]  # scored at the stop
-    assert main([*args, "--resume"]) == 0
+    assert main(["-o", str(part), "--resume", "-q"]) == 0  # the run's stored settings
     a = torch.load(full / "last.pt", weights_only=True)
     b = torch.load(part / "last.pt", weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_resume_with_unreadable_stored_settings_names_the_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"out": "x", "lr": 0.1, "colour": "red"}')
+    assert main(["-o", str(run), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "config.json" in err and "colour" in err
+    (run / "config.json").write_text('{"out": "x"')
+    assert main(["-o", str(run), "--resume"]) == 1
+    assert "cannot read the run's settings" in capsys.readouterr().err
 
 
 def test_stop_after_below_one_is_refused(data, tmp_path, tiny_json, capsys):

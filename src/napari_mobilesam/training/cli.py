@@ -6,8 +6,8 @@ Examples::
     mobilesam-train annotated/ --out runs/mine
     # also train the encoder's last stage, 20 epochs, on a GPU
     mobilesam-train annotated/ --out runs/mine --train-encoder last --epochs 20 --device cuda
-    # continue an interrupted run
-    mobilesam-train annotated/ --out runs/mine --resume
+    # continue an interrupted run with its stored settings (runs/mine/config.json)
+    mobilesam-train --out runs/mine --resume
 
 Errors are one message on stderr and exit status 1 (2 for bad usage, 130 on Ctrl-C).
 """
@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "img.jpg + img.json",
     )  # fmt: skip
     p.add_argument("-o", "--out", type=Path, required=True, help="run folder (created)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out (given alone: with the settings stored in the run)",
+    )  # fmt: skip
     p.add_argument("--val", type=Path, help="held-out folder (default: --val-fraction of data)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument(
@@ -114,6 +117,11 @@ def _train(args: argparse.Namespace) -> int:
     from .loop import train
     from .step import StepConfig
 
+    stored = args.out / "config.json"
+    if args.resume and args.data is None and args.synthetic == 0 and stored.is_file():
+        cfg = _stored_config(stored, args)
+        summary = train(cfg, resume=True, progress=not args.quiet, stop_after=args.stop_after)
+        return _report(summary, args.out)
     if (args.data is None) == (args.synthetic == 0):
         raise CommandError("give a data folder or --synthetic N (not both)", status=2)
     if args.data is not None and not args.data.is_dir():
@@ -153,14 +161,32 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     summary = train(cfg, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
+    return _report(summary, args.out)
+
+
+def _stored_config(path: Path, args: argparse.Namespace):
+    """The settings of the run being resumed, with its folder as ``out``."""
+    import dataclasses
+    import json
+
+    from .config import TrainConfig
+
+    try:
+        data = json.loads(path.read_text())
+        return dataclasses.replace(TrainConfig.from_dict(data), out=args.out)
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        raise CommandError(f"{path}: cannot read the run's settings ({exc})") from None
+
+
+def _report(summary: dict, out: Path) -> int:
     best = summary.get("best")
     if best:
         scores = ", ".join(
             f"{k} {best[k]:.3f}" for k in ("point_miou", "box_miou", "f1") if k in best
         )
-        print(f"best checkpoint (epoch {best['epoch'] + 1}): {scores} -> {args.out / 'best.pt'}")
+        print(f"best checkpoint (epoch {best['epoch'] + 1}): {scores} -> {out / 'best.pt'}")
     else:
-        print(f"trained {summary['steps']} steps -> {args.out / 'best.pt'}")
+        print(f"trained {summary['steps']} steps -> {out / 'best.pt'}")
     return 0
 
 

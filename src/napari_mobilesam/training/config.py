@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .step import StepConfig
@@ -167,3 +167,29 @@ class TrainConfig:
             if isinstance(v, Path):
                 out[k] = str(v)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """The settings :meth:`to_dict` wrote (a run's ``config.json``).
+
+        Raises
+        ------
+        ValueError
+            Unknown or missing settings, or values the checks reject.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}: written by another version?")
+        kw = dict(data)
+        for k in ("out", "data", "val_data"):
+            if kw.get(k) is not None:
+                kw[k] = Path(kw[k])
+        if isinstance(kw.get("step"), dict):
+            kw["step"] = StepConfig(**kw["step"])
+        if "far_ramp" in kw:
+            kw["far_ramp"] = tuple(kw["far_ramp"])
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise ValueError(f"incomplete training settings: {exc}") from None
