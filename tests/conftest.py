@@ -6,6 +6,13 @@ import os
 import sys
 from pathlib import Path
 
+# Under pytest-xdist each worker gets an equal share of the cores for torch, OpenMP
+# and onnxruntime (and the subprocesses tests start): workers that each spun up every
+# core would wait on each other's threads. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
 import numpy as np
 import pytest
 import torch
@@ -87,13 +94,22 @@ def golden_onnx_dir(tmp_path_factory):
     pytest.importorskip("onnxscript")
     if not GOLDEN_CKPT.exists():
         pytest.skip(f"golden reference files not found at {GOLDEN}")
+    from filelock import FileLock
+
     from napari_mobilesam.runtime import export_onnx
     from napari_mobilesam.weights import sha256_file
 
-    out = tmp_path_factory.mktemp("onnx") / "vit_t"
-    unfused = load_model("vit_t", GOLDEN_CKPT, device="cpu", optimize=False)
-    source = {"checkpoint": str(GOLDEN_CKPT), "sha256": sha256_file(GOLDEN_CKPT)}
-    export_onnx(unfused, out, quantize="int8", source=source)
+    # one export shared by all pytest-xdist workers of this run (their base temp
+    # folders share a parent unique to the run); the first to take the lock writes it
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "golden-onnx"
+    out = shared / "vit_t"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "done").exists():
+            unfused = load_model("vit_t", GOLDEN_CKPT, device="cpu", optimize=False)
+            source = {"checkpoint": str(GOLDEN_CKPT), "sha256": sha256_file(GOLDEN_CKPT)}
+            export_onnx(unfused, out, quantize="int8", source=source)
+            (shared / "done").touch()
     return out
 
 
