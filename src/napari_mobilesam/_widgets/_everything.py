@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
@@ -24,12 +26,17 @@ from ..normalize import to_rgb_uint8
 from . import _features
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
+from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
 from ._model import ModelPicker
 
 
 class EverythingWidget(QWidget):
     """Dock widget: segment everything into the image's ``<image> everything`` Labels layer,
     in the background, and commit its objects to the image's ``<image>_labels``.
+
+    With *link* (a stack), the planes are linked as they are segmented: one id per 3D
+    object through z, one track per cell through t (and an ``<image> tracks`` layer),
+    as ``mobilesam-everything --link`` does (see :mod:`._link`).
 
     Parameters
     ----------
@@ -43,6 +50,7 @@ class EverythingWidget(QWidget):
         self.result_layer = None
         self._cancelled = False
         self._done_planes = 0
+        self._stop: threading.Event | None = None  # set by Cancel during a linked run
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -52,6 +60,11 @@ class EverythingWidget(QWidget):
         self.scope.addItems(["shown plane", "whole stack"])
         form.addRow("segment", self.scope)
         layout.addLayout(form)
+        self.link = LinkControls()
+        layout.addWidget(self.link)
+        self.link.axis.currentIndexChanged.connect(self._link_changed)
+        self.image_combo.currentIndexChanged.connect(self._image_changed)
+        self._image_changed()
         self.model = ModelPicker(napari_viewer)
         layout.addWidget(self.model)
 
@@ -139,13 +152,18 @@ class EverythingWidget(QWidget):
         data, rgb = layer.data, bool(layer.rgb)
         shape = image_shape(layer)
         lead = shape[:-2]
-        if self.scope.currentIndex() == 0 or not lead:
+        axis = self.link.choice() if lead else ""
+        if axis:
+            if axis != "z":
+                tracks_layer_of(self.viewer, layer)  # a conflict stops here too
+            linker = StackLink(axis, lead, self.link.min_iou.value(), self.link.max_gap.value())
+        if axis or (self.scope.currentIndex() == 1 and lead):
+            planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*lead)]
+        else:
             plane = self._plane_or_message(layer)
             if plane is None:
                 return
             planes = [plane]
-        else:
-            planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*lead)]
         limits = tuple(float(v) for v in layer.contrast_limits)
         params = self.parameters()
         model = self.model
@@ -153,6 +171,7 @@ class EverythingWidget(QWidget):
         ran_on: list[str] = []  # what ran, as chosen (shown when done)
         counts: list[int] = []  # objects per plane done
         infos: dict = {}  # each plane's scores, for the object table
+        stop = self._stop = threading.Event() if axis else None
 
         def work():
             gen = MaskGenerator(model.predictor(), **params)
@@ -167,10 +186,22 @@ class EverythingWidget(QWidget):
                 # the plane (a prompt gets its turn between planes)
                 with predictor_lock(gen.predictor):
                     labels, infos[index] = gen.generate_labels(rgb_plane, return_info=True)
-                yield i + 1, len(planes), index, labels
+                if not axis:
+                    yield i + 1, len(planes), index, labels
+                    continue
+                # linked in this worker, plane by plane; Cancel ends the run here (not
+                # at the yield) so that the planes done are linked and the table made
+                yield i + 1, len(planes), linker.push(index, labels, infos.pop(index))
+                if stop.is_set():
+                    break
+            if axis:
+                yield len(planes), len(planes), linker.finish()
+                return linker.table
 
         def got(value) -> None:
             """One plane's result, written at once: Cancel keeps the planes done."""
+            if axis:
+                return got_linked(*value)
             n_done, total, index, labels = value
             self._progressed((n_done, total))
             if layer not in self.viewer.layers:
@@ -191,16 +222,61 @@ class EverythingWidget(QWidget):
             counts.append(int(labels.max()))
             self._done_planes = len(counts)
 
-        def done(_result) -> None:
+        def got_linked(n_done, total, linked) -> None:
+            """Planes whose linked ids are final (a ``zt`` time point's after its last)."""
+            self._progressed((n_done, total), f"; {linker.max_id} {what} so far")
+            if layer not in self.viewer.layers or not linked:
+                return
+            try:
+                result = self._linked_result(layer, shape, fresh=not counts)
+            except LayerConflict as exc:
+                show_info(f"MobileSAM: {exc}")
+                return
+            for index, plane, ids, iou, stability in linked:
+                result.data[index] = plane
+                _features.record(result, index, ids, iou, stability, replace_plane=True)
+                counts.append(len(ids))
+            result.refresh()
+            self.result_layer = result
+            self._done_planes = len(counts)
+
+        def done(table) -> None:
+            if axis:
+                return done_linked(table)
             self.status.setText(
                 f"{sum(counts)} objects in {len(planes)} plane(s); {', '.join(ran_on)}"
             )
 
+        def done_linked(table) -> None:
+            text = f"{linker.max_id} {what} in {len(counts)} plane(s)"
+            if axis != "z" and table is not None and layer in self.viewer.layers:
+                text += f" ({len(set(table.parents.values()))} division(s))"
+                try:
+                    show_tracks(self.viewer, layer, table, like=self.result_layer)
+                except LayerConflict as exc:
+                    show_info(f"MobileSAM: {exc}")
+                    text += f"; no tracks layer: {exc}"
+            self.status.setText(f"{text}; {', '.join(ran_on)}")
+
+        what = {"z": "3D objects", "t": "tracks", "zt": "tracks"}.get(axis, "")
         self.progress.setRange(0, len(planes))
         self.progress.setValue(0)
         self._cancelled, self._done_planes = False, 0
         self.runner.submit(work, done, f"segmenting {len(planes)} plane(s)…",
                            yielded=got)  # fmt: skip
+
+    def _linked_result(self, layer, shape, fresh: bool):
+        """The result layer of a linked run; ``fresh``: its first planes, so the layer's
+        earlier per-plane ids and scores are cleared (every plane is redone, linked)."""
+        result = self.result_layer_of(layer)
+        if result is None:
+            return self.viewer.add_labels(
+                np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything"
+            )
+        if fresh:
+            result.data[...] = 0
+            result.features = {}
+        return result
 
     def commit_to_labels(self) -> list[int]:
         """Merge the everything objects of the shown plane (or of every plane, with
@@ -245,25 +321,43 @@ class EverythingWidget(QWidget):
     def cancel(self) -> None:
         """Stop after the plane being segmented; the planes done stay in the result."""
         self._cancelled = True
-        self.runner.cancel()
+        if self._stop is not None and self.runner.busy:
+            self._stop.set()  # a linked run: it links the planes done and ends
+        else:
+            self.runner.cancel()
         self.cancel_button.setEnabled(False)
         if self.runner.busy:
             self.status.setText("cancelling: finishing the plane being segmented…")
 
-    def _progressed(self, value) -> None:
+    def _progressed(self, value, more: str = "") -> None:
         if self._cancelled:
             return
         done, total = value
         self.progress.setRange(0, total)
         self.progress.setValue(done)
-        self.status.setText(f"plane {done} of {total}")
+        self.status.setText(f"plane {done} of {total}{more}")
+
+    def _image_changed(self, *_args) -> None:
+        layer = self.image_combo.layer()
+        self.link.fit(len(image_shape(layer)) - 2 if layer is not None else 0)
+
+    def _link_changed(self, *_args) -> None:
+        """Linking works on the whole stack: the scope follows it."""
+        linked = bool(self.link.choice())
+        if linked:
+            self.scope.setCurrentIndex(1)
+        self.scope.setEnabled(not linked)
+        self.scope.setToolTip("linking segments the whole stack" if linked else "")
 
     def _busy(self, busy: bool, message: str) -> None:
         self.run_button.setEnabled(not busy)
         self.commit_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy and not self._cancelled)
         if not busy and self._cancelled:  # only now has the work stopped
-            self.status.setText(f"cancelled; the {self._done_planes} plane(s) done are kept")
+            linked = ", linked," if self._stop is not None else ""
+            self.status.setText(
+                f"cancelled; the {self._done_planes} plane(s) done are kept{linked}"
+            )
 
 
 def _spin(box, lo, hi, value, step=None):
