@@ -282,6 +282,42 @@ def test_link_cancel_keeps_the_planes_done_linked(make_napari_viewer, qtbot, tru
     assert w.run_button.isEnabled()
 
 
+def test_object_table_and_commit_keep_the_linked_ids(make_napari_viewer, qtbot, truth):
+    """The object table lists the linked ids per plane with their scores; Commit to
+    labels gives each linked object one new id through all its planes."""
+    from napari_mobilesam._widgets import ObjectsWidget
+
+    sample = cell_time_series(5, (64, 64), seed=4)
+    planes = per_plane(sample.labels)
+    truth(planes)
+    viewer = make_napari_viewer()
+    viewer.add_image(sample.image, name="movie")
+    w = _widget(viewer, "movie", "t")
+    _run(qtbot, w)
+    result = viewer.layers["movie everything"]
+    table = ObjectsWidget(viewer)
+    viewer.window.add_dock_widget(table)
+    table.labels_combo.setCurrentText(result.name)
+    qtbot.waitUntil(lambda: not table.timer.isActive() and not table.runner.busy, timeout=WAIT)
+    rows = [table.model.row(r) for r in range(table.model.rowCount())]
+    expected = {(t, int(i)) for t in range(5) for i in np.unique(result.data[t]) if i}
+    assert {(int(r["plane_0"]), int(r["id"])) for r in rows} == expected
+    assert max(int(r["id"]) for r in rows) > max(int(p.max()) for p in planes)  # linked
+    scores = scores_from(result.features, 1)
+    for r in rows:
+        assert r["predicted_iou"] == pytest.approx(scores[((int(r["plane_0"]),), int(r["id"]))][0])
+
+    labels = viewer.add_labels(np.zeros(sample.labels.shape, np.uint32), name="movie_labels")
+    labels.data[0, :3, :3] = 7  # the user's object stays, new ids come after it
+    ids = w.commit_to_labels()
+    assert ids == list(range(8, 8 + int(result.data.max())))
+    linked = result.data > 0
+    pairs = np.unique(np.stack([result.data[linked], labels.data[linked]]), axis=1)
+    assert len(pairs.T) == len(ids) and len(np.unique(pairs[1])) == len(ids)  # one to one
+    carried = scores_from(labels.features, 1)
+    assert len(carried) == len(scores)
+
+
 def test_link_a_fresh_run_clears_the_earlier_per_plane_ids(make_napari_viewer, qtbot, truth):
     sample = cells_3d((6, 64, 64), seed=5)
     planes = per_plane(sample.labels)

@@ -29,6 +29,8 @@ from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
 from ._model import ModelPicker
 
+LINKED = "mobilesam_linked"  # result layer metadata: the link axis of the run that made it
+
 
 class EverythingWidget(QWidget):
     """Dock widget: segment everything into the image's ``<image> everything`` Labels layer,
@@ -216,6 +218,7 @@ class EverythingWidget(QWidget):
                     np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything"
                 )
             result.data[index] = labels
+            result.metadata.pop(LINKED, None)  # per-plane ids again
             _features.record_plane(result, index, infos.pop(index))
             result.refresh()
             self.result_layer = result
@@ -271,9 +274,11 @@ class EverythingWidget(QWidget):
         result = self.result_layer_of(layer)
         if result is None:
             return self.viewer.add_labels(
-                np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything"
-            )
+                np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything",
+                metadata={LINKED: self.link.choice()},
+            )  # fmt: skip
         if fresh:
+            result.metadata[LINKED] = self.link.choice()
             result.data[...] = 0
             result.features = {}
         return result
@@ -281,7 +286,8 @@ class EverythingWidget(QWidget):
     def commit_to_labels(self) -> list[int]:
         """Merge the everything objects of the shown plane (or of every plane, with
         *whole stack*) into the image's ``<image>_labels`` layer, which the prompt widget
-        commits to: each object gets a fresh id and fills only unlabeled pixels.
+        commits to: each object gets a fresh id and fills only unlabeled pixels. A linked
+        result committed whole keeps its linking: one new id per 3D object or track.
 
         Returns
         -------
@@ -310,10 +316,17 @@ class EverythingWidget(QWidget):
             )
             return []
         ids: list[int] = []
-        for index in planes:
-            start = int(data.max()) + 1  # ids unique over the whole layer
-            ids += add_objects(data[index], np.asarray(result.data[index]), start=start)
-            _features.carry(result, target, index, start)  # the objects' scores
+        if result.metadata.get(LINKED) and len(planes) > 1:
+            # linked objects: one new id per 3D object / track through all its planes
+            start = int(data.max()) + 1
+            ids = add_objects(data, np.asarray(result.data), start=start)
+            for index in planes:
+                _features.carry(result, target, index, start)
+        else:
+            for index in planes:
+                start = int(data.max()) + 1  # ids unique over the whole layer
+                ids += add_objects(data[index], np.asarray(result.data[index]), start=start)
+                _features.carry(result, target, index, start)  # the objects' scores
         target.refresh()
         self.status.setText(f"{len(ids)} object(s) added to {target.name}")
         return ids
