@@ -11,9 +11,12 @@ One module per job:
 - :mod:`.labels`: :class:`LabelEditor`, commit masks into label images, undo;
   :func:`add_objects`, merge a label image's objects into unlabeled pixels;
 - :mod:`.propagate`: following an object through neighbouring planes;
+- :mod:`.propagate_many`: following every object of a plane at once, one decoder call
+  per plane;
 - :mod:`.objects`: the objects of a label image as a table (area, bbox, scores,
   intensities), delete and merge;
-- :mod:`.session`: :class:`PromptSession`, all of the above around one predictor;
+- :mod:`.session`: :class:`PromptSession`, all of the above around one predictor (its
+  propagation methods in :mod:`.session_stacks`);
 - :mod:`.locks`: :func:`predictor_lock`, what keeps sessions on one predictor apart.
 
 Coordinates here are napari's: points are (row, col) = (y, x) pixels of the plane,
@@ -27,6 +30,7 @@ from .locks import predictor_lock
 from .planes import ImagePlanes
 from .prompts import ObjectPrompt, Prediction
 from .propagate import PropagationRule, mask_prompt
+from .propagate_many import Propagated
 from .session import PromptSession
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "ObjectPrompt",
     "Prediction",
     "PromptSession",
+    "Propagated",
     "PropagationRule",
     "add_objects",
     "content_fingerprint",

@@ -3,7 +3,8 @@
 It composes the pieces of this package around one :class:`~napari_mobilesam.predictor.
 Predictor`: :class:`~.planes.ImagePlanes` (which plane is which), an
 :class:`~.cache.EmbeddingCache` (embeddings per plane), prompts (:mod:`.prompts`),
-a :class:`~.labels.LabelEditor` (commit and undo) and propagation (:mod:`.propagate`).
+a :class:`~.labels.LabelEditor` (commit and undo) and propagation (:mod:`.propagate`,
+:mod:`.propagate_many`; the methods in :mod:`.session_stacks`).
 
 Threads: every public method may be called from several threads at once. A lock per
 session guards its current plane; :func:`predictor_lock`, shared by every session on a
@@ -20,13 +21,13 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 import numpy as np
 
 from ..predictor import ImageEmbedding, Predictor
-from ..validation import check_bool_mask, check_int
+from ..validation import check_int
 from .cache import EmbeddingCache, content_fingerprint, model_fingerprint
 from .labels import LabelEditor
 from .locks import predictor_lock
 from .planes import ImagePlanes
 from .prompts import ObjectPrompt, Prediction, SamPrompt, batches, check_choice, pick, to_sam
-from .propagate import PropagationRule, check_axis, follow
+from .session_stacks import StackPropagation
 
 __all__ = ["PromptSession"]
 
@@ -36,7 +37,7 @@ def _from_planes(name: str, doc: str) -> property:
     return property(lambda self: getattr(self.planes, name), doc=doc)
 
 
-class PromptSession:
+class PromptSession(StackPropagation):
     """Interactive segmentation state over an image or a stack of planes.
 
     Parameters
@@ -432,68 +433,3 @@ class PromptSession:
             The ids that were removed, or None when there is nothing to undo.
         """
         return self._labels.undo(labels)
-
-    # -- propagation ----------------------------------------------------------------------
-
-    def propagate(
-        self,
-        start,
-        mask: np.ndarray,
-        axis: int,
-        *,
-        direction: int = 0,
-        min_score: float = 0.7,
-        min_area_ratio: float = 0.3,
-        max_planes: int | None = None,
-        use_mask_input: bool = False,
-        progress: Callable[[tuple[int, ...], float], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> dict[tuple[int, ...], np.ndarray]:
-        """Segment the object of ``mask`` in neighbouring planes along one plane axis.
-
-        Plane by plane away from ``start``, the previous plane's mask becomes the prompt
-        (:func:`~napari_mobilesam.interactive.mask_prompt`), single-mask output. A
-        result is accepted when it is non-empty, its score is ``>= min_score`` and its
-        area over the previous area lies in ``[min_area_ratio, 1 / min_area_ratio]``;
-        the first rejected plane ends that direction. Planes are embedded (or taken from
-        the cache) as needed; the current plane does not change.
-
-        Parameters
-        ----------
-        start : tuple of int
-            Plane index of ``mask``.
-        mask : np.ndarray
-            (H, W) bool, non-empty: the object on ``start``.
-        axis : int
-            Which plane axis to walk along (0-based index into :attr:`plane_shape`).
-        direction, min_score, min_area_ratio, max_planes, use_mask_input
-            The walk's rule; see :class:`~napari_mobilesam.interactive.PropagationRule`
-            (both directions, higher first; predicted IoU >= 0.7; area within 0.3x to
-            1 / 0.3x of the previous plane's; no plane limit; no mask input).
-        progress : callable(index, score), optional
-            Called after each accepted plane.
-        should_stop : callable() -> bool, optional
-            Checked before each plane; True stops.
-
-        Returns
-        -------
-        dict
-            ``{plane index: (H, W) bool mask}`` for the accepted planes, ``start``
-            excluded, in the order they were found.
-        """
-        start = self.check_index(start)
-        mask = check_bool_mask(mask, self.shape_hw)
-        axis = check_axis(axis, self.plane_shape)
-        rule = PropagationRule(direction, min_score, min_area_ratio, max_planes, use_mask_input)
-
-        def segment(idx, points_rc, box_rc, mask_input) -> Prediction:
-            prompt = to_sam(points_rc, None, box_rc)
-            with self._predictor_lock:  # embedding and decoding together
-                embedding, _ = self._embedding_of(idx)
-                masks, scores, low_res = self._decode(embedding, prompt, False, mask_input)
-            return Prediction(masks, scores, low_res, 0)
-
-        return follow(
-            start, mask, axis, self.plane_shape, segment, rule,
-            progress=progress, should_stop=should_stop,
-        )  # fmt: skip
