@@ -231,7 +231,7 @@ class EverythingWidget(QWidget):
             if layer not in self.viewer.layers or not linked:
                 return
             try:
-                result = self._linked_result(layer, shape, fresh=not counts)
+                result = self._linked_result(layer, shape, not counts, axis)
             except LayerConflict as exc:
                 show_info(f"MobileSAM: {exc}")
                 return
@@ -268,17 +268,17 @@ class EverythingWidget(QWidget):
         self.runner.submit(work, done, f"segmenting {len(planes)} plane(s)…",
                            yielded=got)  # fmt: skip
 
-    def _linked_result(self, layer, shape, fresh: bool):
-        """The result layer of a linked run; ``fresh``: its first planes, so the layer's
-        earlier per-plane ids and scores are cleared (every plane is redone, linked)."""
+    def _linked_result(self, layer, shape, fresh: bool, axis: str):
+        """The result layer of a run linked along ``axis``; ``fresh``: its first planes, so
+        the layer's earlier per-plane ids and scores are cleared (every plane is redone)."""
         result = self.result_layer_of(layer)
         if result is None:
             return self.viewer.add_labels(
                 np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything",
-                metadata={LINKED: self.link.choice()},
+                metadata={LINKED: axis},
             )  # fmt: skip
         if fresh:
-            result.metadata[LINKED] = self.link.choice()
+            result.metadata[LINKED] = axis
             result.data[...] = 0
             result.features = {}
         return result
