@@ -90,7 +90,8 @@ class EverythingWidget(QWidget):
         self.commit_button = QPushButton("Commit to labels")
         self.commit_button.setToolTip(
             "add the objects of the shown plane (whole stack: of every plane) to the "
-            "image's <image>_labels layer with new ids, only into unlabeled pixels"
+            "image's <image>_labels layer with new ids, only into unlabeled pixels (a linked "
+            "result: one new id per 3D object or track)"
         )
         for button, func in ((self.run_button, self.run), (self.cancel_button, self.cancel),
                              (self.commit_button, self.commit_to_labels)):  # fmt: skip
