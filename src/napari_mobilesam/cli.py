@@ -6,6 +6,7 @@ Subcommands::
     mobilesam weights download [NAME ...]    download into the cache (default: vit_t)
     mobilesam weights path NAME              print where a model's file is cached
     mobilesam export-onnx -o DIR [--quantize int8]   single-file ONNX encoder and decoder
+    mobilesam embed INPUT -o STORE.zarr      precompute embeddings into a zarr store
 
 Each command group is added by one ``_add_<group>_parser(subparsers)`` function
 that registers its subparser and sets ``func`` (called with the parsed arguments,
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from . import weights as _w
+from .embed_command import add_parser as add_embed_parser
 from .synthetic_command import add_parser as add_synthetic_parser
 
 PROG = "mobilesam"
@@ -249,6 +251,7 @@ _GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_weights_parser,
     _add_export_onnx_parser,
     add_synthetic_parser,
+    add_embed_parser,
 ]
 
 

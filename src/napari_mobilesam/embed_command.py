@@ -1,0 +1,146 @@
+"""``mobilesam embed``: precompute an image's embeddings into a zarr store, resumably.
+
+Examples::
+
+    mobilesam embed stack.tif -o stack.embeddings.zarr --device cuda
+    mobilesam embed cells.zarr -o cells.emb.zarr --axes ZCYX --channels 1 \\
+        --contrast-limits 100,4000
+
+Run it again after an interruption: finished planes are kept, damaged ones are
+recomputed. The store is checked against the model and the image first and never
+overwritten when it belongs to another one. The napari prompt widget and
+:class:`~napari_mobilesam.interactive.PromptSession` (:func:`napari_mobilesam.store.
+attach_store`) then load the planes instead of computing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_parser"]
+
+
+class _PlaneArray:
+    """An opened input in napari's layout, ``(P..., [C,] H, W)``, read one plane at a
+    time (what :class:`~napari_mobilesam.interactive.ImagePlanes` indexes)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.dtype = source.dtype
+        channels = () if source.channel_axis is None else (source.n_channels,)
+        self.shape = (*source.plane_shape, *channels, source.height, source.width)
+        self.channel_axis = None if not channels else len(source.plane_shape)
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        n = len(self.source.plane_shape)
+        plane = self.source.read_plane(tuple(key[:n]))
+        if self.channel_axis is not None:
+            plane = np.moveaxis(plane, -1, 0)
+        return plane[tuple(key[n:])]
+
+
+def _numbers(text: str | None, kind, count: int | None, flag: str):
+    """``"a,b"`` as a tuple of ``kind``; a usage error naming ``flag`` otherwise."""
+    from .cli import CommandError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count):
+        what = f"{count} comma-separated numbers" if count else "comma-separated integers"
+        raise CommandError(f"{flag} {text!r}: give {what}", status=2)
+    return values
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from mobilesam_batch.inputs import InputError, open_source
+
+    from . import build
+    from . import weights as _w
+    from .cli import CommandError
+    from .interactive import ImagePlanes
+    from .predictor import Predictor
+    from .store import StoreError, embed_planes, open_for
+
+    channels = _numbers(args.channels, int, None, "--channels")
+    limits = _numbers(args.contrast_limits, float, 2, "--contrast-limits")
+    percentiles = _numbers(args.percentiles, float, 2, "--percentiles") or (0.5, 99.5)
+    if limits is not None and args.percentiles is not None:
+        raise CommandError("give --contrast-limits or --percentiles, not both", status=2)
+    if args.weights is not None and not args.weights.is_file():
+        raise CommandError(f"--weights {args.weights}: no such file", status=2)
+    try:
+        source = open_source(args.input, args.axes)
+    except InputError as exc:
+        raise CommandError(str(exc)) from None
+    with source:
+        data = _PlaneArray(source)
+        planes = ImagePlanes(
+            data, channel_axis=data.channel_axis, channels=channels, contrast_limits=limits
+        )
+        checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
+        model = build.load_model(args.model, checkpoint, device=args.device)
+        predictor = Predictor(model, precision=args.precision)
+        try:
+            store = open_for(args.output, planes, predictor, percentiles)
+            bar = tqdm(total=planes.n_planes, unit="plane", desc="embed", disable=args.quiet)
+            with bar:
+                report = embed_planes(
+                    store, planes, predictor, percentiles=percentiles,
+                    batch_size=args.batch_size, progress=bar.update,
+                )  # fmt: skip
+        except StoreError as exc:
+            raise CommandError(str(exc)) from None
+    damaged = f", {len(report.damaged)} damaged planes recomputed" if report.damaged else ""
+    print(
+        f"{args.output}: {report.computed} planes embedded, {report.skipped} already "
+        f"done{damaged} ({predictor.describe()})"
+    )
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``embed`` on the ``mobilesam`` command line."""
+    p = subparsers.add_parser(
+        "embed",
+        help="precompute an image's embeddings into a zarr store (resumable)",
+        description=(
+            "Compute the image embedding of every plane of INPUT (TIFF, PNG/JPEG, npy, "
+            "zarr or OME-Zarr) into a zarr store, one chunk per plane, with the model, "
+            "the normalisation and a fingerprint of the image in its attributes. Rerun "
+            "to resume: finished planes are kept. The prompt widget and PromptSession "
+            "load the store's planes instead of computing them."
+        ),
+    )
+    p.add_argument("input", type=Path, metavar="INPUT", help="image file or zarr store")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="STORE",
+                   help="the embedding store (a folder, e.g. image.embeddings.zarr)")  # fmt: skip
+    p.add_argument("--model", default="vit_t", help="model name [vit_t]")
+    p.add_argument("--weights", type=Path, metavar="PATH",
+                   help="checkpoint file [the registry's weights, downloaded once]")  # fmt: skip
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (CUDA when available) [auto]")  # fmt: skip
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="image encoder precision [fp32]")  # fmt: skip
+    p.add_argument("--axes", metavar="AXES",
+                   help="axes of INPUT, e.g. ZYX, TZYX, ZCYX, YXC (C: channels; other "
+                   "letters: planes) [from the file's metadata or its shape]")  # fmt: skip
+    p.add_argument("--channels", metavar="I[,J[,K]]",
+                   help="channels shown to the model as R[,G[,B]] [the first three]")  # fmt: skip
+    p.add_argument("--contrast-limits", metavar="LO,HI",
+                   help="fixed intensity range, as the napari layer's contrast limits "
+                   "[per-plane percentiles]")  # fmt: skip
+    p.add_argument("--percentiles", metavar="LO,HI",
+                   help="percentiles of each plane used as contrast limits [0.5,99.5, "
+                   "what the prompt widget uses]")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="planes per encoder call [GPU 8, CPU 1]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

@@ -1,0 +1,146 @@
+"""``StoreCache``: a PromptSession's embedding cache that also reads an embedding store.
+
+Planes found in the store are loaded instead of computed. The store is checked once,
+when the cache is made, against the session's model (name and checkpoint sha256), image
+(:func:`~.identity.image_fingerprint`) and normalisation; a mismatch raises
+:class:`~.zarr_store.StoreMismatchError` naming the store and what differs.
+
+Use :func:`attach_store` on a session, or give ``StoreCache(...)`` as a session's
+``cache``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Hashable
+
+from ..interactive.cache import EmbeddingCache, model_fingerprint
+from ..interactive.planes import ImagePlanes
+from ..predictor import ImageEmbedding
+from .embed import check_store, describe
+from .zarr_store import EmbeddingStore, StoreCorruptError
+
+__all__ = ["StoreCache", "attach_store"]
+
+
+class StoreCache(EmbeddingCache):
+    """An :class:`EmbeddingCache` that also finds planes in an :class:`EmbeddingStore`.
+
+    Parameters
+    ----------
+    store : EmbeddingStore or path
+        The store (a path is opened read-only).
+    planes : ImagePlanes
+        The session's image (``session.planes``).
+    model : Sam
+        The session's model (``session.predictor.model``).
+    max_items, folder
+        As for :class:`EmbeddingCache` (what the session computes goes there, never
+        into the store).
+
+    Raises
+    ------
+    StoreMismatchError
+        When the store belongs to another model, image or normalisation.
+
+    Notes
+    -----
+    A session's cache key names a plane either by the sha1 of its pixels (looked up
+    among the store's per-plane source hashes, so only identical pixels match) or, with
+    the session's ``cache_key``, by its plane index. Keys with other normalisation
+    settings or another model are never answered from the store. A damaged chunk is a
+    warning that names it, and a miss: the session computes that plane.
+    :attr:`loads` counts the planes read from the store.
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore | str | os.PathLike,
+        planes: ImagePlanes,
+        model,
+        *,
+        max_items: int = 16,
+        folder: str | os.PathLike | None = None,
+    ):
+        super().__init__(max_items=max_items, folder=folder)
+        if not isinstance(store, EmbeddingStore):
+            store = EmbeddingStore.open(store, mode="r")
+        if not isinstance(planes, ImagePlanes):
+            raise TypeError(f"planes must be an ImagePlanes, got {type(planes)}")
+        check_store(store, describe(planes, model))
+        self.store = store
+        self._tail = (*planes.settings(), model_fingerprint(model))
+        self._n_axes = len(planes.plane_shape)
+        self._count_lock = threading.Lock()
+        #: planes read from the store so far
+        self.loads = 0
+
+    def _plane_of(self, key: Hashable) -> tuple[int, ...] | None:
+        """The store's plane for a session key, or None (not this session's kind of key)."""
+        n = len(self._tail)
+        if not isinstance(key, tuple) or len(key) != 2 + n or key[2:] != self._tail:
+            return None
+        name, ident = key[0], key[1]
+        if name == "sha1" and isinstance(ident, str):
+            return self.store.find(ident)
+        if isinstance(ident, tuple) and len(ident) == self._n_axes:
+            try:
+                idx = self.store.check_index(ident)
+            except (TypeError, ValueError):
+                return None
+            return idx if self.store.is_done(idx) else None
+        return None
+
+    def get(self, key: Hashable) -> ImageEmbedding | None:
+        """The embedding of ``key``: memory, then the folder, then the store."""
+        with self._lock:
+            embedding = super().get(key)
+            if embedding is not None:
+                return embedding
+            idx = self._plane_of(key)
+            if idx is None:
+                return None
+            try:
+                embedding = self.store.read(idx)
+            except StoreCorruptError as err:
+                warnings.warn(f"{err}; computing the plane instead", RuntimeWarning, stacklevel=2)
+                return None
+            self._remember(key, embedding)
+        with self._count_lock:
+            self.loads += 1
+        return embedding
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return super().__contains__(key) or self._plane_of(key) is not None
+
+
+def attach_store(session, store) -> StoreCache:
+    """Make ``session`` load its planes from ``store`` where it has them.
+
+    Replaces ``session.cache`` by a :class:`StoreCache` with the same size and folder
+    (embeddings held in the old cache's memory are dropped; its folder is kept).
+
+    Parameters
+    ----------
+    session : PromptSession
+    store : EmbeddingStore or path
+
+    Returns
+    -------
+    StoreCache
+        The session's new cache.
+
+    Raises
+    ------
+    StoreMismatchError
+        When the store belongs to another model, image or normalisation.
+    """
+    old = session.cache
+    cache = StoreCache(
+        store, session.planes, session.predictor.model, max_items=old.max_items, folder=old.folder
+    )
+    session.cache = cache
+    return cache

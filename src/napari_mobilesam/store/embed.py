@@ -1,0 +1,191 @@
+"""Fill an embedding store from an image, resumably; check a store against an image.
+
+:func:`describe` says what a store for (image, model, normalisation) must hold,
+:func:`check_store` compares a store with it, :func:`open_for` opens (or creates) the
+store for an image, and :func:`embed_planes` computes the planes it lacks, normalising
+each plane with :func:`~napari_mobilesam.normalize.to_rgb_uint8` and the image's
+:meth:`~napari_mobilesam.interactive.ImagePlanes.normalize_kwargs`, exactly as
+:class:`~napari_mobilesam.interactive.PromptSession` does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..interactive.cache import content_fingerprint
+from ..interactive.planes import ImagePlanes
+from ..normalize import to_rgb_uint8
+from ..validation import check_int
+from .identity import (
+    DEFAULT_PERCENTILES,
+    differences,
+    image_fingerprint,
+    model_differences,
+    model_identity,
+    normalisation,
+)
+from .zarr_store import EmbeddingStore, StoreMismatchError
+
+__all__ = ["EmbedReport", "check_store", "describe", "embed_planes", "open_for"]
+
+_IMAGE_FIELDS = ("plane_shape", "shape_hw", "channels", "dtype", "sample_sha256")
+
+
+def describe(planes: ImagePlanes, model, percentiles=DEFAULT_PERCENTILES) -> dict:
+    """The ``model``, ``image`` and ``normalisation`` records of a store for these planes."""
+    return {
+        "model": model_identity(model),
+        "image": image_fingerprint(planes),
+        "normalisation": normalisation(planes, percentiles),
+    }
+
+
+def check_store(store: EmbeddingStore, expected: dict) -> None:
+    """Raise unless ``store`` holds embeddings of the image and model of ``expected``.
+
+    Parameters
+    ----------
+    store : EmbeddingStore
+    expected : dict
+        :func:`describe` of the image, model and normalisation at hand.
+
+    Raises
+    ------
+    StoreMismatchError
+        Naming the store and every difference (model, image, normalisation).
+    """
+    meta = store.meta
+    found = [f"{d} (model)" for d in model_differences(meta["model"], expected["model"])]
+    found += [f"{d} (image)" for d in differences(meta["image"], expected["image"], _IMAGE_FIELDS)]
+    norm_fields = ("channels", "contrast_limits", "percentiles")
+    found += [
+        f"{d} (normalisation)"
+        for d in differences(meta["normalisation"], expected["normalisation"], norm_fields)
+    ]
+    if found:
+        raise StoreMismatchError(
+            f"the embedding store {store.path} was made for another "
+            f"{'/'.join(sorted({f.rsplit('(', 1)[1][:-1] for f in found}))}: "
+            f"{'; '.join(found)} (store != this). Embed this image into a new store with "
+            "`mobilesam embed`, using the same model and normalisation"
+        )
+
+
+def open_for(path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTILES):
+    """The store at ``path`` for these planes and this predictor's model, created if new.
+
+    Returns
+    -------
+    EmbeddingStore
+        Open for writing.
+
+    Raises
+    ------
+    StoreMismatchError
+        When ``path`` holds a store of another model, image or normalisation, or is not a
+        store (it is never overwritten).
+    """
+    expected = describe(planes, predictor.model, percentiles)
+    path = Path(path)
+    if not path.exists():
+        embedding = {
+            "shape": expected["model"]["embedding_shape"],
+            "dtype": "<f4",
+            "precision": predictor.precision,
+        }
+        return EmbeddingStore.create(path, {**expected, "embedding": embedding})
+    store = EmbeddingStore.open(path, mode="r+")
+    check_store(store, expected)
+    return store
+
+
+@dataclass
+class EmbedReport:
+    """What :func:`embed_planes` did.
+
+    Attributes
+    ----------
+    computed : int
+        Planes run through the encoder.
+    skipped : int
+        Planes already done (not recomputed).
+    damaged : list of tuple of int
+        Done planes whose chunk failed its check; they were recomputed.
+    """
+
+    computed: int = 0
+    skipped: int = 0
+    damaged: list = None
+
+    def __post_init__(self):
+        self.damaged = [] if self.damaged is None else self.damaged
+
+
+def embed_planes(
+    store: EmbeddingStore,
+    planes: ImagePlanes,
+    predictor,
+    *,
+    percentiles=DEFAULT_PERCENTILES,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EmbedReport:
+    """Compute and store every plane the store lacks; damaged planes are recomputed.
+
+    Parameters
+    ----------
+    store : EmbeddingStore
+        Open for writing, checked against the image (:func:`open_for`).
+    planes : ImagePlanes
+        The image, its channels and contrast limits.
+    predictor : Predictor
+        Runs the encoder (:meth:`Predictor.embed_images`; its current image is untouched).
+    percentiles : (float, float)
+        Contrast limits from these percentiles of each plane when ``planes`` has none.
+    batch_size : int, optional
+        Planes per encoder call: default 8 on a GPU, 1 on a CPU.
+    progress : callable(n), optional
+        Called with the number of planes finished (or skipped) after each batch.
+    should_stop : callable() -> bool, optional
+        Checked before each batch; True stops early (the finished planes stay done).
+
+    Returns
+    -------
+    EmbedReport
+
+    Raises
+    ------
+    StoreWriteError
+        When a plane cannot be written (the planes before it stay done).
+    """
+    if batch_size is None:
+        batch_size = 1 if predictor.device.type == "cpu" else 8
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    report = EmbedReport()
+    for err in store.verify():
+        warnings.warn(f"{err} (recomputing it now)", RuntimeWarning, stacklevel=2)
+        store.discard(err.index)
+        report.damaged.append(err.index)
+    done = set(store.done())
+    todo = [idx for idx in planes.indices() if idx not in done]
+    report.skipped = len(done)
+    if progress is not None and done:
+        progress(len(done))
+    kwargs = planes.normalize_kwargs()
+    for start in range(0, len(todo), batch_size):
+        if should_stop is not None and should_stop():
+            break
+        batch = todo[start : start + batch_size]
+        pixels = [planes.plane(idx) for idx in batch]
+        rgbs = [to_rgb_uint8(p, percentiles=percentiles, **kwargs) for p in pixels]
+        embeddings = predictor.embed_images(rgbs, batch_size=len(rgbs))
+        for idx, plane, embedding in zip(batch, pixels, embeddings, strict=True):
+            store.write(idx, embedding, content_fingerprint(plane))
+            report.computed += 1
+        if progress is not None:
+            progress(len(batch))
+    return report

@@ -1,0 +1,367 @@
+"""``EmbeddingStore``: per-plane image embeddings in a zarr group, resumable and checked.
+
+Layout (zarr format 2, one chunk per plane and tile; ``P...`` are the image's plane
+axes, ``T`` the tiles of a plane, ``C, h, w`` the embedding)::
+
+    store.zarr/
+      .zattrs        {"napari_mobilesam_embeddings": {format, version, model, image,
+                      normalisation, tiles, embedding}}
+      features       float32 (P..., T, C, h, w), uncompressed: the encoder's output
+      geometry       int32   (P..., T, 4): original (H, W) and input (h, w) sizes, as
+                     Predictor needs them to answer prompts
+      source_sha1    uint8   (P..., 20): sha1 of each source plane's pixels
+                     (:func:`~napari_mobilesam.interactive.content_fingerprint`)
+      checksum       uint8   (P..., T, 32): sha256 of the plane's ``features`` bytes
+                     (little-endian float32, C order); all zero = not done
+
+A plane is *done* when its checksum is set. :meth:`EmbeddingStore.write` writes the
+features, the geometry and the source hash first and the checksum last, so a plane
+interrupted mid-write is not done, and a chunk damaged later fails its checksum on
+:meth:`EmbeddingStore.read`. zarr writes each chunk file to a temporary and renames
+it into place. The tile grid is 1 x 1 (``T = 1``): whole planes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path
+from ..predictor import ImageEmbedding
+
+__all__ = [
+    "ATTRS_KEY",
+    "FORMAT_VERSION",
+    "EmbeddingStore",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreMismatchError",
+    "StoreWriteError",
+]
+
+#: The key of the store's metadata in the zarr group's attributes.
+ATTRS_KEY = "napari_mobilesam_embeddings"
+#: Layout version; a store of another version is refused.
+FORMAT_VERSION = 1
+_FORMAT = "napari-mobilesam image embeddings"
+
+
+class StoreError(Exception):
+    """An embedding store cannot be used; the message names the store and the fix."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """The store belongs to another model, image or normalisation (or is not a store)."""
+
+
+class StoreCorruptError(StoreError):
+    """A done plane's chunk is unreadable or fails its checksum.
+
+    Attributes
+    ----------
+    index : tuple of int
+        The plane.
+    """
+
+    def __init__(self, message: str, index: tuple[int, ...]):
+        super().__init__(message)
+        self.index = index
+
+
+class StoreWriteError(StoreError):
+    """Writing a plane failed (e.g. disk full); that plane is not marked done.
+
+    Attributes
+    ----------
+    index : tuple of int
+        The plane.
+    errno : int or None
+        The operating system's error number (``errno.ENOSPC`` for a full disk).
+    """
+
+    def __init__(self, message: str, index: tuple[int, ...], errno_: int | None):
+        super().__init__(message)
+        self.index = index
+        self.errno = errno_
+
+
+class EmbeddingStore:
+    """Per-plane embeddings of one image or stack in a zarr group.
+
+    Make one with :meth:`create` or :meth:`open`. Every method is thread-safe.
+
+    Attributes
+    ----------
+    path : Path
+    meta : dict
+        The store's attributes: ``format``, ``version``, ``model``
+        (:func:`~.identity.model_identity`), ``image``
+        (:func:`~.identity.image_fingerprint`), ``normalisation``
+        (:func:`~.identity.normalisation`), ``tiles`` (``{"grid": [1, 1], "size":
+        None, "overlap": 0}``) and ``embedding`` (``shape`` [C, h, w], ``dtype``,
+        ``precision``).
+    plane_shape : tuple of int
+        Sizes of the image's plane axes (``()`` for one 2-D image).
+    """
+
+    def __init__(self, path: Path, group, writable: bool):
+        self.path = Path(path)
+        self._group = group
+        self.writable = writable
+        self.meta = dict(group.attrs[ATTRS_KEY])
+        self.plane_shape = tuple(int(s) for s in self.meta["image"]["plane_shape"])
+        self._arrays = {name: group[name] for name in ("features", "geometry", "source_sha1")}
+        self._arrays["checksum"] = group["checksum"]
+        self._lock = threading.RLock()
+        self._by_sha1: dict[str, tuple[int, ...]] | None = None
+
+    # -- making and opening -----------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, meta: dict) -> EmbeddingStore:
+        """A new, empty store at ``path`` (which must not exist), made atomically.
+
+        Parameters
+        ----------
+        path : str or Path
+            The store folder to create (``*.zarr`` by convention).
+        meta : dict
+            ``model``, ``image``, ``normalisation`` and ``embedding`` records, as
+            :attr:`meta` describes; ``image.plane_shape`` and ``embedding.shape`` size
+            the arrays. ``format``, ``version`` and ``tiles`` are filled in.
+
+        Raises
+        ------
+        FileExistsError
+            When ``path`` exists.
+        """
+        import zarr
+
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} exists: open it with EmbeddingStore.open")
+        meta = {
+            "format": _FORMAT,
+            "version": FORMAT_VERSION,
+            "tiles": {"grid": [1, 1], "size": None, "overlap": 0},
+            **meta,
+        }
+        planes = tuple(int(s) for s in meta["image"]["plane_shape"])
+        n_tiles = int(np.prod(meta["tiles"]["grid"]))
+        emb = tuple(int(s) for s in meta["embedding"]["shape"])
+        one = (1,) * len(planes)
+        with atomic_path(path, is_dir=True) as tmp:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+            specs = {
+                "features": ((*planes, n_tiles, *emb), (*one, 1, *emb), "<f4"),
+                "geometry": ((*planes, n_tiles, 4), (*one, 1, 4), "<i4"),
+                "source_sha1": ((*planes, 20), (*one, 20), "u1"),
+                "checksum": ((*planes, n_tiles, 32), (*one, 1, 32), "u1"),
+            }
+            for name, (shape, chunks, dtype) in specs.items():
+                group.create_array(
+                    name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=None
+                )
+            group.attrs[ATTRS_KEY] = meta
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> EmbeddingStore:
+        """Open an existing store.
+
+        Parameters
+        ----------
+        path : str or Path
+        mode : {"r", "r+"}
+            Read only, or also write planes.
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``path`` does not exist.
+        StoreMismatchError
+            When ``path`` is not an embedding store of this version.
+        """
+        import zarr
+
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no embedding store at {path}")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+            meta = group.attrs[ATTRS_KEY]
+        except Exception:
+            raise StoreMismatchError(
+                f"{path} is not an embedding store (no {ATTRS_KEY!r} attributes): choose "
+                "another path, or make one with `mobilesam embed`"
+            ) from None
+        if meta.get("format") != _FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{path} is an embedding store of version {meta.get('version')!r}; this "
+                f"napari-mobilesam reads version {FORMAT_VERSION}: make it again with "
+                "`mobilesam embed`"
+            )
+        return cls(path, group, writable=mode == "r+")
+
+    # -- planes ------------------------------------------------------------------------
+
+    def check_index(self, index) -> tuple[int, ...]:
+        """``index`` as a tuple of ints within :attr:`plane_shape`."""
+        if isinstance(index, (int, np.integer)):
+            index = (index,)
+        idx = tuple(int(i) for i in index)
+        if len(idx) != len(self.plane_shape) or any(
+            not 0 <= i < n for i, n in zip(idx, self.plane_shape, strict=True)
+        ):
+            raise ValueError(f"index {index!r} is not a plane of {self.plane_shape} in {self.path}")
+        return idx
+
+    def chunk_name(self, index) -> str:
+        """The file of a plane's features, relative to the store (for messages)."""
+        idx = self.check_index(index)
+        n_dims = len(self._arrays["features"].shape) - len(idx)
+        return "features/" + ".".join(str(i) for i in (*idx, *([0] * n_dims)))
+
+    def is_done(self, index) -> bool:
+        """Whether plane ``index`` has been written completely."""
+        idx = self.check_index(index)
+        with self._lock:
+            try:
+                return bool(np.asarray(self._arrays["checksum"][idx]).any(axis=-1).all())
+            except Exception:  # an unreadable marker: not done
+                return False
+
+    def done(self) -> list[tuple[int, ...]]:
+        """The done planes, in C order."""
+        with self._lock:
+            sums = np.asarray(self._arrays["checksum"][...])
+        marked = sums.any(axis=-1).all(axis=-1)  # (P...): every tile has a checksum
+        return [idx for idx in np.ndindex(*self.plane_shape) if marked[idx]]
+
+    def source_sha1(self, index) -> str | None:
+        """The sha1 of plane ``index``'s source pixels, or None when it is not done."""
+        idx = self.check_index(index)
+        if not self.is_done(idx):
+            return None
+        with self._lock:
+            return bytes(np.asarray(self._arrays["source_sha1"][idx], dtype=np.uint8)).hex()
+
+    def find(self, sha1: str) -> tuple[int, ...] | None:
+        """The done plane whose source pixels have this sha1, or None."""
+        with self._lock:
+            if self._by_sha1 is None:
+                self._by_sha1 = {}
+                for idx in self.done():
+                    digest = self.source_sha1(idx)
+                    self._by_sha1.setdefault(digest, idx)
+            return self._by_sha1.get(sha1)
+
+    def read(self, index) -> ImageEmbedding:
+        """Plane ``index``'s embedding, its checksum verified.
+
+        Returns
+        -------
+        ImageEmbedding
+            Features (1, C, h, w) float32 on the CPU, with the original and input sizes.
+
+        Raises
+        ------
+        KeyError
+            When the plane is not done.
+        StoreCorruptError
+            When its chunk cannot be read or its bytes fail the checksum.
+        """
+        idx = self.check_index(index)
+        if not self.is_done(idx):
+            raise KeyError(f"plane {idx} of {self.path} is not done")
+        chunk = self.chunk_name(idx)
+        with self._lock:
+            try:
+                features = np.asarray(self._arrays["features"][idx], dtype="<f4")
+                geometry = np.asarray(self._arrays["geometry"][idx])
+                expected = bytes(np.asarray(self._arrays["checksum"][idx], dtype=np.uint8)[0])
+            except Exception as err:
+                raise StoreCorruptError(
+                    f"{self.path}: the chunk {chunk} of plane {idx} cannot be read ({err}); "
+                    "rerun `mobilesam embed` to recompute it",
+                    idx,
+                ) from err
+        if hashlib.sha256(features.tobytes()).digest() != expected:
+            raise StoreCorruptError(
+                f"{self.path}: the chunk {chunk} of plane {idx} fails its sha256 checksum "
+                "(damaged or truncated); rerun `mobilesam embed` to recompute it",
+                idx,
+            )
+        h, w, ih, iw = (int(v) for v in geometry[0])
+        return ImageEmbedding(torch.from_numpy(features[:1].copy()), (h, w), (ih, iw))
+
+    def write(self, index, embedding: ImageEmbedding, source_sha1: str) -> None:
+        """Store plane ``index``'s embedding and mark it done (the marker written last).
+
+        Parameters
+        ----------
+        index : tuple of int
+        embedding : ImageEmbedding
+            Features (1, C, h, w), any device.
+        source_sha1 : str
+            40 hex digits: :func:`~napari_mobilesam.interactive.content_fingerprint` of
+            the plane's pixels.
+
+        Raises
+        ------
+        StoreWriteError
+            When the disk refuses the write (full, read-only, ...): the plane is left
+            not done, and a later run writes it again.
+        """
+        idx = self.check_index(index)
+        if not self.writable:
+            raise StoreError(f"{self.path} is open read-only: open it with mode='r+'")
+        features = embedding.features.detach().to("cpu", torch.float32).numpy()
+        features = np.ascontiguousarray(features, dtype="<f4")
+        geometry = np.array([[*embedding.original_size, *embedding.input_size]], dtype="<i4")
+        digest = np.frombuffer(hashlib.sha256(features.tobytes()).digest(), dtype=np.uint8)
+        with self._lock:
+            try:
+                self._arrays["checksum"][idx] = 0  # not done while its data changes
+                self._arrays["features"][idx] = features
+                self._arrays["geometry"][idx] = geometry
+                self._arrays["source_sha1"][idx] = np.frombuffer(
+                    bytes.fromhex(source_sha1), dtype=np.uint8
+                )
+                self._arrays["checksum"][idx] = digest[None]
+            except OSError as err:
+                what = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+                raise StoreWriteError(
+                    f"could not write plane {idx} to {self.path}: {what}; the plane is not "
+                    "marked done: free space (or fix the folder) and run again to resume",
+                    idx,
+                    err.errno,
+                ) from err
+            self._by_sha1 = None
+
+    def discard(self, index) -> None:
+        """Mark plane ``index`` not done (to write it again)."""
+        idx = self.check_index(index)
+        with self._lock:
+            self._arrays["checksum"][idx] = 0
+            self._by_sha1 = None
+
+    def verify(self) -> list[StoreCorruptError]:
+        """Read every done plane and check it; the errors of the damaged ones."""
+        errors = []
+        for idx in self.done():
+            try:
+                self.read(idx)
+            except StoreCorruptError as err:
+                errors.append(err)
+        return errors
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.path)!r}, planes={self.plane_shape})"
