@@ -267,6 +267,15 @@ def test_damaged_chunk_is_named_and_recomputed(filled, stack, predictor, damage)
     assert filled.verify() == []
 
 
+def test_a_damaged_done_marker_means_not_done(filled, stack, predictor):
+    marker = filled.path / "checksum" / "1.0.0"
+    marker.write_bytes(marker.read_bytes()[:7])
+    assert filled.done() == [(0,), (2,), (3,)] and not filled.is_done((1,))
+    report = embed_planes(filled, ImagePlanes(stack), predictor)
+    assert (report.computed, report.skipped) == (1, 3) and filled.verify() == []
+    assert len(filled.done()) == 4
+
+
 def test_disk_full_marks_nothing_done_and_resumes(tmp_path, stack, predictor, monkeypatch):
     planes = ImagePlanes(stack)
     store = open_for(tmp_path / "full.zarr", planes, predictor)
@@ -414,3 +423,5 @@ def test_embed_command_errors(tmp_path, stack, embed_cli, capsys):
     assert main(["embed", str(source), "-o", str(out), "--weights", "nope.pt"]) == 2
     assert "--weights nope.pt: no such file" in capsys.readouterr().err
     assert not out.exists()
+    assert run(source, "-o", tmp_path / "no" / "s.zarr") == 1
+    assert "is not an existing folder" in capsys.readouterr().err

@@ -99,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
                 )  # fmt: skip
         except StoreError as exc:
             raise CommandError(str(exc)) from None
+        except OSError as exc:  # e.g. no room to create the store
+            raise CommandError(f"{args.output}: {exc}") from None
     damaged = f", {len(report.damaged)} damaged planes recomputed" if report.damaged else ""
     print(
         f"{args.output}: {report.computed} planes embedded, {report.skipped} already "

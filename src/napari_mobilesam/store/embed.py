@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..interactive.cache import content_fingerprint
@@ -118,10 +118,7 @@ class EmbedReport:
 
     computed: int = 0
     skipped: int = 0
-    damaged: list = None
-
-    def __post_init__(self):
-        self.damaged = [] if self.damaged is None else self.damaged
+    damaged: list = field(default_factory=list)
 
 
 def embed_planes(
