@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +32,7 @@ from napari_mobilesam.store import (
     open_for,
 )
 
-from .conftest import TINY_CONFIG, _randomize
+from .conftest import GOLDEN_CKPT, TINY_CONFIG, _randomize, requires_golden
 
 
 @pytest.fixture(autouse=True)
@@ -425,3 +430,35 @@ def test_embed_command_errors(tmp_path, stack, embed_cli, capsys):
     assert not out.exists()
     assert run(source, "-o", tmp_path / "no" / "s.zarr") == 1
     assert "is not an existing folder" in capsys.readouterr().err
+
+
+@requires_golden
+@pytest.mark.slow
+def test_embed_killed_and_rerun_keeps_finished_planes(tmp_path, stack):
+    """A real ``mobilesam embed`` process, SIGKILLed after two planes, then rerun."""
+    source = tmp_path / "stack.npy"
+    np.save(source, np.concatenate([stack, stack[:2] // 2]))  # 6 planes
+    out = tmp_path / "stack.emb.zarr"
+    command = [sys.executable, "-m", "napari_mobilesam.cli", "embed", str(source), "-o",
+               str(out), "--weights", str(GOLDEN_CKPT), "--device", "cpu", "-q"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 900  # generous: the machine may be busy
+    done: list = []
+    while time.monotonic() < deadline and proc.poll() is None and len(done) < 2:
+        done = EmbeddingStore.open(out).done() if out.exists() else []
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    store = EmbeddingStore.open(out)
+    before = {idx: store.read(idx).features for idx in store.done()}
+    assert 2 <= len(before) < 6
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{6 - len(before)} planes embedded, {len(before)} already done" in rerun.stdout
+    store = EmbeddingStore.open(out)
+    assert len(store.done()) == 6 and store.verify() == []
+    for idx, features in before.items():  # kept, not recomputed
+        assert torch.equal(store.read(idx).features, features)
