@@ -133,6 +133,10 @@ def test_open_errors(tmp_path, filled):
 def test_plane_errors(tmp_path, stack, predictor, filled):
     with pytest.raises(ValueError, match="is not a plane"):
         filled.read((4,))
+    with pytest.raises(TypeError, match="index"):
+        filled.read(("a",))
+    with pytest.raises(ValueError, match="batch_size"):
+        embed_planes(filled, ImagePlanes(stack), predictor, batch_size=0)
     store = open_for(tmp_path / "new.zarr", ImagePlanes(stack), predictor)
     with pytest.raises(KeyError, match="not done"):
         store.read((0,))
@@ -251,8 +255,10 @@ def test_threads_share_a_store_cache(filled, stack, predictor):
 # -- damage, disk full, resume ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_chunk_is_named_and_recomputed(filled, stack, predictor, damage):
+@pytest.mark.parametrize(
+    ("damage", "reason"), [("flip", "fails its sha256"), ("truncate", "cannot be read")]
+)
+def test_damaged_chunk_is_named_and_recomputed(filled, stack, predictor, damage, reason):
     chunk = filled.path / filled.chunk_name((2,))
     data = bytearray(chunk.read_bytes())
     if damage == "flip":
@@ -260,8 +266,9 @@ def test_damaged_chunk_is_named_and_recomputed(filled, stack, predictor, damage)
     else:
         data = data[: len(data) // 2]
     chunk.write_bytes(bytes(data))
-    with pytest.raises(StoreCorruptError, match=r"features/2\.0\.0\.0\.0 of plane \(2,\)"):
+    with pytest.raises(StoreCorruptError, match=r"features/2\.0\.0\.0\.0 of plane \(2,\)") as info:
         filled.read((2,))
+    assert reason in str(info.value) and info.value.index == (2,)
     session = PromptSession(predictor, stack)
     attach_store(session, filled)
     with pytest.warns(RuntimeWarning, match=r"features/2\.0\.0\.0\.0.*computing the plane"):

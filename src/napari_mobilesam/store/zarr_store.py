@@ -33,6 +33,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..predictor import ImageEmbedding
+from ..validation import check_int
 
 __all__ = [
     "ATTRS_KEY",
@@ -216,7 +217,7 @@ class EmbeddingStore:
         """``index`` as a tuple of ints within :attr:`plane_shape`."""
         if isinstance(index, (int, np.integer)):
             index = (index,)
-        idx = tuple(int(i) for i in index)
+        idx = tuple(check_int(i, "index") for i in index)
         if len(idx) != len(self.plane_shape) or any(
             not 0 <= i < n for i, n in zip(idx, self.plane_shape, strict=True)
         ):
