@@ -469,3 +469,20 @@ def test_embed_killed_and_rerun_keeps_finished_planes(tmp_path, stack):
     assert len(store.done()) == 6 and store.verify() == []
     for idx, features in before.items():  # kept, not recomputed
         assert torch.equal(store.read(idx).features, features)
+
+
+def test_embed_command_rgb_image_serves_an_rgb_session(tmp_path, embed_cli, tiny_model):
+    """A PNG's colour channels, embedded by the command, match napari's ``rgb=True`` layer."""
+    from PIL import Image
+
+    run, _ = embed_cli
+    rgb = np.random.default_rng(5).integers(0, 256, (36, 48, 3), dtype=np.uint8)
+    source = tmp_path / "photo.png"
+    Image.fromarray(rgb).save(source)
+    out = tmp_path / "photo.zarr"
+    assert run(source, "-o", out, "-q") == 0
+    store = EmbeddingStore.open(out)
+    assert store.meta["normalisation"]["channels"] == [0, 1, 2] and store.done() == [()]
+    session = PromptSession(Predictor(tiny_model), rgb, rgb=True)
+    cache = attach_store(session, store)
+    assert session.embed(()) is False and cache.loads == 1
