@@ -421,6 +421,7 @@ def test_embed_command_errors(tmp_path, stack, embed_cli, capsys):
     assert run(source, "-o", not_a_store) == 1
     assert "is not an embedding store" in capsys.readouterr().err
     assert (not_a_store / "keep.txt").read_text() == "mine"
+    assert os.listdir(not_a_store) == ["keep.txt"]  # nothing written into it
     out = tmp_path / "o.zarr"
     assert run(source, "-o", out, "--contrast-limits", "1,2", "--percentiles", "1,99") == 2
     assert "not both" in capsys.readouterr().err
