@@ -151,3 +151,41 @@ def isolated():
     for name in set(sys.modules) - modules:
         if name.split(".")[0] in ("torchvision", "segment_anything", "mobile_sam"):
             del sys.modules[name]
+
+
+# -- widget tests (the module-level skip and waits: tests/widget_support.py) ------------
+
+
+def _serve(predictor, monkeypatch):
+    from napari_mobilesam._widgets import _common
+
+    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: predictor)
+    return predictor
+
+
+@pytest.fixture
+def tiny_predictor(tiny_model, monkeypatch):
+    """The widgets' predictor: the tiny model (its point masks are empty)."""
+    from napari_mobilesam.predictor import Predictor
+
+    return _serve(Predictor(tiny_model), monkeypatch)
+
+
+@pytest.fixture
+def golden_predictor(golden_model, monkeypatch):
+    """The widgets' predictor: the golden checkpoint (real size, random values; its point
+    masks are not empty)."""
+    from napari_mobilesam.predictor import Predictor
+
+    return _serve(Predictor(golden_model), monkeypatch)
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """The messages the widgets show with ``show_info``, in order."""
+    from napari_mobilesam._widgets import _common, _everything, _input, _multi, _prompt, _stacks
+
+    shown: list[str] = []
+    for module in (_common, _prompt, _everything, _stacks, _input, _multi):
+        monkeypatch.setattr(module, "show_info", shown.append)
+    return shown

@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
-import pytest
+from skimage.draw import disk
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip(
-        "no display: install Xvfb (apt-get install xvfb xauth libxcb-icccm4 libxcb-keysyms1 "
-        "libxcb-xinerama0) so that pytest-xvfb can start one",
-        allow_module_level=True,
-    )
+from napari_mobilesam.normalize import to_rgb_uint8
+from napari_mobilesam.predictor import Predictor
 
-from skimage.draw import disk  # noqa: E402
-
-from napari_mobilesam.normalize import to_rgb_uint8  # noqa: E402
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-
-WAIT = 1_800_000  # ms: only a hang guard; tests must not depend on how busy the machine is
-
-
-@pytest.fixture
-def tiny_predictor(tiny_model, monkeypatch):
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(tiny_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
-
-
-@pytest.fixture
-def golden_predictor(golden_model, monkeypatch):
-    """The golden checkpoint (real size, random values): its point masks are not empty."""
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(golden_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
+from .widget_support import (  # skips the module without napari or a display
+    WAIT,
+    idle,
+)
 
 
 def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
@@ -51,10 +21,6 @@ def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
     return img
 
 
-def _idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
-
-
 def _prompt_widget(viewer, qtbot, image_layer):
     from napari_mobilesam._widgets import PromptWidget
 
@@ -62,7 +28,7 @@ def _prompt_widget(viewer, qtbot, image_layer):
     viewer.window.add_dock_widget(w)
     w.image_combo.setCurrentText(image_layer.name)
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.session is not None
     return w
 
@@ -74,7 +40,7 @@ def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_pred
     w = _prompt_widget(viewer, qtbot, layer)
 
     w.state.points.add(np.array([[40.0, 50.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     # the preview is the predictor's best mask for that point, converted (row, col) -> (x, y)
     ref = Predictor(golden_predictor.model)
     ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
@@ -88,7 +54,7 @@ def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_pred
     assert w.commit() == 1
     assert target.data.max() == 1 and len(w.state.points.data) == 0
     w.state.points.add(np.array([[70.0, 95.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.commit() == 2
     w.undo()
     assert target.data.max() == 1
@@ -101,23 +67,23 @@ def test_negative_points_and_cycle(make_napari_viewer, qtbot, golden_predictor):
     layer = viewer.add_image(_blobs())
     w = _prompt_widget(viewer, qtbot, layer)
     w.state.points.add(np.array([[40.0, 50.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     w.toggle_negative()
     w.state.points.add(np.array([[10.0, 10.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     points, labels, box = w.prompts()
     assert labels.tolist() == [1, 0] and box is None
     np.testing.assert_allclose(points, [[40, 50], [10, 10]])
     w.clear()
     w.state.points.add(np.array([[40.0, 50.0]]))  # negative again until toggled
-    _idle(qtbot, w)
+    idle(qtbot, w)
     w.toggle_negative()
     w.state.points.add(np.array([[41.0, 50.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     choices = set()
     for _ in range(3):
         w.next_mask()
-        _idle(qtbot, w)
+        idle(qtbot, w)
         choices.add(w.prediction.choice)
     assert len(choices) >= 1 and w.multimask.currentIndex() == 0  # X keeps best of 3
 
@@ -128,7 +94,7 @@ def test_box_prompt(make_napari_viewer, qtbot, tiny_predictor):
     layer = viewer.add_image(img, contrast_limits=(0, 4000))
     w = _prompt_widget(viewer, qtbot, layer)
     w.state.box.add_rectangles(np.array([[60.0, 70.0], [20.0, 30.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     ref = Predictor(tiny_predictor.model)
     ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
     masks, _, _ = ref.predict(box=np.array([30.0, 20.0, 70.0, 60.0]), multimask_output=False)
@@ -149,10 +115,10 @@ def test_plane_change_recomputes_then_caches(make_napari_viewer, qtbot, tiny_pre
     w = _prompt_widget(viewer, qtbot, layer)
     assert len(calls) == 1 and w.session.current == (0,)
     viewer.dims.current_step = (2, 0, 0)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert len(calls) == 2 and w.session.current == (2,)
     viewer.dims.current_step = (0, 0, 0)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert len(calls) == 2 and w.session.current == (0,)  # from the cache
 
 
@@ -163,10 +129,10 @@ def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_p
     viewer.dims.current_step = (2, 0, 0)
     w = _prompt_widget(viewer, qtbot, layer)
     w.state.points.add(np.array([[2.0, 42.0, 52.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     w.prop_min_score.setValue(0.0)  # random weights: accept any score
     w.propagate()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     target = w.state.labels.data
     filled = [z for z in range(5) if (target[z] == 1).any()]
     assert 2 in filled and len(filled) >= 2
@@ -178,9 +144,9 @@ def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_p
     assert np.isfinite(np.asarray(features["predicted_iou"], dtype=float)).all()
     # a new object on another plane gets the next id of the whole layer
     viewer.dims.current_step = (4, 0, 0)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     w.state.points.add(np.array([[4.0, 44.0, 54.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.commit() == 2
 
 
@@ -196,13 +162,13 @@ def test_everything_widget_plane_and_stack(make_napari_viewer, qtbot, tiny_predi
     w.pred_iou_thresh.setValue(0.0)
     w.stability_score_thresh.setValue(0.0)
     w.run()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     out = viewer.layers["cells everything"]
     assert out.data.shape == stack.shape and out.data.dtype == np.uint32
     assert out.data[0].max() > 0 and out.data[1].max() == 0  # the shown plane only
     w.scope.setCurrentIndex(1)
     w.run()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert viewer.layers["cells everything"].data[1].max() > 0
     assert "objects in 2 plane(s); cpu: torch, " in w.status.text()  # and what ran them
 
@@ -220,7 +186,7 @@ def test_precompute_all_planes_on_disk(make_napari_viewer, qtbot, tiny_predictor
     w.disk_cache.setChecked(True)
     w.start()
     qtbot.waitUntil(lambda: len(list((tmp_path / "emb").glob("emb-*.pt"))) == 3, timeout=WAIT)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.progress.value() == w.progress.maximum()
     # a new widget (a later session) finds every plane on disk: the encoder does not run
     calls = []
@@ -232,7 +198,7 @@ def test_precompute_all_planes_on_disk(make_napari_viewer, qtbot, tiny_predictor
     w2.image_combo.setCurrentText(layer.name)
     w2.disk_cache.setChecked(True)
     w2.start()
-    _idle(qtbot, w2)
+    idle(qtbot, w2)
     assert calls == [] and w2.session.current == w2.current_plane()
 
 
@@ -249,7 +215,7 @@ def test_everything_cancel(make_napari_viewer, qtbot, tiny_predictor):
     w.run()
     qtbot.waitUntil(lambda: w.progress.value() >= 1, timeout=WAIT)
     w.cancel()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     # the planes done (the one running at Cancel included) are kept, no later one ran
     out = viewer.layers["cells everything"].data
     done = [z for z in range(30) if out[z].any()]
@@ -268,7 +234,7 @@ def test_errors_become_notifications(make_napari_viewer, qtbot, monkeypatch, tmp
     w = PromptWidget(viewer)
     w.model.weights.setText(str(tmp_path / "missing.pt"))
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert shown and "missing.pt" in shown[0] and w.session is None
 
 
@@ -335,12 +301,12 @@ def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_p
         r, c = 20.0 + 7 * i, 30.0 + 9 * i
         w.state.points.data = np.array([[r, c]])
         overlapped += e.runner.busy
-        _idle(qtbot, w)
+        idle(qtbot, w)
         masks, _, low_res = ref.predict(np.array([[c, r]]), np.array([1]))
         assert w.prediction is not None
         np.testing.assert_array_equal(w.prediction.masks, masks)
         np.testing.assert_array_equal(w.prediction.low_res, low_res)
-    _idle(qtbot, e)
+    idle(qtbot, e)
     assert overlapped >= 1  # the prompts really ran beside segment-everything
     assert viewer.layers["stack everything"].data.shape == stack.shape
 

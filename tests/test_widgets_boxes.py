@@ -3,20 +3,12 @@ committed together (issue 19), with the bundled stand-in model on synthetic cell
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
+from napari_mobilesam.predictor import Predictor
 
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-
-WAIT = 1_800_000  # ms: only a hang guard
+from .widget_support import idle  # skips the module without napari or a display
 
 
 @pytest.fixture
@@ -37,10 +29,6 @@ def stand_in(monkeypatch):
 
         monkeypatch.setattr(pred, name, counted)
     return pred
-
-
-def _idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
 
 
 def _rectangle(plane, r0, c0, r1, c1):
@@ -71,14 +59,14 @@ def test_two_boxes_give_two_objects_in_one_decoder_call(make_napari_viewer, qtbo
     viewer.window.add_dock_widget(w)
     w.image_combo.setCurrentText("cells")
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     (id_a, box_a), (id_b, box_b) = _cell_boxes(cells.labels, 2)
     w.state.box.add_rectangles(_rectangle((), *box_a))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.prediction is not None and w.state.predictions is None  # one box: one object
     stand_in.decoder_calls.clear()
     w.state.box.add_rectangles(_rectangle((), *box_b))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert stand_in.decoder_calls == ["predict_batch"]  # both objects in one call
     assert w.prediction is None and len(w.state.predictions) == 2
     preview = np.asarray(w.state.preview.data)
@@ -108,7 +96,7 @@ def test_points_go_with_the_box_around_them(make_napari_viewer, qtbot, stand_in)
     w = PromptWidget(viewer)
     viewer.window.add_dock_widget(w)
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     state = w.state
     state.box.add_rectangles(_rectangle((1,), 10, 10, 50, 50))
     state.box.add_rectangles(_rectangle((1,), 20, 20, 40, 40))  # inside the first
@@ -117,7 +105,7 @@ def test_points_go_with_the_box_around_them(make_napari_viewer, qtbot, stand_in)
     state.points.add(np.array([[1, 30.0, 30.0], [1, 15.0, 15.0], [1, 80.0, 80.0]]))
     w.toggle_negative()
     state.points.add(np.array([[1, 5.0, 100.0], [0, 30.0, 30.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     objects = plane_objects(state)
     assert len(objects) == 3  # the negative point outside every box is no object
     assert [o.points_rc.tolist() for o in objects] == [[[15, 15]], [[30, 30]], [[80, 80]]]

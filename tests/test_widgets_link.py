@@ -8,33 +8,20 @@ find and the ids are known. One test runs the tiny model itself.
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
+from napari_mobilesam.interactive.objects import scores_from
+from napari_mobilesam.linking import link_stack
+from napari_mobilesam.synthetic import cell_time_series, cells_3d
 
-from napari_mobilesam.interactive.objects import scores_from  # noqa: E402
-from napari_mobilesam.linking import link_stack  # noqa: E402
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-from napari_mobilesam.synthetic import cell_time_series, cells_3d  # noqa: E402
-
-WAIT = 1_800_000  # ms: only a hang guard
-
-
-@pytest.fixture
-def tiny_predictor(tiny_model, monkeypatch):
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(tiny_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
+from .widget_support import (  # skips the module without napari or a display
+    WAIT,
+    idle,
+    napari,
+)
 
 
 def per_plane(labels: np.ndarray) -> np.ndarray:
@@ -86,10 +73,6 @@ def truth(monkeypatch, tiny_predictor):
     return feed
 
 
-def _idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
-
-
 def _widget(viewer, name: str, axis: str, **options):
     from napari_mobilesam._widgets import EverythingWidget
 
@@ -107,7 +90,7 @@ def _widget(viewer, name: str, axis: str, **options):
 
 def _run(qtbot, w):
     w.run()
-    _idle(qtbot, w)
+    idle(qtbot, w)
 
 
 def test_link_choices_fit_the_image(make_napari_viewer, tiny_predictor):
@@ -204,7 +187,7 @@ def test_link_t_tracks_layer_with_divisions(make_napari_viewer, qtbot, truth):
     fewer[5:] = 0  # cells only in the first 5 frames: other tracks
     truth(fewer)
     w.run_button.click()  # the same as w.run(), as the user does it
-    _idle(qtbot, w)
+    idle(qtbot, w)
     _, table5 = link_stack(fewer, "t", min_iou=0.4, max_gap=2)
     assert viewer.layers["movie tracks"] is tracks
     np.testing.assert_allclose(tracks.data, table5.tracks_data())
@@ -269,7 +252,7 @@ def test_link_cancel_keeps_the_planes_done_linked(make_napari_viewer, qtbot, tru
     qtbot.waitUntil(lambda: len(entered) == n_done, timeout=WAIT)
     w.cancel()
     gate.release(1)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert len(entered) == n_done  # no later plane ran
     cut = planes.copy().reshape(-1, *planes.shape[-2:])
     cut[n_done:] = 0

@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 
 import numpy as np
 import pytest
+from skimage.draw import disk
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
-
-from qtpy.QtCore import Qt  # noqa: E402
-from skimage.draw import disk  # noqa: E402
-
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-
-WAIT = 600_000  # ms: only a hang guard
-
-
-@pytest.fixture
-def notes(monkeypatch):
-    """The messages the widgets show with ``show_info``."""
-    from napari_mobilesam._widgets import _common, _prompt
-
-    shown: list[str] = []
-    for module in (_common, _prompt):
-        monkeypatch.setattr(module, "show_info", shown.append)
-    return shown
+from .widget_support import WAIT, Qt  # skips the module without napari or a display
 
 
 def _cells(shape=(80, 100)):
@@ -256,15 +234,6 @@ def test_follows_the_chosen_layer(make_napari_viewer, qtbot):
     _settled(qtbot, w)
     assert w.layer is None and w.model.rowCount() == 0
     assert "add or choose a Labels layer" in w.status.text()
-
-
-@pytest.fixture
-def tiny_predictor(tiny_model, monkeypatch):
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(tiny_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
 
 
 def test_prompt_commits_record_their_scores(make_napari_viewer, qtbot, tiny_predictor):

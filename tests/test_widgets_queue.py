@@ -6,53 +6,14 @@ test decides exactly when a plane finishes: nothing depends on how fast the mach
 
 from __future__ import annotations
 
-import os
-import shutil
-import threading
-
 import numpy as np
-import pytest
+from skimage.draw import disk
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
-
-from skimage.draw import disk  # noqa: E402
-
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-
-WAIT = 1_800_000  # ms: only a hang guard
-
-
-@pytest.fixture
-def tiny_predictor(tiny_model, monkeypatch):
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(tiny_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
-
-
-class Gate:
-    """Holds every call of a predictor method until the test lets one through."""
-
-    def __init__(self, monkeypatch, predictor, name: str):
-        self.entered = 0
-        self.passed = 0
-        self._sem = threading.Semaphore(0)
-        real = getattr(predictor, name)
-
-        def gated(*args, **kwargs):
-            self.entered += 1
-            assert self._sem.acquire(timeout=WAIT / 1000)  # a hang guard only
-            self.passed += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(predictor, name, gated)
-
-    def release(self, n: int = 1) -> None:
-        self._sem.release(n)
+from .widget_support import (  # skips the module without napari or a display
+    WAIT,
+    Gate,
+    idle,
+)
 
 
 def _stack(n=6, shape=(64, 80)):
@@ -65,10 +26,6 @@ def _stack(n=6, shape=(64, 80)):
     return np.stack(planes)
 
 
-def _idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
-
-
 def _widget(viewer, qtbot, layer):
     from napari_mobilesam._widgets import PromptWidget
 
@@ -76,7 +33,7 @@ def _widget(viewer, qtbot, layer):
     viewer.window.add_dock_widget(w)
     w.image_combo.setCurrentText(layer.name)
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.session is not None
     return w
 
@@ -107,7 +64,7 @@ def test_a_click_overtakes_the_queued_precompute_planes(
     assert w.session.current == (3,)
 
     gate.release(10)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     # plane 3 came from the click's embedding (a cache hit): only 1, 2, 4, 5 encoded here
     assert gate.passed == 4 and w.state.ready == {(z,) for z in range(6)}
     assert "all 6 planes embedded" in w.status.text()
@@ -130,7 +87,7 @@ def test_cancel_precompute_keeps_the_planes_done(
     assert w.runner.queued_background == 0 and w.runner.busy
     assert w.status.text().startswith("cancelling") and not w.cancel_button.isEnabled()
     gate.release()  # plane 2 ends; nothing more starts
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert gate.entered == 2 and w.state.ready == {(0,), (1,), (2,)}
     assert [w.session.is_cached((z,)) for z in range(6)] == [True] * 3 + [False] * 3
     assert w.status.text() == "precompute cancelled: 3 of 6 planes embedded (kept)"
@@ -145,7 +102,7 @@ def test_cancel_propagation_commits_the_planes_done(
     viewer.dims.current_step = (0, 0, 0)
     w = _widget(viewer, qtbot, layer)
     w.state.box.add_rectangles(np.array([[0, 16, 26], [0, 16, 54], [0, 44, 54], [0, 44, 26.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     w.prop_min_score.setValue(0.0)  # random weights: any score
     w.prop_direction.setCurrentText("forward")
     gate = Gate(monkeypatch, tiny_predictor, "set_image")  # the encoder of each next plane
@@ -156,7 +113,7 @@ def test_cancel_propagation_commits_the_planes_done(
     w.cancel()
     assert w.status.text().startswith("cancelling") and not w.cancel_button.isEnabled()
     gate.release()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert gate.entered == 3  # no plane after the one that ran
     labels = w.state.labels.data
     found = [z for z in range(8) if (labels[z] == 1).any()]
@@ -189,7 +146,7 @@ def test_start_adds_the_layers_in_separate_turns_of_the_event_loop(
     w.start()
     qtbot.waitUntil(lambda: len(inserted) == 4, timeout=WAIT)
     assert w.runner.busy  # until the session is ready
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert inserted == ["cells points", "cells box", "cells preview", "cells_labels"]
     # a timer queued at each insertion ran before the next insertion
     assert seen == [0, 1, 2, 3] and served == [1, 2, 3, 4]

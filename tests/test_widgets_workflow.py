@@ -7,42 +7,16 @@ scripted walk over two images with the bundled stand-in model.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
+from skimage.draw import disk
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
+from napari_mobilesam.predictor import Predictor
 
-from skimage.draw import disk  # noqa: E402
-
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-
-WAIT = 1_800_000  # ms: only a hang guard
-
-
-@pytest.fixture
-def tiny_predictor(tiny_model, monkeypatch):
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(tiny_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
-
-
-@pytest.fixture
-def notes(monkeypatch):
-    """The messages the widgets show with ``show_info``."""
-    from napari_mobilesam._widgets import _common, _everything, _input, _multi, _prompt, _stacks
-
-    shown: list[str] = []
-    for module in (_common, _prompt, _everything, _stacks, _input, _multi):
-        monkeypatch.setattr(module, "show_info", shown.append)
-    return shown
+from .widget_support import (  # skips the module without napari or a display
+    WAIT,
+    idle,
+)
 
 
 def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
@@ -50,10 +24,6 @@ def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
     for c in centers:
         img[disk(c, 14, shape=shape)] = value
     return img
-
-
-def _idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
 
 
 def _widget(viewer, qtbot, layer=None):
@@ -69,7 +39,7 @@ def _widget(viewer, qtbot, layer=None):
 def _start(w, qtbot, layer):
     w.image_combo.setCurrentText(layer.name)
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.session is not None and w.state.image is layer
 
 
@@ -77,7 +47,7 @@ def _box(w, qtbot, corners, plane=()):
     (r0, c0), (r1, c1) = corners
     rc = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
     w.state.box.add_rectangles(np.array([[*plane, r, c] for r, c in rc], dtype=float))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.prediction is not None
 
 
@@ -110,7 +80,7 @@ def test_each_image_keeps_its_own_layers_and_objects(make_napari_viewer, qtbot, 
     np.testing.assert_array_equal(cells_labels.data, first)
     # leftover points on another plane are no prompts on this one
     w.state.points.add(np.array([[0.0, 30.0, 30.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.prompts() == (None, None, None) and w.prediction is None
     _box(w, qtbot, ((10, 10), (40, 50)), plane=(2,))
     assert w.commit() == 1
@@ -120,7 +90,7 @@ def test_each_image_keeps_its_own_layers_and_objects(make_napari_viewer, qtbot, 
     # back to the 2D image: its session resumes (labels, undo), no new layer, no Start
     n_layers = len(viewer.layers)
     w.image_combo.setCurrentText("cells")
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.state.labels is cells_labels and w.session is not None
     assert len(viewer.layers) == n_layers
     w.overlap.setCurrentText("overwrite")
@@ -147,7 +117,7 @@ def test_shape_mismatch_and_failed_start_touch_no_layer(
     names = [layer.name for layer in viewer.layers]
     w.image_combo.setCurrentText("other")
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert any("'other_labels'" in n and "rename" in n for n in notes)
     assert [layer.name for layer in viewer.layers] == names and w.session is None
     assert viewer.layers["other_labels"] is wrong and wrong.data.shape == (3, 3)
@@ -158,7 +128,7 @@ def test_shape_mismatch_and_failed_start_touch_no_layer(
     w.model.weights.setText(str(tmp_path / "missing.pt"))
     w.image_combo.setCurrentText("cells")
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert [layer.name for layer in viewer.layers] == names
     np.testing.assert_array_equal(viewer.layers["cells_labels"].data, kept)
     assert "missing.pt" in w.status.text() and "loading" not in w.status.text()
@@ -221,7 +191,7 @@ def test_x_cycles_this_object_only_and_explains_when_it_cannot(
     cells = viewer.add_image(_blobs(), name="cells")
     w = _widget(viewer, qtbot, cells)
     w.state.points.add(np.array([[40.0, 50.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     first = w.prediction
     best = int(np.argmax(first.scores))
     assert len(first.scores) == 3 and first.choice == best
@@ -233,11 +203,11 @@ def test_x_cycles_this_object_only_and_explains_when_it_cannot(
     # the next object starts with the best candidate again
     w.clear()
     w.state.points.add(np.array([[70.0, 90.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.prediction.choice == int(np.argmax(w.prediction.scores))
     # two points, or a box: one mask, and X says why it does nothing
     w.state.points.add(np.array([[72.0, 92.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     w.next_mask()
     assert "2 points" in notes[-1] and w.prediction.choice == 0
     w.clear()
@@ -274,7 +244,7 @@ def test_green_positive_red_negative_right_click_and_n_reset(
     _click(points, (10, 10), button=2)  # right-click
     _click(points, (12, 12), modifiers=("Shift",))
     _click(points, (42, 52))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert points.features["positive"].tolist() == [True, False, False, True]
     green, red = [0, 1, 0, 1], [1, 0, 0, 1]
     np.testing.assert_allclose(points.face_color, [green, red, red, green])
@@ -288,7 +258,7 @@ def test_green_positive_red_negative_right_click_and_n_reset(
     assert w.commit() == 1
     assert not w.negative_box.isChecked()
     _click(points, (40, 50))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert points.features["positive"].tolist() == [True]
     np.testing.assert_allclose(points.face_color, [green])
 
@@ -315,13 +285,13 @@ def test_everything_per_plane_then_commit_to_labels(make_napari_viewer, qtbot, t
     e = _everything(viewer, qtbot, "cells")
     viewer.dims.current_step = (0, 0, 0)
     e.run()
-    _idle(qtbot, e)
+    idle(qtbot, e)
     result = viewer.layers["cells everything"]
     plane0 = result.data[0].copy()
     assert plane0.max() > 0 and result.data[1:].max() == 0
     viewer.dims.current_step = (2, 0, 0)
     e.run()
-    _idle(qtbot, e)
+    idle(qtbot, e)
     assert viewer.layers["cells everything"] is result  # updated, not replaced
     np.testing.assert_array_equal(result.data[0], plane0)  # plane 0 kept its objects
     assert result.data[2].max() > 0 and result.data[1].max() == 0
@@ -372,7 +342,7 @@ def test_status_clears_when_idle_and_cancel_waits_for_the_work(
     qtbot.waitUntil(
         lambda: "computing the embedding of plane (3,)" in w.status.text(), timeout=WAIT
     )
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert "computing" not in w.status.text()
 
     e = _everything(viewer, qtbot, "cells")
@@ -382,7 +352,7 @@ def test_status_clears_when_idle_and_cancel_waits_for_the_work(
     e.cancel()
     assert e.runner.busy  # the plane being segmented still runs
     assert e.status.text().startswith("cancelling") and not e.cancel_button.isEnabled()
-    _idle(qtbot, e)
+    idle(qtbot, e)
     assert e.status.text().startswith("cancelled; the ") and e.run_button.isEnabled()
     kept = viewer.layers["cells everything"].data
     assert 1 <= sum(kept[z].any() for z in range(30)) < 30  # the planes done stay
@@ -407,14 +377,14 @@ def test_shorter_stack_beyond_the_slider_is_refused(
     assert embedded == [] and w.session.current is None
     assert "beyond 'short'" in w.status.text() and "slider" in w.status.text()
     w.state.box.add_rectangles(np.array([[5, 20, 30], [5, 20, 70], [5, 60, 70], [5, 60, 30.0]]))
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.prediction is None and w.commit() is None
     e = _everything(viewer, qtbot, "short")
     e.run()
-    _idle(qtbot, e)
+    idle(qtbot, e)
     assert "beyond 'short'" in notes[-1] and "short everything" not in viewer.layers
     viewer.dims.current_step = (1, 0, 0)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.session.current == (1,) and embedded == [1]
 
 
@@ -455,7 +425,7 @@ def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
     # the reopened labels are this image's session labels again
     w.image_combo.setCurrentText("cells")
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.state.labels is opened
 
 
@@ -546,7 +516,7 @@ def test_walk_commits_on_three_images_and_every_object_stays(
         if plane is not None:
             viewer.dims.current_step = (plane, 0, 0)
         w.image_combo.setCurrentText(name)
-        _idle(qtbot, w)
+        idle(qtbot, w)
         if w.session is None:
             _start(w, qtbot, layers[name])
         # everything committed so far is still there, in each image's own labels
@@ -555,7 +525,7 @@ def test_walk_commits_on_three_images_and_every_object_stays(
 
     def commit_point(name, rc, plane=()):
         w.state.points.add(np.array([[*plane, *rc]]))
-        _idle(qtbot, w)
+        idle(qtbot, w)
         new_id = w.commit()
         assert new_id is not None, (name, rc, plane)
         expected[name] = viewer.layers[f"{name}_labels"].data.copy()
