@@ -345,3 +345,25 @@ def test_commit_propagated_errors(pred, labels, propagated, error, match):
     assert not s.can_undo
     if isinstance(labels, np.ndarray):
         assert not labels.any()
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_bench_propagate_many_runs(tiny_model):
+    """benchmarks/bench_propagate_many.py at a tiny size (its numbers are not checked)."""
+    from benchmarks import bench_propagate_many
+
+    result = bench_propagate_many.run(
+        planes=3, size=64, n_objects=2, max_planes=1, repeats=1, model=tiny_model
+    )
+    assert 1 <= result["objects"] <= 2  # the cells on the middle plane, at most 2
+    assert set(result["median_s"]) == {
+        "cold, 1 object", "cold, N objects", "warm, 1 object", "warm, N objects",
+        "warm, N one by one",
+    }  # fmt: skip
+    # the batched walk finds what one object at a time finds
+    assert (
+        result["object_planes"]["warm, N objects"] == result["object_planes"]["warm, N one by one"]
+    )
+    assert result["ratio_cold"] > 0 and "target < 3x" in bench_propagate_many.report(result)

@@ -132,6 +132,12 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
         pform.addRow("direction", self.prop_direction)
         pform.addRow("stop below score", self.prop_min_score)
         pform.addRow(self.prop_button)
+        self.prop_all_button = QPushButton("Propagate all objects on this plane")
+        self.prop_all_button.setToolTip(
+            "follow every committed object of the shown plane at once, each with its own id"
+        )
+        self.prop_all_button.clicked.connect(lambda _checked=False: guarded(self.propagate_all)())
+        pform.addRow(self.prop_all_button)
         layout.addWidget(prop)
 
         self.status = QLabel("choose an image and press Start")
@@ -189,6 +195,7 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
                 [f"axis {i} ({shape[i]} planes)" for i in range(layer.ndim - 2)]
             )
         self.prop_button.setEnabled(self.prop_axis.count() > 0)
+        self.prop_all_button.setEnabled(self.prop_axis.count() > 0)
         if self.state is None:
             if layer is not None:
                 self.status.setText(f"press Start to segment {layer.name!r}")

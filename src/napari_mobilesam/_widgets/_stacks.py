@@ -1,6 +1,7 @@
-"""The prompt widget's work on whole stacks: precompute every plane, propagate an object.
+"""The prompt widget's work on whole stacks: precompute every plane, propagate an object
+or every object of the shown plane.
 
-Both are cancellable at plane granularity and keep what is done: precompute runs as one
+All are cancellable at plane granularity and keep what is done: precompute runs as one
 background job per plane (or batch of planes on a GPU), which a click's jobs overtake;
 propagation checks a flag before each plane and commits the planes found so far.
 """
@@ -11,8 +12,21 @@ import threading
 
 import numpy as np
 from napari.utils.notifications import show_info
+from qtpy.QtCore import QObject, Signal
 
+from ..interactive.objects import record_scores
 from . import _features
+
+
+class _Relay(QObject):
+    """Carries a worker's progress to the GUI thread (a signal emitted in the worker is
+    delivered in the thread the relay lives in)."""
+
+    step = Signal(object)
+
+
+def _objects(n: int) -> str:
+    return f"{n} object" if n == 1 else f"{n} objects"
 
 
 class StackActions:
@@ -151,3 +165,91 @@ class StackActions:
                            "propagating… (Cancel keeps the planes done)",
                            failed=finished)  # fmt: skip
         self.cancel_button.setEnabled(True)
+
+    def propagate_all(self) -> None:
+        """Follow every committed object of the shown plane through the neighbouring
+        planes at once (one decoder call per plane), each with its own id and stopping on
+        its own; the status counts the objects still going. Cancel stops after the plane
+        that runs now and commits the planes found."""
+        state = self.state
+        if state is None or state.session is None or state.plane is None:
+            show_info("MobileSAM: press Start first")
+            return
+        if self._stop is not None:
+            show_info("MobileSAM: a propagation runs: wait for it, or Cancel it")
+            return
+        data = state.labels.data
+        if not isinstance(data, np.ndarray):
+            show_info(f"MobileSAM: {state.labels.name!r} is not an in-memory array")
+            return
+        start, plane = state.plane, np.array(data[state.plane])  # a copy for the worker
+        n = len(np.unique(plane[plane > 0]))
+        if n == 0:
+            show_info("MobileSAM: no committed objects on this plane: commit some first")
+            return
+        axis = self.prop_axis.currentIndex()
+        direction = {0: 0, 1: 1, 2: -1}[self.prop_direction.currentIndex()]
+        min_score = self.prop_min_score.value()
+        overwrite = self.overlap.currentIndex() == 1
+        session, target = state.session, state.labels
+        stop = self._stop = threading.Event()
+        relay = _Relay(self)
+
+        def shown(step) -> None:
+            idx, going = step
+            if self._stop is stop and not stop.is_set():
+                way = "forward" if idx[axis] > start[axis] else "backward"
+                self.status.setText(
+                    f"propagating {_objects(n)} {way}: plane {idx[axis]} ({going} still going)"
+                )
+
+        relay.step.connect(shown)
+
+        def run():
+            return session.propagate_all(
+                start, plane, axis, direction=direction, min_score=min_score,
+                progress=lambda idx, scores: relay.step.emit((idx, len(scores))),
+                should_stop=stop.is_set,
+            )  # fmt: skip
+
+        def finished(*_args) -> None:
+            if self._stop is stop:
+                self._stop = None
+            relay.deleteLater()
+
+        def done(result) -> None:
+            finished()
+            self._commit_all(state, target, result, overwrite, cancelled=stop.is_set())
+
+        self.runner.submit(run, done, f"propagating {_objects(n)}… (Cancel keeps the planes done)",
+                           failed=finished)  # fmt: skip
+        self.cancel_button.setEnabled(True)
+
+    def _commit_all(self, state, target, result, overwrite: bool, *, cancelled: bool) -> None:
+        """Commit :meth:`propagate_all`'s planes with the objects' own ids, their predicted
+        IoU into the labels' features (the object table), and say per object how far it
+        went."""
+        try:
+            painted = state.session.commit_propagated(target.data, result, overwrite=overwrite)
+        except ValueError as exc:  # the labels were replaced meanwhile
+            show_info(f"MobileSAM: {exc}")
+            self.status.setText(f"propagation not committed: {exc}")
+            return
+        features = target.features
+        for index, ids in painted.items():  # stability: not computed, as for one object
+            iou = [result.scores[i][index] for i in ids]
+            features = record_scores(features, ids, iou, [np.nan] * len(ids), plane=index)
+        if painted:
+            target.features = features
+        state.ready.update(painted)
+        target.refresh()
+        found = sum(len(planes) for planes in result.masks.values())
+        skipped = found - sum(len(ids) for ids in painted.values())
+        per = [f"{i}: {len(planes)}" for i, planes in result.masks.items()]
+        more = ", …" if len(per) > 12 else ""
+        note = f"; {skipped} inside other objects, skipped" if skipped else ""
+        how = "propagation cancelled: " if cancelled else ""
+        self.status.setText(
+            f"{how}{_objects(len(result.masks))} propagated to {found - skipped} more object "
+            f"planes (planes per object: {', '.join(per[:12])}{more}{note})"
+        )
