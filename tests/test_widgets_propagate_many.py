@@ -7,56 +7,19 @@ test decides exactly when a plane finishes: nothing depends on how fast the mach
 
 from __future__ import annotations
 
-import os
-import shutil
-import threading
-
 import numpy as np
-import pytest
+from skimage.draw import disk
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
-    pytest.skip("no display: install Xvfb (see tests/test_widgets.py)", allow_module_level=True)
+from napari_mobilesam.interactive.objects import scores_from
 
-from skimage.draw import disk  # noqa: E402
+from .widget_support import (  # skips the module without napari or a display
+    WAIT,
+    Gate,
+    idle,
+)
 
-from napari_mobilesam.interactive.objects import scores_from  # noqa: E402
-from napari_mobilesam.predictor import Predictor  # noqa: E402
-
-WAIT = 1_800_000  # ms: only a hang guard
 SHAPE = (64, 80)
 CENTRES = {1: (24, 22), 2: (40, 56)}  # the committed objects' disks on plane 0
-
-
-@pytest.fixture
-def tiny_predictor(tiny_model, monkeypatch):
-    from napari_mobilesam._widgets import _common
-
-    pred = Predictor(tiny_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
-    return pred
-
-
-class Gate:
-    """Holds every call of a predictor method until the test lets one through."""
-
-    def __init__(self, monkeypatch, predictor, name: str):
-        self.entered = 0
-        self.passed = 0
-        self._sem = threading.Semaphore(0)
-        real = getattr(predictor, name)
-
-        def gated(*args, **kwargs):
-            self.entered += 1
-            assert self._sem.acquire(timeout=WAIT / 1000)  # a hang guard only
-            self.passed += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(predictor, name, gated)
-
-    def release(self, n: int = 1) -> None:
-        self._sem.release(n)
 
 
 def _stack(n=6):
@@ -70,10 +33,6 @@ def _stack(n=6):
     return np.stack(planes)
 
 
-def _idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT)
-
-
 def _widget(viewer, qtbot, layer):
     from napari_mobilesam._widgets import PromptWidget
 
@@ -81,7 +40,7 @@ def _widget(viewer, qtbot, layer):
     viewer.window.add_dock_widget(w)
     w.image_combo.setCurrentText(layer.name)
     w.start()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.session is not None
     return w
 
@@ -126,7 +85,7 @@ def test_propagate_all_commits_each_object_with_its_id_and_scores(
     qtbot.waitUntil(lambda: "plane 1" in w.status.text(), timeout=WAIT)
     assert w.status.text() == "propagating 2 objects forward: plane 1 (2 still going)"
     gate.release(10)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     labels = w.state.labels.data
     assert set(np.unique(labels)) == {0, 1, 2}  # the objects' own ids, no new ones
     found = {i: _planes_of(labels, i) for i in CENTRES}
@@ -157,7 +116,7 @@ def test_cancel_keeps_the_planes_done(make_napari_viewer, qtbot, tiny_predictor,
     w.cancel()
     assert w.status.text().startswith("cancelling") and not w.cancel_button.isEnabled()
     gate.release()
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert gate.entered == 3  # no plane after the one that ran
     labels = w.state.labels.data
     assert _planes_of(labels, 1) == [0, 1, 2, 3]
@@ -167,12 +126,9 @@ def test_cancel_keeps_the_planes_done(make_napari_viewer, qtbot, tiny_predictor,
 
 
 def test_propagate_all_needs_objects_and_one_propagation_at_a_time(
-    make_napari_viewer, qtbot, tiny_predictor, monkeypatch
+    make_napari_viewer, qtbot, tiny_predictor, monkeypatch, notes
 ):
-    from napari_mobilesam._widgets import _stacks
-
-    said = []
-    monkeypatch.setattr(_stacks, "show_info", said.append)
+    said = notes
     viewer = make_napari_viewer()
     layer = viewer.add_image(_stack(), name="cells", contrast_limits=(0, 4000))
     from napari_mobilesam._widgets import PromptWidget
@@ -195,5 +151,5 @@ def test_propagate_all_needs_objects_and_one_propagation_at_a_time(
     w.propagate_all()  # refused while the first runs
     assert said[-1] == "MobileSAM: a propagation runs: wait for it, or Cancel it"
     gate.release(10)
-    _idle(qtbot, w)
+    idle(qtbot, w)
     assert w.status.text().startswith("1 object propagated to")
