@@ -131,13 +131,15 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
         pform.addRow("axis", self.prop_axis)
         pform.addRow("direction", self.prop_direction)
         pform.addRow("stop below score", self.prop_min_score)
-        pform.addRow(self.prop_button)
-        self.prop_all_button = QPushButton("Propagate all objects on this plane")
+        self.prop_all_button = QPushButton("Propagate all on plane")
         self.prop_all_button.setToolTip(
             "follow every committed object of the shown plane at once, each with its own id"
         )
         self.prop_all_button.clicked.connect(lambda _checked=False: guarded(self.propagate_all)())
-        pform.addRow(self.prop_all_button)
+        prop_row = QHBoxLayout()  # one row: a dock shared with another widget stays legible
+        prop_row.addWidget(self.prop_button)
+        prop_row.addWidget(self.prop_all_button)
+        pform.addRow(prop_row)
         layout.addWidget(prop)
 
         self.status = QLabel("choose an image and press Start")
