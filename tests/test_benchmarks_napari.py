@@ -16,6 +16,7 @@ if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
 from benchmarks import bench_napari  # noqa: E402
 
 
+@pytest.mark.slow  # ~7 s: the benchmark end to end
 def test_bench_napari_runs(make_napari_viewer):
     viewer = make_napari_viewer()
     result = bench_napari.run(viewer, size=160, clicks=3, planes=3)

@@ -234,6 +234,7 @@ def test_plain_copy_uses_standard_ops(fused_tiny):
         plain_copy(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_export_writes_single_files_and_json(tiny_export):
     out, meta = tiny_export["dir"], tiny_export["meta"]
     assert {p.name for p in out.iterdir()} == FILES | {"mobilesam_onnx.json"}
@@ -278,6 +279,7 @@ def test_export_writes_single_files_and_json(tiny_export):
     assert "MatMulInteger" in int8_ops and "ConvInteger" not in int8_ops
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_export_leaves_model_unchanged(tiny_export, fused_tiny):
     after = fused_tiny.state_dict()
     assert after.keys() == tiny_export["before"].keys()
@@ -288,6 +290,7 @@ def test_export_leaves_model_unchanged(tiny_export, fused_tiny):
     assert not fused_tiny.training
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_onnx_matches_torch_tiny(tiny_export, fused_tiny, rng):
     out = tiny_export["dir"]
     ort_b = OnnxBackend(out / "encoder.onnx", out / "decoder.onnx", threads=1)
@@ -334,6 +337,7 @@ def test_onnx_matches_torch_tiny(tiny_export, fused_tiny, rng):
         _assert_close(iou[i], src[1][i], 1e-4, f"row {i} iou")
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_int8_models_run(tiny_export, fused_tiny):
     out = tiny_export["dir"]
     q = OnnxBackend(out / "encoder.int8.onnx", out / "decoder.int8.onnx", threads=1)
@@ -381,6 +385,7 @@ def test_export_argument_errors(tiny_model, tmp_path):
 # -------------------------------------------------------------------- onnx backend
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_onnx_backend_errors(tiny_export, tmp_path):
     out = tiny_export["dir"]
     enc, dec = out / "encoder.onnx", out / "decoder.onnx"
@@ -396,6 +401,7 @@ def test_onnx_backend_errors(tiny_export, tmp_path):
         OnnxBackend(enc, dec, threads=True)
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_onnx_backend_session_options(tiny_export):
     import onnxruntime as ort
 
@@ -421,6 +427,7 @@ def test_physical_cores_without_psutil(monkeypatch):
     assert physical_cores() == 1
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_missing_onnxruntime_gives_install_hint(monkeypatch, tiny_export, tiny_model, tmp_path):
     out = tiny_export["dir"]
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
@@ -448,6 +455,7 @@ def test_missing_onnxscript_gives_install_hint(monkeypatch, tiny_model, tmp_path
 # --------------------------------------------------------------- get_onnx_backend
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_get_onnx_backend_folder_mode(tiny_export, tmp_path):
     out = tiny_export["dir"]
     b = get_onnx_backend(folder=out, threads=1)
@@ -481,6 +489,7 @@ def test_onnx_cache_dir(monkeypatch, tmp_path):
     assert onnx_cache_dir() == tmp_path / "onnx"
 
 
+@pytest.mark.slow  # the tiny ONNX export fixture: ~10 s
 def test_get_onnx_backend_exports_once(tiny_export, tiny_state_dict, tmp_path, monkeypatch):
     """First use exports into the cache; later calls reuse it; int8 is added in place.
 

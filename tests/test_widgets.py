@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from skimage.draw import disk
 
 from napari_mobilesam.normalize import to_rgb_uint8
@@ -122,6 +123,7 @@ def test_plane_change_recomputes_then_caches(make_napari_viewer, qtbot, tiny_pre
     assert len(calls) == 2 and w.session.current == (0,)  # from the cache
 
 
+@pytest.mark.slow  # ~8 s: the golden model on 3 planes
 def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_predictor):
     stack = np.stack([_blobs(centers=((40 + z, 50 + z),)) for z in range(5)])
     viewer = make_napari_viewer()

@@ -490,6 +490,7 @@ def _far_apart_cells(truth: np.ndarray, n: int) -> list[tuple[float, float]]:
     return [_interior(truth == i) for i in ids[np.argsort(areas)[::-1][:n]]]
 
 
+@pytest.mark.slow  # ~9 s: three images, real-size model
 def test_walk_commits_on_three_images_and_every_object_stays(
     make_napari_viewer, qtbot, stand_in_model, monkeypatch
 ):
