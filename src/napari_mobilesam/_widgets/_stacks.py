@@ -114,6 +114,12 @@ class StackActions:
         precomputing = self._precompute is not None and not self._cancel_note
         return precomputing or (self._stop is not None and not self._stop.is_set())
 
+    def _walk_settings(self) -> tuple[int, int, float, bool]:
+        """(axis, direction, min_score, overwrite) of the propagate group and overlap option."""
+        direction = {0: 0, 1: 1, 2: -1}[self.prop_direction.currentIndex()]
+        overwrite = self.overlap.currentIndex() == 1
+        return self.prop_axis.currentIndex(), direction, self.prop_min_score.value(), overwrite
+
     def propagate(self) -> None:
         """Commit the shown mask, then segment the same object in neighbouring planes
         (Cancel stops after the plane that runs now and commits the planes found)."""
@@ -126,10 +132,7 @@ class StackActions:
         new_id = self.commit()
         if new_id is None:
             return
-        axis = self.prop_axis.currentIndex()
-        direction = {0: 0, 1: 1, 2: -1}[self.prop_direction.currentIndex()]
-        min_score = self.prop_min_score.value()
-        overwrite = self.overlap.currentIndex() == 1
+        axis, direction, min_score, overwrite = self._walk_settings()
         session, target = state.session, state.labels
         stop = self._stop = threading.Event()
         scores: dict[tuple[int, ...], float] = {}  # plane -> predicted IoU (object table)
@@ -187,10 +190,7 @@ class StackActions:
         if n == 0:
             show_info("MobileSAM: no committed objects on this plane: commit some first")
             return
-        axis = self.prop_axis.currentIndex()
-        direction = {0: 0, 1: 1, 2: -1}[self.prop_direction.currentIndex()]
-        min_score = self.prop_min_score.value()
-        overwrite = self.overlap.currentIndex() == 1
+        axis, direction, min_score, overwrite = self._walk_settings()
         session, target = state.session, state.labels
         stop = self._stop = threading.Event()
         relay = _Relay(self)
