@@ -110,6 +110,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                        help="image encoder precision; auto: bf16 on GPUs and on CPUs with bf16 "
                        "units (1.5-2x faster; masks mean IoU 0.998 vs fp32), else fp32 "
                        "[fp32: the reference's numbers]")  # fmt: skip
+    model.add_argument("--embeddings", metavar="STORE",
+                       help="an embedding store of the one INPUT (made by `mobilesam embed` "
+                       "with the same model, --axes, --channels and --contrast-limits or "
+                       "--percentiles): checked first, its planes are not embedded again "
+                       "(labels unchanged) [embed every plane]")  # fmt: skip
     model.add_argument("--threads", type=int, metavar="N",
                        help="torch threads per process [all cores; cores / workers "
                        "with --scheduler local]")  # fmt: skip
@@ -325,6 +330,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.scheduler in (None, "local") and "--worker-timeout" in given:
             raise UsageError("--worker-timeout needs --scheduler ADDRESS")
         link = _link(args)
+        embeddings = _embeddings(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -343,7 +349,7 @@ def _main(argv: Sequence[str] | None) -> int:
             _import_modules(cluster=args.scheduler is not None)
         from .runner import run
 
-        config = _config(args, options, axes, quiet, command, link)
+        config = _config(args, options, axes, quiet, command, link, embeddings)
         if not config.dry_run and config.scheduler is None:  # what was chosen automatically
             from .segment import get_segmenter
 
@@ -385,7 +391,21 @@ def _link(args: argparse.Namespace):
         raise UsageError(str(exc)) from None
 
 
-def _config(args, options, axes, quiet, command, link=None):
+def _embeddings(args: argparse.Namespace) -> str | None:
+    """``--embeddings``: an existing folder, with one INPUT; UsageError otherwise."""
+    if args.embeddings is None:
+        return None
+    if len(args.inputs) != 1:
+        raise UsageError(f"--embeddings {args.embeddings}: an embedding store belongs to one "
+                         f"image; give one INPUT, not {len(args.inputs)}")  # fmt: skip
+    path = Path(args.embeddings)
+    if not path.is_dir():
+        raise UsageError(f"--embeddings {args.embeddings}: no such store (a folder made by "
+                         "`mobilesam embed INPUT -o STORE`)")  # fmt: skip
+    return str(path.resolve())
+
+
+def _config(args, options, axes, quiet, command, link=None, embeddings=None):
     from .runner import RunConfig
     from .segment import ModelSpec, get_segmenter
 
@@ -422,7 +442,7 @@ def _config(args, options, axes, quiet, command, link=None):
         options=options, coco=args.coco, csv=args.csv, zarr=args.zarr, axes=axes,
         recursive=args.recursive, overwrite=args.overwrite, dry_run=args.dry_run,
         on_clash=args.on_clash, scheduler=args.scheduler, workers=args.workers,
-        worker_timeout=args.worker_timeout, command=command, link=link,
+        worker_timeout=args.worker_timeout, command=command, link=link, embeddings=embeddings,
     )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ def local_results(
 ) -> Iterator[tuple[Task, PlaneResult | BaseException]]:
     """Segment planes in this process, reading the next plane while the model runs."""
     seg = get_segmenter(config.model, config.options)
+    store = {} if config.embeddings is None else {"embeddings": config.embeddings}
 
     def read(task: Task) -> np.ndarray:
         job, index = task
@@ -67,7 +68,7 @@ def local_results(
                 continue
             start = time.perf_counter()
             try:
-                result = seg.segment(fut.result(), index)
+                result = seg.segment(fut.result(), index, **store)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:
@@ -102,7 +103,7 @@ def dask_results(
                 continue
             fut = client.submit(
                 segment_plane, str(job.path), config.axes, index, config.model, config.options,
-                pure=False,
+                config.embeddings, pure=False,
             )  # fmt: skip
             owner[fut] = task
             return

@@ -204,6 +204,9 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
     }
     if linked is not None:
         record["linked"] = {"objects": linked.n_objects, "divisions": linked.n_divisions}
+    if job.embeddings is not None:  # --embeddings: the store, what it matched, what it served
+        served = sorted(job.from_store)
+        record["embeddings"] = {**job.embeddings, "planes_from_store": [list(i) for i in served]}
     write_json_atomic(staged["provenance"], record, tmp_dir=stage)
     return record
 

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .discover import discover_inputs, split_output_folder
+from .embeddings import check_embeddings
 from .folder import WORK_DIR
 from .inputs import ImageSource, InputError, open_source
 from .link import link_layout
 from .outputs import ngff_attrs
 from .planes import scan_cache
 from .provenance import input_identity, read_provenance, run_key
-from .segment import SegmentOptions
+from .segment import SegmentOptions, get_segmenter
 
 if TYPE_CHECKING:
     from .runner import RunConfig, Summary
@@ -61,6 +62,9 @@ class Job:
     done: dict[tuple[int, ...], tuple[int, float]] = field(default_factory=dict)
     # RAN_ON values of the planes (this run's and earlier runs'), as resolved where they ran
     ran_on: set[tuple] = field(default_factory=set)
+    # --embeddings: what the store matched (check_embeddings), and the planes it served
+    embeddings: dict[str, Any] | None = None
+    from_store: set[tuple[int, ...]] = field(default_factory=set)
     failed: str | None = None
     started: float = field(default_factory=time.perf_counter)
     _open: ImageSource | None = None
@@ -224,6 +228,11 @@ def plan(
     paths, inside, summary.ignored = split_output_folder(config.inputs, paths, config.outdir)
     for err in [*errors, *inside]:
         fail(err.path, err.reason)
+    if config.embeddings is not None and len(paths) > 1:
+        for path in paths:
+            fail(path, f"--embeddings {config.embeddings} belongs to one image, and "
+                 f"{len(paths)} inputs were found: run one input at a time with it")  # fmt: skip
+        return []
 
     kinds = config.output_kinds()
     model = {
@@ -251,6 +260,10 @@ def plan(
                     ngff_attrs(src.out_axes)  # OME-Zarr takes 2 to 5 axes: fail now, not later
                 if config.link is not None:  # a 2D image, or no such axis: fail now
                     link_layout(src.plane_axes, src.plane_shape, config.link)
+                store = None
+                if config.embeddings is not None and not config.dry_run:  # before any plane
+                    sam = get_segmenter(config.model, config.options).sam
+                    store = check_embeddings(config.embeddings, src, config.options, sam)
             identity = input_identity(path)
             key = run_key(identity, source, model, keyed, kinds)
             planes_key = run_key(identity, source, model, parameters, plane_kinds)
@@ -263,7 +276,10 @@ def plan(
         job = Job(
             path=path, stem=stem, source=source, identity=identity, key=key, outputs=outputs,
             cache=config.outdir / WORK_DIR / f"{stem}-{planes_key[:16]}", indices=indices,
+            embeddings=store,
         )  # fmt: skip
+        if store is not None:
+            _log_store(job, store, same_as, log)
         if not config.overwrite and _up_to_date(outputs, config.outdir, stem, identity, key):
             if not config.dry_run:
                 # planes a run killed between the provenance record and their removal left
@@ -279,6 +295,15 @@ def plan(
             scan_cache(job, None if config.dry_run else same_as)
         jobs.append(job)
     return jobs
+
+
+def _log_store(job: Job, store: dict, same_as: dict | None, log: Callable[[str], None]) -> None:
+    log(f"store  {job.path}: embeddings of {store['planes_done']} of {len(job.indices)} "
+        f"planes from {store['path']}")  # fmt: skip
+    ran = None if same_as is None else same_as.get("precision")
+    if ran is not None and store["precision"] not in (None, ran):
+        log(f"note   {job.path}: the store's embeddings were computed in {store['precision']}, "
+            f"this run embeds in {ran}: labels can differ slightly from a run without it")  # fmt: skip
 
 
 def link_parameters(config: RunConfig, parameters: dict) -> dict:

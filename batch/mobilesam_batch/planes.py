@@ -56,6 +56,7 @@ def save_plane(job: Job, result: PlaneResult, tmp_dir: Path) -> None:
                 stability_score=result.stability_score,
                 seconds=np.float64(result.seconds),
                 where=np.array(json.dumps(where)),
+                embedding=np.array(result.extra.get("embedding", "computed")),
             )
     except OSError as exc:
         if is_fatal(exc):
@@ -66,6 +67,8 @@ def save_plane(job: Job, result: PlaneResult, tmp_dir: Path) -> None:
             ) from None
         raise
     job.done[result.index] = (result.n_objects, result.seconds)
+    if result.extra.get("embedding") == "store":
+        job.from_store.add(result.index)
     if where:
         job.ran_on.add(tuple(where[k] for k in RAN_ON))
 
@@ -98,6 +101,7 @@ def scan_cache(job: Job, same_as: dict[str, str] | None = None) -> None:
             with np.load(path) as z:
                 n, seconds = len(z["predicted_iou"]), float(z["seconds"])
                 where = json.loads(str(z["where"])) if "where" in z.files else {}
+                stored = "embedding" in z.files and str(z["embedding"]) == "store"
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # unreadable: compute it again
             continue
@@ -105,6 +109,8 @@ def scan_cache(job: Job, same_as: dict[str, str] | None = None) -> None:
             path.unlink(missing_ok=True)
             continue
         job.done[index] = (n, seconds)
+        if stored:
+            job.from_store.add(index)
         if where:
             job.ran_on.add(tuple(where.get(k, "") for k in RAN_ON))
 

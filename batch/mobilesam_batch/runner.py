@@ -86,6 +86,9 @@ class RunConfig:
         The command line, recorded in the provenance.
     link : LinkOptions or None
         ``--link``: link each stack's planes into 3D objects or tracks (:mod:`.link`).
+    embeddings : str or None
+        ``--embeddings``: an embedding store of the (one) input, checked before its
+        planes run; planes it holds are not embedded again (:mod:`.embeddings`).
     """
 
     inputs: list[str]
@@ -106,6 +109,7 @@ class RunConfig:
     worker_timeout: float = 60.0
     command: list[str] | None = None
     link: LinkOptions | None = None
+    embeddings: str | None = None
 
     def output_kinds(self) -> list[str]:
         kinds = ["labels"]

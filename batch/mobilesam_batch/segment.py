@@ -184,7 +184,9 @@ class PlaneSegmenter:
         """One line for the log, e.g. ``vit_t on cpu: torch, 2 threads, fp32``."""
         return f"{self.model_spec.name} on {self.generator.predictor.describe()}"
 
-    def segment(self, plane: np.ndarray, index: tuple[int, ...] = ()) -> PlaneResult:
+    def segment(
+        self, plane: np.ndarray, index: tuple[int, ...] = (), embeddings: str | None = None
+    ) -> PlaneResult:
         """Segment everything in one plane.
 
         Parameters
@@ -193,12 +195,19 @@ class PlaneSegmenter:
             (H, W) or (H, W, C) channels-last, any numeric dtype.
         index : tuple of int
             Recorded in the result.
+        embeddings : str, optional
+            An embedding store checked against this input
+            (:func:`~.embeddings.check_embeddings`): the plane's whole-image embedding
+            is read from it when it holds this plane (``extra["embedding"]`` is then
+            ``"store"``, else ``"computed"``).
 
         Returns
         -------
         PlaneResult
         """
         from napari_mobilesam.normalize import to_rgb_uint8
+
+        from .embeddings import plane_embedding
 
         start = time.perf_counter()
         opts = self.options
@@ -209,14 +218,15 @@ class PlaneSegmenter:
             channels=opts.channels,
             channel_axis=-1 if plane.ndim == 3 else None,
         )
-        labels, info = self.generator.generate_labels(rgb, return_info=True)
+        known = None if embeddings is None else plane_embedding(embeddings, tuple(index), plane)
+        labels, info = self.generator.generate_labels(rgb, return_info=True, embedding=known)
         return PlaneResult(
             index=tuple(index),
             labels=labels,
             predicted_iou=info["predicted_iou"],
             stability_score=info["stability_score"],
             seconds=time.perf_counter() - start,
-            extra=self.where(),
+            extra={**self.where(), "embedding": "computed" if known is None else "store"},
         )
 
 
@@ -239,6 +249,7 @@ def segment_plane(
     index: tuple[int, ...],
     model: ModelSpec,
     options: SegmentOptions,
+    embeddings: str | None = None,
 ) -> PlaneResult:
     """Read one plane of an input and segment it (the task mapped over planes).
 
@@ -252,6 +263,9 @@ def segment_plane(
         Plane position in the input's plane axes.
     model, options
         What to run; the loaded model is cached per process.
+    embeddings : str, optional
+        An embedding store to read the plane's embedding from (readable where this
+        runs), see :meth:`PlaneSegmenter.segment`.
 
     Returns
     -------
@@ -261,7 +275,7 @@ def segment_plane(
     start = time.perf_counter()
     seg = get_segmenter(model, options)
     plane = _cached_source(path, axes).read_plane(tuple(index))
-    result = seg.segment(plane, index)
+    result = seg.segment(plane, index, embeddings)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -21,27 +21,6 @@ from pathlib import Path
 __all__ = ["add_parser"]
 
 
-class _PlaneArray:
-    """An opened input in napari's layout, ``(P..., [C,] H, W)``, read one plane at a
-    time (what :class:`~napari_mobilesam.interactive.ImagePlanes` indexes)."""
-
-    def __init__(self, source):
-        self.source = source
-        self.dtype = source.dtype
-        channels = () if source.channel_axis is None else (source.n_channels,)
-        self.shape = (*source.plane_shape, *channels, source.height, source.width)
-        self.channel_axis = None if not channels else len(source.plane_shape)
-
-    def __getitem__(self, key):
-        import numpy as np
-
-        n = len(self.source.plane_shape)
-        plane = self.source.read_plane(tuple(key[:n]))
-        if self.channel_axis is not None:
-            plane = np.moveaxis(plane, -1, 0)
-        return plane[tuple(key[n:])]
-
-
 def _numbers(text: str | None, kind, count: int | None, flag: str):
     """``"a,b"`` as a tuple of ``kind``; a usage error naming ``flag`` otherwise."""
     from .cli import CommandError
@@ -61,12 +40,12 @@ def _numbers(text: str | None, kind, count: int | None, flag: str):
 def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from mobilesam_batch.embeddings import source_planes
     from mobilesam_batch.inputs import InputError, open_source
 
     from . import build
     from . import weights as _w
     from .cli import CommandError
-    from .interactive import ImagePlanes
     from .predictor import Predictor
     from .store import StoreError, embed_planes, open_for
 
@@ -82,10 +61,8 @@ def _run(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise CommandError(str(exc)) from None
     with source:
-        data = _PlaneArray(source)
-        planes = ImagePlanes(
-            data, channel_axis=data.channel_axis, channels=channels, contrast_limits=limits
-        )
+        # read as mobilesam-everything reads it, so that its --embeddings accepts the store
+        planes = source_planes(source, channels, limits)
         checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
         model = build.load_model(args.model, checkpoint, device=args.device)
         predictor = Predictor(model, precision=args.precision)

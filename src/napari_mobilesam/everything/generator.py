@@ -36,7 +36,7 @@ import torch
 
 from ..model import Sam
 from ..normalize import to_rgb_uint8
-from ..predictor import Predictor
+from ..predictor import ImageEmbedding, Predictor
 from ..validation import check_int
 from .boxes import box_area, nms
 from .device import DevicePipeline, labels_from_masks
@@ -287,6 +287,7 @@ class MaskGenerator:
         channels: Sequence[int] | None = None,
         channel_axis: int | None = None,
         return_info: bool = False,
+        embedding: ImageEmbedding | None = None,
     ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Segment everything and return a label image.
 
@@ -296,6 +297,11 @@ class MaskGenerator:
             As for :meth:`generate`.
         return_info : bool
             Also return the scores of each labelled object.
+        embedding : ImageEmbedding, optional
+            The whole image's embedding, computed before from the same RGB image (e.g.
+            read from an embedding store): used for the crop that covers the whole
+            image instead of running the encoder (other crops and tiles are embedded
+            as usual). Its ``original_size`` must be the image's (H, W).
 
         Returns
         -------
@@ -316,12 +322,17 @@ class MaskGenerator:
             image, contrast_limits=contrast_limits, channels=channels, channel_axis=channel_axis
         )
         shape = rgb.shape[:2]
+        if embedding is not None and tuple(embedding.original_size) != tuple(shape):
+            raise ValueError(
+                f"embedding is of a {tuple(embedding.original_size)} image, not of this "
+                f"{tuple(shape)} one: give the embedding of this image, or none"
+            )
         on_device = (
             self.mode == "device"
             and self.min_mask_region_area == 0
             and len(self._crop_boxes(shape)[0]) == 1
         )
-        data = self._generate_masks(rgb, keep_masks=on_device)
+        data = self._generate_masks(rgb, keep_masks=on_device, embedding=embedding)
         if on_device and len(data):
             labels_t, sources_t = labels_from_masks(data["masks"], data["iou_preds"])
             labels = labels_t.cpu().numpy().astype(np.uint32)
@@ -363,16 +374,22 @@ class MaskGenerator:
             layers += [0] * len(tiles)  # tiles use the full grid at native resolution
         return boxes, layers
 
-    def _generate_masks(self, image: np.ndarray, keep_masks: bool = False) -> MaskData:
+    def _generate_masks(
+        self, image: np.ndarray, keep_masks: bool = False, embedding=None
+    ) -> MaskData:
         """The final masks of an RGB uint8 image; ``keep_masks``: device mode's masks stay
-        on the device (one crop only)."""
+        on the device (one crop only); ``embedding``: the whole image's, if known."""
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = self._crop_boxes(orig_size)
         bar = _progress(self.progress, sum(len(self.point_grids[i]) for i in layer_idxs))
         data = MaskData()
         try:
+            whole = [0, 0, orig_size[1], orig_size[0]]
             for crop_box, layer in zip(crop_boxes, layer_idxs, strict=True):
-                data.cat(self._process_crop(image, crop_box, layer, orig_size, bar, keep_masks))
+                known = embedding if list(crop_box) == whole else None
+                data.cat(
+                    self._process_crop(image, crop_box, layer, orig_size, bar, keep_masks, known)
+                )
         finally:
             if bar is not None:
                 bar.close()
@@ -390,10 +407,12 @@ class MaskGenerator:
                 )
         return data
 
-    def _process_crop(self, image, crop_box, layer, orig_size, bar, keep_masks) -> MaskData:
+    def _process_crop(
+        self, image, crop_box, layer, orig_size, bar, keep_masks, embedding=None
+    ) -> MaskData:
         x0, y0, x1, y1 = crop_box
         pipeline = self.pipeline
-        crop = pipeline.prepare(np.ascontiguousarray(image[y0:y1, x0:x1]))
+        crop = pipeline.prepare(np.ascontiguousarray(image[y0:y1, x0:x1]), embedding)
         points = self.point_grids[layer] * np.array(crop.size)[None, ::-1]
         state = pipeline.crop_state(crop)
         per_pass = pipeline.prompts_per_pass(len(points))

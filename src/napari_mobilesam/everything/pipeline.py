@@ -93,9 +93,13 @@ class Pipeline(ABC):
     def model(self):
         return self.engine.model
 
-    def prepare(self, rgb: np.ndarray) -> CropImage:
-        """Embed an (h, w, 3) uint8 crop and prepare the decoder for it."""
-        embedding = self.engine.embed_image(rgb)
+    def prepare(self, rgb: np.ndarray, embedding: ImageEmbedding | None = None) -> CropImage:
+        """Embed an (h, w, 3) uint8 crop and prepare the decoder for it; with
+        ``embedding`` (the crop's, computed before), the encoder does not run."""
+        if embedding is None:
+            embedding = self.engine.embed_image(rgb)
+        else:
+            embedding = embedding.to(self.engine.device)
         return CropImage(embedding, self.decoder.prepare(embedding.features))
 
     def crop_state(self, image: CropImage) -> object:
