@@ -207,14 +207,60 @@ class ImagePlanes:
             (H, W) grayscale, or (H, W, C) for ``rgb`` (C = 3 or 4) and for a channel
             axis (C = channels, moved last), in the image's dtype.
         """
-        idx = self.check_index(index)
+        return self._read(self.check_index(index), slice(None), slice(None))
+
+    def _read(self, idx: tuple[int, ...], rows: slice, cols: slice) -> np.ndarray:
+        """Read ``[rows, cols]`` of plane ``idx`` (checked), channels moved last."""
         key: list = [slice(None)] * len(self._shape)
         for axis, i in zip(self._plane_axes, idx, strict=True):
             key[axis] = i
-        plane = np.asarray(self.image[tuple(key)])
+        h_axis = len(self._shape) - (3 if self.rgb else 2)
+        key[h_axis], key[h_axis + 1] = rows, cols
+        out = np.asarray(self.image[tuple(key)])
         if self._channel_axis is not None:
-            plane = np.moveaxis(plane, 0, -1)  # the only axis left before (H, W)
-        return plane
+            out = np.moveaxis(out, 0, -1)  # the only axis left before (H, W)
+        return out
+
+    def window(self, index, window: tuple[int, int, int, int]) -> np.ndarray:
+        """The pixels of a window of one plane, read without reading the rest of the plane
+        (for dask and zarr images only the chunks under the window are read).
+
+        Parameters
+        ----------
+        index : tuple of int
+            Plane index (see :meth:`check_index`).
+        window : (r0, c0, r1, c1)
+            Plane pixels, exclusive ends, ``0 <= r0 < r1 <= H`` and ``0 <= c0 < c1 <= W``.
+
+        Returns
+        -------
+        np.ndarray
+            (r1 - r0, c1 - c0) or (r1 - r0, c1 - c0, C), as :meth:`plane` lays it out.
+
+        Raises
+        ------
+        ValueError
+            When the window is empty or leaves the plane.
+        """
+        idx = self.check_index(index)
+        r0, c0, r1, c1 = (check_int(v, "window") for v in window)
+        h, w = self._hw
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+            raise ValueError(
+                f"window must be (r0, c0, r1, c1) with 0 <= r0 < r1 <= {h} and "
+                f"0 <= c0 < c1 <= {w}, got {tuple(window)!r}"
+            )
+        return self._read(idx, slice(r0, r1), slice(c0, c1))
+
+    def sample(self, index, max_pixels: int = 4_000_000) -> np.ndarray:
+        """Every k-th row and column of one plane, at most about ``max_pixels`` pixels
+        (for percentiles of a plane too large to read whole); the plane itself when it is
+        small enough. Layout as :meth:`plane`."""
+        idx = self.check_index(index)
+        max_pixels = check_int(max_pixels, "max_pixels", minimum=1)
+        h, w = self._hw
+        step = max(1, math.ceil(math.sqrt(h * w / max_pixels)))
+        return self._read(idx, slice(None, None, step), slice(None, None, step))
 
     def normalize_kwargs(self) -> dict:
         """Keyword arguments for ``Predictor.set_image`` / ``embed_images`` with a plane

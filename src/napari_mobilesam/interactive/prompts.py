@@ -33,12 +33,17 @@ class Prediction:
         (K, h, w) float32 low-resolution logits ((K, 256, 256) for SAM models).
     choice : int
         Index of the chosen candidate, ``0 <= choice < K``.
+    window : (r0, c0, r1, c1) or None
+        On a tiled plane, the tile (plane pixels, exclusive ends) whose frame ``low_res``
+        is in: give :attr:`mask_input` back only with prompts answered from that tile.
+        None: the whole plane.
     """
 
     masks: np.ndarray
     scores: np.ndarray
     low_res: np.ndarray
     choice: int
+    window: tuple[int, int, int, int] | None = None
 
     @property
     def mask(self) -> np.ndarray:

@@ -28,6 +28,8 @@ from .locks import predictor_lock
 from .planes import ImagePlanes
 from .prompts import ObjectPrompt, Prediction, SamPrompt, batches, check_choice, pick, to_sam
 from .session_stacks import StackPropagation
+from .tiled import TiledPrompts
+from .tiles import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, DEFAULT_TILE_THRESHOLD, TileGrid
 
 __all__ = ["PromptSession"]
 
@@ -37,7 +39,7 @@ def _from_planes(name: str, doc: str) -> property:
     return property(lambda self: getattr(self.planes, name), doc=doc)
 
 
-class PromptSession(StackPropagation):
+class PromptSession(StackPropagation, TiledPrompts):
     """Interactive segmentation state over an image or a stack of planes.
 
     Parameters
@@ -61,11 +63,25 @@ class PromptSession(StackPropagation):
         sha1 of each plane's pixels, which is always right but reads the plane on every
         :meth:`embed`. Either way the key also holds the normalisation settings and a
         fingerprint of the model's weights.
+    tile_threshold : int or None
+        Planes whose longer side exceeds this many pixels are embedded as overlapping
+        tiles (:attr:`tiles`) instead of shrunk whole to the model's input; None never
+        tiles. Default 2048.
+    tile_size, tile_overlap : int
+        Side of a tile (default 1024, the model's input) and least overlap between
+        neighbouring tiles (default 256; a box up to this size always fits one tile).
 
     Notes
     -----
     Coordinates are napari's: points are (row, col) = (y, x) pixels of the plane, boxes
     two opposite corners ``(r0, c0, r1, c1)``. Every public method is thread-safe.
+
+    On tiled planes (see :mod:`.tiled`) :meth:`embed` only selects the plane: a tile is
+    embedded the first time a prompt needs it (or by :meth:`precompute`), all tiles of
+    a plane with the same contrast limits (:meth:`tile_contrast_limits`). Masks are
+    always (H, W) of the whole plane; a prompt held by one tile is answered from the most
+    central such tile, others from every tile they cross, stitched. Without a ``cache``,
+    a tiled session keeps up to 256 tile embeddings in memory (4 MB each).
     """
 
     def __init__(
@@ -79,6 +95,9 @@ class PromptSession(StackPropagation):
         contrast_limits=None,
         cache: EmbeddingCache | None = None,
         cache_key: Hashable | None = None,
+        tile_threshold: int | None = DEFAULT_TILE_THRESHOLD,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
     ):
         if not isinstance(predictor, Predictor):
             raise TypeError(f"predictor must be a Predictor, got {type(predictor)}")
@@ -94,7 +113,14 @@ class PromptSession(StackPropagation):
             contrast_limits=contrast_limits,
         )  # fmt: skip
         self.predictor = predictor
-        self.cache = cache if cache is not None else EmbeddingCache()
+        grid = TileGrid(self.planes.shape_hw, tile_size, tile_overlap)
+        if tile_threshold is not None:
+            tile_threshold = check_int(tile_threshold, "tile_threshold", minimum=1)
+        tiled = tile_threshold is not None and max(self.planes.shape_hw) > tile_threshold
+        self._init_tiles(grid if tiled else None)
+        if cache is None:
+            cache = EmbeddingCache(max_items=min(max(16, len(grid)), 256) if tiled else 16)
+        self.cache = cache
         self.cache_key = cache_key
         self._settings = (*self.planes.settings(), model_fingerprint(predictor.model))
         self._labels = LabelEditor(self.planes.shape_hw)
@@ -144,7 +170,10 @@ class PromptSession(StackPropagation):
 
     def is_cached(self, index) -> bool:
         """Whether the cache holds plane ``index``'s embedding (in memory or on disk)."""
-        key, _ = self._key(self.check_index(index))
+        idx = self.check_index(index)
+        if self.tiles is not None:
+            return self._tiles_cached(idx)
+        key, _ = self._key(idx)
         return key in self.cache
 
     def _activate(self, embedding: ImageEmbedding) -> ImageEmbedding:
@@ -186,9 +215,15 @@ class PromptSession(StackPropagation):
         -------
         bool
             True when the encoder ran, False when the embedding came from the cache
-            (or the session was already on this plane).
+            (or the session was already on this plane). Always False on a tiled plane,
+            whose tiles are embedded when prompts need them.
         """
         idx = self.check_index(index)
+        if self.tiles is not None:
+            self.tile_contrast_limits(idx)  # the plane's limits, once
+            with self._lock:
+                self._current, self._embedding = idx, None
+            return False
         with self._lock:
             if idx == self._current and self._embedding is not None:
                 with self._predictor_lock:
@@ -214,7 +249,8 @@ class PromptSession(StackPropagation):
         indices : iterable of plane indices, optional
             Default: every plane, in C order.
         progress : callable(done, total), optional
-            Called after each plane (each batch of planes when batching).
+            Called after each plane (each batch of planes when batching; each tile on
+            tiled planes, where ``total`` counts tiles).
         should_stop : callable() -> bool, optional
             Checked before each plane (each batch); True stops early.
         batch_size : int, optional
@@ -224,7 +260,8 @@ class PromptSession(StackPropagation):
         Returns
         -------
         int
-            How many planes were computed (cache hits do not count).
+            How many planes (tiles, on tiled planes) were computed (cache hits do not
+            count).
         """
         if indices is None:
             todo = list(self.planes.indices())
@@ -234,6 +271,8 @@ class PromptSession(StackPropagation):
             todo = [self.check_index(i) for i in indices]
         batch_size = self.batch_size if batch_size is None else batch_size
         batch_size = check_int(batch_size, "batch_size", minimum=1)
+        if self.tiles is not None:
+            return self._precompute_tiles(todo, progress, should_stop)
         computed = 0
         for start in range(0, len(todo), batch_size):
             if should_stop is not None and should_stop():
@@ -275,6 +314,13 @@ class PromptSession(StackPropagation):
                 raise RuntimeError("no plane is embedded: call embed(index) before predict()")
             return self._embedding
 
+    def _current_plane(self) -> tuple[int, ...]:
+        """The current plane of a tiled session."""
+        with self._lock:
+            if self._current is None:
+                raise RuntimeError("no plane is embedded: call embed(index) before predict()")
+            return self._current
+
     def predict(
         self,
         points_rc=None,
@@ -301,7 +347,9 @@ class PromptSession(StackPropagation):
             alone), where it resolves ambiguity; with several prompts a single mask is
             predicted, as SAM recommends.
         mask_input : (1, h, w) array_like, optional
-            Low-res logits of an earlier prediction (:attr:`Prediction.mask_input`).
+            Low-res logits of an earlier prediction (:attr:`Prediction.mask_input`); on a
+            tiled plane, of a prediction from the tile that answers these prompts
+            (:attr:`Prediction.window`).
         choice : "best" or int
             The candidate to choose: the highest score, or index ``choice % K`` (to
             cycle through the candidates).
@@ -313,6 +361,11 @@ class PromptSession(StackPropagation):
         prompt = to_sam(points_rc, labels, box_rc)
         choice = check_choice(choice)
         multimask_output = bool(multimask) and prompt.n_prompts == 1
+        if self.tiles is not None:
+            with self._lock:
+                return self._predict_tiled(
+                    self._current_plane(), prompt, multimask_output, mask_input, choice
+                )
         with self._lock:
             masks, scores, low_res = self._decode(
                 self._current_embedding(), prompt, multimask_output, mask_input
@@ -348,6 +401,9 @@ class PromptSession(StackPropagation):
                 raise TypeError(f"prompts[{i}] must be an ObjectPrompt, got {type(p)}")
             checked.append(to_sam(p.points_rc, p.labels, p.box_rc))
         out: list[Prediction | None] = [None] * len(checked)
+        if self.tiles is not None:
+            with self._lock:
+                return self._predict_many_tiled(self._current_plane(), checked, multimask)
         with self._lock:
             embedding = self._current_embedding()
             for members, arrays in batches(checked):

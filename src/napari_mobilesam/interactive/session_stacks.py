@@ -6,6 +6,7 @@ A mixin: it uses the session's planes, predictor, embeddings and label editor.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
@@ -58,7 +59,8 @@ class StackPropagation:
         direction, min_score, min_area_ratio, max_planes, use_mask_input
             The walk's rule; see :class:`~napari_mobilesam.interactive.PropagationRule`
             (both directions, higher first; predicted IoU >= 0.7; area within 0.3x to
-            1 / 0.3x of the previous plane's; no plane limit; no mask input).
+            1 / 0.3x of the previous plane's; no plane limit; no mask input, which tiled
+            planes never use).
         progress : callable(index, score), optional
             Called after each accepted plane.
         should_stop : callable() -> bool, optional
@@ -77,6 +79,8 @@ class StackPropagation:
 
         def segment(idx, points_rc, box_rc, mask_input) -> Prediction:
             prompt = to_sam(points_rc, None, box_rc)
+            if self.tiles is not None:  # tiles: no mask input (it may be another tile's)
+                return self._predict_tiled(idx, prompt, False, None, 0)
             with self._predictor_lock:  # embedding and decoding together
                 embedding, _ = self._embedding_of(idx)
                 masks, scores, low_res = self._decode(embedding, prompt, False, mask_input)
@@ -149,6 +153,11 @@ class StackPropagation:
 
         def segment_batch(idx, points_rc, boxes_rc, mask_inputs) -> list[Prediction]:
             prompts = [to_sam(p, None, b) for p, b in zip(points_rc, boxes_rc, strict=True)]
+            if self.tiles is not None:  # tiles: no mask input (it may be another tile's)
+                return [
+                    dataclasses.replace(pred, choice=0)
+                    for pred in self._predict_many_tiled(idx, prompts, False)
+                ]
             ((_, (points_xy, point_labels, boxes_xyxy)),) = batches(prompts)  # one form
             with self._predictor_lock:  # embedding and decoding together
                 embedding, _ = self._embedding_of(idx)
