@@ -10,6 +10,7 @@ user), never a reason to remove it: the plugin never removes a Labels layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
@@ -84,6 +85,9 @@ class ImageSession:
         The previewed objects of several boxes (:mod:`._multi`), instead of ``prediction``.
     choice : "best" or int
         The candidate shown for the current object (X cycles it; reset per object).
+    store : Path or None
+        The embedding store the session reads (or that is being checked), see
+        :mod:`._store`.
     """
 
     image: Image
@@ -97,6 +101,7 @@ class ImageSession:
     prediction: Prediction | None = None
     predictions: list | None = None
     choice: int | str = "best"
+    store: Path | None = None
 
     def layers(self) -> tuple:
         """The prompt layers (where the shortcuts are bound)."""

@@ -49,6 +49,7 @@ from ._layers import (
 from ._model import ModelPicker
 from ._multi import MultiObjects, plane_objects
 from ._stacks import StackActions
+from ._store import StoreActions
 
 SHORTCUTS = (
     "click: a positive point (green); right-click or Shift-click: a negative point (red) · "
@@ -57,7 +58,7 @@ SHORTCUTS = (
 )
 
 
-class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
+class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidget):
     """Dock widget: click points / draw a box, see the mask, commit it to a Labels layer.
 
     Parameters
@@ -101,6 +102,7 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
             "(about 4 MB per plane), also for the next session with the same image"
         )
         opts.addRow(self.disk_cache)
+        opts.addRow("embeddings", self.store_button())  # precomputed: mobilesam embed
         layout.addLayout(opts)
 
         buttons = QHBoxLayout()
@@ -271,6 +273,7 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
         def ready(session, state) -> None:
             state.session, state.ready, state.plane = session, set(), None
             self.status.setText(f"model on {session.predictor.describe()}")
+            self.attach_at_start(state)  # a store for the image: before its first plane
             if state.image is self.image_combo.layer():
                 self.state = state
                 self.viewer.layers.selection.active = state.points
@@ -307,7 +310,8 @@ class PromptWidget(StackActions, MultiObjects, PromptInput, QWidget):
         state.plane = plane
         self._show(state, None)
         session = state.session
-        message = "" if plane in state.ready else f"computing the embedding of plane {plane}…"
+        known = plane in state.ready or state.store is not None  # (a store: read, mostly)
+        message = "" if known else f"computing the embedding of plane {plane}…"
         self._note_queued()
         self.runner.submit(
             lambda: session.embed(plane), lambda _: self._embedded(state, plane), message
