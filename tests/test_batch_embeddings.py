@@ -165,6 +165,11 @@ def test_another_normalisation_is_refused(tiny_cli, tiny_model, stack_tif, tmp_p
     same = _embed(stack_tif, tmp_path / "limits.zarr", tiny_model, limits=(0, 30000))
     args = [str(stack_tif), "-o", str(out), *FAST, "--embeddings", str(same)]
     assert tiny_cli([*args, "--contrast-limits", "0,30000"]) == 0
+    assert "note" not in capsys.readouterr().err
+    # another precision is allowed, and said
+    args = [*args, "--contrast-limits", "0,30000", "--precision", "bf16"]
+    assert tiny_cli([*args, "-o", str(tmp_path / "bf16")]) == 0
+    assert "embeddings were computed in fp32, this run embeds in bf16" in capsys.readouterr().err
 
 
 def test_another_image_or_model_is_refused(tiny_cli, tiny_model, stack_tif, tmp_path, capsys):

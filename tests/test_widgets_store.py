@@ -211,3 +211,21 @@ def test_store_beside_finds_the_convention(tmp_path):
     assert store_beside(tmp_path / "a.ome.zarr") == tmp_path / "a.embeddings.zarr"
     assert store_beside(tmp_path / "a.embeddings.zarr") is None  # the store itself
     assert store_beside(tmp_path / "b.tif") is None
+
+
+def test_a_tiled_image_does_not_use_a_whole_plane_store(make_napari_viewer, qtbot,
+                                                        tiny_predictor, shown,
+                                                        tmp_path):  # fmt: skip
+    image = np.random.default_rng(2).integers(0, 4000, (64, 2100)).astype(np.uint16)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(image, name="wide")
+    limits = tuple(float(v) for v in layer.contrast_limits)
+    store = _embed(image, tmp_path / "wide.embeddings.zarr", tiny_predictor.model, limits)
+    w = _widget(viewer, layer)
+    w.start()
+    idle(qtbot, w)
+    assert w.session.tiles is not None
+    w.open_store(store)
+    idle(qtbot, w)
+    assert len(shown) == 1 and "wide.embeddings.zarr holds whole-plane embeddings" in shown[0]
+    assert "'wide' are tiled" in shown[0] and not isinstance(w.session.cache, StoreCache)

@@ -302,8 +302,9 @@ def _log_store(job: Job, store: dict, same_as: dict | None, log: Callable[[str],
         f"planes from {store['path']}")  # fmt: skip
     ran = None if same_as is None else same_as.get("precision")
     if ran is not None and store["precision"] not in (None, ran):
-        log(f"note   {job.path}: the store's embeddings were computed in {store['precision']}, "
-            f"this run embeds in {ran}: labels can differ slightly from a run without it")  # fmt: skip
+        log(f"note   {job.path}: the store's embeddings were computed in "
+            f"{store['precision']}, this run embeds in {ran}: labels can differ slightly "
+            "from a run without it")  # fmt: skip
 
 
 def link_parameters(config: RunConfig, parameters: dict) -> dict:

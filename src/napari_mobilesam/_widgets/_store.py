@@ -144,6 +144,13 @@ class StoreActions:
         state.store = path  # its planes load without the "computing" message
 
         def check():
+            tiles = getattr(session, "tiles", None)
+            if tiles is not None:  # a store holds whole planes; tiled sessions embed tiles
+                return (
+                    f"{name} holds whole-plane embeddings, and the planes of "
+                    f"{state.image.name!r} are tiled ({len(tiles)} tiles each): the store is "
+                    "not used"
+                )
             try:
                 cache = attach_store(session, path)
             except (StoreError, OSError) as exc:  # the session keeps its own cache
