@@ -32,6 +32,8 @@ from napari_mobilesam.store import (
     open_for,
 )
 
+from napari_mobilesam.store.zarr_store import FORMAT_VERSION
+
 from .conftest import GOLDEN_CKPT, TINY_CONFIG, _randomize, requires_golden
 
 
@@ -83,7 +85,7 @@ def _results(session, index):
 def test_layout_attributes_and_chunks(filled, stack, tiny_model):
     group = zarr.open_group(str(filled.path), mode="r")
     meta = group.attrs["napari_mobilesam_embeddings"]
-    assert meta["version"] == 1 and meta["tiles"]["grid"] == [1, 1]
+    assert meta["version"] == FORMAT_VERSION and meta["tiles"]["grid"] == [1, 1]
     assert meta["image"] == image_fingerprint(ImagePlanes(stack))
     assert meta["image"]["plane_shape"] == [4] and meta["image"]["dtype"] == "<u2"
     assert meta["normalisation"] == {

@@ -6,7 +6,9 @@ Examples::
     mobilesam embed cells.zarr -o cells.emb.zarr --axes ZCYX --channels 1 \\
         --contrast-limits 100,4000
 
-Run it again after an interruption: finished planes are kept, damaged ones are
+Planes longer than 2048 px are embedded as overlapping 1024 px tiles, as the prompt
+widget embeds them (``--tile-threshold``, ``--tile-size``, ``--tile-overlap``). Run it
+again after an interruption: finished planes (tiles) are kept, damaged ones are
 recomputed. The store is checked against the model and the image first and never
 overwritten when it belongs to another one. The napari prompt widget and
 :class:`~napari_mobilesam.interactive.PromptSession` (:func:`napari_mobilesam.store.
@@ -19,6 +21,10 @@ import argparse
 from pathlib import Path
 
 __all__ = ["add_parser"]
+
+# PromptSession's defaults (napari_mobilesam.interactive.tiles), repeated here so that
+# building the command line does not import torch; tests/test_store_tiles.py checks them
+DEFAULT_TILE_THRESHOLD, DEFAULT_TILE_SIZE, DEFAULT_TILE_OVERLAP = 2048, 1024, 256
 
 
 def _numbers(text: str | None, kind, count: int | None, flag: str):
@@ -35,6 +41,22 @@ def _numbers(text: str | None, kind, count: int | None, flag: str):
         what = f"{count} comma-separated numbers" if count else "comma-separated integers"
         raise CommandError(f"{flag} {text!r}: give {what}", status=2)
     return values
+
+
+def _grid(args: argparse.Namespace, shape_hw):
+    """The tile grid for planes of ``shape_hw``, as a PromptSession would cut them, or
+    None for whole planes."""
+    from .cli import CommandError
+    from .interactive.tiles import TileGrid
+
+    if args.tile_threshold < 0:
+        raise CommandError(f"--tile-threshold must be >= 0, got {args.tile_threshold}", status=2)
+    if args.tile_threshold == 0 or max(shape_hw) <= args.tile_threshold:
+        return None
+    try:
+        return TileGrid(tuple(shape_hw), args.tile_size, args.tile_overlap)
+    except ValueError as exc:
+        raise CommandError(f"--tile-size/--tile-overlap: {exc}", status=2) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -63,12 +85,16 @@ def _run(args: argparse.Namespace) -> int:
     with source:
         # read as mobilesam-everything reads it, so that its --embeddings accepts the store
         planes = source_planes(source, channels, limits)
+        grid = _grid(args, planes.shape_hw)
         checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
         model = build.load_model(args.model, checkpoint, device=args.device)
         predictor = Predictor(model, precision=args.precision)
         try:
-            store = open_for(args.output, planes, predictor, percentiles)
-            bar = tqdm(total=planes.n_planes, unit="plane", desc="embed", disable=args.quiet)
+            store = open_for(args.output, planes, predictor, percentiles, grid)
+            total, unit = planes.n_planes, "plane"
+            if grid is not None:
+                total, unit = planes.n_planes * len(grid), "tile"
+            bar = tqdm(total=total, unit=unit, desc="embed", disable=args.quiet)
             with bar:
                 report = embed_planes(
                     store, planes, predictor, percentiles=percentiles,
@@ -79,8 +105,9 @@ def _run(args: argparse.Namespace) -> int:
         except OSError as exc:  # e.g. no room to create the store
             raise CommandError(f"{args.output}: {exc}") from None
     damaged = f", {len(report.damaged)} damaged planes recomputed" if report.damaged else ""
+    what = "planes" if grid is None else f"tiles ({len(grid)} per plane)"
     print(
-        f"{args.output}: {report.computed} planes embedded, {report.skipped} already "
+        f"{args.output}: {report.computed} {what} embedded, {report.skipped} already "
         f"done{damaged} ({predictor.describe()})"
     )
     return 0
@@ -120,6 +147,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--percentiles", metavar="LO,HI",
                    help="percentiles of each plane used as contrast limits [0.5,99.5, "
                    "what the prompt widget uses]")  # fmt: skip
-    p.add_argument("--batch-size", type=int, help="planes per encoder call [GPU 8, CPU 1]")
+    p.add_argument("--batch-size", type=int,
+                   help="planes (tiles) per encoder call [GPU 8, CPU 1]")  # fmt: skip
+    p.add_argument("--tile-threshold", type=int, default=DEFAULT_TILE_THRESHOLD, metavar="PX",
+                   help="planes whose longer side exceeds PX are embedded as tiles, as the "
+                   f"prompt widget does; 0: never [{DEFAULT_TILE_THRESHOLD}]")  # fmt: skip
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="PX",
+                   help=f"side of a tile [{DEFAULT_TILE_SIZE}]")  # fmt: skip
+    p.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="PX",
+                   help=f"least overlap of neighbouring tiles [{DEFAULT_TILE_OVERLAP}]")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -26,7 +26,38 @@ from .cache import content_fingerprint
 from .prompts import Prediction, SamPrompt, batches, pick
 from .tiles import TileGrid
 
-__all__ = ["TiledPrompts", "tile_prompt"]
+__all__ = ["TiledPrompts", "plane_limits", "tile_prompt"]
+
+
+def plane_limits(planes, index, percentiles=(0.5, 99.5)):
+    """The contrast limits every tile of a plane is normalised with.
+
+    Parameters
+    ----------
+    planes : ImagePlanes
+    index : tuple of int
+        The plane.
+    percentiles : (float, float)
+        Used without contrast limits.
+
+    Returns
+    -------
+    tuple or None
+        ``planes.contrast_limits`` when set; None for uint8 and bool planes (not
+        rescaled, as :func:`~napari_mobilesam.normalize.to_rgb_uint8` leaves them);
+        else the percentiles of the whole plane (read subsampled,
+        :meth:`ImagePlanes.sample`): one (lo, hi) pair, or one per channel shown.
+    """
+    if planes.contrast_limits is not None:
+        return planes.contrast_limits
+    if np.dtype(planes.image.dtype) in (np.uint8, np.bool_):
+        return None
+    sample = planes.sample(index)
+    if sample.ndim == 2:
+        return auto_contrast_limits(sample, percentiles)
+    picked = planes.channels if planes.channels is not None else range(3)
+    pairs = tuple(auto_contrast_limits(sample[..., c], percentiles) for c in picked)
+    return pairs[0] if len(pairs) == 1 else pairs
 
 
 def prompt_bounds(prompt: SamPrompt) -> tuple[float, float, float, float]:
@@ -98,21 +129,10 @@ class TiledPrompts:
         session's, or percentiles (0.5, 99.5) of the whole plane (one pair per channel
         shown), or None for uint8 and bool planes, which are not rescaled."""
         idx = self.check_index(index)
-        planes = self.planes
-        if planes.contrast_limits is not None:
-            return planes.contrast_limits
-        if np.dtype(planes.image.dtype) in (np.uint8, np.bool_):
-            return None
         with self._limits_lock:
             if idx in self._limits:
                 return self._limits[idx]
-        sample = planes.sample(idx)
-        if sample.ndim == 2:
-            limits = auto_contrast_limits(sample)
-        else:
-            picked = planes.channels if planes.channels is not None else range(3)
-            pairs = tuple(auto_contrast_limits(sample[..., c]) for c in picked)
-            limits = pairs[0] if len(pairs) == 1 else pairs
+        limits = plane_limits(self.planes, idx)
         with self._limits_lock:
             self._limits[idx] = limits
         return limits

@@ -19,7 +19,7 @@ from collections.abc import Hashable
 from ..interactive.cache import EmbeddingCache, model_fingerprint
 from ..interactive.planes import ImagePlanes
 from ..predictor import ImageEmbedding
-from .embed import check_store, describe
+from .embed import check_store, describe, store_grid
 from .zarr_store import EmbeddingStore, StoreCorruptError
 
 __all__ = ["StoreCache", "attach_store"]
@@ -36,6 +36,9 @@ class StoreCache(EmbeddingCache):
         The session's image (``session.planes``).
     model : Sam
         The session's model (``session.predictor.model``).
+    tiles : TileGrid, optional
+        The session's tile grid (``session.tiles``) when it tiles its planes: the store
+        must hold the same tiles.
     max_items, folder
         As for :class:`EmbeddingCache` (what the session computes goes there, never
         into the store).
@@ -52,7 +55,7 @@ class StoreCache(EmbeddingCache):
     the session's ``cache_key``, by its plane index. Keys with other normalisation
     settings or another model are never answered from the store. A damaged chunk is a
     warning that names it, and a miss: the session computes that plane.
-    :attr:`loads` counts the planes read from the store.
+    :attr:`loads` counts the planes (tiles) read from the store.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class StoreCache(EmbeddingCache):
         planes: ImagePlanes,
         model,
         *,
+        tiles=None,
         max_items: int = 16,
         folder: str | os.PathLike | None = None,
     ):
@@ -69,12 +73,14 @@ class StoreCache(EmbeddingCache):
             store = EmbeddingStore.open(store, mode="r")
         if not isinstance(planes, ImagePlanes):
             raise TypeError(f"planes must be an ImagePlanes, got {type(planes)}")
-        check_store(store, describe(planes, model))
+        check_store(store, describe(planes, model, tiles=tiles))
         self.store = store
+        grid = store_grid(store)
+        self._tile_of_window = {} if grid is None else {w: t for t, w in enumerate(grid.windows())}
         self._tail = (*planes.settings(), model_fingerprint(model))
         self._n_axes = len(planes.plane_shape)
         self._count_lock = threading.Lock()
-        #: planes read from the store so far
+        #: planes (tiles, of a tiled store) read from the store so far
         self.loads = 0
 
     def _plane_of(self, key: Hashable) -> tuple[int, ...] | None:
@@ -93,17 +99,43 @@ class StoreCache(EmbeddingCache):
             return idx if self.store.is_done(idx) else None
         return None
 
+    def _tile_of(self, key: Hashable) -> tuple[tuple[int, ...], int] | None:
+        """The store's (plane, tile) for a session's tile key, or None."""
+        n = len(self._tail)
+        if not isinstance(key, tuple) or len(key) != 4 + n or key[0] != "tile":
+            return None
+        if key[4:] != self._tail or key[2] not in self._tile_of_window:
+            return None
+        ident, tile = key[1], self._tile_of_window[key[2]]
+        if isinstance(ident, tuple) and len(ident) == 2 and ident[0] == "sha1":
+            found = self.store.find_tile(ident[1])
+            return found if found is not None and found[1] == tile else None
+        if isinstance(ident, tuple) and len(ident) == 2 and isinstance(ident[1], tuple):
+            try:
+                idx = self.store.check_index(ident[1])
+            except (TypeError, ValueError):
+                return None
+            return (idx, tile) if self.store.is_tile_done(idx, tile) else None
+        return None
+
+    def _where(self, key: Hashable) -> tuple[tuple[int, ...], int] | None:
+        """The store's (plane, tile) that answers ``key``, or None."""
+        if self._tile_of_window:
+            return self._tile_of(key)
+        idx = self._plane_of(key)
+        return None if idx is None else (idx, 0)
+
     def get(self, key: Hashable) -> ImageEmbedding | None:
         """The embedding of ``key``: memory, then the folder, then the store."""
         with self._lock:
             embedding = super().get(key)
             if embedding is not None:
                 return embedding
-            idx = self._plane_of(key)
-            if idx is None:
+            where = self._where(key)
+            if where is None:
                 return None
             try:
-                embedding = self.store.read(idx)
+                embedding = self.store.read(*where)
             except StoreCorruptError as err:
                 warnings.warn(f"{err}; computing the plane instead", RuntimeWarning, stacklevel=2)
                 return None
@@ -114,7 +146,7 @@ class StoreCache(EmbeddingCache):
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
-            return super().__contains__(key) or self._plane_of(key) is not None
+            return super().__contains__(key) or self._where(key) is not None
 
 
 def attach_store(session, store) -> StoreCache:
@@ -140,7 +172,8 @@ def attach_store(session, store) -> StoreCache:
     """
     old = session.cache
     cache = StoreCache(
-        store, session.planes, session.predictor.model, max_items=old.max_items, folder=old.folder
-    )
+        store, session.planes, session.predictor.model, tiles=session.tiles,
+        max_items=old.max_items, folder=old.folder,
+    )  # fmt: skip
     session.cache = cache
     return cache

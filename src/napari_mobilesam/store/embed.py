@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..interactive.cache import content_fingerprint
 from ..interactive.planes import ImagePlanes
+from ..interactive.tiled import plane_limits
+from ..interactive.tiles import TileGrid
 from ..normalize import to_rgb_uint8
 from ..validation import check_int
 from .identity import (
@@ -27,19 +29,39 @@ from .identity import (
     model_identity,
     normalisation,
 )
-from .zarr_store import EmbeddingStore, StoreMismatchError
+from .zarr_store import WHOLE_PLANES, EmbeddingStore, StoreMismatchError
 
-__all__ = ["EmbedReport", "check_store", "describe", "embed_planes", "open_for"]
+__all__ = ["EmbedReport", "check_store", "describe", "embed_planes", "open_for", "store_grid"]
 
 _IMAGE_FIELDS = ("plane_shape", "shape_hw", "channels", "dtype", "sample_sha256")
 
 
-def describe(planes: ImagePlanes, model, percentiles=DEFAULT_PERCENTILES) -> dict:
-    """The ``model``, ``image`` and ``normalisation`` records of a store for these planes."""
+def tiles_record(grid: TileGrid | None) -> dict:
+    """The ``tiles`` record of a store: whole planes (None), or the tile grid's."""
+    if grid is None:
+        return dict(WHOLE_PLANES)
+    return {"grid": list(grid.grid_shape), "size": grid.tile_size, "overlap": grid.overlap}
+
+
+def store_grid(store: EmbeddingStore) -> TileGrid | None:
+    """The tile grid of a tiled store (None: whole planes)."""
+    tiles = store.meta.get("tiles", WHOLE_PLANES)
+    if tiles.get("size") is None:
+        return None
+    shape_hw = tuple(int(v) for v in store.meta["image"]["shape_hw"])
+    return TileGrid(shape_hw, int(tiles["size"]), int(tiles["overlap"]))
+
+
+def describe(
+    planes: ImagePlanes, model, percentiles=DEFAULT_PERCENTILES, tiles: TileGrid | None = None
+) -> dict:
+    """The ``model``, ``image``, ``normalisation`` and ``tiles`` records of a store for
+    these planes, whole (``tiles`` None) or cut into tiles."""
     return {
         "model": model_identity(model),
         "image": image_fingerprint(planes),
         "normalisation": normalisation(planes, percentiles),
+        "tiles": tiles_record(tiles),
     }
 
 
@@ -65,17 +87,41 @@ def check_store(store: EmbeddingStore, expected: dict) -> None:
         f"{d} (normalisation)"
         for d in differences(meta["normalisation"], expected["normalisation"], norm_fields)
     ]
+    stored_tiles = meta.get("tiles", WHOLE_PLANES)
+    wanted_tiles = expected.get("tiles", WHOLE_PLANES)
+    if stored_tiles != wanted_tiles:
+        found.append(f"{_tiles_text(stored_tiles)} != {_tiles_text(wanted_tiles)} (tiles)")
     if found:
         raise StoreMismatchError(
             f"the embedding store {store.path} was made for another "
             f"{'/'.join(sorted({f.rsplit('(', 1)[1][:-1] for f in found}))}: "
             f"{'; '.join(found)} (store != this). Embed this image into a new store with "
             "`mobilesam embed`, using the same model and normalisation"
+            + (f"{_TILES_HINT}" if found[-1].endswith("(tiles)") else "")
         )
 
 
-def open_for(path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTILES):
+_TILES_HINT = (
+    " (tiles: `--tile-threshold 0` embeds whole planes, as segment-everything needs; the "
+    "prompt widget tiles planes longer than 2048 px with 1024 px tiles, overlap 256)"
+)
+
+
+def _tiles_text(record: dict) -> str:
+    if record.get("size") is None:
+        return "whole planes"
+    rows, cols = record["grid"]
+    return f"{rows}x{cols} tiles of {record['size']} px, overlap {record['overlap']}"
+
+
+def open_for(
+    path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTILES, tiles=None
+):
     """The store at ``path`` for these planes and this predictor's model, created if new.
+
+    ``tiles`` (a :class:`~napari_mobilesam.interactive.tiles.TileGrid`) makes a store of
+    tile embeddings, as a :class:`~napari_mobilesam.interactive.PromptSession` with that
+    grid embeds large planes; None, whole planes.
 
     Returns
     -------
@@ -88,7 +134,14 @@ def open_for(path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTIL
         When ``path`` holds a store of another model, image or normalisation, or is not a
         store (it is never overwritten).
     """
-    expected = describe(planes, predictor.model, percentiles)
+    if tiles is not None and not isinstance(tiles, TileGrid):
+        raise TypeError(f"tiles must be a TileGrid or None, got {type(tiles)}")
+    if tiles is not None and tuple(tiles.shape_hw) != tuple(planes.shape_hw):
+        raise ValueError(
+            f"tiles cover planes of {tiles.shape_hw}, but the image's planes are "
+            f"{planes.shape_hw}"
+        )
+    expected = describe(planes, predictor.model, percentiles, tiles)
     path = Path(path)
     if not path.exists():
         embedding = {
@@ -109,11 +162,11 @@ class EmbedReport:
     Attributes
     ----------
     computed : int
-        Planes run through the encoder.
+        Planes (tiles, in a tiled store) run through the encoder.
     skipped : int
-        Planes already done (not recomputed).
+        Planes (tiles) already done (not recomputed).
     damaged : list of tuple of int
-        Done planes whose chunk failed its check; they were recomputed.
+        Done planes with a chunk that failed its check; it was recomputed.
     """
 
     computed: int = 0
@@ -146,7 +199,8 @@ def embed_planes(
     batch_size : int, optional
         Planes per encoder call: default 8 on a GPU, 1 on a CPU.
     progress : callable(n), optional
-        Called with the number of planes finished (or skipped) after each batch.
+        Called with the number of planes (tiles, in a tiled store) finished or skipped
+        after each batch.
     should_stop : callable() -> bool, optional
         Checked before each batch; True stops early (the finished planes stay done).
 
@@ -158,6 +212,12 @@ def embed_planes(
     ------
     StoreWriteError
         When a plane cannot be written (the planes before it stay done).
+
+    Notes
+    -----
+    In a tiled store (:func:`store_grid`), every tile of a plane is normalised with the
+    plane's limits (:func:`~napari_mobilesam.interactive.tiled.plane_limits`), as a
+    tiled session does, and the work and ``progress`` go tile by tile.
     """
     if batch_size is None:
         batch_size = 1 if predictor.device.type == "cpu" else 8
@@ -165,8 +225,13 @@ def embed_planes(
     report = EmbedReport()
     for err in store.verify():
         warnings.warn(f"{err} (recomputing it now)", RuntimeWarning, stacklevel=2)
-        store.discard(err.index)
+        store.discard(err.index, err.tile)
         report.damaged.append(err.index)
+    grid = store_grid(store)
+    if grid is not None:
+        _embed_tiles(store, planes, predictor, grid, percentiles, batch_size, progress,
+                     should_stop, report)  # fmt: skip
+        return report
     done = set(store.done())
     todo = [idx for idx in planes.indices() if idx not in done]
     report.skipped = len(done)
@@ -186,3 +251,34 @@ def embed_planes(
         if progress is not None:
             progress(len(batch))
     return report
+
+
+def _embed_tiles(store, planes, predictor, grid, percentiles, batch_size, progress, stop, report):
+    """:func:`embed_planes` for a tiled store."""
+    todo = []
+    for idx in planes.indices():
+        for tile in range(len(grid)):
+            if store.is_tile_done(idx, tile):
+                report.skipped += 1
+            else:
+                todo.append((idx, tile))
+    if progress is not None and report.skipped:
+        progress(report.skipped)
+    kwargs = planes.normalize_kwargs()
+    limits: dict = {}
+    for start in range(0, len(todo), batch_size):
+        if stop is not None and stop():
+            break
+        batch = todo[start : start + batch_size]
+        pixels = [planes.window(idx, grid.window(tile)) for idx, tile in batch]
+        rgbs = []
+        for (idx, _), tile_pixels in zip(batch, pixels, strict=True):
+            if idx not in limits:
+                limits[idx] = plane_limits(planes, idx, percentiles)
+            rgbs.append(to_rgb_uint8(tile_pixels, **{**kwargs, "contrast_limits": limits[idx]}))
+        embeddings = predictor.embed_images(rgbs, batch_size=len(rgbs))
+        for (idx, tile), tile_pixels, embedding in zip(batch, pixels, embeddings, strict=True):
+            store.write(idx, embedding, content_fingerprint(tile_pixels), tile=tile)
+            report.computed += 1
+        if progress is not None:
+            progress(len(batch))

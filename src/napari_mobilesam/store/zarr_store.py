@@ -10,15 +10,23 @@ axes, ``T`` the tiles of a plane, ``C, h, w`` the embedding)::
       geometry       int32   (P..., T, 4): original (H, W) and input (h, w) sizes, as
                      Predictor needs them to answer prompts
       source_sha1    uint8   (P..., 20): sha1 of each source plane's pixels
-                     (:func:`~napari_mobilesam.interactive.content_fingerprint`)
-      checksum       uint8   (P..., T, 32): sha256 of the plane's ``features`` bytes
+                     (:func:`~napari_mobilesam.interactive.content_fingerprint`); whole
+                     planes (T = 1) only, zero for tiled planes
+      tile_sha1      uint8   (P..., T, 20): sha1 of each tile's source pixels (the
+                     plane's when T = 1)
+      checksum       uint8   (P..., T, 32): sha256 of the tile's ``features`` bytes
                      (little-endian float32, C order); all zero = not done
 
-A plane is *done* when its checksum is set. :meth:`EmbeddingStore.write` writes the
-features, the geometry and the source hash first and the checksum last, so a plane
-interrupted mid-write is not done, and a chunk damaged later fails its checksum on
-:meth:`EmbeddingStore.read`. zarr writes each chunk file to a temporary and renames
-it into place. The tile grid is 1 x 1 (``T = 1``): whole planes.
+A tile is *done* when its checksum is set, a plane when all its tiles are.
+:meth:`EmbeddingStore.write` writes the features, the geometry and the source hashes
+first and the checksum last, so a tile interrupted mid-write is not done, and a chunk
+damaged later fails its checksum on :meth:`EmbeddingStore.read`. zarr writes each chunk
+file to a temporary and renames it into place.
+
+Tiles: ``tiles`` in the attributes is ``{"grid": [1, 1], "size": None, "overlap": 0}``
+for whole planes (``T = 1``), or the :class:`~napari_mobilesam.interactive.tiles.TileGrid`
+of large planes (``{"grid": [rows, cols], "size": 1024, "overlap": 256}``), tiles
+numbered in C order over the grid.
 """
 
 from __future__ import annotations
@@ -45,10 +53,13 @@ __all__ = [
     "StoreWriteError",
 ]
 
+#: The ``tiles`` record of a store of whole planes.
+WHOLE_PLANES = {"grid": [1, 1], "size": None, "overlap": 0}
+
 #: The key of the store's metadata in the zarr group's attributes.
 ATTRS_KEY = "napari_mobilesam_embeddings"
 #: Layout version; a store of another version is refused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FORMAT = "napari-mobilesam image embeddings"
 
 
@@ -67,11 +78,14 @@ class StoreCorruptError(StoreError):
     ----------
     index : tuple of int
         The plane.
+    tile : int
+        The tile (0 for whole planes).
     """
 
-    def __init__(self, message: str, index: tuple[int, ...]):
+    def __init__(self, message: str, index: tuple[int, ...], tile: int = 0):
         super().__init__(message)
         self.index = index
+        self.tile = tile
 
 
 class StoreWriteError(StoreError):
@@ -103,11 +117,17 @@ class EmbeddingStore:
         The store's attributes: ``format``, ``version``, ``model``
         (:func:`~.identity.model_identity`), ``image``
         (:func:`~.identity.image_fingerprint`), ``normalisation``
-        (:func:`~.identity.normalisation`), ``tiles`` (``{"grid": [1, 1], "size":
-        None, "overlap": 0}``) and ``embedding`` (``shape`` [C, h, w], ``dtype``,
-        ``precision``).
+        (:func:`~.identity.normalisation`), ``tiles`` (:data:`WHOLE_PLANES`, or a tile
+        grid: see the module docstring) and ``embedding`` (``shape`` [C, h, w],
+        ``dtype``, ``precision``).
     plane_shape : tuple of int
         Sizes of the image's plane axes (``()`` for one 2-D image).
+    n_tiles : int
+        Tiles per plane (1: whole planes).
+
+    Notes
+    -----
+    Methods that take a ``tile`` default to 0, the whole plane of an untiled store.
     """
 
     def __init__(self, path: Path, group, writable: bool):
@@ -116,10 +136,12 @@ class EmbeddingStore:
         self.writable = writable
         self.meta = dict(group.attrs[ATTRS_KEY])
         self.plane_shape = tuple(int(s) for s in self.meta["image"]["plane_shape"])
-        self._arrays = {name: group[name] for name in ("features", "geometry", "source_sha1")}
-        self._arrays["checksum"] = group["checksum"]
+        names = ("features", "geometry", "source_sha1", "tile_sha1", "checksum")
+        self._arrays = {name: group[name] for name in names}
+        self.n_tiles = int(self._arrays["checksum"].shape[-2])
         self._lock = threading.RLock()
         self._by_sha1: dict[str, tuple[int, ...]] | None = None
+        self._by_tile_sha1: dict[str, tuple[tuple[int, ...], int]] | None = None
 
     # -- making and opening -----------------------------------------------------------
 
@@ -134,7 +156,8 @@ class EmbeddingStore:
         meta : dict
             ``model``, ``image``, ``normalisation`` and ``embedding`` records, as
             :attr:`meta` describes; ``image.plane_shape`` and ``embedding.shape`` size
-            the arrays. ``format``, ``version`` and ``tiles`` are filled in.
+            the arrays; ``tiles`` (default :data:`WHOLE_PLANES`) gives the tiles per
+            plane. ``format`` and ``version`` are filled in.
 
         Raises
         ------
@@ -149,7 +172,7 @@ class EmbeddingStore:
         meta = {
             "format": _FORMAT,
             "version": FORMAT_VERSION,
-            "tiles": {"grid": [1, 1], "size": None, "overlap": 0},
+            "tiles": dict(WHOLE_PLANES),
             **meta,
         }
         planes = tuple(int(s) for s in meta["image"]["plane_shape"])
@@ -162,6 +185,7 @@ class EmbeddingStore:
                 "features": ((*planes, n_tiles, *emb), (*one, 1, *emb), "<f4"),
                 "geometry": ((*planes, n_tiles, 4), (*one, 1, 4), "<i4"),
                 "source_sha1": ((*planes, 20), (*one, 20), "u1"),
+                "tile_sha1": ((*planes, n_tiles, 20), (*one, 1, 20), "u1"),
                 "checksum": ((*planes, n_tiles, 32), (*one, 1, 32), "u1"),
             }
             for name, (shape, chunks, dtype) in specs.items():
@@ -224,11 +248,27 @@ class EmbeddingStore:
             raise ValueError(f"index {index!r} is not a plane of {self.plane_shape} in {self.path}")
         return idx
 
-    def chunk_name(self, index) -> str:
-        """The file of a plane's features, relative to the store (for messages)."""
-        idx = self.check_index(index)
-        n_dims = len(self._arrays["features"].shape) - len(idx)
-        return "features/" + ".".join(str(i) for i in (*idx, *([0] * n_dims)))
+    def check_tile(self, tile) -> int:
+        """``tile`` as an int below :attr:`n_tiles`."""
+        tile = check_int(tile, "tile", minimum=0)
+        if tile >= self.n_tiles:
+            raise ValueError(f"tile {tile} is not one of the {self.n_tiles} tiles of {self.path}")
+        return tile
+
+    def chunk_name(self, index, tile: int = 0) -> str:
+        """The file of a tile's features, relative to the store (for messages)."""
+        idx, tile = self.check_index(index), self.check_tile(tile)
+        n_dims = len(self._arrays["features"].shape) - len(idx) - 1
+        return "features/" + ".".join(str(i) for i in (*idx, tile, *([0] * n_dims)))
+
+    def is_tile_done(self, index, tile: int) -> bool:
+        """Whether tile ``tile`` of plane ``index`` has been written completely."""
+        idx, tile = self.check_index(index), self.check_tile(tile)
+        with self._lock:
+            try:
+                return bool(np.asarray(self._arrays["checksum"][(*idx, tile)]).any())
+            except Exception:  # an unreadable marker: not done
+                return False
 
     def is_done(self, index) -> bool:
         """Whether plane ``index`` has been written completely."""
@@ -250,15 +290,19 @@ class EmbeddingStore:
         return [idx for idx in np.ndindex(*self.plane_shape) if marked[idx]]
 
     def source_sha1(self, index) -> str | None:
-        """The sha1 of plane ``index``'s source pixels, or None when it is not done."""
+        """The sha1 of plane ``index``'s source pixels, or None when it is not done (or
+        the store is tiled)."""
         idx = self.check_index(index)
-        if not self.is_done(idx):
+        if self.n_tiles > 1 or not self.is_done(idx):
             return None
         with self._lock:
             return bytes(np.asarray(self._arrays["source_sha1"][idx], dtype=np.uint8)).hex()
 
     def find(self, sha1: str) -> tuple[int, ...] | None:
-        """The done plane whose source pixels have this sha1, or None."""
+        """The done plane whose source pixels have this sha1, or None (always for a
+        tiled store: see :meth:`find_tile`)."""
+        if self.n_tiles > 1:
+            return None
         with self._lock:
             if self._by_sha1 is None:
                 digests = np.asarray(self._arrays["source_sha1"][...], dtype=np.uint8)
@@ -267,47 +311,66 @@ class EmbeddingStore:
                     self._by_sha1.setdefault(bytes(digests[idx]).hex(), idx)
             return self._by_sha1.get(sha1)
 
-    def read(self, index) -> ImageEmbedding:
-        """Plane ``index``'s embedding, its checksum verified.
+    def find_tile(self, sha1: str) -> tuple[tuple[int, ...], int] | None:
+        """The done (plane, tile) whose source pixels have this sha1, or None."""
+        with self._lock:
+            if self._by_tile_sha1 is None:
+                digests = np.asarray(self._arrays["tile_sha1"][...], dtype=np.uint8)
+                sums = np.asarray(self._arrays["checksum"][...]).any(axis=-1)
+                self._by_tile_sha1 = {}
+                for idx in np.ndindex(*self.plane_shape):
+                    for tile in np.flatnonzero(sums[idx]):
+                        key = bytes(digests[(*idx, tile)]).hex()
+                        self._by_tile_sha1.setdefault(key, (idx, int(tile)))
+            return self._by_tile_sha1.get(sha1)
+
+    def read(self, index, tile: int = 0) -> ImageEmbedding:
+        """A tile's (the plane's, untiled) embedding, its checksum verified.
 
         Returns
         -------
         ImageEmbedding
-            Features (1, C, h, w) float32 on the CPU, with the original and input sizes.
+            Features (1, C, h, w) float32 on the CPU, with the original (the tile's) and
+            input sizes.
 
         Raises
         ------
         KeyError
-            When the plane is not done.
+            When the tile is not done.
         StoreCorruptError
             When its chunk cannot be read or its bytes fail the checksum.
         """
-        idx = self.check_index(index)
-        if not self.is_done(idx):
-            raise KeyError(f"plane {idx} of {self.path} is not done")
-        chunk = self.chunk_name(idx)
+        idx, tile = self.check_index(index), self.check_tile(tile)
+        if not self.is_tile_done(idx, tile):
+            what = f"tile {tile} of plane {idx}" if self.n_tiles > 1 else f"plane {idx}"
+            raise KeyError(f"{what} of {self.path} is not done")
+        chunk = self.chunk_name(idx, tile)
+        at = (*idx, tile)
         with self._lock:
             try:
-                features = np.asarray(self._arrays["features"][idx], dtype="<f4")
-                geometry = np.asarray(self._arrays["geometry"][idx])
-                expected = bytes(np.asarray(self._arrays["checksum"][idx], dtype=np.uint8)[0])
+                features = np.asarray(self._arrays["features"][at], dtype="<f4")[None]
+                geometry = np.asarray(self._arrays["geometry"][at])
+                expected = bytes(np.asarray(self._arrays["checksum"][at], dtype=np.uint8))
             except Exception as err:
                 raise StoreCorruptError(
                     f"{self.path}: the chunk {chunk} of plane {idx} cannot be read ({err}); "
                     "rerun `mobilesam embed` to recompute it",
                     idx,
+                    tile,
                 ) from err
         if hashlib.sha256(features.tobytes()).digest() != expected:
             raise StoreCorruptError(
                 f"{self.path}: the chunk {chunk} of plane {idx} fails its sha256 checksum "
                 "(damaged or truncated); rerun `mobilesam embed` to recompute it",
                 idx,
+                tile,
             )
-        h, w, ih, iw = (int(v) for v in geometry[0])
-        return ImageEmbedding(torch.from_numpy(features[:1].copy()), (h, w), (ih, iw))
+        h, w, ih, iw = (int(v) for v in geometry)
+        return ImageEmbedding(torch.from_numpy(features.copy()), (h, w), (ih, iw))
 
-    def write(self, index, embedding: ImageEmbedding, source_sha1: str) -> None:
-        """Store plane ``index``'s embedding and mark it done (the marker written last).
+    def write(self, index, embedding: ImageEmbedding, source_sha1: str, tile: int = 0) -> None:
+        """Store a tile's (the plane's, untiled) embedding and mark it done (the marker
+        written last).
 
         Parameters
         ----------
@@ -316,7 +379,9 @@ class EmbeddingStore:
             Features (1, C, h, w), any device.
         source_sha1 : str
             40 hex digits: :func:`~napari_mobilesam.interactive.content_fingerprint` of
-            the plane's pixels.
+            the tile's (the plane's) pixels.
+        tile : int
+            The tile, for a tiled store.
 
         Raises
         ------
@@ -324,47 +389,55 @@ class EmbeddingStore:
             When the disk refuses the write (full, read-only, ...): the plane is left
             not done, and a later run writes it again.
         """
-        idx = self.check_index(index)
+        idx, tile = self.check_index(index), self.check_tile(tile)
         if not self.writable:
             raise StoreError(f"{self.path} is open read-only: open it with mode='r+'")
         features = embedding.features.detach().to("cpu", torch.float32).numpy()
-        features = np.ascontiguousarray(features, dtype="<f4")
-        geometry = np.array([[*embedding.original_size, *embedding.input_size]], dtype="<i4")
+        features = np.ascontiguousarray(features[0], dtype="<f4")
+        geometry = np.array([*embedding.original_size, *embedding.input_size], dtype="<i4")
         digest = np.frombuffer(hashlib.sha256(features.tobytes()).digest(), dtype=np.uint8)
+        sha1 = np.frombuffer(bytes.fromhex(source_sha1), dtype=np.uint8)
+        at = (*idx, tile)
         with self._lock:
             try:
-                self._arrays["checksum"][idx] = 0  # not done while its data changes
-                self._arrays["features"][idx] = features
-                self._arrays["geometry"][idx] = geometry
-                self._arrays["source_sha1"][idx] = np.frombuffer(
-                    bytes.fromhex(source_sha1), dtype=np.uint8
-                )
-                self._arrays["checksum"][idx] = digest[None]
+                self._arrays["checksum"][at] = 0  # not done while its data changes
+                self._arrays["features"][at] = features
+                self._arrays["geometry"][at] = geometry
+                self._arrays["tile_sha1"][at] = sha1
+                if self.n_tiles == 1:
+                    self._arrays["source_sha1"][idx] = sha1
+                self._arrays["checksum"][at] = digest
             except OSError as err:
                 what = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+                where = f"tile {tile} of plane {idx}" if self.n_tiles > 1 else f"plane {idx}"
                 raise StoreWriteError(
-                    f"could not write plane {idx} to {self.path}: {what}; the plane is not "
-                    "marked done: free space (or fix the folder) and run again to resume",
+                    f"could not write {where} to {self.path}: {what}; it is not marked "
+                    "done: free space (or fix the folder) and run again to resume",
                     idx,
                     err.errno,
                 ) from err
-            self._by_sha1 = None
+            self._by_sha1 = self._by_tile_sha1 = None
 
-    def discard(self, index) -> None:
-        """Mark plane ``index`` not done (to write it again)."""
+    def discard(self, index, tile: int | None = None) -> None:
+        """Mark plane ``index`` (or one of its tiles) not done (to write it again)."""
         idx = self.check_index(index)
+        at = idx if tile is None else (*idx, self.check_tile(tile))
         with self._lock:
-            self._arrays["checksum"][idx] = 0
-            self._by_sha1 = None
+            self._arrays["checksum"][at] = 0
+            self._by_sha1 = self._by_tile_sha1 = None
 
     def verify(self) -> list[StoreCorruptError]:
-        """Read every done plane and check it; the errors of the damaged ones."""
+        """Read every done tile and check it; the errors of the damaged ones (each
+        error's ``index`` is the plane, ``tile`` the tile)."""
         errors = []
-        for idx in self.done():
-            try:
-                self.read(idx)
-            except StoreCorruptError as err:
-                errors.append(err)
+        for idx in np.ndindex(*self.plane_shape):
+            for tile in range(self.n_tiles):
+                if not self.is_tile_done(idx, tile):
+                    continue
+                try:
+                    self.read(idx, tile)
+                except StoreCorruptError as err:
+                    errors.append(err)
         return errors
 
     def __repr__(self) -> str:
