@@ -242,3 +242,18 @@ def test_a_worker_reads_the_store_by_path(tiny_model, stack_tif, tmp_path, monke
     assert plain.extra["embedding"] == "computed" and encoder_calls == [1]
     assert np.array_equal(used.labels, plain.labels)
     segment._SEGMENTERS.clear()
+
+
+def test_a_tiled_store_is_refused(tiny_cli, tiny_model, stack_tif, tmp_path, capsys):
+    from napari_mobilesam.store import describe
+
+    with open_source(stack_tif, None) as src:
+        meta = describe(source_planes(src), tiny_model)
+    embedding = {"shape": meta["model"]["embedding_shape"], "dtype": "<f4", "precision": "fp32"}
+    tiles = {"grid": [1, 2], "size": 64, "overlap": 16}
+    store = tmp_path / "tiled.zarr"
+    EmbeddingStore.create(store, {**meta, "embedding": embedding, "tiles": tiles})
+    args = [str(stack_tif), "-o", str(tmp_path / "out"), *FAST, "--embeddings", str(store)]
+    assert tiny_cli(args) == 1
+    err = capsys.readouterr().err
+    assert f"{store} holds tiles (1 x 2 per plane" in err and "--tile-threshold 0" in err

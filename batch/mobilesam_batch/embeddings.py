@@ -100,12 +100,20 @@ def check_embeddings(path, source, options, model) -> dict[str, Any]:
     FileNotFoundError
         When there is no store at ``path``.
     StoreMismatchError
-        When ``path`` is not a store, or one of another model, image or normalisation;
-        the message names the store and every difference.
+        When ``path`` is not a store, holds tiles instead of whole planes, or belongs to
+        another model, image or normalisation; the message names the store and every
+        difference.
     """
-    from napari_mobilesam.store import EmbeddingStore, check_store, describe
+    from napari_mobilesam.store import EmbeddingStore, StoreMismatchError, check_store, describe
 
     store = EmbeddingStore.open(path, mode="r")
+    grid = list(store.meta.get("tiles", {}).get("grid", [1, 1]))
+    if grid != [1, 1]:
+        raise StoreMismatchError(
+            f"the embedding store {path} holds tiles ({grid[0]} x {grid[1]} per plane, as the "
+            "prompt widget embeds large planes); mobilesam-everything reads one embedding per "
+            "plane: embed INPUT again without tiles (`mobilesam embed --tile-threshold 0`)"
+        )
     planes = source_planes(source, options.channels, options.contrast_limits)
     check_store(store, describe(planes, model, options.percentiles))
     meta = store.meta

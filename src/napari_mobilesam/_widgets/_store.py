@@ -18,7 +18,7 @@ from pathlib import Path
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog, QPushButton
 
-from ..store import StoreError, attach_store
+from ..store import EmbeddingStore, StoreError, attach_store
 
 __all__ = ["STORE_SUFFIX", "StoreActions", "store_beside"]
 
@@ -53,6 +53,11 @@ def store_beside(path) -> Path | None:
         return None
     found = path.with_name(stem + STORE_SUFFIX)
     return found if found.is_dir() else None
+
+
+def _whole_planes(store: EmbeddingStore) -> bool:
+    """Whether the store holds one embedding per plane (no tile grid)."""
+    return list(store.meta.get("tiles", {}).get("grid", [1, 1])) == [1, 1]
 
 
 def brief(exc: BaseException, path) -> str:
@@ -145,14 +150,15 @@ class StoreActions:
 
         def check():
             tiles = getattr(session, "tiles", None)
-            if tiles is not None:  # a store holds whole planes; tiled sessions embed tiles
-                return (
-                    f"{name} holds whole-plane embeddings, and the planes of "
-                    f"{state.image.name!r} are tiled ({len(tiles)} tiles each): the store is "
-                    "not used"
-                )
             try:
-                cache = attach_store(session, path)
+                store = EmbeddingStore.open(path, mode="r")
+                if tiles is not None and _whole_planes(store):  # a tiled session: tiles
+                    return (
+                        f"{name} holds whole-plane embeddings, and the planes of "
+                        f"{state.image.name!r} are tiled ({len(tiles)} tiles each): the "
+                        "store is not used"
+                    )
+                cache = attach_store(session, store)
             except (StoreError, OSError) as exc:  # the session keeps its own cache
                 return brief(exc, path)
             return len(cache.store.done())
