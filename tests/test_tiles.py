@@ -274,3 +274,20 @@ def test_uint8_tiles_are_not_rescaled_and_contrast_limits_win(tiny_model):
     rgb = np.stack([_image(seed=s) for s in range(3)], axis=-1)
     limits = PromptSession(predictor, rgb, rgb=True, **TILES).tile_contrast_limits(())
     assert len(limits) == 3 and all(lo < hi for lo, hi in limits)
+
+
+def test_which_tile_answers_and_whether_it_is_embedded(tiny_model):
+    session = PromptSession(Predictor(tiny_model), _image(), **TILES)
+    tile = session.tile_for([[150, 170]])
+    assert tile == session.tiles.owner(150, 170)
+    assert session.tile_for(box_rc=(10, 10, 290, 330)) is None  # stitched
+    session.embed(())
+    assert not session.is_tile_cached((), tile)
+    session.predict([[150, 170]])
+    assert session.is_tile_cached((), tile)
+    with pytest.raises(ValueError, match="below the number of tiles"):
+        session.is_tile_cached((), 99)
+    small = PromptSession(Predictor(tiny_model), _image((200, 200)), **TILES)
+    assert small.tile_for([[5, 5]]) is None
+    with pytest.raises(ValueError, match="needs a tiled session"):
+        small.is_tile_cached((), 0)

@@ -23,7 +23,7 @@ import numpy as np
 from ..normalize import auto_contrast_limits
 from ..predictor import ImageEmbedding
 from .cache import content_fingerprint
-from .prompts import Prediction, SamPrompt, batches, pick
+from .prompts import Prediction, SamPrompt, batches, pick, to_sam
 from .tiles import TileGrid
 
 __all__ = ["TiledPrompts", "plane_limits", "tile_prompt"]
@@ -136,6 +136,21 @@ class TiledPrompts:
         with self._limits_lock:
             self._limits[idx] = limits
         return limits
+
+    def tile_for(self, points_rc=None, box_rc=None) -> int | None:
+        """The tile that answers these prompts (as :meth:`predict` takes them), or None
+        when they cross tiles (their answer is stitched) or the session is not tiled."""
+        if self.tiles is None:
+            return None
+        return self.tiles.containing(prompt_bounds(to_sam(points_rc, None, box_rc)))
+
+    def is_tile_cached(self, index, tile: int) -> bool:
+        """Whether tile ``tile`` of plane ``index`` is embedded (cache or store)."""
+        if self.tiles is None:
+            raise ValueError("is_tile_cached needs a tiled session (session.tiles is None)")
+        idx = self.check_index(index)
+        self.tiles.window(tile)  # checks
+        return self._tile_key(idx, tile)[0] in self.cache
 
     def _tile_key(self, idx, tile: int):
         """The cache key of a tile's embedding, and its pixels when the key needed them."""
