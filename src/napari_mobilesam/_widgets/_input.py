@@ -5,9 +5,10 @@ Mixin of :class:`~._prompt.PromptWidget`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from napari.utils.notifications import show_info
 
-from ..interactive import Prediction
 from ._common import guarded
 from ._layers import ImageSession
 
@@ -64,9 +65,7 @@ class PromptInput:
             )
             return
         state.choice = (prediction.choice + 1) % len(prediction.scores)
-        self._show(
-            state, Prediction(prediction.masks, prediction.scores, prediction.low_res, state.choice)
-        )
+        self._show(state, dataclasses.replace(prediction, choice=state.choice))
 
     def toggle_negative(self) -> None:
         """Switch the next points between positive and negative."""
