@@ -291,3 +291,13 @@ def test_which_tile_answers_and_whether_it_is_embedded(tiny_model):
     assert small.tile_for([[5, 5]]) is None
     with pytest.raises(ValueError, match="needs a tiled session"):
         small.is_tile_cached((), 0)
+
+
+@pytest.mark.slow
+def test_bench_tiles_runs(tiny_model):
+    """benchmarks/bench_tiles.py on a small mosaic with the tiny model (numbers unchecked)."""
+    from benchmarks import bench_tiles
+
+    result = bench_tiles.run(size=2100, n_cells=3, repeats=1, model=tiny_model)
+    assert result["quality"]["n_tiles"] == 9 and len(result["quality"]["cells"]) == 3
+    assert "ratio to 1024 px" in bench_tiles.report(result)
