@@ -31,7 +31,6 @@ from napari_mobilesam.store import (
     image_fingerprint,
     open_for,
 )
-
 from napari_mobilesam.store.zarr_store import FORMAT_VERSION
 
 from .conftest import GOLDEN_CKPT, TINY_CONFIG, _randomize, requires_golden

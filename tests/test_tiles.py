@@ -16,7 +16,12 @@ from napari_mobilesam.predictor import Predictor
 
 @pytest.mark.parametrize(
     "shape, size, overlap",
-    [((5000, 3000), 1024, 256), ((2049, 1024), 1024, 0), ((700, 900), 256, 64), ((100, 80), 256, 64)],
+    [
+        ((5000, 3000), 1024, 256),
+        ((2049, 1024), 1024, 0),
+        ((700, 900), 256, 64),
+        ((100, 80), 256, 64),
+    ],
 )
 def test_grid_covers_overlaps_and_owns_every_pixel_once(shape, size, overlap):
     grid = TileGrid(shape, size, overlap)
@@ -204,7 +209,9 @@ def test_precompute_embeds_every_tile_once(tiny_model, encoder_calls):
     image = np.stack([_image(seed=0), _image(seed=1)])
     session = PromptSession(Predictor(tiny_model), image, **TILES)
     steps = []
-    assert session.precompute([(1,)], progress=lambda done, total: steps.append((done, total))) == 12
+    assert (
+        session.precompute([(1,)], progress=lambda done, total: steps.append((done, total))) == 12
+    )
     assert steps[-1] == (12, 12) and len(encoder_calls) == 12 and session.is_cached((1,))
     assert session.precompute([(1,)]) == 0 and len(encoder_calls) == 12
     stop = iter([False, False, True])

@@ -155,6 +155,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="PX",
                    help=f"side of a tile [{DEFAULT_TILE_SIZE}]")  # fmt: skip
     p.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="PX",
-                   help=f"least overlap of neighbouring tiles [{DEFAULT_TILE_OVERLAP}]")  # fmt: skip
+                   help=f"least overlap of neighbours [{DEFAULT_TILE_OVERLAP}]")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -44,7 +44,7 @@ def _starts(length: int, size: int, overlap: int) -> tuple[int, ...]:
         return (0,)
     step = size - overlap
     n = math.ceil((length - size) / step) + 1
-    return tuple(int(round(s)) for s in np.linspace(0, length - size, n))
+    return tuple(round(float(s)) for s in np.linspace(0, length - size, n))
 
 
 def _cuts(starts: tuple[int, ...], size: int, length: int) -> tuple[int, ...]:
@@ -135,8 +135,8 @@ class TileGrid:
         """The tile that owns the pixel at (``row``, ``col``) (clipped into the plane): of
         the tiles holding it, the one where it lies farthest from a cut edge."""
         h, w = self.shape_hw
-        r = min(max(int(math.floor(row)), 0), h - 1)
-        c = min(max(int(math.floor(col)), 0), w - 1)
+        r = min(max(math.floor(row), 0), h - 1)
+        c = min(max(math.floor(col), 0), w - 1)
         rows = _cuts(self._rows, self.tile_size, h)
         cols = _cuts(self._cols, self.tile_size, w)
         i = int(np.searchsorted(rows, r, side="right")) - 1

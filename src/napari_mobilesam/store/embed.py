@@ -114,9 +114,7 @@ def _tiles_text(record: dict) -> str:
     return f"{rows}x{cols} tiles of {record['size']} px, overlap {record['overlap']}"
 
 
-def open_for(
-    path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTILES, tiles=None
-):
+def open_for(path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTILES, tiles=None):
     """The store at ``path`` for these planes and this predictor's model, created if new.
 
     ``tiles`` (a :class:`~napari_mobilesam.interactive.tiles.TileGrid`) makes a store of
@@ -138,8 +136,7 @@ def open_for(
         raise TypeError(f"tiles must be a TileGrid or None, got {type(tiles)}")
     if tiles is not None and tuple(tiles.shape_hw) != tuple(planes.shape_hw):
         raise ValueError(
-            f"tiles cover planes of {tiles.shape_hw}, but the image's planes are "
-            f"{planes.shape_hw}"
+            f"tiles cover planes of {tiles.shape_hw}, but the image's planes are {planes.shape_hw}"
         )
     expected = describe(planes, predictor.model, percentiles, tiles)
     path = Path(path)
