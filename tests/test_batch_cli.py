@@ -26,6 +26,7 @@ from skimage.draw import disk
 
 from mobilesam_batch import cli, segment
 from mobilesam_batch.runner import WORK_DIR, output_stem
+from napari_mobilesam.engine.policy import Policy
 from napari_mobilesam.everything.rle import coco_to_rle, rle_to_mask
 from napari_mobilesam.predictor import resolve_precision
 
@@ -174,8 +175,8 @@ def test_reports_the_automatic_choices(tiny_model, tmp_path, monkeypatch, capsys
         segment._SEGMENTERS.clear()
     # backend and threads as chosen, before the first plane
     out = capsys.readouterr().out
-    threads = torch.get_num_threads()
-    assert out.startswith(f"model: vit_t on cpu: torch, {threads} threads, fp32\n")
+    threads = Policy().describe_threads(torch.device("cpu"))  # "N threads[ (adaptive)]"
+    assert out.startswith(f"model: vit_t on cpu: torch, {threads}, fp32\n")
 
 
 def test_labels_match_the_library(tiny_cli, tiny_model, tmp_path):

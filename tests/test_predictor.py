@@ -8,6 +8,7 @@ import torch
 
 from napari_mobilesam.engine import frames
 from napari_mobilesam.engine import precision as precision_module
+from napari_mobilesam.engine.policy import Policy
 from napari_mobilesam.predictor import ImageEmbedding, Predictor, resolve_precision
 
 from .conftest import GOLDEN, requires_golden
@@ -283,10 +284,11 @@ def test_cpu_has_bf16_reads_the_flags(tmp_path):
 
 
 def test_describe_says_what_runs(tiny_model):
-    threads = torch.get_num_threads()
-    assert Predictor(tiny_model).describe() == f"cpu: torch, {threads} threads, fp32"
+    threads = Policy().describe_threads(torch.device("cpu"))  # "N threads[ (adaptive)]"
+    assert threads.startswith(f"{torch.get_num_threads()} threads")
+    assert Predictor(tiny_model).describe() == f"cpu: torch, {threads}, fp32"
     pred = Predictor(tiny_model, precision="bf16")
-    assert pred.describe() == f"cpu: torch, {threads} threads, bf16"
+    assert pred.describe() == f"cpu: torch, {threads}, bf16"
 
 
 def test_fp16_on_a_cpu_warns(tiny_model):

@@ -231,6 +231,7 @@ class Predictor:
 
     def _set(self, embedding: ImageEmbedding) -> None:
         """Make ``embedding`` the current image (its decoder state made first)."""
+        self.engine.apply_threads()
         image = _Image(embedding, self.engine.decoder.prepare(embedding.features))
         with self.lock:
             self._image = image
@@ -272,6 +273,7 @@ class Predictor:
         torch.Tensor
             (B, C, h, w) float32 embeddings.
         """
+        self.engine.apply_threads()
         return self.engine.encoder.encode(x)
 
     def embed_images(
@@ -491,6 +493,7 @@ class Predictor:
             size = self.model.prompt_encoder.mask_input_size
             decoded = Decoded.empty(m, size, self.device)
         else:
+            self.engine.apply_threads()
             decoded = self.engine.decoder.decode(image.decoder_state, prompts, multimask=multimask)
         emb = image.embedding
         masks = self.engine.frames.masks(

@@ -118,9 +118,13 @@ class Engine:
     def describe(self) -> str:
         """What runs, as chosen: e.g. ``"cpu: torch, 2 threads, bf16"``."""
         graphs = ", CUDA graphs" if self.uses_cuda_graphs else ""
-        return (
-            f"{self.device}: {self.name}, {self.policy.threads()} threads, {self.precision}{graphs}"
-        )
+        threads = self.policy.describe_threads(self.device)
+        return f"{self.device}: {self.name}, {threads}, {self.precision}{graphs}"
+
+    def apply_threads(self) -> int:
+        """Size torch's threads in the calling thread for the machine's load now
+        (:meth:`Policy.apply_threads`); every entry point that runs a network calls it."""
+        return self.policy.apply_threads(self.device)
 
     @torch.no_grad()
     def embed(
@@ -141,6 +145,7 @@ class Engine:
         list of ImageEmbedding
             In order; features (1, C, h', w') float32 on the engine's device.
         """
+        self.apply_threads()
         x = torch.cat([self.frames.preprocess(f) for f in frames])
         feats = self.encoder.encode(x)
         return [

@@ -1,9 +1,9 @@
 """How the engine sizes its work for the machine it runs on.
 
 One place for the decisions that depend on the hardware rather than on the model:
-threads, how many prompts one decoder pass takes on a CPU and on a GPU. (A policy
-that adapts to a busy machine belongs here too, so :meth:`Engine.describe` can report
-it and tests can check its decisions without timing anything.)
+threads (adapted to other processes' load on a CPU, :mod:`.threads`), how many prompts
+one decoder pass takes on a CPU and on a GPU. :meth:`Engine.describe` reports them, and
+tests check the decisions without timing anything.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .threads import ADAPTIVE
 
 __all__ = ["DEFAULT_POLICY", "Policy"]
 
@@ -30,15 +32,41 @@ class Policy:
         features.
     gpu_memory_fraction : float
         Share of the free GPU memory one decoder pass may take.
+    adaptive_threads : bool
+        On a CPU, use fewer torch threads while other processes keep CPUs busy
+        (:mod:`.threads`; off for every engine with ``MOBILESAM_ADAPTIVE_THREADS=0``).
     """
 
     cpu_prompts_per_pass: int = 4
     gpu_prompt_bytes: int = 24 * 2**20
     gpu_memory_fraction: float = 0.6
+    adaptive_threads: bool = True
 
     def threads(self) -> int:
-        """torch's intra-op threads (torch picks the physical cores unless told)."""
+        """torch's intra-op threads of the calling thread (torch picks the physical cores
+        unless told; :meth:`apply_threads` adapts them)."""
         return torch.get_num_threads()
+
+    def apply_threads(self, device: torch.device) -> int:
+        """Before work on ``device`` in the calling thread: on a CPU, set torch's threads
+        for the machine's load now (:class:`~.threads.AdaptiveThreads`). Returns the
+        thread count."""
+        if device.type == "cpu" and self.adaptive_threads:
+            return ADAPTIVE.apply()
+        return torch.get_num_threads()
+
+    def describe_threads(self, device: torch.device) -> str:
+        """``"2 threads"``, ``"2 threads (adaptive)"`` or ``"1 of 2 threads (other
+        processes busy)"``."""
+        if device.type != "cpu" or not self.adaptive_threads or not ADAPTIVE.enabled:
+            return f"{torch.get_num_threads()} threads"
+        base = ADAPTIVE.base()
+        if base <= 1:
+            return f"{base} threads"
+        now = ADAPTIVE.decide(base)
+        if now < base:
+            return f"{now} of {base} threads (other processes busy)"
+        return f"{base} threads (adaptive)"
 
     def decoder_chunk(self, device: torch.device) -> int | None:
         """Prompts per decoder call inside one pass: a few on a CPU, all (None) elsewhere."""

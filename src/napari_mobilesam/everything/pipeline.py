@@ -100,6 +100,7 @@ class Pipeline(ABC):
             embedding = self.engine.embed_image(rgb)
         else:
             embedding = embedding.to(self.engine.device)
+        self.engine.apply_threads()
         return CropImage(embedding, self.decoder.prepare(embedding.features))
 
     def crop_state(self, image: CropImage) -> object:
@@ -126,6 +127,7 @@ class Pipeline(ABC):
         coords = torch.as_tensor(coords, dtype=self.coords_dtype, device=dev)
         labels = torch.ones(len(coords), 1, dtype=torch.int64, device=dev)
         prompts = Prompts(coords[:, None, :], labels)
+        self.engine.apply_threads()
         return self.decoder.decode(image.state, prompts, min_iou=min_iou)
 
     @abstractmethod
