@@ -219,3 +219,21 @@ def test_suite_rejects_unknown_names():
         suite.run_all("huge")
     with pytest.raises(ValueError, match=r"unknown benchmarks \['gpu'\]"):
         suite.run_all("tiny", only=["gpu"])
+
+
+@requires_golden
+@pytest.mark.slow
+def test_bench_contention_runs():
+    """benchmarks/bench_contention.py, quiet and beside one busy process (numbers unchecked)."""
+    from benchmarks import bench_contention
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    result = bench_contention.run(
+        (0, 1), repeats=1, grid=2, settle=0.3, weights=GOLDEN_CKPT, image=image,
+        with_original=False,
+    )  # fmt: skip
+    assert set(result["loads"]) == {"0", "1"}
+    busy = result["summary"]["1"]
+    assert busy["encoder ours slowdown"] > 0 and busy["everything reference/fast"] > 0
+    assert "busy competitor(s)" in bench_contention.report(result)
