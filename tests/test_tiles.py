@@ -308,3 +308,20 @@ def test_bench_tiles_runs(tiny_model):
     result = bench_tiles.run(size=2100, n_cells=3, repeats=1, model=tiny_model)
     assert result["quality"]["n_tiles"] == 9 and len(result["quality"]["cells"]) == 3
     assert "ratio to 1024 px" in bench_tiles.report(result)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"points_rc": [[-50, -50]]},
+        {"points_rc": [[400, 10]]},
+        {"points_rc": [[10, 10], [290, 330]], "labels": [0, 0]},  # background only
+    ],
+)
+def test_prompts_with_nothing_inside_the_plane_are_refused(tiny_model, prompt):
+    session = PromptSession(Predictor(tiny_model), _image(), **TILES)
+    session.embed(())
+    with pytest.raises(ValueError, match="nothing to segment inside the plane"):
+        session.predict(**prompt)
+    clipped = session.predict(box_rc=(-10, -10, 500, 500))  # clipped to the plane
+    assert clipped.masks.shape == (1, 300, 340)

@@ -248,6 +248,13 @@ class TiledPrompts:
             tile_scores.append(float(scores[0]))
             if low_res is None or tile == centre:
                 low_res, window_of_low_res = logits, window
+        if not tile_scores:
+            h, w = self.shape_hw
+            raise ValueError(
+                f"nothing to segment inside the plane ({h} x {w} pixels): give a foreground "
+                "point or a box within it (points outside the plane are dropped on tiled "
+                "planes)"
+            )
         score = weighted / area if area else min(tile_scores)
         scores = np.array([score], dtype=np.float32)
         return Prediction(mask[None], scores, low_res, 0, window_of_low_res)
