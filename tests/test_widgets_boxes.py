@@ -69,7 +69,7 @@ def test_two_boxes_give_two_objects_in_one_decoder_call(make_napari_viewer, qtbo
     idle(qtbot, w)
     assert stand_in.decoder_calls == ["predict_batch"]  # both objects in one call
     assert w.prediction is None and len(w.state.predictions) == 2
-    preview = np.asarray(w.state.preview.data)
+    preview = np.array(w.state.preview.data)  # a copy: the preview is updated in place
     assert set(np.unique(preview)) == {0, 1, 2}
     assert _iou(preview == 1, cells.labels == id_a) > 0.6
     assert _iou(preview == 2, cells.labels == id_b) > 0.6

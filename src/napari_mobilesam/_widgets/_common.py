@@ -102,6 +102,15 @@ def plane_axes_count(layer) -> int:
     return layer.ndim - 2
 
 
+def _shown_index(viewer, layer) -> tuple[int, ...]:
+    """The layer's data index (leading axes) under the viewer's sliders: the sliders'
+    world position through the layer's transform (its scale and translation, level 0
+    of a multiscale layer), rounded."""
+    n = plane_axes_count(layer)
+    point = layer.world_to_data(viewer.dims.point[-layer.ndim :])
+    return tuple(int(np.round(v)) for v in np.asarray(point)[:n])
+
+
 def current_plane(viewer, layer) -> tuple[int, ...] | None:
     """The plane of ``layer`` the viewer shows, as indices into its leading axes.
 
@@ -111,9 +120,8 @@ def current_plane(viewer, layer) -> tuple[int, ...] | None:
     n = plane_axes_count(layer)
     if n == 0:
         return ()
-    step = viewer.dims.current_step[-layer.ndim :]
     shape = layer.data.shape
-    plane = tuple(int(s) for s in step[:n])
+    plane = _shown_index(viewer, layer)
     if any(not 0 <= s < shape[i] for i, s in enumerate(plane)):
         return None
     return plane
@@ -122,7 +130,7 @@ def current_plane(viewer, layer) -> tuple[int, ...] | None:
 def outside_message(viewer, layer) -> str:
     """Why :func:`current_plane` is None for ``layer``, and what to do."""
     n = plane_axes_count(layer)
-    step = tuple(int(s) for s in viewer.dims.current_step[-layer.ndim :][:n])
+    step = _shown_index(viewer, layer)
     sizes = tuple(int(s) for s in layer.data.shape[:n])
     return (
         f"the sliders show plane {step}, beyond {layer.name!r} (planes {sizes}); "
@@ -173,6 +181,12 @@ class Runner:
         self._held -= 1
         if self._held == 0 and self.worker is None:
             self._start_next()
+
+    @property
+    def interactive_waiting(self) -> bool:
+        """Whether an interactive job (a click's) waits in the queue; safe to read from a
+        worker, so that a long background job can stop early and let it go first."""
+        return any(not job[6] for job in list(self._queue))
 
     @property
     def queued_background(self) -> int:

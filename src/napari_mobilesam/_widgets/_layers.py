@@ -16,6 +16,7 @@ import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 
 from ..interactive import Prediction, PromptSession
+from ._tiles import layer_transform
 
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "red"
@@ -59,7 +60,10 @@ def labels_layer(viewer, image: Image, create: bool = True) -> Labels | None:
         return layer
     if not create:
         return None
-    return viewer.add_labels(np.zeros(shape, dtype=np.uint32), name=name, opacity=0.6)
+    return viewer.add_labels(
+        np.zeros(shape, dtype=np.uint32), name=name, opacity=0.6,
+        **layer_transform(image, image.ndim),
+    )  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -88,6 +92,13 @@ class ImageSession:
     store : Path or None
         The embedding store the session reads (or that is being checked), see
         :mod:`._store`.
+    extent : (r0, c0, r1, c1) or None
+        Where the previewed prediction's candidate masks have pixels (plane pixels).
+    shown : (r0, c0, r1, c1) or None
+        Where the preview layer may hold non-zero values (all of it at first: a reused
+        layer may hold an old preview); :func:`~._tiles.update_preview` clears it.
+    tiles_known : set of (plane, tile)
+        Tiles of a tiled image known to be embedded (checked once each).
     """
 
     image: Image
@@ -102,6 +113,13 @@ class ImageSession:
     predictions: list | None = None
     choice: int | str = "best"
     store: Path | None = None
+    extent: tuple[int, int, int, int] | None = None
+    shown: tuple[int, int, int, int] | None = None
+    tiles_known: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        h, w = self.preview.data.shape[-2:]
+        self.shown = (0, 0, int(h), int(w))
 
     def layers(self) -> tuple:
         """The prompt layers (where the shortcuts are bound)."""
@@ -194,20 +212,25 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
     """
     check_layers(viewer, image)
     shape, ndim, name = image_shape(image), image.ndim, image.name
-    size = max(4, min(shape[-2:]) // 60)
+    # sizes in image pixels: a point covers a small cell of a large image, and stays
+    # visible when the whole image is in view (at least 8 screen pixels)
+    side = min(shape[-2:])
+    size = min(max(4, side // 60), 24)
+    nd, flat = layer_transform(image, ndim), layer_transform(image, 2)
     makers = {
         0: lambda: viewer.add_points(
-            ndim=ndim, name=f"{name} points", size=size,
+            ndim=ndim, name=f"{name} points", size=size, canvas_size_limits=(8, 10000),
             features={"positive": np.zeros(0, dtype=bool)},
             feature_defaults={"positive": True}, face_color="positive",
-            face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR},
+            face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR}, **nd,
         ),
         1: lambda: viewer.add_shapes(
             ndim=ndim, name=f"{name} box", edge_color="yellow", face_color="transparent",
-            edge_width=max(1, min(shape[-2:]) // 300),
+            edge_width=min(max(1, side // 300), 6), **nd,
         ),
         2: lambda: viewer.add_labels(
-            np.zeros(shape[-2:], dtype=np.uint8), name=f"{name} preview", opacity=0.5
+            np.zeros(shape[-2:], dtype=np.uint8), name=f"{name} preview", opacity=0.5,
+            **flat,
         ),
         3: lambda: labels_layer(viewer, image),
     }  # fmt: skip

@@ -15,6 +15,7 @@ from napari.utils.notifications import show_info
 from ..interactive import ObjectPrompt
 from . import _features
 from ._layers import ImageSession, on_plane
+from ._tiles import mask_extent, refresh_region, union, update_preview
 
 
 def plane_objects(state: ImageSession) -> list[ObjectPrompt]:
@@ -73,22 +74,29 @@ class MultiObjects:
         plane, session = state.plane, state.session
 
         def run():
-            return session.predict_many(objects)
+            predictions = session.predict_many(objects)
+            extent = None  # where any object's mask has pixels
+            for p in predictions:
+                extent = union(extent, mask_extent(p.masks))
+            return predictions, extent
 
-        def done(predictions) -> None:
+        def done(result) -> None:
             if state.plane == plane:
-                self._show_many(state, predictions)
+                self._show_many(state, *result)
 
         self._note_queued()
         self.runner.submit(run, done, key="predict")
 
-    def _show_many(self, state: ImageSession, predictions: list) -> None:
-        """Preview object k as label k + 1 (where masks overlap, the earlier object)."""
-        state.prediction, state.predictions = None, predictions
-        preview = np.zeros(state.preview.data.shape, np.uint8)
-        for k in range(len(predictions))[::-1]:
-            preview[predictions[k].mask] = min(k + 1, 255)
-        state.preview.data = preview
+    def _show_many(self, state: ImageSession, predictions: list, extent=None) -> None:
+        """Preview object k as label k + 1 (where masks overlap, the earlier object);
+        ``extent`` (r0, c0, r1, c1) holds every mask's pixels."""
+        state.prediction, state.predictions, state.extent = None, predictions, extent
+
+        def paint(view, rows, cols) -> None:
+            for k in range(len(predictions))[::-1]:
+                view[predictions[k].mask[rows, cols]] = min(k + 1, 255)
+
+        update_preview(state, extent, paint)
         if state is self.state:
             scores = ", ".join(f"{p.score:.2f}" for p in predictions)
             self.status.setText(f"{len(predictions)} objects, predicted IoU {scores}")
@@ -127,7 +135,7 @@ class MultiObjects:
         _features.record(
             state.labels, state.plane, ids, [s[0] for s in scores], [s[1] for s in scores]
         )
-        state.labels.refresh()
+        refresh_region(state.labels, state.plane, state.extent)  # only where the masks are
         self.clear()
         self.negative_box.setChecked(False)
         self.status.setText(f"committed objects {ids[0]}-{ids[-1]} to {state.labels.name}")

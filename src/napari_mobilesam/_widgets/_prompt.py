@@ -50,6 +50,17 @@ from ._model import ModelPicker
 from ._multi import MultiObjects, plane_objects
 from ._stacks import StackActions
 from ._store import StoreActions
+from ._tiles import (
+    TileActions,
+    embedding_message,
+    image_data,
+    mask_extent,
+    missing_tiles,
+    prompt_tiles,
+    refresh_region,
+    tiles_note,
+    update_preview,
+)
 
 SHORTCUTS = (
     "click: a positive point (green); right-click or Shift-click: a negative point (red) · "
@@ -58,7 +69,7 @@ SHORTCUTS = (
 )
 
 
-class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidget):
+class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, PromptInput, QWidget):
     """Dock widget: click points / draw a box, see the mask, commit it to a Labels layer.
 
     Parameters
@@ -145,7 +156,8 @@ class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidge
         layout.addWidget(prop)
 
         self.status = QLabel("choose an image and press Start")
-        self.status.setWordWrap(True)
+        self.status.setWordWrap(True)  # two lines, never squeezed by a crowded dock
+        self.status.setMinimumHeight(2 * self.status.fontMetrics().lineSpacing() + 4)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.cancel_button = QPushButton("Cancel")
@@ -238,9 +250,10 @@ class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidge
                 cache = EmbeddingCache(max_items=32, folder=embedding_cache_dir())
             else:
                 cache = self.cache
-            return PromptSession(
-                predictor, layer.data, rgb=bool(layer.rgb), contrast_limits=limits, cache=cache
-            )
+            return PromptSession(  # a multiscale layer: its full resolution, read lazily
+                predictor, image_data(layer), rgb=bool(layer.rgb), contrast_limits=limits,
+                cache=cache,
+            )  # fmt: skip
 
         def made(session) -> None:
             if layer not in self.viewer.layers:
@@ -311,6 +324,7 @@ class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidge
         self._show(state, None)
         session = state.session
         known = plane in state.ready or state.store is not None  # (a store: read, mostly)
+        known = known or session.tiles is not None  # tiles are embedded at clicks
         message = "" if known else f"computing the embedding of plane {plane}…"
         self._note_queued()
         self.runner.submit(
@@ -319,6 +333,9 @@ class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidge
 
     def _embedded(self, state: ImageSession, plane) -> None:
         state.ready.add(plane)
+        note = tiles_note(state.session)
+        if note and state is self.state:
+            self.status.setText(f"plane {plane}: {note}" if plane else note)
         self._predict(state)
 
     def _prompts_changed(self, state: ImageSession, event=None) -> None:
@@ -348,30 +365,44 @@ class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidge
         # three candidates only for an ambiguous prompt: a single point (a box is not)
         multimask = self.multimask.currentIndex() == 0 and box is None
         choice, plane, session = state.choice, state.plane, state.session
+        tiles, single = prompt_tiles(session, points, box)  # [] when not tiled
+        known = state.tiles_known
 
-        def run():
-            return session.predict(points, labels, box, multimask=multimask, choice=choice)
+        def run():  # a generator: it says which tiles it embeds before it does
+            missing = missing_tiles(session, plane, tiles, known)
+            if missing:
+                yield embedding_message(missing, len(session.tiles))
+            prediction = session.predict(points, labels, box, multimask=multimask, choice=choice)
+            known.update((plane, t) for t in tiles)
+            window = prediction.window if single else None  # masks only inside the tile
+            return prediction, mask_extent(prediction.masks, window)
 
-        def done(prediction) -> None:
+        def done(result) -> None:
             if state.plane == plane:
-                self._show(state, prediction)
+                self._show(state, *result)
 
         self._note_queued()
-        self.runner.submit(run, done, key="predict")
+        self.runner.submit(run, done, yielded=self.status.setText, key="predict")
 
     def _note_queued(self) -> None:
         """Say in the status line that a prompt waits for the job that runs now."""
         if self.runner.worker is not None and self.runner.running:
             self.status.setText(f"your prompt runs next, after: {self.runner.running}")
 
-    def _show(self, state: ImageSession, prediction: Prediction | None) -> None:
+    def _show(self, state: ImageSession, prediction: Prediction | None, extent=None) -> None:
+        """Preview ``prediction`` (None: no preview); ``extent`` (r0, c0, r1, c1) holds all
+        its candidates' pixels (default: computed, or the shown prediction's for another
+        candidate of it). Only the region that changes is written and redrawn."""
+        if prediction is not None and extent is None:
+            same = state.prediction is not None and prediction.masks is state.prediction.masks
+            extent = state.extent if same else mask_extent(prediction.masks)
         state.prediction, state.predictions = prediction, None
-        preview = state.preview
+        state.extent = extent if prediction is not None else None
         if prediction is None:
-            if preview.data.any():
-                preview.data = np.zeros_like(preview.data)
+            update_preview(state, None, None)
             return
-        preview.data = prediction.mask.astype(np.uint8)
+        mask = prediction.mask
+        update_preview(state, extent, lambda view, rows, cols: np.copyto(view, mask[rows, cols]))
         if state is self.state:
             n = len(prediction.scores)
             self.status.setText(
@@ -428,7 +459,7 @@ class PromptWidget(StoreActions, StackActions, MultiObjects, PromptInput, QWidge
             return None
         scores = _features.prediction_scores(state.prediction)  # for the object table
         _features.record(state.labels, state.plane, [new_id], [scores[0]], [scores[1]])
-        state.labels.refresh()
+        refresh_region(state.labels, state.plane, state.extent)  # only where the mask is
         self.clear()
         self.negative_box.setChecked(False)  # each object starts with positive points
         self.status.setText(f"committed object {new_id} to {state.labels.name}")

@@ -38,6 +38,8 @@ class StackActions:
 
     #: [planes done, planes to do] of the precompute under way, or None
     _precompute: list[int] | None = None
+    #: what it counts: planes, or tiles on a tiled image (:mod:`._tiles`)
+    _precompute_unit = "planes"
     #: the stop flag of the propagation under way, or None
     _stop: threading.Event | None = None
     _cancel_note = ""
@@ -49,9 +51,13 @@ class StackActions:
         if state is None or state.session is None:
             return
         session = state.session
+        if session.tiles is not None:  # tiled planes: one job per plane, counting tiles
+            self._precompute_tiles(state)
+            return
         indices = [tuple(int(v) for v in i) for i in np.ndindex(*session.plane_shape)]
         todo = [i for i in indices if i not in state.ready]
         self._precompute = [len(indices) - len(todo), len(indices)]
+        self._precompute_unit = "planes"
         self._cancel_note = ""
         step = session.batch_size  # planes per encoder call (batched on a GPU)
         for start in range(0, len(todo), step):
@@ -78,7 +84,7 @@ class StackActions:
             done, total = self._precompute
             self.progress.setRange(0, total)
             self.progress.setValue(done)
-            self.progress.setFormat("%v / %m planes")
+            self.progress.setFormat(f"%v / %m {self._precompute_unit}")
         elif self.runner.busy:
             self.progress.setRange(0, 0)  # indeterminate
         else:
@@ -92,11 +98,14 @@ class StackActions:
         dropped = self.runner.cancel_background()
         if self._stop is not None:
             self._stop.set()
+        tiles = getattr(self, "_tile_stop", None)
+        if tiles is not None:
+            tiles.set()  # the running job stops after its tile
         if self._precompute is not None:
-            total = self._precompute[1]
-            self._cancel_note = f"precompute cancelled: {{}} of {total} planes embedded (kept)"
+            total, unit = self._precompute[1], self._precompute_unit
+            self._cancel_note = f"precompute cancelled: {{}} of {total} {unit} embedded (kept)"
         self.cancel_button.setEnabled(False)
-        if (dropped or self._stop is not None) and self.runner.worker is not None:
+        if (dropped or self._stop is not None or tiles) and self.runner.worker is not None:
             self.status.setText("cancelling: finishing the plane that runs now…")
 
     def _busy(self, busy: bool, _message: str) -> None:
@@ -104,8 +113,10 @@ class StackActions:
             if self._cancel_note and self._precompute is not None:
                 self.status.setText(self._cancel_note.format(self._precompute[0]))
             elif self._precompute is not None and self.status.text() == "":
-                self.status.setText(f"all {self._precompute[1]} planes embedded")
+                unit = self._precompute_unit
+                self.status.setText(f"all {self._precompute[1]} {unit} embedded")
             self._precompute, self._cancel_note = None, ""
+            self._tile_stop = None
         self.cancel_button.setEnabled(busy and self._cancellable())
         self._show_progress()
 

@@ -38,7 +38,9 @@ class LabelEditor:
 
     Notes
     -----
-    All methods are thread-safe (one lock per editor).
+    All methods are thread-safe (one lock per editor). A commit reads and writes only the
+    masks' bounding box of the label plane, so committing a cell into an 8192 x 8192
+    plane costs about as much as into a small one.
     """
 
     def __init__(self, shape_hw: tuple[int, int], max_undo: int = 64):
@@ -110,10 +112,14 @@ class LabelEditor:
             if not masks:
                 raise ValueError("masks is empty: give at least one mask to commit")
             ids = self._ids(labels, label_ids, len(masks))
-            free = np.ones(self.shape_hw, dtype=bool) if overwrite else labels == 0
+            # only the masks' bounding box is read and written (a mask of a large plane
+            # usually covers a small part of it)
+            box = _bounding_box(masks)
+            target = labels[box]
+            free = np.ones(target.shape, dtype=bool) if overwrite else target == 0
             regions = []
             for i, mask in enumerate(masks):
-                region = mask & free
+                region = mask[box] & free
                 if not region.any():
                     name = "mask" if len(masks) == 1 else f"masks[{i}]"
                     raise ValueError(
@@ -122,10 +128,11 @@ class LabelEditor:
                     )
                 free &= ~region
                 regions.append(region)
-            where = np.nonzero(np.logical_or.reduce(regions))
-            previous = labels[where].copy()
+            local = np.nonzero(np.logical_or.reduce(regions))
+            where = (local[0] + box[0].start, local[1] + box[1].start)
+            previous = target[local].copy()
             for region, label_id in zip(regions, ids, strict=True):
-                labels[region] = label_id
+                target[region] = label_id
             self._steps.append(_Step(labels, where, previous, ids))
             del self._steps[: len(self._steps) - self.max_undo]
             return ids
@@ -187,6 +194,16 @@ class LabelEditor:
             target[step.where] = step.previous
             self._steps.pop()
             return step.label_ids
+
+
+def _bounding_box(masks: list[np.ndarray]) -> tuple[slice, slice]:
+    """(rows, cols) slices of the smallest window holding every set pixel of ``masks``
+    ((H, W) bool, at least one pixel set in all of them together)."""
+    rows = np.logical_or.reduce([m.any(axis=1) for m in masks])
+    cols = np.logical_or.reduce([m.any(axis=0) for m in masks])
+    r = np.flatnonzero(rows)
+    c = np.flatnonzero(cols)
+    return slice(int(r[0]), int(r[-1]) + 1), slice(int(c[0]), int(c[-1]) + 1)
 
 
 def add_objects(labels: np.ndarray, objects: np.ndarray, start: int | None = None) -> list[int]:
