@@ -14,6 +14,14 @@ from napari_mobilesam.predictor import Predictor
 
 HZ = th.os.sysconf("SC_CLK_TCK")
 
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """torch's thread count, which new threads inherit, as it was before each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 STAT = """cpu  100 0 50 1000 5 0 0 0 0 0
 cpu0 {a} 0 {a} 500 2 0 0 0 0 0
 cpu1 {b} 0 0 500 3 0 0 {b} 0 0
@@ -119,6 +127,36 @@ def test_apply_sets_the_calling_threads_count_and_respects_the_user():
     t.start()
     t.join()
     assert seen == {"busy": (1, 1), "quiet": (2, 2), "user": (1, 1)}
+
+
+def test_a_new_thread_does_not_inherit_a_reduction():
+    m = Machine()
+    monitor = m.monitor()
+    policy = th.AdaptiveThreads(monitor, enabled=True, watch=False)
+    seen = {}
+
+    def busy():
+        torch.set_num_threads(2)
+        monitor.sample()
+        m.run(1.0, others=1.0)
+        monitor.sample()
+        seen["busy"] = policy.apply()
+
+    def later():  # a new worker thread once the machine is quiet again
+        seen["inherited"] = torch.get_num_threads()  # torch's last setting: ours, 1
+        seen["quiet"] = (policy.apply(), policy.base())
+
+    for target in (busy, lambda: None):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+    for _ in range(20):
+        m.run(0.25, others=0.0)
+        monitor.sample()
+    t = threading.Thread(target=later)
+    t.start()
+    t.join()
+    assert seen == {"busy": 1, "inherited": 1, "quiet": (2, 2)}
 
 
 def test_disabled_by_the_environment(monkeypatch):

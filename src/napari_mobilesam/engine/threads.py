@@ -207,6 +207,8 @@ class AdaptiveThreads:
         self._monitor = monitor
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._base: int | None = None  # the process's base count
+        self._last_set: int | None = None  # the count apply() last set, in any thread
 
     @property
     def monitor(self) -> CpuMonitor:
@@ -228,25 +230,35 @@ class AdaptiveThreads:
     def apply(self) -> int:
         """Set the calling thread's torch threads to :meth:`decide`'s count; return it.
 
-        The base count is the thread's own torch count the first time, and again
-        whenever it was changed by anyone else (``torch.set_num_threads``)."""
+        The base count is the process's torch count when first seen, and a thread's own
+        count whenever someone else set it (``torch.set_num_threads``). A new thread
+        starts with the count torch last set anywhere; when that is ours (a reduction),
+        the thread takes the process's base instead."""
         current = torch.get_num_threads()
         if not self.enabled:
             return current
         local = self._local
-        if getattr(local, "ours", None) != current:  # first call here, or set by the user
-            local.base = current
+        with self._lock:
+            if self._base is None:
+                self._base = current
+            ours = getattr(local, "ours", None)
+            if ours is None and current == self._last_set:
+                local.base = self._base  # a new thread that inherited our reduction
+            elif ours != current:  # first call here, or set by the user: their choice
+                local.base = self._base = current
         if self.watch:
             self.monitor.start()
         want = self.decide(local.base)
         if want != current:
             torch.set_num_threads(want)
+            with self._lock:
+                self._last_set = want
         local.ours = want
         return want
 
     def base(self) -> int:
         """The calling thread's base count (its torch count before any adaptation)."""
-        return getattr(self._local, "base", torch.get_num_threads())
+        return getattr(self._local, "base", self._base or torch.get_num_threads())
 
     def describe(self) -> str:
         if not self.enabled:
