@@ -22,6 +22,7 @@ def _restore_threads():
     yield
     torch.set_num_threads(threads)
 
+
 STAT = """cpu  100 0 50 1000 5 0 0 0 0 0
 cpu0 {a} 0 {a} 500 2 0 0 0 0 0
 cpu1 {b} 0 0 500 3 0 0 {b} 0 0
