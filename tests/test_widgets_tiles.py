@@ -93,6 +93,7 @@ def test_tiled_image_status_preview_and_commit(make_napari_viewer, qtbot, tiled,
         "tiled: 12 tiles of 128 px; a tile is embedded at your first click in it"
     )
     _canvas(viewer)  # drawn once: the layers' textures have the planes' shape
+    assert tuple(state.preview.colormap.map(1)) == (0.0, 1.0, 1.0, 1.0)  # cyan, no object's
     texts = _texts(w)
     preview_refreshes = _refreshes(state.preview, monkeypatch)
     labels_refreshes = _refreshes(state.labels, monkeypatch)
@@ -142,6 +143,32 @@ def test_tiled_image_status_preview_and_commit(make_napari_viewer, qtbot, tiled,
     assert np.array_equal(_canvas(viewer), shown)
     w.undo()
     assert not state.labels.data.any()
+
+
+def test_tiled_stack_commits_into_its_plane(make_napari_viewer, qtbot, tiled, monkeypatch):
+    viewer = make_napari_viewer(show=True)
+    layer = viewer.add_image(np.stack([_image(), _image()]), name="stack")
+    viewer.dims.current_step = (1, 0, 0)
+    w = _widget(viewer, layer)
+    w.start()
+    idle(qtbot, w)
+    state = w.state
+    assert w.status.text().startswith("plane (1,): tiled: 12 tiles of 128 px")
+    _canvas(viewer)
+    refreshes = _refreshes(state.labels, monkeypatch)
+    state.points.add(np.array([[1, 150.0, 170.0]]))
+    idle(qtbot, w)
+    viewer.camera.center, viewer.camera.zoom = (150, 170), 8.0
+    assert w.commit() == 1
+    assert np.array_equal(state.labels.data[1], _disk((300, 340), (150, 170)))
+    assert not state.labels.data[0].any() and refreshes == []
+    shown = _canvas(viewer)
+    state.labels.refresh()
+    assert np.array_equal(_canvas(viewer), shown)
+    w.precompute()
+    assert w.progress.maximum() == 24  # 12 tiles on each of 2 planes
+    idle(qtbot, w)
+    assert w.status.text() == "all 24 tiles embedded"
 
 
 def test_prompt_across_tiles_says_which_tiles(make_napari_viewer, qtbot, tiled):

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
+from napari.utils.colormaps import CyclicLabelColormap
+from napari.utils.colormaps.standardize_color import transform_color
 
 from ..interactive import Prediction, PromptSession
 from ._tiles import layer_transform
 
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "red"
+#: the preview's colours (object k of several boxes: colour k), none of them a committed
+#: object's: a preview never looks like an object already in the labels
+PREVIEW_COLORS = ("cyan", "magenta", "yellow", "#6699ff", "white")
 
 
 class LayerConflict(ValueError):
@@ -215,7 +220,7 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
     # sizes in image pixels: a point covers a small cell of a large image, and stays
     # visible when the whole image is in view (at least 8 screen pixels)
     side = min(shape[-2:])
-    size = min(max(4, side // 60), 24)
+    size = min(max(4, side // 60), 12)
     nd, flat = layer_transform(image, ndim), layer_transform(image, 2)
     makers = {
         0: lambda: viewer.add_points(
@@ -230,7 +235,7 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
         ),
         2: lambda: viewer.add_labels(
             np.zeros(shape[-2:], dtype=np.uint8), name=f"{name} preview", opacity=0.5,
-            **flat,
+            colormap=_preview_colormap(), **flat,
         ),
         3: lambda: labels_layer(viewer, image),
     }  # fmt: skip
@@ -249,6 +254,11 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
         return ImageSession(image, *check_layers(viewer, image))
 
     return steps, finish
+
+
+def _preview_colormap() -> CyclicLabelColormap:
+    colors = np.concatenate([np.zeros((1, 4)), transform_color(list(PREVIEW_COLORS))])
+    return CyclicLabelColormap(colors=colors, background_value=0)
 
 
 def on_plane(coords: np.ndarray, plane: tuple[int, ...]) -> np.ndarray:
