@@ -284,3 +284,17 @@ def test_scaled_stack_plane_follows_the_sliders(make_napari_viewer, qtbot, tiny_
     viewer.add_image(np.zeros((20, 40, 40)), name="deep")  # sliders before the stack
     viewer.dims.set_point(0, 2.0)
     assert current_plane(viewer, layer) is None
+
+
+def test_point_outside_the_plane_embeds_nothing(make_napari_viewer, qtbot, tiled):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_image(), name="big")
+    w = _widget(viewer, layer)
+    w.start()
+    idle(qtbot, w)
+    texts = _texts(w)
+    w.state.points.add(np.array([[-40.0, 500.0]]))  # napari lets a click land off the image
+    idle(qtbot, w)
+    assert not any("embedding" in t for t in texts)
+    assert w.status.text().startswith("failed: ValueError")
+    assert not any(w.session.is_tile_cached((), t) for t in range(12))

@@ -104,15 +104,25 @@ def prompt_tiles(session, points, box) -> tuple[list[int], bool]:
     grid = getattr(session, "tiles", None)
     if grid is None:
         return [], False
-    tile = session.tile_for(points, box)
+    try:
+        tile = session.tile_for(points, box)
+    except (TypeError, ValueError):  # the prediction says what is wrong, in the worker
+        return [], False
     if tile is not None:
         return [tile], True
-    rc = [np.asarray(points, float).reshape(-1, 2)] if points is not None else []
-    if box is not None:
-        rc.append(np.asarray(box, float).reshape(2, 2))
-    pts = np.concatenate(rc)
-    lo, hi = pts.min(axis=0), pts.max(axis=0)
-    return grid.crossing((lo[0], lo[1], hi[0], hi[1])), False
+    pts = np.asarray(points, float).reshape(-1, 2) if points is not None else np.zeros((0, 2))
+    corners = [np.asarray(box, float).reshape(2, 2)] if box is not None else []
+    lo, hi = np.concatenate([pts, *corners]).min(axis=0), np.concatenate([pts, *corners]).max(0)
+    needed = []
+    for t in grid.crossing((lo[0], lo[1], hi[0], hi[1])):
+        r0, c0, r1, c1 = grid.window(t)  # a tile answers for what lies inside it
+        inside = ((pts[:, 0] >= r0) & (pts[:, 0] < r1) & (pts[:, 1] >= c0) & (pts[:, 1] < c1)).any()
+        if box is not None:
+            (br0, bc0), (br1, bc1) = np.sort(corners[0], axis=0)
+            inside = inside or (br0 < r1 and br1 >= r0 and bc0 < c1 and bc1 >= c0)
+        if inside:
+            needed.append(t)
+    return needed, False
 
 
 def missing_tiles(session, plane, tiles: list[int], known: set) -> list[int]:
