@@ -460,6 +460,37 @@ def test_memory_does_not_grow_with_the_number_of_planes():
     assert large < small * 1.15, (small, large)
 
 
+def test_without_the_table_the_same_ids_and_memory_flat_in_objects_times_planes():
+    truth, _ = t_world()
+    labels = per_plane_ids(truth)
+    whole, table = link_stack(labels, "t")
+    linker = Linker("t", keep_table=False)
+    for i, plane in enumerate(labels):
+        (out,) = linker.push(plane)
+        assert np.array_equal(out, whole[i])
+    assert linker.n_objects == int(table.id.max()) == int(whole.max())
+    bare = linker.finish()
+    assert bare.id.size == 0 and bare.parents == table.parents and table.parents
+
+    grid = np.zeros((240, 240), np.uint32)  # 400 objects per plane
+    for k, (r, c) in enumerate(np.ndindex(20, 20)):
+        grid[12 * r : 12 * r + 9, 12 * c : 12 * c + 9] = k + 1
+
+    def peak(n, keep_table):
+        linker = Linker("z", keep_table=keep_table)
+        tracemalloc.start()
+        for _ in range(n):
+            linker.push(grid)
+        linker.finish()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert linker.n_objects == 400
+        return top
+
+    assert peak(200, False) < peak(20, False) * 1.15
+    assert peak(200, True) > peak(20, True) * 1.5  # the rows: the part keep_table=False saves
+
+
 # ---------------------------------------------------------------- table, scores, exports
 
 

@@ -7,7 +7,8 @@ time (the linker keeps ``max_gap + 1`` planes, for ``zt`` volumes), and keeps pe
 plane only a lookup table *per-plane id -> linked id*. The outputs are then written
 plane by plane as usual, each plane relabelled through its table, so the writing
 order (C order of the input's plane axes) need not be the linking order and memory
-does not grow with the stack (only the tables do, by one entry per object per plane).
+does not grow with the stack (only the lookup tables do, by 4 bytes per object per
+plane; for ``z`` the linker keeps no table of its own, :meth:`LinkOptions.linker`).
 
 The linked axes (``Z``, ``T``, or ``T`` then ``Z``) are taken from the input's plane
 axes; any other plane axis (e.g. ``T`` for ``--link z``) indexes independent stacks,
@@ -109,11 +110,12 @@ class LinkOptions:
         }
 
     def linker(self, n_z: int | None) -> Linker:
-        """A new :class:`~napari_mobilesam.linking.Linker` with these settings."""
+        """A new :class:`~napari_mobilesam.linking.Linker` with these settings (keeping
+        its table only where the tracks CSV needs it: t and zt)."""
         return Linker(
             self.axis, min_iou=float(self.min_iou), max_gap=int(self.max_gap),
             min_cover_z=MIN_COVER_Z, min_cover_t=MIN_COVER_T, division_share=DIVISION_SHARE,
-            n_z=n_z,
+            n_z=n_z, keep_table=self.writes_tracks,
         )  # fmt: skip
 
 
@@ -275,7 +277,7 @@ def link_planes(
                     out.luts[ix] = _lut(before, after, out.n_objects)
                 held = []
         table = linker.finish()
-        n = int(table.id.max(initial=0))
+        n = linker.n_objects
         if link.writes_tracks:
             out.tables.append((group, _shifted(table, out.n_objects)))
         out.n_objects += n

@@ -61,7 +61,8 @@ class AxisLinker:
     """
 
     def __init__(self, *, kind: str, min_iou: float, min_cover: float | None, max_gap: int,
-                 divisions: bool, division_share: float):  # fmt: skip
+                 divisions: bool, division_share: float, keep_rows: bool = True):  # fmt: skip
+        self.keep_rows = bool(keep_rows)  # False: no per-plane rows, table() has none
         self.min_iou, self.min_cover, self.max_gap = float(min_iou), min_cover, int(max_gap)
         self.divisions, self.division_share = bool(divisions), float(division_share)
         self.motion, self.waist = kind == "t", kind == "z"
@@ -102,7 +103,8 @@ class AxisLinker:
         for code, parent in children.items():
             self.parents[int(gid[code])] = parent
         cen = cur.centroids()
-        self.rows.append((self.index, gid[1:], cur.areas[1:], score_arr, cen))
+        if self.keep_rows:
+            self.rows.append((self.index, gid[1:], cur.areas[1:], score_arr, cen))
         self.history.append(self._remember(cur, gid, cen))
         self.index += 1
         return gid[cur.codes]

@@ -102,6 +102,11 @@ class Linker:
         Smallest part of the parent's area each child must overlap (default 0.2).
     n_z : int, optional
         Planes per time point; required for ``"zt"``, only for it.
+    keep_table : bool
+        Record each object's row in every plane for :meth:`finish`'s table (default).
+        False, for callers that need only the relabelled planes and
+        :attr:`n_objects`: memory then does not grow with the number of planes, and
+        :meth:`finish` returns a table without rows (its ``parents`` still complete).
 
     Notes
     -----
@@ -140,14 +145,15 @@ class Linker:
     Each plane's ids are final as soon as it is pushed (gap closing only gives the
     newer plane an older id), so nothing is held back for ``"z"`` and ``"t"``. For
     ``"zt"`` a time point's planes come out together once its last plane is pushed.
-    Memory: ``max_gap + 1`` earlier planes (for ``"zt"``: volumes) plus the table,
-    independent of the number of planes.
+    Memory: ``max_gap + 1`` earlier planes (for ``"zt"``: volumes), independent of
+    the number of planes, plus the table's rows (about 40 bytes per object per plane;
+    none with ``keep_table=False``).
     """
 
     def __init__(self, axis: str = "z", *, min_iou: float = 0.5,
                  min_cover_z: float | None = 0.8, min_cover_t: float | None = 0.5,
                  max_gap: int = 1, divisions: bool | None = None, division_share: float = 0.2,
-                 n_z: int | None = None):  # fmt: skip
+                 n_z: int | None = None, keep_table: bool = True):  # fmt: skip
         if axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
         _check_params(min_iou, min_cover_z, min_cover_t, max_gap, division_share)
@@ -161,13 +167,19 @@ class Linker:
         self.axis, self.n_z = axis, n_z
         common = {"min_iou": min_iou, "max_gap": max_gap, "division_share": division_share}
         kind, cover = ("z", min_cover_z) if axis == "z" else ("t", min_cover_t)
-        self._main = AxisLinker(kind=kind, min_cover=cover, divisions=bool(divisions), **common)
+        self._main = AxisLinker(kind=kind, min_cover=cover, divisions=bool(divisions),
+                                keep_rows=bool(keep_table), **common)  # fmt: skip
         self._z_params = {"kind": "z", "min_cover": min_cover_z, "divisions": False, **common}
         self._z: AxisLinker | None = None
         self._volume: list[np.ndarray] = []
         self._shape: tuple[int, ...] | None = None
         self._finished = False
         self.planes_pushed = 0
+
+    @property
+    def n_objects(self) -> int:
+        """Global ids given so far (3D objects or tracks): they are ``1 .. n_objects``."""
+        return self._main.next_id - 1
 
     def push(self, labels, scores: Mapping | None = None) -> list[np.ndarray]:
         """Link the next plane.
