@@ -147,6 +147,42 @@ def test_bench_batch_runs():
 
 @requires_golden
 @pytest.mark.slow
+def test_bench_batch_link_stacks_run():
+    from benchmarks import bench_batch
+
+    result = bench_batch.run(planes=0, stacks=(), link_stacks=(3, 5), stack_size=64,
+                             link_cells=8, weights=GOLDEN_CKPT)  # fmt: skip
+    assert result["memory"] == [] and [r["planes"] for r in result["linking"]] == [3, 5]
+    for row in result["linking"]:
+        plain, linked = row["plain"], row["linked"]
+        assert plain["planes"] == linked["planes"] == row["planes"]
+        assert plain["objects"] == linked["objects"] > 0  # the same synthetic planes
+        assert plain["linked_objects"] is None and 0 < linked["linked_objects"] < linked["objects"]
+        assert plain["peak_rss_mb"] > 0 and linked["peak_rss_mb"] > 0
+    text = bench_batch.report(result)
+    assert "(throughput not measured)" in text and "--link z" in text
+
+
+def test_bench_batch_drifting_labels_are_per_plane_ids_of_moving_objects():
+    from benchmarks import bench_batch
+
+    from napari_mobilesam.linking import link_stack
+
+    cells = bench_batch._population(20, (192, 256), 12, seed=1)
+    planes = np.stack(
+        [bench_batch.drifting_labels(cells, z, (192, 256), seed=1) for z in range(20)]
+    )
+    assert planes.shape == (20, 192, 256) and planes.dtype == np.uint32
+    for plane in planes:  # ids 1..N, every one present
+        assert np.array_equal(np.unique(plane), np.arange(plane.max() + 1))
+    assert planes[0].max() > 4
+    _, table = link_stack(planes, "z")
+    per_plane = int(sum(int(p.max()) for p in planes))
+    assert 0 < table.objects()["id"].size < per_plane / 3  # objects last several planes
+
+
+@requires_golden
+@pytest.mark.slow
 def test_bench_backends_runs(onnx_cache):
     from benchmarks import bench_backends
 
