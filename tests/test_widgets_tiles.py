@@ -141,8 +141,13 @@ def test_tiled_image_status_preview_and_commit(make_napari_viewer, qtbot, tiled,
     shown = _canvas(viewer)
     state.labels.refresh()
     assert np.array_equal(_canvas(viewer), shown)
+    labels_refreshes.clear()
     w.undo()
     assert not state.labels.data.any()
+    assert labels_refreshes == []  # the object's region only
+    shown = _canvas(viewer)
+    state.labels.refresh()
+    assert np.array_equal(_canvas(viewer), shown)
 
 
 def test_tiled_stack_commits_into_its_plane(make_napari_viewer, qtbot, tiled, monkeypatch):

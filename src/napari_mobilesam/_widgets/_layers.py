@@ -104,6 +104,9 @@ class ImageSession:
         layer may hold an old preview); :func:`~._tiles.update_preview` clears it.
     tiles_known : set of (plane, tile)
         Tiles of a tiled image known to be embedded (checked once each).
+    committed : dict
+        id -> (plane, region) of each object this dock committed on one plane only (an
+        id propagated to other planes is dropped): the region an undo of it redraws.
     """
 
     image: Image
@@ -121,6 +124,7 @@ class ImageSession:
     extent: tuple[int, int, int, int] | None = None
     shown: tuple[int, int, int, int] | None = None
     tiles_known: set = field(default_factory=set)
+    committed: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         h, w = self.preview.data.shape[-2:]

@@ -136,6 +136,7 @@ class MultiObjects:
             state.labels, state.plane, ids, [s[0] for s in scores], [s[1] for s in scores]
         )
         refresh_region(state.labels, state.plane, state.extent)  # only where the masks are
+        state.committed.update({i: (state.plane, state.extent) for i in ids})
         self.clear()
         self.negative_box.setChecked(False)
         self.status.setText(f"committed objects {ids[0]}-{ids[-1]} to {state.labels.name}")

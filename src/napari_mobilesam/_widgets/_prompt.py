@@ -59,6 +59,7 @@ from ._tiles import (
     prompt_tiles,
     refresh_region,
     tiles_note,
+    undo_region,
     update_preview,
 )
 
@@ -460,6 +461,7 @@ class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, Prompt
         scores = _features.prediction_scores(state.prediction)  # for the object table
         _features.record(state.labels, state.plane, [new_id], [scores[0]], [scores[1]])
         refresh_region(state.labels, state.plane, state.extent)  # only where the mask is
+        state.committed[new_id] = (state.plane, state.extent)  # what its undo redraws
         self.clear()
         self.negative_box.setChecked(False)  # each object starts with positive points
         self.status.setText(f"committed object {new_id} to {state.labels.name}")
@@ -472,7 +474,11 @@ class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, Prompt
             return
         removed = state.session.undo()
         if removed is not None:
-            state.labels.refresh()
+            undone = undo_region(state, removed)  # (plane, region) of a commit of this dock
+            if undone is None:
+                state.labels.refresh()
+            else:
+                refresh_region(state.labels, *undone)
             self.status.setText(f"removed object {', '.join(map(str, removed))}")
 
     def clear(self) -> None:

@@ -143,6 +143,7 @@ class StackActions:
         new_id = self.commit()
         if new_id is None:
             return
+        state.committed.pop(new_id, None)  # its id goes onto other planes: undo redraws all
         axis, direction, min_score, overwrite = self._walk_settings()
         session, target = state.session, state.labels
         stop = self._stop = threading.Event()
@@ -247,7 +248,9 @@ class StackActions:
             self.status.setText(f"propagation not committed: {exc}")
             return
         features = target.features
-        for index, ids in painted.items():  # stability: not computed, as for one object
+        for index, ids in painted.items():
+            for i in ids:  # these ids are on other planes now: undo redraws everything
+                state.committed.pop(i, None)  # stability: not computed, as for one object
             iou = [result.scores[i][index] for i in ids]
             features = record_scores(features, ids, iou, [np.nan] * len(ids), plane=index)
         if painted:

@@ -29,6 +29,7 @@ __all__ = [
     "prompt_tiles",
     "refresh_region",
     "tiles_note",
+    "undo_region",
     "update_preview",
 ]
 
@@ -234,6 +235,19 @@ def _partial(layer, plane: tuple[int, ...], region: Region) -> bool:
     layer._accumulate_updated_slice(full)
     layer._partial_labels_refresh()
     return True
+
+
+def undo_region(state, removed: list[int]):
+    """The (plane, region) an undo that removed the ids ``removed`` changed, when they
+    were committed together by the dock on one plane (``state.committed``); else None
+    (the whole layer is redrawn). The ids are forgotten."""
+    where = [state.committed.pop(i, None) for i in removed]
+    if not where or any(w is None for w in where) or len({w[0] for w in where}) != 1:
+        return None
+    region = None
+    for _plane, r in where:
+        region = union(region, r)
+    return None if region is None else (where[0][0], region)
 
 
 def update_preview(state, extent: Region | None, paint) -> None:
