@@ -12,6 +12,10 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+# A fixed thread count: with the adaptive policy (engine/threads.py), a busy machine would
+# change the count between two runs that a test compares bit for bit (float sums in
+# another order). tests/test_threads.py tests the policy with instances of its own.
+os.environ.setdefault("MOBILESAM_ADAPTIVE_THREADS", "0")
 
 import numpy as np
 import pytest

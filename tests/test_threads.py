@@ -195,3 +195,13 @@ def test_engines_apply_and_describe_the_policy(tiny_model, monkeypatch):
     assert fixed.apply_threads(torch.device("cpu")) == torch.get_num_threads()
     assert fixed.describe_threads(torch.device("cpu")).endswith(" threads")
     assert Policy().apply_threads(torch.device("meta")) == torch.get_num_threads()
+
+
+def test_batch_threads_option_turns_the_policy_off(monkeypatch, tiny_model):
+    from mobilesam_batch import segment
+    from napari_mobilesam import build
+
+    monkeypatch.setattr(th.ADAPTIVE, "enabled", True)
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: tiny_model)
+    segment.ModelSpec(name="vit_t", weights=None, threads=1).load()
+    assert th.ADAPTIVE.enabled is False and torch.get_num_threads() == 1

@@ -116,8 +116,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                        "--percentiles): checked first, its planes are not embedded again "
                        "(labels unchanged) [embed every plane]")  # fmt: skip
     model.add_argument("--threads", type=int, metavar="N",
-                       help="torch threads per process [all cores; cores / workers "
-                       "with --scheduler local]")  # fmt: skip
+                       help="exactly N torch threads per process [all cores, one per "
+                       "core other processes leave free; cores / workers with --scheduler "
+                       "local]")  # fmt: skip
 
     names = add_generator_flags(parser)
 

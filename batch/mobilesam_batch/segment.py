@@ -39,7 +39,8 @@ class ModelSpec:
         cache on first use) or ``"auto"`` (the fastest: torch; see
         :class:`~napari_mobilesam.predictor.Predictor`).
     threads : int or None
-        torch intra-op threads for this process (None: torch's default).
+        torch intra-op threads for this process, exactly (the adaptive thread policy
+        off); None: torch's default, adapted to other processes' load.
     precision : str
         Image encoder precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (torch backend) or
         ``"auto"`` (resolved where the planes run: bf16 on GPUs and CPUs with bf16 units).
@@ -60,7 +61,10 @@ class ModelSpec:
 
         if self.backend not in ("torch", "onnx", "auto"):
             raise ValueError(f"backend must be 'torch', 'onnx' or 'auto', got {self.backend!r}")
-        if self.threads is not None:
+        if self.threads is not None:  # exactly N: the adaptive thread policy off
+            from napari_mobilesam.engine.threads import ADAPTIVE
+
+            ADAPTIVE.enabled = False
             torch.set_num_threads(self.threads)
         return load_model(self.name, self.weights, device=self.device, progress=False)
 
