@@ -63,13 +63,13 @@ def fixed_threads():
     from napari_mobilesam.engine import threads
 
     adaptive = threads.ADAPTIVE
-    base = adaptive.base()
+    base, enabled = adaptive.base(), adaptive.enabled
     adaptive.enabled = False
     torch.set_num_threads(base)
     try:
         yield
     finally:
-        adaptive.enabled = True
+        adaptive.enabled = enabled
 
 
 def _timed_fixed(f):

@@ -132,7 +132,14 @@ def run(
     blocks["start"] = beat.block_ms()
     state = w.state
     updated: list[float] = []
-    state.preview.events.data.connect(lambda _e=None: updated.append(time.perf_counter()))
+    show = w._show  # the preview is written in place (no data event): time _show itself
+
+    def timed_show(state_, prediction, *args, **kwargs):
+        show(state_, prediction, *args, **kwargs)
+        if prediction is not None:
+            updated.append(time.perf_counter())
+
+    w._show = timed_show
 
     # clicks: each a new object, its preview awaited
     spots = _interiors(cells.labels, 8) or [(size / 2, size / 2)]

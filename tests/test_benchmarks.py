@@ -273,3 +273,6 @@ def test_bench_contention_runs():
     busy = result["summary"]["1"]
     assert busy["encoder ours slowdown"] > 0 and busy["everything reference/fast"] > 0
     assert "busy competitor(s)" in bench_contention.report(result)
+    from napari_mobilesam.engine.threads import ADAPTIVE
+
+    assert ADAPTIVE.enabled is False  # as the suite set it (conftest), not switched on
