@@ -16,6 +16,16 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 # change the count between two runs that a test compares bit for bit (float sums in
 # another order). tests/test_threads.py tests the policy with instances of its own.
 os.environ.setdefault("MOBILESAM_ADAPTIVE_THREADS", "0")
+# napari saves its settings on every change (the widgets add a reader preference): keep
+# the tests' settings out of the user's napari configuration. Set before napari is imported.
+os.environ.setdefault(
+    "NAPARI_CONFIG",
+    os.path.join(
+        __import__("tempfile").gettempdir(),
+        f"napari-mobilesam-tests-{os.getpid()}",
+        "settings.yaml",
+    ),
+)
 
 import numpy as np
 import pytest
@@ -187,9 +197,17 @@ def golden_predictor(golden_model, monkeypatch):
 @pytest.fixture
 def notes(monkeypatch):
     """The messages the widgets show with ``show_info``, in order."""
-    from napari_mobilesam._widgets import _common, _everything, _input, _multi, _prompt, _stacks
+    from napari_mobilesam._widgets import (
+        _common,
+        _everything,
+        _input,
+        _multi,
+        _prompt,
+        _reader_preference,
+        _stacks,
+    )
 
     shown: list[str] = []
-    for module in (_common, _prompt, _everything, _stacks, _input, _multi):
+    for module in (_common, _prompt, _everything, _stacks, _input, _multi, _reader_preference):
         monkeypatch.setattr(module, "show_info", shown.append)
     return shown

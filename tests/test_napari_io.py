@@ -37,6 +37,26 @@ def test_reader_writer_round_trip(tmp_path):
     ]  # fmt: skip
 
 
+def test_reader_opens_any_labels_tif(tmp_path):
+    """Files named *_labels.tif from other tools: integer ones are labels (no provenance),
+    others an image; other names and missing files are not claimed."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a_labels.tif", np.arange(12, dtype=np.int32).reshape(3, 4))
+    tifffile.imwrite(tmp_path / "b_labels.tiff", np.ones((3, 4), np.float32))
+    ((data, kwargs, kind),) = napari_io.get_reader(str(tmp_path / "a_labels.tif"))(
+        str(tmp_path / "a_labels.tif")
+    )
+    assert kind == "labels" and "mobilesam" not in kwargs["metadata"] and data.shape == (3, 4)
+    layers = napari_io.get_reader([str(tmp_path / "b_labels.tiff")])(
+        [str(tmp_path / "b_labels.tiff")]
+    )
+    assert [kind for _, _, kind in layers] == ["image"]
+    assert napari_io.get_reader(str(tmp_path / "missing_labels.tif")) is None
+    assert napari_io.get_reader([str(tmp_path / "a_labels.tif"), str(tmp_path / "c.tif")]) is None
+    assert napari_io.get_reader([]) is None
+
+
 @pytest.mark.parametrize(
     ("shape", "axis_labels", "axes", "imagej"),
     [

@@ -419,14 +419,48 @@ def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
     assert opened.name == "cells_labels" and type(opened).__name__ == "Labels"
     assert opened.metadata["mobilesam"]["tool"] == "napari-mobilesam"
     assert _objects(opened) == {1}
-    # an ordinary *_labels.tif (no MobileSAM provenance beside it) is not claimed
+    # a *_labels.tif from elsewhere (no provenance beside it) opens as labels too
     tifffile.imwrite(tmp_path / "other_labels.tif", np.zeros((4, 4), np.uint8))
-    assert napari_io.get_reader(str(tmp_path / "other_labels.tif")) is None
+    assert napari_io.get_reader(str(tmp_path / "other_labels.tif")) is not None
     # the reopened labels are this image's session labels again
     w.image_combo.setCurrentText("cells")
     w.start()
     idle(qtbot, w)
     assert w.state.labels is opened
+
+
+def test_labels_tif_opens_without_choose_reader(make_napari_viewer, qtbot, tmp_path, notes):
+    """napari asks "Choose reader" when two readers match a name (ours: *_labels.tif; its
+    own: *.tif), unless a reader preference settles it: the widgets add one."""
+    import tifffile
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    from napari_mobilesam._widgets import ObjectsWidget, PromptWidget
+
+    viewer = make_napari_viewer()
+    path = tmp_path / "cells_labels.tif"
+    tifffile.imwrite(path, np.eye(6, dtype=np.uint16))
+    with pytest.raises(MultipleReaderError):  # what File > Open turns into the dialog
+        viewer.open(str(path), plugin=None)
+    w = PromptWidget(viewer)
+    qtbot.addWidget(w)
+    assert "open as labels" in notes[-1] and "Preferences" in notes[-1]
+    (layer,) = viewer.open(str(path), plugin=None)
+    assert type(layer).__name__ == "Labels" and layer.name == "cells_labels"
+    (layer,) = viewer.open(str(tmp_path / "cells_labels.tif"), plugin=None)
+    np.testing.assert_array_equal(np.asarray(layer.data), np.eye(6))
+    # once set, the next widget says nothing more
+    count = len(notes)
+    qtbot.addWidget(ObjectsWidget(viewer))
+    assert len(notes) == count
+    # a user's own choice for such files is kept
+    get_settings().plugins.extension2reader = {"*.tiff": "napari"}
+    qtbot.addWidget(PromptWidget(viewer))
+    assert get_settings().plugins.extension2reader == {
+        "*.tiff": "napari",
+        "*_labels.tif": "napari-mobilesam",
+    }
 
 
 # -- problem 9 (part): the image defaults to the selected or top visible one ---------------

@@ -1,10 +1,12 @@
 """napari reader, writer and sample data (npe2 contributions; no napari import needed).
 
-- :func:`get_reader`: ``*_labels.tif`` written by ``mobilesam-everything`` (or by
-  :func:`write_labels`), recognised by the JSON provenance sidecar ``*_labels.json``
-  beside it (other ``*_labels.tif`` files are left to napari's own reader) -> a Labels
-  layer with the sidecar in its ``metadata["mobilesam"]``. Stacks larger than
-  :data:`LAZY_BYTES` are opened lazily (dask over tifffile's zarr view).
+- :func:`get_reader`: ``*_labels.tif`` files -> a Labels layer, with the JSON provenance
+  sidecar ``*_labels.json`` that ``mobilesam-everything`` and :func:`write_labels` write
+  beside them in its ``metadata["mobilesam"]`` (a ``*_labels.tif`` holding non-integer
+  values opens as an image). Stacks larger than :data:`LAZY_BYTES` are opened lazily
+  (dask over tifffile's zarr view). The widgets make this reader napari's preferred one
+  for such names (``_widgets/_reader_preference.py``), so napari does not ask which
+  reader to use.
 - :func:`write_labels`: a Labels layer -> a zlib-compressed TIFF (uint16 when the ids
   fit, else uint32; ImageJ hyperstack for up to 3 plane axes when uint16), written
   atomically, with a provenance sidecar when the name ends in ``_labels.tif``.
@@ -34,9 +36,8 @@ LAZY_BYTES = 512 * 2**20
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
-    """npe2 reader hook: a reader for ``*_labels.tif`` files with their MobileSAM
-    provenance ``*_labels.json`` beside them, None for anything else (so that napari
-    opens other TIFFs with its own reader, without asking which reader to use)."""
+    """npe2 reader hook: a reader for existing ``*_labels.tif`` / ``*_labels.tiff`` files,
+    None for anything else."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not paths or not all(_is_labels_tif(p) for p in paths):
         return None
@@ -45,9 +46,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 def _is_labels_tif(path) -> bool:
     path = Path(path)
-    if not path.name.lower().endswith(("_labels.tif", "_labels.tiff")):
-        return False
-    return path.is_file() and path.with_suffix(".json").is_file()
+    return path.name.lower().endswith(("_labels.tif", "_labels.tiff")) and path.is_file()
 
 
 def read_labels(path: str | list[str]) -> list[LayerData]:
@@ -60,10 +59,13 @@ def read_labels(path: str | list[str]) -> list[LayerData]:
 
     Returns
     -------
-    list of (data, kwargs, "labels")
+    list of (data, kwargs, layer_type)
         ``data`` is a numpy array of the file's shape (plane axes, then Y, X), or a dask
         array for files over :data:`LAZY_BYTES`. ``kwargs`` holds ``name`` (the file
-        stem) and ``metadata``: ``{"mobilesam": provenance, "axes": ..., "path": ...}``.
+        stem) and ``metadata``: ``{"axes": ..., "path": ...}``, plus ``"mobilesam"``: the
+        provenance sidecar's record where there is one. ``layer_type`` is ``"labels"``,
+        or ``"image"`` for a file of non-integer values (not a label image despite its
+        name).
     """
     import tifffile
 
@@ -89,7 +91,10 @@ def read_labels(path: str | list[str]) -> list[LayerData]:
                 metadata["mobilesam"] = json.loads(sidecar.read_text(encoding="utf-8"))
             except ValueError:
                 pass  # a broken sidecar does not stop the image from opening
-        layers.append((data, {"name": p.stem, "metadata": metadata}, "labels"))
+        integer = np.issubdtype(data.dtype, np.integer) or data.dtype == bool
+        layers.append(
+            (data, {"name": p.stem, "metadata": metadata}, "labels" if integer else "image")
+        )
     return layers
 
 

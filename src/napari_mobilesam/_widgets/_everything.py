@@ -28,6 +28,7 @@ from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
 from ._model import ModelPicker
+from ._reader_preference import prefer_plugin_reader
 
 LINKED = "mobilesam_linked"  # result layer metadata: the link axis of the run that made it
 
@@ -49,6 +50,7 @@ class EverythingWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        prefer_plugin_reader()  # *_labels.tif opens without "Choose reader"
         self.result_layer = None
         self._cancelled = False
         self._done_planes = 0

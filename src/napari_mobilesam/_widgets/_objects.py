@@ -42,6 +42,7 @@ from ..interactive.objects import (
 from . import _features
 from ._common import LayerCombo, Runner, guarded
 from ._layers import image_shape
+from ._reader_preference import prefer_plugin_reader
 
 THROTTLE_MS = 300  # a burst of edits (painting) gives one new table this long after it
 
@@ -138,6 +139,7 @@ class ObjectsWidget(QWidget):
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        prefer_plugin_reader()  # *_labels.tif opens without "Choose reader"
         self.layer: Labels | None = None
         self._fingerprint: tuple | None = None
         self._generation = 0  # counts the layer's changes (a table of an older one is stale)

@@ -48,6 +48,7 @@ from ._layers import (
 )
 from ._model import ModelPicker
 from ._multi import MultiObjects, plane_objects
+from ._reader_preference import prefer_plugin_reader
 from ._stacks import StackActions
 from ._store import StoreActions
 from ._tiles import (
@@ -82,6 +83,7 @@ class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, Prompt
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        prefer_plugin_reader()  # *_labels.tif opens without "Choose reader"
         self.sessions: list[ImageSession] = []
         self.state: ImageSession | None = None
         self.cache = EmbeddingCache(max_items=32)
