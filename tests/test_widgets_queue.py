@@ -151,3 +151,23 @@ def test_start_adds_the_layers_in_separate_turns_of_the_event_loop(
     # a timer queued at each insertion ran before the next insertion
     assert seen == [0, 1, 2, 3] and served == [1, 2, 3, 4]
     assert w.session is not None and w.state.points.name == "cells points"
+
+
+def test_start_builds_vispys_dash_patterns_off_the_gui_thread():
+    """The first Labels layer's polygon overlay builds vispy dash patterns (0.3-0.5 s);
+    warm_imports (run by Start's worker while the model loads) fills vispy's cache first,
+    so napari only looks them up on the GUI thread."""
+    import threading
+
+    from vispy.visuals.line import dash_atlas
+
+    from napari_mobilesam._widgets._common import warm_imports
+
+    dash_atlas._make_pattern.cache_clear()
+    worker = threading.Thread(target=warm_imports)
+    worker.start()
+    worker.join()
+    built = dash_atlas._make_pattern.cache_info()
+    assert built.misses == 13 and built.currsize == 13
+    dash_atlas.DashAtlas()  # what a line visual does on the GUI thread: lookups only
+    assert dash_atlas._make_pattern.cache_info().misses == 13
