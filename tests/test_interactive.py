@@ -609,6 +609,20 @@ def test_commit_into_stack_view_and_undo_into_copy(pred):
     np.testing.assert_array_equal(stack[1], after)
 
 
+def test_a_new_session_adopts_the_undo_steps(pred):
+    old = PromptSession(pred, np.zeros((4, 5)))
+    labels = np.zeros((4, 5), dtype=np.uint32)
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1:3, 1:3] = True
+    assert old.commit(labels, mask) == 1
+    new = PromptSession(pred, np.ones((4, 5)))  # e.g. the same image with another model
+    assert not new.can_undo
+    new.adopt_undo(old)
+    assert new.can_undo and new.undo() == [1] and labels.max() == 0
+    with pytest.raises(ValueError, match=r"planes \(4, 5\) into a session of planes \(2, 2\)"):
+        PromptSession(pred, np.zeros((2, 2))).adopt_undo(old)
+
+
 def test_undo_depth_is_bounded(pred, monkeypatch):
     s = PromptSession(pred, np.zeros((2, 2)))
     assert s.max_undo == 64

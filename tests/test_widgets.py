@@ -59,6 +59,9 @@ def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_pred
     assert w.commit() == 2
     w.undo()
     assert target.data.max() == 1
+    w.start()  # Start again (e.g. after choosing another model): a new session, same undo
+    idle(qtbot, w)
+    assert w.state.labels is target and target.data.max() == 1
     w.undo()
     assert target.data.max() == 0
 

@@ -287,6 +287,11 @@ class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, Prompt
             ready(session, state)
 
         def ready(session, state) -> None:
+            if state.session is not None:  # Start again: Undo still reverts earlier commits
+                try:
+                    session.adopt_undo(state.session)
+                except ValueError as exc:
+                    show_info(f"MobileSAM: earlier commits can no longer be undone: {exc}")
             state.session, state.ready, state.plane = session, set(), None
             self.status.setText(f"model on {session.predictor.describe()}")
             self.attach_at_start(state)  # a store for the image: before its first plane

@@ -433,6 +433,22 @@ class PromptSession(StackPropagation, TiledPrompts):
         """Whether :meth:`undo` has a commit to revert."""
         return self._labels.can_undo
 
+    def adopt_undo(self, other: PromptSession) -> None:
+        """Take over ``other``'s undo steps: a new session of the same image (e.g. with
+        another model) keeps reverting the commits made in the earlier one.
+
+        Raises
+        ------
+        ValueError
+            If ``other``'s planes have another (H, W) than this session's.
+        """
+        if other._labels.shape_hw != self._labels.shape_hw:
+            raise ValueError(
+                f"cannot take undo steps of planes {other._labels.shape_hw} "
+                f"into a session of planes {self._labels.shape_hw}"
+            )
+        self._labels = other._labels
+
     def commit(
         self,
         labels: np.ndarray,
