@@ -14,6 +14,9 @@ everything      fast mode                          reference mode (the original'
 backends        onnxruntime fp32 / int8            our torch backend
 batch           ``mobilesam-everything``           a naive per-plane reference loop
 distill         precomputed teacher embeddings     teacher run on every batch (coupled)
+store           ``mobilesam embed`` rerun after    the same command uninterrupted from
+                a SIGKILL; a new-plane click       scratch; the click through the
+                from the embedding store           encoder
 =============== ================================= =====================================
 
 "The original code" is segment-anything's predictor and generator around MobileSAM's
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import default_weights, machine, write_json
 
-BENCHMARKS = ("predictor", "everything", "backends", "batch", "distill")
+BENCHMARKS = ("predictor", "everything", "backends", "batch", "distill", "store")
 SIZES = ("tiny", "small", "full")
 
 
@@ -148,12 +151,32 @@ def _distill(size: str, weights) -> tuple[dict, list[dict]]:
     return res, rows
 
 
+def _store(size: str, weights) -> tuple[dict, list[dict]]:
+    from benchmarks import bench_store
+
+    kw = {
+        "tiny": {"planes": 4, "size": 64, "kill_after": 2, "clicks": 1},
+        "small": {"planes": 12, "size": 256, "kill_after": 5, "clicks": 4},
+        "full": {},
+    }[size]  # (``weights`` unused: the command runs the bundled stand-in model)
+    res = bench_store.run(**kw)
+    r, s = res["resume"], res["session"]
+    rows = [
+        _row(f"embed {r['planes']} planes, rerun after kill", r["resumed"]["wall_s"],
+             r["full"]["wall_s"], "s", "uninterrupted run"),
+        _row("new-plane click", s["median_s"]["store"], s["median_s"]["encoder"], "s",
+             "encoder (no store)"),
+    ]  # fmt: skip
+    return res, rows
+
+
 _RUNNERS = {
     "predictor": _predictor,
     "everything": _everything,
     "backends": _backends,
     "batch": _batch,
     "distill": _distill,
+    "store": _store,
 }
 
 

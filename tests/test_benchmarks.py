@@ -276,3 +276,61 @@ def test_bench_contention_runs():
     from napari_mobilesam.engine.threads import ADAPTIVE
 
     assert ADAPTIVE.enabled is False  # as the suite set it (conftest), not switched on
+
+
+@pytest.mark.slow  # three `mobilesam embed` processes and the stand-in model: ~1-2 min
+def test_bench_store_killed_and_rerun_counts_agree():
+    """benchmarks/bench_store.py through the suite at 4 small planes: the rerun runs the
+    encoder on exactly the planes the killed run left, by all three counts; a click from
+    the store runs none."""
+    from benchmarks import bench_store, suite
+
+    data = suite.run_all("tiny", only=["store"])
+    result = data["results"]["store"]
+    r = result["resume"]
+    assert 2 <= r["done_at_kill"] < 4 and r["consistent"]
+    left = 4 - r["done_at_kill"]
+    assert r["full"]["encoder_images"] == 4 and r["full"]["reported_embedded"] == 4
+    assert r["resumed"]["encoder_images"] == r["resumed"]["reported_embedded"] == left
+    assert r["rerun_chunks_written"] == left and r["done_after"] == 4
+    assert r["resumed"]["reported_already_done"] == r["kept_untouched"] == r["done_at_kill"]
+    assert r["killed"]["encoder_images"] >= r["done_at_kill"]  # plus any in flight
+    s = result["session"]
+    assert (
+        [c["plane"] for c in s["clicks"]["store"]]
+        == [1]
+        == [c["plane"] for c in s["clicks"]["encoder"]]
+    )
+    assert s["encoder_images"] == {"store": 0, "encoder": 1}
+    assert s["store_loads"] == 2 and s["max_low_res_diff"] < 1e-3  # (a warm-up plane too)
+    text = bench_store.report(result)
+    assert "counts agree: yes" in text and f"{left} planes embedded, " in text
+    assert [row["benchmark"] for row in data["rows"]] == [
+        "embed 4 planes, rerun after kill",
+        "new-plane click",
+    ]
+    for row in data["rows"]:
+        assert row["ours"] > 0 and row["baseline"] > 0
+
+
+def test_bench_store_names_what_went_wrong(tmp_path):
+    import sys
+
+    from benchmarks import bench_store
+
+    with pytest.raises(ValueError, match=r"kill_after must be in 1\.\.3"):
+        bench_store.run(planes=4, kill_after=4)
+    with pytest.raises(ValueError, match="planes must be at least 3"):
+        bench_store.run(planes=2)
+    log = tmp_path / "log"
+    failing = [sys.executable, "-c", "import sys; sys.exit('no such input')"]
+    with pytest.raises(RuntimeError, match=r"failed \(exit 1\): no such input"):
+        bench_store.run_embed(failing, log)
+    with pytest.raises(RuntimeError, match="printed no summary line: 'hello'"):
+        bench_store.run_embed([sys.executable, "-c", "print('hello')"], log)
+    quick = [sys.executable, "-c", "pass"]
+    with pytest.raises(RuntimeError, match="ended \\(exit 0\\) before 2 planes were done"):
+        bench_store.run_killed(quick, tmp_path / "s.zarr", log, 2)
+    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(RuntimeError, match="0 of 2 planes done after 0 s; killed"):
+        bench_store.run_killed(slow, tmp_path / "s.zarr", log, 2, timeout=0.2)

@@ -28,3 +28,29 @@ def test_bench_napari_runs(make_napari_viewer):
     assert (viewer.layers["stack_labels"].data[1] == 1).any()  # the middle plane
     text = bench_napari.report(result)
     assert "click-to-preview, median" in text and "longest GUI block, precompute" in text
+
+
+@pytest.mark.slow  # a viewer, two Starts and four clicks
+def test_bench_store_widget_clicks_run(make_napari_viewer, tiny_predictor, tmp_path):
+    """bench_store.widget_clicks: clicks on new planes from the store run no encoder, the
+    same clicks on a layer without a store run it once each."""
+    import numpy as np
+    from benchmarks import bench_store
+
+    from napari_mobilesam.interactive import ImagePlanes
+    from napari_mobilesam.store import embed_planes, open_for
+    from napari_mobilesam.synthetic import cells_3d
+
+    sample = cells_3d((3, 64, 64), seed=2, dtype="uint16")
+    limits = (100.0, 3000.0)
+    planes = ImagePlanes(sample.image, contrast_limits=limits)
+    store = tmp_path / "stack.embeddings.zarr"
+    embed_planes(open_for(store, planes, tiny_predictor), planes, tiny_predictor)
+    viewer = make_napari_viewer()
+    result = bench_store.widget_clicks(viewer, sample.image, sample.labels, limits, store, [1, 2])
+    assert [c["plane"] for c in result["clicks"]["store"]] == [1, 2]
+    assert result["encoder_images"] == {"store": 0, "encoder": 2}
+    assert result["store_loads"] == 3  # Start's plane 0 and the two clicks
+    assert result["status"]["store"] == "embeddings from stack.embeddings.zarr: 3 planes"
+    assert all(c["s"] > 0 for rows in result["clicks"].values() for c in rows)
+    assert result["ratio"] > 0 and np.isfinite(result["ratio"])
