@@ -203,11 +203,10 @@ def notes(monkeypatch):
         _input,
         _multi,
         _prompt,
-        _reader_preference,
         _stacks,
     )
 
     shown: list[str] = []
-    for module in (_common, _prompt, _everything, _stacks, _input, _multi, _reader_preference):
+    for module in (_common, _prompt, _everything, _stacks, _input, _multi):
         monkeypatch.setattr(module, "show_info", shown.append)
     return shown

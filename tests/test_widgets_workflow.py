@@ -429,15 +429,17 @@ def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
     assert w.state.labels is opened
 
 
-def test_labels_tif_opens_without_choose_reader(make_napari_viewer, qtbot, tmp_path, notes):
+def test_labels_tif_opens_without_choose_reader(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """napari asks "Choose reader" when two readers match a name (ours: *_labels.tif; its
     own: *.tif), unless a reader preference settles it: the widgets add one."""
     import tifffile
     from napari.errors import MultipleReaderError
     from napari.settings import get_settings
 
-    from napari_mobilesam._widgets import ObjectsWidget, PromptWidget
+    from napari_mobilesam._widgets import ObjectsWidget, PromptWidget, _reader_preference
 
+    notes: list[str] = []
+    monkeypatch.setattr(_reader_preference, "show_info", notes.append)
     viewer = make_napari_viewer()
     path = tmp_path / "cells_labels.tif"
     tifffile.imwrite(path, np.eye(6, dtype=np.uint16))
