@@ -746,15 +746,35 @@ def test_follow_mask_input_option():
 def test_propagate_predicts_like_embed_and_predict(stack_session, pred):
     """Each accepted plane's mask is what embed + predict with the same prompt give."""
     kw = {"min_score": -math.inf, "min_area_ratio": 1e-6}
-    got = stack_session.propagate((2,), _disk_mask(2), 0, direction=1, **kw)
+    stability = {}
+    got = stack_session.propagate((2,), _disk_mask(2), 0, direction=1, stability=stability, **kw)
     assert got and list(got) == [(3,), (4,), (5,)][: len(got)]
+    assert list(stability) == list(got)  # the accepted planes' stability scores
     other = PromptSession(pred, stack_session.image, cache_key="disks")
     prev = _disk_mask(2)
     for idx, m in got.items():
         other.embed(idx)
         box_rc, point_rc = mask_prompt(prev)
-        np.testing.assert_array_equal(m, other.predict(point_rc[None], None, box_rc).mask)
+        want = other.predict(point_rc[None], None, box_rc, multimask=False)
+        np.testing.assert_array_equal(m, want.mask)
+        np.testing.assert_equal(stability[idx], want.stability)
         prev = m
+
+
+def test_prediction_stability_is_segment_everythings():
+    import torch
+
+    from napari_mobilesam.everything.stability import calculate_stability_score
+    from napari_mobilesam.interactive import Prediction
+
+    rng = np.random.default_rng(0)
+    low_res = rng.normal(0, 3, (3, 16, 16)).astype(np.float32)
+    for choice in range(3):
+        pred = Prediction(low_res > 0, np.zeros(3, np.float32), low_res, choice)
+        want = calculate_stability_score(torch.from_numpy(low_res[choice][None]), 0.0, 1.0)
+        assert pred.stability == pytest.approx(float(want[0]), abs=1e-7)
+    empty = Prediction(low_res > 99, np.zeros(3, np.float32), np.full_like(low_res, -5), 0)
+    assert math.isnan(empty.stability)
 
 
 def test_propagate_structure(stack_session, pred):

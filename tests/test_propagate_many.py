@@ -241,6 +241,9 @@ def test_propagate_all_equals_propagate_per_object(session, use_mask_input):
             np.testing.assert_array_equal(got.masks[i][idx], mask)
         assert list(got.scores[i]) == list(want)
         assert all(isinstance(s, float) for s in got.scores[i].values())
+        stability = {}
+        session.propagate((2,), labels == i, 0, stability=stability, **kw)
+        assert got.stability[i] == pytest.approx(stability)  # the same planes' stability
     assert session.current is None  # propagation never changes the current plane
 
 

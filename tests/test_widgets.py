@@ -143,10 +143,12 @@ def test_propagate_fills_neighbouring_planes(make_napari_viewer, qtbot, golden_p
     assert 2 in filled and len(filled) >= 2
     assert set(np.unique(target)) <= {0, 1}
     assert "propagated" in w.status.text()
-    # every plane of the object has its predicted IoU for the object table
+    # every plane of the object has its predicted IoU and stability for the object table
     features = w.state.labels.features
     assert sorted(np.asarray(features["plane_0"]).tolist()) == filled
     assert np.isfinite(np.asarray(features["predicted_iou"], dtype=float)).all()
+    stability = np.asarray(features["stability_score"], dtype=float)
+    assert np.isfinite(stability).all() and ((stability >= 0) & (stability <= 1)).all()
     # a new object on another plane gets the next id of the whole layer
     viewer.dims.current_step = (4, 0, 0)
     idle(qtbot, w)

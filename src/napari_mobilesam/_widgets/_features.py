@@ -9,22 +9,15 @@ Rows are keyed by plane and id (see :mod:`napari_mobilesam.interactive.objects`)
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..everything.stability import calculate_stability_score
 from ..interactive import Prediction
 from ..interactive.objects import record_scores, scores_from
 
 
-def prediction_scores(prediction: Prediction, offset: float = 1.0) -> tuple[float, float]:
-    """(predicted IoU, stability score) of the chosen mask of a prediction.
-
-    The stability is computed on the mask's low-resolution logits (threshold 0, the
-    masks' threshold, +- ``offset``), as segment-everything's fast mode does.
-    """
-    logits = torch.from_numpy(np.ascontiguousarray(prediction.low_res[prediction.choice][None]))
-    stability = float(calculate_stability_score(logits.float(), 0.0, offset)[0])
-    return prediction.score, stability
+def prediction_scores(prediction: Prediction) -> tuple[float, float]:
+    """(predicted IoU, stability score) of the chosen mask of a prediction (see
+    :attr:`~napari_mobilesam.interactive.Prediction.stability`)."""
+    return prediction.score, prediction.stability
 
 
 def record(layer, plane, ids, predicted_iou, stability_score, *, replace_plane=False) -> None:

@@ -148,11 +148,12 @@ class StackActions:
         session, target = state.session, state.labels
         stop = self._stop = threading.Event()
         scores: dict[tuple[int, ...], float] = {}  # plane -> predicted IoU (object table)
+        stability: dict[tuple[int, ...], float] = {}  # plane -> stability score
 
         def run():
             return session.propagate(
                 start, mask, axis, direction=direction, min_score=min_score,
-                progress=scores.__setitem__, should_stop=stop.is_set,
+                progress=scores.__setitem__, should_stop=stop.is_set, stability=stability,
             )  # fmt: skip
 
         def done(masks) -> None:
@@ -162,8 +163,8 @@ class StackActions:
                     session.commit(target.data[index], m, label_id=new_id, overwrite=overwrite)
                 except ValueError:
                     skipped += 1  # inside other objects only, with overlap: only unlabeled
-                else:  # its predicted IoU for the object table (stability: not computed)
-                    _features.record(target, index, [new_id], [scores[index]], [np.nan])
+                else:  # its scores for the object table
+                    _features.record(target, index, [new_id], [scores[index]], [stability[index]])
                 state.ready.add(index)
             target.refresh()
             note = f" ({skipped} inside other objects, skipped)" if skipped else ""
@@ -250,9 +251,10 @@ class StackActions:
         features = target.features
         for index, ids in painted.items():
             for i in ids:  # these ids are on other planes now: undo redraws everything
-                state.committed.pop(i, None)  # stability: not computed, as for one object
+                state.committed.pop(i, None)
             iou = [result.scores[i][index] for i in ids]
-            features = record_scores(features, ids, iou, [np.nan] * len(ids), plane=index)
+            stab = [result.stability[i][index] for i in ids]
+            features = record_scores(features, ids, iou, stab, plane=index)
         if painted:
             target.features = features
         state.ready.update(painted)

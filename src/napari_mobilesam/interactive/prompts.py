@@ -56,6 +56,15 @@ class Prediction:
         return float(self.scores[self.choice])
 
     @property
+    def stability(self) -> float:
+        """Stability score of the chosen mask: the IoU of its low-resolution logits
+        thresholded at +1 and -1 (the masks' threshold 0 +- 1, as segment-everything's
+        fast mode scores masks); NaN for logits all <= -1."""
+        logits = np.asarray(self.low_res[self.choice], dtype=np.float32)
+        union = int(np.count_nonzero(logits > -1.0))
+        return float(np.count_nonzero(logits > 1.0) / union) if union else float("nan")
+
+    @property
     def mask_input(self) -> np.ndarray:
         """(1, h, w) float32 logits of the chosen mask, to refine it with ``mask_input=``."""
         return self.low_res[self.choice][None]

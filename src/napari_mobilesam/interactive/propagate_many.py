@@ -47,10 +47,14 @@ class Propagated:
         (``{}`` for one that stopped at once); planes in the order they were found.
     scores : dict
         ``{object: {plane index: predicted IoU}}`` for the same planes.
+    stability : dict
+        ``{object: {plane index: stability score}}`` for the same planes (see
+        :attr:`~napari_mobilesam.interactive.Prediction.stability`).
     """
 
     masks: dict[Hashable, dict[tuple[int, ...], np.ndarray]] = field(default_factory=dict)
     scores: dict[Hashable, dict[tuple[int, ...], float]] = field(default_factory=dict)
+    stability: dict[Hashable, dict[tuple[int, ...], float]] = field(default_factory=dict)
 
     def planes(self) -> dict[tuple[int, ...], list[Hashable]]:
         """``{plane index: [objects found there]}``, planes in the order first found."""
@@ -71,6 +75,8 @@ def follow_many(
     *,
     progress: Callable[[tuple[int, ...], dict[Hashable, float]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    accepted_predictions: Callable[[tuple[int, ...], dict[Hashable, Prediction]], None]
+    | None = None,
 ) -> dict[Hashable, dict[tuple[int, ...], np.ndarray]]:
     """Walk from ``start`` along ``axis`` with every object at once, one decoder call
     per plane.
@@ -100,6 +106,9 @@ def follow_many(
         accepted there (those still going; empty when the last ones stopped).
     should_stop : callable() -> bool, optional
         Checked before each plane; True stops every object (the planes done are kept).
+    accepted_predictions : callable(index, predictions), optional
+        Called before ``progress`` with ``{object: Prediction}`` of the objects accepted
+        on that plane (their scores beyond the predicted IoU, e.g. stability).
 
     Returns
     -------
@@ -135,14 +144,18 @@ def follow_many(
             preds = segment_batch(idx, points_rc, boxes_rc, mask_inputs)
             assert len(preds) == len(objs), "segment_batch must give one Prediction per prompt"
             accepted: dict[Hashable, float] = {}
+            kept: dict[Hashable, Prediction] = {}
             for obj, pred in zip(objs, preds, strict=True):
                 previous_area = int(going[obj][0].sum())
                 if rule.accepts(pred.mask, pred.score, previous_area):
                     found[obj][idx] = pred.mask
                     going[obj] = (pred.mask, pred.mask_input)
                     accepted[obj] = pred.score
+                    kept[obj] = pred
                 else:
                     del going[obj]
+            if accepted_predictions is not None:
+                accepted_predictions(idx, kept)
             if progress is not None:
                 progress(idx, accepted)
     return found

@@ -38,6 +38,7 @@ class StackPropagation:
         use_mask_input: bool = False,
         progress: Callable[[tuple[int, ...], float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        stability: dict[tuple[int, ...], float] | None = None,
     ) -> dict[tuple[int, ...], np.ndarray]:
         """Segment the object of ``mask`` in neighbouring planes along one plane axis.
 
@@ -65,6 +66,9 @@ class StackPropagation:
             Called after each accepted plane.
         should_stop : callable() -> bool, optional
             Checked before each plane; True stops.
+        stability : dict, optional
+            Filled with ``{plane index: stability score}`` of the accepted planes (see
+            :attr:`~napari_mobilesam.interactive.Prediction.stability`).
 
         Returns
         -------
@@ -77,19 +81,28 @@ class StackPropagation:
         axis = check_axis(axis, self.plane_shape)
         rule = PropagationRule(direction, min_score, min_area_ratio, max_planes, use_mask_input)
 
+        tried: dict[tuple[int, ...], float] = {}  # every plane is segmented once
+
         def segment(idx, points_rc, box_rc, mask_input) -> Prediction:
             prompt = to_sam(points_rc, None, box_rc)
             if self.tiles is not None:  # tiles: no mask input (it may be another tile's)
-                return self._predict_tiled(idx, prompt, False, None, 0)
-            with self._predictor_lock:  # embedding and decoding together
-                embedding, _ = self._embedding_of(idx)
-                masks, scores, low_res = self._decode(embedding, prompt, False, mask_input)
-            return Prediction(masks, scores, low_res, 0)
+                pred = self._predict_tiled(idx, prompt, False, None, 0)
+            else:
+                with self._predictor_lock:  # embedding and decoding together
+                    embedding, _ = self._embedding_of(idx)
+                    masks, scores, low_res = self._decode(embedding, prompt, False, mask_input)
+                pred = Prediction(masks, scores, low_res, 0)
+            if stability is not None:
+                tried[idx] = pred.stability
+            return pred
 
-        return follow(
+        found = follow(
             start, mask, axis, self.plane_shape, segment, rule,
             progress=progress, should_stop=should_stop,
         )  # fmt: skip
+        if stability is not None:
+            stability.update((idx, tried[idx]) for idx in found)
+        return found
 
     def propagate_all(
         self,
@@ -150,6 +163,7 @@ class StackPropagation:
         axis = check_axis(axis, self.plane_shape)
         rule = PropagationRule(direction, min_score, min_area_ratio, max_planes, use_mask_input)
         scores: dict[Hashable, dict[tuple[int, ...], float]] = {i: {} for i in objects}
+        stability: dict[Hashable, dict[tuple[int, ...], float]] = {i: {} for i in objects}
 
         def segment_batch(idx, points_rc, boxes_rc, mask_inputs) -> list[Prediction]:
             prompts = [to_sam(p, None, b) for p, b in zip(points_rc, boxes_rc, strict=True)]
@@ -174,11 +188,15 @@ class StackPropagation:
             if progress is not None:
                 progress(idx, accepted)
 
+        def stable(idx, predictions) -> None:
+            for obj, pred in predictions.items():
+                stability[obj][idx] = pred.stability
+
         masks = follow_many(
             start, objects, axis, self.plane_shape, segment_batch, rule,
-            progress=step, should_stop=should_stop,
+            progress=step, should_stop=should_stop, accepted_predictions=stable,
         )  # fmt: skip
-        return Propagated(masks, scores)
+        return Propagated(masks, scores, stability)
 
     def _objects(self, labels, ids) -> dict[int, np.ndarray]:
         """``{id: (H, W) bool mask}`` of the objects of a label plane."""
