@@ -153,6 +153,7 @@ def test_delete_and_merge_touch_only_the_selected_objects_and_undo(
     make_napari_viewer, qtbot, tmp_path
 ):
     from napari_mobilesam._widgets import _features
+    from napari_mobilesam.interactive.objects import scores_from
 
     viewer = make_napari_viewer()
     _, labels = _cells()
@@ -171,11 +172,27 @@ def test_delete_and_merge_touch_only_the_selected_objects_and_undo(
     _settled(qtbot, w)
     assert _column(w, "id") == [1, 2, 3]
 
-    _features.record(layer, (), [3], [0.9], [0.9])
+    _features.record(layer, (), [3], [0.9], [0.8])
+    _settled(qtbot, w)
+    _select(w, [2])  # a deleted object's scores come back with its undo
+    w.delete_selected()
+    _settled(qtbot, w)
+    assert _column(w, "id") == [1, 2]
+    layer.undo()
+    _settled(qtbot, w)
+    assert _column(w, "id") == [1, 2, 3] and _column(w, "stability_score")[2] == 0.8
+    assert scores_from(layer.features)[((), 3)] == (0.9, 0.8)
+    _features.record(layer, (), [1], [0.7], [0.6])
     _settled(qtbot, w)
     _select(w, [2, 0])  # objects 3 and 1
     assert w.merge_selected() == 1
     assert (layer.data[labels == 3] == 1).all() and (layer.data[labels == 2] == 2).all()
+    _settled(qtbot, w)
+    assert _column(w, "id") == [1, 2] and np.isnan(_column(w, "predicted_iou")).all()
+    layer.undo()  # both objects again, each with its own scores
+    _settled(qtbot, w)
+    assert _column(w, "predicted_iou")[::2] == [0.7, 0.9]
+    layer.redo()
     _settled(qtbot, w)
     assert _column(w, "id") == [1, 2] and np.isnan(_column(w, "predicted_iou")).all()
 

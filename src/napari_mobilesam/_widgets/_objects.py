@@ -143,6 +143,10 @@ class ObjectsWidget(QWidget):
         self.layer: Labels | None = None
         self._fingerprint: tuple | None = None
         self._generation = 0  # counts the layer's changes (a table of an older one is stale)
+        # (plane, id) -> (predicted IoU, stability, area) of objects deleted or merged here:
+        # napari's undo brings their pixels back, and these their scores
+        self._edited: dict[tuple[tuple[int, ...], int], tuple[float, float, int]] = {}
+        self._merged: dict[tuple[tuple[int, ...], int], int] = {}  # (plane, id) -> its area
         self._writing = False
 
         layout = QVBoxLayout(self)
@@ -214,6 +218,7 @@ class ObjectsWidget(QWidget):
                 event.disconnect(self._changed)
         self.layer = self.labels_combo.layer()
         self._fingerprint = None
+        self._edited, self._merged = {}, {}
         self.model.set_table(empty_table())
         if self.layer is None:
             self.image_label.setText("")
@@ -274,7 +279,7 @@ class ObjectsWidget(QWidget):
 
     def _show(self, table: dict, generation: int) -> None:
         layer = self.layer
-        table = apply_scores(table, scores_from(layer.features, layer.ndim - 2))
+        table = self._restored(apply_scores(table, scores_from(layer.features, layer.ndim - 2)))
         selected = self._selected_keys()
         self.model.set_table(table)
         self.view.resizeColumnsToContents()
@@ -287,6 +292,24 @@ class ObjectsWidget(QWidget):
                 layer.features = features_from(table)
             finally:
                 self._writing = False
+
+    def _restored(self, table: dict) -> dict:
+        """The table with the scores of objects deleted or merged here put back where an
+        undo restored them (same plane, id and area, no scores of their own), and none for
+        a merged object (a redo of the merge after such an undo)."""
+        if not (self._edited or self._merged) or not len(table["id"]):
+            return table
+        n = self.layer.ndim - 2
+        iou, stab = table["predicted_iou"].copy(), table["stability_score"].copy()
+        for k in range(len(table["id"])):
+            key = (tuple(int(table[f"plane_{i}"][k]) for i in range(n)), int(table["id"][k]))
+            old, area = self._edited.get(key), int(table["area"][k])
+            if old is not None and area == old[2]:
+                if np.isnan(iou[k]) and np.isnan(stab[k]):
+                    iou[k], stab[k] = old[0], old[1]
+            elif self._merged.get(key) == area:
+                iou[k] = stab[k] = np.nan
+        return {**table, "predicted_iou": iou, "stability_score": stab}
 
     def _filter_changed(self, *_args) -> None:
         on = self.filter_box.isChecked()
@@ -355,10 +378,16 @@ class ObjectsWidget(QWidget):
         if not isinstance(layer.data, np.ndarray):
             raise ValueError(f"{layer.name!r} is not an in-memory array (opened lazily?)")
         indices, value = edit_indices(layer.data, keys, merge=merge)
+        for r in self.selected_rows():  # their scores, for an undo of this edit
+            row = self.model.row(r)
+            if np.isfinite(row["predicted_iou"]) or np.isfinite(row["stability_score"]):
+                scores = (float(row["predicted_iou"]), float(row["stability_score"]))
+                self._edited[self._key(row)] = (*scores, int(row["area"]))
         layer.data_setitem(indices, value)  # napari's undo history; emits paint
         if merge:
             for plane in sorted({plane for plane, _ in keys}):
                 _features.record(layer, plane, [value], [np.nan], [np.nan])
+                self._merged[(plane, value)] = int(np.count_nonzero(layer.data[plane] == value))
         what = f"merged into object {value}" if merge else "deleted"
         self.status.setText(f"{len(keys)} object(s) {what}")
         self.view.clearSelection()
