@@ -114,7 +114,10 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     path : str
         Destination; ``.tif`` is appended when it has no ``.tif``/``.tiff`` suffix.
     data : array-like
-        The label image, (..., H, W) integer; dask arrays are written plane by plane.
+        The label image, (..., H, W) integer; written plane by plane, so lazy arrays
+        (dask) and chunked labels (:class:`~napari_mobilesam.chunked_labels.ChunkedLabels`,
+        whose smallest and largest ids are known without reading them) are never read
+        whole.
     meta : dict
         The layer's attributes (napari passes ``name``, ``axis_labels``, ...). Axis
         labels that are distinct single letters ending in y, x name the axes
@@ -152,10 +155,9 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     dtype = labels_dtype(max_id)
     shape = tuple(int(s) for s in data.shape)
 
-    def planes():
-        flat = data.reshape((-1, *shape[-2:])) if len(shape) > 2 else data[np.newaxis]
-        for i in range(flat.shape[0]):
-            yield np.asarray(flat[i]).astype(dtype, copy=False)
+    def planes():  # one plane in memory at a time (dask, zarr and chunked labels too)
+        for index in np.ndindex(*shape[:-2]):
+            yield np.asarray(data[index]).astype(dtype, copy=False)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     axes = _axes(meta.get("axis_labels"), len(shape))

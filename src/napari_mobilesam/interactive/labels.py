@@ -4,6 +4,11 @@ A commit paints one or more bool masks into a label plane in place, each with it
 new id, either over background pixels only (the default: existing objects are never
 changed) or over everything (``overwrite=True``). Every commit is one undo step, so
 objects committed together are undone together.
+
+A label plane is a numpy array (painted in place), or a plane of labels that live
+elsewhere and are written through indexing (a
+:class:`~napari_mobilesam.chunked_labels.LabelPlane` of chunked labels on disk): then the
+masks' bounding box is read, painted and written back, and only its chunks change.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ __all__ = ["LabelEditor"]
 
 @dataclass
 class _Step:
-    target: np.ndarray
-    where: tuple[np.ndarray, ...]
-    previous: np.ndarray
+    target: object  # the (H, W) plane painted
+    box: tuple[slice, slice]  # the masks' bounding box
+    where: tuple[np.ndarray, ...]  # the pixels painted, within the box
+    previous: np.ndarray  # their values before
     label_ids: list[int]
 
 
@@ -50,15 +56,21 @@ class LabelEditor:
         self._lock = threading.RLock()
 
     def _check_labels(self, labels) -> None:
-        if not isinstance(labels, np.ndarray):
-            raise TypeError(f"labels must be a numpy array (modified in place), got {type(labels)}")
-        if labels.dtype.kind not in "iu":
+        dense = isinstance(labels, np.ndarray)
+        if not dense and not all(
+            hasattr(labels, a) for a in ("shape", "dtype", "__getitem__", "__setitem__", "max")
+        ):
+            raise TypeError(
+                "labels must be a numpy array (modified in place) or a plane written through "
+                f"indexing (ChunkedLabels.plane), got {type(labels)}"
+            )
+        if np.dtype(labels.dtype).kind not in "iu":
             raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
-        if labels.shape != self.shape_hw:
+        if tuple(labels.shape) != self.shape_hw:
             raise ValueError(
                 f"labels must have shape {self.shape_hw} (one plane), got {labels.shape}"
             )
-        if not labels.flags.writeable:
+        if dense and not labels.flags.writeable:
             raise ValueError("labels is read-only; commit paints it in place")
 
     def commit(
@@ -73,9 +85,10 @@ class LabelEditor:
 
         Parameters
         ----------
-        labels : np.ndarray
+        labels : np.ndarray or LabelPlane
             (H, W) integer label image (0 = background), modified in place; a view into
-            a stack (``labels3d[z]``) works.
+            a stack (``labels3d[z]``) works, and so does a plane of chunked labels
+            (:func:`~napari_mobilesam.chunked_labels.label_plane`).
         masks : sequence of np.ndarray, or (K, H, W) np.ndarray
             K >= 1 bool masks of shape (H, W). Where they overlap, the earlier one keeps
             the pixel: new objects never paint over each other.
@@ -115,7 +128,7 @@ class LabelEditor:
             # only the masks' bounding box is read and written (a mask of a large plane
             # usually covers a small part of it)
             box = _bounding_box(masks)
-            target = labels[box]
+            target = labels[box]  # a view of a numpy plane, else a copy written back
             free = np.ones(target.shape, dtype=bool) if overwrite else target == 0
             regions = []
             for i, mask in enumerate(masks):
@@ -129,15 +142,16 @@ class LabelEditor:
                 free &= ~region
                 regions.append(region)
             local = np.nonzero(np.logical_or.reduce(regions))
-            where = (local[0] + box[0].start, local[1] + box[1].start)
             previous = target[local].copy()
             for region, label_id in zip(regions, ids, strict=True):
                 target[region] = label_id
-            self._steps.append(_Step(labels, where, previous, ids))
+            if not isinstance(labels, np.ndarray):
+                labels[box] = target
+            self._steps.append(_Step(labels, box, local, previous, ids))
             del self._steps[: len(self._steps) - self.max_undo]
             return ids
 
-    def _ids(self, labels: np.ndarray, label_ids, n: int) -> list[int]:
+    def _ids(self, labels, label_ids, n: int) -> list[int]:
         top = int(np.iinfo(labels.dtype).max)
         if label_ids is None:
             start = max(int(labels.max()), 0) + 1
@@ -167,8 +181,8 @@ class LabelEditor:
 
         Parameters
         ----------
-        labels : np.ndarray, optional
-            Revert in this array instead of the one the commit painted (when the label
+        labels : np.ndarray or LabelPlane, optional
+            Revert in this plane instead of the one the commit painted (when the label
             data was replaced by a copy); same shape.
 
         Returns
@@ -186,12 +200,18 @@ class LabelEditor:
                 return None
             step = self._steps[-1]
             target = step.target if labels is None else labels
-            if not isinstance(target, np.ndarray) or target.shape != step.target.shape:
-                raise ValueError(
-                    f"labels must be an array of shape {step.target.shape} to undo into, got "
-                    f"{getattr(target, 'shape', type(target))}"
-                )
-            target[step.where] = step.previous
+            if labels is not None:
+                try:
+                    self._check_labels(labels)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"labels must be an array of shape {self.shape_hw} to undo into, got "
+                        f"{getattr(labels, 'shape', type(labels))}"
+                    ) from None
+            region = target[step.box]  # read, restored, written back unless a view
+            region[step.where] = step.previous
+            if not isinstance(target, np.ndarray):
+                target[step.box] = region
             self._steps.pop()
             return step.label_ids
 
@@ -206,17 +226,20 @@ def _bounding_box(masks: list[np.ndarray]) -> tuple[slice, slice]:
     return slice(int(r[0]), int(r[-1]) + 1), slice(int(c[0]), int(c[-1]) + 1)
 
 
-def add_objects(labels: np.ndarray, objects: np.ndarray, start: int | None = None) -> list[int]:
+def add_objects(labels, objects, start: int | None = None) -> list[int]:
     """Paint the objects of a label image into ``labels`` in place, with fresh ids, only
     into unlabeled pixels (existing objects are never changed).
 
     Parameters
     ----------
-    labels : np.ndarray
-        (..., H, W) integer labels (0 = background), modified in place.
+    labels : np.ndarray or ChunkedLabels or LabelPlane
+        (..., H, W) integer labels (0 = background), modified in place. Chunked labels
+        (:mod:`napari_mobilesam.chunked_labels`) are read a plane at a time, and only the
+        region of each plane that gets objects is written.
     objects : array_like
         Integer labels of the same shape (0 = background), e.g. a segment-everything
-        result. An object none of whose pixels is unlabeled in ``labels`` is skipped.
+        result; read a plane at a time when ``labels`` are chunked. An object none of
+        whose pixels is unlabeled in ``labels`` is skipped.
     start : int, optional
         The first new id; default ``labels.max() + 1``. Ids follow the objects' order.
 
@@ -231,11 +254,21 @@ def add_objects(labels: np.ndarray, objects: np.ndarray, start: int | None = Non
         When the shapes differ, or the new ids do not fit ``labels``' dtype (nothing is
         painted then).
     """
-    objects = np.asarray(objects)
-    if objects.shape != labels.shape:
+    if not hasattr(objects, "shape"):
+        objects = np.asarray(objects)
+    if tuple(objects.shape) != tuple(labels.shape):
         raise ValueError(f"objects must have the labels' shape {labels.shape}, got {objects.shape}")
-    region = (labels == 0) & (objects > 0)
-    ids = np.unique(objects[region])
+    dense = isinstance(labels, np.ndarray)
+    if dense:
+        objects = np.asarray(objects)
+        region = (labels == 0) & (objects > 0)
+        ids = np.unique(objects[region])
+    else:  # first pass: which objects get pixels, a plane at a time
+        found = [np.zeros(0, dtype=np.int64)]
+        for index in np.ndindex(*labels.shape[:-2]):
+            here, obj = np.asarray(labels[index]), np.asarray(objects[index])
+            found.append(np.unique(obj[(here == 0) & (obj > 0)]).astype(np.int64))
+        ids = np.unique(np.concatenate(found))
     first = int(labels.max()) + 1 if start is None else int(start)
     top = int(np.iinfo(labels.dtype).max)
     if first + len(ids) - 1 > top:
@@ -243,8 +276,18 @@ def add_objects(labels: np.ndarray, objects: np.ndarray, start: int | None = Non
             f"{len(ids)} new ids from {first} do not fit the labels' {labels.dtype} "
             f"(largest id {top}); convert the labels to uint32"
         )
-    lut = np.zeros(int(objects.max()) + 1 if objects.size else 1, dtype=labels.dtype)
+    lut = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=labels.dtype)
     new = np.arange(first, first + len(ids))
     lut[ids] = new
-    labels[region] = lut[objects[region]]
+    if dense:
+        labels[region] = lut[objects[region]]
+        return new.tolist()
+    for index in np.ndindex(*labels.shape[:-2]):  # second pass: paint, region by region
+        here, obj = np.asarray(labels[index]), np.asarray(objects[index])
+        region = (here == 0) & (obj > 0)
+        if not region.any():
+            continue
+        box = _bounding_box([region])
+        here[region] = lut[obj[region]]
+        labels[(*index, *box)] = here[box]
     return new.tolist()
