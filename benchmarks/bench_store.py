@@ -108,13 +108,15 @@ def embed_command(source: Path, store: Path, log: Path, limits, model: str = MOD
 
 
 def _encoder_log(log: Path, launched: float) -> dict:
-    """Encoder calls and images from a child's log; seconds from launch to the first call."""
+    """Encoder calls and images from a child's log; seconds from launch to the first call,
+    and the median seconds between calls (a plane's encoder time and write)."""
     rows = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
     times = [float(t) for t, _ in rows]
     return {
         "encoder_calls": len(rows),
         "encoder_images": sum(int(n) for _, n in rows),
         "startup_s": times[0] - launched if times else None,
+        "call_interval_s": statistics.median(np.diff(times)) if len(times) > 1 else None,
     }
 
 
@@ -162,10 +164,12 @@ def run_killed(command: list[str], store: Path, log: Path, kill_after: int,
     stderr = log.with_name(log.name + ".stderr")  # a file: a pipe nobody reads could fill
     with open(stderr, "w") as err:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-    done = 0
+    done, opened = 0, None
     while proc.poll() is None and done < kill_after and time.time() - launched < timeout:
-        done = len(EmbeddingStore.open(store).done()) if store.exists() else 0
-        time.sleep(0.02)
+        if opened is None and store.exists():  # (created whole, by a rename)
+            opened = EmbeddingStore.open(store)
+        done = 0 if opened is None else len(opened.done())  # rereads the checksums
+        time.sleep(0.05)
     if proc.poll() is not None:
         raise RuntimeError(
             f"mobilesam embed ended (exit {proc.returncode}) before {kill_after} planes were "
@@ -287,7 +291,7 @@ def session_clicks(stack, labels, limits, store: Path, indices, model=MODEL) -> 
         warm = [z for z in range(len(stack)) if z not in set(indices)][:1]
         points = click_points(labels, [*warm, *indices])
         rows: dict[str, list] = {"store": [], "encoder": []}
-        diffs = []
+        diffs, same = [], 0
         for k, z in enumerate([*warm, *indices]):
             order = [("store", stored), ("encoder", plain)]
             preds = {}
@@ -301,11 +305,14 @@ def session_clicks(stack, labels, limits, store: Path, indices, model=MODEL) -> 
                     rows[name].append(
                         {"plane": z, "s": seconds, "encoder_images": counter.images - before}
                     )
-            diffs.append(float(np.abs(preds["store"].low_res - preds["encoder"].low_res).max()))
+            a, b = preds["store"], preds["encoder"]
+            diffs.append(float(np.abs(a.low_res - b.low_res).max()))
+            same += bool(np.array_equal(a.masks, b.masks))
     finally:
         counter.close()
     return _summary(rows, {"attach_s": attach_s, "store_loads": cache.loads,
-                           "max_low_res_diff": max(diffs)})  # fmt: skip
+                           "max_low_res_diff": max(diffs), "same_masks": same,
+                           "compared": len(diffs)})  # fmt: skip
 
 
 def _summary(rows: dict, extra: dict) -> dict:
@@ -404,27 +411,34 @@ def run(planes: int = 50, size: int = 256, kill_after: int | None = None, clicks
     return result
 
 
+def _pace(run: dict) -> str:
+    """Start-up and seconds per encoder call of one run, as text."""
+    text = f"start-up {run['startup_s']:.1f} s" if run["startup_s"] is not None else "no encoder"
+    if run["call_interval_s"] is not None:
+        text += f", {run['call_interval_s']:.2f} s/plane"
+    return text
+
+
 def report(result: dict) -> str:
     r = result["resume"]
     full, killed, resumed = r["full"], r["killed"], r["resumed"]
-    n = r["planes"]
+    n, left = r["planes"], r["planes"] - r["done_at_kill"]
     lines = [
         f"mobilesam embed, {n} planes of {result['size']} x {result['size']} uint16, "
         f"{result['model']} on the CPU (load average {result['load_before']:.2f} -> "
         f"{result['load_after']:.2f})",
-        f"  full run, from scratch:      {full['wall_s']:7.1f} s, {full['encoder_images']} "
-        f"encoder images (start-up to the first {full['startup_s']:.1f} s)",
-        f"  killed (SIGKILL) run:        {killed['wall_s']:7.1f} s, {r['done_at_kill']} planes "
-        f"done, {killed['encoder_images']} encoder images "
-        f"({r['in_flight_at_kill']} lost in flight)",
-        f"  resumed run:                 {resumed['wall_s']:7.1f} s, {resumed['encoder_images']} "
-        f"encoder images ({n} - {r['done_at_kill']} = {n - r['done_at_kill']})",
+        f"  full run, from scratch:  {full['wall_s']:7.1f} s, {full['encoder_images']} encoder "
+        f"images ({_pace(full)})",
+        f"  killed (SIGKILL) run:    {killed['wall_s']:7.1f} s, {r['done_at_kill']} planes done, "
+        f"{killed['encoder_images']} encoder images ({r['in_flight_at_kill']} lost in flight)",
+        f"  resumed run:             {resumed['wall_s']:7.1f} s, {resumed['encoder_images']} "
+        f"encoder images = {n} - {r['done_at_kill']} ({_pace(resumed)})",
         f"    command says: {SUMMARY.search(resumed['stdout'])[0]}",
         f"    store: {r['rerun_chunks_written']} chunks written by the rerun, "
         f"{r['kept_untouched']} of {r['done_at_kill']} done planes untouched, "
         f"{r['done_after']} of {n} done",
         f"    counts agree: {'yes' if r['consistent'] else 'NO'}; resumed / full time "
-        f"{r['time_ratio']:.2f}x (planes left {(n - r['done_at_kill']) / n:.2f})",
+        f"{r['time_ratio']:.2f}x (planes left {left / n:.2f})",
     ]
     for key, what in (("session", "PromptSession"), ("widget", "prompt widget")):
         if key not in result:
@@ -436,7 +450,12 @@ def report(result: dict) -> str:
                 f"    {label:<16} {s['median_s'][name] * 1e3:8.1f} ms, "
                 f"{s['encoder_images'][name]} encoder images"
             )
-        extra = f", logits max diff {s['max_low_res_diff']:.1e}" if "max_low_res_diff" in s else ""
+        extra = ""
+        if "max_low_res_diff" in s:
+            extra = (
+                f"; same masks {s['same_masks']} of {s['compared']}, low-res logits within "
+                f"{s['max_low_res_diff']:.1e}"
+            )
         lines.append(
             f"    store / encoder {s['ratio']:.2f}x; {s['store_loads']} planes read{extra}"
         )

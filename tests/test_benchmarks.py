@@ -302,9 +302,11 @@ def test_bench_store_killed_and_rerun_counts_agree():
         == [c["plane"] for c in s["clicks"]["encoder"]]
     )
     assert s["encoder_images"] == {"store": 0, "encoder": 1}
-    assert s["store_loads"] == 2 and s["max_low_res_diff"] < 1e-3  # (a warm-up plane too)
+    assert s["store_loads"] == s["compared"] == 2  # (a warm-up plane too)
+    assert s["max_low_res_diff"] < 1e-3  # the same embedding, up to float rounding
     text = bench_store.report(result)
     assert "counts agree: yes" in text and f"{left} planes embedded, " in text
+    assert "same masks" in text and "encoder images = 4 - " in text
     assert [row["benchmark"] for row in data["rows"]] == [
         "embed 4 planes, rerun after kill",
         "new-plane click",
