@@ -20,10 +20,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..chunked_labels import label_plane
 from ..everything import MaskGenerator
 from ..interactive import add_objects, predictor_lock
 from ..normalize import to_rgb_uint8
 from . import _features
+from ._chunked import add_labels, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
@@ -216,10 +218,8 @@ class EverythingWidget(QWidget):
             except LayerConflict as exc:
                 show_info(f"MobileSAM: {exc}")
                 return
-            if result is None:
-                result = self.viewer.add_labels(
-                    np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything"
-                )
+            if result is None:  # chunked on disk for a large stack
+                result = add_labels(self.viewer, shape, name=f"{layer.name} everything")
             result.data[index] = labels
             result.metadata.pop(LINKED, None)  # per-plane ids again
             _features.record_plane(result, index, infos.pop(index))
@@ -276,10 +276,9 @@ class EverythingWidget(QWidget):
         the layer's earlier per-plane ids and scores are cleared (every plane is redone)."""
         result = self.result_layer_of(layer)
         if result is None:
-            return self.viewer.add_labels(
-                np.zeros(shape, dtype=np.uint32), name=f"{layer.name} everything",
-                metadata={LINKED: axis},
-            )  # fmt: skip
+            return add_labels(
+                self.viewer, shape, name=f"{layer.name} everything", metadata={LINKED: axis}
+            )
         if fresh:
             result.metadata[LINKED] = axis
             result.data[...] = 0
@@ -312,7 +311,7 @@ class EverythingWidget(QWidget):
             planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*shape[:-2])]
         target = labels_layer(self.viewer, layer)
         data = target.data
-        if not isinstance(data, np.ndarray):
+        if not writable(data):  # numpy, or chunked labels on disk
             show_info(
                 f"MobileSAM: {target.name!r} is not an in-memory array (opened lazily?); "
                 "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
@@ -322,13 +321,14 @@ class EverythingWidget(QWidget):
         if result.metadata.get(LINKED) and len(planes) > 1:
             # linked objects: one new id per 3D object / track through all its planes
             start = int(data.max()) + 1
-            ids = add_objects(data, np.asarray(result.data), start=start)
+            ids = add_objects(data, result.data, start=start)  # chunked: plane by plane
             for index in planes:
                 _features.carry(result, target, index, start)
         else:
             for index in planes:
                 start = int(data.max()) + 1  # ids unique over the whole layer
-                ids += add_objects(data[index], np.asarray(result.data[index]), start=start)
+                plane = label_plane(data, index)
+                ids += add_objects(plane, np.asarray(result.data[index]), start=start)
                 _features.carry(result, target, index, start)  # the objects' scores
         target.refresh()
         self.status.setText(f"{len(ids)} object(s) added to {target.name}")

@@ -18,6 +18,7 @@ from napari.utils.colormaps import CyclicLabelColormap
 from napari.utils.colormaps.standardize_color import transform_color
 
 from ..interactive import Prediction, PromptSession
+from ._chunked import add_labels
 from ._tiles import layer_transform
 
 POSITIVE_COLOR = "lime"
@@ -45,7 +46,8 @@ def labels_name(image_name: str) -> str:
 
 def labels_layer(viewer, image: Image, create: bool = True) -> Labels | None:
     """The image's session Labels layer: found by name, else added (uint32 zeros of the
-    image's shape) when ``create``.
+    image's shape, chunked on disk for a large stack: :func:`~._chunked.add_labels`)
+    when ``create``.
 
     Raises
     ------
@@ -65,10 +67,7 @@ def labels_layer(viewer, image: Image, create: bool = True) -> Labels | None:
         return layer
     if not create:
         return None
-    return viewer.add_labels(
-        np.zeros(shape, dtype=np.uint32), name=name, opacity=0.6,
-        **layer_transform(image, image.ndim),
-    )  # fmt: skip
+    return add_labels(viewer, shape, name=name, opacity=0.6, **layer_transform(image, image.ndim))
 
 
 @dataclass(eq=False)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 from napari.utils.notifications import show_info
 
+from ..chunked_labels import label_plane
 from ..interactive import ObjectPrompt
 from . import _features
+from ._chunked import writable
 from ._layers import ImageSession, on_plane
 from ._tiles import mask_extent, refresh_region, union, update_preview
 
@@ -110,7 +112,7 @@ class MultiObjects:
             The first new id, or None when nothing was committed.
         """
         data = state.labels.data
-        if not isinstance(data, np.ndarray):
+        if not writable(data):  # numpy, or chunked labels on disk
             show_info(
                 f"MobileSAM: {state.labels.name!r} is not an in-memory array (opened lazily?); "
                 "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
@@ -125,7 +127,7 @@ class MultiObjects:
         overwrite = self.overlap.currentIndex() == 1
         try:
             state.session.commit_many(
-                data[state.plane], [p.mask for p in predictions], label_ids=ids,
+                label_plane(data, state.plane), [p.mask for p in predictions], label_ids=ids,
                 overwrite=overwrite,
             )  # fmt: skip
         except ValueError as exc:

@@ -25,8 +25,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..chunked_labels import label_plane
 from ..interactive import EmbeddingCache, Prediction, PromptSession
 from . import _features
+from ._chunked import writable
 from ._common import (
     LayerCombo,
     Runner,
@@ -447,7 +449,7 @@ class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, Prompt
             show_info("MobileSAM: the mask is empty: move the point or draw a box")
             return None
         data = state.labels.data
-        if not isinstance(data, np.ndarray):
+        if not writable(data):  # numpy, or chunked labels on disk
             show_info(
                 f"MobileSAM: {state.labels.name!r} is not an in-memory array (opened lazily?); "
                 "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
@@ -456,7 +458,8 @@ class PromptWidget(StoreActions, TileActions, StackActions, MultiObjects, Prompt
         new_id = int(np.max(data)) + 1  # ids are unique over the whole layer, not per plane
         overwrite = self.overlap.currentIndex() == 1
         try:
-            state.session.commit(data[state.plane], mask, label_id=new_id, overwrite=overwrite)
+            plane = label_plane(data, state.plane)
+            state.session.commit(plane, mask, label_id=new_id, overwrite=overwrite)
         except ValueError as exc:
             if "already have a label" in str(exc):
                 exc = ValueError(

@@ -14,8 +14,10 @@ import numpy as np
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QObject, Signal
 
+from ..chunked_labels import label_plane
 from ..interactive.objects import record_scores
 from . import _features
+from ._chunked import writable
 
 
 class _Relay(QObject):
@@ -160,7 +162,8 @@ class StackActions:
             skipped = 0
             for index, m in masks.items():
                 try:
-                    session.commit(target.data[index], m, label_id=new_id, overwrite=overwrite)
+                    plane = label_plane(target.data, index)
+                    session.commit(plane, m, label_id=new_id, overwrite=overwrite)
                 except ValueError:
                     skipped += 1  # inside other objects only, with overlap: only unlabeled
                 else:  # its scores for the object table
@@ -195,7 +198,7 @@ class StackActions:
             show_info("MobileSAM: a propagation runs: wait for it, or Cancel it")
             return
         data = state.labels.data
-        if not isinstance(data, np.ndarray):
+        if not writable(data):  # numpy, or chunked labels on disk
             show_info(f"MobileSAM: {state.labels.name!r} is not an in-memory array")
             return
         start, plane = state.plane, np.array(data[state.plane])  # a copy for the worker

@@ -18,6 +18,8 @@ import threading
 import numpy as np
 from qtpy.QtCore import QObject, Signal
 
+from ..chunked_labels import ChunkedLabels
+
 Region = tuple[int, int, int, int]  # (r0, c0, r1, c1) plane pixels, exclusive ends
 
 __all__ = [
@@ -192,8 +194,8 @@ def _slices(region: Region) -> tuple[slice, slice]:
 
 
 def refresh_region(layer, plane: tuple[int, ...], region: Region | None) -> None:
-    """Show what changed in ``region`` of ``plane`` of a Labels layer, whose numpy data
-    was written in place there.
+    """Show what changed in ``region`` of ``plane`` of a Labels layer, whose data (numpy,
+    or chunked labels) was written there.
 
     When the layer shows that plane in 2D, only the region is converted and uploaded
     (napari's partial labels update, as its paint brush does); otherwise, or when this
@@ -213,7 +215,8 @@ def _partial(layer, plane: tuple[int, ...], region: Region) -> bool:
     """napari's partial update of a Labels layer for ``region`` of ``plane``; False when
     it does not apply (then nothing was done)."""
     data = layer.data
-    if not isinstance(data, np.ndarray) or layer.multiscale or not layer.visible:
+    dense = isinstance(data, np.ndarray)
+    if not (dense or isinstance(data, ChunkedLabels)) or layer.multiscale or not layer.visible:
         return not layer.visible  # an invisible layer is sliced again when shown
     ndim = data.ndim
     slice_input = layer._slice_input
@@ -228,8 +231,8 @@ def _partial(layer, plane: tuple[int, ...], region: Region) -> bool:
     if raw.shape != data.shape[-2:]:
         return False
     rows, cols = _slices(region)
-    if not np.shares_memory(raw, data):
-        raw[rows, cols] = data[plane][rows, cols]
+    if not dense or not np.shares_memory(raw, data):  # napari's copy of the plane
+        raw[rows, cols] = data[(*plane, rows, cols)]
     layer._slice.image.view[rows, cols] = layer._raw_to_displayed(raw, (rows, cols))
     full = (*(slice(i, i + 1) for i in plane), rows, cols)
     layer._accumulate_updated_slice(full)

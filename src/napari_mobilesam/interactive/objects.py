@@ -389,8 +389,9 @@ def edit_indices(labels: np.ndarray, rows, *, merge: bool) -> tuple[tuple[np.nda
 
     Parameters
     ----------
-    labels : np.ndarray
-        (..., H, W) integer labels.
+    labels : array_like
+        (..., H, W) integer labels; only the rows' planes are read (chunked or lazy
+        labels are not loaded whole).
     rows : sequence of (plane, id)
         The rows' objects: ``plane`` a tuple of the leading indices (``()`` for 2D).
     merge : bool
@@ -410,7 +411,7 @@ def edit_indices(labels: np.ndarray, rows, *, merge: bool) -> tuple[tuple[np.nda
         When ``rows`` is empty, a plane does not fit the labels, an id is < 1, or a merge
         has fewer than 2 distinct ids.
     """
-    labels = np.asarray(_check_labels(labels))
+    labels = _check_labels(labels)
     rows = [(tuple(int(i) for i in plane), int(label)) for plane, label in rows]
     if not rows:
         raise ValueError("rows is empty: select at least one object")
@@ -430,7 +431,7 @@ def edit_indices(labels: np.ndarray, rows, *, merge: bool) -> tuple[tuple[np.nda
             by_plane.setdefault(plane, []).append(label)
     parts = []
     for plane, plane_ids in sorted(by_plane.items()):
-        hits = np.nonzero(np.isin(labels[plane], plane_ids))
+        hits = np.nonzero(np.isin(np.asarray(labels[plane]), plane_ids))
         parts.append(tuple(np.full(len(hits[0]), p, dtype=np.intp) for p in plane) + hits)
     if not parts:
         return tuple(np.zeros(0, dtype=np.intp) for _ in range(labels.ndim)), value

@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
+from ..chunked_labels import ChunkedLabels, label_plane
 from ..validation import check_bool_mask, check_int
 from .prompts import Prediction, batches, to_sam
 from .propagate import PropagationRule, check_axis, follow
@@ -237,8 +238,9 @@ class StackPropagation:
 
         Parameters
         ----------
-        labels : np.ndarray
-            Integer label stack of shape ``plane_shape + (H, W)``, painted in place.
+        labels : np.ndarray or ChunkedLabels
+            Integer label stack of shape ``plane_shape + (H, W)``, painted in place
+            (chunked labels: each plane's painted region written back).
         propagated : Propagated
             What :meth:`propagate_all` returned; its objects are the label ids.
         overwrite : bool
@@ -263,22 +265,23 @@ class StackPropagation:
                 f"propagated must be what propagate_all returned, got {type(propagated)}"
             )
         shape = (*self.plane_shape, *self.shape_hw)
-        if not isinstance(labels, np.ndarray) or labels.shape != shape:
+        if not isinstance(labels, np.ndarray | ChunkedLabels) or labels.shape != shape:
             raise ValueError(
-                f"labels must be the label stack, a numpy array of shape {shape}, got "
-                f"{getattr(labels, 'shape', type(labels))}"
+                f"labels must be the label stack, a numpy array (or chunked labels) of shape "
+                f"{shape}, got {getattr(labels, 'shape', type(labels))}"
             )
         painted: dict[tuple[int, ...], list[int]] = {}
         for idx, objs in propagated.planes().items():
             masks = [propagated.masks[obj][idx] for obj in objs]
             order = paint_order(
-                labels[idx], masks, [propagated.scores[obj][idx] for obj in objs],
+                np.asarray(labels[idx]), masks, [propagated.scores[obj][idx] for obj in objs],
                 overwrite=overwrite,
             )  # fmt: skip
             if order:
                 ids = [int(objs[i]) for i in order]
                 self.commit_many(
-                    labels[idx], [masks[i] for i in order], label_ids=ids, overwrite=overwrite
-                )
+                    label_plane(labels, idx), [masks[i] for i in order], label_ids=ids,
+                    overwrite=overwrite,
+                )  # fmt: skip
                 painted[idx] = ids
         return painted

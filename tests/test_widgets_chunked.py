@@ -1,0 +1,244 @@
+"""Headless napari: labels layers of large stacks on chunked labels (zarr on disk).
+
+The size above which a stack's labels are chunked is lowered through
+``MOBILESAM_CHUNKED_LABELS_MB`` so that small stacks take the chunked path. The same
+edits made on a chunked layer and on a numpy layer of the same image must give the same
+labels: prompt commits (one object, several boxes), undo, propagation, segment
+everything committed to the labels, the object table's delete, napari's own brush, fill
+and *new label*, and a save that reopens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_mobilesam.chunked_labels import THRESHOLD_ENV, ChunkedLabels
+
+from .widget_support import idle  # skips the module without napari or a display
+
+RADIUS = 6
+SHAPE = (3, 64, 80)  # 61,440 bytes of uint32 labels
+LOW = "0.04"  # MiB: 41,943 bytes, so SHAPE is chunked
+
+
+@pytest.fixture
+def disks(monkeypatch, tiny_predictor):
+    """Point masks with a disk at each positive point (the tiny model's are empty)."""
+    real = tiny_predictor.predict
+
+    def predict(points_xy=None, labels=None, box=None, **kwargs):
+        masks, scores, low_res = real(points_xy, labels, box, **kwargs)
+        if points_xy is not None:
+            yy, xx = np.mgrid[: masks.shape[1], : masks.shape[2]]
+            for x, y in np.asarray(points_xy)[np.asarray(labels) == 1]:
+                masks = masks | ((yy - y) ** 2 + (xx - x) ** 2 <= RADIUS**2)[None]
+        return masks, scores, low_res
+
+    monkeypatch.setattr(tiny_predictor, "predict", predict)
+    return tiny_predictor
+
+
+def _stack(shape=SHAPE) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(500, 3000, shape).astype(np.uint16)
+
+
+def _started(viewer, qtbot, monkeypatch, name, data, threshold):
+    """A prompt widget started on a new image ``name``, its labels made with the
+    ``threshold`` (MiB, or "off")."""
+    from napari_mobilesam._widgets import PromptWidget
+
+    monkeypatch.setenv(THRESHOLD_ENV, threshold)
+    viewer.add_image(data, name=name)
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image_combo.setCurrentText(name)
+    w.start()
+    idle(qtbot, w)
+    return w
+
+
+def _click(w, qtbot, *point) -> None:
+    w.state.points.add(np.array([point], float))
+    idle(qtbot, w)
+
+
+def _refreshes(layer, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = layer.refresh
+    monkeypatch.setattr(layer, "refresh", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+def test_stacks_over_the_threshold_get_chunked_labels(
+    make_napari_viewer, qtbot, monkeypatch, tiny_predictor
+):
+    viewer = make_napari_viewer()
+    big = _started(viewer, qtbot, monkeypatch, "big", _stack(), LOW)
+    assert isinstance(big.state.labels.data, ChunkedLabels)
+    assert big.state.labels.data.shape == SHAPE and big.state.labels.data.max() == 0
+    assert big.state.labels.data.path.is_dir()
+    # one plane is never chunked (napari holds the plane it shows in memory anyway)
+    plane = _started(viewer, qtbot, monkeypatch, "plane", _stack((100, 120)), "0")
+    assert isinstance(plane.state.labels.data, np.ndarray)
+    small = _started(viewer, qtbot, monkeypatch, "small", _stack((2, 32, 40)), LOW)
+    assert isinstance(small.state.labels.data, np.ndarray)  # 10 KiB: under the threshold
+    off = _started(viewer, qtbot, monkeypatch, "off", _stack(), "off")
+    assert isinstance(off.state.labels.data, np.ndarray)
+
+
+def _edits(w, qtbot, viewer):
+    """The same edits on either image: commits on two planes, two boxes, an undo."""
+    ids = []
+    viewer.dims.current_step = (1, 0, 0)
+    _click(w, qtbot, 1, 20, 30)
+    ids.append(w.commit())
+    _click(w, qtbot, 1, 24, 36)  # overlaps object 1: fills only unlabeled pixels
+    ids.append(w.commit())
+    viewer.dims.current_step = (2, 0, 0)
+    idle(qtbot, w)
+    _click(w, qtbot, 2, 50, 60)
+    ids.append(w.commit())
+    w.undo()  # object 3 goes
+    _click(w, qtbot, 2, 10, 70)
+    ids.append(w.commit())
+    w.state.box.add_rectangles(np.array([[[2, 30, 5], [2, 40, 5], [2, 40, 20], [2, 30, 20]]]))
+    w.state.box.add_rectangles(np.array([[[2, 5, 5], [2, 15, 5], [2, 15, 20], [2, 5, 20]]]))
+    idle(qtbot, w)
+    ids.append(w.commit())  # two boxes: two objects
+    return ids
+
+
+def test_commit_undo_and_save_on_chunked_labels_match_numpy(
+    make_napari_viewer, qtbot, monkeypatch, disks, tmp_path
+):
+    viewer = make_napari_viewer(show=True)
+    image = _stack()
+    dense = _started(viewer, qtbot, monkeypatch, "dense", image, "off")
+    expected_ids = _edits(dense, qtbot, viewer)
+    chunked = _started(viewer, qtbot, monkeypatch, "chunked", image, LOW)
+    labels = chunked.state.labels
+    assert isinstance(labels.data, ChunkedLabels)
+    refreshes = _refreshes(labels, monkeypatch)
+    assert _edits(chunked, qtbot, viewer) == expected_ids == [1, 2, 3, 3, 4]  # 3 undone
+    want = dense.state.labels.data
+    assert want[1].max() == 2 and set(np.unique(want[2])) == {0, 3, 4, 5}
+    np.testing.assert_array_equal(np.asarray(labels.data), want)
+    assert refreshes == []  # commits and undo redrew only their regions
+    # what napari shows is what the labels hold
+    shown = np.array(labels._slice.image.raw)
+    np.testing.assert_array_equal(shown, labels.data[2])
+    # the object table's scores were recorded on the chunked layer as on the other
+    for key in ("index", "predicted_iou"):
+        np.testing.assert_array_equal(
+            np.asarray(labels.features[key]), np.asarray(dense.state.labels.features[key])
+        )
+    # undo everything: back to zeros, and the next id is 1 again
+    while chunked.session.can_undo:
+        chunked.undo()
+    assert labels.data.max() == 0
+    _click(chunked, qtbot, 2, 30, 40)
+    assert chunked.commit() == 1
+    # saved with the plugin's writer, read back with its reader: the same labels
+    chunked.undo()
+    while dense.session.can_undo:
+        dense.undo()
+    _edits(chunked, qtbot, viewer)
+    _edits(dense, qtbot, viewer)
+    path = str(tmp_path / "chunked_labels.tif")
+    labels.save(path, plugin="napari-mobilesam")
+    (reopened,) = viewer.open(path, plugin="napari-mobilesam")
+    np.testing.assert_array_equal(np.asarray(reopened.data), dense.state.labels.data)
+
+
+def test_propagation_into_chunked_labels(make_napari_viewer, qtbot, monkeypatch, disks):
+    viewer = make_napari_viewer()
+    image = np.stack([_stack((64, 80))] * 3)
+    results = []
+    for name, threshold in (("dense", "off"), ("chunked", LOW)):
+        w = _started(viewer, qtbot, monkeypatch, name, image, threshold)
+        w.prop_min_score.setValue(0.0)
+        for method in ("propagate", "propagate_all"):  # any area change (random weights)
+            real = getattr(w.session, method)
+            monkeypatch.setattr(
+                w.session, method,
+                lambda *a, real=real, **k: real(*a, **{**k, "min_area_ratio": 1e-6}),
+            )  # fmt: skip
+        viewer.dims.current_step = (1, 0, 0)
+        _click(w, qtbot, 1, 30, 30)
+        w.propagate()
+        idle(qtbot, w)
+        _click(w, qtbot, 1, 50, 60)
+        w.commit()
+        w.propagate_all()
+        idle(qtbot, w)
+        results.append(w.state.labels.data)
+    dense, chunked = results
+
+    assert isinstance(chunked, ChunkedLabels) and all(p.max() >= 1 for p in dense)
+    np.testing.assert_array_equal(np.asarray(chunked), dense)
+
+
+def test_everything_results_and_commits_on_chunked_labels(
+    make_napari_viewer, qtbot, monkeypatch, tiny_predictor
+):
+    from napari_mobilesam._widgets import EverythingWidget
+
+    viewer = make_napari_viewer()
+    yy, xx = np.mgrid[:64, :80]
+    cells = np.zeros((64, 80), np.uint16) + 200
+    for r, c in ((20, 25), (40, 55), (15, 60)):
+        cells[(yy - r) ** 2 + (xx - c) ** 2 <= 64] = 3000
+    stack = np.stack([cells, cells[::-1], cells[:, ::-1]])
+    merged = []
+    for name, threshold in (("dense", "off"), ("chunked", LOW)):
+        monkeypatch.setenv(THRESHOLD_ENV, threshold)
+        viewer.add_image(stack, name=name)
+        e = EverythingWidget(viewer)
+        viewer.window.add_dock_widget(e)
+        e.image_combo.setCurrentText(name)
+        e.points_per_side.setValue(4)
+        e.pred_iou_thresh.setValue(0.0)
+        e.stability_score_thresh.setValue(0.0)
+        e.scope.setCurrentIndex(1)  # the whole stack
+        e.run()
+        idle(qtbot, e)
+        result = viewer.layers[f"{name} everything"]
+        assert isinstance(result.data, ChunkedLabels) == (threshold == LOW)
+        target = viewer.layers[f"{name}_labels"] if f"{name}_labels" in viewer.layers else None
+        assert target is None
+        ids = e.commit_to_labels()
+        target = viewer.layers[f"{name}_labels"]
+        assert isinstance(target.data, ChunkedLabels) == (threshold == LOW)
+        merged.append((np.asarray(result.data), np.asarray(target.data), ids))
+    (dense_result, dense_labels, dense_ids), (result, labels, ids) = merged
+    assert dense_result.max() > 0 and len(dense_ids) > 0
+    np.testing.assert_array_equal(result, dense_result)
+    np.testing.assert_array_equal(labels, dense_labels)
+    assert ids == dense_ids
+
+
+def test_napari_tools_on_chunked_labels(make_napari_viewer, qtbot, monkeypatch, tiny_predictor):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer = make_napari_viewer(show=True)
+    w = _started(viewer, qtbot, monkeypatch, "cells", _stack(), LOW)
+    layer = w.state.labels
+    data = layer.data
+    viewer.layers.selection.active = layer
+    viewer.dims.current_step = (1, 0, 0)
+    layer.brush_size = 5
+    layer.paint((1, 20, 20), 4)  # napari's brush
+    assert data[1, 20, 20] == 4 and data.max() == 4
+    assert layer._slice.image.raw[20, 20] == 4  # shown
+    layer.fill((1, 20, 20), 7)  # fill the object
+    assert data[1, 20, 20] == 7 and data.max() == 7 and not (data[1] == 4).any()
+    layer.undo()
+    assert data[1, 20, 20] == 4 and data.max() == 4
+    layer.redo()
+    layer.fill((1, 60, 5), 2, refresh=True)  # the background of the plane
+    assert (data[1] > 0).all() and not data[0].any()
+    layer.undo()
+    # *new label* (M): the largest id + 1, read from the record, not the whole stack
+    layer.keymap[coerce_keybinding("m")](layer)
+    assert layer.selected_label == 8
