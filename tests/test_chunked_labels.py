@@ -136,6 +136,25 @@ def test_label_plane_of_each_kind(labels):
         label_plane(da.zeros((2, 4, 4), dtype=np.uint16), (0,))
 
 
+def test_a_copy_has_its_own_folder(labels):
+    import copy
+
+    labels[1, 5:30, 7:50] = 3
+    labels[2, 40, 60] = 8
+    twin = copy.deepcopy(labels)  # napari's Duplicate layer
+    assert twin.path != labels.path and twin.chunks == labels.chunks
+    np.testing.assert_array_equal(np.asarray(twin), np.asarray(labels))
+    assert twin.max() == 8
+    twin[2, 40, 60] = 0
+    assert twin.max() == 3 and labels.max() == 8  # independent
+    labels.close()
+    np.testing.assert_array_equal(twin[1, 5:30, 7:50], 3)  # its chunks are its own
+    shallow = copy.copy(twin)
+    assert shallow.path != twin.path and shallow.max() == 3
+    for out in (twin, shallow):
+        out.close()
+
+
 def test_refuses_what_is_not_a_label_array(tmp_path):
     with pytest.raises(TypeError, match="integer dtype"):
         ChunkedLabels((4, 4), np.float32, folder=tmp_path)

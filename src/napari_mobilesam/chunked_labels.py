@@ -262,6 +262,26 @@ class ChunkedLabels:
             return np.asarray(self).min(axis=axis, out=out, keepdims=keepdims, **kwargs)
         return self._extreme(self._min, (), np.min)
 
+    def __deepcopy__(self, memo) -> ChunkedLabels:
+        """A copy in a folder of its own (napari's *Duplicate layer* deep-copies the data):
+        the stored chunks are copied as they are, not read."""
+        self._check_open()
+        with self._lock:
+            twin = ChunkedLabels(
+                self.shape, self.dtype, chunk=max(self._chunks[-2:]), folder=self.path.parent
+            )
+            shutil.copytree(
+                self.path / "labels.zarr", twin.path / "labels.zarr", dirs_exist_ok=True
+            )
+            for name in ("_max", "_min", "_dirty"):
+                setattr(twin, name, getattr(self, name).copy())
+            return twin
+
+    def __copy__(self) -> ChunkedLabels:
+        """As :meth:`__deepcopy__`: a copy never shares the folder (closing one would
+        remove the other's chunks)."""
+        return self.__deepcopy__({})
+
     # -- planes and lifetime --------------------------------------------------------------
 
     def plane(self, index) -> LabelPlane:
