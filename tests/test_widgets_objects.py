@@ -307,3 +307,44 @@ def test_everything_records_scores_and_commit_carries_them(
     for label, iou in zip(_column(w, "id"), _column(w, "predicted_iou"), strict=True):
         source = np.unique(found.data[1][labels.data[1] == label])
         assert len(source) == 1 and iou == by_id[int(source[0])]
+
+
+def test_save_labels_writes_the_plugins_tiff_in_the_background(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    """The review dock saves with the plugin's writer (napari's Save dialog lists its own
+    TIFF writer first), suggesting <image>_labels.tif; the file opens as labels again."""
+    import tifffile
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer()
+    _, labels = _cells()
+    layer = viewer.add_labels(labels.copy(), name="cells_labels")
+    w = _dock(viewer, qtbot, layer)
+    asked = []
+
+    def dialog(parent, title, suggested, filters):
+        asked.append((suggested, filters))
+        return str(tmp_path / suggested), filters
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", dialog)
+    w.save_button.click()
+    qtbot.waitUntil(lambda: "saved to" in w.status.text(), timeout=WAIT)
+    qtbot.waitUntil(lambda: not w.runner.busy, timeout=WAIT)
+    assert asked == [("cells_labels.tif", "MobileSAM labels TIFF (*.tif *.tiff)")]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_labels.tif"), labels)
+    assert (tmp_path / "cells_labels.json").is_file()
+    (opened,) = viewer.open(str(tmp_path / "cells_labels.tif"), plugin="napari-mobilesam")
+    assert type(opened).__name__ == "Labels"
+    assert opened.metadata["mobilesam"]["layer"] == "cells_labels"
+    # another layer name gets _labels appended; no layer chosen is an error
+    viewer.layers.remove(opened)
+    w.labels_combo.setCurrentText(layer.name)
+    layer.name = "mine"
+    qtbot.waitUntil(lambda: not w.runner.busy and not w.timer.isActive(), timeout=WAIT)
+    w.save_button.click()
+    qtbot.waitUntil(lambda: (tmp_path / "mine_labels.json").is_file(), timeout=WAIT)
+    assert asked[-1][0] == "mine_labels.tif" and (tmp_path / "mine_labels.tif").is_file()
+    viewer.layers.clear()
+    with pytest.raises(ValueError, match="choose a Labels layer"):
+        w.save_labels(tmp_path / "x_labels.tif")

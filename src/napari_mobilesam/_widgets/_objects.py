@@ -39,6 +39,7 @@ from ..interactive.objects import (
     scores_from,
     table_csv,
 )
+from ..napari_io import write_labels
 from . import _features
 from ._common import LayerCombo, Runner, guarded
 from ._layers import image_shape
@@ -189,9 +190,15 @@ class ObjectsWidget(QWidget):
         self.merge_button = QPushButton("Merge")
         self.merge_button.setToolTip("give the selected rows' objects the smallest of their ids")
         self.export_button = QPushButton("Export CSV…")
+        self.save_button = QPushButton("Save labels…")
+        self.save_button.setToolTip(
+            "the labels as a compressed TIFF with its provenance (<image>_labels.tif), "
+            "which opens as labels again"
+        )
         for button, func in ((self.delete_button, self.delete_selected),
                              (self.merge_button, self.merge_selected),
-                             (self.export_button, self._export_dialog)):  # fmt: skip
+                             (self.export_button, self._export_dialog),
+                             (self.save_button, self._save_dialog)):  # fmt: skip
             handler = guarded(func)
             button.clicked.connect(lambda _checked=False, f=handler: f())
             buttons.addWidget(button)
@@ -401,6 +408,45 @@ class ObjectsWidget(QWidget):
         write_text_atomic(path, table_csv(self.model.table, order))
         self.status.setText(f"{len(order)} rows written to {path}")
         return path
+
+    def save_labels(self, path) -> None:
+        """Save the labels layer in the background, as *File > Save Selected Layers* with
+        *MobileSAM labels TIFF* does (:func:`~napari_mobilesam.napari_io.write_labels`:
+        compressed TIFF written atomically, and a ``*_labels.tif`` name's provenance
+        ``*_labels.json`` beside it); the status line says when it is written.
+
+        Raises
+        ------
+        ValueError
+            When no Labels layer is chosen.
+        """
+        layer = self.layer
+        if layer is None:
+            raise ValueError("choose a Labels layer first")
+        data = layer.data.copy() if isinstance(layer.data, np.ndarray) else layer.data
+        meta = {
+            "name": layer.name,
+            "axis_labels": tuple(getattr(layer, "axis_labels", ()) or ()) or None,
+            "metadata": dict(layer.metadata),
+        }
+
+        def done(paths) -> None:
+            self.status.setText(f"{layer.name} saved to {paths[0]}")
+
+        self.runner.submit(
+            lambda: write_labels(str(path), data, meta), done, f"saving {Path(path).name}…"
+        )
+
+    def _save_dialog(self) -> None:
+        if self.layer is None:
+            raise ValueError("choose a Labels layer first")
+        name = self.layer.name
+        suggested = f"{name}.tif" if name.endswith("_labels") else f"{name}_labels.tif"
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save labels", suggested, "MobileSAM labels TIFF (*.tif *.tiff)"
+        )
+        if path:
+            self.save_labels(path)
 
     def _export_dialog(self) -> None:
         name = self.layer.name if self.layer is not None else "objects"
