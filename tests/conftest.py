@@ -198,6 +198,7 @@ def golden_predictor(golden_model, monkeypatch):
 def notes(monkeypatch):
     """The messages the widgets show with ``show_info``, in order."""
     from napari_mobilesam._widgets import (
+        _commit,
         _common,
         _everything,
         _input,
@@ -207,6 +208,6 @@ def notes(monkeypatch):
     )
 
     shown: list[str] = []
-    for module in (_common, _prompt, _everything, _stacks, _input, _multi):
+    for module in (_common, _prompt, _commit, _everything, _stacks, _input, _multi):
         monkeypatch.setattr(module, "show_info", shown.append)
     return shown
