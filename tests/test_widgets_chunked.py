@@ -14,7 +14,7 @@ import pytest
 
 from napari_mobilesam.chunked_labels import THRESHOLD_ENV, ChunkedLabels
 
-from .widget_support import idle  # skips the module without napari or a display
+from .widget_support import WAIT, idle  # skips the module without napari or a display
 
 RADIUS = 6
 SHAPE = (3, 64, 80)  # 61,440 bytes of uint32 labels
@@ -70,6 +70,7 @@ def _refreshes(layer, monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.slow  # four Starts
 def test_stacks_over_the_threshold_get_chunked_labels(
     make_napari_viewer, qtbot, monkeypatch, tiny_predictor
 ):
@@ -109,6 +110,7 @@ def _edits(w, qtbot, viewer):
     return ids
 
 
+@pytest.mark.slow  # two images, each edited twice
 def test_commit_undo_and_save_on_chunked_labels_match_numpy(
     make_napari_viewer, qtbot, monkeypatch, disks, tmp_path
 ):
@@ -242,3 +244,50 @@ def test_napari_tools_on_chunked_labels(make_napari_viewer, qtbot, monkeypatch, 
     # *new label* (M): the largest id + 1, read from the record, not the whole stack
     layer.keymap[coerce_keybinding("m")](layer)
     assert layer.selected_label == 8
+
+
+def test_object_table_on_chunked_labels(
+    make_napari_viewer, qtbot, monkeypatch, tiny_predictor, tmp_path
+):
+    """The object table measures, deletes from and saves a chunked layer; the save reads
+    a copy of the store, so an edit made meanwhile neither breaks it nor is half in it."""
+    import glob
+
+    from napari_mobilesam._widgets import ObjectsWidget
+
+    viewer = make_napari_viewer()
+    w = _started(viewer, qtbot, monkeypatch, "cells", _stack(), LOW)
+    layer = w.state.labels
+    data = layer.data
+    data[0, 5:10, 5:10] = 1
+    data[2, 30:40, 50:60] = 2
+    data[2, 50:55, 10:12] = 3
+    layer.refresh()
+    table = ObjectsWidget(viewer)
+    viewer.window.add_dock_widget(table)
+    table.labels_combo.setCurrentText(layer.name)
+
+    def settled():
+        qtbot.waitUntil(lambda: not table.timer.isActive() and not table.runner.busy, timeout=WAIT)
+
+    settled()
+    rows = [table.model.row(r) for r in range(table.model.rowCount())]
+    assert [(int(r["id"]), int(r["plane_0"]), int(r["area"])) for r in rows] == [
+        (1, 0, 25), (2, 2, 100), (3, 2, 10)
+    ]  # fmt: skip
+    sel = table.view.selectionModel()
+    sel.select(table.model.index(1, 0), sel.SelectionFlag.Select | sel.SelectionFlag.Rows)
+    assert table.delete_selected() == 100
+    assert not (data[2] == 2).any() and data.max() == 3
+    layer.undo()  # napari's undo of the table's delete
+    assert (data[2, 30:40, 50:60] == 2).all()
+    settled()
+    stores = set(glob.glob(str(data.path.parent / "mobilesam-labels-*")))
+    table.save_labels(tmp_path / "cells_labels.tif")
+    data[1, 0, 0] = 9  # meanwhile: not in the file (saved from a copy)
+    settled()
+    (saved,) = viewer.open(str(tmp_path / "cells_labels.tif"), plugin="napari-mobilesam")
+    expected = np.asarray(data)
+    expected[1, 0, 0] = 0
+    np.testing.assert_array_equal(np.asarray(saved.data), expected)
+    assert set(glob.glob(str(data.path.parent / "mobilesam-labels-*"))) == stores  # copy gone

@@ -222,10 +222,11 @@ class ChunkedLabels:
 
     def __getitem__(self, key) -> np.ndarray:
         """Read ``key`` (basic indexing, or a tuple of integer arrays as in numpy's
-        fancy indexing): only the chunks it touches are read."""
+        fancy indexing): only the chunks it touches are read. A read in another thread
+        sees each chunk before or after a write, never half written (zarr writes a chunk
+        file whole and renames it into place)."""
         self._check_open()
-        with self._lock:
-            return np.asarray(self.array[key])
+        return np.asarray(self.array[key])
 
     def __setitem__(self, key, value) -> None:
         """Write ``value`` at ``key`` (as for reading); only the chunks it touches are

@@ -11,17 +11,34 @@ replaced on such a layer by one that reads the largest id from the labels' recor
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from napari.utils.notifications import show_info
 
 from ..chunked_labels import ChunkedLabels, new_labels
 
-__all__ = ["add_labels", "writable"]
+__all__ = ["add_labels", "release", "snapshot", "writable"]
 
 
 def writable(data) -> bool:
     """Whether the widgets can paint into a Labels layer's data in place."""
     return isinstance(data, np.ndarray | ChunkedLabels)
+
+
+def snapshot(data):
+    """A copy of a Labels layer's data for a worker to read while the layer is edited:
+    numpy's in memory, chunked labels' on disk (their chunk files copied, nothing read);
+    other data (lazy, read-only) as it is. :func:`release` it after."""
+    if isinstance(data, ChunkedLabels):
+        return copy.deepcopy(data)
+    return data.copy() if isinstance(data, np.ndarray) else data
+
+
+def release(data) -> None:
+    """Remove a :func:`snapshot` of chunked labels from disk (nothing for others)."""
+    if isinstance(data, ChunkedLabels):
+        data.close()
 
 
 def add_labels(viewer, shape, **kwargs):

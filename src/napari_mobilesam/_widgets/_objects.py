@@ -41,6 +41,7 @@ from ..interactive.objects import (
 )
 from ..napari_io import write_labels
 from . import _features
+from ._chunked import release, snapshot, writable
 from ._common import LayerCombo, Runner, guarded
 from ._layers import image_shape
 from ._reader_preference import prefer_plugin_reader
@@ -382,7 +383,7 @@ class ObjectsWidget(QWidget):
         keys = sorted({self._key(self.model.row(r)) for r in self.selected_rows()})
         if layer is None or not keys:
             raise ValueError("select one or more rows of the table first")
-        if not isinstance(layer.data, np.ndarray):
+        if not writable(layer.data):  # numpy, or chunked labels on disk
             raise ValueError(f"{layer.name!r} is not an in-memory array (opened lazily?)")
         indices, value = edit_indices(layer.data, keys, merge=merge)
         for r in self.selected_rows():  # their scores, for an undo of this edit
@@ -423,7 +424,7 @@ class ObjectsWidget(QWidget):
         layer = self.layer
         if layer is None:
             raise ValueError("choose a Labels layer first")
-        data = layer.data.copy() if isinstance(layer.data, np.ndarray) else layer.data
+        data = snapshot(layer.data)  # edits made meanwhile are not saved half
         meta = {
             "name": layer.name,
             "axis_labels": tuple(getattr(layer, "axis_labels", ()) or ()) or None,
@@ -433,9 +434,13 @@ class ObjectsWidget(QWidget):
         def done(paths) -> None:
             self.status.setText(f"{layer.name} saved to {paths[0]}")
 
-        self.runner.submit(
-            lambda: write_labels(str(path), data, meta), done, f"saving {Path(path).name}…"
-        )
+        def work():
+            try:
+                return write_labels(str(path), data, meta)
+            finally:
+                release(data)
+
+        self.runner.submit(work, done, f"saving {Path(path).name}…")
 
     def _save_dialog(self) -> None:
         if self.layer is None:
