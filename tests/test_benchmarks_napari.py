@@ -54,3 +54,21 @@ def test_bench_store_widget_clicks_run(make_napari_viewer, tiny_predictor, tmp_p
     assert result["status"]["store"] == "embeddings from stack.embeddings.zarr: 3 planes"
     assert all(c["s"] > 0 for rows in result["clicks"].values() for c in rows)
     assert result["ratio"] > 0 and np.isfinite(result["ratio"])
+
+
+@pytest.mark.slow  # two children, each a viewer and the stand-in model
+def test_bench_labels_runs():
+    """bench_labels: numpy and chunked labels of a small stack, every step measured, the
+    same objects committed either way."""
+    from benchmarks import bench_labels
+
+    result = bench_labels.run(size=384, planes=(2,), clicks=1)
+    numpy_case, chunked_case = result["cases"]
+    assert (numpy_case["kind"], chunked_case["kind"]) == ("numpy", "chunked")
+    steps = ["image", "start", "clicks", "everything", "commit", "browse", "save"]
+    for case in result["cases"]:
+        assert [row["step"] for row in case["steps"]] == steps
+        assert all(row["rss"] > 0 and row["peak"] > 0 for row in case["steps"])
+    assert numpy_case["committed"] == chunked_case["committed"] > 0
+    assert numpy_case["count"] == chunked_case["count"]
+    assert "2, chunked" in bench_labels.report(result)
