@@ -238,6 +238,14 @@ def test_napari_tools_on_chunked_labels(make_napari_viewer, qtbot, monkeypatch, 
     layer.undo()
     assert data[1, 20, 20] == 4 and data.max() == 4
     layer.redo()
+    layer.paint_polygon(np.array([[1, 40, 40], [1, 40, 60], [1, 55, 60]]), 5)  # polygon
+    assert data[1, 50, 58] == 5 and data.max() == 7
+    layer.mode = "erase"
+    layer.paint((1, 20, 20), 0)  # the eraser, over all of object 7
+    assert not (data[1] == 7).any() and data.max() == 5  # the largest id follows
+    layer.undo()
+    assert data[1, 20, 20] == 7 and data.max() == 7
+    layer.mode = "fill"
     layer.fill((1, 60, 5), 2, refresh=True)  # the background of the plane
     assert (data[1] > 0).all() and not data[0].any()
     layer.undo()
