@@ -246,6 +246,10 @@ class Cluster:
             )
 
     def close(self) -> None:
+        """Close the client and a LocalCluster. From here on this process's dask logs
+        below CRITICAL are dropped: comms closing late (after Ctrl-C, on a busy machine)
+        log tracebacks at INFO once LocalCluster.close has restored dask's log level."""
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
