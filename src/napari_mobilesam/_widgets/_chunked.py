@@ -26,6 +26,15 @@ def writable(data) -> bool:
     return isinstance(data, np.ndarray | ChunkedLabels)
 
 
+def unwritable(name: str) -> str:
+    """What to say when a Labels layer's data cannot be painted in place (see
+    :func:`writable`): a lazily opened layer, and how to make it paintable."""
+    return (
+        f"{name!r} is not an in-memory array (opened lazily?); convert it with "
+        "layer.data = numpy.asarray(layer.data) to commit into it"
+    )
+
+
 def snapshot(data):
     """A copy of a Labels layer's data for a worker to read while the layer is edited:
     numpy's in memory, chunked labels' on disk (their chunk files copied, nothing read);

@@ -9,7 +9,7 @@ from napari.utils.notifications import show_info
 
 from ..chunked_labels import label_plane
 from . import _features
-from ._chunked import writable
+from ._chunked import unwritable, writable
 from ._layers import on_plane
 from ._tiles import refresh_region, undo_region
 
@@ -47,10 +47,7 @@ class CommitActions:
             return None
         data = state.labels.data
         if not writable(data):  # numpy, or chunked labels on disk
-            show_info(
-                f"MobileSAM: {state.labels.name!r} is not an in-memory array (opened lazily?); "
-                "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
-            )
+            show_info(f"MobileSAM: {unwritable(state.labels.name)}")
             return None
         new_id = int(np.max(data)) + 1  # ids are unique over the whole layer, not per plane
         overwrite = self.overlap.currentIndex() == 1

@@ -25,7 +25,7 @@ from ..everything import MaskGenerator
 from ..interactive import add_objects, predictor_lock
 from ..normalize import to_rgb_uint8
 from . import _features
-from ._chunked import add_labels, writable
+from ._chunked import add_labels, unwritable, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
@@ -312,10 +312,7 @@ class EverythingWidget(QWidget):
         target = labels_layer(self.viewer, layer)
         data = target.data
         if not writable(data):  # numpy, or chunked labels on disk
-            show_info(
-                f"MobileSAM: {target.name!r} is not an in-memory array (opened lazily?); "
-                "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
-            )
+            show_info(f"MobileSAM: {unwritable(target.name)}")
             return []
         ids: list[int] = []
         if result.metadata.get(LINKED) and len(planes) > 1:

@@ -15,7 +15,7 @@ from napari.utils.notifications import show_info
 from ..chunked_labels import label_plane
 from ..interactive import ObjectPrompt
 from . import _features
-from ._chunked import writable
+from ._chunked import unwritable, writable
 from ._layers import ImageSession, on_plane
 from ._tiles import mask_extent, refresh_region, union, update_preview
 
@@ -113,10 +113,7 @@ class MultiObjects:
         """
         data = state.labels.data
         if not writable(data):  # numpy, or chunked labels on disk
-            show_info(
-                f"MobileSAM: {state.labels.name!r} is not an in-memory array (opened lazily?); "
-                "convert it with layer.data = numpy.asarray(layer.data) to commit into it"
-            )
+            show_info(f"MobileSAM: {unwritable(state.labels.name)}")
             return None
         predictions = [p for p in state.predictions if p.mask.any()]
         if not predictions:

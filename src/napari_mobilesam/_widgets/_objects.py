@@ -41,7 +41,7 @@ from ..interactive.objects import (
 )
 from ..napari_io import write_labels
 from . import _features
-from ._chunked import release, snapshot, writable
+from ._chunked import release, snapshot, unwritable, writable
 from ._common import LayerCombo, Runner, guarded
 from ._layers import image_shape
 from ._reader_preference import prefer_plugin_reader
@@ -384,7 +384,7 @@ class ObjectsWidget(QWidget):
         if layer is None or not keys:
             raise ValueError("select one or more rows of the table first")
         if not writable(layer.data):  # numpy, or chunked labels on disk
-            raise ValueError(f"{layer.name!r} is not an in-memory array (opened lazily?)")
+            raise ValueError(unwritable(layer.name))
         indices, value = edit_indices(layer.data, keys, merge=merge)
         for r in self.selected_rows():  # their scores, for an undo of this edit
             row = self.model.row(r)

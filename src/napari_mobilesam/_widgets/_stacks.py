@@ -17,7 +17,7 @@ from qtpy.QtCore import QObject, Signal
 from ..chunked_labels import label_plane
 from ..interactive.objects import record_scores
 from . import _features
-from ._chunked import writable
+from ._chunked import unwritable, writable
 
 
 class _Relay(QObject):
@@ -199,7 +199,7 @@ class StackActions:
             return
         data = state.labels.data
         if not writable(data):  # numpy, or chunked labels on disk
-            show_info(f"MobileSAM: {state.labels.name!r} is not an in-memory array")
+            show_info(f"MobileSAM: {unwritable(state.labels.name)}")
             return
         start, plane = state.plane, np.array(data[state.plane])  # a copy for the worker
         n = len(np.unique(plane[plane > 0]))
