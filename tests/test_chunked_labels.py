@@ -96,6 +96,52 @@ def test_reads_and_writes_like_numpy(labels):
     assert "ChunkedLabels(shape=(3, 50, 70)" in repr(labels)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "zarr"])
+def test_from_array_reads_the_source_and_copies_only_written_chunks(tmp_path, kind):
+    """Edits give what numpy gives; the source is never written; only chunks written
+    (or read together with written ones) are copied into the store."""
+    import zarr
+
+    rng = np.random.default_rng(1)
+    dense = rng.integers(0, 50, (3, 50, 70)).astype(np.uint16)
+    original = dense.copy()
+    if kind == "numpy":
+        source = dense.copy()
+    else:
+        source = zarr.create_array(str(tmp_path / "src.zarr"), shape=dense.shape,
+                                   chunks=(1, 20, 20), dtype=dense.dtype)  # fmt: skip
+        source[...] = dense
+    labels = ChunkedLabels.from_array(source, chunk=16, folder=tmp_path / "store")
+    assert labels.dtype == np.uint16 and labels.shape == dense.shape
+
+    def stored() -> int:
+        return sum(1 for p in labels.path.rglob("c/*/*/*") if p.is_file())
+
+    np.testing.assert_array_equal(labels[1, 5:30], dense[1, 5:30])
+    assert labels.max() == dense.max() and labels.min() == dense.min() and stored() == 0
+    labels[1, 3:5, 3:5] = 77  # one chunk
+    dense[1, 3:5, 3:5] = 77
+    assert stored() == 1 and labels.max() == 77
+    np.testing.assert_array_equal(labels[1, :16, :16], dense[1, :16, :16])
+    np.testing.assert_array_equal(labels[2], dense[2])  # untouched plane: from the source
+    assert stored() == 1
+    where = (np.array([0, 2]), np.array([49, 0]), np.array([0, 69]))  # napari's brush
+    labels[where] = np.array([90, 91], np.uint16)
+    dense[where] = [90, 91]
+    twin = labels.__deepcopy__({})
+    mask = dense == 3  # a boolean mask: every chunk
+    labels[mask] = 0
+    dense[mask] = 0
+    np.testing.assert_array_equal(np.asarray(labels), dense)
+    assert labels.max() == 91 and labels._source is None  # all copied: source let go
+    twin_dense = dense.copy()
+    twin_dense[mask] = 3
+    np.testing.assert_array_equal(np.asarray(twin), twin_dense)  # the copy kept its source
+    np.testing.assert_array_equal(np.asarray(source[...]), original)  # never written
+    labels.close()
+    twin.close()
+
+
 def test_largest_id_follows_every_write(labels):
     labels[1, 10:12, 10:12] = 40
     labels[2, 45, 60] = 12
@@ -248,6 +294,47 @@ def test_undo_into_another_plane_and_errors(labels, tmp_path):
     other.close()
     with pytest.raises(TypeError, match="written through indexing"):
         editor.commit([[0] * 70] * 50, [mask])
+
+
+class _FullDisk:
+    """A chunked plane on a disk that fills up: write ``i`` writes the top ``parts[i]``
+    of its region's rows (the chunks stored before the disk filled), then raises ENOSPC;
+    writes after the last part succeed."""
+
+    def __init__(self, plane: LabelPlane, parts: list[float]):
+        self.plane, self.parts = plane, list(parts)
+        self.shape, self.dtype, self.max = plane.shape, plane.dtype, plane.max
+
+    def __getitem__(self, key):
+        return self.plane[key]
+
+    def __setitem__(self, key, value):
+        if self.parts:
+            rows, cols = key
+            n = int((rows.stop - rows.start) * self.parts.pop(0))
+            self.plane[rows.start : rows.start + n, cols] = np.asarray(value)[:n]
+            raise OSError(28, "No space left on device")
+        self.plane[key] = value
+
+
+def test_a_full_disk_during_a_commit_leaves_nothing_or_an_undo_step(labels):
+    mask = np.zeros((50, 70), bool)
+    mask[10:30, 20:40] = True
+    labels[0, 12, 22] = 5
+    editor = LabelEditor((50, 70))
+    before = np.asarray(labels)
+    # the write fails, putting the region back works: nothing painted, no undo step
+    with pytest.raises(OSError, match="No space left on device.*nothing was painted") as err:
+        editor.commit(_FullDisk(labels.plane((0,)), [0.5]), [mask])
+    assert err.value.errno == 28 and not editor.can_undo
+    np.testing.assert_array_equal(np.asarray(labels), before)
+    # putting it back fails too: partly written, and Undo reverts it once there is room
+    with pytest.raises(OSError, match="partly written: Undo reverts it"):
+        editor.commit(_FullDisk(labels.plane((0,)), [0.5, 0.0]), [mask])
+    assert editor.can_undo and (np.asarray(labels) == 6).any()
+    assert editor.undo() == [6]
+    np.testing.assert_array_equal(np.asarray(labels), before)
+    assert labels.max() == 5
 
 
 def test_add_objects_gives_what_numpy_gives(labels):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,13 +92,42 @@ def test_writer_refuses_labels_a_tiff_cannot_hold(tmp_path):
     np.testing.assert_array_equal(napari_io.read_labels(path)[0][0], big)
 
 
-def test_reader_opens_large_files_lazily(tmp_path, monkeypatch):
+def test_reader_opens_large_stacks_lazily_and_editable(tmp_path, monkeypatch):
+    """Over LAZY_BYTES a stack opens at once as ChunkedLabels over the file: edits go
+    to its own store (the file is never written), the rest reads from the file."""
+    from napari_mobilesam.chunked_labels import ChunkedLabels
+
     labels = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
     (path,) = napari_io.write_labels(str(tmp_path / "big_labels.tif"), labels, {})
+    before = Path(path).read_bytes()
     monkeypatch.setattr(napari_io, "LAZY_BYTES", 100)
     data = napari_io.read_labels(path)[0][0]
-    assert type(data).__module__.startswith("dask")
-    np.testing.assert_array_equal(data.compute(), labels)
+    assert isinstance(data, ChunkedLabels) and data.shape == labels.shape
+    np.testing.assert_array_equal(np.asarray(data), labels)
+    assert data.max() == labels.max()
+    data[2, 3:5, 3:5] = 9000
+    labels[2, 3:5, 3:5] = 9000
+    np.testing.assert_array_equal(np.asarray(data), labels)
+    assert data.max() == 9000 and Path(path).read_bytes() == before
+    (again,) = napari_io.write_labels(str(tmp_path / "again_labels.tif"), data, {})
+    np.testing.assert_array_equal(napari_io.read_labels(again)[0][0][...], labels)
+    data.close()
+
+
+def test_reader_keeps_single_planes_and_non_integer_stacks_as_before(tmp_path, monkeypatch):
+    import tifffile
+
+    monkeypatch.setattr(napari_io, "LAZY_BYTES", 100)
+    plane = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)
+    (path,) = napari_io.write_labels(str(tmp_path / "one_labels.tif"), plane, {})
+    data = napari_io.read_labels(path)[0][0]
+    assert isinstance(data, np.ndarray)  # napari holds a shown plane densely anyway
+    np.testing.assert_array_equal(data, plane)
+    floats = np.linspace(0, 1, 4 * 16 * 16, dtype=np.float32).reshape(4, 16, 16)
+    tifffile.imwrite(tmp_path / "f_labels.tif", floats)
+    ((data, _, kind),) = napari_io.read_labels(str(tmp_path / "f_labels.tif"))
+    assert kind == "image" and type(data).__module__.startswith("dask")
+    np.testing.assert_array_equal(data.compute(), floats)
 
 
 def test_sample_data_functions():

@@ -179,7 +179,8 @@ def test_twenty_pairs_fine_tuning_beats_the_starting_model(tmp_path):
     start = fetch("vit_t_synthetic_cells")
     out = tmp_path / "run"
     argv = [str(data), "-o", str(out), "--checkpoint", "vit_t_synthetic_cells", "--epochs", "2",
-            "--objects", "6", "--eval-points-per-side", "0", "--lr", "3e-4", "--quiet"]  # fmt: skip
+            "--objects", "6", "--eval-points-per-side", "0", "--lr", "3e-4", "--quiet",
+            "--eval-every", "2"]  # fmt: skip
     assert main(argv) == 0
     _, held = split_pairs(find_pairs(data), 0.2)
     examples = [ex for p in held for ex in load_examples(p)]

@@ -14,7 +14,12 @@ import pytest
 
 from napari_mobilesam.chunked_labels import THRESHOLD_ENV, ChunkedLabels
 
-from .widget_support import WAIT, idle  # skips the module without napari or a display
+from .widget_support import (  # skips the module without napari or a display
+    WAIT,
+    disk_masks,
+    everything_widget,
+    idle,
+)
 
 RADIUS = 6
 SHAPE = (3, 64, 80)  # 61,440 bytes of uint32 labels
@@ -24,18 +29,7 @@ LOW = "0.04"  # MiB: 41,943 bytes, so SHAPE is chunked
 @pytest.fixture
 def disks(monkeypatch, tiny_predictor):
     """Point masks with a disk at each positive point (the tiny model's are empty)."""
-    real = tiny_predictor.predict
-
-    def predict(points_xy=None, labels=None, box=None, **kwargs):
-        masks, scores, low_res = real(points_xy, labels, box, **kwargs)
-        if points_xy is not None:
-            yy, xx = np.mgrid[: masks.shape[1], : masks.shape[2]]
-            for x, y in np.asarray(points_xy)[np.asarray(labels) == 1]:
-                masks = masks | ((yy - y) ** 2 + (xx - x) ** 2 <= RADIUS**2)[None]
-        return masks, scores, low_res
-
-    monkeypatch.setattr(tiny_predictor, "predict", predict)
-    return tiny_predictor
+    return disk_masks(monkeypatch, tiny_predictor, RADIUS)
 
 
 def _stack(shape=SHAPE) -> np.ndarray:
@@ -184,8 +178,6 @@ def test_propagation_into_chunked_labels(make_napari_viewer, qtbot, monkeypatch,
 def test_everything_results_and_commits_on_chunked_labels(
     make_napari_viewer, qtbot, monkeypatch, tiny_predictor
 ):
-    from napari_mobilesam._widgets import EverythingWidget
-
     viewer = make_napari_viewer()
     yy, xx = np.mgrid[:64, :80]
     cells = np.zeros((64, 80), np.uint16) + 200
@@ -196,12 +188,7 @@ def test_everything_results_and_commits_on_chunked_labels(
     for name, threshold in (("dense", "off"), ("chunked", LOW)):
         monkeypatch.setenv(THRESHOLD_ENV, threshold)
         viewer.add_image(stack, name=name)
-        e = EverythingWidget(viewer)
-        viewer.window.add_dock_widget(e)
-        e.image_combo.setCurrentText(name)
-        e.points_per_side.setValue(4)
-        e.pred_iou_thresh.setValue(0.0)
-        e.stability_score_thresh.setValue(0.0)
+        e = everything_widget(viewer, name)
         e.scope.setCurrentIndex(1)  # the whole stack
         e.run()
         idle(qtbot, e)
@@ -252,6 +239,62 @@ def test_napari_tools_on_chunked_labels(make_napari_viewer, qtbot, monkeypatch, 
     # *new label* (M): the largest id + 1, read from the record, not the whole stack
     layer.keymap[coerce_keybinding("m")](layer)
     assert layer.selected_label == 8
+
+
+def test_a_full_disk_during_a_commit_says_so_and_undo_reverts(
+    make_napari_viewer, qtbot, monkeypatch, disks, notes
+):
+    """Chunked labels whose disk fills up while a commit writes: the widget says what
+    happened (no traceback), and Undo reverts the partly written object once there is
+    room again."""
+    viewer = make_napari_viewer()
+    w = _started(viewer, qtbot, monkeypatch, "cells", _stack(), LOW)
+    data = w.state.labels.data
+    viewer.dims.current_step = (1, 0, 0)
+    _click(w, qtbot, 1, 20, 30)
+    real = ChunkedLabels.__setitem__
+    writes = []
+
+    def full(self, key, value):
+        if not writes:  # the commit: the disk fills after the region's first half
+            rows = key[1]
+            half = (rows.stop - rows.start) // 2
+            real(self, (key[0], slice(rows.start, rows.start + half), key[2]), value[:half])
+        writes.append(key)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ChunkedLabels, "__setitem__", full)
+    assert w.commit() is None
+    assert "No space left on device" in notes[-1] and "Undo reverts it" in notes[-1]
+    assert len(writes) == 2 and data.max() == 1  # partly written, not put back
+    monkeypatch.setattr(ChunkedLabels, "__setitem__", real)  # room again
+    w.undo()
+    assert data.max() == 0 and not np.asarray(data).any()
+
+
+def test_large_saved_labels_reopen_editable(make_napari_viewer, monkeypatch, tmp_path):
+    """A saved stack over the reader's lazy size opens as ChunkedLabels over the file:
+    napari's brush paints into it, and saving over the file it came from keeps every
+    plane, edited or not."""
+    from napari_mobilesam import napari_io
+
+    stack = np.zeros((3, 40, 50), np.uint16)
+    stack[0, 5:15, 5:15], stack[2, 20:30, 10:40] = 3, 9
+    path = str(tmp_path / "big_labels.tif")
+    napari_io.write_labels(path, stack, {})
+    monkeypatch.setattr(napari_io, "LAZY_BYTES", 100)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin="napari-mobilesam")
+    assert isinstance(layer.data, ChunkedLabels) and layer.data.max() == 9
+    viewer.dims.current_step = (1, 0, 0)
+    layer.brush_size = 3
+    layer.paint((1, 20, 20), 12)
+    stack[1] = np.asarray(layer.data[1])
+    assert stack[1, 20, 20] == 12 and layer.data.max() == 12
+    layer.save(path, plugin="napari-mobilesam")
+    ((again, _, _),) = napari_io.read_labels(path)
+    np.testing.assert_array_equal(again[...], stack)
+    np.testing.assert_array_equal(np.asarray(layer.data), stack)
 
 
 def test_object_table_on_chunked_labels(

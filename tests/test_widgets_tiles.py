@@ -14,7 +14,7 @@ import pytest
 
 from napari_mobilesam.interactive import PromptSession
 
-from .widget_support import idle  # skips the module without napari or a display
+from .widget_support import disk_masks, idle  # skips the module without napari or a display
 
 TILES = {"tile_threshold": 256, "tile_size": 128, "tile_overlap": 32}
 RADIUS = 6
@@ -26,18 +26,7 @@ def tiled(monkeypatch, tiny_predictor):
     from napari_mobilesam._widgets import _prompt
 
     monkeypatch.setattr(_prompt, "PromptSession", functools.partial(PromptSession, **TILES))
-    real = tiny_predictor.predict
-
-    def predict(points_xy=None, labels=None, box=None, **kwargs):
-        masks, scores, low_res = real(points_xy, labels, box, **kwargs)
-        if points_xy is not None:
-            yy, xx = np.mgrid[: masks.shape[1], : masks.shape[2]]
-            for x, y in np.asarray(points_xy)[np.asarray(labels) == 1]:
-                masks = masks | ((yy - y) ** 2 + (xx - x) ** 2 <= RADIUS**2)[None]
-        return masks, scores, low_res
-
-    monkeypatch.setattr(tiny_predictor, "predict", predict)
-    return tiny_predictor
+    return disk_masks(monkeypatch, tiny_predictor, RADIUS)
 
 
 def _image(shape=(300, 340)) -> np.ndarray:

@@ -15,6 +15,7 @@ from napari_mobilesam.predictor import Predictor
 
 from .widget_support import (  # skips the module without napari or a display
     WAIT,
+    everything_widget,
     idle,
 )
 
@@ -267,15 +268,7 @@ def test_green_positive_red_negative_right_click_and_n_reset(
 
 
 def _everything(viewer, qtbot, image_name):
-    from napari_mobilesam._widgets import EverythingWidget
-
-    e = EverythingWidget(viewer)
-    viewer.window.add_dock_widget(e)
-    e.image_combo.setCurrentText(image_name)
-    e.points_per_side.setValue(4)
-    e.pred_iou_thresh.setValue(0.0)
-    e.stability_score_thresh.setValue(0.0)
-    return e
+    return everything_widget(viewer, image_name)
 
 
 def test_everything_per_plane_then_commit_to_labels(make_napari_viewer, qtbot, tiny_predictor):

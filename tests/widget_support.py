@@ -1,4 +1,5 @@
-"""What the headless-napari widget tests share: the module-level skip, waits, a gate.
+"""What the headless-napari widget tests share: the module-level skip, waits, a gate,
+disk-shaped point masks and a permissive Everything widget.
 
 A widget test module starts with::
 
@@ -28,7 +29,7 @@ if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
 
 from qtpy.QtCore import Qt  # noqa: E402  (after the skip: qtpy comes with napari)
 
-__all__ = ["WAIT", "Gate", "Qt", "idle", "napari"]
+__all__ = ["WAIT", "Gate", "Qt", "disk_masks", "everything_widget", "idle", "napari"]
 
 #: ms: only a hang guard; tests never depend on how busy the machine is
 WAIT = 1_800_000
@@ -59,3 +60,36 @@ class Gate:
 
     def release(self, n: int = 1) -> None:
         self._sem.release(n)
+
+
+def disk_masks(monkeypatch, predictor, radius: int):
+    """Make ``predictor.predict`` add a disk of ``radius`` px at each positive point to
+    its masks (the tiny random model's are empty), so commits paint something."""
+    import numpy as np
+
+    real = predictor.predict
+
+    def predict(points_xy=None, labels=None, box=None, **kwargs):
+        masks, scores, low_res = real(points_xy, labels, box, **kwargs)
+        if points_xy is not None:
+            yy, xx = np.mgrid[: masks.shape[1], : masks.shape[2]]
+            for x, y in np.asarray(points_xy)[np.asarray(labels) == 1]:
+                masks = masks | ((yy - y) ** 2 + (xx - x) ** 2 <= radius**2)[None]
+        return masks, scores, low_res
+
+    monkeypatch.setattr(predictor, "predict", predict)
+    return predictor
+
+
+def everything_widget(viewer, image_name: str, points_per_side: int = 4):
+    """An Everything widget docked in ``viewer`` on ``image_name``: a coarse grid, and
+    score thresholds at 0 so that the random model's masks are kept."""
+    from napari_mobilesam._widgets import EverythingWidget
+
+    e = EverythingWidget(viewer)
+    viewer.window.add_dock_widget(e)
+    e.image_combo.setCurrentText(image_name)
+    e.points_per_side.setValue(points_per_side)
+    e.pred_iou_thresh.setValue(0.0)
+    e.stability_score_thresh.setValue(0.0)
+    return e

@@ -11,6 +11,11 @@ exit, and, after a crash, by the next :class:`ChunkedLabels` made in the same di
 (folders are named after their process; a folder of a process that no longer runs is
 stale).
 
+:meth:`ChunkedLabels.from_array` starts from existing labels (the reader opens large saved
+label stacks so): a chunk is copied from the source only when it is first written, reads
+of chunks never written come from the source, so opening takes no time and only edited
+chunks take space.
+
 The widgets make a new labels layer chunked when :func:`use_chunked` says so: a layer of
 more than one plane whose uint32 data would take more than ``MOBILESAM_CHUNKED_LABELS_MB``
 MiB (default 1024). A single plane stays a numpy array: napari holds the plane it shows
@@ -183,7 +188,40 @@ class ChunkedLabels:
         self._max = np.zeros(grid, dtype=dtype)  # every chunk holds zeros only
         self._min = np.zeros(grid, dtype=dtype)
         self._dirty = np.zeros(grid, dtype=bool)
+        self._pending = np.zeros(grid, dtype=bool)  # chunks still only in self._source
+        self._source = None
         self._lock = threading.RLock()
+
+    @classmethod
+    def from_array(cls, source, *, chunk: int = CHUNK, folder=None) -> ChunkedLabels:
+        """Labels that start as a copy of ``source``, copied lazily.
+
+        Parameters
+        ----------
+        source : array_like
+            (..., H, W) integer labels that can be sliced (numpy, zarr, dask, the zarr
+            view of a TIFF file); read, never written. It must not change while these
+            labels are in use.
+        chunk, folder
+            As for :class:`ChunkedLabels`.
+
+        Returns
+        -------
+        ChunkedLabels
+            Reads of chunks never written come from ``source``; a chunk is copied into
+            the store when it is first written (or read together with written ones).
+            ``max()`` reads each chunk's extremes from ``source`` once.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As for :class:`ChunkedLabels`.
+        """
+        twin = cls(source.shape, source.dtype, chunk=chunk, folder=folder)
+        twin._source = source
+        twin._pending[...] = True
+        twin._dirty[...] = True  # extremes unknown until read
+        return twin
 
     # -- array protocol -------------------------------------------------------------------
 
@@ -226,6 +264,12 @@ class ChunkedLabels:
         sees each chunk before or after a write, never half written (zarr writes a chunk
         file whole and renames it into place)."""
         self._check_open()
+        with self._lock:
+            region = self._region(_bounds(key, self.shape))
+            pending = self._pending[region]
+            if pending.size and pending.all() and _basic(key):  # never written: the source's
+                return np.asarray(self._source[key])
+            self._fetch(region)
         return np.asarray(self.array[key])
 
     def __setitem__(self, key, value) -> None:
@@ -233,16 +277,10 @@ class ChunkedLabels:
         written, and their extremes are recomputed at the next :meth:`max`."""
         self._check_open()
         with self._lock:
+            region = self._region(_bounds(key, self.shape))
+            self._fetch(region)
             self.array[key] = value
-            bounds = _bounds(key, self.shape)
-            if bounds is None:
-                self._dirty[...] = True
-            elif all(hi > lo for lo, hi in bounds):
-                grid = tuple(
-                    slice(lo // c, (hi - 1) // c + 1)
-                    for (lo, hi), c in zip(bounds, self._chunks, strict=True)
-                )
-                self._dirty[grid] = True
+            self._dirty[region] = True
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The whole array in memory (what ``np.asarray`` gives: avoid on large stacks)."""
@@ -274,8 +312,9 @@ class ChunkedLabels:
             shutil.copytree(
                 self.path / "labels.zarr", twin.path / "labels.zarr", dirs_exist_ok=True
             )
-            for name in ("_max", "_min", "_dirty"):
+            for name in ("_max", "_min", "_dirty", "_pending"):
                 setattr(twin, name, getattr(self, name).copy())
+            twin._source = self._source
             return twin
 
     def __copy__(self) -> ChunkedLabels:
@@ -321,10 +360,38 @@ class ChunkedLabels:
                 window = tuple(
                     slice(i * c, (i + 1) * c) for i, c in zip(where, self._chunks, strict=True)
                 )
-                values = self.array[window]
+                values = (self._source if self._pending[where] else self.array)[window]
+                values = np.asarray(values)
                 self._max[where], self._min[where] = values.max(), values.min()
                 self._dirty[where] = False
             return self.dtype.type(reduce(table[sub]))
+
+    def _region(self, bounds) -> tuple[slice, ...]:
+        """The chunks (a slice per axis of the chunk grid) that ``bounds`` touch; all of
+        them for None."""
+        if bounds is None:
+            return (slice(None),) * self.ndim
+        return tuple(
+            slice(lo // c, (hi - 1) // c + 1) if hi > lo else slice(0, 0)
+            for (lo, hi), c in zip(bounds, self._chunks, strict=True)
+        )
+
+    def _fetch(self, region: tuple[slice, ...]) -> None:
+        """Copy the chunks of ``region`` still in the source into the store."""
+        if self._source is None:
+            return
+        starts = [sl.indices(n)[0] for sl, n in zip(region, self._pending.shape, strict=True)]
+        for rel in np.argwhere(self._pending[region]):
+            where = tuple(int(r) + s for r, s in zip(rel, starts, strict=True))
+            window = tuple(
+                slice(i * c, (i + 1) * c) for i, c in zip(where, self._chunks, strict=True)
+            )
+            values = np.asarray(self._source[window])
+            if values.any():  # zarr keeps no chunk of zeros
+                self.array[window] = values
+            self._pending[where] = False
+        if not self._pending.any():
+            self._source = None  # every chunk copied: the source is no longer read
 
 
 class LabelPlane:
@@ -391,6 +458,13 @@ def _running(pid: int) -> bool:
     except OSError:  # another user's process: running
         return True
     return True
+
+
+def _basic(key) -> bool:
+    """Whether ``key`` is basic indexing (integers, slices, an Ellipsis), which every
+    array type reads alike."""
+    key = key if isinstance(key, tuple) else (key,)
+    return all(k is Ellipsis or isinstance(k, slice | int | np.integer) for k in key)
 
 
 def _bounds(key, shape) -> list[tuple[int, int]] | None:

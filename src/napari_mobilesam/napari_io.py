@@ -3,8 +3,9 @@
 - :func:`get_reader`: ``*_labels.tif`` files -> a Labels layer, with the JSON provenance
   sidecar ``*_labels.json`` that ``mobilesam-everything`` and :func:`write_labels` write
   beside them in its ``metadata["mobilesam"]`` (a ``*_labels.tif`` holding non-integer
-  values opens as an image). Stacks larger than :data:`LAZY_BYTES` are opened lazily
-  (dask over tifffile's zarr view). The widgets make this reader napari's preferred one
+  values opens as an image). Stacks larger than :data:`LAZY_BYTES` are opened lazily and
+  stay editable: a :class:`~.chunked_labels.ChunkedLabels` over tifffile's zarr view
+  copies a chunk only when it is first written. The widgets make this reader napari's preferred one
   for such names (``_widgets/_reader_preference.py``), so napari does not ask which
   reader to use.
 - :func:`write_labels`: a Labels layer -> a zlib-compressed TIFF (uint16 when the ids
@@ -60,8 +61,9 @@ def read_labels(path: str | list[str]) -> list[LayerData]:
     Returns
     -------
     list of (data, kwargs, layer_type)
-        ``data`` is a numpy array of the file's shape (plane axes, then Y, X), or a dask
-        array for files over :data:`LAZY_BYTES`. ``kwargs`` holds ``name`` (the file
+        ``data`` is a numpy array of the file's shape (plane axes, then Y, X); for a
+        stack over :data:`LAZY_BYTES` a :class:`~.chunked_labels.ChunkedLabels` over the
+        file (a dask array if its values are not integers). ``kwargs`` holds ``name`` (the file
         stem) and ``metadata``: ``{"axes": ..., "path": ...}``, plus ``"mobilesam"``: the
         provenance sidecar's record where there is one. ``layer_type`` is ``"labels"``,
         or ``"image"`` for a file of non-integer values (not a label image despite its
@@ -76,14 +78,7 @@ def read_labels(path: str | list[str]) -> list[LayerData]:
         with tifffile.TiffFile(p) as tif:
             series = tif.series[0]
             axes = series.axes
-            nbytes = int(np.prod(series.shape)) * series.dtype.itemsize
-            if nbytes > LAZY_BYTES:
-                import dask.array as da
-                import zarr
-
-                data = da.from_zarr(zarr.open(tifffile.imread(p, aszarr=True), mode="r"))
-            else:
-                data = series.asarray()
+            data = _labels_data(p, series)
         metadata: dict[str, Any] = {"path": str(p), "axes": axes}
         sidecar = p.with_suffix(".json")
         if sidecar.is_file():
@@ -96,6 +91,28 @@ def read_labels(path: str | list[str]) -> list[LayerData]:
             (data, {"name": p.stem, "metadata": metadata}, "labels" if integer else "image")
         )
     return layers
+
+
+def _labels_data(path: Path, series):
+    """A TIFF series' data: numpy up to :data:`LAZY_BYTES` and for one plane; a larger
+    integer stack as :class:`~.chunked_labels.ChunkedLabels` over the file (editable,
+    read lazily); other large data as a read-only dask array."""
+    import tifffile
+
+    nbytes = int(np.prod(series.shape)) * series.dtype.itemsize
+    planes = int(np.prod(series.shape[:-2])) if len(series.shape) > 2 else 1
+    if nbytes <= LAZY_BYTES or planes == 1:
+        return series.asarray()
+    import zarr
+
+    source = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+    if np.dtype(source.dtype).kind in "iu" and len(series.shape) >= 3:
+        from .chunked_labels import ChunkedLabels
+
+        return ChunkedLabels.from_array(source)
+    import dask.array as da
+
+    return da.from_zarr(source)
 
 
 # ---------------------------------------------------------------------------------- writer

@@ -62,6 +62,10 @@ class CommitActions:
                 )
             show_info(f"MobileSAM: {exc}")
             return None
+        except OSError as exc:  # labels on a full disk: put back, or left to Undo
+            show_info(f"MobileSAM: {exc}")
+            state.labels.refresh()
+            return None
         scores = _features.prediction_scores(state.prediction)  # for the object table
         _features.record(state.labels, state.plane, [new_id], [scores[0]], [scores[1]])
         refresh_region(state.labels, state.plane, state.extent)  # only where the mask is

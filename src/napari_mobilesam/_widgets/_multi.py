@@ -130,6 +130,10 @@ class MultiObjects:
         except ValueError as exc:
             show_info(f"MobileSAM: {exc}; choose 'overlap: overwrite' to paint over objects")
             return None
+        except OSError as exc:  # labels on a full disk: put back, or left to Undo
+            show_info(f"MobileSAM: {exc}")
+            state.labels.refresh()
+            return None
         scores = [_features.prediction_scores(p) for p in predictions]  # for the object table
         _features.record(
             state.labels, state.plane, ids, [s[0] for s in scores], [s[1] for s in scores]

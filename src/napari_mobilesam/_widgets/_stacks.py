@@ -159,22 +159,28 @@ class StackActions:
             )  # fmt: skip
 
         def done(masks) -> None:
-            skipped = 0
+            painted = skipped = 0
+            failed = None
             for index, m in masks.items():
                 try:
                     plane = label_plane(target.data, index)
                     session.commit(plane, m, label_id=new_id, overwrite=overwrite)
                 except ValueError:
                     skipped += 1  # inside other objects only, with overlap: only unlabeled
+                except OSError as exc:  # labels on a full disk: the planes left are not
+                    failed = exc
+                    break
                 else:  # its scores for the object table
+                    painted += 1
                     _features.record(target, index, [new_id], [scores[index]], [stability[index]])
                 state.ready.add(index)
             target.refresh()
+            if failed is not None:
+                show_info(f"MobileSAM: {failed}")
             note = f" ({skipped} inside other objects, skipped)" if skipped else ""
+            note += f" ({len(masks) - painted - skipped} not written: {failed})" if failed else ""
             how = "propagation cancelled: " if stop.is_set() else ""
-            self.status.setText(
-                f"{how}object {new_id} propagated to {len(masks) - skipped} more plane(s){note}"
-            )
+            self.status.setText(f"{how}object {new_id} propagated to {painted} more plane(s){note}")
 
         def finished(*_args) -> None:
             if self._stop is stop:
@@ -247,7 +253,8 @@ class StackActions:
         went."""
         try:
             painted = state.session.commit_propagated(target.data, result, overwrite=overwrite)
-        except ValueError as exc:  # the labels were replaced meanwhile
+        except (ValueError, OSError) as exc:  # labels replaced meanwhile, or a full disk
+            target.refresh()
             show_info(f"MobileSAM: {exc}")
             self.status.setText(f"propagation not committed: {exc}")
             return

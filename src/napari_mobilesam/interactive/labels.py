@@ -109,6 +109,10 @@ class LabelEditor:
         ValueError
             When a mask would paint no pixel (empty, or only over labelled pixels without
             ``overwrite``), or no new id fits the dtype. Nothing is painted then.
+        OSError
+            When writing labels on disk fails (a full disk). The region is put back as
+            it was; if even that fails, the commit stays an undo step ("may be partly
+            written": Undo reverts it once the disk has room).
         """
         with self._lock:
             self._check_labels(labels)
@@ -145,11 +149,34 @@ class LabelEditor:
             previous = target[local].copy()
             for region, label_id in zip(regions, ids, strict=True):
                 target[region] = label_id
-            if not isinstance(labels, np.ndarray):
-                labels[box] = target
-            self._steps.append(_Step(labels, box, local, previous, ids))
-            del self._steps[: len(self._steps) - self.max_undo]
+            step = _Step(labels, box, local, previous, ids)
+            if not isinstance(labels, np.ndarray):  # labels on disk: a write can fail
+                try:
+                    labels[box] = target
+                except OSError as err:
+                    self._failed_write(step, target, err)
+            self._add(step)
             return ids
+
+    def _add(self, step: _Step) -> None:
+        self._steps.append(step)
+        del self._steps[: len(self._steps) - self.max_undo]
+
+    def _failed_write(self, step: _Step, target: np.ndarray, err: OSError) -> None:
+        """A commit's write into labels on disk failed (a full disk): put back what was
+        there, or, when that fails too, keep the step so that Undo reverts the part
+        written once there is room. Always raises."""
+        target[step.where] = step.previous  # the region as it was before the commit
+        why = f"writing the labels failed ({err.strerror or err})"
+        try:
+            step.target[step.box] = target
+        except OSError:
+            self._add(step)
+            raise OSError(
+                err.errno, f"{why}; the commit may be partly written: Undo reverts it once "
+                "the disk has room",
+            ) from err  # fmt: skip
+        raise OSError(err.errno, f"{why}; nothing was painted") from err
 
     def _ids(self, labels, label_ids, n: int) -> list[int]:
         top = int(np.iinfo(labels.dtype).max)

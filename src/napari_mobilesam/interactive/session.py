@@ -3,7 +3,8 @@
 It composes the pieces of this package around one :class:`~napari_mobilesam.predictor.
 Predictor`: :class:`~.planes.ImagePlanes` (which plane is which), an
 :class:`~.cache.EmbeddingCache` (embeddings per plane), prompts (:mod:`.prompts`),
-a :class:`~.labels.LabelEditor` (commit and undo) and propagation (:mod:`.propagate`,
+a :class:`~.labels.LabelEditor` (commit and undo; the methods in :mod:`.session_labels`),
+tiles of large planes (:mod:`.tiled`) and propagation (:mod:`.propagate`,
 :mod:`.propagate_many`; the methods in :mod:`.session_stacks`).
 
 Threads: every public method may be called from several threads at once. A lock per
@@ -27,6 +28,7 @@ from .labels import LabelEditor
 from .locks import predictor_lock
 from .planes import ImagePlanes
 from .prompts import ObjectPrompt, Prediction, SamPrompt, batches, check_choice, pick, to_sam
+from .session_labels import SessionLabels
 from .session_stacks import StackPropagation
 from .tiled import TiledPrompts
 from .tiles import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, DEFAULT_TILE_THRESHOLD, TileGrid
@@ -39,7 +41,7 @@ def _from_planes(name: str, doc: str) -> property:
     return property(lambda self: getattr(self.planes, name), doc=doc)
 
 
-class PromptSession(StackPropagation, TiledPrompts):
+class PromptSession(StackPropagation, TiledPrompts, SessionLabels):
     """Interactive segmentation state over an image or a stack of planes.
 
     Parameters
@@ -416,92 +418,3 @@ class PromptSession(StackPropagation, TiledPrompts):
                 for j, i in enumerate(members):
                     out[i] = Prediction(masks[j], scores[j], low_res[j], pick(scores[j], "best"))
         return out  # type: ignore[return-value]
-
-    # -- labels ---------------------------------------------------------------------------
-
-    @property
-    def max_undo(self) -> int:
-        """How many commits :meth:`undo` can revert (default 64)."""
-        return self._labels.max_undo
-
-    @max_undo.setter
-    def max_undo(self, value: int) -> None:
-        self._labels.max_undo = check_int(value, "max_undo", minimum=0)
-
-    @property
-    def can_undo(self) -> bool:
-        """Whether :meth:`undo` has a commit to revert."""
-        return self._labels.can_undo
-
-    def adopt_undo(self, other: PromptSession) -> None:
-        """Take over ``other``'s undo steps: a new session of the same image (e.g. with
-        another model) keeps reverting the commits made in the earlier one.
-
-        Raises
-        ------
-        ValueError
-            If ``other``'s planes have another (H, W) than this session's.
-        """
-        if other._labels.shape_hw != self._labels.shape_hw:
-            raise ValueError(
-                f"cannot take undo steps of planes {other._labels.shape_hw} "
-                f"into a session of planes {self._labels.shape_hw}"
-            )
-        self._labels = other._labels
-
-    def commit(
-        self,
-        labels: np.ndarray,
-        mask: np.ndarray,
-        *,
-        label_id: int | None = None,
-        overwrite: bool = False,
-    ) -> int:
-        """Paint ``mask`` into a label plane in place, with a new id; undoable.
-
-        Parameters
-        ----------
-        labels : np.ndarray
-            (H, W) integer label image (0 = background), modified in place; a view into
-            a stack (``labels3d[z]``) works.
-        mask : np.ndarray
-            (H, W) bool.
-        label_id : int, optional
-            The id to paint; default ``labels.max() + 1`` (for one plane of a stack, pass
-            ``stack.max() + 1`` to keep ids unique across planes).
-        overwrite : bool
-            Also paint over other objects; by default only unlabelled pixels change.
-
-        Returns
-        -------
-        int
-            The id painted. Errors: see :meth:`LabelEditor.commit`.
-        """
-        ids = None if label_id is None else [label_id]
-        return self._labels.commit(labels, [mask], label_ids=ids, overwrite=overwrite)[0]
-
-    def commit_many(
-        self, labels: np.ndarray, masks, *, label_ids=None, overwrite: bool = False
-    ) -> list[int]:
-        """Paint several masks into a label plane, each with a new id; one undo step.
-
-        See :meth:`LabelEditor.commit`: where the masks overlap, the earlier one keeps
-        the pixel; ``label_ids`` default to ``labels.max() + 1, + 2, ...``.
-        """
-        return self._labels.commit(labels, masks, label_ids=label_ids, overwrite=overwrite)
-
-    def undo(self, labels: np.ndarray | None = None) -> list[int] | None:
-        """Revert the last commit (all objects committed together).
-
-        Parameters
-        ----------
-        labels : np.ndarray, optional
-            Revert in this array instead of the one the commit painted (when the label
-            data was replaced by a copy); same shape.
-
-        Returns
-        -------
-        list of int or None
-            The ids that were removed, or None when there is nothing to undo.
-        """
-        return self._labels.undo(labels)
