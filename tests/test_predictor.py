@@ -299,13 +299,14 @@ def test_fp16_on_a_cpu_warns(tiny_model):
 
 @pytest.mark.slow
 def test_embed_images_batched_equals_one_by_one(golden_model, rng):
-    """Batches of 2 through the encoder give each image's own embedding and sizes."""
-    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-              for h, w in ((90, 120), (64, 64), (120, 70))]  # fmt: skip
-    images.append(rng.integers(0, 4000, (50, 80), dtype=np.uint16))  # grayscale uint16
+    """Batches through the encoder (a full one and a partial one) give each image's own
+    embedding and sizes; conversion options apply to every image, as in set_image."""
+    rgb = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    gray = rng.integers(0, 4000, (50, 80), dtype=np.uint16)  # grayscale uint16
+    images = [rgb, gray, np.ascontiguousarray(rgb[..., ::-1])]
     pred = Predictor(golden_model)
-    embs = pred.embed_images(iter(images), batch_size=3)
-    assert len(embs) == 4 and not pred.is_image_set
+    embs = pred.embed_images(iter(images), batch_size=2)
+    assert len(embs) == 3 and not pred.is_image_set
     for image, emb in zip(images, embs, strict=True):
         pred.set_image(image)
         assert emb.original_size == pred.original_size and emb.input_size == pred.input_size
@@ -313,12 +314,10 @@ def test_embed_images_batched_equals_one_by_one(golden_model, rng):
         torch.testing.assert_close(emb.features, pred.features, rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         pred.embed_images(images, batch_size=0)
-    # conversion options apply to every image, as in set_image
-    (emb,) = pred.embed_images([images[3]], contrast_limits=(100, 900))
-    pred.set_image(images[3], contrast_limits=(100, 900))
-    torch.testing.assert_close(emb.features, pred.features, rtol=1e-4, atol=2e-5)
-    (emb,) = pred.embed_images([images[0]], image_format="BGR")
-    pred.set_image(images[0], image_format="BGR")
+    (emb,) = pred.embed_images([rgb], image_format="BGR")  # the channels reversed
+    torch.testing.assert_close(emb.features, embs[2].features, rtol=1e-4, atol=2e-5)
+    (emb,) = pred.embed_images([gray], contrast_limits=(100, 900))
+    pred.set_image(gray, contrast_limits=(100, 900))
     torch.testing.assert_close(emb.features, pred.features, rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="image_format must be 'RGB' or 'BGR'"):
         pred.embed_images(images, image_format="RGBA")
