@@ -190,9 +190,15 @@ def _crop(ex, fraction: float, rng: np.random.Generator):
 
 
 def _eval_model(cfg: TrainConfig, model, device):
+    """An inference copy of ``model`` for the held-out scores, with the fast inference
+    modules (:func:`~napari_mobilesam.accel.optimize`), as ``load_model`` gives users."""
+    from ..accel import optimize
+
     copy = build_sam(resolve_config(cfg.model))
     copy.load_state_dict(model.state_dict())
-    return copy.to(device).eval()
+    copy.eval()
+    optimize(copy)
+    return copy.to(device)
 
 
 def train(
