@@ -344,8 +344,10 @@ class ChunkedLabels:
         return not self._finalizer.alive
 
     def close(self) -> None:
-        """Remove the store's folder; the array cannot be used afterwards."""
+        """Remove the store's folder and let go of the source; the array cannot be used
+        afterwards."""
         self._finalizer()
+        self._source = None
 
     def _check_open(self) -> None:
         if self.closed:
