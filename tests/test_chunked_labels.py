@@ -326,12 +326,14 @@ def test_a_full_disk_during_a_commit_leaves_nothing_or_an_undo_step(labels):
     # the write fails, putting the region back works: nothing painted, no undo step
     with pytest.raises(OSError, match="No space left on device.*nothing was painted") as err:
         editor.commit(_FullDisk(labels.plane((0,)), [0.5]), [mask])
-    assert err.value.errno == 28 and not editor.can_undo
+    assert err.value.errno == 28 and not editor.can_undo and editor.next_undo() is None
     np.testing.assert_array_equal(np.asarray(labels), before)
     # putting it back fails too: partly written, and Undo reverts it once there is room
     with pytest.raises(OSError, match="partly written: Undo reverts it"):
         editor.commit(_FullDisk(labels.plane((0,)), [0.5, 0.0]), [mask])
     assert editor.can_undo and (np.asarray(labels) == 6).any()
+    plane, box = editor.next_undo()  # what Undo reverts: the plane given, the masks' box
+    assert plane.plane.index == (0,) and box == (slice(10, 30), slice(20, 40))
     assert editor.undo() == [6]
     np.testing.assert_array_equal(np.asarray(labels), before)
     assert labels.max() == 5

@@ -148,7 +148,7 @@ def test_commit_undo_and_save_on_chunked_labels_match_numpy(
 
 
 def test_propagation_into_chunked_labels(make_napari_viewer, qtbot, monkeypatch, disks):
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # shown: napari's partial redraws apply
     image = np.stack([_stack((64, 80))] * 3)
     results = []
     for name, threshold in (("dense", "off"), ("chunked", LOW)):
@@ -173,6 +173,13 @@ def test_propagation_into_chunked_labels(make_napari_viewer, qtbot, monkeypatch,
 
     assert isinstance(chunked, ChunkedLabels) and all(p.max() >= 1 for p in dense)
     np.testing.assert_array_equal(np.asarray(chunked), dense)
+    # undo, plane by plane, of the propagated objects: only each step's region redrawn
+    refreshes = _refreshes(w.state.labels, monkeypatch)
+    steps = 0
+    while w.session.can_undo:
+        steps += 1
+        w.undo()
+    assert steps >= 3 and refreshes == [] and not np.asarray(chunked).any()
 
 
 def test_everything_results_and_commits_on_chunked_labels(
@@ -342,3 +349,23 @@ def test_object_table_on_chunked_labels(
     expected[1, 0, 0] = 0
     np.testing.assert_array_equal(np.asarray(saved.data), expected)
     assert set(glob.glob(str(data.path.parent / "mobilesam-labels-*"))) == stores  # copy gone
+
+
+def test_step_region_finds_the_plane_an_undo_changes(tmp_path):
+    """The plane and box of an undo step, for numpy views and chunked planes alike."""
+    from napari_mobilesam._widgets._tiles import step_region
+    from napari_mobilesam.chunked_labels import label_plane
+
+    box = (slice(3, 9), slice(4, 12))
+    dense = np.zeros((2, 3, 20, 30), np.uint32)
+    assert step_region(dense, (label_plane(dense, (1, 2)), box)) == ((1, 2), (3, 4, 9, 12))
+    assert step_region(dense, (np.zeros((20, 30), np.uint32), box)) is None  # not its plane
+    assert step_region(dense, (dense[1, 2, :10], box)) is None  # not a whole plane
+    assert step_region(dense[0, 0], (dense[0, 0], box)) == ((), (3, 4, 9, 12))  # 2D
+    chunked = ChunkedLabels((4, 20, 30), folder=tmp_path)
+    assert step_region(chunked, (chunked.plane((3,)), box)) == ((3,), (3, 4, 9, 12))
+    other = ChunkedLabels((4, 20, 30), folder=tmp_path)
+    assert step_region(other, (chunked.plane((3,)), box)) is None
+    assert step_region(chunked, None) is None
+    chunked.close()
+    other.close()

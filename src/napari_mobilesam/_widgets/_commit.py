@@ -11,7 +11,7 @@ from ..chunked_labels import label_plane
 from . import _features
 from ._chunked import unwritable, writable
 from ._layers import on_plane
-from ._tiles import refresh_region, undo_region
+from ._tiles import refresh_region, step_region, undo_region
 
 
 class CommitActions:
@@ -80,9 +80,12 @@ class CommitActions:
         state = self.state
         if state is None or state.session is None:
             return
+        step = state.session.next_undo()
         removed = state.session.undo()
         if removed is not None:
             undone = undo_region(state, removed)  # (plane, region) of a commit of this dock
+            if undone is None:  # e.g. one plane of a propagated object: the step's own
+                undone = step_region(state.labels.data, step)
             if undone is None:
                 state.labels.refresh()
             else:

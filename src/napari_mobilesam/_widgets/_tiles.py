@@ -18,7 +18,7 @@ import threading
 import numpy as np
 from qtpy.QtCore import QObject, Signal
 
-from ..chunked_labels import ChunkedLabels
+from ..chunked_labels import ChunkedLabels, LabelPlane
 
 Region = tuple[int, int, int, int]  # (r0, c0, r1, c1) plane pixels, exclusive ends
 
@@ -30,6 +30,7 @@ __all__ = [
     "missing_tiles",
     "prompt_tiles",
     "refresh_region",
+    "step_region",
     "tiles_note",
     "undo_region",
     "update_preview",
@@ -212,8 +213,9 @@ def refresh_region(layer, plane: tuple[int, ...], region: Region | None) -> None
 
 
 def _partial(layer, plane: tuple[int, ...], region: Region) -> bool:
-    """napari's partial update of a Labels layer for ``region`` of ``plane``; False when
-    it does not apply (then nothing was done)."""
+    """napari's partial update of a Labels layer for ``region`` of ``plane``; True also
+    when nothing shown changed (another plane is shown, or the layer is hidden); False
+    when it does not apply (then nothing was done)."""
     data = layer.data
     dense = isinstance(data, np.ndarray)
     if not (dense or isinstance(data, ChunkedLabels)) or layer.multiscale or not layer.visible:
@@ -226,7 +228,7 @@ def _partial(layer, plane: tuple[int, ...], region: Region) -> bool:
         return False
     shown = layer._get_pt_not_disp()
     if tuple(int(shown[d]) for d in range(ndim - 2)) != plane:
-        return False  # the layer shows another plane: nothing on screen changed
+        return True  # the layer shows another plane: nothing on screen changed
     raw = layer._slice.image.raw
     if raw.shape != data.shape[-2:]:
         return False
@@ -251,6 +253,40 @@ def undo_region(state, removed: list[int]):
     for _plane, r in where:
         region = union(region, r)
     return None if region is None else (where[0][0], region)
+
+
+def step_region(data, step) -> tuple[tuple[int, ...], Region] | None:
+    """The (plane, region) of ``data`` (a Labels layer's array) that an undo step
+    changes, from ``PromptSession.next_undo()`` (taken before the undo): ``(plane
+    array, (rows, cols))``. None when the plane is not one of ``data``'s."""
+    if step is None:
+        return None
+    target, (rows, cols) = step
+    region = (rows.start, cols.start, rows.stop, cols.stop)
+    if isinstance(target, LabelPlane):
+        return (target.index, region) if target.labels is data else None
+    if isinstance(target, np.ndarray) and isinstance(data, np.ndarray):
+        plane = _plane_of_view(target, data)
+        return None if plane is None else (plane, region)
+    return None
+
+
+def _plane_of_view(view: np.ndarray, data: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the plane of the C-contiguous stack ``data`` that ``view`` is (a
+    numpy view ``data[index]``), found from their memory addresses; None otherwise."""
+    if (
+        view.shape != data.shape[-2:]
+        or view.dtype != data.dtype
+        or view.strides != data.strides[-2:]
+        or not data.flags.c_contiguous
+    ):
+        return None
+    offset = view.ctypes.data - data.ctypes.data
+    size = view.size * view.itemsize
+    n = int(np.prod(data.shape[:-2]))
+    if offset < 0 or offset % size or offset // size >= n:
+        return None
+    return tuple(int(i) for i in np.unravel_index(offset // size, data.shape[:-2]))
 
 
 def update_preview(state, extent: Region | None, paint) -> None:

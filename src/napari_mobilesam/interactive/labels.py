@@ -203,6 +203,13 @@ class LabelEditor:
         with self._lock:
             return bool(self._steps)
 
+    def next_undo(self) -> tuple[object, tuple[slice, slice]] | None:
+        """What :meth:`undo` would revert now: ``(plane, box)``, the (H, W) plane the
+        commit painted (as given to :meth:`commit`) and the (rows, cols) slices of its
+        masks' bounding box; None when there is nothing to undo."""
+        with self._lock:
+            return (self._steps[-1].target, self._steps[-1].box) if self._steps else None
+
     def undo(self, labels: np.ndarray | None = None) -> list[int] | None:
         """Revert the last commit, restoring the pixels' previous values.
 

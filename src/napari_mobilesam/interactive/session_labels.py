@@ -38,6 +38,11 @@ class SessionLabels:
         """Whether :meth:`undo` has a commit to revert."""
         return self._labels.can_undo
 
+    def next_undo(self) -> tuple[object, tuple[slice, slice]] | None:
+        """``(plane, box)`` that :meth:`undo` would revert now (see
+        :meth:`LabelEditor.next_undo`), or None."""
+        return self._labels.next_undo()
+
     def adopt_undo(self, other: SessionLabels) -> None:
         """Take over ``other``'s undo steps: a new session of the same image (e.g. with
         another model) keeps reverting the commits made in the earlier one.
