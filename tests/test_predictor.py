@@ -297,6 +297,19 @@ def test_fp16_on_a_cpu_warns(tiny_model):
     assert pred.precision == "fp16"
 
 
+def test_bf16_on_a_cpu_without_bf16_units_warns(tiny_model, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="without bfloat16 units .* much slower"):
+        pred = Predictor(tiny_model, precision="bf16")
+    assert pred.precision == "bf16"
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Predictor(tiny_model, precision="bf16")
+
+
 @pytest.mark.slow
 def test_embed_images_batched_equals_one_by_one(golden_model, rng):
     """Batches through the encoder (a full one and a partial one) give each image's own

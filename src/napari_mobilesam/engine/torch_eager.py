@@ -166,15 +166,25 @@ def torch_engine(model: Sam, precision: str, options: EngineOptions) -> Engine:
     """The engine of backend ``"torch"``."""
     if options.onnx_folder is not None or options.quantize is not None:
         raise ValueError("onnx_folder and quantize need backend='onnx'")
-    if precision == "fp16" and model.device.type == "cpu":
+    if precision in ("fp16", "bf16") and model.device.type == "cpu":
         import warnings
 
-        warnings.warn(
-            "precision='fp16' on a CPU is very slow (CPUs have no fast float16 kernels); "
-            "use 'bf16' or 'auto'",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        from . import precision as _precision
+
+        if precision == "fp16":
+            warnings.warn(
+                "precision='fp16' on a CPU is very slow (CPUs have no fast float16 kernels); "
+                "use 'bf16' or 'auto'",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif not _precision.cpu_has_bf16():
+            warnings.warn(
+                "precision='bf16' on a CPU without bfloat16 units (AVX512-BF16 or AMX) is "
+                "much slower than float32 (about 10x measured); use 'auto' or 'fp32'",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     encoder = TorchEncoder(model, precision, options.cuda_graphs)
     cached = {"cache": options.decoder_cache, "factorized": options.factorized}
     decoder = TorchDecoder(model, **cached)
