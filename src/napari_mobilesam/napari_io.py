@@ -100,13 +100,13 @@ def _labels_data(path: Path, series):
     import tifffile
 
     nbytes = int(np.prod(series.shape)) * series.dtype.itemsize
-    planes = int(np.prod(series.shape[:-2])) if len(series.shape) > 2 else 1
+    planes = int(np.prod(series.shape[:-2]))  # 1 for a 2D file
     if nbytes <= LAZY_BYTES or planes == 1:
         return series.asarray()
     import zarr
 
     source = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
-    if np.dtype(source.dtype).kind in "iu" and len(series.shape) >= 3:
+    if np.dtype(source.dtype).kind in "iu":
         from .chunked_labels import ChunkedLabels
 
         return ChunkedLabels.from_array(source)
