@@ -144,9 +144,34 @@ def test_interactive_loss_is_none_without_objects(tiny_model):
     )
 
 
+def test_neighbour_weight_charges_masks_that_spill_into_touching_cells():
+    from napari_mobilesam.training.decoder import Window
+    from napari_mobilesam.training.step import _Losses, _Prompt
+
+    target = torch.zeros(16, 16, dtype=torch.bool)
+    target[4:12, 2:8] = True
+    others = torch.zeros(16, 16, dtype=torch.bool)
+    others[4:12, 8:14] = True  # a touching cell on the right
+    p = _Prompt(target=target, window=Window(0, 4, 0, 4), others=others)
+    right = (target.float() * 2 - 1) * 3
+    merged = ((target | others).float() * 2 - 1) * 3
+    logits = torch.stack([right, merged])  # (M=2, 16, 16): two candidate masks
+
+    def score(weight):
+        return _Losses(StepConfig(neighbour_weight=weight)).score(logits, None, 1.0, p)
+
+    plain, plain_iou = score(1.0)
+    heavy, heavy_iou = score(4.0)
+    # a merged mask costs more, relative to the right one, than without the weight
+    assert float(heavy[1] - heavy[0]) > 1.5 * float(plain[1] - plain[0]) > 0
+    # the IoU (the IoU head's target) is the plain one either way
+    assert torch.equal(plain_iou, heavy_iou)
+    assert float(plain_iou[0]) == 1.0 and float(plain_iou[1]) == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"objects": 0}, "objects"), ({"rounds": 0}, "rounds"), ({"background": -1}, "background"),
+    [({"neighbour_weight": 0.5}, "neighbour_weight"), ({"objects": 0}, "objects"), ({"rounds": 0}, "rounds"), ({"background": -1}, "background"),
      ({"box_fraction": 2.0}, "box_fraction"), ({"iou_weight": -1.0}, "iou_weight")],
 )  # fmt: skip
 def test_step_config_errors(kwargs, match):

@@ -60,6 +60,10 @@ class StepConfig:
         a fresh initialisation with that weight learns to predict empty masks (the
         focal loss of the many background pixels wins before any object is found),
         hence 1 : 1 by default.
+    neighbour_weight : float
+        How many times a pixel of another labelled object counts in the focal loss of
+        an object's mask (1 = like any pixel). Above 1 it penalises masks that spill
+        into touching cells, the commonest error of a model that merges neighbours.
     """
 
     objects: int = 12
@@ -71,6 +75,7 @@ class StepConfig:
     focal_weight: float = 1.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    neighbour_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("objects", "rounds"):
@@ -84,6 +89,8 @@ class StepConfig:
         for name in ("focal_weight", "dice_weight", "iou_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.neighbour_weight >= 1:
+            raise ValueError(f"neighbour_weight must be >= 1, got {self.neighbour_weight!r}")
 
 
 def image_embedding(model: Sam, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
@@ -127,6 +134,7 @@ class _Prompt:
     box: torch.Tensor | None = None  # (4,)
     previous: torch.Tensor | None = None  # (1, 4h, 4w) logits of the last best mask
     is_background: bool = False
+    others: torch.Tensor | None = None  # (4h, 4w) bool, other objects' pixels
 
 
 class _Losses:
@@ -153,19 +161,27 @@ class _Losses:
         target = p.target[p.window.pixels].reshape(1, -1)
         flat = logits.reshape(m, -1)
         weight = torch.ones(1, flat.shape[1], device=flat.device)
+        focal_weight = weight
+        if p.others is not None and self.cfg.neighbour_weight != 1:
+            others = p.others[p.window.pixels].reshape(1, -1).to(flat.device)
+            focal_weight = weight + (self.cfg.neighbour_weight - 1) * others.float()
         if far is not None:
             n = far[0].numel()
             flat = torch.cat([flat, far.reshape(m, -1)], 1)
             target = torch.cat([target, target.new_zeros(1, n)], 1)
             weight = torch.cat([weight, weight.new_full((1, n), far_weight)], 1)
+            focal_weight = torch.cat([focal_weight, weight[:, -n:]], 1)
         # (M, 1, n): the loss helpers reduce over the last two axes
-        flat, target, weight = (
+        flat, target, weight, focal_weight = (
             flat[:, None],
             target[:, None].expand_as(flat[:, None]),
             weight[:, None],
+            focal_weight[:, None],
         )
         cfg = self.cfg
-        per_mask = cfg.focal_weight * focal_loss_per_mask(flat, target, weight)
+        # the IoU (the IoU head's target) counts every pixel as it is; only the focal
+        # loss weighs the neighbours' pixels more
+        per_mask = cfg.focal_weight * focal_loss_per_mask(flat, target, focal_weight)
         # dice unweighted: balanced around the object (weighted, the far background
         # would dominate it and a fresh decoder collapses to empty masks)
         per_mask = per_mask + cfg.dice_weight * dice_loss_per_mask(flat, target)
@@ -305,12 +321,18 @@ def interactive_loss(
     masks, target = masks[keep], target[keep]
     if len(masks) == 0:
         return None
+    foreground = None
+    if cfg.neighbour_weight != 1:
+        fg = torch.from_numpy(np.asarray(labels) > 0)[None]
+        foreground = low_res_target(fg, model.img_size, input_size, low)[0, 0] > 0.5
     is_box = rng.random(len(masks)) < cfg.box_fraction
     first_xy = points_from_masks(masks, gen, scale)
     boxes = noisy_boxes(_boxes(masks) * scale, gen)
     point_prompts, box_prompts = [], []
     for i in range(len(masks)):
         p = _Prompt(target=target[i], window=Window.around(target[i], grid))
+        if foreground is not None:
+            p.others = foreground & ~target[i]
         if is_box[i]:
             p.box = boxes[i]
             box_prompts.append(p)
