@@ -171,7 +171,8 @@ def test_neighbour_weight_charges_masks_that_spill_into_touching_cells():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"neighbour_weight": 0.5}, "neighbour_weight"), ({"objects": 0}, "objects"), ({"rounds": 0}, "rounds"), ({"background": -1}, "background"),
+    [({"neighbour_weight": 0.5}, "neighbour_weight"),
+     ({"objects": 0}, "objects"), ({"rounds": 0}, "rounds"), ({"background": -1}, "background"),
      ({"box_fraction": 2.0}, "box_fraction"), ({"iou_weight": -1.0}, "iou_weight")],
 )  # fmt: skip
 def test_step_config_errors(kwargs, match):
