@@ -41,7 +41,9 @@ def _args(data, out, tiny_json, *extra):
 
 def test_trains_and_writes_a_loadable_run(data, tmp_path, tiny_json, capsys):
     out = tmp_path / "run"
-    assert main(_args(data, out, tiny_json, "--epochs", "2", "--train-encoder", "all")) == 0
+    argv = _args(data, out, tiny_json, "--epochs", "2", "--train-encoder", "all",
+                 "--neighbour-weight", "3")  # fmt: skip
+    assert main(argv) == 0
     assert "best checkpoint" in capsys.readouterr().out
     for name in ("best.pt", "last.pt", "state.pt", "log.csv", "val.csv", "run.json"):
         assert (out / name).is_file(), name
@@ -52,6 +54,7 @@ def test_trains_and_writes_a_loadable_run(data, tmp_path, tiny_json, capsys):
         assert len(list(csv.DictReader(f))) == 2
     run = json.loads((out / "run.json").read_text())
     assert run["steps"] == 8 and 0 <= run["best"]["point_miou"] <= 1
+    assert run["config"]["step"]["neighbour_weight"] == 3
     model = load_sam(TINY_CONFIG, out / "best.pt")  # official format, strict keys
     assert model.image_encoder.img_size == 128
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))

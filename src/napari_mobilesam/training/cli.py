@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-fraction", type=float, default=0.5)
     p.add_argument("--focal-weight", type=float, default=1.0)
     p.add_argument(
+        "--neighbour-weight", type=float, default=1.0,
+        help="how many times the pixels of other labelled objects count in an object's focal "
+        "loss (e.g. 4 for a model that merges touching cells; default 1)",
+    )  # fmt: skip
+    p.add_argument(
         "--far-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("START", "END"),
         help="fractions of the run between which the focal loss goes from balanced around "
         "each object to full-mask (e.g. 0.5 0.8 for a fresh decoder; default: full-mask)",
@@ -149,6 +154,7 @@ def _train(args: argparse.Namespace) -> int:
             background=args.background,
             box_fraction=args.box_fraction,
             focal_weight=args.focal_weight,
+            neighbour_weight=args.neighbour_weight,
         ),
         far_ramp=tuple(args.far_ramp),
         aux_weight=args.aux_weight,
