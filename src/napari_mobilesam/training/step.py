@@ -162,7 +162,7 @@ class _Losses:
         flat = logits.reshape(m, -1)
         weight = torch.ones(1, flat.shape[1], device=flat.device)
         focal_weight = weight
-        if p.others is not None and self.cfg.neighbour_weight != 1:
+        if p.others is not None:  # set only when neighbour_weight != 1
             others = p.others[p.window.pixels].reshape(1, -1).to(flat.device)
             focal_weight = weight + (self.cfg.neighbour_weight - 1) * others.float()
         if far is not None:
