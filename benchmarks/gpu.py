@@ -159,7 +159,7 @@ def timings(golden: Path, device, quick: bool, out: dict, save=lambda: None) -> 
     orig, what = _original(weights, device)
     out["original"] = {"available": orig is not None, "what": what}
     photo = golden_image(golden, "photo")
-    reps = 3 if quick else 20
+    reps = 1 if quick else 20
 
     def row(name, r):
         out[name] = r
@@ -380,7 +380,8 @@ def main(argv=None) -> int:
     stage("predictor_check", lambda: check_predictor(args.golden, model, device))
     stage("resize_check", lambda: check_resize(device, args.quick))
     stage("precision_check",
-          lambda: {p: check_precision(args.golden, model, p) for p in precisions})  # fmt: skip
+          lambda: {p: check_precision(args.golden, model, p, max_images=1 if args.quick else None)
+                   for p in precisions})  # fmt: skip
     batch, quick = (1 if args.quick else args.batch), args.quick
 
     def timed_precisions():

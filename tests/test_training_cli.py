@@ -181,9 +181,11 @@ def test_twenty_pairs_fine_tuning_beats_the_starting_model(tmp_path):
         tifffile.imwrite(data / f"img{i:02d}_labels.tif", s.labels)
     start = fetch("vit_t_synthetic_cells")
     out = tmp_path / "run"
-    argv = [str(data), "-o", str(out), "--checkpoint", "vit_t_synthetic_cells", "--epochs", "2",
+    # tiny settings: one epoch at input 512 (crops at the 1024 model's scale, ~4x cheaper);
+    # on this data it lifts point / box mIoU by about 0.12 / 0.16 (2-core CPU: 3.5 min)
+    argv = [str(data), "-o", str(out), "--checkpoint", "vit_t_synthetic_cells", "--epochs", "1",
             "--objects", "6", "--eval-points-per-side", "0", "--lr", "3e-4", "--quiet",
-            "--eval-every", "2"]  # fmt: skip
+            "--input-size", "512"]  # fmt: skip
     assert main(argv) == 0
     _, held = split_pairs(find_pairs(data), 0.2)
     examples = [ex for p in held for ex in load_examples(p)]
