@@ -318,6 +318,25 @@ def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_p
     assert viewer.layers["stack everything"].data.shape == stack.shape
 
 
+def test_a_short_dock_scrolls_instead_of_clipping(make_napari_viewer, qtbot):
+    """Both widgets stacked in a window shorter than their controls: each dock scrolls,
+    and no button is squeezed below its natural height (it was clipped before)."""
+    from napari_mobilesam._widgets import EverythingWidget, PromptWidget
+
+    viewer = make_napari_viewer(show=True)
+    w, e = PromptWidget(viewer), EverythingWidget(viewer)
+    viewer.window.add_dock_widget(w, area="right")
+    viewer.window.add_dock_widget(e, area="right")
+    viewer.window.resize(1100, 600)
+    qtbot.waitUntil(lambda: w.scroll_area.verticalScrollBar().maximum() > 0, timeout=WAIT)
+    qtbot.waitUntil(lambda: e.scroll_area.verticalScrollBar().maximum() > 0, timeout=WAIT)
+    for button in (w.start_button, w.prop_button, w.prop_all_button, e.run_button):
+        assert button.height() >= button.sizeHint().height(), button.text()
+    # with room, a dock asks for its controls' full height (no scroll bar at opening)
+    hint = w.scroll_area.sizeHint().height()
+    assert hint >= w.scroll_area.widget().sizeHint().height() > 400
+
+
 def test_one_model_setting_for_both_widgets(make_napari_viewer, qtbot, tmp_path):
     """Weights entered in one widget are the other's too; backend and precision are
     under a collapsed 'advanced' group."""

@@ -16,7 +16,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -31,6 +30,7 @@ from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
 from ._model import ModelPicker
 from ._reader_preference import prefer_plugin_reader
+from ._scroll import scrolled
 
 LINKED = "mobilesam_linked"  # result layer metadata: the link axis of the run that made it
 
@@ -58,7 +58,7 @@ class EverythingWidget(QWidget):
         self._done_planes = 0
         self._stop: threading.Event | None = None  # set by Cancel during a linked run
 
-        layout = QVBoxLayout(self)
+        layout = scrolled(self)  # a crowded dock scrolls instead of clipping
         form = QFormLayout()
         self.image_combo = LayerCombo(napari_viewer, Image)
         form.addRow("image", self.image_combo)

@@ -21,7 +21,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -48,6 +47,7 @@ from ._layers import (
 from ._model import ModelPicker
 from ._multi import MultiObjects, plane_objects
 from ._reader_preference import prefer_plugin_reader
+from ._scroll import scrolled
 from ._stacks import StackActions
 from ._store import StoreActions
 from ._tiles import (
@@ -88,7 +88,7 @@ class PromptWidget(
         self.cache = EmbeddingCache(max_items=32)
         self.negative = False
 
-        layout = QVBoxLayout(self)
+        layout = scrolled(self)  # a crowded dock scrolls instead of clipping
         form = QFormLayout()
         self.image_combo = LayerCombo(napari_viewer, Image)
         self.image_combo.currentTextChanged.connect(self._image_changed)
