@@ -57,7 +57,7 @@ def _widgets(viewer, app, args) -> str:
     from napari_mobilesam._widgets import EverythingWidget, PromptWidget
     from napari_mobilesam.napari_io import sample_cell_stack
 
-    viewer.window.resize(1500, 1150)
+    viewer.window.resize(1500, 1250)
     ((stack, kwargs, _),) = sample_cell_stack()
     viewer.add_image(stack, **kwargs)
     viewer.dims.current_step = (5, 0, 0)
@@ -65,8 +65,11 @@ def _widgets(viewer, app, args) -> str:
     # one model setting per viewer: the everything widget shows the same choice
     prompt.model.name.setCurrentText(args.model)
     prompt.model.weights.setText(str(args.weights) if args.weights else "")
-    viewer.window.add_dock_widget(prompt, name="MobileSAM: segment with prompts", area="right")
-    viewer.window.add_dock_widget(everything, name="MobileSAM: segment everything", area="right")
+    add = viewer.window.add_dock_widget
+    docks = [
+        add(prompt, name="MobileSAM: segment with prompts", area="right"),
+        add(everything, name="MobileSAM: segment everything", area="right"),
+    ]
 
     prompt.start()
     _wait(app, prompt)
@@ -81,6 +84,12 @@ def _widgets(viewer, app, args) -> str:
     everything.run()
     _wait(app, everything)
     viewer.layers.selection.active = prompt.state.points
+    # each dock as tall as its controls (Qt shares the rest; a dock added second
+    # starts at its scroll minimum)
+    from qtpy.QtCore import Qt
+
+    heights = [w.scroll_area.widget().sizeHint().height() + 30 for w in (prompt, everything)]
+    viewer.window._qt_window.resizeDocks(docks, heights, Qt.Orientation.Vertical)
     return "segmented with a point, segment-everything on the shown plane"
 
 

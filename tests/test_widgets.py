@@ -322,6 +322,7 @@ def test_a_short_dock_scrolls_instead_of_clipping(make_napari_viewer, qtbot):
     """Both widgets stacked in a window shorter than their controls: each dock scrolls,
     and no button is squeezed below its natural height (it was clipped before)."""
     from napari_mobilesam._widgets import EverythingWidget, PromptWidget
+    from napari_mobilesam._widgets._scroll import MIN_HEIGHT
 
     viewer = make_napari_viewer(show=True)
     w, e = PromptWidget(viewer), EverythingWidget(viewer)
@@ -332,6 +333,8 @@ def test_a_short_dock_scrolls_instead_of_clipping(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: e.scroll_area.verticalScrollBar().maximum() > 0, timeout=WAIT)
     for button in (w.start_button, w.prop_button, w.prop_all_button, e.run_button):
         assert button.height() >= button.sizeHint().height(), button.text()
+    for dock in (w, e):  # the docks share the height: neither shrinks to its title
+        assert dock.scroll_area.viewport().height() >= MIN_HEIGHT - 20
     # with room, a dock asks for its controls' full height (no scroll bar at opening)
     hint = w.scroll_area.sizeHint().height()
     assert hint >= w.scroll_area.widget().sizeHint().height() > 400

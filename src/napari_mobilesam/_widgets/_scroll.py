@@ -9,6 +9,8 @@ from __future__ import annotations
 from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
+MIN_HEIGHT = 240  # px: the least height a dock scrolls at (a few rows of controls)
+
 
 class ScrollArea(QScrollArea):
     """A frameless vertical scroll area that asks for its contents' full size.
@@ -24,6 +26,16 @@ class ScrollArea(QScrollArea):
         hint = inner.sizeHint()
         bar = self.verticalScrollBar().sizeHint().width()
         return QSize(hint.width() + bar, hint.height() + 2 * self.frameWidth())
+
+    def minimumSizeHint(self) -> QSize:
+        """The contents' width, and at most :data:`MIN_HEIGHT` of their height: docks
+        stacked in a short window share it instead of one shrinking to its title."""
+        inner = self.widget()
+        if inner is None:
+            return super().minimumSizeHint()
+        hint = inner.minimumSizeHint()
+        bar = self.verticalScrollBar().sizeHint().width()
+        return QSize(hint.width() + bar, min(hint.height(), MIN_HEIGHT))
 
 
 def scrolled(widget: QWidget) -> QVBoxLayout:
