@@ -307,6 +307,58 @@ def test_everything_per_plane_then_commit_to_labels(make_napari_viewer, qtbot, t
     assert set(np.unique(labels.data[0])) - {0, 1} == set(ids)
 
 
+def test_commit_to_labels_skips_objects_already_committed(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    """An everything object that a prompt already committed (all but a few pixels) is not
+    added again as a sliver; the others are."""
+    viewer = make_napari_viewer()
+    viewer.add_image(_blobs(centers=((40, 50), (70, 95))), name="cells")
+    e = _everything(viewer, qtbot, "cells")
+    e.run()
+    idle(qtbot, e)
+    result = viewer.layers["cells everything"]
+    found = np.zeros(result.data.shape, result.data.dtype)  # the two blobs as its objects
+    found[disk((40, 50), 14, shape=found.shape)] = 1
+    found[disk((70, 95), 14, shape=found.shape)] = 2
+    result.data = found.copy()
+    ids, areas = np.unique(found[found > 0], return_counts=True)
+    k = int(ids[np.argmax(areas)])
+    committed = np.where(found == k, 7, 0).astype(np.uint32)
+    sliver = np.argwhere(found == k)[:3]
+    committed[tuple(sliver.T)] = 0  # the prompt's mask missed 3 of its pixels
+    labels = viewer.add_labels(committed.copy(), name="cells_labels")
+    new = e.commit_to_labels()
+    assert len(new) == len(ids) - 1 and "1 mostly inside existing objects skipped" in (
+        e.status.text()
+    )
+    assert (labels.data[tuple(sliver.T)] == 0).all()  # no 3-pixel object
+    np.testing.assert_array_equal(labels.data > 0, (found > 0) & ~(
+        (found == k) & (committed == 0)
+    ))  # fmt: skip
+
+
+def test_drop_covered_keeps_objects_mostly_unlabeled():
+    from napari_mobilesam.interactive import drop_covered
+
+    objects = np.zeros((6, 6), np.uint16)
+    objects[:2, :3] = 1  # 6 px, 4 labeled: dropped
+    objects[3:, :2] = 2  # 6 px, 3 labeled: kept at min_free 0.5
+    objects[3:, 4:] = 3  # free
+    labels = np.zeros((6, 6), np.uint32)
+    labels[:2, :2] = 9
+    labels[3:, 0] = 9
+    kept = drop_covered(objects, labels)
+    assert kept.dtype == objects.dtype and set(np.unique(kept)) == {0, 2, 3}
+    np.testing.assert_array_equal(kept[3:, :2], 2)
+    assert set(np.unique(drop_covered(objects, labels, min_free=0.6))) == {0, 3}
+    assert set(np.unique(drop_covered(objects, labels, min_free=0.0))) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="shape"):
+        drop_covered(objects[:3], labels)
+    with pytest.raises(ValueError, match="min_free"):
+        drop_covered(objects, labels, min_free=1.5)
+
+
 def test_add_objects_refuses_ids_that_do_not_fit():
     from napari_mobilesam.interactive import add_objects
 

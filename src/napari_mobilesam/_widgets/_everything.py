@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 
 from ..chunked_labels import label_plane
 from ..everything import MaskGenerator
-from ..interactive import add_objects, predictor_lock
+from ..interactive import add_objects, drop_covered, predictor_lock
 from ..normalize import to_rgb_uint8
 from . import _features
 from ._chunked import add_labels, unwritable, writable
@@ -288,7 +288,8 @@ class EverythingWidget(QWidget):
     def commit_to_labels(self) -> list[int]:
         """Merge the everything objects of the shown plane (or of every plane, with
         *whole stack*) into the image's ``<image>_labels`` layer, which the prompt widget
-        commits to: each object gets a fresh id and fills only unlabeled pixels. A linked
+        commits to: each object gets a fresh id and fills only unlabeled pixels; an object
+        less than half of whose pixels are unlabeled is skipped (per plane). A linked
         result committed whole keeps its linking: one new id per 3D object or track.
 
         Returns
@@ -315,6 +316,7 @@ class EverythingWidget(QWidget):
             show_info(f"MobileSAM: {unwritable(target.name)}")
             return []
         ids: list[int] = []
+        skipped = 0  # objects mostly inside existing ones
         if result.metadata.get(LINKED) and len(planes) > 1:
             # linked objects: one new id per 3D object / track through all its planes
             start = int(data.max()) + 1
@@ -325,10 +327,17 @@ class EverythingWidget(QWidget):
             for index in planes:
                 start = int(data.max()) + 1  # ids unique over the whole layer
                 plane = label_plane(data, index)
-                ids += add_objects(plane, np.asarray(result.data[index]), start=start)
+                objects = np.asarray(result.data[index])
+                found = np.unique(objects[objects > 0]).size
+                # an object mostly inside one committed before (e.g. with a prompt) is skipped:
+                # only its sliver would be added
+                objects = drop_covered(objects, np.asarray(data[index]))
+                skipped += found - np.unique(objects[objects > 0]).size
+                ids += add_objects(plane, objects, start=start)
                 _features.carry(result, target, index, start)  # the objects' scores
         target.refresh()
-        self.status.setText(f"{len(ids)} object(s) added to {target.name}")
+        note = f" ({skipped} mostly inside existing objects skipped)" if skipped else ""
+        self.status.setText(f"{len(ids)} object(s) added to {target.name}{note}")
         return ids
 
     def cancel(self) -> None:

@@ -9,7 +9,8 @@ One module per job:
 - :mod:`.cache`: :class:`EmbeddingCache`, per-plane embeddings in memory and on disk;
 - :mod:`.prompts`: :class:`ObjectPrompt`, :class:`Prediction`, napari prompts to SAM's;
 - :mod:`.labels`: :class:`LabelEditor`, commit masks into label images, undo;
-  :func:`add_objects`, merge a label image's objects into unlabeled pixels;
+  :func:`add_objects`, merge a label image's objects into unlabeled pixels (:func:`drop_covered`
+  first drops those mostly inside existing objects);
 - :mod:`.propagate`: following an object through neighbouring planes;
 - :mod:`.propagate_many`: following every object of a plane at once, one decoder call
   per plane;
@@ -25,7 +26,7 @@ boxes two opposite corners (r0, c0, r1, c1). They are converted to SAM's (x, y) 
 """
 
 from .cache import EmbeddingCache, content_fingerprint, model_fingerprint
-from .labels import LabelEditor, add_objects
+from .labels import LabelEditor, add_objects, drop_covered
 from .locks import predictor_lock
 from .planes import ImagePlanes
 from .prompts import ObjectPrompt, Prediction
@@ -44,6 +45,7 @@ __all__ = [
     "PropagationRule",
     "add_objects",
     "content_fingerprint",
+    "drop_covered",
     "mask_prompt",
     "model_fingerprint",
     "predictor_lock",

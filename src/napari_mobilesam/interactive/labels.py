@@ -325,3 +325,42 @@ def add_objects(labels, objects, start: int | None = None) -> list[int]:
         here[region] = lut[obj[region]]
         labels[(*index, *box)] = here[box]
     return new.tolist()
+
+
+def drop_covered(objects: np.ndarray, labels: np.ndarray, min_free: float = 0.5) -> np.ndarray:
+    """The objects of a label image without those mostly inside existing objects.
+
+    Merging segment-everything objects into labels that already hold committed objects
+    would otherwise add the slivers of duplicates (a few pixels around an object already
+    there) as objects of their own.
+
+    Parameters
+    ----------
+    objects : np.ndarray
+        (H, W) integer labels (0 = background), e.g. a segment-everything plane.
+    labels : np.ndarray
+        (H, W) the labels they are to be merged into (0 = unlabeled).
+    min_free : float
+        The least fraction of an object's pixels that must be unlabeled for it to be kept.
+
+    Returns
+    -------
+    np.ndarray
+        A copy of ``objects`` with the other objects set to 0.
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ or ``min_free`` is outside [0, 1].
+    """
+    objects, labels = np.asarray(objects), np.asarray(labels)
+    if objects.shape != labels.shape:
+        raise ValueError(f"objects must have the labels' shape {labels.shape}, got {objects.shape}")
+    if not 0.0 <= min_free <= 1.0:
+        raise ValueError(f"min_free must be in [0, 1], got {min_free}")
+    flat = objects.ravel().astype(np.int64)
+    area = np.bincount(flat)
+    free = np.bincount(flat, weights=(labels.ravel() == 0)) if flat.size else area
+    keep = free >= min_free * area
+    keep[0] = False
+    return np.where(keep[flat], flat, 0).reshape(objects.shape).astype(objects.dtype)
