@@ -353,6 +353,7 @@ def test_drop_covered_keeps_objects_mostly_unlabeled():
     np.testing.assert_array_equal(kept[3:, :2], 2)
     assert set(np.unique(drop_covered(objects, labels, min_free=0.6))) == {0, 3}
     assert set(np.unique(drop_covered(objects, labels, min_free=0.0))) == {0, 1, 2, 3}
+    assert drop_covered(np.zeros((0, 4), np.uint8), np.zeros((0, 4), np.uint32)).shape == (0, 4)
     with pytest.raises(ValueError, match="shape"):
         drop_covered(objects[:3], labels)
     with pytest.raises(ValueError, match="min_free"):

@@ -359,8 +359,8 @@ def drop_covered(objects: np.ndarray, labels: np.ndarray, min_free: float = 0.5)
     if not 0.0 <= min_free <= 1.0:
         raise ValueError(f"min_free must be in [0, 1], got {min_free}")
     flat = objects.ravel().astype(np.int64)
-    area = np.bincount(flat)
-    free = np.bincount(flat, weights=(labels.ravel() == 0)) if flat.size else area
+    area = np.bincount(flat, minlength=1)
+    free = np.bincount(flat, weights=labels.ravel() == 0, minlength=1)
     keep = free >= min_free * area
     keep[0] = False
     return np.where(keep[flat], flat, 0).reshape(objects.shape).astype(objects.dtype)
