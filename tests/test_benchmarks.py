@@ -14,25 +14,22 @@ from .conftest import GOLDEN, GOLDEN_CKPT, ROOT, requires_golden
 @requires_golden
 @pytest.mark.slow
 def test_bench_predictor_runs(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    """The command line (run, report, json) once: each run embeds at 1024 px."""
+    import json
+
+    out = tmp_path / "r.json"
     # (the original is timed in test_original.py, which undoes its imports)
-    result = bench_predictor.run(GOLDEN_CKPT, image=image, repeats=1, with_original=False)
+    argv = ["--repeats", "1", "--json", str(out), "--weights", str(GOLDEN_CKPT), "--no-original"]
+    assert bench_predictor.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "set_image" in text and "ours/baseline" in text
+    result = json.loads(out.read_text())
     assert not result["original"]["available"]
     assert result["max_low_res_logit_diff"] < 5e-3  # fast and reference paths agree
     assert result["set_image"]["ours"]["n"] == 1
     for key in ("set_image", "predict_1pt"):
         assert result[key]["baseline"]["median"] > 0
-    text = bench_predictor.report(result)
-    assert "set_image" in text and "x" in text.splitlines()[-2]
-    out = tmp_path / "r.json"
-    assert (
-        bench_predictor.main(
-            ["--repeats", "1", "--json", str(out), "--weights", str(GOLDEN_CKPT), "--no-original"]
-        )
-        == 0
-    )
-    assert out.exists() and "ours/baseline" in capsys.readouterr().out
+    assert text.rstrip().endswith(bench_predictor.report(result).rstrip())
 
 
 @requires_golden

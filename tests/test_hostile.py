@@ -986,7 +986,9 @@ def test_ctrl_c_with_a_local_cluster_prints_no_traceback(tiny_env, tmp_path):
     inp = tmp_path / "in"
     for i in range(6):
         _image(inp / f"img{i}.png", seed=i)
-    for i, delays in enumerate([[0.0], [0.3], [1.0], [2.0], [4.0], [2.0, 0.3], [4.0, 0.5]]):
+    # the first instant, the cluster starting, its workers running, and a second Ctrl-C
+    # while it shuts down (early and late)
+    for i, delays in enumerate([[0.0], [1.0], [4.0], [2.0, 0.3], [4.0, 0.5]]):
         out = tmp_path / f"out{i}"
         argv = [str(inp), "-o", str(out), "--weights", str(weights), "--device", "cpu", "-q",
                 "--scheduler", "local", "--workers", "2", *FAST]  # fmt: skip

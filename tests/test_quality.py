@@ -20,7 +20,8 @@ from benchmarks import bench_quality
 
 pytestmark = pytest.mark.slow
 
-#: bench_quality.run("vit_t_synthetic_cells", IMAGES, GRID, n_stacks=1, modes=())
+#: bench_quality.run("vit_t_synthetic_cells", IMAGES, GRID, n_stacks=1, modes=(),
+#: dim_everything=False)
 IMAGES, GRID = 2, 16
 #: figure -> (measured, margin): the test asserts measured - margin or better. Not pinned:
 #: segment-everything F1 at the default thresholds (0.88, 0.95), near 0 for this model
@@ -37,7 +38,11 @@ PINNED = {
 
 @pytest.fixture(scope="module")
 def quality():
-    return bench_quality.run("vit_t_synthetic_cells", IMAGES, GRID, n_stacks=1, modes=())
+    # (dim_everything: the dim images' everything F1 is near 0 at the default thresholds,
+    # unpinned, and costs a quarter of the run)
+    return bench_quality.run(
+        "vit_t_synthetic_cells", IMAGES, GRID, n_stacks=1, modes=(), dim_everything=False
+    )
 
 
 @pytest.mark.parametrize("figure", list(PINNED), ids=lambda f: ".".join(f))
