@@ -352,6 +352,8 @@ def test_drop_covered_keeps_objects_mostly_unlabeled():
     assert kept.dtype == objects.dtype and set(np.unique(kept)) == {0, 2, 3}
     np.testing.assert_array_equal(kept[3:, :2], 2)
     assert set(np.unique(drop_covered(objects, labels, min_free=0.6))) == {0, 3}
+    again, dropped = drop_covered(objects, labels, min_free=0.6, return_dropped=True)
+    assert dropped == 2 and np.array_equal(again, drop_covered(objects, labels, min_free=0.6))
     assert set(np.unique(drop_covered(objects, labels, min_free=0.0))) == {0, 1, 2, 3}
     assert drop_covered(np.zeros((0, 4), np.uint8), np.zeros((0, 4), np.uint32)).shape == (0, 4)
     with pytest.raises(ValueError, match="shape"):

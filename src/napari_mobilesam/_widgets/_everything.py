@@ -328,11 +328,11 @@ class EverythingWidget(QWidget):
                 start = int(data.max()) + 1  # ids unique over the whole layer
                 plane = label_plane(data, index)
                 objects = np.asarray(result.data[index])
-                found = np.unique(objects[objects > 0]).size
                 # an object mostly inside one committed before (e.g. with a prompt) is skipped:
                 # only its sliver would be added
-                objects = drop_covered(objects, np.asarray(data[index]))
-                skipped += found - np.unique(objects[objects > 0]).size
+                existing = np.asarray(data[index])
+                objects, dropped = drop_covered(objects, existing, return_dropped=True)
+                skipped += dropped
                 ids += add_objects(plane, objects, start=start)
                 _features.carry(result, target, index, start)  # the objects' scores
         target.refresh()

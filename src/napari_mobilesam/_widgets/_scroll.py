@@ -19,13 +19,16 @@ class ScrollArea(QScrollArea):
     with a scroll bar while the window had room; this one asks for the contents' hint.
     """
 
+    def _with_bar(self, hint: QSize, height: int) -> QSize:
+        """``hint``'s width plus the scroll bar's, and ``height``."""
+        return QSize(hint.width() + self.verticalScrollBar().sizeHint().width(), height)
+
     def sizeHint(self) -> QSize:
         inner = self.widget()
         if inner is None:
             return super().sizeHint()
         hint = inner.sizeHint()
-        bar = self.verticalScrollBar().sizeHint().width()
-        return QSize(hint.width() + bar, hint.height() + 2 * self.frameWidth())
+        return self._with_bar(hint, hint.height() + 2 * self.frameWidth())
 
     def minimumSizeHint(self) -> QSize:
         """The contents' width, and at most :data:`MIN_HEIGHT` of their height: docks
@@ -34,8 +37,7 @@ class ScrollArea(QScrollArea):
         if inner is None:
             return super().minimumSizeHint()
         hint = inner.minimumSizeHint()
-        bar = self.verticalScrollBar().sizeHint().width()
-        return QSize(hint.width() + bar, min(hint.height(), MIN_HEIGHT))
+        return self._with_bar(hint, min(hint.height(), MIN_HEIGHT))
 
 
 def scrolled(widget: QWidget) -> QVBoxLayout:

@@ -327,7 +327,9 @@ def add_objects(labels, objects, start: int | None = None) -> list[int]:
     return new.tolist()
 
 
-def drop_covered(objects: np.ndarray, labels: np.ndarray, min_free: float = 0.5) -> np.ndarray:
+def drop_covered(
+    objects: np.ndarray, labels: np.ndarray, min_free: float = 0.5, return_dropped: bool = False
+) -> np.ndarray | tuple[np.ndarray, int]:
     """The objects of a label image without those mostly inside existing objects.
 
     Merging segment-everything objects into labels that already hold committed objects
@@ -342,11 +344,14 @@ def drop_covered(objects: np.ndarray, labels: np.ndarray, min_free: float = 0.5)
         (H, W) the labels they are to be merged into (0 = unlabeled).
     min_free : float
         The least fraction of an object's pixels that must be unlabeled for it to be kept.
+    return_dropped : bool
+        Also return how many objects were dropped.
 
     Returns
     -------
-    np.ndarray
-        A copy of ``objects`` with the other objects set to 0.
+    np.ndarray or (np.ndarray, int)
+        A copy of ``objects`` with the other objects set to 0 (and the number of objects
+        dropped, with ``return_dropped``).
 
     Raises
     ------
@@ -363,4 +368,7 @@ def drop_covered(objects: np.ndarray, labels: np.ndarray, min_free: float = 0.5)
     free = np.bincount(flat, weights=labels.ravel() == 0, minlength=1)
     keep = free >= min_free * area
     keep[0] = False
-    return np.where(keep[flat], flat, 0).reshape(objects.shape).astype(objects.dtype)
+    kept = np.where(keep[flat], flat, 0).reshape(objects.shape).astype(objects.dtype)
+    if return_dropped:
+        return kept, int(np.count_nonzero((area[1:] > 0) & ~keep[1:]))
+    return kept
