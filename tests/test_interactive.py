@@ -663,6 +663,27 @@ def test_commit_errors(pred, labels, mask, kwargs, error, match):
     assert not s.can_undo
 
 
+def test_commit_min_free_refuses_masks_mostly_inside_objects(pred):
+    s = PromptSession(pred, np.zeros((4, 4)))
+    labels = np.zeros((4, 4), np.uint8)
+    labels[:2, :3] = 7  # 6 of the mask's 8 pixels labelled
+    mask = np.zeros((4, 4), bool)
+    mask[:2] = True
+    before = labels.copy()
+    with pytest.raises(ValueError, match=r"mostly inside existing objects: 2 of its 8 pixels"):
+        s.commit(labels, mask, min_free=0.5)
+    np.testing.assert_array_equal(labels, before)
+    assert not s.can_undo
+    with pytest.raises(ValueError, match=r"masks\[1\] lies mostly inside"):
+        s.commit_many(labels, [np.eye(4, dtype=bool), mask], min_free=0.3)
+    with pytest.raises(ValueError, match=r"min_free must be in \[0, 1\]"):
+        s.commit(labels, mask, min_free=1.5)
+    assert s.commit(labels, mask, min_free=0.25) == 8  # 2 of 8 free: enough
+    assert (labels == 8).sum() == 2
+    assert s.commit(labels, mask, overwrite=True, min_free=1.0) == 9  # overwrite: no rule
+    assert (labels[:2] == 9).all()
+
+
 def test_commit_read_only(pred):
     s = PromptSession(pred, np.zeros((2, 2)))
     labels = np.zeros((2, 2), np.uint8)

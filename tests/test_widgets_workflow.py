@@ -156,6 +156,14 @@ def test_commit_inside_an_object_follows_the_overlap_option(make_napari_viewer, 
     assert w.commit() is None
     assert "overlap: overwrite" in notes[-1]
     np.testing.assert_array_equal(labels.data, first)
+    # with a fifth of the object erased, the same mask lies mostly inside it: refused too
+    # (it would add the erased pixels as a fragment of its own)
+    inside = np.argwhere(labels.data == 1)
+    labels.data[tuple(inside[: len(inside) // 5].T)] = 0
+    partial = labels.data.copy()
+    assert w.commit() is None
+    assert "mostly inside existing objects" in notes[-1] and "overlap: overwrite" in notes[-1]
+    np.testing.assert_array_equal(labels.data, partial)
     w.overlap.setCurrentText("overwrite")
     assert w.commit() == 2
     assert _objects(labels) == {2}

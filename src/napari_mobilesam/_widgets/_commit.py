@@ -13,6 +13,20 @@ from ._chunked import unwritable, writable
 from ._layers import on_plane
 from ._tiles import refresh_region, step_region, undo_region
 
+#: Without *overlap: overwrite*, the least fraction of a mask that must be unlabeled to be
+#: committed: a mask mostly inside existing objects (the same cell clicked again) would add
+#: only their fringes, as a fragmented object of its own (*Commit to labels*: the same rule).
+MIN_FREE = 0.5
+
+
+def overlap_message(exc: ValueError) -> str:
+    """A commit's ValueError as the widget says it: the library's advice to pass
+    ``overwrite=True`` becomes the widget's *overlap* option."""
+    return str(exc).replace(
+        "pass overwrite=True to paint over them",
+        "choose 'overlap: overwrite' in the widget to paint over them",
+    )
+
 
 class CommitActions:
     """Commit, Undo and Clear of :class:`~._prompt.PromptWidget` (its ``state``,
@@ -22,7 +36,8 @@ class CommitActions:
         """Write the previewed mask into the image's labels with a new id.
 
         Where the mask covers existing objects, *overlap* decides: only unlabeled pixels
-        change (default), or the mask overwrites them. Problems become a message.
+        change (default; a mask less than :data:`MIN_FREE` unlabeled is refused), or the
+        mask overwrites them. Problems become a message.
 
         Returns
         -------
@@ -53,14 +68,16 @@ class CommitActions:
         overwrite = self.overlap.currentIndex() == 1
         try:
             plane = label_plane(data, state.plane)
-            state.session.commit(plane, mask, label_id=new_id, overwrite=overwrite)
+            state.session.commit(
+                plane, mask, label_id=new_id, overwrite=overwrite, min_free=MIN_FREE
+            )
         except ValueError as exc:
             if "already have a label" in str(exc):
                 exc = ValueError(
                     "the mask lies inside existing objects only; choose 'overlap: overwrite' "
                     "in the widget to paint over them"
                 )
-            show_info(f"MobileSAM: {exc}")
+            show_info(f"MobileSAM: {overlap_message(exc)}")
             return None
         except OSError as exc:  # labels on a full disk: put back, or left to Undo
             show_info(f"MobileSAM: {exc}")

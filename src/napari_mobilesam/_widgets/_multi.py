@@ -16,6 +16,7 @@ from ..chunked_labels import label_plane
 from ..interactive import ObjectPrompt
 from . import _features
 from ._chunked import unwritable, writable
+from ._commit import MIN_FREE, overlap_message
 from ._layers import ImageSession, on_plane
 from ._tiles import mask_extent, refresh_region, union, update_preview
 
@@ -125,10 +126,10 @@ class MultiObjects:
         try:
             state.session.commit_many(
                 label_plane(data, state.plane), [p.mask for p in predictions], label_ids=ids,
-                overwrite=overwrite,
+                overwrite=overwrite, min_free=MIN_FREE,
             )  # fmt: skip
         except ValueError as exc:
-            show_info(f"MobileSAM: {exc}; choose 'overlap: overwrite' to paint over objects")
+            show_info(f"MobileSAM: {overlap_message(exc)}")
             return None
         except OSError as exc:  # labels on a full disk: put back, or left to Undo
             show_info(f"MobileSAM: {exc}")

@@ -80,6 +80,7 @@ class LabelEditor:
         *,
         label_ids=None,
         overwrite: bool = False,
+        min_free: float = 0.0,
     ) -> list[int]:
         """Paint masks into ``labels`` in place, each with its own id; one undo step.
 
@@ -98,6 +99,10 @@ class LabelEditor:
         overwrite : bool
             Also paint over pixels that already have a label; by default only background
             pixels change.
+        min_free : float
+            Without ``overwrite``: the least fraction of each mask's pixels that must be
+            unlabeled (0: any pixel). A mask mostly inside existing objects would only
+            add their fringes as a fragmented object of its own.
 
         Returns
         -------
@@ -108,7 +113,8 @@ class LabelEditor:
         ------
         ValueError
             When a mask would paint no pixel (empty, or only over labelled pixels without
-            ``overwrite``), or no new id fits the dtype. Nothing is painted then.
+            ``overwrite``), fewer than ``min_free`` of its pixels are unlabeled, ``min_free``
+            is outside [0, 1], or no new id fits the dtype. Nothing is painted then.
         OSError
             When writing labels on disk fails (a full disk). The region is put back as
             it was; if even that fails, the commit stays an undo step ("may be partly
@@ -128,6 +134,8 @@ class LabelEditor:
             ]
             if not masks:
                 raise ValueError("masks is empty: give at least one mask to commit")
+            if not 0.0 <= min_free <= 1.0:
+                raise ValueError(f"min_free must be in [0, 1], got {min_free}")
             ids = self._ids(labels, label_ids, len(masks))
             # only the masks' bounding box is read and written (a mask of a large plane
             # usually covers a small part of it)
@@ -137,11 +145,18 @@ class LabelEditor:
             regions = []
             for i, mask in enumerate(masks):
                 region = mask[box] & free
+                name = "mask" if len(masks) == 1 else f"masks[{i}]"
                 if not region.any():
-                    name = "mask" if len(masks) == 1 else f"masks[{i}]"
                     raise ValueError(
                         f"{name} covers only pixels that already have a label; pass "
                         "overwrite=True to paint over them"
+                    )
+                painted, area = np.count_nonzero(region), np.count_nonzero(mask[box])
+                if not overwrite and painted < min_free * area:
+                    raise ValueError(
+                        f"{name} lies mostly inside existing objects: {painted} of its {area} "
+                        f"pixels are unlabeled (under {min_free:.0%}); pass overwrite=True "
+                        "to paint over them"
                     )
                 free &= ~region
                 regions.append(region)

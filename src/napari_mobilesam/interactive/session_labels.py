@@ -66,6 +66,7 @@ class SessionLabels:
         *,
         label_id: int | None = None,
         overwrite: bool = False,
+        min_free: float = 0.0,
     ) -> int:
         """Paint ``mask`` into a label plane in place, with a new id; undoable.
 
@@ -81,6 +82,8 @@ class SessionLabels:
             ``stack.max() + 1`` to keep ids unique across planes).
         overwrite : bool
             Also paint over other objects; by default only unlabelled pixels change.
+        min_free : float
+            Without ``overwrite``, the least fraction of the mask that must be unlabeled.
 
         Returns
         -------
@@ -88,17 +91,28 @@ class SessionLabels:
             The id painted. Errors: see :meth:`LabelEditor.commit`.
         """
         ids = None if label_id is None else [label_id]
-        return self._labels.commit(labels, [mask], label_ids=ids, overwrite=overwrite)[0]
+        return self._labels.commit(
+            labels, [mask], label_ids=ids, overwrite=overwrite, min_free=min_free
+        )[0]
 
     def commit_many(
-        self, labels: np.ndarray, masks, *, label_ids=None, overwrite: bool = False
+        self,
+        labels: np.ndarray,
+        masks,
+        *,
+        label_ids=None,
+        overwrite: bool = False,
+        min_free: float = 0.0,
     ) -> list[int]:
         """Paint several masks into a label plane, each with a new id; one undo step.
 
         See :meth:`LabelEditor.commit`: where the masks overlap, the earlier one keeps
-        the pixel; ``label_ids`` default to ``labels.max() + 1, + 2, ...``.
+        the pixel; ``label_ids`` default to ``labels.max() + 1, + 2, ...``; ``min_free``
+        applies to each mask.
         """
-        return self._labels.commit(labels, masks, label_ids=label_ids, overwrite=overwrite)
+        return self._labels.commit(
+            labels, masks, label_ids=label_ids, overwrite=overwrite, min_free=min_free
+        )
 
     def undo(self, labels: np.ndarray | None = None) -> list[int] | None:
         """Revert the last commit (all objects committed together).
