@@ -671,3 +671,57 @@ def test_layers_of_the_names_that_do_not_fit_are_messages(
     assert "'x everything'" in notes[-1] and not e.runner.busy
     e.commit_button.click()
     assert "'x everything'" in notes[-1] and len(viewer.layers) == n_layers + 1
+
+
+# -- contrast: the model sees what the user sees --------------------------------------------
+
+
+def test_a_contrast_change_starts_the_session_again_with_the_new_limits(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    from napari_mobilesam.interactive import PromptSession
+
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells", contrast_limits=(0, 60000))
+    other = viewer.add_image(_blobs(centers=((30, 30),)), name="other")
+    w = _widget(viewer, qtbot, cells)
+    first = w.session
+    assert w.state.limits == (0.0, 60000.0)
+    _box(w, qtbot, ((20, 30), (60, 70)))
+    assert w.commit() == 1
+
+    cells.contrast_limits = (200, 4000)  # e.g. the user drags the contrast slider
+    qtbot.waitUntil(lambda: w.session is not first, timeout=WAIT)
+    idle(qtbot, w)
+    assert w.state.limits == (200.0, 4000.0) and w.state.image is cells
+    want = PromptSession(tiny_predictor, cells.data, contrast_limits=(200.0, 4000.0))
+    assert w.session.contrast_limits == want.contrast_limits != first.contrast_limits
+    assert w.state.plane == () and () in w.state.ready  # the shown plane embedded again
+    assert _objects(w.state.labels) == {1}  # objects and undo steps kept
+    w.undo()
+    assert _objects(w.state.labels) == set()
+
+    # changed while another image is chosen: its session starts again when chosen
+    _start(w, qtbot, other)
+    second = w.session_of(cells).session
+    cells.contrast_limits = (100, 5000)
+    qtbot.wait(50)
+    assert w.session_of(cells).session is second and w.state.image is other
+    w.image_combo.setCurrentText("cells")
+    qtbot.waitUntil(lambda: w.session is not second, timeout=WAIT)
+    idle(qtbot, w)
+    assert w.state.limits == (100.0, 5000.0)
+
+
+def test_choosing_another_image_during_start_keeps_its_status(make_napari_viewer, qtbot,
+                                                              tiny_predictor):  # fmt: skip
+    viewer = make_napari_viewer()
+    cells = viewer.add_image(_blobs(), name="cells")
+    viewer.add_image(_blobs(centers=((30, 30),)), name="other")
+    w = _widget(viewer, qtbot)
+    w.image_combo.setCurrentText("cells")
+    w.start()
+    w.image_combo.setCurrentText("other")  # before the model has loaded
+    idle(qtbot, w)
+    assert w.session_of(cells).session is not None  # cells' session was made...
+    assert w.state is None and w.status.text() == "press Start to segment 'other'"  # ...quietly

@@ -25,6 +25,8 @@ class PromptInput:
         for layer in (state.points, state.box):
             layer.events.data.connect(lambda e=None, s=state: self._prompts_changed(s, e))
         state.points.mouse_drag_callbacks.insert(0, self._click)
+        contrast = state.image.events.contrast_limits
+        contrast.connect(lambda e=None, s=state: self._contrast_changed(s))
         state.points.mode = "add"
         for layer in state.layers():
             for key, func in (

@@ -106,6 +106,9 @@ class ImageSession:
     committed : dict
         id -> (plane, region) of each object this dock committed on one plane only (an
         id propagated to other planes is dropped): the region an undo of it redraws.
+    limits : tuple or None
+        The image layer's contrast limits the session normalises with (the model sees
+        what the user sees; other limits start the session again).
     """
 
     image: Image
@@ -124,6 +127,7 @@ class ImageSession:
     shown: tuple[int, int, int, int] | None = None
     tiles_known: set = field(default_factory=set)
     committed: dict = field(default_factory=dict)
+    limits: tuple | None = None
 
     def __post_init__(self) -> None:
         h, w = self.preview.data.shape[-2:]

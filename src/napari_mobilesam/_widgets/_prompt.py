@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from napari.layers import Image
 from napari.utils.notifications import show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -66,6 +67,10 @@ SHORTCUTS = (
     "N: next points negative/positive · draw a rectangle in the box layer · C: commit · "
     "X: next candidate mask · Shift-Z: undo · Escape: clear prompts"
 )
+
+
+#: How long the contrast limits must stay unchanged before the session starts again (ms).
+CONTRAST_SETTLE_MS = 500
 
 
 class PromptWidget(
@@ -179,6 +184,11 @@ class PromptWidget(
         layout.addWidget(help_label)
         layout.addStretch()
         self.runner = Runner(self._busy, self.status)
+        # contrast changes (a slider drag sends many) start the session again once settled
+        self._contrast_timer = QTimer(self)
+        self._contrast_timer.setSingleShot(True)
+        self._contrast_timer.setInterval(CONTRAST_SETTLE_MS)
+        self._contrast_timer.timeout.connect(self._contrast_settled)
 
         napari_viewer.dims.events.current_step.connect(self._plane_changed)
         self._image_changed()
@@ -222,7 +232,34 @@ class PromptWidget(
         self.state.plane = None
         self.viewer.layers.selection.active = self.state.points
         self.status.setText(f"back to {layer.name!r}: its objects are in {self.state.labels.name}")
+        if self._contrast_stale(self.state):  # its contrast changed while another was chosen
+            self._contrast_settled()
+            return
         self._plane_changed()
+
+    # -- contrast: the model sees what the user sees ---------------------------------------
+
+    def _contrast_stale(self, state: ImageSession) -> bool:
+        """Whether ``state``'s image shows other contrast limits than its session uses."""
+        if state.session is None or state.limits is None:
+            return False
+        return tuple(float(v) for v in state.image.contrast_limits) != state.limits
+
+    def _contrast_changed(self, state: ImageSession) -> None:
+        if state is self.state and state in self.sessions and self._contrast_stale(state):
+            self._contrast_timer.start()  # (restarted by each event of a drag)
+
+    def _contrast_settled(self) -> None:
+        """Start the chosen image's session again with its new contrast limits: the shown
+        plane is embedded again (embeddings of earlier limits stay cached); its layers,
+        objects and undo steps stay."""
+        state = self.state
+        if state is None or not state.intact(self.viewer) or not self._contrast_stale(state):
+            return
+        self.start()
+        self.status.setText(
+            f"contrast of {state.image.name!r} changed: embedding with the new limits…"
+        )
 
     def start(self) -> None:
         """Load the model, create the image's session and layers, and embed the shown plane.
@@ -242,10 +279,11 @@ class PromptWidget(
             return
         on_disk = self.disk_cache.isChecked()
 
+        limits = tuple(float(v) for v in layer.contrast_limits)
+
         def make():
             warm_imports()  # what napari would import on the GUI thread to add the layers
             predictor = self.model.predictor()
-            limits = tuple(float(v) for v in layer.contrast_limits)
             # keyed by the planes' pixels (and the model and limits), so an entry is never
             # taken for other data, and a later session on the same image reuses it
             if on_disk:
@@ -292,9 +330,10 @@ class PromptWidget(
                 except ValueError as exc:
                     show_info(f"MobileSAM: earlier commits can no longer be undone: {exc}")
             state.session, state.ready, state.plane = session, set(), None
-            self.status.setText(f"model on {session.predictor.describe()}")
+            state.limits = limits
             self.attach_at_start(state)  # a store for the image: before its first plane
-            if state.image is self.image_combo.layer():
+            if state.image is self.image_combo.layer():  # (the user may have chosen another)
+                self.status.setText(f"model on {session.predictor.describe()}")
                 self.state = state
                 self.viewer.layers.selection.active = state.points
                 self._set_negative(self.negative)
