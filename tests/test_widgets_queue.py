@@ -171,3 +171,30 @@ def test_start_builds_vispys_dash_patterns_off_the_gui_thread():
     assert built.misses == 13 and built.currsize == 13
     dash_atlas.DashAtlas()  # what a line visual does on the GUI thread: lookups only
     assert dash_atlas._make_pattern.cache_info().misses == 13
+
+
+def test_cancel_precompute_counts_the_plane_start_embedded(
+    make_napari_viewer, qtbot, tiny_predictor, monkeypatch, tmp_path
+):
+    """Start with the disk cache embeds the shown plane and precomputes the others at once:
+    the plane it embedded counts among those kept at Cancel."""
+    from napari_mobilesam._widgets import PromptWidget
+
+    monkeypatch.setenv("MOBILESAM_EMBEDDINGS", str(tmp_path / "emb"))
+    viewer = make_napari_viewer()
+    viewer.add_image(_stack(), name="cells", contrast_limits=(0, 4000))
+    viewer.dims.current_step = (3, 0, 0)
+    gate = Gate(monkeypatch, tiny_predictor, "embed_images")
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image_combo.setCurrentText("cells")
+    w.disk_cache.setChecked(True)
+    w.start()  # embeds the shown plane 3, then precomputes 0, 1, 2, 4, 5
+    gate.release(2)  # planes 0 and 1
+    qtbot.waitUntil(lambda: gate.entered == 3, timeout=WAIT)  # plane 2 runs
+    assert w.progress.value() == 2 and w.state.ready == {(0,), (1,), (3,)}
+    w.cancel()
+    gate.release()
+    idle(qtbot, w)
+    assert w.state.ready == {(0,), (1,), (2,), (3,)}
+    assert w.status.text() == "precompute cancelled: 4 of 6 planes embedded (kept)"

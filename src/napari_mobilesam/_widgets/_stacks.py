@@ -45,6 +45,8 @@ class StackActions:
     #: the stop flag of the propagation under way, or None
     _stop: threading.Event | None = None
     _cancel_note = ""
+    #: the planes known embedded of the image being precomputed (ImageSession.ready)
+    _precompute_ready: set | None = None
 
     def precompute(self) -> None:
         """Embed every plane in the background, one job per plane (per batch on a GPU),
@@ -60,6 +62,7 @@ class StackActions:
         todo = [i for i in indices if i not in state.ready]
         self._precompute = [len(indices) - len(todo), len(indices)]
         self._precompute_unit = "planes"
+        self._precompute_ready = state.ready  # (also planes embedded meanwhile: clicks, Start)
         self._cancel_note = ""
         step = session.batch_size  # planes per encoder call (batched on a GPU)
         for start in range(0, len(todo), step):
@@ -113,12 +116,15 @@ class StackActions:
     def _busy(self, busy: bool, _message: str) -> None:
         if not busy:
             if self._cancel_note and self._precompute is not None:
-                self.status.setText(self._cancel_note.format(self._precompute[0]))
+                done = self._precompute[0]
+                if self._precompute_unit == "planes" and self._precompute_ready is not None:
+                    done = max(done, len(self._precompute_ready))
+                self.status.setText(self._cancel_note.format(done))
             elif self._precompute is not None and self.status.text() == "":
                 unit = self._precompute_unit
                 self.status.setText(f"all {self._precompute[1]} {unit} embedded")
             self._precompute, self._cancel_note = None, ""
-            self._tile_stop = None
+            self._tile_stop, self._precompute_ready = None, None
         self.cancel_button.setEnabled(busy and self._cancellable())
         self._show_progress()
 
