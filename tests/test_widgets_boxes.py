@@ -85,6 +85,18 @@ def test_two_boxes_give_two_objects_in_one_decoder_call(make_napari_viewer, qtbo
     assert labels.data.max() == 0
     assert layer in viewer.layers
 
+    # a's object committed alone first: the two boxes again add b only (not a's fringe)
+    w.state.box.add_rectangles(_rectangle((), *box_a))
+    idle(qtbot, w)
+    assert w.commit() == 1
+    w.state.box.add_rectangles(_rectangle((), *box_a))
+    w.state.box.add_rectangles(_rectangle((), *box_b))
+    idle(qtbot, w)
+    assert w.commit() == 2
+    assert set(np.unique(labels.data)) == {0, 1, 2}
+    assert "committed object 2" in w.status.text()
+    assert "(1 mostly inside existing objects skipped)" in w.status.text()
+
 
 def test_points_go_with_the_box_around_them(make_napari_viewer, qtbot, stand_in):
     from napari_mobilesam._widgets import PromptWidget

@@ -54,8 +54,9 @@ def test_a_click_overtakes_the_queued_precompute_planes(
 
     # move to plane 3 and click there while plane 1 is being precomputed
     viewer.dims.current_step = (3, 0, 0)
-    assert "your prompt runs next, after: precomputing" in w.status.text()
+    assert "the embedding of plane (3,) runs next, after: precomputing" in w.status.text()
     w.state.points.add(np.array([[3.0, 33.0, 40.0]]))
+    assert "your prompt runs next, after: precomputing" in w.status.text()
     gate.release()  # plane 1 ends: the click's embedding and prediction run next
     qtbot.waitUntil(lambda: w.prediction is not None, timeout=WAIT)
     assert gate.passed == 1 and w.runner.queued_background >= 2  # planes 2, 4, 5 wait

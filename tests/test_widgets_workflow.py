@@ -346,6 +346,21 @@ def test_commit_to_labels_skips_objects_already_committed(
     ))  # fmt: skip
 
 
+def test_commit_to_labels_without_objects_makes_no_layer(
+    make_napari_viewer, qtbot, tiny_predictor, notes
+):
+    viewer = make_napari_viewer()
+    viewer.add_image(_blobs(), name="cells")
+    e = _everything(viewer, qtbot, "cells")
+    e.run()
+    idle(qtbot, e)
+    result = viewer.layers["cells everything"]
+    result.data = np.zeros(result.data.shape, result.data.dtype)  # nothing found
+    assert e.commit_to_labels() == []
+    assert notes[-1] == "MobileSAM: nothing to commit: no object was found on the image"
+    assert "cells_labels" not in viewer.layers
+
+
 def test_drop_covered_keeps_objects_mostly_unlabeled():
     from napari_mobilesam.interactive import drop_covered
 

@@ -310,6 +310,11 @@ class EverythingWidget(QWidget):
             planes = [plane]
         else:
             planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*shape[:-2])]
+        if not any(np.asarray(result.data[index]).any() for index in planes):
+            where = f"plane {planes[0]}" if planes[0] else "the image"
+            where = "any plane" if len(planes) > 1 else where
+            show_info(f"MobileSAM: nothing to commit: no object was found on {where}")
+            return []  # (no empty labels layer made either)
         target = labels_layer(self.viewer, layer)
         data = target.data
         if not writable(data):  # numpy, or chunked labels on disk

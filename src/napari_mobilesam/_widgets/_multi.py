@@ -120,14 +120,24 @@ class MultiObjects:
         if not predictions:
             show_info("MobileSAM: every mask is empty: move the boxes")
             return None
+        overwrite = self.overlap.currentIndex() == 1
+        plane = label_plane(data, state.plane)
+        covered = 0
+        if not overwrite:  # a box around an object committed before: skipped, not a fragment
+            kept = [p for p in predictions if _free_fraction(plane, p.mask) >= MIN_FREE]
+            covered, predictions = len(predictions) - len(kept), kept
+            if not predictions:
+                show_info(
+                    "MobileSAM: every mask lies mostly inside existing objects; choose "
+                    "'overlap: overwrite' in the widget to paint over them"
+                )
+                return None
         first = int(np.max(data)) + 1
         ids = list(range(first, first + len(predictions)))
-        overwrite = self.overlap.currentIndex() == 1
         try:
             state.session.commit_many(
-                label_plane(data, state.plane), [p.mask for p in predictions], label_ids=ids,
-                overwrite=overwrite, min_free=MIN_FREE,
-            )  # fmt: skip
+                plane, [p.mask for p in predictions], label_ids=ids, overwrite=overwrite
+            )
         except ValueError as exc:
             show_info(f"MobileSAM: {overlap_message(exc)}")
             return None
@@ -143,5 +153,16 @@ class MultiObjects:
         state.committed.update({i: (state.plane, state.extent) for i in ids})
         self.clear()
         self.negative_box.setChecked(False)
-        self.status.setText(f"committed objects {ids[0]}-{ids[-1]} to {state.labels.name}")
+        note = f" ({covered} mostly inside existing objects skipped)" if covered else ""
+        which = f"object {ids[0]}" if len(ids) == 1 else f"objects {ids[0]}-{ids[-1]}"
+        self.status.setText(f"committed {which} to {state.labels.name}{note}")
         return first
+
+
+def _free_fraction(plane, mask: np.ndarray) -> float:
+    """The fraction of ``mask``'s pixels that are unlabeled in ``plane`` (read only in
+    the mask's bounding box; chunked planes too)."""
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    inside = mask[box]
+    return np.count_nonzero(inside & (np.asarray(plane[box]) == 0)) / np.count_nonzero(inside)

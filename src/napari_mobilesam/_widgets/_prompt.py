@@ -372,7 +372,8 @@ class PromptWidget(
         known = plane in state.ready or state.store is not None  # (a store: read, mostly)
         known = known or session.tiles is not None  # tiles are embedded at clicks
         message = "" if known else f"computing the embedding of plane {plane}…"
-        self._note_queued()
+        if not known:
+            self._note_queued(f"the embedding of plane {plane}" if plane else "the embedding")
         self.runner.submit(
             lambda: session.embed(plane), lambda _: self._embedded(state, plane), message
         )
@@ -388,6 +389,8 @@ class PromptWidget(
         if str(getattr(event, "action", "")) in ("adding", "removing"):
             return  # announced before the data changes; the -ed event follows
         state.choice = "best"  # a new object, or a changed one: the best candidate first
+        if state is self.state and state.session is not None and state.plane not in state.ready:
+            self._note_queued()  # the prompt waits for its plane's embedding
         self._predict(state)
 
     def prompts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
@@ -430,10 +433,10 @@ class PromptWidget(
         self._note_queued()
         self.runner.submit(run, done, yielded=self.status.setText, key="predict")
 
-    def _note_queued(self) -> None:
-        """Say in the status line that a prompt waits for the job that runs now."""
+    def _note_queued(self, what: str = "your prompt") -> None:
+        """Say in the status line that ``what`` waits for the job that runs now."""
         if self.runner.worker is not None and self.runner.running:
-            self.status.setText(f"your prompt runs next, after: {self.runner.running}")
+            self.status.setText(f"{what} runs next, after: {self.runner.running}")
 
     def _show(self, state: ImageSession, prediction: Prediction | None, extent=None) -> None:
         """Preview ``prediction`` (None: no preview); ``extent`` (r0, c0, r1, c1) holds all
