@@ -310,7 +310,10 @@ class EverythingWidget(QWidget):
             planes = [plane]
         else:
             planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*shape[:-2])]
-        if not any(np.asarray(result.data[index]).any() for index in planes):
+        # (a whole stack: its largest id, which chunked labels keep a record of, not a read
+        # of every plane before the loop below reads them)
+        found = np.max(result.data) if len(planes) > 1 else np.max(result.data[planes[0]])
+        if not found:
             where = f"plane {planes[0]}" if planes[0] else "the image"
             where = "any plane" if len(planes) > 1 else where
             show_info(f"MobileSAM: nothing to commit: no object was found on {where}")
