@@ -3,9 +3,10 @@
 (a) Click-to-preview: a point added to ``<image> points`` until ``<image> preview`` is
     updated with its mask; the median over ``--clicks`` clicks on a synthetic cell image
     (each click a new object), after two warm-up clicks.
-(b) GUI-thread blocks: a 10 ms ``QTimer`` heartbeat runs on the GUI thread during Start,
-    the clicks, a propagation and a precompute of a stack; the longest gap between two
-    beats minus 10 ms is the longest time the viewer could not react.
+(b) GUI-thread blocks: a 10 ms ``QTimer`` heartbeat runs on the GUI thread while the dock
+    opens (the plugin's modules already imported), during Start, the clicks, a
+    propagation and a precompute of a stack; the longest gap between two beats minus
+    10 ms is the longest time the viewer could not react.
 
 Run: ``python -m benchmarks.bench_napari`` (needs a display; ``xvfb-run`` works). Targets
 (issue 19, a quiet 2-core CPU): median click-to-preview <= 80 ms, no block > 150 ms.
@@ -114,11 +115,14 @@ def run(
     stack = cells_3d((planes, size, size), seed=1)
     image = viewer.add_image(cells.image, name="cells")
     viewer.add_image(stack.image, name="stack")
+    beat = Heartbeat()
+    blocks: dict[str, float] = {}
+    # opening the dock (its once-per-process imports and garbage collection included)
     w = PromptWidget(viewer)
     viewer.window.add_dock_widget(w)
     w.model.name.setCurrentText(model)
-    beat = Heartbeat()
-    blocks: dict[str, float] = {}
+    wait_until(lambda: True)
+    blocks["dock open"] = beat.block_ms()
 
     def idle() -> None:
         wait_until(lambda: not w.runner.busy, timeout)

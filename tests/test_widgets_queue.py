@@ -7,6 +7,7 @@ test decides exactly when a plane finishes: nothing depends on how fast the mach
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from skimage.draw import disk
 
 from .widget_support import (  # skips the module without napari or a display
@@ -154,10 +155,71 @@ def test_start_adds_the_layers_in_separate_turns_of_the_event_loop(
     assert w.session is not None and w.state.points.name == "cells points"
 
 
-def test_start_builds_vispys_dash_patterns_off_the_gui_thread():
-    """The first Labels layer's polygon overlay builds vispy dash patterns (0.3-0.5 s);
-    warm_imports (run by Start's worker while the model loads) fills vispy's cache first,
-    so napari only looks them up on the GUI thread."""
+def test_start_adds_its_layers_without_napari_selecting_each(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    """Selecting each new layer costs napari 0.03-0.04 s per layer on the GUI thread: Start
+    adds its four without selection changes, then selects the points layer once."""
+    from napari_mobilesam._widgets import PromptWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(_stack(2), name="cells")
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    actives = []
+    viewer.layers.selection.events.active.connect(lambda e: actives.append(e.value))
+    w.start()
+    idle(qtbot, w)
+    assert w.state.points in viewer.layers
+    # (napari clears the selection before it selects a layer: None in between)
+    assert {layer.name for layer in actives if layer is not None} == {"cells points"}
+    assert viewer.layers._activate_on_insert is True  # napari's default again
+    assert image in viewer.layers
+
+
+def test_add_quietly_restores_the_switch_and_works_without_it(make_napari_viewer):
+    from napari_mobilesam._widgets._common import add_quietly
+
+    viewer = make_napari_viewer()
+    first = viewer.add_image(np.zeros((8, 8)), name="a")
+
+    def fails():
+        raise ValueError("no layer")
+
+    with pytest.raises(ValueError, match="no layer"):
+        add_quietly(viewer, fails)
+    assert viewer.layers._activate_on_insert is True
+    layer = add_quietly(viewer, lambda: viewer.add_image(np.ones((8, 8)), name="b"))
+    assert layer.name == "b" and viewer.layers.selection.active is first
+
+    class OtherNapari:  # a layer list without the switch: added as usual
+        layers = object()
+
+    assert add_quietly(OtherNapari(), lambda: "added") == "added"
+
+
+def test_prepare_process_runs_once_and_leaves_nothing_to_collect(monkeypatch):
+    """The dock's once-per-process preparation: napari's layer imports, then a full
+    garbage collection, so the first Start's model and layers do not trigger one."""
+    import gc
+    import sys
+
+    from napari_mobilesam._widgets import _common
+
+    monkeypatch.setattr(_common, "_PREPARED", False)
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or 0)
+    assert _common.prepare_process() is True
+    assert calls == [()]
+    assert all(name in sys.modules for name in _common.LAYER_IMPORTS)
+    assert _common.prepare_process() is False  # once per process
+    assert calls == [()]
+
+
+def test_warm_imports_builds_vispys_dash_patterns_beforehand():
+    """The first Labels layer's polygon overlay builds vispy dash patterns (0.2-0.5 s);
+    warm_imports (run when the dock is built) fills vispy's cache first, so napari only
+    looks them up when Start adds the layers."""
     import threading
 
     from vispy.visuals.line import dash_atlas

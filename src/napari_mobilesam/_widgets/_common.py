@@ -282,15 +282,9 @@ class Runner:
 LAYER_IMPORTS = ("pandas", "scipy.linalg", "skimage.color", "skimage.exposure", "skimage.util")
 
 
-def warm_imports() -> None:
-    """Import :data:`LAYER_IMPORTS` and fill vispy's dash-pattern cache (call from a worker
-    thread, e.g. while the model loads).
-
-    The first Labels layer of a process gets a polygon overlay whose line visuals each
-    build a ``DashAtlas``: 13 dash patterns computed in pure Python (0.3-0.5 s on the GUI
-    thread), memoised by vispy after the first time. Building one atlas here, off the GUI
-    thread (numpy only, no OpenGL), leaves napari only cached patterns to look up.
-    """
+def import_layer_modules() -> None:
+    """Import :data:`LAYER_IMPORTS` (those napari would import on the GUI thread when it
+    adds the session's first layers); one missing is skipped."""
     import importlib
 
     for name in LAYER_IMPORTS:
@@ -298,11 +292,75 @@ def warm_imports() -> None:
             importlib.import_module(name)
         except ImportError:  # napari does without it, or imports it itself
             pass
+
+
+def warm_imports() -> None:
+    """:func:`import_layer_modules` and fill vispy's dash-pattern cache (call from a worker
+    thread, e.g. while the model loads).
+
+    The first Labels layer of a process gets a polygon overlay whose line visuals each
+    build a ``DashAtlas``: 13 dash patterns computed in pure Python (0.2-0.5 s on the GUI
+    thread), memoised by vispy after the first time. Building one atlas here, off the GUI
+    thread (numpy only, no OpenGL), leaves napari only cached patterns to look up.
+    """
+    import_layer_modules()
     try:
         from vispy.visuals.line.dash_atlas import DashAtlas
     except ImportError:  # another vispy layout: napari pays the cost itself
         return
     DashAtlas()
+
+
+_PREPARED = False
+
+
+def prepare_process() -> bool:
+    """Once per process (the first call; later calls return False at once), do on the
+    calling thread what would otherwise block the GUI thread during the first *Start*:
+    import what napari needs to add the session's layers and fill vispy's dash patterns
+    (:func:`warm_imports`), then run Python's full garbage collection. Called when the
+    prompt dock is built, before it shows, with the plugin's own imports.
+
+    - napari imports pandas on the GUI thread for the first Points layer (0.3-0.4 s), and
+      vispy builds its dash patterns (0.2 s) for the first Labels layer. In *Start*'s
+      worker thread, while the model loaded, they still held the GUI thread 0.4-0.7 s:
+      waiting for the GIL.
+    - A full collection of a process holding napari, Qt and torch scans about 400,000
+      objects (0.1-0.2 s on a 2-core CPU) holding the GIL, whichever thread runs it.
+      Python starts one when the objects that survived since the last one reach a quarter
+      of those it kept; loading the model and adding the layers of the first *Start*
+      (about 60,000 objects) did, in the middle of adding a layer. After this one, the
+      next is due only after about 100,000 more.
+    """
+    global _PREPARED
+    if _PREPARED:
+        return False
+    import gc
+
+    _PREPARED = True
+    warm_imports()
+    gc.collect()
+    return True
+
+
+def add_quietly(viewer, add: Callable[[], object]) -> object:
+    """``add()`` (adding a layer to ``viewer``) without napari making the new layer the
+    selected one; what ``add`` returns.
+
+    Selecting it swaps the layer controls and the active layer's key bindings (0.03-0.04 s
+    of the 0.1-0.2 s napari takes to add a layer on a 2-core CPU); a caller adding several
+    layers selects the one it wants once, at the end. A napari without the switch adds
+    the layer as usual.
+    """
+    layers = viewer.layers
+    before = getattr(layers, "_activate_on_insert", None)
+    if not isinstance(before, bool):
+        return add()
+    layers._activate_on_insert = False
+    try:
+        return add()
+    finally:
+        layers._activate_on_insert = before
 
 
 def in_turns(

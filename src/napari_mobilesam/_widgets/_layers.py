@@ -19,6 +19,7 @@ from napari.utils.colormaps.standardize_color import transform_color
 
 from ..interactive import Prediction, PromptSession
 from ._chunked import add_labels
+from ._common import add_quietly
 from ._tiles import layer_transform
 
 POSITIVE_COLOR = "lime"
@@ -250,7 +251,7 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
     def step(k):
         def run():
             if check_layers(viewer, image)[k] is None:
-                makers[k]()
+                add_quietly(viewer, makers[k])
 
         return run
 

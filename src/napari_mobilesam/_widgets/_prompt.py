@@ -35,7 +35,7 @@ from ._common import (
     guarded,
     in_turns,
     outside_message,
-    warm_imports,
+    prepare_process,
 )
 from ._input import PromptInput
 from ._layers import (
@@ -88,6 +88,7 @@ class PromptWidget(
         super().__init__()
         self.viewer = napari_viewer
         prefer_plugin_reader()  # *_labels.tif opens without "Choose reader"
+        prepare_process()  # imports and a garbage collection now, not in the first Start
         self.sessions: list[ImageSession] = []
         self.state: ImageSession | None = None
         self.cache = EmbeddingCache(max_items=32)
@@ -282,7 +283,6 @@ class PromptWidget(
         limits = tuple(float(v) for v in layer.contrast_limits)
 
         def make():
-            warm_imports()  # what napari would import on the GUI thread to add the layers
             predictor = self.model.predictor()
             # keyed by the planes' pixels (and the model and limits), so an entry is never
             # taken for other data, and a later session on the same image reuses it
