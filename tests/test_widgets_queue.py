@@ -138,9 +138,12 @@ def test_start_adds_the_layers_in_separate_turns_of_the_event_loop(
     viewer.window.add_dock_widget(w)
     inserted, served, seen = [], [], []
 
+    statuses = []
+
     def on_insert(event):
         seen.append(len(served))  # how many earlier insertions' timers have run
         inserted.append(event.value.name)
+        statuses.append(w.status.text())
         count = len(inserted)
         QTimer.singleShot(0, lambda: served.append(count))
 
@@ -152,7 +155,34 @@ def test_start_adds_the_layers_in_separate_turns_of_the_event_loop(
     assert inserted == ["cells points", "cells box", "cells preview", "cells_labels"]
     # a timer queued at each insertion ran before the next insertion
     assert seen == [0, 1, 2, 3] and served == [1, 2, 3, 4]
+    assert statuses == ["adding the layers of 'cells'…"] * 4  # never a blank status line
     assert w.session is not None and w.state.points.name == "cells points"
+
+
+def test_an_image_removed_while_start_adds_its_layers_is_said(
+    make_napari_viewer, qtbot, tiny_predictor
+):
+    from qtpy.QtCore import QTimer
+
+    from napari_mobilesam._widgets import PromptWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(_stack(2), name="cells")
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    inserted = []
+
+    def on_insert(event):  # the user removes the image after the first layer came
+        inserted.append(event.value.name)
+        if len(inserted) == 1:
+            QTimer.singleShot(0, lambda: viewer.layers.remove(image))
+
+    viewer.layers.events.inserted.connect(on_insert)
+    w.start()
+    idle(qtbot, w)
+    assert image not in viewer.layers and len(inserted) < 4
+    assert w.status.text() == "'cells' was removed while its layers were added"
+    assert w.session is None and not w.sessions
 
 
 def test_start_adds_its_layers_without_napari_selecting_each(

@@ -214,7 +214,8 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
     Returns
     -------
     steps : list of callable()
-        One per missing layer, each adding it (and checking the names again first).
+        One per missing layer, each adding it (and checking the names again first);
+        none adds anything once ``image`` is no longer in the viewer.
     finish : callable() -> ImageSession
         The session of the layers, once every step ran.
 
@@ -250,6 +251,8 @@ def layer_steps(viewer, image: Image) -> tuple[list, object]:
 
     def step(k):
         def run():
+            if image not in viewer.layers:
+                return  # removed meanwhile: no layers for it
             if check_layers(viewer, image)[k] is None:
                 add_quietly(viewer, makers[k])
 

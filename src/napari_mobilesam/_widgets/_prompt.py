@@ -310,6 +310,7 @@ class PromptWidget(
                     self.status.setText(str(exc))
                     return
                 self.runner.hold()
+                self.status.setText(f"adding the layers of {layer.name!r}…")
                 in_turns(steps, lambda: added(session, finish), self._layers_failed)
                 return
             ready(session, state)
@@ -317,6 +318,7 @@ class PromptWidget(
         def added(session, finish) -> None:
             self.runner.release()
             if layer not in self.viewer.layers:
+                self.status.setText(f"{layer.name!r} was removed while its layers were added")
                 return
             state = finish()
             self._connect(state)
