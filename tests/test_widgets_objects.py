@@ -149,6 +149,33 @@ def test_click_a_row_shows_its_object_on_its_plane(make_napari_viewer, qtbot):
     assert viewer.dims.current_step[0] == 3 and layer.selected_label == 2
 
 
+def test_moving_through_planes_keeps_the_table_and_its_status(make_napari_viewer, qtbot):
+    """napari signals set_data when the shown plane changes: the table is checked again
+    but, its objects unchanged, neither rebuilt nor its status line overwritten."""
+    viewer = make_napari_viewer()
+    image, labels = _cells()
+    stack = np.zeros((4, *labels.shape), np.uint32)
+    stack[2] = labels
+    viewer.add_image(np.stack([image] * 4), name="stack")
+    layer = viewer.add_labels(stack, name="stack_labels")
+    w = _dock(viewer, qtbot, layer)
+    assert w.status.text() == "3 objects in stack_labels"
+    resets = []
+    w.model.modelReset.connect(lambda: resets.append(1))
+    _select(w, [1])  # what a click on a row does
+    w.show_row(1)
+    _settled(qtbot, w)
+    assert viewer.dims.current_step[0] == 2
+    viewer.dims.set_point(0, 0)
+    _settled(qtbot, w)
+    assert w.status.text() == "object 2 on plane (2,)"
+    assert resets == [] and w.selected_rows() == [1]
+    layer.data[0, :5, :5] = 7  # a real change is measured and said
+    layer.refresh()
+    _settled(qtbot, w)
+    assert w.status.text() == "4 objects in stack_labels" and resets == [1]
+
+
 def test_delete_and_merge_touch_only_the_selected_objects_and_undo(
     make_napari_viewer, qtbot, tmp_path
 ):

@@ -144,6 +144,7 @@ class ObjectsWidget(QWidget):
         prefer_plugin_reader()  # *_labels.tif opens without "Choose reader"
         self.layer: Labels | None = None
         self._fingerprint: tuple | None = None
+        self._shown = None  # the layer whose table the dock shows
         self._generation = 0  # counts the layer's changes (a table of an older one is stale)
         # (plane, id) -> (predicted IoU, stability, area) of objects deleted or merged here:
         # napari's undo brings their pixels back, and these their scores
@@ -226,6 +227,7 @@ class ObjectsWidget(QWidget):
                 event.disconnect(self._changed)
         self.layer = self.labels_combo.layer()
         self._fingerprint = None
+        self._shown = None  # the layer whose table the dock shows
         self._edited, self._merged = {}, {}
         self.model.set_table(empty_table())
         if self.layer is None:
@@ -268,6 +270,7 @@ class ObjectsWidget(QWidget):
         data = layer.data
         pixels = None if image is None else image.data
         previous, generation = self._fingerprint, self._generation
+        said = self.status.text()  # (the job's message replaces it while it runs)
         source = None if image is None else (image.name, id(image.data))
 
         def work():
@@ -281,19 +284,25 @@ class ObjectsWidget(QWidget):
                 return
             key, table = result
             self._fingerprint = key
-            self._show(table if table is not None else self.model.table, generation)
+            self._show(table if table is not None else self.model.table, generation, said)
 
         self.runner.submit(work, done, "measuring the objects…", key="table")
 
-    def _show(self, table: dict, generation: int) -> None:
+    def _show(self, table: dict, generation: int, said: str = "") -> None:
         layer = self.layer
         table = self._restored(apply_scores(table, scores_from(layer.features, layer.ndim - 2)))
+        if self._shown is layer and _same_table(table, self.model.table):
+            # nothing changed (napari also signals a change of the shown plane): the
+            # status line says again what it said, e.g. which object a row click showed
+            self.status.setText(said)
+            return
         selected = self._selected_keys()
         self.model.set_table(table)
         self.view.resizeColumnsToContents()
         self._select(selected)
         n = len(table["id"])
         self.status.setText(f"{n} object{'s' if n != 1 else ''} in {layer.name}")
+        self._shown = layer
         if generation == self._generation:  # else the layer changed: a new table follows
             self._writing = True
             try:
@@ -469,6 +478,20 @@ def _camera(viewer):
 def _review_rank(name: str) -> int:
     prefixes = ("id", "plane_", "predicted_iou", "stability", "area", "mean_", "max_", "centroid")
     return next((i for i, p in enumerate(prefixes) if name.startswith(p)), len(prefixes))
+
+
+def _same_table(a: dict, b: dict) -> bool:
+    """Whether two object tables (column name -> (N,) array) hold the same values."""
+    if a.keys() != b.keys():
+        return False
+    return all(
+        np.shape(a[k]) == np.shape(b[k]) and np.array_equal(a[k], b[k], equal_nan=_floats(a[k]))
+        for k in a
+    )
+
+
+def _floats(column) -> bool:
+    return np.asarray(column).dtype.kind in "fc"
 
 
 def _fingerprint(data) -> bytes | None:
