@@ -170,6 +170,12 @@ def test_moving_through_planes_keeps_the_table_and_its_status(make_napari_viewer
     _settled(qtbot, w)
     assert w.status.text() == "object 2 on plane (2,)"
     assert resets == [] and w.selected_rows() == [1]
+    from napari_mobilesam._widgets._objects import MEASURING
+
+    w.status.setText(MEASURING)  # (an earlier measuring job's message): never kept
+    w.refresh()
+    _settled(qtbot, w)
+    assert w.status.text() == "3 objects in stack_labels" and resets == []
     layer.data[0, :5, :5] = 7  # a real change is measured and said
     layer.refresh()
     _settled(qtbot, w)

@@ -295,13 +295,13 @@ def import_layer_modules() -> None:
 
 
 def warm_imports() -> None:
-    """:func:`import_layer_modules` and fill vispy's dash-pattern cache (call from a worker
-    thread, e.g. while the model loads).
+    """:func:`import_layer_modules` and fill vispy's dash-pattern cache (once per process,
+    from :func:`prepare_process`).
 
     The first Labels layer of a process gets a polygon overlay whose line visuals each
-    build a ``DashAtlas``: 13 dash patterns computed in pure Python (0.2-0.5 s on the GUI
-    thread), memoised by vispy after the first time. Building one atlas here, off the GUI
-    thread (numpy only, no OpenGL), leaves napari only cached patterns to look up.
+    build a ``DashAtlas``: 13 dash patterns computed in pure Python (0.2-0.5 s), memoised
+    by vispy after the first time. Building one atlas beforehand (numpy only, no OpenGL)
+    leaves napari only cached patterns to look up when it adds the layer.
     """
     import_layer_modules()
     try:

@@ -48,6 +48,7 @@ from ._reader_preference import prefer_plugin_reader
 from ._table_model import ObjectModel, same_table
 
 THROTTLE_MS = 300  # a burst of edits (painting) gives one new table this long after it
+MEASURING = "measuring the objects…"  # the status line while the table is computed
 
 
 class ObjectsWidget(QWidget):
@@ -207,22 +208,23 @@ class ObjectsWidget(QWidget):
             self._fingerprint = key
             self._show(table if table is not None else self.model.table, generation, said)
 
-        self.runner.submit(work, done, "measuring the objects…", key="table")
+        self.runner.submit(work, done, MEASURING, key="table")
 
     def _show(self, table: dict, generation: int, said: str = "") -> None:
         layer = self.layer
         table = self._restored(apply_scores(table, scores_from(layer.features, layer.ndim - 2)))
+        n = len(table["id"])
+        counted = f"{n} object{'s' if n != 1 else ''} in {layer.name}"
         if self._shown is layer and same_table(table, self.model.table):
             # nothing changed (napari also signals a change of the shown plane): the
             # status line says again what it said, e.g. which object a row click showed
-            self.status.setText(said)
+            self.status.setText(said if said and said != MEASURING else counted)
             return
         selected = self._selected_keys()
         self.model.set_table(table)
         self.view.resizeColumnsToContents()
         self._select(selected)
-        n = len(table["id"])
-        self.status.setText(f"{n} object{'s' if n != 1 else ''} in {layer.name}")
+        self.status.setText(counted)
         self._shown = layer
         if generation == self._generation:  # else the layer changed: a new table follows
             self._writing = True

@@ -282,6 +282,8 @@ class PromptWidget(
 
         limits = tuple(float(v) for v in layer.contrast_limits)
 
+        adding = f"adding the layers of {layer.name!r}…"
+
         def make():
             predictor = self.model.predictor()
             # keyed by the planes' pixels (and the model and limits), so an entry is never
@@ -310,7 +312,8 @@ class PromptWidget(
                     self.status.setText(str(exc))
                     return
                 self.runner.hold()
-                self.status.setText(f"adding the layers of {layer.name!r}…")
+                if layer is self.image_combo.layer():  # (the user may have chosen another)
+                    self.status.setText(adding)
                 in_turns(steps, lambda: added(session, finish), self._layers_failed)
                 return
             ready(session, state)
@@ -318,7 +321,8 @@ class PromptWidget(
         def added(session, finish) -> None:
             self.runner.release()
             if layer not in self.viewer.layers:
-                self.status.setText(f"{layer.name!r} was removed while its layers were added")
+                if self.status.text() == adding:  # (else the combo's next image says its own)
+                    self.status.setText(f"{layer.name!r} was removed while its layers were added")
                 return
             state = finish()
             self._connect(state)
