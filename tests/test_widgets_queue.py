@@ -203,8 +203,9 @@ def test_start_adds_its_layers_without_napari_selecting_each(
     assert w.state.points in viewer.layers
     # (napari clears the selection before it selects a layer: None in between)
     assert {layer.name for layer in actives if layer is not None} == {"cells points"}
-    assert viewer.layers._activate_on_insert is True  # napari's default again
     assert image in viewer.layers
+    mine = viewer.add_image(np.zeros((8, 8)), name="mine")  # napari's default again
+    assert viewer.layers.selection.active is mine
 
 
 def test_add_quietly_restores_the_switch_and_works_without_it(make_napari_viewer):
@@ -216,11 +217,15 @@ def test_add_quietly_restores_the_switch_and_works_without_it(make_napari_viewer
     def fails():
         raise ValueError("no layer")
 
+    assert viewer.layers.selection.active is first
     with pytest.raises(ValueError, match="no layer"):
         add_quietly(viewer, fails)
-    assert viewer.layers._activate_on_insert is True
-    layer = add_quietly(viewer, lambda: viewer.add_image(np.ones((8, 8)), name="b"))
-    assert layer.name == "b" and viewer.layers.selection.active is first
+    second = viewer.add_image(np.ones((8, 8)), name="b")  # napari's default again,
+    assert viewer.layers.selection.active is second  # also after an add that raised
+    layer = add_quietly(viewer, lambda: viewer.add_image(np.ones((8, 8)), name="c"))
+    assert layer.name == "c" and viewer.layers.selection.active is second
+    last = viewer.add_image(np.ones((8, 8)), name="d")
+    assert viewer.layers.selection.active is last
 
     class OtherNapari:  # a layer list without the switch: added as usual
         layers = object()
