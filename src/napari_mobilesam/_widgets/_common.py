@@ -282,9 +282,15 @@ class Runner:
 LAYER_IMPORTS = ("pandas", "scipy.linalg", "skimage.color", "skimage.exposure", "skimage.util")
 
 
-def import_layer_modules() -> None:
-    """Import :data:`LAYER_IMPORTS` (those napari would import on the GUI thread when it
-    adds the session's first layers); one missing is skipped."""
+def warm_imports() -> None:
+    """Import :data:`LAYER_IMPORTS` (one missing is skipped) and fill vispy's dash-pattern
+    cache (once per process, from :func:`prepare_process`).
+
+    The first Labels layer of a process gets a polygon overlay whose line visuals each
+    build a ``DashAtlas``: 13 dash patterns computed in pure Python (0.2-0.5 s), memoised
+    by vispy after the first time. Building one atlas beforehand (numpy only, no OpenGL)
+    leaves napari only cached patterns to look up when it adds the layer.
+    """
     import importlib
 
     for name in LAYER_IMPORTS:
@@ -292,18 +298,6 @@ def import_layer_modules() -> None:
             importlib.import_module(name)
         except ImportError:  # napari does without it, or imports it itself
             pass
-
-
-def warm_imports() -> None:
-    """:func:`import_layer_modules` and fill vispy's dash-pattern cache (once per process,
-    from :func:`prepare_process`).
-
-    The first Labels layer of a process gets a polygon overlay whose line visuals each
-    build a ``DashAtlas``: 13 dash patterns computed in pure Python (0.2-0.5 s), memoised
-    by vispy after the first time. Building one atlas beforehand (numpy only, no OpenGL)
-    leaves napari only cached patterns to look up when it adds the layer.
-    """
-    import_layer_modules()
     try:
         from vispy.visuals.line.dash_atlas import DashAtlas
     except ImportError:  # another vispy layout: napari pays the cost itself
