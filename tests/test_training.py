@@ -325,11 +325,52 @@ def test_evaluate_reports_every_score_in_range(tiny_model):
 
     s = synthetic.cells_2d((96, 96), seed=0, radius=(8, 14))
     res = evaluate(tiny_model, [Example("a", s.image, s.labels)], points_per_side=4, max_objects=5)
-    for key in ("point_miou", "random_point_miou", "box_miou", "precision", "recall", "f1"):
+    for key in ("point_miou", "point_oracle_miou", "single_point_miou", "random_point_miou",
+                "box_miou", "precision", "recall", "f1"):  # fmt: skip
         assert 0 <= res[key] <= 1, key
+    assert res["point_oracle_miou"] >= res["point_miou"]  # the best of the three by real IoU
     assert res["n_objects"] == 5 and res["n_images"] == 1
     res = evaluate(tiny_model, [Example("a", s.image, s.labels)], points_per_side=None)
     assert "f1" not in res
+
+
+def test_evaluate_scores_the_chosen_the_best_and_the_single_mask(tiny_model, monkeypatch):
+    """A predictor whose highest-scored mask of three is a quarter of the object, the
+    second the object itself, the third empty; its single-mask output is the object."""
+    from napari_mobilesam import predictor as predictor_module
+    from napari_mobilesam.training.data import Example
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[4:20, 4:20], labels[24:36, 20:36] = 1, 2
+
+    class Fake:
+        def __init__(self, model):
+            pass
+
+        def set_image(self, image):
+            pass
+
+        def predict_batch(self, coords=None, labels_=None, boxes=None, multimask_output=True):
+            if coords is None:  # a box: the object at its centre
+                coords = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None]
+            objs = [labels == labels[int(c[0, 1]), int(c[0, 0])] for c in coords]
+            if not multimask_output:
+                return np.stack(objs)[:, None], np.ones((len(objs), 1)), None
+            out = []
+            for m in objs:
+                quarter = m.copy()
+                quarter[: np.nonzero(m.any(1))[0].mean().astype(int)] = False
+                quarter[:, : np.nonzero(m.any(0))[0].mean().astype(int)] = False
+                out.append([quarter, m, np.zeros_like(m)])
+            scores = np.tile([0.9, 0.5, 0.1], (len(objs), 1))
+            return np.array(out), scores, None
+
+    monkeypatch.setattr(predictor_module, "Predictor", Fake)
+    ex = Example("a", np.zeros((40, 40), np.uint8), labels)
+    res = evaluate(tiny_model, [ex], points_per_side=None, min_area=1)
+    assert res["point_miou"] == pytest.approx((81 / 256 + 63 / 192) / 2)  # the highest-scored
+    assert res["box_miou"] == 1.0
+    assert res["point_oracle_miou"] == 1.0 and res["single_point_miou"] == 1.0
 
 
 def test_train_config_round_trips_through_its_stored_json(tmp_path):

@@ -56,8 +56,14 @@ def _objects(labels: np.ndarray, min_area: int, limit: int | None, rng) -> list[
     return [int(i) for i in ids]
 
 
+#: per-object prompt scores: a click at the centre (the mask of the highest predicted IoU
+#: of three; the best of the three by real IoU; the single-mask output), a click at a
+#: random pixel of the object, its bounding box
+_PROMPT_SCORES = ("point", "point_oracle", "single_point", "random_point", "box")
+
+
 def _prompt_scores(predictor, labels: np.ndarray, ids: list[int], rng) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"point": [], "random_point": [], "box": []}
+    out: dict[str, list[float]] = {name: [] for name in _PROMPT_SCORES}
     if not ids:
         return out
     masks = [labels == i for i in ids]
@@ -76,8 +82,13 @@ def _prompt_scores(predictor, labels: np.ndarray, ids: list[int], rng) -> dict[s
     ones = np.ones((len(ids), 1), np.int64)
     for name, coords in (("point", centres), ("random_point", randoms)):
         pred, scores, _ = predictor.predict_batch(coords, ones, multimask_output=True)
-        best = scores.argmax(1)
-        out[name] = [mask_iou(pred[b, best[b]], m) for b, m in enumerate(masks)]
+        ious = np.array([[mask_iou(pred[b, k], m) for k in range(pred.shape[1])]
+                         for b, m in enumerate(masks)])  # fmt: skip
+        out[name] = list(ious[np.arange(len(masks)), scores.argmax(1)])
+        if name == "point":  # what a perfect choice among the three would give
+            out["point_oracle"] = list(ious.max(1))
+    pred, _, _ = predictor.predict_batch(centres, ones, multimask_output=False)
+    out["single_point"] = [mask_iou(pred[b, 0], m) for b, m in enumerate(masks)]
     pred, _, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
     out["box"] = [mask_iou(pred[b, 0], m) for b, m in enumerate(masks)]
     return out
@@ -116,8 +127,11 @@ def evaluate(
     Returns
     -------
     dict
-        ``point_miou``, ``random_point_miou``, ``box_miou`` (means over objects),
-        ``n_objects``, ``n_images``, and with segment-everything ``precision``,
+        ``point_miou`` (a click at each object's centre, the mask of the highest predicted
+        IoU of three), ``point_oracle_miou`` (the best of those three by real IoU: what a
+        perfect choice gives), ``single_point_miou`` (the single-mask output for the same
+        click), ``random_point_miou``, ``box_miou`` (means over objects), ``n_objects``,
+        ``n_images``, and with segment-everything ``precision``,
         ``recall``, ``f1`` (pooled over images), ``ap50`` and ``n_found``.
     """
     from ..everything import MaskGenerator
@@ -128,7 +142,7 @@ def evaluate(
     generator = None
     if points_per_side is not None:
         generator = MaskGenerator(predictor, points_per_side=points_per_side, mode=mode)
-    scores: dict[str, list[float]] = {"point": [], "random_point": [], "box": []}
+    scores: dict[str, list[float]] = {name: [] for name in _PROMPT_SCORES}
     scored, tp, n_pred, n_true, n_images = [], 0, 0, 0, 0
     items = list(examples)
     if progress:
@@ -150,14 +164,9 @@ def evaluate(
             n_true += counts["n_true"]
             scored.append((ious, np.array([r["predicted_iou"] for r in records])))
     out: dict[str, float] = {
-        "point_miou": float(np.mean(scores["point"])) if scores["point"] else float("nan"),
-        "random_point_miou": (
-            float(np.mean(scores["random_point"])) if scores["random_point"] else float("nan")
-        ),
-        "box_miou": float(np.mean(scores["box"])) if scores["box"] else float("nan"),
-        "n_objects": float(len(scores["point"])),
-        "n_images": float(n_images),
+        f"{name}_miou": float(np.mean(v)) if v else float("nan") for name, v in scores.items()
     }
+    out.update(n_objects=float(len(scores["point"])), n_images=float(n_images))
     if generator is not None:
         precision = tp / n_pred if n_pred else float(n_true == 0)
         recall = tp / n_true if n_true else 1.0
