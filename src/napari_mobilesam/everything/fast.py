@@ -1,10 +1,10 @@
 """``mode="fast"``: reference mode's decisions made earlier and cheaper.
 
-The IoU and stability filters run on the low-resolution logits, prompts none of whose
-masks pass the IoU filter are never upscaled (the engine decoder's ``min_iou``), empty
-masks are dropped, and each survivor is upsampled only inside its own window
-(:mod:`.upsample`) and kept as a tight crop (:mod:`.masks`). Memory grows with the
-objects, not the image.
+Prompts none of whose masks pass the IoU filter are never upscaled (the engine
+decoder's ``min_iou``), masks empty at low resolution are dropped, and each other mask
+that passes the IoU filter is upsampled only inside its own window (:mod:`.upsample`),
+where its stability score is computed at full resolution as in reference mode, and kept
+as a tight crop (:mod:`.masks`). Memory grows with the objects, not the image.
 """
 
 from __future__ import annotations
@@ -57,21 +57,20 @@ class FastPipeline(Pipeline):
         keep = torch.ones(len(iou_preds), dtype=torch.bool, device=low_res.device)
         if f.pred_iou_thresh > 0.0:
             keep &= iou_preds > f.pred_iou_thresh
-        threshold = self.model.mask_threshold
-        stability = torch.full_like(iou_preds, float("nan"))
-        stability[keep] = calculate_stability_score(
-            low_res[keep], threshold, f.stability_score_offset
-        ).to(stability.dtype)
-        if f.stability_score_thresh > 0.0:
-            keep &= stability >= f.stability_score_thresh
-        positive = low_res > threshold
-        keep &= positive.flatten(1).any(dim=1)  # an empty low-res mask upsamples to nothing
+        threshold, reach_below = self.model.mask_threshold, abs(f.stability_score_offset)
+        keep &= (low_res > threshold).flatten(1).any(dim=1)  # else empty at full size too
         idx = torch.nonzero(keep).flatten().cpu()
-        low_boxes = batched_mask_to_box(positive[idx.to(positive.device)]).cpu().numpy()
+        # every pixel above t - offset reads a low-res sample above it (the resize's
+        # weights are convex): the windows of those samples hold the mask and both
+        # masks of its stability score, which is then computed at full resolution
+        reach = low_res[idx.to(low_res.device)] > threshold - reach_below
+        low_boxes = batched_mask_to_box(reach).cpu().numpy()
         found = self._upsample(low_res_full[idx.to(low_res_full.device)], low_boxes, image, state)
-        kept = [k for k, c in enumerate(found) if c is not None]
+        least = f.stability_score_thresh
+        kept = [k for k, c in enumerate(found) if c is not None and (least <= 0 or c[2] >= least)]
         crops = [found[k][0] for k in kept]
         boxes = [found[k][1] for k in kept]
+        stability = torch.tensor([float(found[k][2]) for k in kept], dtype=torch.float32)
         orig_h, orig_w = orig_size
         boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.int64).reshape(-1, 4))
         edge = is_box_near_crop_edge(boxes_t, crop_box, [0, 0, orig_w, orig_h])
@@ -82,7 +81,7 @@ class FastPipeline(Pipeline):
             crops=[crops[i] for i in sel],
             boxes=boxes_t[sel] + offset,
             iou_preds=iou_preds[kept_idx.to(iou_preds.device)].float().cpu(),
-            stability_score=stability[kept_idx.to(stability.device)].float().cpu(),
+            stability_score=stability[sel],
             points=pts[kept_idx],
         )
 
@@ -90,31 +89,40 @@ class FastPipeline(Pipeline):
         return data  # boxes are in image coordinates already
 
     def _upsample(self, low_res: torch.Tensor, low_boxes: np.ndarray, image: CropImage, state):
-        """Tight crop masks (crop, inclusive box) at crop resolution, or None if empty.
+        """(tight crop mask, inclusive box, stability score) at crop resolution, or None
+        where the mask is empty.
 
-        Each mask is upsampled inside the window its positive low-res samples reach;
-        masks whose window covers more than a quarter of the crop go through the exact
-        batched postprocessing instead, which is cheaper there.
+        Each mask is upsampled inside the window that the low-res samples in its
+        ``low_boxes`` box (those above ``t - offset``) reach; masks whose window covers
+        more than a quarter of the crop go through the exact batched postprocessing
+        instead, which is cheaper there.
         """
         up: Upsampler = state.upsampler
         size = image.size
         threshold = self.model.mask_threshold
+        offset = self.filters.stability_score_offset
         out: list = [None] * len(low_res)
         low_cpu = low_res.float().cpu()
+
+        def measured(logits: torch.Tensor, r0: int, c0: int):
+            found = tight_crop((logits > threshold).numpy(), r0, c0)
+            if found is None:
+                return None
+            score = calculate_stability_score(logits[None], threshold, offset)
+            return found[0], found[1], float(score[0])
+
         large = []
         for k in range(len(low_cpu)):
             win = up.window(tuple(low_boxes[k]))
             if (win[1] - win[0]) * (win[3] - win[2]) * 4 > size[0] * size[1]:
                 large.append(k)
                 continue
-            logits = up.logits(low_cpu[k], win)
-            out[k] = tight_crop((logits > threshold).numpy(), win[0], win[2])
+            out[k] = measured(up.logits(low_cpu[k], win), win[0], win[2])
         for start in range(0, len(large), 8):
             ks = large[start : start + 8]
             logits = self.model.postprocess_masks(low_res[ks][:, None], image.input_size, size)
-            masks = (logits[:, 0] > threshold).cpu().numpy()
-            for k, mask in zip(ks, masks, strict=True):
-                out[k] = tight_crop(mask, 0, 0)
+            for k, one in zip(ks, logits[:, 0].float().cpu(), strict=True):
+                out[k] = measured(one, 0, 0)
         return out
 
 
