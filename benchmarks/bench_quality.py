@@ -54,7 +54,7 @@ def held_out(n: int, seed: int = SEED, **kwargs) -> list:
 
 #: the prompt figures of ``training.evaluate`` reported
 PROMPT_FIGURES = (
-    "point_miou", "point_oracle_miou", "single_point_miou", "random_point_miou", "box_miou",
+    "point_miou", "point_oracle_miou", "random_point_miou", "box_miou",
 )  # fmt: skip
 
 #: Lower score thresholds for the stand-in model, whose IoU and stability scores keep few
@@ -305,8 +305,7 @@ def run(
 def _table(res: dict) -> str:
     lines = [
         f"point mIoU {res['prompts']['point_miou']:.3f}  (best of the 3 masks "
-        f"{res['prompts']['point_oracle_miou']:.3f}, single mask "
-        f"{res['prompts']['single_point_miou']:.3f}, random point "
+        f"{res['prompts']['point_oracle_miou']:.3f}, random point "
         f"{res['prompts']['random_point_miou']:.3f})   box mIoU {res['prompts']['box_miou']:.3f}",
         "",
         "| mode | precision | recall | F1 | AP50 | objects / truth | s per image |",

@@ -325,8 +325,8 @@ def test_evaluate_reports_every_score_in_range(tiny_model):
 
     s = synthetic.cells_2d((96, 96), seed=0, radius=(8, 14))
     res = evaluate(tiny_model, [Example("a", s.image, s.labels)], points_per_side=4, max_objects=5)
-    for key in ("point_miou", "point_oracle_miou", "single_point_miou", "random_point_miou",
-                "box_miou", "precision", "recall", "f1"):  # fmt: skip
+    for key in ("point_miou", "point_oracle_miou", "random_point_miou", "box_miou",
+                "precision", "recall", "f1"):  # fmt: skip
         assert 0 <= res[key] <= 1, key
     assert res["point_oracle_miou"] >= res["point_miou"]  # the best of the three by real IoU
     assert res["n_objects"] == 5 and res["n_images"] == 1
@@ -334,9 +334,9 @@ def test_evaluate_reports_every_score_in_range(tiny_model):
     assert "f1" not in res
 
 
-def test_evaluate_scores_the_chosen_the_best_and_the_single_mask(tiny_model, monkeypatch):
+def test_evaluate_scores_the_chosen_and_the_best_of_three_masks(tiny_model, monkeypatch):
     """A predictor whose highest-scored mask of three is a quarter of the object, the
-    second the object itself, the third empty; its single-mask output is the object."""
+    second the object itself, the third empty (a box gives the object)."""
     from napari_mobilesam import predictor as predictor_module
     from napari_mobilesam.training.data import Example
 
@@ -370,7 +370,7 @@ def test_evaluate_scores_the_chosen_the_best_and_the_single_mask(tiny_model, mon
     res = evaluate(tiny_model, [ex], points_per_side=None, min_area=1)
     assert res["point_miou"] == pytest.approx((81 / 256 + 63 / 192) / 2)  # the highest-scored
     assert res["box_miou"] == 1.0
-    assert res["point_oracle_miou"] == 1.0 and res["single_point_miou"] == 1.0
+    assert res["point_oracle_miou"] == 1.0
 
 
 def test_train_config_round_trips_through_its_stored_json(tmp_path):

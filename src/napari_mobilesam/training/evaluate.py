@@ -57,9 +57,9 @@ def _objects(labels: np.ndarray, min_area: int, limit: int | None, rng) -> list[
 
 
 #: per-object prompt scores: a click at the centre (the mask of the highest predicted IoU
-#: of three; the best of the three by real IoU; the single-mask output), a click at a
-#: random pixel of the object, its bounding box
-_PROMPT_SCORES = ("point", "point_oracle", "single_point", "random_point", "box")
+#: of three; the best of the three by real IoU), a click at a random pixel of the object,
+#: its bounding box
+_PROMPT_SCORES = ("point", "point_oracle", "random_point", "box")
 
 
 def _prompt_scores(predictor, labels: np.ndarray, ids: list[int], rng) -> dict[str, list[float]]:
@@ -87,8 +87,6 @@ def _prompt_scores(predictor, labels: np.ndarray, ids: list[int], rng) -> dict[s
         out[name] = list(ious[np.arange(len(masks)), scores.argmax(1)])
         if name == "point":  # what a perfect choice among the three would give
             out["point_oracle"] = list(ious.max(1))
-    pred, _, _ = predictor.predict_batch(centres, ones, multimask_output=False)
-    out["single_point"] = [mask_iou(pred[b, 0], m) for b, m in enumerate(masks)]
     pred, _, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
     out["box"] = [mask_iou(pred[b, 0], m) for b, m in enumerate(masks)]
     return out
@@ -129,9 +127,8 @@ def evaluate(
     dict
         ``point_miou`` (a click at each object's centre, the mask of the highest predicted
         IoU of three), ``point_oracle_miou`` (the best of those three by real IoU: what a
-        perfect choice gives), ``single_point_miou`` (the single-mask output for the same
-        click), ``random_point_miou``, ``box_miou`` (means over objects), ``n_objects``,
-        ``n_images``, and with segment-everything ``precision``,
+        perfect choice gives), ``random_point_miou``, ``box_miou`` (means over objects),
+        ``n_objects``, ``n_images``, and with segment-everything ``precision``,
         ``recall``, ``f1`` (pooled over images), ``ap50`` and ``n_found``.
     """
     from ..everything import MaskGenerator

@@ -45,8 +45,8 @@ LOG_FIELDS = (
     "step", "epoch", "loss", "mask", "iou", "aux", "miou_first", "miou", "objects", "lr", "seconds",
 )  # fmt: skip
 VAL_FIELDS = (
-    "epoch", "step", "score", "point_miou", "point_oracle_miou", "single_point_miou",
-    "random_point_miou", "box_miou", "precision", "recall", "f1", "ap50",
+    "epoch", "step", "score", "point_miou", "point_oracle_miou", "random_point_miou",
+    "box_miou", "precision", "recall", "f1", "ap50",
 )  # fmt: skip
 
 

@@ -20,8 +20,8 @@ __all__ = ["average_precision", "iou_matrix", "mask_iou", "match_counts"]
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two bool masks of the same shape (1.0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+    union = np.count_nonzero(np.logical_or(a, b))  # (count_nonzero: ~10x a bool sum)
+    return float(np.count_nonzero(np.logical_and(a, b)) / union) if union else 1.0
 
 
 def iou_matrix(pred: list[np.ndarray] | np.ndarray, truth: np.ndarray) -> np.ndarray:
