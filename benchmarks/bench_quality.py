@@ -91,6 +91,15 @@ def _everything(
     return res, masks
 
 
+def _mask_ious(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """(len(a), len(b)) IoU of every mask of ``a`` with every mask of ``b`` (same shape)."""
+    fa = np.stack(a).reshape(len(a), -1).astype(np.float32)
+    fb = np.stack(b).reshape(len(b), -1).astype(np.float32)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None] - inter
+    return inter / np.maximum(union, 1)
+
+
 def agreement(reference: list[list[np.ndarray]], fast: list[list[np.ndarray]]) -> float:
     """Share of reference objects that fast mode finds at IoU >= 0.9 (one-to-one)."""
     from scipy.optimize import linear_sum_assignment
@@ -100,11 +109,7 @@ def agreement(reference: list[list[np.ndarray]], fast: list[list[np.ndarray]]) -
         total += len(ref)
         if not ref or not fst:
             continue
-        a = np.stack(ref).reshape(len(ref), -1).astype(np.float32)
-        b = np.stack(fst).reshape(len(fst), -1).astype(np.float32)
-        inter = a @ b.T
-        union = a.sum(1)[:, None] + b.sum(1)[None] - inter
-        ious = inter / np.maximum(union, 1)
+        ious = _mask_ious(ref, fst)
         rows, cols = linear_sum_assignment(-ious)
         found += int((ious[rows, cols] >= 0.9).sum())
     return found / total if total else 1.0
@@ -156,10 +161,7 @@ def duplicates(masks: list[list[np.ndarray]], iou: float = 0.7) -> int:
     for objs in masks:
         if len(objs) < 2:
             continue
-        a = np.stack(objs).reshape(len(objs), -1).astype(np.float32)
-        inter = a @ a.T
-        union = a.sum(1)[:, None] + a.sum(1)[None] - inter
-        ious = np.triu(inter / np.maximum(union, 1), k=1)
+        ious = np.triu(_mask_ious(objs, objs), k=1)
         count += int((ious >= iou).any(axis=0).sum())
     return count
 
