@@ -76,9 +76,15 @@ class TrainConfig:
         Train at this model input size instead of the architecture's (e.g. 512 for a
         1024 model: about 4x cheaper per step). Each image is then cropped to the
         matching fraction of its longer side, so objects keep the size (in embedding
-        cells) they have at full size. The weights are the same; scores and
-        checkpoints are always at full size. A short final run at full size adapts
-        the decoder to the full grid.
+        cells) they have at full size, and placed at a random position of the full
+        input frame, whose positional encoding its prompts and tokens keep
+        (:class:`~napari_mobilesam.training.decoder.InputFrame`). The weights are the
+        same; scores and checkpoints are always at full size.
+    input_frame : {"full", "own"}
+        ``full``: a smaller ``input_size``'s crops keep the full input's prompt frame
+        (right; inference sees the full frame). ``own``: each crop is a frame of its
+        own, distances in it twice as long as at full size (how the stand-in model's
+        first two phases were trained, kept to reproduce them; see ``training.md``).
     precision : {"auto", "fp32", "bf16"}
         The encoder's forward/backward in bfloat16 autocast (``auto``: where the
         hardware has bf16 units).
@@ -109,6 +115,7 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     input_size: int | None = None
+    input_frame: str = "full"
     precision: str = "auto"
     seed: int = 0
 
@@ -121,6 +128,8 @@ class TrainConfig:
             raise ValueError(
                 f"train_encoder must be one of {ENCODER_MODES}, got {self.train_encoder!r}"
             )
+        if self.input_frame not in ("full", "own"):
+            raise ValueError(f"input_frame must be full or own, got {self.input_frame!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         for name in ("epochs", "eval_every", "val_images"):

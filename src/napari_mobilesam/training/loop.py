@@ -35,6 +35,7 @@ from ..distill.models import load_sam, resolve_config, save_student
 from .auxiliary import DenseHead
 from .config import TrainConfig
 from .data import DataError, Example, find_pairs, split_pairs
+from .decoder import InputFrame
 from .evaluate import evaluate
 from .sources import FolderSource, SyntheticSource, augment
 from .step import image_embedding, interactive_loss
@@ -165,7 +166,19 @@ def _train_config(cfg: TrainConfig):
 
 
 def _model(cfg: TrainConfig, device: torch.device):
-    """The starting model: fresh (seeded) or with ``cfg.checkpoint`` loaded, unfused."""
+    """The starting model: fresh (seeded) or with ``cfg.checkpoint`` loaded, unfused.
+
+    At a smaller ``input_size`` the prompt encoder keeps the full input frame: each
+    training input is placed in it (:class:`~napari_mobilesam.training.decoder.InputFrame`).
+    """
+    model = _starting_model(cfg, device)
+    if cfg.input_frame == "full":
+        full = resolve_config(cfg.model).image_size
+        model.prompt_encoder.input_image_size = (full, full)
+    return model
+
+
+def _starting_model(cfg: TrainConfig, device: torch.device):
     config = _train_config(cfg)
     if cfg.checkpoint is None:
         torch.manual_seed(cfg.seed)
@@ -307,7 +320,10 @@ def train(
                 if cfg.caches_embeddings:
                     emb_cache[ex.name] = (emb.detach(), isz)
             mix = _far_mix(step / total, cfg.far_ramp)
-            res = interactive_loss(model, emb, isz, ex.labels, cfg.step, rng, far_mix=mix)
+            frame = None
+            if model.img_size < full_size and cfg.input_frame == "full":  # anywhere in it
+                frame = InputFrame.random(model, full_size, rng)
+            res = interactive_loss(model, emb, isz, ex.labels, cfg.step, rng, mix, frame)
             if res is not None:
                 loss, parts = res
                 if head is not None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import Sam
-from .decoder import TOKEN_PIXELS, Window, decode_tokens, window_logits
+from .decoder import TOKEN_PIXELS, InputFrame, Window, decode_tokens, window_logits
 from .losses import dice_loss_per_mask, focal_loss_per_mask, mask_iou
 from .prompts import background_points, corrective_points, noisy_boxes, points_from_masks
 
@@ -215,10 +215,16 @@ def _run_round(
     losses: _Losses,
     gen: torch.Generator,
     first: bool,
+    frame: InputFrame | None = None,
 ) -> None:
-    """Decode ``prompts`` (same prompt layout) in one call and add their losses."""
+    """Decode ``prompts`` (same prompt layout) in one call and add their losses.
+
+    Prompt coordinates are in the embedded input's frame; ``frame`` places that input in
+    the model's full input frame (see :class:`InputFrame`).
+    """
     device = embedding.device
     grid = tuple(embedding.shape[-2:])
+    frame = frame or InputFrame()
     points = None
     if prompts[0].coords is not None:
         points = (
@@ -227,8 +233,8 @@ def _run_round(
         )
     boxes = torch.stack([p.box for p in prompts]).to(device) if prompts[0].box is not None else None
     masks = None if first else torch.stack([p.previous for p in prompts]).to(device)
-    sparse, dense = model.prompt_encoder(points, boxes, masks)
-    hyper, iou_pred, keys = decode_tokens(model, embedding, sparse, dense, multimask)
+    sparse, dense = frame.encode_prompts(model, points, boxes, masks)
+    hyper, iou_pred, keys = decode_tokens(model, embedding, sparse, dense, multimask, frame)
     mask_terms, iou_terms = [], []
     for b, p in enumerate(prompts):
         far_idx, far_weight = _far_tokens(p.window, grid, losses.cfg.far_tokens, gen)
@@ -275,6 +281,7 @@ def interactive_loss(
     cfg: StepConfig,
     rng: np.random.Generator,
     far_mix: float = 1.0,
+    frame: InputFrame | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]] | None:
     """SAM's interactive training loss for one image.
 
@@ -297,6 +304,9 @@ def interactive_loss(
         object). A fresh decoder trained on full-mask losses from the start learns to
         predict empty masks (the background outweighs any object); ramping 0 -> 1
         lets it first learn where objects are, then stop spilling beyond them.
+    frame : InputFrame, optional
+        Where the embedded input sits in the model's full input frame, when it is a crop
+        of it (training at a smaller ``input_size``); default: it is the full input.
 
     Returns
     -------
@@ -354,9 +364,9 @@ def interactive_loss(
 
     losses = _Losses(cfg, far_mix)
     if point_prompts or background:
-        _run_round(model, embedding, point_prompts + background, True, losses, gen, first=True)
+        _run_round(model, embedding, point_prompts + background, True, losses, gen, True, frame)
     if box_prompts:
-        _run_round(model, embedding, box_prompts, False, losses, gen, first=True)
+        _run_round(model, embedding, box_prompts, False, losses, gen, True, frame)
     for _ in range(cfg.rounds - 1):
         losses.last_iou = []
         for group in (point_prompts, box_prompts):
@@ -364,7 +374,7 @@ def interactive_loss(
                 continue
             for p in group:
                 _add_corrective_click(p, gen, low_scale)
-            _run_round(model, embedding, group, False, losses, gen, first=False)
+            _run_round(model, embedding, group, False, losses, gen, False, frame)
     mask_loss = torch.stack(losses.mask).mean()
     iou_loss = torch.stack(losses.iou).mean()
     loss = mask_loss + cfg.iou_weight * iou_loss
