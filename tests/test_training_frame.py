@@ -131,3 +131,23 @@ def test_own_frame_is_kept_for_reproducing_old_runs(tmp_path):
     assert tuple(model.prompt_encoder.input_image_size) == (512, 512)
     with pytest.raises(ValueError, match="input_frame must be full or own"):
         TrainConfig(out=tmp_path, synthetic=1, input_frame="crop")
+
+
+def test_runs_written_before_the_setting_resume_as_they_were_made(tmp_path):
+    """A run's stored settings without ``input_frame`` (older versions) had crops in their
+    own frame: such a run at a smaller input resumes only as that; at full size the
+    frame does not arise."""
+    from napari_mobilesam.atomic import to_json
+
+    small = TrainConfig(out=tmp_path, synthetic=1, input_size=512, input_frame="own")
+    full = TrainConfig(out=tmp_path, synthetic=1)
+    for cfg in (small, full):
+        old = cfg.to_dict()
+        del old["input_frame"]
+        assert TrainConfig.from_dict(old) == cfg
+        assert loop._same_settings(to_json(old), cfg)
+    old = small.to_dict()
+    del old["input_frame"]
+    assert not loop._same_settings(to_json(old), dataclasses.replace(small, input_frame="full"))
+    assert not loop._same_settings("{not json", full)
+    assert not loop._same_settings(to_json({**full.to_dict(), "later": 1}), full)

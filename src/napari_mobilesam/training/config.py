@@ -198,6 +198,8 @@ class TrainConfig:
             kw["step"] = StepConfig(**kw["step"])
         if "far_ramp" in kw:
             kw["far_ramp"] = tuple(kw["far_ramp"])
+        if "input_frame" not in kw:  # written before the setting: crops had their own frame
+            kw["input_frame"] = "own" if kw.get("input_size") is not None else "full"
         try:
             return cls(**kw)
         except TypeError as exc:

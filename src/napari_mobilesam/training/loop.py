@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -150,6 +151,16 @@ def _read_csv(path: Path, until_step: int) -> list[dict]:
         return [r for r in csv.DictReader(f) if int(r["step"]) <= until_step]
 
 
+def _same_settings(stored: str, cfg: TrainConfig) -> bool:
+    """Whether a run's stored settings (JSON) are ``cfg``'s; settings added since the run
+    was written count as what that version did."""
+    try:
+        old = TrainConfig.from_dict(json.loads(stored))
+    except (ValueError, TypeError):
+        return False
+    return to_json(old.to_dict()) == to_json(cfg.to_dict())
+
+
 def _score(res: dict) -> float:
     keys = [k for k in ("point_miou", "box_miou", "f1") if k in res and not math.isnan(res[k])]
     return float(np.mean([res[k] for k in keys])) if keys else float("nan")
@@ -275,7 +286,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["config"] != to_json(cfg.to_dict()):
+        if not _same_settings(state["config"], cfg):
             raise FileExistsError(
                 f"{out} holds a run with other settings; use another --out to start a new run"
             )
