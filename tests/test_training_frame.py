@@ -125,6 +125,14 @@ def test_training_model_at_a_smaller_input_keeps_the_full_frame(tmp_path):
     assert tuple(model.prompt_encoder.input_image_size) == (1024, 1024)
 
 
+def test_a_larger_input_keeps_its_own_frame(tmp_path):
+    """Only a crop of the full input is placed in it; a larger input is a frame itself."""
+    cfg = TrainConfig(out=tmp_path, synthetic=1, input_size=1088)
+    model = loop._model(cfg, torch.device("cpu"))
+    assert tuple(model.prompt_encoder.input_image_size) == (1088, 1088)
+    assert InputFrame().dense_pe(model, (68, 68)).shape[-2:] == (68, 68)
+
+
 def test_own_frame_is_kept_for_reproducing_old_runs(tmp_path):
     cfg = TrainConfig(out=tmp_path, synthetic=1, input_size=512, input_frame="own")
     model = loop._model(cfg, torch.device("cpu"))

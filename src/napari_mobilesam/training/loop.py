@@ -183,8 +183,8 @@ def _model(cfg: TrainConfig, device: torch.device):
     training input is placed in it (:class:`~napari_mobilesam.training.decoder.InputFrame`).
     """
     model = _starting_model(cfg, device)
-    if cfg.input_frame == "full":
-        full = resolve_config(cfg.model).image_size
+    full = resolve_config(cfg.model).image_size
+    if cfg.input_frame == "full" and model.img_size < full:
         model.prompt_encoder.input_image_size = (full, full)
     return model
 
