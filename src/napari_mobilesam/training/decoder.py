@@ -122,8 +122,6 @@ class InputFrame:
         pe = model.prompt_encoder
         s = self.stride(model)
         full = (pe.input_image_size[0] // s, pe.input_image_size[1] // s)
-        if full == tuple(grid) and self.row == self.col == 0:
-            return pe.get_dense_pe()
         if self.row + grid[0] > full[0] or self.col + grid[1] > full[1]:
             raise ValueError(f"a {grid} crop at ({self.row}, {self.col}) leaves the {full} grid")
         out = pe.pe_layer(full)[:, self.row : self.row + grid[0], self.col : self.col + grid[1]]
