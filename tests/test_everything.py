@@ -198,6 +198,35 @@ def test_labels_priority_and_dense_ids():
     assert (labels[~(a | b)] == 0).all()
 
 
+def test_labels_min_visible_drops_slivers():
+    shape = (20, 30)
+    left, right, both = (np.zeros(shape, bool) for _ in range(3))
+    left[5:15, 2:12] = True
+    right[5:15, 14:24] = True
+    both[4:16, 1:25] = True  # two touching cells as one mask: 288 px, 88 left visible
+    crops, boxes = zip(*(_crop(m) for m in (left, right, both)), strict=True)
+    args = (list(crops), np.array(boxes), np.array([0.9, 0.8, 0.7]), shape)
+    kept, src = masks_to_labels(*args, return_sources=True)
+    assert set(np.unique(kept)) == {0, 1, 2, 3} and src.tolist() == [0, 1, 2]
+    labels, src = masks_to_labels(*args, min_visible=0.5, return_sources=True)
+    assert src.tolist() == [0, 1] and (labels[left] == 1).all() and (labels[right] == 2).all()
+    assert not labels[both & ~(left | right)].any()  # the sliver is background
+    # at exactly the visible fraction the mask stays
+    labels = masks_to_labels(*args, min_visible=88 / 288)
+    assert labels.max() == 3
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True])
+def test_labels_min_visible_must_be_a_fraction(bad):
+    from napari_mobilesam.everything.device import labels_from_masks
+
+    crops, boxes = [np.ones((2, 2), bool)], np.array([[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="min_visible must be a number in"):
+        masks_to_labels(crops, boxes, np.array([1.0]), (4, 4), min_visible=bad)
+    with pytest.raises(ValueError, match="min_visible must be a number in"):
+        labels_from_masks(torch.ones(1, 4, 4, dtype=torch.bool), torch.ones(1), min_visible=bad)
+
+
 def test_upsampler_window_equals_full_postprocess(tiny_model, rng):
     low = torch.full((32, 32), -3.0)
     low[10:14, 5:9] = torch.as_tensor(rng.normal(2, 1, size=(4, 4)), dtype=torch.float32)
@@ -309,7 +338,9 @@ def test_generate_labels(tiny_model, image):
 
 
 def test_generate_labels_info_matches_records(tiny_model, image):
-    gen = MaskGenerator(tiny_model, **ALL_PASS, box_nms_thresh=1.0, nms="box")
+    gen = MaskGenerator(
+        tiny_model, **ALL_PASS, box_nms_thresh=1.0, nms="box", min_visible_fraction=0.0
+    )
     records = gen.generate(image)
     labels, info = gen.generate_labels(image, return_info=True)
     n = int(labels.max())
@@ -324,6 +355,27 @@ def test_generate_labels_info_matches_records(tiny_model, image):
         assert info["point_coords"][k].tolist() == rec["point_coords"][0]
         # the label's pixels are a subset of its mask
         assert rec["segmentation"][labels == k + 1].all()
+
+
+def test_generate_labels_min_visible_fraction(tiny_model, image):
+    """The default drops objects mostly hidden under better ones; 0 keeps their slivers."""
+    kw = dict(ALL_PASS, box_nms_thresh=1.0, nms="box")
+    keep_all, info_all = MaskGenerator(tiny_model, **kw, min_visible_fraction=0.0).generate_labels(
+        image, return_info=True
+    )
+    labels, info = MaskGenerator(tiny_model, **kw).generate_labels(image, return_info=True)
+    visible = np.bincount(keep_all.ravel(), minlength=len(info_all["order"]) + 1)[1:]
+    slivers = visible < 0.5 * info_all["mask_area"]
+    assert slivers.any() and not slivers.all()  # random masks overlap a lot
+    # the same objects minus the slivers, in the same order, with dense ids
+    np.testing.assert_array_equal(info["order"], info_all["order"][~slivers])
+    assert labels.max() == (~slivers).sum()
+    for k, i in enumerate(info_all["order"]):
+        if slivers[k]:
+            assert not labels[keep_all == k + 1].any()  # background, not handed on
+        else:
+            new = int(np.flatnonzero(info["order"] == i)[0]) + 1
+            np.testing.assert_array_equal(labels == new, keep_all == k + 1)
 
 
 def test_nothing_passes_is_normal(tiny_model, image):
@@ -392,6 +444,7 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
         ({"box_nms_thresh": "a"}, "box_nms_thresh"),
         ({"crop_nms_thresh": 2}, "crop_nms_thresh"),
         ({"crop_overlap_ratio": -1}, "crop_overlap_ratio"),
+        ({"min_visible_fraction": 1.2}, r"min_visible_fraction must be a number in \[0, 1\]"),
         ({"stability_score_offset": 0}, "stability_score_offset must be a positive number"),
         ({"output_mode": "png"}, "output_mode must be one of"),
         ({"nms": "soft"}, "nms must be 'auto', 'mask' or 'box'"),
@@ -521,12 +574,19 @@ def test_device_label_painting_equals_masks_to_labels(rng):
         crop, box = found if found is not None else (np.zeros((1, 1), bool), [0, 0, 0, 0])
         crops.append(crop)
         boxes.append(box)
-    want, want_src = masks_to_labels(crops, np.asarray(boxes), scores, (h, w), return_sources=True)
-    for chunk in (1, 4, 64):
-        got, src = labels_from_masks(torch.as_tensor(masks), torch.as_tensor(scores), chunk=chunk)
-        np.testing.assert_array_equal(got.numpy(), want)
-        np.testing.assert_array_equal(src.numpy(), want_src)
-    assert want.max() > 5
+    for frac in (0.0, 0.5):
+        want, want_src = masks_to_labels(
+            crops, np.asarray(boxes), scores, (h, w), min_visible=frac, return_sources=True
+        )
+        for chunk in (1, 4, 64):
+            got, src = labels_from_masks(
+                torch.as_tensor(masks), torch.as_tensor(scores), chunk=chunk, min_visible=frac
+            )
+            np.testing.assert_array_equal(got.numpy(), want)
+            np.testing.assert_array_equal(src.numpy(), want_src)
+        assert want.max() > 5
+    n_all = masks_to_labels(crops, np.asarray(boxes), scores, (h, w)).max()
+    assert want.max() < n_all  # 0.5 dropped some
 
 
 def test_device_mode_needs_box_nms(tiny_model):

@@ -59,6 +59,8 @@ GENERATOR_FLAGS: tuple[Flag, ...] = (
     Flag("crop_n_points_downscale_factor", int, "points per side shrink by this per crop layer"),
     Flag("min_mask_region_area", int, "fill holes and remove islands smaller than this many "
          "pixels (0: off)"),
+    Flag("min_visible_fraction", float, "label images: drop an object when less than this "
+         "fraction of its mask is left visible under better-scored ones (0: keep slivers)"),
     Flag("nms", str, "duplicate removal by mask IoU or box IoU; auto: mask in fast mode, box "
          "otherwise", choices=("auto", "mask", "box")),
     Flag("mode", str, "auto: device mode on a GPU, fast mode elsewhere; reference: "

@@ -15,6 +15,7 @@ import torch
 
 from ..model import Sam
 from .boxes import batched_mask_to_box, is_box_near_crop_edge
+from .labels import check_fraction
 from .mask_data import MaskData
 from .pipeline import CropImage, Pipeline, uncrop_masks
 from .rle import masks_to_rle
@@ -128,13 +129,14 @@ def full_res_masks(
 
 
 def labels_from_masks(
-    masks: torch.Tensor, scores: torch.Tensor, chunk: int = 64
+    masks: torch.Tensor, scores: torch.Tensor, chunk: int = 64, min_visible: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paint overlapping masks into a label image without a host sync per mask.
 
     Same result as :func:`~napari_mobilesam.everything.labels.masks_to_labels`:
     where masks overlap the higher score wins (ties: the earlier mask), ids are dense
-    in that priority order, and a mask left without pixels gets no id.
+    in that priority order, and a mask left without pixels, or with less than
+    ``min_visible`` of its pixels, gets no id (its pixels become background).
 
     Parameters
     ----------
@@ -142,6 +144,8 @@ def labels_from_masks(
     scores : (M,) tensor
     chunk : int
         Masks compared at once (bounds the uint8 copy held: chunk x H x W).
+    min_visible : float in [0, 1]
+        As :func:`~napari_mobilesam.everything.labels.masks_to_labels` takes it.
 
     Returns
     -------
@@ -150,6 +154,7 @@ def labels_from_masks(
     sources : (K,) int64 CPU tensor
         ``sources[k]`` is the row of ``masks`` painted as id ``k + 1``.
     """
+    check_fraction(min_visible, "min_visible")
     m, h, w = masks.shape
     dev = masks.device
     order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
@@ -164,6 +169,9 @@ def labels_from_masks(
     # keep ids of masks that own a pixel, renumbered densely in priority order
     counts = torch.bincount(labels.flatten(), minlength=m + 1)[1:]
     present = counts > 0
+    if min_visible > 0 and m:
+        areas = masks.flatten(1).sum(1)[order_dev]
+        present &= counts.double() >= min_visible * areas.double()
     remap = torch.zeros(m + 1, dtype=torch.int64, device=dev)
     remap[1:] = torch.cumsum(present.to(torch.int64), 0) * present
     sources = order[present.cpu()]

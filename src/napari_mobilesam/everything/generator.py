@@ -91,6 +91,11 @@ class MaskGenerator:
         Explicit normalised (x, y) grids, one per crop layer.
     min_mask_region_area : int
         Fill holes and remove islands smaller than this many pixels (0 disables).
+    min_visible_fraction : float in [0, 1]
+        Label images only (:meth:`generate_labels`): an object keeps its id only if
+        at least this fraction of its mask stays visible under the better-scored
+        masks; the rest of a mask that falls short becomes background rather than a
+        sliver around its neighbours. 0: every mask with a visible pixel gets an id.
     output_mode : {"binary_mask", "uncompressed_rle", "coco_rle"}
         Format of each record's ``segmentation``.
     nms : {"auto", "mask", "box"}
@@ -139,6 +144,7 @@ class MaskGenerator:
         crop_n_points_downscale_factor: int = 1,
         point_grids: Sequence[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
+        min_visible_fraction: float = 0.5,
         output_mode: str = "binary_mask",
         nms: str = "auto",
         mode: str = "auto",
@@ -182,6 +188,7 @@ class MaskGenerator:
             ("box_nms_thresh", box_nms_thresh),
             ("crop_nms_thresh", crop_nms_thresh),
             ("crop_overlap_ratio", crop_overlap_ratio),
+            ("min_visible_fraction", min_visible_fraction),
         ):
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -225,6 +232,7 @@ class MaskGenerator:
         self.crop_overlap_ratio = crop_overlap_ratio
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
+        self.min_visible_fraction = min_visible_fraction
         self.output_mode = output_mode
         engine = self.predictor.engine
         if mode == "auto":  # the GPU path where it runs, else fast mode
@@ -309,8 +317,9 @@ class MaskGenerator:
             (H, W) uint32, 0 = background, objects 1..N without overlaps. Where
             masks overlap, the one with the higher predicted IoU wins (ties: the
             earlier in :meth:`generate` order); ids are assigned in that priority
-            order, so label 1 is the best-scored object. Masks left without pixels
-            get no id.
+            order, so label 1 is the best-scored object. Masks left without pixels,
+            or with less than ``min_visible_fraction`` of their pixels visible, get
+            no id.
         info : dict of np.ndarray, only with ``return_info``
             Per object, row ``k`` describing label ``k + 1``: ``predicted_iou`` (N,)
             float64, ``stability_score`` (N,) float64, ``point_coords`` (N, 2) float64
@@ -334,7 +343,9 @@ class MaskGenerator:
         )
         data = self._generate_masks(rgb, keep_masks=on_device, embedding=embedding)
         if on_device and len(data):
-            labels_t, sources_t = labels_from_masks(data["masks"], data["iou_preds"])
+            labels_t, sources_t = labels_from_masks(
+                data["masks"], data["iou_preds"], min_visible=self.min_visible_fraction
+            )
             labels = labels_t.cpu().numpy().astype(np.uint32)
             sources = sources_t.numpy().astype(np.int64)
             areas = data["masks"].flatten(1).sum(1).cpu().numpy() if return_info else None
@@ -345,8 +356,9 @@ class MaskGenerator:
         else:
             crops, boxes = self._crops_and_boxes(data, shape)
             labels, sources = masks_to_labels(
-                crops, boxes, np.asarray(data["iou_preds"]), shape, return_sources=True
-            )
+                crops, boxes, np.asarray(data["iou_preds"]), shape,
+                min_visible=self.min_visible_fraction, return_sources=True,
+            )  # fmt: skip
             areas = np.array([np.count_nonzero(c) for c in crops], dtype=np.int64)
         if not return_info:
             return labels
