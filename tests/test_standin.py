@@ -34,13 +34,13 @@ def recorded(monkeypatch):
         shutil.copyfile(src, dest)
         return {"before": 0.5, "after": 0.1, "samples": 3}
 
-    def write_phase3_data(out, *, progress=True):
-        calls.append(("data", out))
+    def write_data(out, images, *, progress=True):
+        calls.append(("data", out, images))
         return out / "train", out / "val"
 
     monkeypatch.setattr(loop, "train", train)
     monkeypatch.setattr(standin, "calibrate", calibrate)
-    monkeypatch.setattr(standin, "write_phase3_data", write_phase3_data)
+    monkeypatch.setattr(standin, "write_data", write_data)
     return calls
 
 
@@ -51,9 +51,11 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert standin.main([str(run), "--export", str(dest), "-q"]) == 0
 
     kinds = [c[0] for c in recorded]
-    assert kinds == ["train", "calibrate", "train", "calibrate", "data", "train", "calibrate"]
+    assert kinds == ["train", "calibrate", "train", "calibrate", "data", "train", "calibrate",
+                     "data", "train", "calibrate"]  # fmt: skip
     (_, p1, stop), (_, src1, cal1), (_, p2, _), (_, src2, cal2) = recorded[:4]
-    (_, data), (_, p3, stop3), (_, src3, final) = recorded[4:]
+    (_, data, images3), (_, p3, stop3), (_, src3, cal3) = recorded[4:7]
+    (_, data4, images4), (_, p4, stop4), (_, src4, final) = recorded[7:]
     assert p1.checkpoint is None and stop == standin.PHASE1_EPOCHS
     assert p1.step == standin.PHASE1["step"] and p2.step == standin.PHASE2["step"]
     assert p2.step.neighbour_weight > 1
@@ -63,40 +65,47 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert p3.input_size is None and p3.train_encoder == "none" and p3.caches_embeddings
     assert (p3.data, p3.val_data) == (data / "train", data / "val")
     assert stop3 is None  # the whole schedule
+    # phase 4 trains the decoder on at the full input, on new images
+    assert p4.input_size is None and p4.train_encoder == "none" and p4.caches_embeddings
+    assert (p4.data, p4.val_data) == (data4 / "train", data4 / "val") and data4 != data
+    assert images3 == standin.PHASE3_IMAGES and images4 == standin.PHASE4_IMAGES
+    assert images3[2] != images4[2]  # another seed: other images
+    assert stop4 is None and p4.lr < p3.lr
     assert src1 == run / "phase1" / "best.pt"
     # each phase starts from the last one's calibrated weights as they are exported (float16)
     assert p2.checkpoint == run / "phase1_calibrated_fp16.pt"
     assert p3.checkpoint == run / "phase2_calibrated_fp16.pt"
-    for ckpt, cal in ((p2.checkpoint, cal1), (p3.checkpoint, cal2)):
+    assert p4.checkpoint == run / "phase3_calibrated_fp16.pt"
+    for ckpt, cal in ((p2.checkpoint, cal1), (p3.checkpoint, cal2), (p4.checkpoint, cal3)):
         start = torch.load(ckpt, weights_only=True)
         assert start["w"].dtype == torch.float16 and start["n"].dtype == torch.int64
         torch.testing.assert_close(start["w"], torch.load(cal, weights_only=True)["w"].half())
     assert src2 == run / "phase2" / "best.pt"
-    # the final calibration fits phase 3's best checkpoint; the export is it in float16
-    assert src3 == run / "phase3" / "best.pt" and final == run / "standin.pt"
+    assert src3 == run / "phase3" / "best.pt"
+    # the final calibration fits phase 4's best checkpoint; the export is it in float16
+    assert src4 == run / "phase4" / "best.pt" and final == run / "standin.pt"
     shipped = torch.load(dest, weights_only=True)
     assert shipped["w"].dtype == torch.float16
     first = torch.load(p2.checkpoint, weights_only=True)["w"].float()
-    torch.testing.assert_close(shipped["w"].float(), first + 2, atol=2e-3, rtol=0)
+    torch.testing.assert_close(shipped["w"].float(), first + 3, atol=4e-3, rtol=0)
     out = capsys.readouterr().out
-    assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 3
+    assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 4
     assert f"{dest}: sha256 " in out
 
 
-def test_phase3_data_is_seeded_and_kept(tmp_path, monkeypatch):
+def test_phase_data_is_seeded_and_kept(tmp_path):
     import numpy as np
     import tifffile
 
     from napari_mobilesam.training.data import find_pairs
     from napari_mobilesam.training.sources import SyntheticSource, _seed
 
-    monkeypatch.setattr(standin, "PHASE3_IMAGES", (2, 1, 7))
-    train, val = standin.write_phase3_data(tmp_path, progress=False)
+    train, val = standin.write_data(tmp_path, (2, 1, 7), progress=False)
     assert [p.image.name for p in find_pairs(train)] == ["t000.tif", "t001.tif"]
     assert [p.image.name for p in find_pairs(val)] == ["v000.tif"]
     want = SyntheticSource(2, seed=7).make(_seed(7, "t", 1))
     np.testing.assert_array_equal(tifffile.imread(train / "t001.tif"), want.image)
     np.testing.assert_array_equal(tifffile.imread(train / "t001_labels.tif"), want.labels)
     stamp = (train / "t000.tif").stat().st_mtime_ns
-    standin.write_phase3_data(tmp_path, progress=False)  # a rerun keeps finished files
+    standin.write_data(tmp_path, (2, 1, 7), progress=False)  # a rerun keeps finished files
     assert (train / "t000.tif").stat().st_mtime_ns == stamp
