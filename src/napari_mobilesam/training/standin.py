@@ -7,7 +7,7 @@ fresh initialisation, by this project's ``mobilesam-train``, on images of
 :mod:`napari_mobilesam.synthetic` only. It is a demonstration and test model for
 synthetic fluorescent cells, not a general segmentation model.
 
-One seeded command makes it (on 2 CPU cores about 3 hours; a GPU with
+One seeded command makes it (on 2 CPU cores about 4 hours; a GPU with
 ``--device cuda`` takes minutes)::
 
     python -m napari_mobilesam.training.standin runs/standin \
