@@ -73,3 +73,36 @@ def test_postprocess_crop_first_is_bit_identical(input_size, original):
     torch.testing.assert_close(
         model.postprocess_masks(low, input_size, original), ref, rtol=0, atol=0
     )
+
+
+def _reference_postprocess(low, input_size, original):
+    up = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+    up = up[..., : input_size[0], : input_size[1]]
+    return F.interpolate(up, original, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize(
+    ("input_size", "original"), [((1024, 853), (660, 550)), ((768, 1024), (480, 640))]
+)
+def test_postprocess_on_one_thread_equals_the_multithreaded_reference(input_size, original):
+    """On one CPU thread postprocess_masks upsamples each mask as an image of its own:
+    the multi-threaded kernel's values bit for bit (torch's one-thread kernel for several
+    channels rounds differently, and is 3-5x slower)."""
+    from napari_mobilesam.model.sam import bilinear
+
+    model = build_sam(replace(TINY_CONFIG, encoder=replace(TINY_CONFIG.encoder, img_size=1024)))
+    low = torch.randn(2, 3, 256, 256) * 10
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = _reference_postprocess(low, input_size, original)
+        want_up = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+        torch.set_num_threads(1)
+        got = model.postprocess_masks(low, input_size, original)
+        plain = _reference_postprocess(low, input_size, original)  # torch's own 1-thread kernel
+        up = bilinear(low, (1024, 1024))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(up, want_up, rtol=0, atol=0)
+    assert got.shape == plain.shape and (got - plain).abs().max() < 1e-4

@@ -83,11 +83,9 @@ class Sam(nn.Module):
         # kept pixel j reads low-res sample floor((j + 0.5) / f - 0.5) and the next one
         rows = min(lh, (h - 1) // fh + 2)
         cols = min(lw, (w - 1) // fw + 2)
-        masks = F.interpolate(
-            masks[..., :rows, :cols], (rows * fh, cols * fw), mode="bilinear", align_corners=False
-        )
+        masks = bilinear(masks[..., :rows, :cols], (rows * fh, cols * fw))
         masks = masks[..., :h, :w]
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        return bilinear(masks, original_size)
 
     @torch.no_grad()
     def forward(
@@ -125,3 +123,22 @@ class Sam(nn.Module):
                 }
             )
         return outputs
+
+
+def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of (B, C, h, w).
+
+    On a CPU running one torch thread (the thread policy's choice on a busy machine),
+    torch's bilinear kernel for C > 1 channels is 3-5x slower than for one and rounds
+    differently (by up to about 4e-6 on logits of magnitude 10) from its multi-threaded
+    kernel. There each channel is upsampled as an image of its own, which gives the
+    multi-threaded kernel's values bit for bit (a test checks it). Elsewhere it is the
+    plain call.
+    """
+    if x.device.type == "cpu" and x.dim() == 4 and x.shape[1] > 1 and torch.get_num_threads() == 1:
+        b, c = x.shape[:2]
+        y = F.interpolate(
+            x.reshape(b * c, 1, *x.shape[2:]), size, mode="bilinear", align_corners=False
+        )
+        return y.reshape(b, c, *y.shape[2:])
+    return F.interpolate(x, size, mode="bilinear", align_corners=False)
