@@ -199,23 +199,36 @@ def make_standin(
     _report(res)
     start = out / "phase2_calibrated_fp16.pt"
     export_half(second, start)  # the model bundled before phase 3
-    train_dir, val_dir = write_data(out / "phase3_data", PHASE3_IMAGES, progress=progress)
-    p3 = TrainConfig(out=out / "phase3", device=device, checkpoint=start, data=train_dir,
-                     val_data=val_dir, **PHASE3)  # fmt: skip
-    train(p3, resume=resume, progress=progress)
     third = out / "phase3_calibrated.pt"
-    res = calibrate(out / "phase3" / "best.pt", third, device=device, progress=progress)
-    _report(res)
+    _on_folder(out, "phase3", PHASE3_IMAGES, PHASE3, start, third, device, resume, progress)
+    export_half(third, out / "phase3_calibrated_fp16.pt")  # the model bundled before phase 4
     start = out / "phase3_calibrated_fp16.pt"
-    export_half(third, start)  # the model bundled before phase 4
-    train_dir, val_dir = write_data(out / "phase4_data", PHASE4_IMAGES, progress=progress)
-    p4 = TrainConfig(out=out / "phase4", device=device, checkpoint=start, data=train_dir,
-                     val_data=val_dir, **PHASE4)  # fmt: skip
-    train(p4, resume=resume, progress=progress)
     final = out / "standin.pt"
-    res = calibrate(out / "phase4" / "best.pt", final, device=device, progress=progress)
-    _report(res)
-    return final
+    return _on_folder(out, "phase4", PHASE4_IMAGES, PHASE4, start, final, device, resume, progress)
+
+
+def _on_folder(
+    out: Path,
+    phase: str,
+    images: tuple,
+    settings: dict,
+    start: Path,
+    dest: Path,
+    device: str,
+    resume: bool,
+    progress: bool,
+) -> Path:
+    """Write ``images`` (:func:`write_data`) to ``out/<phase>_data``, train ``settings``
+    on them from ``start`` into ``out/<phase>``, calibrate its best checkpoint into
+    ``dest``; returns ``dest``."""
+    from .loop import train
+
+    train_dir, val_dir = write_data(out / f"{phase}_data", images, progress=progress)
+    cfg = TrainConfig(out=out / phase, device=device, checkpoint=start, data=train_dir,
+                      val_data=val_dir, **settings)  # fmt: skip
+    train(cfg, resume=resume, progress=progress)
+    _report(calibrate(out / phase / "best.pt", dest, device=device, progress=progress))
+    return dest
 
 
 def _report(res: dict) -> None:
