@@ -183,6 +183,23 @@ def test_everything_widget_plane_and_stack(make_napari_viewer, qtbot, tiny_predi
     assert "objects in 2 plane(s); cpu: torch, " in w.status.text()  # and what ran them
 
 
+def test_everything_widget_passes_every_parameter(make_napari_viewer, monkeypatch):
+    from napari_mobilesam._widgets import EverythingWidget, _everything
+
+    viewer = make_napari_viewer()
+    w = EverythingWidget(viewer)
+    assert w.parameters()["min_visible_fraction"] == 0.5  # the generator's default
+    w.min_visible_fraction.setValue(0.2)
+    w.min_mask_region_area.setValue(30)
+    params = w.parameters()
+    assert params["min_visible_fraction"] == pytest.approx(0.2)
+    # every key is a MaskGenerator argument
+    import inspect
+
+    accepted = inspect.signature(_everything.MaskGenerator).parameters
+    assert set(params) <= set(accepted)
+
+
 def test_precompute_all_planes_on_disk(make_napari_viewer, qtbot, tiny_predictor, tmp_path,
                                       monkeypatch):  # fmt: skip
     monkeypatch.setenv("MOBILESAM_EMBEDDINGS", str(tmp_path / "emb"))

@@ -80,11 +80,17 @@ class EverythingWidget(QWidget):
         self.stability_score_thresh = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.95, 0.01)
         self.box_nms_thresh = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.7, 0.05)
         self.min_mask_region_area = _spin(QSpinBox(), 0, 10**7, 0)
+        self.min_visible_fraction = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.5, 0.05)
+        self.min_visible_fraction.setToolTip(
+            "a mask mostly covered by better-scored ones gets no label when less than this "
+            "fraction of it stays visible (0 keeps every sliver)"
+        )
         params.addRow("points per side", self.points_per_side)
         params.addRow("predicted IoU ≥", self.pred_iou_thresh)
         params.addRow("stability ≥", self.stability_score_thresh)
         params.addRow("NMS IoU", self.box_nms_thresh)
         params.addRow("min region area (px)", self.min_mask_region_area)
+        params.addRow("min visible fraction", self.min_visible_fraction)
         layout.addLayout(params)
 
         buttons = QHBoxLayout()
@@ -119,6 +125,7 @@ class EverythingWidget(QWidget):
             "stability_score_thresh": self.stability_score_thresh.value(),
             "box_nms_thresh": self.box_nms_thresh.value(),
             "min_mask_region_area": self.min_mask_region_area.value(),
+            "min_visible_fraction": self.min_visible_fraction.value(),
         }
 
     def _plane_or_message(self, layer) -> tuple[int, ...] | None:
