@@ -52,10 +52,11 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
 
     kinds = [c[0] for c in recorded]
     assert kinds == ["train", "calibrate", "train", "calibrate", "data", "train", "calibrate",
-                     "data", "train", "calibrate"]  # fmt: skip
+                     "data", "train", "calibrate", "data", "train", "calibrate"]  # fmt: skip
     (_, p1, stop), (_, src1, cal1), (_, p2, _), (_, src2, cal2) = recorded[:4]
     (_, data, images3), (_, p3, stop3), (_, src3, cal3) = recorded[4:7]
-    (_, data4, images4), (_, p4, stop4), (_, src4, final) = recorded[7:]
+    (_, data4, images4), (_, p4, stop4), (_, src4, cal4) = recorded[7:10]
+    (_, data5, images5), (_, p5, stop5), (_, src5, final) = recorded[10:]
     assert p1.checkpoint is None and stop == standin.PHASE1_EPOCHS
     assert p1.step == standin.PHASE1["step"] and p2.step == standin.PHASE2["step"]
     assert p2.step.neighbour_weight > 1
@@ -71,25 +72,35 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert images3 == standin.PHASE3_IMAGES and images4 == standin.PHASE4_IMAGES
     assert images3[2] != images4[2]  # another seed: other images
     assert stop4 is None and p4.lr < p3.lr
+    # phase 5: the decoder at the full input, its losses on 4x upsampled logits, new images
+    assert p5.input_size is None and p5.train_encoder == "none" and p5.caches_embeddings
+    assert p5.step.loss_upsample == 4 and p4.step.loss_upsample == 1
+    assert p5.step.neighbour_weight == p4.step.neighbour_weight
+    assert (p5.data, p5.val_data) == (data5 / "train", data5 / "val")
+    assert images5 == standin.PHASE5_IMAGES and images5[2] not in (images3[2], images4[2])
+    assert stop5 is None
     assert src1 == run / "phase1" / "best.pt"
     # each phase starts from the last one's calibrated weights as they are exported (float16)
     assert p2.checkpoint == run / "phase1_calibrated_fp16.pt"
     assert p3.checkpoint == run / "phase2_calibrated_fp16.pt"
     assert p4.checkpoint == run / "phase3_calibrated_fp16.pt"
-    for ckpt, cal in ((p2.checkpoint, cal1), (p3.checkpoint, cal2), (p4.checkpoint, cal3)):
+    assert p5.checkpoint == run / "phase4_calibrated_fp16.pt"
+    for ckpt, cal in ((p2.checkpoint, cal1), (p3.checkpoint, cal2), (p4.checkpoint, cal3),
+                      (p5.checkpoint, cal4)):  # fmt: skip
         start = torch.load(ckpt, weights_only=True)
         assert start["w"].dtype == torch.float16 and start["n"].dtype == torch.int64
         torch.testing.assert_close(start["w"], torch.load(cal, weights_only=True)["w"].half())
     assert src2 == run / "phase2" / "best.pt"
     assert src3 == run / "phase3" / "best.pt"
-    # the final calibration fits phase 4's best checkpoint; the export is it in float16
-    assert src4 == run / "phase4" / "best.pt" and final == run / "standin.pt"
+    assert src4 == run / "phase4" / "best.pt"
+    # the final calibration fits phase 5's best checkpoint; the export is it in float16
+    assert src5 == run / "phase5" / "best.pt" and final == run / "standin.pt"
     shipped = torch.load(dest, weights_only=True)
     assert shipped["w"].dtype == torch.float16
     first = torch.load(p2.checkpoint, weights_only=True)["w"].float()
-    torch.testing.assert_close(shipped["w"].float(), first + 3, atol=4e-3, rtol=0)
+    torch.testing.assert_close(shipped["w"].float(), first + 4, atol=4e-3, rtol=0)
     out = capsys.readouterr().out
-    assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 4
+    assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 5
     assert f"{dest}: sha256 " in out
 
 
