@@ -384,3 +384,16 @@ def test_train_config_round_trips_through_its_stored_json(tmp_path):
         TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
     with pytest.raises(ValueError, match="incomplete training settings"):
         TrainConfig.from_dict({"synthetic": 8})
+
+
+def test_synthetic_source_radius_sets_the_cells_size():
+    from napari_mobilesam.training.sources import SyntheticSource
+
+    def median_radius(radius):
+        ex = SyntheticSource(1, seed=3, size=(256, 256), radius=radius).make(9)
+        _, counts = np.unique(ex.labels[ex.labels > 0], return_counts=True)
+        return float(np.median(np.sqrt(counts / np.pi)))
+
+    assert median_radius((3.0, 4.0)) < 12 < median_radius((14.0, 16.0))
+    # the default draws as before the setting existed (the stand-in phases' images)
+    assert SyntheticSource(1).radius == (4.0, 16.0)

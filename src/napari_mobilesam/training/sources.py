@@ -77,11 +77,15 @@ class SyntheticSource:
     seed : int
     size : (int, int)
         Range of the image side, pixels (square images; drawn per image).
+    radius : (float, float)
+        Range of the smallest cell radius of an image, pixels (drawn per image; its
+        largest is 1.5-4 times that, at most 60).
     """
 
     images_per_epoch: int
     seed: int = 0
     size: tuple[int, int] = (384, 768)
+    radius: tuple[float, float] = (4.0, 16.0)
 
     def __len__(self) -> int:
         return self.images_per_epoch
@@ -92,7 +96,7 @@ class SyntheticSource:
 
         rng = np.random.default_rng(seed)
         side = int(rng.integers(self.size[0], self.size[1] + 1))
-        r_lo = float(rng.uniform(4, 16))
+        r_lo = float(rng.uniform(*self.radius))
         r_hi = float(min(60.0, r_lo * rng.uniform(1.5, 4.0)))
         look = synthetic.Appearance(
             dtype=str(rng.choice(["uint8", "uint16"], p=[0.3, 0.7])),
