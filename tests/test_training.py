@@ -395,5 +395,5 @@ def test_synthetic_source_radius_sets_the_cells_size():
         return float(np.median(np.sqrt(counts / np.pi)))
 
     assert median_radius((3.0, 4.0)) < 12 < median_radius((14.0, 16.0))
-    # the default draws as before the setting existed (the stand-in phases' images)
+    # the default is the range the stand-in phases' images were drawn from
     assert SyntheticSource(1).radius == (4.0, 16.0)

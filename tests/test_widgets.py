@@ -183,7 +183,9 @@ def test_everything_widget_plane_and_stack(make_napari_viewer, qtbot, tiny_predi
     assert "objects in 2 plane(s); cpu: torch, " in w.status.text()  # and what ran them
 
 
-def test_everything_widget_passes_every_parameter(make_napari_viewer, monkeypatch):
+def test_everything_widget_passes_every_parameter(make_napari_viewer):
+    import inspect
+
     from napari_mobilesam._widgets import EverythingWidget, _everything
 
     viewer = make_napari_viewer()
@@ -194,8 +196,6 @@ def test_everything_widget_passes_every_parameter(make_napari_viewer, monkeypatc
     params = w.parameters()
     assert params["min_visible_fraction"] == pytest.approx(0.2)
     # every key is a MaskGenerator argument
-    import inspect
-
     accepted = inspect.signature(_everything.MaskGenerator).parameters
     assert set(params) <= set(accepted)
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss-upsample", type=int, default=1, metavar="N",
         help="compute the mask losses on the decoder's logits upsampled N times (as "
         "inference upsamples them) against the labels at that resolution: 4 = the model's "
-        "full input (sharper boundaries, about 1.2x the time per step); default 1",
+        "full input (sharper boundaries; no slower per step, as measured); default 1",
     )  # fmt: skip
     p.add_argument(
         "--far-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("START", "END"),

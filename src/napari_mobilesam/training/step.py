@@ -147,9 +147,9 @@ class _Prompt:
     box: torch.Tensor | None = None  # (4,)
     previous: torch.Tensor | None = None  # (1, 4h, 4w) logits of the last best mask
     is_background: bool = False
-    others: torch.Tensor | None = None  # (4h, 4w) bool, other objects' pixels
-    fine: torch.Tensor | None = None  # (4fh, 4fw) bool target at loss_upsample f
-    fine_others: torch.Tensor | None = None  # (4fh, 4fw) bool, others at that resolution
+    # other objects' pixels, bool, at the loss's resolution: (4h, 4w) x loss_upsample
+    others: torch.Tensor | None = None
+    fine: torch.Tensor | None = None  # (4fh, 4fw) bool target when loss_upsample f > 1
 
 
 class _Losses:
@@ -175,14 +175,15 @@ class _Losses:
         m = logits.shape[0]
         f = self.cfg.loss_upsample
         if f == 1:
-            target, others = p.target[p.window.pixels], p.others
-            others = None if others is None else others[p.window.pixels]
+            rows, cols = p.window.pixels
+            target = p.target[rows, cols]
         else:
             logits, rows, cols = upsample_window(logits, p.window, f)
-            target = p.fine[rows, cols] if p.fine is not None else None
-            if target is None:  # background prompt: nothing anywhere
+            if p.fine is not None:
+                target = p.fine[rows, cols]
+            else:  # background prompt: nothing anywhere
                 target = torch.zeros(logits.shape[-2:], dtype=torch.bool)
-            others = None if p.fine_others is None else p.fine_others[rows, cols]
+        others = None if p.others is None else p.others[rows, cols]
         target = target.reshape(1, -1).to(logits.device)
         flat = logits.reshape(m, -1)
         weight = torch.ones(1, flat.shape[1], device=flat.device)
@@ -387,28 +388,25 @@ def interactive_loss(
     masks, target = masks[keep], target[keep]
     if len(masks) == 0:
         return None
+    # the mask losses' frame: the low-res one, or loss_upsample times finer
+    loss_res = (low[0] * cfg.loss_upsample, low[1] * cfg.loss_upsample)
+    fine = None
+    if cfg.loss_upsample > 1:
+        fine = low_res_target(masks, model.img_size, input_size, loss_res)[:, 0] > 0.5
     foreground = None
     if cfg.neighbour_weight != 1:
         fg = torch.from_numpy(np.asarray(labels) > 0)[None]
-        foreground = low_res_target(fg, model.img_size, input_size, low)[0, 0] > 0.5
-    fine = fine_fg = None
-    if cfg.loss_upsample > 1:
-        f = cfg.loss_upsample
-        high = (low[0] * f, low[1] * f)
-        fine = low_res_target(masks, model.img_size, input_size, high)[:, 0] > 0.5
-        if foreground is not None:
-            fine_fg = low_res_target(fg, model.img_size, input_size, high)[0, 0] > 0.5
+        foreground = low_res_target(fg, model.img_size, input_size, loss_res)[0, 0] > 0.5
     is_box = rng.random(len(masks)) < cfg.box_fraction
     first_xy = points_from_masks(masks, gen, scale)
     boxes = noisy_boxes(_boxes(masks) * scale, gen)
     point_prompts, box_prompts = [], []
     for i in range(len(masks)):
         p = _Prompt(target=target[i], window=Window.around(target[i], grid))
-        if foreground is not None:
-            p.others = foreground & ~target[i]
         if fine is not None:
             p.fine = fine[i]
-            p.fine_others = None if fine_fg is None else fine_fg & ~fine[i]
+        if foreground is not None:
+            p.others = foreground & ~(target[i] if fine is None else fine[i])
         if is_box[i]:
             p.box = boxes[i]
             box_prompts.append(p)
