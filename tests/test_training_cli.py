@@ -141,6 +141,7 @@ def test_refuses_an_existing_run_or_other_settings(data, tmp_path, tiny_json, ca
         (["{data}", "-o", "x", "--model", "vit_q", "--from-scratch"], 1, "unknown model"),
         (["{data}", "-o", "x", "--input-size", "100", "--from-scratch"], 1, "input_size"),
         (["{data}", "-o", "x", "--epochs", "0", "--from-scratch"], 1, "epochs"),
+        (["{data}", "-o", "x", "--loss-upsample", "0", "--from-scratch"], 1, "loss_upsample"),
     ],
 )
 def test_usage_errors(data, tmp_path, monkeypatch, capsys, argv, status, match):
