@@ -163,6 +163,17 @@ def test_bad_data_names_the_file(tmp_path, tiny_json, capsys):
     assert "a_labels.tif" in err and "shape" in err
 
 
+def test_losses_are_computed_at_the_input_resolution_by_default(tmp_path):
+    from napari_mobilesam.training.cli import build_parser
+
+    args = build_parser().parse_args([str(tmp_path), "-o", str(tmp_path / "run")])
+    assert args.loss_upsample == 4
+    assert (
+        build_parser().parse_args([str(tmp_path), "-o", "x", "--loss-upsample", "1"]).loss_upsample
+        == 1
+    )
+
+
 @pytest.mark.slow
 def test_twenty_pairs_fine_tuning_beats_the_starting_model(tmp_path):
     """The acceptance check, as a user fine-tunes: the bundled stand-in model (trained on

@@ -26,12 +26,16 @@ from napari_mobilesam.training.step import (
 
 @pytest.mark.parametrize("factor", [2, 3, 4])
 def test_upsampled_window_equals_the_upsampled_full_logits(factor):
-    full = torch.randn(3, 40, 48)
+    full = torch.randn(3, 40, 48, generator=torch.Generator().manual_seed(factor))
     window = Window(2, 7, 3, 11)  # tokens; 4 low-res pixels each
     rows, cols = window.pixels
     up, r, c = upsample_window(full[:, rows, cols], window, factor)
     ref = F.interpolate(full[:, None], scale_factor=factor, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(up, ref[:, 0, r, c], atol=1e-5, rtol=0)
+    # float32 rounding only: the interpolation weights are computed at another offset in
+    # the window than in the full frame (up to 5e-7 at 2, 1.1e-5 at 3, 0 at 4 over 50
+    # seeds); a misplaced window would be off by the logits' own scale (~1)
+    atol = 1e-4
+    torch.testing.assert_close(up, ref[:, 0, r, c], atol=atol, rtol=0)
     b = factor // 2
     assert up.shape[-2:] == (20 * factor - 2 * b, 32 * factor - 2 * b)
 

@@ -89,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "loss (e.g. 4 for a model that merges touching cells; default 1)",
     )  # fmt: skip
     p.add_argument(
-        "--loss-upsample", type=int, default=1, metavar="N",
+        "--loss-upsample", type=int, default=4, metavar="N",
         help="compute the mask losses on the decoder's logits upsampled N times (as "
-        "inference upsamples them) against the labels at that resolution: 4 = the model's "
-        "full input (sharper boundaries; no slower per step, as measured); default 1",
+        "inference upsamples them) against the labels at that resolution: 4 (default) = the "
+        "model's full input, so boundaries are learnt where they are, not at the nearest "
+        "low-res pixel edge; 1 = at the decoder's resolution, as SAM's recipe",
     )  # fmt: skip
     p.add_argument(
         "--far-ramp", type=float, nargs=2, default=(0.0, 0.0), metavar=("START", "END"),
