@@ -10,7 +10,9 @@ seen them), interleaved, medians:
   count (the policy off: every torch thread, whatever the load), the original
   (segment-anything's ``SamPredictor``, ``benchmarks/original.py``);
 - segment everything (a ``--grid`` x ``--grid`` point grid, default thresholds): our fast
-  mode (adaptive), our reference mode, the original ``SamAutomaticMaskGenerator``.
+  mode (adaptive threads, prompt batches on worker threads: :mod:`napari_mobilesam.engine.workers`),
+  fast mode with its batches in the calling thread (as before the workers), fast mode with a
+  fixed thread count, our reference mode, the original ``SamAutomaticMaskGenerator``.
 
 Printed: each time, its slowdown from the quiet run, and the ratios the performance
 targets are stated in (ours / original; fast vs reference mode).
@@ -72,6 +74,29 @@ def fixed_threads():
         adaptive.enabled = enabled
 
 
+@contextmanager
+def serial_batches(generator):
+    """Segment-everything's prompt batches in the calling thread, on its torch threads
+    (``Policy.cpu_batch_workers`` off: how fast mode ran before batch workers)."""
+    import dataclasses
+
+    engine = generator.pipeline.engine
+    before = engine.policy
+    engine.policy = dataclasses.replace(before, cpu_batch_workers=False)
+    try:
+        yield
+    finally:
+        engine.policy = before
+
+
+def _timed_serial(generator, image):
+    def run():
+        with serial_batches(generator):
+            return generator.generate(image)
+
+    return run
+
+
 def _timed_fixed(f):
     def run():
         with fixed_threads():
@@ -123,6 +148,7 @@ def run(
     }
     everything = {
         "ours fast": lambda: fast.generate(image),
+        "ours fast, batches in one thread": _timed_serial(fast, image),
         "ours fast, fixed threads": _timed_fixed(lambda: fast.generate(image)),
         "ours reference mode": lambda: reference.generate(image),
     }

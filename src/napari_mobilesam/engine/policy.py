@@ -35,12 +35,17 @@ class Policy:
     adaptive_threads : bool
         On a CPU, use fewer torch threads while other processes keep CPUs busy
         (:mod:`.threads`; off for every engine with ``MOBILESAM_ADAPTIVE_THREADS=0``).
+    cpu_batch_workers : bool
+        On a CPU, decode segment-everything's independent prompt batches on worker
+        threads of one torch thread each, as many as the calling thread's base thread
+        count (:mod:`.workers`), instead of each small operation on all threads.
     """
 
     cpu_prompts_per_pass: int = 4
     gpu_prompt_bytes: int = 24 * 2**20
     gpu_memory_fraction: float = 0.6
     adaptive_threads: bool = True
+    cpu_batch_workers: bool = True
 
     def threads(self) -> int:
         """torch's intra-op threads of the calling thread (torch picks the physical cores
@@ -54,6 +59,19 @@ class Policy:
         if device.type == "cpu" and self.adaptive_threads:
             return ADAPTIVE.apply()
         return torch.get_num_threads()
+
+    def batch_workers(self, device: torch.device) -> int:
+        """Worker threads for independent prompt batches (1: the calling thread alone).
+
+        On a CPU with :attr:`cpu_batch_workers`, the calling thread's base count: the
+        torch threads it has, or had before the adaptive policy reduced them. Not fewer
+        on a busy machine: workers that never wait for each other use whatever share of
+        the cores the scheduler gives them. Elsewhere 1 (a GPU runs a batch at once)."""
+        if device.type != "cpu" or not self.cpu_batch_workers:
+            return 1
+        if self.adaptive_threads and ADAPTIVE.enabled:
+            return max(1, ADAPTIVE.base())
+        return max(1, torch.get_num_threads())
 
     def describe_threads(self, device: torch.device) -> str:
         """``"2 threads"``, ``"2 threads (adaptive)"`` or ``"1 of 2 threads (other

@@ -234,10 +234,13 @@ class AdaptiveThreads:
         count whenever someone else set it (``torch.set_num_threads``). A new thread
         starts with the count torch last set anywhere; when that is ours (a reduction),
         the thread takes the process's base instead."""
+        local = self._local
+        pinned = getattr(local, "pinned", None)
+        if pinned is not None:
+            return pinned
         current = torch.get_num_threads()
         if not self.enabled:
             return current
-        local = self._local
         with self._lock:
             if self._base is None:
                 self._base = current
@@ -255,6 +258,18 @@ class AdaptiveThreads:
                 self._last_set = want
         local.ours = want
         return want
+
+    def pin(self, n: int) -> None:
+        """Fix the calling thread's torch threads at ``n``: :meth:`apply` keeps them there
+        (worker threads that run whole batches on one thread each, :mod:`.workers`).
+        Threads started later still take the process's base count."""
+        # torch sets a thread's count from the process-wide one on the thread's first
+        # query or parallel operation, which would undo a count set before it
+        torch.get_num_threads()
+        torch.set_num_threads(n)
+        self._local.pinned = n
+        with self._lock:
+            self._last_set = n  # what a new thread inherits from here: not a user's choice
 
     def base(self) -> int:
         """The calling thread's base count (its torch count before any adaptation)."""

@@ -38,6 +38,9 @@ class FastPipeline(Pipeline):
 
     mode = "fast"
     full_size = False
+    # batches share only read-only state (the crop's embedding and upsampler): on a CPU
+    # they run on worker threads of one torch thread each (engine.workers)
+    parallel_batches = True
 
     def crop_state(self, image: CropImage) -> _CropState:
         low_res = self.model.prompt_encoder.mask_input_size

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.workers import map_in_order
 from ..model import Sam
 from ..normalize import to_rgb_uint8
 from ..predictor import ImageEmbedding, Predictor
@@ -428,13 +429,21 @@ class MaskGenerator:
         points = self.point_grids[layer] * np.array(crop.size)[None, ::-1]
         state = pipeline.crop_state(crop)
         per_pass = pipeline.prompts_per_pass(len(points))
+        workers = pipeline.batch_workers(len(points))
+        if workers > 1:  # two batches per worker at least (a batch's masks do not depend
+            per_pass = min(per_pass, -(-len(points) // (2 * workers)))  # on its partners)
+        batches = [points[s : s + per_pass] for s in range(0, len(points), per_pass)]
         data = MaskData()
-        for start in range(0, len(points), per_pass):
-            batch = points[start : start + per_pass]
-            data.cat(pipeline.batch(crop, batch, crop_box, orig_size, state))
+
+        def one(batch, image=crop):
+            return pipeline.batch(image, batch, crop_box, orig_size, state)
+
+        done = map_in_order(one, batches, workers)
+        for batch, found in zip(batches, done, strict=True):
+            data.cat(found)
             if bar is not None:
                 bar.update(len(batch))
-        del crop
+        del crop, one, done  # the crop's embedding is not needed below
         if len(data) == 0:
             return data
         data.filter(self._nms(data, data["iou_preds"], self.box_nms_thresh, orig_size))

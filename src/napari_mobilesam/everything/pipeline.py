@@ -107,6 +107,20 @@ class Pipeline(ABC):
         """Work shared by the batches of one crop (default: none)."""
         return None
 
+    #: whether :meth:`batch` may run on worker threads (:mod:`..engine.workers`)
+    parallel_batches = False
+
+    def batch_workers(self, n_points: int) -> int:
+        """Worker threads for a crop's ``n_points`` grid points: the engine policy's
+        :meth:`~napari_mobilesam.engine.Policy.batch_workers` where this mode allows it
+        (:attr:`parallel_batches`), at most one per decoder call's prompts
+        (``Policy.cpu_prompts_per_pass``); else 1."""
+        if not self.parallel_batches:
+            return 1
+        policy = self.engine.policy
+        calls = -(-n_points // max(1, policy.cpu_prompts_per_pass))
+        return max(1, min(calls, policy.batch_workers(self.engine.device)))
+
     def prompts_per_pass(self, n_points: int) -> int:
         """Grid prompts decoded together: ``points_per_batch``, or on a GPU as many as
         fit its free memory (:meth:`~napari_mobilesam.engine.Policy.prompts_per_pass`)."""
