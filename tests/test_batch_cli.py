@@ -176,7 +176,9 @@ def test_reports_the_automatic_choices(tiny_model, tmp_path, monkeypatch, capsys
     # backend and threads as chosen, before the first plane
     out = capsys.readouterr().out
     threads = Policy().describe_threads(torch.device("cpu"))  # "N threads[ (adaptive)]"
-    assert out.startswith(f"model: vit_t on cpu: torch, {threads}, fp32\n")
+    workers = min(4, Policy().batch_workers(torch.device("cpu")))  # 16 prompts: 4 calls
+    tail = f", prompt batches on {workers} worker threads" if workers > 1 else ""
+    assert out.startswith(f"model: vit_t on cpu: torch, {threads}, fp32; fast mode{tail}\n")
 
 
 def test_labels_match_the_library(tiny_cli, tiny_model, tmp_path):

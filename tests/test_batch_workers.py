@@ -148,3 +148,12 @@ def test_reference_mode_stays_in_the_calling_thread(tiny_model, monkeypatch):
     fast = MaskGenerator(tiny_model, points_per_side=4, mode="fast")
     # at most one worker per decoder call (4 prompts on a CPU)
     assert [fast.pipeline.batch_workers(n) for n in (100, 12, 5, 4, 1)] == [3, 3, 2, 1, 1]
+    # describe() says so: the engine, the mode, and the workers of the first crop layer
+    engine = fast.predictor.describe()
+    assert gen.describe() == f"{engine}; reference mode"
+    assert fast.describe() == f"{engine}; fast mode, prompt batches on 3 worker threads"
+    monkeypatch.setattr(Policy, "batch_workers", lambda self, device: 1)
+    assert fast.describe() == f"{engine}; fast mode"
+    few = MaskGenerator(tiny_model, points_per_side=2, mode="fast")  # 4 prompts: one call
+    monkeypatch.setattr(Policy, "batch_workers", lambda self, device: 3)
+    assert few.describe() == f"{engine}; fast mode"

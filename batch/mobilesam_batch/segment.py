@@ -185,8 +185,9 @@ class PlaneSegmenter:
         }
 
     def describe(self) -> str:
-        """One line for the log, e.g. ``vit_t on cpu: torch, 2 threads, fp32``."""
-        return f"{self.model_spec.name} on {self.generator.predictor.describe()}"
+        """One line for the log, e.g. ``vit_t on cpu: torch, 2 threads, fp32; fast mode,
+        prompt batches on 2 worker threads`` (:meth:`MaskGenerator.describe`)."""
+        return f"{self.model_spec.name} on {self.generator.describe()}"
 
     def segment(
         self, plane: np.ndarray, index: tuple[int, ...] = (), embeddings: str | None = None

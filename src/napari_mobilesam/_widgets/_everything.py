@@ -189,7 +189,7 @@ class EverythingWidget(QWidget):
 
         def work():
             gen = MaskGenerator(model.predictor(), **params)
-            ran_on.append(gen.predictor.describe())
+            ran_on.append(gen.describe())
             for i, index in enumerate(planes):
                 plane = np.asarray(data[index])
                 rgb_plane = to_rgb_uint8(

@@ -256,6 +256,17 @@ class MaskGenerator:
 
     # -- public ------------------------------------------------------------------------
 
+    def describe(self) -> str:
+        """What runs, as chosen: the predictor's engine (:meth:`Predictor.describe`), the
+        mode, and the worker threads of the prompt batches of the first crop layer when
+        there are several (fast mode on a CPU), e.g. ``"cpu: torch, 2 threads
+        (adaptive), fp32; fast mode, prompt batches on 2 worker threads"``."""
+        text = f"{self.predictor.describe()}; {self.mode} mode"
+        workers = self.pipeline.batch_workers(len(self.point_grids[0]))
+        if workers > 1:
+            text += f", prompt batches on {workers} worker threads"
+        return text
+
     @torch.no_grad()
     def generate(
         self,
