@@ -132,3 +132,16 @@ def test_phase_data_is_seeded_and_kept(tmp_path):
     stamp = (train / "t000.tif").stat().st_mtime_ns
     standin.write_data(tmp_path, (2, 1, 7), progress=False)  # a rerun keeps finished files
     assert (train / "t000.tif").stat().st_mtime_ns == stamp
+
+
+def test_phase_data_with_planes_of_stacks(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from napari_mobilesam.training.sources import SyntheticSource, _seed
+
+    train, _ = standin.write_data(tmp_path, (1, 0, 7, 1.0), progress=False)
+    want = SyntheticSource(1, seed=7, planes=1.0).make(_seed(7, "t", 0))
+    assert want.name.startswith("synthetic-plane")
+    np.testing.assert_array_equal(tifffile.imread(train / "t000.tif"), want.image)
+    np.testing.assert_array_equal(tifffile.imread(train / "t000_labels.tif"), want.labels)

@@ -397,3 +397,47 @@ def test_synthetic_source_radius_sets_the_cells_size():
     assert median_radius((3.0, 4.0)) < 12 < median_radius((14.0, 16.0))
     # the default is the range the stand-in phases' images were drawn from
     assert SyntheticSource(1).radius == (4.0, 16.0)
+
+
+def test_synthetic_source_planes_of_3d_stacks(monkeypatch):
+    from napari_mobilesam.training.sources import SyntheticSource, _seed
+
+    seeds = [_seed(5, "t", i) for i in range(40)]
+    # planes=0 (the default) never makes a plane: the images are those of before
+    assert SyntheticSource(1).planes == 0.0
+    flat = SyntheticSource(1, seed=5, size=(64, 64), radius=(4.0, 5.0))
+    monkeypatch.setattr(SyntheticSource, "_plane", lambda self, s: pytest.fail("a plane"))
+    assert all(not flat.make(s).name.startswith("synthetic-plane") for s in seeds[:3])
+    monkeypatch.undo()
+    # the fraction decides per seed (without making the images)
+    made = []
+    monkeypatch.setattr(SyntheticSource, "_plane", lambda self, s: made.append(s) or "plane")
+    half = SyntheticSource(1, seed=5, size=(64, 64), radius=(4.0, 5.0), planes=0.5)
+    kinds = [half.make(s) == "plane" for s in seeds]
+    assert 10 <= sum(kinds) <= 30 and made == [s for s, k in zip(seeds, kinds, strict=True) if k]
+    # the 2D images are unchanged by the option: the same seed, the same image
+    first2d = seeds[kinds.index(False)]
+    np.testing.assert_array_equal(half.make(first2d).image, flat.make(first2d).image)
+    monkeypatch.undo()
+    # a plane: one (Y, X) section of a seeded synthetic stack, its cells labelled
+    ex = SyntheticSource(1, seed=5, planes=1.0).make(seeds[0])
+    again = SyntheticSource(1, seed=5, planes=1.0).make(seeds[0])
+    assert ex.name.startswith("synthetic-plane") and ex.image.ndim == ex.labels.ndim == 2
+    assert ex.image.shape == ex.labels.shape and 256 <= ex.image.shape[0] <= 512
+    np.testing.assert_array_equal(ex.image, again.image)
+    np.testing.assert_array_equal(ex.labels, again.labels)
+
+
+def test_synthetic_source_plane_without_cells_gives_way(monkeypatch):
+    from napari_mobilesam import synthetic
+    from napari_mobilesam.training.sources import SyntheticSource
+
+    def stack(shape, **kwargs):
+        labels = np.zeros(shape, np.uint32)
+        labels[2, 10:20, 10:20] = 1  # one plane of the stack holds a cell
+        return synthetic.Sample(labels.astype(np.uint16) * 500, labels, "ZYX")
+
+    monkeypatch.setattr(synthetic, "cells_3d", stack)
+    for seed in range(5):
+        ex = SyntheticSource(1, planes=1.0).make(seed)
+        assert ex.labels.max() == 1 and ex.image.max() == 500

@@ -80,12 +80,19 @@ class SyntheticSource:
     radius : (float, float)
         Range of the smallest cell radius of an image, pixels (drawn per image; its
         largest is 1.5-4 times that, at most 60).
+    planes : float
+        Fraction of the images that are one plane of a synthetic 3D stack
+        (:func:`~napari_mobilesam.synthetic.cells_3d`: cells cut at every height, the
+        out-of-focus light of the cells above and below, blur along z), drawn per
+        image. 0 (the default) makes every image with ``cells_2d``, as before this
+        option existed.
     """
 
     images_per_epoch: int
     seed: int = 0
     size: tuple[int, int] = (384, 768)
     radius: tuple[float, float] = (4.0, 16.0)
+    planes: float = 0.0
 
     def __len__(self) -> int:
         return self.images_per_epoch
@@ -94,18 +101,15 @@ class SyntheticSource:
         """One varied synthetic image (parameters drawn from ``seed``)."""
         from .. import synthetic
 
+        # the plane-or-image draw has a stream of its own: with ``planes`` 0 the
+        # images are those this source made before the option existed
+        if self.planes > 0 and np.random.default_rng([seed, 1]).random() < self.planes:
+            return self._plane(seed)
         rng = np.random.default_rng(seed)
         side = int(rng.integers(self.size[0], self.size[1] + 1))
         r_lo = float(rng.uniform(*self.radius))
         r_hi = float(min(60.0, r_lo * rng.uniform(1.5, 4.0)))
-        look = synthetic.Appearance(
-            dtype=str(rng.choice(["uint8", "uint16"], p=[0.3, 0.7])),
-            photons=float(np.exp(rng.uniform(np.log(40), np.log(1500)))),
-            illumination=float(rng.uniform(0.0, 0.6)),
-            psf_sigma=float(rng.uniform(0.6, 2.0)),
-            rim=float(rng.uniform(0.1, 0.7)),
-            background=float(rng.uniform(0.0, 0.2)),
-        )
+        look = _look(rng)
         s = synthetic.cells_2d(
             (side, side),
             seed=int(rng.integers(2**63)),
@@ -117,6 +121,37 @@ class SyntheticSource:
         )
         return Example(f"synthetic-{seed}", s.image, s.labels)
 
+    def _plane(self, seed: int) -> Example:
+        """One plane of a varied (Z, Y, X) stack: 12-24 planes of 256-512 px, cells'
+        z semi-axes 2-8 planes, blur along z 0.8-2.5 planes; the plane drawn
+        uniformly (cells cut near their tips included; a plane without cells gives
+        way to the nearest one with some)."""
+        from dataclasses import replace
+
+        from .. import synthetic
+
+        rng = np.random.default_rng([seed, 2])
+        side = int(rng.integers(256, 513))
+        depth = int(rng.integers(12, 25))
+        r_lo = float(rng.uniform(max(self.radius[0], 6.0), max(self.radius[1], 8.0)))
+        r_hi = float(min(60.0, r_lo * rng.uniform(1.5, 3.0)))
+        look = replace(_look(rng), psf_sigma_z=float(rng.uniform(0.8, 2.5)))
+        s = synthetic.cells_3d(
+            (depth, side, side),
+            seed=int(rng.integers(2**63)),
+            coverage=float(rng.uniform(0.1, 0.3)),
+            radius=(r_lo, r_hi),
+            z_radius=(2.0, float(rng.uniform(4.0, 8.0))),
+            elongated=float(rng.uniform(0.0, 0.5)),
+            clustered=float(rng.uniform(0.0, 0.7)),
+            appearance=look,
+        )
+        z = int(rng.integers(depth))
+        filled = np.flatnonzero(s.labels.reshape(depth, -1).any(1))
+        if len(filled) and z not in filled:  # a plane above or below every cell
+            z = int(filled[np.argmin(np.abs(filled - z))])
+        return Example(f"synthetic-plane-{seed}", s.image[z], s.labels[z])
+
     def epoch(self, epoch: int) -> list[Loader]:
         seeds = [_seed(self.seed, "train", epoch, i) for i in range(self.images_per_epoch)]
         return [lambda s=s: self.make(s) for s in seeds]
@@ -124,6 +159,20 @@ class SyntheticSource:
     def held_out(self, n: int) -> list[Loader]:
         """``n`` validation images from a seed stream the epochs never use."""
         return [lambda i=i: self.make(_seed(self.seed, "held-out", i)) for i in range(n)]
+
+
+def _look(rng: np.random.Generator):
+    """A varied :class:`~napari_mobilesam.synthetic.Appearance` (6 draws of ``rng``)."""
+    from .. import synthetic
+
+    return synthetic.Appearance(
+        dtype=str(rng.choice(["uint8", "uint16"], p=[0.3, 0.7])),
+        photons=float(np.exp(rng.uniform(np.log(40), np.log(1500)))),
+        illumination=float(rng.uniform(0.0, 0.6)),
+        psf_sigma=float(rng.uniform(0.6, 2.0)),
+        rim=float(rng.uniform(0.1, 0.7)),
+        background=float(rng.uniform(0.0, 0.2)),
+    )
 
 
 def augment(example: Example, rng: np.random.Generator) -> tuple[Example, tuple[float, float]]:

@@ -189,14 +189,16 @@ def write_data(
     out: Path, images: tuple[int, int, int], *, progress: bool = True
 ) -> tuple[Path, Path]:
     """Write a phase's training and held-out images (``images``: training images,
-    held-out images, source seed, as :data:`PHASE3_IMAGES`) as ``tNNN.tif`` +
+    held-out images, source seed, as :data:`PHASE3_IMAGES`, and optionally the fraction
+    of them that are planes of 3D stacks, :attr:`SyntheticSource.planes
+    <napari_mobilesam.training.sources.SyntheticSource>`) as ``tNNN.tif`` +
     ``tNNN_labels.tif`` (``vNNN`` held out); returns the two folders. Files already
     written are kept (the images are seeded)."""
     from .. import synthetic
     from .sources import SyntheticSource, _seed
 
-    n_train, n_val, seed = images
-    source = SyntheticSource(n_train, seed=seed)
+    n_train, n_val, seed, *planes = images
+    source = SyntheticSource(n_train, seed=seed, planes=planes[0] if planes else 0.0)
     jobs = [(out / "train", "t", i) for i in range(n_train)]
     jobs += [(out / "val", "v", i) for i in range(n_val)]
     if progress:
