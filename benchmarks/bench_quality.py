@@ -174,6 +174,7 @@ def linked_3d(
     grid: int = 32,
     folder: Path | None = None,
     extra: tuple[str, ...] = (),
+    min_planes: int = 3,
 ) -> dict:
     """3D AP50 of ``mobilesam-everything --link z`` on synthetic (Z, Y, X) stacks.
 
@@ -193,6 +194,12 @@ def linked_3d(
         Where inputs and outputs go (default: a temporary folder, removed).
     extra : tuple of str
         More command-line arguments.
+    min_planes : int
+        ``--link-min-planes`` (default 3): the generator's cells span 5 planes or more
+        of a 16-plane stack (z semi-axes of 3-7 planes) unless the stack's top or
+        bottom cuts them, so a 3D object seen in fewer than 3 planes is a fragment or
+        out-of-focus light; cells cut to fewer planes than this are missed. 1 keeps
+        every object.
 
     Returns
     -------
@@ -223,6 +230,7 @@ def linked_3d(
         thresholds = [f"--{k.replace('_', '-')}={v}" for k, v in STANDIN_THRESHOLDS.items()]
         t0 = time.perf_counter()
         code = cli.main([str(inputs), "-o", str(out), "--link", "z", "--csv", "-q",
+                         "--link-min-planes", str(min_planes),
                          "--points-per-side", str(grid), *thresholds, *model, *extra])  # fmt: skip
         seconds = time.perf_counter() - t0
         if code != 0:

@@ -126,12 +126,56 @@ def test_link_z_recovers_the_true_3d_objects(run_cli, tmp_path, monkeypatch):
 
     record = json.loads((out / "s_labels.json").read_text())
     assert record["parameters"]["link"] == {
-        "axis": "z", "min_iou": 0.5, "max_gap": 1, "min_cover_z": 0.8, "min_cover_t": 0.5,
-        "divisions": False, "division_share": 0.2,
+        "axis": "z", "min_iou": 0.5, "max_gap": 1, "min_planes": 1, "min_cover_z": 0.8,
+        "min_cover_t": 0.5, "divisions": False, "division_share": 0.2,
         "rules": f"napari_mobilesam.linking rules v{RULE_VERSION}",
     }  # fmt: skip
-    assert record["linked"] == {"objects": len(ids), "divisions": 0}
+    assert record["linked"] == {"objects": len(ids), "divisions": 0, "dropped_short": 0}
     assert record["outputs"]["label_ids"].startswith("linked: one id per 3D object")
+
+
+def test_link_min_planes_leaves_out_short_objects_everywhere(run_cli, tmp_path, monkeypatch):
+    """Objects seen in fewer planes than --link-min-planes go from the label image, the
+    CSV and the COCO file; the others keep their voxels, renumbered 1..N in order."""
+    sample = synthetic.cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(1, 4))
+    truth = sample.labels
+    Perfect(sample.image, truth).patch(monkeypatch)
+    inp = str(_write(tmp_path / "s.tif", sample))
+    args = ["--link", "z", "--csv", "--coco"]
+    assert run_cli([inp, "-o", str(tmp_path / "all"), *args]) == 0
+    everything = tifffile.imread(tmp_path / "all" / "s_labels.tif")
+    ids = np.unique(everything)[1:]
+    spans = {int(i): int((everything == i).any(axis=(1, 2)).sum()) for i in ids}
+    n = int(np.median(list(spans.values())))
+    short = {i for i, k in spans.items() if k < n}
+    assert short and len(short) < len(spans)  # the sample has both kinds
+    assert run_cli([inp, "-o", str(tmp_path / "long"), *args, "--link-min-planes", str(n)]) == 0
+    out = tmp_path / "long"
+    labels = tifffile.imread(out / "s_labels.tif")
+    # the same voxels as the full linking, less the short objects, ids renumbered in order
+    kept = sorted(set(spans) - short)
+    expect = np.zeros_like(everything)
+    for new, old in enumerate(kept, start=1):
+        expect[everything == old] = new
+    np.testing.assert_array_equal(labels, expect)
+    rows = _rows(out / "s_objects.csv")
+    _csv_matches_labels(rows, labels, "object_id", labels.shape[:1])
+    assert {int(r["object_id"]) for r in rows} == set(range(1, len(kept) + 1))
+    coco = json.loads((out / "s_coco.json").read_text())
+    assert {a["object_id"] for a in coco["annotations"]} == set(range(1, len(kept) + 1))
+    assert len(coco["annotations"]) == len(rows)
+    record = json.loads((out / "s_labels.json").read_text())
+    assert record["parameters"]["link"]["min_planes"] == n
+    dropped = len(short)
+    assert record["linked"] == {"objects": len(kept), "divisions": 0, "dropped_short": dropped}
+    # a stack per time point (T with --link z): each one's short objects, ids unique overall
+    tz = np.stack([sample.image, sample.image])
+    tifffile.imwrite(tmp_path / "tz.tif", tz, imagej=True, metadata={"axes": "TZYX"})
+    assert run_cli([str(tmp_path / "tz.tif"), "-o", str(out), "--link", "z",
+                    "--link-min-planes", str(n)]) == 0  # fmt: skip
+    both = tifffile.imread(out / "tz_labels.tif")
+    np.testing.assert_array_equal(both[0], labels)
+    np.testing.assert_array_equal(both[1], np.where(labels > 0, labels + len(kept), 0))
 
 
 def test_link_t_recovers_tracks_and_divisions(run_cli, tmp_path, monkeypatch):
@@ -153,7 +197,11 @@ def test_link_t_recovers_tracks_and_divisions(run_cli, tmp_path, monkeypatch):
         assert abs(np.nonzero(mask)[0].mean() - float(r["y"])) < 1e-3
     _csv_matches_labels(_rows(out / "movie_objects.csv"), labels, "track_id", labels.shape[:1])
     record = json.loads((out / "movie_labels.json").read_text())
-    assert record["linked"] == {"objects": len(ids), "divisions": len(truth) // 2}
+    assert record["linked"] == {
+        "objects": len(ids),
+        "divisions": len(truth) // 2,
+        "dropped_short": 0,
+    }
     assert record["outputs"]["tracks"] == "movie_tracks.csv"
 
 
@@ -324,6 +372,13 @@ def test_inputs_that_cannot_be_linked_fail_by_name(run_cli, tmp_path, capsys):
         (["--link", "z", "--link-gap", "-1"], "--link-gap -1: must be a whole number >= 0"),
         (["--link-iou", "0.5"], "--link-iou needs --link z|t|zt"),
         (["--link-gap", "2"], "--link-gap needs --link z|t|zt"),
+        (["--link-min-planes", "2"], "--link-min-planes needs --link z|t|zt"),
+        (["--link", "z", "--link-min-planes", "0"], "--link-min-planes 0: must be a whole number"),
+        (
+            ["--link", "t", "--link-min-planes", "2"],
+            "applies to 3D objects (--link z), not to --link t",
+        ),
+        (["--link", "zt", "--link-min-planes", "3"], "not to --link zt"),
     ],
 )
 def test_bad_link_flags_are_usage_errors(run_cli, tmp_path, capsys, args, message):
@@ -339,6 +394,11 @@ def test_link_options_and_layout_errors():
         LinkOptions("z", min_iou=True)
     with pytest.raises(ValueError, match="--link-gap 1.5"):
         LinkOptions("z", max_gap=1.5)
+    with pytest.raises(ValueError, match="--link-min-planes 2.0"):
+        LinkOptions("z", min_planes=2.0)
+    with pytest.raises(ValueError, match="--link-min-planes True"):
+        LinkOptions("z", min_planes=True)
+    assert LinkOptions("t", min_planes=1).min_planes == 1  # 1 (keep all) fits every axis
     layout = link_layout("QTZ", (2, 3, 4), LinkOptions("zt"))
     assert (layout.linked, layout.groups, layout.group_axes) == ((1, 2), (0,), "Q")
     stacks = list(layout.stacks())
@@ -394,17 +454,25 @@ def test_bench_linked_3d_scores_perfect_segmentation_1(tiny_model, tmp_path, mon
     weights = tmp_path / "tiny.pt"
     weights.write_bytes(b"stand-in")
     res = bench_quality.linked_3d(str(weights), 2, seed, shape, grid=4, folder=tmp_path / "w",
-                                  extra=("--device", "cpu"))  # fmt: skip
+                                  extra=("--device", "cpu"), min_planes=1)  # fmt: skip
     segment._SEGMENTERS.clear()
     assert res["truth"] == res["objects"] == sum(int(s.labels.max()) for s in samples)
     assert res["ap50"] == res["f1"] == 1.0
     assert res["planes"] == 20
+    # the benchmark's default --link-min-planes 3 leaves out the cells seen in fewer
+    # planes (cut by the stacks' tops and bottoms): precision stays 1
+    spans = [int((s.labels == i).any(axis=(1, 2)).sum()) for s in samples
+             for i in range(1, int(s.labels.max()) + 1)]  # fmt: skip
+    res = bench_quality.linked_3d(str(weights), 2, seed, shape, grid=4, folder=tmp_path / "v",
+                                  extra=("--device", "cpu"))  # fmt: skip
+    segment._SEGMENTERS.clear()
+    assert res["objects"] == sum(n >= 3 for n in spans) and res["precision"] == 1.0
     # a cell the segmenter misses in every plane: recall and AP50 drop, precision stays
     broken = truth.copy()
     broken[: shape[0]][broken[: shape[0]] == 1] = 0
     Perfect(image, broken).patch(monkeypatch)
     res = bench_quality.linked_3d(str(weights), 2, seed, shape, grid=4, folder=tmp_path / "x",
-                                  extra=("--device", "cpu"))  # fmt: skip
+                                  extra=("--device", "cpu"), min_planes=1)  # fmt: skip
     segment._SEGMENTERS.clear()
     assert res["precision"] == 1.0 and res["recall"] < 1.0 and res["ap50"] < 1.0
 

@@ -163,6 +163,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                       "least this [0.5]")  # fmt: skip
     link.add_argument("--link-gap", type=int, metavar="N",
                       help="planes an object may be missed in and keep its id [1]")  # fmt: skip
+    link.add_argument("--link-min-planes", type=int, metavar="N",
+                      help="--link z: leave out 3D objects seen in fewer than N planes "
+                      "(fragments, out-of-focus light) [1: keep all]")  # fmt: skip
 
     run = parser.add_argument_group("run")
     run.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
@@ -381,11 +384,13 @@ def _link(args: argparse.Namespace):
     from .link import LinkOptions
 
     if args.link is None:
-        for flag, value in (("--link-iou", args.link_iou), ("--link-gap", args.link_gap)):
+        for flag, value in (("--link-iou", args.link_iou), ("--link-gap", args.link_gap),
+                            ("--link-min-planes", args.link_min_planes)):  # fmt: skip
             if value is not None:
                 raise UsageError(f"{flag} needs --link z|t|zt")
         return None
-    given = {"min_iou": args.link_iou, "max_gap": args.link_gap}
+    given = {"min_iou": args.link_iou, "max_gap": args.link_gap,
+             "min_planes": args.link_min_planes}  # fmt: skip
     try:
         return LinkOptions(args.link, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:

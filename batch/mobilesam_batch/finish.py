@@ -203,7 +203,8 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
         "environment": environment(),
     }
     if linked is not None:
-        record["linked"] = {"objects": linked.n_objects, "divisions": linked.n_divisions}
+        record["linked"] = {"objects": linked.n_objects, "divisions": linked.n_divisions,
+                            "dropped_short": linked.n_dropped}  # fmt: skip
     if job.embeddings is not None:  # --embeddings: the store, what it matched, what it served
         served = sorted(job.from_store)
         record["embeddings"] = {**job.embeddings, "planes_from_store": [list(i) for i in served]}
@@ -233,10 +234,18 @@ def _object_rows(job: Job, linked: Linked | None, id_name: str | None) -> Iterat
     for index in job.indices:
         plane = load_plane(job, index)
         lut = None if linked is None else linked.luts[index]
-        for row in object_table(plane["labels"], _scores(plane)):
+        for row in object_table(_kept(plane["labels"], lut), _scores(plane)):
             if lut is not None:
                 row = {"label": row["label"], id_name: int(lut[row["label"]]), **row}
             yield {"plane": _flat_plane(job, index), **row}
+
+
+def _kept(labels: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
+    """A plane's per-plane labels without the objects linking left out (``lut`` 0:
+    seen in too few planes, ``--link-min-planes``)."""
+    if lut is None or lut[1:].all():
+        return labels
+    return np.where(lut[labels] > 0, labels, 0)
 
 
 def _flat_plane(job: Job, index: tuple[int, ...]) -> int:
@@ -259,9 +268,9 @@ def _write_coco(
         next_id = 1
         for image_id, index in enumerate(job.indices, start=1):
             plane = load_plane(job, index)
-            anns = coco_annotations(plane["labels"], image_id, next_id, _scores(plane))
-            if linked is not None:
-                lut = linked.luts[index]
+            lut = None if linked is None else linked.luts[index]
+            anns = coco_annotations(_kept(plane["labels"], lut), image_id, next_id, _scores(plane))
+            if lut is not None:
                 for ann in anns:
                     ann[id_name] = int(lut[ann["label"]])
             next_id += len(anns)

@@ -64,17 +64,26 @@ class LinkOptions:
         Objects of neighbouring planes are one object when their IoU is at least this.
     max_gap : int >= 0
         Planes an object may be missing from and keep its id.
+    min_planes : int >= 1
+        ``"z"`` only: a linked 3D object seen in fewer planes than this is left out of
+        every output (its pixels become background, its rows go), and the ids of the
+        others stay 1..N in order of first appearance. 1 (the default) keeps all.
+        Sections the segmentation kept in one or two planes only (out-of-focus light,
+        a fragment) are the commonest false 3D objects in stacks whose cells span
+        many planes.
 
     Raises
     ------
     ValueError
-        For an unknown axis, ``min_iou`` outside (0, 1] or a negative or fractional
-        ``max_gap`` (the message names the flag).
+        For an unknown axis, ``min_iou`` outside (0, 1], a negative or fractional
+        ``max_gap``, ``min_planes`` below 1 or fractional, or above 1 for ``"t"`` or
+        ``"zt"`` (the message names the flag).
     """
 
     axis: str
     min_iou: float = 0.5
     max_gap: int = 1
+    min_planes: int = 1
 
     def __post_init__(self) -> None:
         if self.axis not in LINK_AXES:
@@ -85,6 +94,12 @@ class LinkOptions:
         gap = self.max_gap
         if isinstance(gap, bool) or not isinstance(gap, numbers.Integral) or gap < 0:
             raise ValueError(f"--link-gap {gap!r}: must be a whole number >= 0")
+        n = self.min_planes
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"--link-min-planes {n!r}: must be a whole number >= 1")
+        if n > 1 and self.axis != "z":
+            raise ValueError(f"--link-min-planes {n}: applies to 3D objects (--link z), "
+                             f"not to --link {self.axis}")  # fmt: skip
 
     @property
     def id_name(self) -> str:
@@ -102,6 +117,7 @@ class LinkOptions:
             "axis": self.axis,
             "min_iou": float(self.min_iou),
             "max_gap": int(self.max_gap),
+            "min_planes": int(self.min_planes),
             "min_cover_z": MIN_COVER_Z,
             "min_cover_t": MIN_COVER_T,
             "divisions": self.axis != "z",
@@ -213,11 +229,15 @@ class Linked:
         Linked objects (z) or tracks (t, zt); ids are ``1 .. n_objects``.
     tables : list of (group index, LinkTable)
         For t and zt, each stack's table with output ids (empty for z).
+    n_dropped : int
+        Linked objects left out for being seen in fewer than ``min_planes`` planes
+        (their per-plane ids map to 0).
     """
 
     luts: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
     n_objects: int = 0
     tables: list[tuple[tuple[int, ...], LinkTable]] = field(default_factory=list)
+    n_dropped: int = 0
 
     def relabel(self, index: tuple[int, ...], labels: np.ndarray) -> np.ndarray:
         """Plane ``index``'s (H, W) per-plane labels with linked ids (uint32, (H, W))."""
@@ -278,10 +298,38 @@ def link_planes(
                 held = []
         table = linker.finish()
         n = linker.n_objects
+        if link.min_planes > 1:
+            kept = _drop_short(out.luts, order, out.n_objects, n, link.min_planes)
+            out.n_dropped += n - kept
+            n = kept
         if link.writes_tracks:
             out.tables.append((group, _shifted(table, out.n_objects)))
         out.n_objects += n
     return out
+
+
+def _drop_short(
+    luts: dict[tuple[int, ...], np.ndarray],
+    order: list[tuple[int, ...]],
+    offset: int,
+    n: int,
+    min_planes: int,
+) -> int:
+    """Map the objects of one stack (planes ``order``, linked ids ``offset + 1 ..
+    offset + n``) seen in fewer than ``min_planes`` of its planes to 0 in ``luts``, in
+    place, and renumber the others ``offset + 1 ..`` in their order; returns how many
+    are kept."""
+    seen = np.zeros(n + 1, dtype=np.int64)
+    for index in order:
+        ids = np.unique(luts[index])
+        seen[ids[ids > 0] - offset] += 1
+    kept = np.flatnonzero(seen >= min_planes)
+    kept = kept[kept > 0]
+    remap = np.zeros(offset + n + 1, dtype=np.uint32)
+    remap[kept + offset] = np.arange(offset + 1, offset + len(kept) + 1, dtype=np.uint32)
+    for index in order:
+        luts[index] = remap[luts[index]]
+    return len(kept)
 
 
 def _shifted(table: LinkTable, offset: int) -> LinkTable:
