@@ -58,6 +58,9 @@ def truth(monkeypatch, tiny_predictor):
             def __init__(self, predictor, **_params):
                 self.predictor, self.k = predictor, 0
 
+            def describe(self):
+                return self.predictor.describe()
+
             def generate_labels(self, image, return_info=False):
                 entered.append(self.k)
                 if sem is not None:
