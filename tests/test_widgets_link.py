@@ -88,6 +88,8 @@ def _widget(viewer, name: str, axis: str, **options):
         w.link.min_iou.setValue(options["min_iou"])
     if "max_gap" in options:
         w.link.max_gap.setValue(options["max_gap"])
+    if "min_planes" in options:
+        w.link.min_planes.setValue(options["min_planes"])
     return w
 
 
@@ -113,6 +115,7 @@ def test_link_choices_fit_the_image(make_napari_viewer, tiny_predictor):
     assert offered() == [""] and not w.link.axis.isEnabled()
     assert "2D" in w.link.axis.toolTip()
     assert not w.link.min_iou.isEnabled() and not w.link.max_gap.isEnabled()
+    assert not w.link.min_planes.isEnabled()
     w.image_combo.setCurrentText("stack")
     assert offered() == ["", "z", "t"] and w.link.axis.isEnabled()
     assert w.scope.isEnabled()
@@ -120,6 +123,10 @@ def test_link_choices_fit_the_image(make_napari_viewer, tiny_predictor):
     # linking works on the whole stack: the scope follows
     assert w.scope.currentIndex() == 1 and not w.scope.isEnabled()
     assert w.link.min_iou.isEnabled() and w.link.max_gap.isEnabled()
+    assert not w.link.min_planes.isEnabled()  # 3D objects (z) only
+    w.link.axis.setCurrentIndex(offered().index("z"))
+    assert w.link.min_planes.isEnabled()
+    w.link.axis.setCurrentIndex(offered().index("t"))
     w.image_combo.setCurrentText("series")  # t does not fit (T, Z): back to none
     assert offered() == ["", "z", "zt"] and w.link.choice() == "" and w.scope.isEnabled()
     w.link.axis.setCurrentIndex(offered().index("z"))
@@ -156,6 +163,45 @@ def test_link_z_equals_link_stack_and_records_linked_scores(make_napari_viewer, 
             linked = int(np.unique(result.data[z][own == k])[0])
             assert scores[((z,), linked)] == pytest.approx((iou[k - 1], stability[k - 1]))
     assert len(scores) == sum(int(p.max()) for p in planes)
+
+
+def test_link_min_planes_leaves_out_short_objects_as_the_batch_tool(
+    make_napari_viewer, qtbot, truth
+):
+    sample = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(1, 4))
+    planes = per_plane(sample.labels)
+    truth(planes)
+    viewer = make_napari_viewer()
+    viewer.add_image(sample.image, name="cells")
+    full, _ = link_stack(planes, "z")
+    spans = {i: int((full == i).any(axis=(1, 2)).sum()) for i in range(1, int(full.max()) + 1)}
+    n = int(np.median(list(spans.values())))
+    kept = [i for i, k in spans.items() if k >= n]
+    assert 0 < len(kept) < len(spans)
+    w = _widget(viewer, "cells", "z", min_planes=n)
+    _run(qtbot, w)
+    result = viewer.layers["cells everything"]
+    expected = np.zeros_like(full)
+    for new, old in enumerate(kept, start=1):
+        expected[full == old] = new
+    np.testing.assert_array_equal(result.data, expected)
+    short = len(spans) - len(kept)
+    assert w.status.text().startswith(
+        f"{len(kept)} 3D objects in 10 plane(s) ({short} seen in fewer than {n} planes left out)"
+    )
+    # the scores follow: one row per kept object per plane, under its shown id
+    scores = scores_from(result.features, 1)
+    assert len(scores) == sum(len(np.unique(p)) - 1 for p in expected)
+    for (plane, i), _ in scores.items():
+        assert (result.data[plane] == i).any()
+
+
+def test_stack_link_min_planes_is_for_z():
+    from napari_mobilesam._widgets._link import StackLink
+
+    with pytest.raises(ValueError, match="min_planes applies to 3D objects"):
+        StackLink("t", (4,), 0.5, 1, min_planes=2)
+    assert StackLink("z", (4,), 0.5, 1, min_planes=3).short_objects() == (0, None)
 
 
 def test_link_t_tracks_layer_with_divisions(make_napari_viewer, qtbot, truth):

@@ -27,7 +27,7 @@ from . import _features
 from ._chunked import add_labels, unwritable, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._layers import LayerConflict, image_shape, labels_layer
-from ._link import LinkControls, StackLink, show_tracks, tracks_layer_of
+from ._link import LinkControls, StackLink, drop_short, show_tracks, tracks_layer_of
 from ._model import ModelPicker
 from ._reader_preference import prefer_plugin_reader
 from ._scroll import scrolled
@@ -170,7 +170,8 @@ class EverythingWidget(QWidget):
         if axis:
             if axis != "z":
                 tracks_layer_of(self.viewer, layer)  # a conflict stops here too
-            linker = StackLink(axis, lead, self.link.min_iou.value(), self.link.max_gap.value())
+            linker = StackLink(axis, lead, self.link.min_iou.value(), self.link.max_gap.value(),
+                               self.link.min_planes.value() if axis == "z" else 1)  # fmt: skip
         if axis or (self.scope.currentIndex() == 1 and lead):
             planes = [tuple(int(i) for i in ix) for ix in np.ndindex(*lead)]
         else:
@@ -184,6 +185,7 @@ class EverythingWidget(QWidget):
 
         ran_on: list[str] = []  # what ran, as chosen (shown when done)
         counts: list[int] = []  # objects per plane done
+        done_planes: list[tuple[int, ...]] = []  # linked planes written to the layer
         infos: dict = {}  # each plane's scores, for the object table
         stop = self._stop = threading.Event() if axis else None
 
@@ -246,6 +248,7 @@ class EverythingWidget(QWidget):
                 show_info(f"MobileSAM: {exc}")
                 return
             for index, plane, ids, iou, stability in linked:
+                done_planes.append(index)
                 result.data[index] = plane
                 _features.record(result, index, ids, iou, stability, replace_plane=True)
                 counts.append(len(ids))
@@ -261,7 +264,14 @@ class EverythingWidget(QWidget):
             )
 
         def done_linked(table) -> None:
-            text = f"{linker.max_id} {what} in {len(counts)} plane(s)"
+            n_short, lut = linker.short_objects()
+            n_shown = linker.max_id - n_short
+            if lut is not None and layer in self.viewer.layers and self.result_layer is not None:
+                drop_short(self.result_layer, done_planes, lut)
+            text = f"{n_shown} {what} in {len(counts)} plane(s)"
+            if n_short:
+                text += (f" ({n_short} seen in fewer than {linker.min_planes} planes "
+                         "left out)")  # fmt: skip
             if axis != "z" and table is not None and layer in self.viewer.layers:
                 text += f" ({len(set(table.parents.values()))} division(s))"
                 try:

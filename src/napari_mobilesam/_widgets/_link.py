@@ -53,7 +53,8 @@ def link_choices(n_plane_axes: int) -> list[str]:
 
 
 class LinkControls(QWidget):
-    """The link axis, ``--link-iou`` and ``--link-gap`` of the everything widget."""
+    """The link axis, ``--link-iou``, ``--link-gap`` and ``--link-min-planes`` of the
+    everything widget."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -71,9 +72,16 @@ class LinkControls(QWidget):
         self.max_gap.setValue(1)
         self.max_gap.setToolTip("an object missed in up to this many planes keeps its id "
                                 "(--link-gap)")  # fmt: skip
+        self.min_planes = QSpinBox()
+        self.min_planes.setRange(1, 10_000)
+        self.min_planes.setValue(1)
+        self.min_planes.setToolTip("z: when the run ends, leave out 3D objects seen in fewer "
+                                   "planes than this (fragments, out-of-focus light); 1 keeps "
+                                   "all (--link-min-planes)")  # fmt: skip
         form.addRow("link", self.axis)
         form.addRow("link IoU ≥", self.min_iou)
         form.addRow("link gap (planes)", self.max_gap)
+        form.addRow("link min planes", self.min_planes)
         self.axis.currentIndexChanged.connect(self._enable)
         self.fit(0)
 
@@ -111,6 +119,7 @@ class LinkControls(QWidget):
         on = bool(self.choice())
         self.min_iou.setEnabled(on)
         self.max_gap.setEnabled(on)
+        self.min_planes.setEnabled(self.choice() == "z")
 
 
 class StackLink:
@@ -124,6 +133,9 @@ class StackLink:
         The image's plane axes (the shape without Y, X).
     min_iou, max_gap
         As ``--link-iou``, ``--link-gap`` (:class:`~napari_mobilesam.linking.Linker`).
+    min_planes : int
+        ``"z"`` only, as ``--link-min-planes``: :meth:`short_objects` says which 3D
+        objects were seen in fewer planes and how the others are renumbered.
 
     Attributes
     ----------
@@ -134,8 +146,12 @@ class StackLink:
     """
 
     def __init__(self, axis: str, plane_shape: tuple[int, ...], min_iou: float,
-                 max_gap: int) -> None:  # fmt: skip
+                 max_gap: int, min_planes: int = 1) -> None:  # fmt: skip
         assert axis in link_choices(len(plane_shape)) and axis, (axis, plane_shape)
+        if min_planes > 1 and axis != "z":
+            raise ValueError(f"min_planes applies to 3D objects (z), not to {axis!r}")
+        self.min_planes = int(min_planes)
+        self._seen: dict[int, int] = {}  # linked id -> planes it is in
         self.axis, self.plane_shape = axis, tuple(plane_shape)
         self.n_linked = 2 if axis == "zt" else 1
         self.n_z = self.plane_shape[-1] if axis == "zt" else None
@@ -203,8 +219,48 @@ class StackLink:
             iou = np.asarray(info["predicted_iou"], dtype=np.float64)[own - 1]
             stab = np.asarray(info["stability_score"], dtype=np.float64)[own - 1]
             self.max_id = max(self.max_id, int(after.max()))
+            for i in ids:
+                self._seen[i] = self._seen.get(i, 0) + 1
             out.append((index, after, ids, iou, stab))
         return out
+
+    def short_objects(self) -> tuple[int, np.ndarray | None]:
+        """After :meth:`finish`: how many 3D objects were seen in fewer than
+        ``min_planes`` planes, and the table ``lut[linked id] = id to show`` that
+        removes them (0) and numbers the others 1..N in order, as
+        ``mobilesam-everything --link-min-planes`` does; None when none is short."""
+        ids = np.array(sorted(self._seen), dtype=np.int64)
+        if self.min_planes <= 1 or not len(ids):
+            return 0, None
+        kept = ids[np.array([self._seen[i] >= self.min_planes for i in ids.tolist()])]
+        if len(kept) == len(ids):
+            return 0, None
+        lut = np.zeros(self.max_id + 1, dtype=np.uint32)
+        lut[kept] = np.arange(1, len(kept) + 1, dtype=np.uint32)
+        return len(ids) - len(kept), lut
+
+
+def drop_short(layer, planes: list[tuple[int, ...]], lut: np.ndarray) -> None:
+    """Relabel a linked result layer's ``planes`` through :meth:`StackLink.short_objects`'
+    ``lut`` (short 3D objects become background, the others 1..N) and its recorded
+    scores with them; rows of other planes stay as they are."""
+    from ..interactive.objects import record_scores, scores_from
+
+    n = layer.ndim - 2
+    done = set(planes)
+    for index in planes:
+        layer.data[index] = lut[np.asarray(layer.data[index])]
+    kept: dict[tuple[int, ...], list[tuple[int, float, float]]] = {}
+    for (plane, i), (iou, stab) in scores_from(layer.features, n).items():
+        new = int(lut[i]) if plane in done and i < len(lut) else (i if plane not in done else 0)
+        if new:
+            kept.setdefault(plane, []).append((new, iou, stab))
+    features: dict = {}
+    for plane, rows in kept.items():
+        ids, iou, stab = zip(*rows, strict=True)
+        features = record_scores(features, list(ids), list(iou), list(stab), plane=plane)
+    layer.features = features
+    layer.refresh()
 
 
 def tracks_name(image_name: str) -> str:
