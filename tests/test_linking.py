@@ -666,3 +666,12 @@ def test_bench_linking_runs(tmp_path, capsys):
     argv += ["--json", str(out)]
     assert bench_linking.main(argv) == 0
     assert "linking (t)" in capsys.readouterr().out and out.exists()
+
+
+def test_min_planes_lut_keeps_objects_in_enough_planes_in_order():
+    from napari_mobilesam.linking import min_planes_lut
+
+    lut = min_planes_lut(np.array([9, 3, 1, 5, 2, 3]), 3)  # seen[0], background, ignored
+    assert lut.dtype == np.uint32 and lut.tolist() == [0, 1, 0, 2, 0, 3]
+    assert min_planes_lut(np.array([0, 1, 1]), 1).tolist() == [0, 1, 2]
+    assert min_planes_lut(np.array([0]), 2).tolist() == [0]

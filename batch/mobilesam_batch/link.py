@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from napari_mobilesam.atomic import atomic_path
-from napari_mobilesam.linking import RULE_VERSION, Linker, LinkTable, id_mapping
+from napari_mobilesam.linking import RULE_VERSION, Linker, LinkTable, id_mapping, min_planes_lut
 
 __all__ = [
     "LINK_AXES",
@@ -323,13 +323,12 @@ def _drop_short(
     for index in order:
         ids = np.unique(luts[index])
         seen[ids[ids > 0] - offset] += 1
-    kept = np.flatnonzero(seen >= min_planes)
-    kept = kept[kept > 0]
+    lut = min_planes_lut(seen, min_planes)
     remap = np.zeros(offset + n + 1, dtype=np.uint32)
-    remap[kept + offset] = np.arange(offset + 1, offset + len(kept) + 1, dtype=np.uint32)
+    remap[offset:] = np.where(lut > 0, lut + np.uint32(offset), 0)
     for index in order:
         luts[index] = remap[luts[index]]
-    return len(kept)
+    return int(np.count_nonzero(lut))
 
 
 def _shifted(table: LinkTable, offset: int) -> LinkTable:

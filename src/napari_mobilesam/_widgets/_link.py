@@ -23,7 +23,7 @@ import numpy as np
 from napari.layers import Tracks
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
 
-from ..linking import Linker, LinkTable, id_mapping
+from ..linking import Linker, LinkTable, id_mapping, min_planes_lut
 from ._layers import LayerConflict
 
 #: (axis, text in the menu); the axis names are ``--link``'s
@@ -229,15 +229,13 @@ class StackLink:
         ``min_planes`` planes, and the table ``lut[linked id] = id to show`` that
         removes them (0) and numbers the others 1..N in order, as
         ``mobilesam-everything --link-min-planes`` does; None when none is short."""
-        ids = np.array(sorted(self._seen), dtype=np.int64)
-        if self.min_planes <= 1 or not len(ids):
+        if self.min_planes <= 1 or not self._seen:
             return 0, None
-        kept = ids[np.array([self._seen[i] >= self.min_planes for i in ids.tolist()])]
-        if len(kept) == len(ids):
-            return 0, None
-        lut = np.zeros(self.max_id + 1, dtype=np.uint32)
-        lut[kept] = np.arange(1, len(kept) + 1, dtype=np.uint32)
-        return len(ids) - len(kept), lut
+        seen = np.zeros(self.max_id + 1, dtype=np.int64)
+        seen[list(self._seen)] = list(self._seen.values())
+        lut = min_planes_lut(seen, self.min_planes)
+        n_short = len(self._seen) - int(np.count_nonzero(lut))
+        return (n_short, lut) if n_short else (0, None)
 
 
 def drop_short(layer, planes: list[tuple[int, ...]], lut: np.ndarray) -> None:
@@ -252,7 +250,10 @@ def drop_short(layer, planes: list[tuple[int, ...]], lut: np.ndarray) -> None:
         layer.data[index] = lut[np.asarray(layer.data[index])]
     kept: dict[tuple[int, ...], list[tuple[int, float, float]]] = {}
     for (plane, i), (iou, stab) in scores_from(layer.features, n).items():
-        new = int(lut[i]) if plane in done and i < len(lut) else (i if plane not in done else 0)
+        if plane not in done:
+            new = i
+        else:
+            new = int(lut[i]) if i < len(lut) else 0
         if new:
             kept.setdefault(plane, []).append((new, iou, stab))
     features: dict = {}

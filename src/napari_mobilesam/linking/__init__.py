@@ -58,6 +58,7 @@ __all__ = [
     "check_labels",
     "id_mapping",
     "link_stack",
+    "min_planes_lut",
 ]
 
 #: Version of the linking rules (matching, containment, divisions, gap closing, id
@@ -65,6 +66,31 @@ __all__ = [
 #: ``mobilesam-everything --link`` records it and keys its outputs on it, so outputs
 #: linked under older rules are redone.
 RULE_VERSION = 1
+
+
+def min_planes_lut(seen: np.ndarray, min_planes: int) -> np.ndarray:
+    """The ids kept by a minimum number of planes (``--link-min-planes``).
+
+    Parameters
+    ----------
+    seen : (n + 1,) array of int
+        ``seen[i]``: the planes linked object ``i`` is in (``seen[0]``, background,
+        is ignored).
+    min_planes : int
+        Objects in fewer planes are left out.
+
+    Returns
+    -------
+    (n + 1,) ndarray of uint32
+        ``lut[i]``: 0 for background and the objects left out, 1..K for the others
+        in their order.
+    """
+    seen = np.asarray(seen)
+    kept = np.flatnonzero(seen >= min_planes)
+    kept = kept[kept > 0]
+    lut = np.zeros(len(seen), dtype=np.uint32)
+    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.uint32)
+    return lut
 
 
 def link_stack(

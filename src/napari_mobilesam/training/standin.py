@@ -185,9 +185,7 @@ def calibrate(src: Path, dest: Path, *, device: str = "auto", progress: bool = T
     return res
 
 
-def write_data(
-    out: Path, images: tuple[int, int, int], *, progress: bool = True
-) -> tuple[Path, Path]:
+def write_data(out: Path, images: tuple, *, progress: bool = True) -> tuple[Path, Path]:
     """Write a phase's training and held-out images (``images``: training images,
     held-out images, source seed, as :data:`PHASE3_IMAGES`, and optionally the fraction
     of them that are planes of 3D stacks, :attr:`SyntheticSource.planes
