@@ -408,3 +408,12 @@ def test_link_the_tiny_models_planes_equals_link_stack(make_napari_viewer, qtbot
     _run(qtbot, w)
     np.testing.assert_array_equal(viewer.layers["cells everything"].data,
                                   link_stack(unlinked, "z")[0])  # fmt: skip
+
+
+def test_status_counts_read_in_the_singular_for_one():
+    from napari_mobilesam._widgets._everything import counted
+
+    assert counted(1, "3D objects") == "1 3D object"
+    assert counted(2, "3D objects") == "2 3D objects"
+    assert counted(0, "tracks") == "0 tracks"
+    assert counted(1, "objects") == "1 object"

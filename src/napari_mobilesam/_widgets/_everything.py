@@ -239,7 +239,7 @@ class EverythingWidget(QWidget):
 
         def got_linked(n_done, total, linked) -> None:
             """Planes whose linked ids are final (a ``zt`` time point's after its last)."""
-            self._progressed((n_done, total), f"; {linker.max_id} {what} so far")
+            self._progressed((n_done, total), f"; {counted(linker.max_id, what)} so far")
             if layer not in self.viewer.layers or not linked:
                 return
             try:
@@ -260,7 +260,8 @@ class EverythingWidget(QWidget):
             if axis:
                 return done_linked(table)
             self.status.setText(
-                f"{sum(counts)} objects in {len(planes)} plane(s); {', '.join(ran_on)}"
+                f"{counted(sum(counts), 'objects')} in {len(planes)} plane(s); "
+                f"{', '.join(ran_on)}"
             )
 
         def done_linked(table) -> None:
@@ -268,7 +269,7 @@ class EverythingWidget(QWidget):
             n_shown = linker.max_id - n_short
             if lut is not None and layer in self.viewer.layers and self.result_layer is not None:
                 drop_short(self.result_layer, done_planes, lut)
-            text = f"{n_shown} {what} in {len(counts)} plane(s)"
+            text = f"{counted(n_shown, what)} in {len(counts)} plane(s)"
             if n_short:
                 text += (f" ({n_short} seen in fewer than {linker.min_planes} planes "
                          "left out)")  # fmt: skip
@@ -413,3 +414,8 @@ def _spin(box, lo, hi, value, step=None):
     if step is not None:
         box.setSingleStep(step)
     return box
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun`` (given in the plural, ending in "s"): "1 track", "2 tracks"."""
+    return f"{n} {noun[:-1] if n == 1 else noun}"
