@@ -260,8 +260,7 @@ class EverythingWidget(QWidget):
             if axis:
                 return done_linked(table)
             self.status.setText(
-                f"{counted(sum(counts), 'objects')} in {len(planes)} plane(s); "
-                f"{', '.join(ran_on)}"
+                f"{counted(sum(counts), 'objects')} in {len(planes)} plane(s); {', '.join(ran_on)}"
             )
 
         def done_linked(table) -> None:
