@@ -6,8 +6,9 @@ per competitor, started ``--settle`` seconds before timing so the thread policy 
 seen them), interleaved, medians:
 
 - encoder (``set_image``) and a one-point ``predict``: ours with the adaptive thread
-  policy (:mod:`napari_mobilesam.engine.threads`, the default), ours with a fixed thread
-  count (the policy off: every torch thread, whatever the load), the original
+  policy (:mod:`napari_mobilesam.engine.threads`, the default), ours as the viewer
+  answers a click (``predict_low_res``, the best of the 3 masks upsampled), ours with a
+  fixed thread count (the policy off: every torch thread, whatever the load), the original
   (segment-anything's ``SamPredictor``, ``benchmarks/original.py``);
 - segment everything (a ``--grid`` x ``--grid`` point grid, default thresholds): our fast
   mode (adaptive threads, prompt batches on worker threads: :mod:`napari_mobilesam.engine.workers`),
@@ -144,6 +145,7 @@ def run(
     }
     predicts = {
         "ours": lambda: ours.predict(*point),
+        "ours, click": lambda: _click(ours, point),
         "ours, fixed threads": _timed_fixed(lambda: ours.predict(*point)),
     }
     everything = {
@@ -186,6 +188,14 @@ def run(
         "loads": loads,
         "summary": summarise(loads),
     }
+
+
+def _click(predictor, point):
+    """A click as the viewer answers it: the three candidates decoded, the best one
+    upsampled (``predict`` upsamples all three, as the original does)."""
+    scores, low_res, upsample = predictor.predict_low_res(*point)
+    best = int(np.argmax(scores))
+    return upsample(low_res[best : best + 1])
 
 
 def summarise(loads: dict) -> dict:

@@ -20,7 +20,7 @@ def stand_in(monkeypatch):
     pred = Predictor(load_model("vit_t_synthetic_cells", device="cpu"))
     monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: pred)
     pred.decoder_calls = []
-    for name in ("predict", "predict_batch", "predict_torch"):
+    for name in ("predict", "predict_low_res", "predict_batch", "predict_torch"):
         real = getattr(pred, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):

@@ -64,21 +64,52 @@ class Gate:
 
 
 def disk_masks(monkeypatch, predictor, radius: int):
-    """Make ``predictor.predict`` add a disk of ``radius`` px at each positive point to
-    its masks (the tiny random model's are empty), so commits paint something."""
+    """Make the predictor's point masks contain a disk of ``radius`` px at each positive
+    point (the tiny random model's are empty), so commits paint something.
+
+    ``predict`` adds the disks to its masks. ``predict_low_res`` (a click on an untiled
+    plane) answers with the disks alone: its low-res logits are positive only under the
+    disks' centres, so that the candidates' bounds hold them, and its upsampler paints
+    the disks whatever logits it gets.
+    """
     import numpy as np
 
     real = predictor.predict
+    real_low = predictor.predict_low_res
+
+    def disks(points_xy, labels, shape) -> np.ndarray:
+        out = np.zeros(shape, bool)
+        if points_xy is not None:
+            yy, xx = np.mgrid[: shape[0], : shape[1]]
+            for x, y in np.asarray(points_xy)[np.asarray(labels) == 1]:
+                out |= (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
+        return out
 
     def predict(points_xy=None, labels=None, box=None, **kwargs):
         masks, scores, low_res = real(points_xy, labels, box, **kwargs)
-        if points_xy is not None:
-            yy, xx = np.mgrid[: masks.shape[1], : masks.shape[2]]
-            for x, y in np.asarray(points_xy)[np.asarray(labels) == 1]:
-                masks = masks | ((yy - y) ** 2 + (xx - x) ** 2 <= radius**2)[None]
-        return masks, scores, low_res
+        return masks | disks(points_xy, labels, masks.shape[1:])[None], scores, low_res
+
+    class Disks:
+        def __init__(self, upsample, painted):
+            self.original_size, self.input_size = upsample.original_size, upsample.input_size
+            self.scale, self.painted = upsample.scale, painted
+
+        def __call__(self, low):
+            return np.repeat(self.painted[None], len(low), axis=0)
+
+    def predict_low_res(points_xy=None, labels=None, box=None, **kwargs):
+        scores, low_res, upsample = real_low(points_xy, labels, box, **kwargs)
+        painted = disks(points_xy, labels, upsample.original_size)
+        low_res = np.full_like(low_res, -20.0)
+        (big_h, big_w), (h, w) = upsample.original_size, upsample.input_size
+        for r, c in np.argwhere(painted):
+            low_res[:, int(r * h / big_h / upsample.scale), int(c * w / big_w / upsample.scale)] = (
+                20.0
+            )
+        return scores, low_res, Disks(upsample, painted)
 
     monkeypatch.setattr(predictor, "predict", predict)
+    monkeypatch.setattr(predictor, "predict_low_res", predict_low_res)
     return predictor
 
 

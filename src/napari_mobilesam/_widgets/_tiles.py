@@ -19,6 +19,7 @@ import numpy as np
 from qtpy.QtCore import QObject, Signal
 
 from ..chunked_labels import ChunkedLabels, LabelPlane
+from ..interactive.candidates import CandidateMasks
 
 Region = tuple[int, int, int, int]  # (r0, c0, r1, c1) plane pixels, exclusive ends
 
@@ -155,7 +156,7 @@ def embedding_message(missing: list[int], n_tiles: int) -> str:
 # -- regions of a plane -------------------------------------------------------------------
 
 
-def mask_extent(masks: np.ndarray, window: Region | None = None) -> Region | None:
+def mask_extent(masks, window: Region | None = None) -> Region | None:
     """The smallest region holding every set pixel of ``masks``.
 
     Parameters
@@ -167,8 +168,16 @@ def mask_extent(masks: np.ndarray, window: Region | None = None) -> Region | Non
     Returns
     -------
     (r0, c0, r1, c1) or None
-        None when no pixel is set.
+        None when no pixel is set. For :class:`CandidateMasks` a region that holds
+        them, found without upsampling any (:meth:`CandidateMasks.bounds`).
     """
+    if isinstance(masks, CandidateMasks):
+        bounds = masks.bounds()
+        if bounds is None or window is None:
+            return bounds
+        region = (max(bounds[0], window[0]), max(bounds[1], window[1]),
+                  min(bounds[2], window[2]), min(bounds[3], window[3]))  # fmt: skip
+        return region if region[0] < region[2] and region[1] < region[3] else None
     masks = np.asarray(masks)
     if masks.ndim == 2:
         masks = masks[None]

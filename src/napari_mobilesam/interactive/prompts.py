@@ -24,9 +24,11 @@ class Prediction:
 
     Attributes
     ----------
-    masks : np.ndarray
+    masks : np.ndarray or CandidateMasks
         (K, H, W) bool candidate masks at the plane's size (K = 3 with multimask
-        output, else 1).
+        output, else 1); :meth:`PromptSession.predict` gives a
+        :class:`~.candidates.CandidateMasks`, which upsamples a candidate when it is
+        first read (``np.asarray`` gives them all).
     scores : np.ndarray
         (K,) float32 predicted IoU of each candidate.
     low_res : np.ndarray

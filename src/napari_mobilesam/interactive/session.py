@@ -24,6 +24,7 @@ import numpy as np
 from ..predictor import ImageEmbedding, Predictor
 from ..validation import check_int
 from .cache import EmbeddingCache, content_fingerprint, model_fingerprint
+from .candidates import CandidateMasks
 from .labels import LabelEditor
 from .locks import predictor_lock
 from .planes import ImagePlanes
@@ -369,9 +370,17 @@ class PromptSession(StackPropagation, TiledPrompts, SessionLabels):
                     self._current_plane(), prompt, multimask_output, mask_input, choice
                 )
         with self._lock:
-            masks, scores, low_res = self._decode(
-                self._current_embedding(), prompt, multimask_output, mask_input
-            )
+            embedding = self._current_embedding()
+            with self._predictor_lock:
+                self._activate(embedding)
+                scores, low_res, upsample = self.predictor.predict_low_res(
+                    prompt.points_xy, prompt.labels, prompt.box_xyxy,
+                    mask_input=mask_input, multimask_output=multimask_output,
+                )  # fmt: skip
+        # each candidate is upsampled when first read: a viewer shows the chosen one
+        masks = CandidateMasks(
+            low_res, upsample, upsample.original_size, upsample.input_size, upsample.scale
+        )
         return Prediction(masks, scores, low_res, pick(scores, choice))
 
     def predict_many(
