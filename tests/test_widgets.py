@@ -94,6 +94,29 @@ def test_negative_points_and_cycle(make_napari_viewer, qtbot, golden_predictor):
     assert len(choices) >= 1 and w.multimask.currentIndex() == 0  # X keeps best of 3
 
 
+def test_next_mask_shows_each_candidate_whole(make_napari_viewer, qtbot, golden_predictor):
+    """X steps through a click's three candidates; each preview is that candidate exactly
+    (they are upsampled when first shown, and the redraw region holds all of them)."""
+    viewer = make_napari_viewer()
+    img = _blobs(centers=((40, 50), (70, 95)))
+    layer = viewer.add_image(img, contrast_limits=(0, 4000))
+    w = _prompt_widget(viewer, qtbot, layer)
+    w.state.points.add(np.array([[40.0, 50.0]]))
+    idle(qtbot, w)
+    ref = Predictor(golden_predictor.model)
+    ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
+    masks, scores, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
+    assert w.prediction.masks.upsampled == 1  # only the one shown
+    shown = []
+    for _ in range(3):
+        w.next_mask()
+        idle(qtbot, w)
+        k = w.prediction.choice
+        shown.append(k)
+        np.testing.assert_array_equal(w.state.preview.data.astype(bool), masks[k])
+    assert sorted(shown) == [0, 1, 2] and w.prediction.masks.upsampled == 3
+
+
 def test_box_prompt(make_napari_viewer, qtbot, tiny_predictor):
     viewer = make_napari_viewer()
     img = _blobs()
