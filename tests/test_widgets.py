@@ -105,7 +105,7 @@ def test_next_mask_shows_each_candidate_whole(make_napari_viewer, qtbot, golden_
     idle(qtbot, w)
     ref = Predictor(golden_predictor.model)
     ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
-    masks, scores, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
+    masks, _, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
     assert w.prediction.masks.upsampled == 1  # only the one shown
     shown = []
     for _ in range(3):
