@@ -34,18 +34,24 @@ def _prompt_widget(viewer, qtbot, image_layer):
     return w
 
 
-def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_predictor):
-    viewer = make_napari_viewer()
+def _clicked(viewer, qtbot, predictor):
+    """The prompt widget on two blobs after a click at (40, 50), and the predictor's own
+    masks and scores for that point (converted (row, col) -> (x, y))."""
     img = _blobs(centers=((40, 50), (70, 95)))
     layer = viewer.add_image(img, contrast_limits=(0, 4000))
     w = _prompt_widget(viewer, qtbot, layer)
-
     w.state.points.add(np.array([[40.0, 50.0]]))
     idle(qtbot, w)
-    # the preview is the predictor's best mask for that point, converted (row, col) -> (x, y)
-    ref = Predictor(golden_predictor.model)
+    ref = Predictor(predictor.model)
     ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
     masks, scores, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
+    return w, masks, scores
+
+
+def test_point_prompt_preview_commit_undo(make_napari_viewer, qtbot, golden_predictor):
+    viewer = make_napari_viewer()
+    w, masks, scores = _clicked(viewer, qtbot, golden_predictor)
+    # the preview is the predictor's best mask for that point
     expected = masks[int(np.argmax(scores))]
     assert expected.any() and not expected.all()
     np.testing.assert_array_equal(w.state.preview.data.astype(bool), expected)
@@ -97,15 +103,7 @@ def test_negative_points_and_cycle(make_napari_viewer, qtbot, golden_predictor):
 def test_next_mask_shows_each_candidate_whole(make_napari_viewer, qtbot, golden_predictor):
     """X steps through a click's three candidates; each preview is that candidate exactly
     (they are upsampled when first shown, and the redraw region holds all of them)."""
-    viewer = make_napari_viewer()
-    img = _blobs(centers=((40, 50), (70, 95)))
-    layer = viewer.add_image(img, contrast_limits=(0, 4000))
-    w = _prompt_widget(viewer, qtbot, layer)
-    w.state.points.add(np.array([[40.0, 50.0]]))
-    idle(qtbot, w)
-    ref = Predictor(golden_predictor.model)
-    ref.set_image(to_rgb_uint8(img, contrast_limits=(0, 4000)))
-    masks, _, _ = ref.predict(np.array([[50.0, 40.0]]), np.array([1]))
+    w, masks, _ = _clicked(make_napari_viewer(), qtbot, golden_predictor)
     assert w.prediction.masks.upsampled == 1  # only the one shown
     shown = []
     for _ in range(3):
