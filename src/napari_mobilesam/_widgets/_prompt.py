@@ -429,6 +429,7 @@ class PromptWidget(
                 yield embedding_message(missing, len(session.tiles))
             prediction = session.predict(points, labels, box, multimask=multimask, choice=choice)
             known.update((plane, t) for t in tiles)
+            prediction.mask  # noqa: B018  the shown candidate upsampled here, not on the GUI thread
             window = prediction.window if single else None  # masks only inside the tile
             return prediction, mask_extent(prediction.masks, window)
 
