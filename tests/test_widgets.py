@@ -115,6 +115,21 @@ def test_next_mask_shows_each_candidate_whole(make_napari_viewer, qtbot, golden_
     assert sorted(shown) == [0, 1, 2] and w.prediction.masks.upsampled == 3
 
 
+def test_changing_masks_mode_answers_the_shown_prompt_again(
+    make_napari_viewer, qtbot, golden_predictor
+):
+    w, masks, scores = _clicked(make_napari_viewer(), qtbot, golden_predictor)
+    assert len(w.prediction.scores) == 3
+    w.multimask.setCurrentText("single")  # no new click: the point shown is answered again
+    idle(qtbot, w)
+    assert len(w.prediction.scores) == 1
+    w.multimask.setCurrentText("best of 3")
+    idle(qtbot, w)
+    assert len(w.prediction.scores) == 3
+    expected = masks[int(np.argmax(scores))]
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool), expected)
+
+
 def test_box_prompt(make_napari_viewer, qtbot, tiny_predictor):
     viewer = make_napari_viewer()
     img = _blobs()

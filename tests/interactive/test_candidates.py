@@ -128,11 +128,14 @@ def test_bounds_of_a_single_positive_logit(upsampler):
             assert got[2] >= true[2] and got[3] >= true[3]
 
 
-def test_no_positive_logit_has_no_bounds(upsampler):
+def test_no_positive_logit_over_the_image_has_no_bounds(upsampler):
     n = low_size(upsampler)
     low = np.full((3, n, n), -5.0, np.float32)
     c = CandidateMasks(low, upsampler, upsampler.original_size, upsampler.input_size, 4.0)
     assert c.bounds() is None
+    if upsampler.input_size[0] < upsampler.frames.model.img_size - 8:
+        low[:, -1, :] = 5.0  # logits over the input frame's padding, below the image
+        assert not upsampler(low).any() and c.bounds() is None
 
 
 def test_candidates_refuse_logits_that_are_not_k_h_w():

@@ -107,6 +107,7 @@ class PromptWidget(
         self.multimask = QComboBox()
         self.multimask.addItems(["best of 3", "single"])
         self.multimask.setToolTip("a single point gives 3 candidate masks: X shows the next")
+        self.multimask.currentIndexChanged.connect(self._masks_changed)
         opts.addRow("masks", self.multimask)
         self.overlap = QComboBox()
         self.overlap.addItems(["only unlabeled pixels", "overwrite"])
@@ -389,6 +390,14 @@ class PromptWidget(
         note = tiles_note(state.session)
         if note and state is self.state:
             self.status.setText(f"plane {plane}: {note}" if plane else note)
+        self._predict(state)
+
+    def _masks_changed(self, _index=None) -> None:
+        """'best of 3' / 'single' applies to the prompts shown now, not only the next."""
+        state = self.state
+        if state is None or state.session is None:
+            return
+        state.choice = "best"
         self._predict(state)
 
     def _prompts_changed(self, state: ImageSession, event=None) -> None:

@@ -111,12 +111,16 @@ class CandidateMasks:
         so the region is the positive logits' bounding box widened by that reach. It may
         be a little larger than the masks' own bounding box, never smaller.
         """
-        positive = self._low > 0
+        (h_in, w_in), (_, height, width) = self._input_size, self.shape
+        # the logits the upsampling reads: those over the image, and the next row and
+        # column (the rest lie over the input frame's padding, cropped away)
+        read_h = min(self._low.shape[1], math.ceil(h_in / self._scale) + 1)
+        read_w = min(self._low.shape[2], math.ceil(w_in / self._scale) + 1)
+        positive = self._low[:, :read_h, :read_w] > 0
         if not positive.any():
             return None
         rows = np.flatnonzero(positive.any(axis=(0, 2)))
         cols = np.flatnonzero(positive.any(axis=(0, 1)))
-        (h_in, w_in), (_, height, width) = self._input_size, self.shape
         r0, r1 = self._span(rows[0], rows[-1], h_in, height)
         c0, c1 = self._span(cols[0], cols[-1], w_in, width)
         return None if r0 >= r1 or c0 >= c1 else (r0, c0, r1, c1)
