@@ -164,3 +164,12 @@ def test_threads_reading_a_candidate_get_one_mask(upsampler, rng):
     first = c[0]
     assert all(c[0] is first for _ in range(3))
     torch.testing.assert_close(torch.from_numpy(first), torch.from_numpy(upsampler(c._low[:1])[0]))
+
+
+def test_predict_low_res_refuses_what_predict_refuses(tiny_model):
+    p = Predictor(tiny_model)
+    with pytest.raises(RuntimeError, match="no image is set"):
+        p.predict_low_res(np.array([[1, 1]]), np.array([1]))
+    p.set_image(np.zeros((60, 80, 3), np.uint8))
+    with pytest.raises(ValueError, match="point_labels"):
+        p.predict_low_res(np.array([[1, 1]]), np.array([2]))
