@@ -211,3 +211,35 @@ def notes(monkeypatch):
     for module in (_common, _prompt, _commit, _everything, _stacks, _input, _multi):
         monkeypatch.setattr(module, "show_info", shown.append)
     return shown
+
+
+@pytest.fixture
+def embed_cli(tmp_path, tiny_model, monkeypatch):
+    """``mobilesam embed`` with the tiny model; returns (run, encoder call counter)."""
+    from napari_mobilesam import build
+    from napari_mobilesam.cli import main
+    from napari_mobilesam.predictor import Predictor
+
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"tiny weights")
+    tiny_model.model_name, tiny_model.checkpoint_path = "vit_t", weights
+    calls = []
+
+    def load_model(name, checkpoint, device=None):
+        assert (name, checkpoint) == ("vit_t", weights)
+        return tiny_model
+
+    monkeypatch.setattr(build, "load_model", load_model)
+    real = Predictor.embed_images
+
+    def counted(self, images, batch_size=8, **kwargs):
+        out = real(self, images, batch_size, **kwargs)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(Predictor, "embed_images", counted)
+
+    def run(*args):
+        return main(["embed", *map(str, args), "--weights", str(weights), "--device", "cpu"])
+
+    return run, calls

@@ -396,6 +396,7 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, caps
         (["--precision", "bf16", "--backend", "onnx"], "--precision bf16 needs --backend torch"),
         (["--precision", "fp16", "--backend", "onnx"], "--precision fp16 needs --backend torch"),
         (["--points-per-side", "0"], "points_per_side"),
+        (["--points-per-side", "100000"], "points_per_side must be in [1, 1024]"),
         (["--nms", "other"], "invalid choice"),
     ],
 )

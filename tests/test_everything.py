@@ -158,11 +158,12 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
     [
         ({"points_per_side": None}, "exactly one of points_per_side and point_grids"),
         ({"point_grids": [np.zeros((1, 2))]}, "exactly one of"),
-        ({"points_per_side": 0}, "points_per_side must be >= 1"),
+        ({"points_per_side": 0}, r"points_per_side must be in \[1, 1024\], got 0"),
         ({"points_per_batch": 0}, "points_per_batch must be >= 1"),
         ({"crop_n_layers": -1}, "crop_n_layers must be >= 0"),
         ({"crop_n_points_downscale_factor": 0}, "crop_n_points_downscale_factor"),
         ({"min_mask_region_area": -5}, "min_mask_region_area"),
+        ({"points_per_side": 1025}, r"points_per_side must be in \[1, 1024\], got 1025"),
         ({"pred_iou_thresh": 1.5}, r"pred_iou_thresh must be a number in \[0, 1\]"),
         ({"stability_score_thresh": -0.1}, "stability_score_thresh"),
         ({"box_nms_thresh": "a"}, "box_nms_thresh"),

@@ -26,12 +26,21 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .provenance import now
 
-__all__ = ["LOCK_NAME", "WORK_DIR", "OutputError", "OutputFolder", "check_writable", "is_fatal"]
+__all__ = [
+    "LOCK_NAME",
+    "WORK_DIR",
+    "OutputError",
+    "OutputFolder",
+    "check_writable",
+    "held",
+    "is_fatal",
+]
 
 LOCK_NAME = ".mobilesam-everything.lock"
 WORK_DIR = ".mobilesam-work"
@@ -184,7 +193,41 @@ def _who(holder: dict[str, Any]) -> str:
     )
 
 
-def _lock(lock: Path, me: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+@contextmanager
+def held(lock: Path, in_use: Callable[[str], str], *, command: list[str] | None = None):
+    """Hold the lock file ``lock`` for the block, as a run holds its output folder: a
+    second holder refuses at once, a lock left by an ended process is taken over.
+
+    Parameters
+    ----------
+    lock : Path
+        The lock file (created; removed at the end).
+    in_use : callable(str) -> str
+        The refusal's message, given who holds the lock ("pid 12, host h, started ...").
+    command : list of str, optional
+        Recorded in the lock file for whoever finds it held.
+
+    Yields
+    ------
+    dict or None
+        The record of an ended process whose lock was taken over, if any.
+
+    Raises
+    ------
+    OutputError
+        Another process holds the lock, or the lock file cannot be written.
+    """
+    me = {"pid": os.getpid(), "host": _HOST, "started": now(), "command": command}
+    fd, previous = _lock(lock, me, in_use=in_use)
+    try:
+        yield previous
+    finally:
+        _unlock(lock, fd)
+
+
+def _lock(
+    lock: Path, me: dict[str, Any], in_use: Callable[[str], str] | None = None
+) -> tuple[int, dict[str, Any] | None]:
     """Take the lock file; returns its descriptor and the record of an ended holder, if any.
 
     With ``flock``, a run that ends releases the lock with its process; the file it
@@ -202,12 +245,12 @@ def _lock(lock: Path, me: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         except BlockingIOError:
             holder = _read_holder(lock, wait=True)
             os.close(fd)
-            raise OutputError(_in_use(lock.parent, holder)) from None
+            raise OutputError(_refusal(lock, holder, in_use)) from None
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 os.close(fd)
                 raise OutputError(f"-o {lock.parent}: cannot lock it: {describe(exc)}") from None
-            return fd, _lock_without_flock(lock, fd, me)
+            return fd, _lock_without_flock(lock, fd, me, in_use)
         if not _same_file(fd, lock):
             os.close(fd)  # removed by the run that held it: lock the new one
             continue
@@ -221,13 +264,15 @@ def _lock(lock: Path, me: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         return fd, previous if ended else None
 
 
-def _lock_without_flock(lock: Path, fd: int, me: dict[str, Any]) -> dict[str, Any] | None:
+def _lock_without_flock(
+    lock: Path, fd: int, me: dict[str, Any], in_use: Callable[[str], str] | None = None
+) -> dict[str, Any] | None:
     """The lock file's contents decide where the filesystem has no ``flock``."""
     holder = _read_holder(lock, wait=False)
     if holder is not None and holder.get("pid") != me["pid"]:
         if holder.get("host") != me["host"] or _alive(holder.get("pid")):
             os.close(fd)
-            message = _in_use(lock.parent, holder)
+            message = _refusal(lock, holder, in_use)
             if holder.get("host") != me["host"]:
                 message += f" (this filesystem cannot lock files; if it has ended, delete {lock})"
             raise OutputError(message)
@@ -283,6 +328,13 @@ def _read_holder(lock: Path, *, wait: bool) -> dict[str, Any] | None:
             return record
         time.sleep(0.02)
     return record
+
+
+def _refusal(lock: Path, holder: dict[str, Any] | None, in_use) -> str:
+    """The message for a lock held by ``holder``: ``in_use(who)``, or the output folder's."""
+    if in_use is None:
+        return _in_use(lock.parent, holder)
+    return in_use(_who(holder) if holder is not None else "its details could not be read")
 
 
 def _in_use(folder: Path, holder: dict[str, Any] | None) -> str:

@@ -18,6 +18,7 @@ attach_store`) then load the planes instead of computing them.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 __all__ = ["add_parser"]
@@ -60,10 +61,57 @@ def _grid(args: argparse.Namespace, shape_hw):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mobilesam_batch.folder import OutputError
+    from mobilesam_batch.inputs import InputError, open_source
+
+    from .cli import CommandError
+
+    channels = _numbers(args.channels, int, None, "--channels")
+    limits = _numbers(args.contrast_limits, float, 2, "--contrast-limits")
+    percentiles = _numbers(args.percentiles, float, 2, "--percentiles") or (0.5, 99.5)
+    if limits is not None and args.percentiles is not None:
+        raise CommandError("give --contrast-limits or --percentiles, not both", status=2)
+    # checked before anything is written: a store made with them could not be reused
+    if not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise CommandError(
+            f"--percentiles {args.percentiles}: give LO,HI with 0 <= LO < HI <= 100", status=2
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}", status=2)
+    if args.weights is not None and not args.weights.is_file():
+        raise CommandError(f"--weights {args.weights}: no such file", status=2)
+    try:
+        source = open_source(args.input, args.axes)
+    except InputError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        with source:
+            return _embed(args, source, channels, limits, percentiles)
+    except InputError as exc:  # a plane that cannot be read (a truncated file)
+        raise CommandError(str(exc)) from None
+    except OutputError as exc:  # another run writes the store, or no room for its lock
+        raise CommandError(str(exc)) from None
+
+
+def _in_use(store: Path):
+    """The refusal when another ``mobilesam embed`` writes ``store``."""
+
+    def message(who: str) -> str:
+        return (
+            f"{store}: another mobilesam embed run is writing this store ({who}); wait for "
+            "it to finish, then run this command again to add what it lacks"
+        )
+
+    return message
+
+
+def _embed(args, source, channels, limits, percentiles) -> int:
+    """Embed ``source``'s planes into the store at ``args.output``, holding its lock
+    (``<store>.lock`` beside it) so that two runs never write one store."""
     from tqdm.auto import tqdm
 
     from mobilesam_batch.embeddings import source_planes
-    from mobilesam_batch.inputs import InputError, open_source
+    from mobilesam_batch.folder import held
 
     from . import build
     from . import weights as _w
@@ -71,39 +119,31 @@ def _run(args: argparse.Namespace) -> int:
     from .predictor import Predictor
     from .store import StoreError, embed_planes, open_for
 
-    channels = _numbers(args.channels, int, None, "--channels")
-    limits = _numbers(args.contrast_limits, float, 2, "--contrast-limits")
-    percentiles = _numbers(args.percentiles, float, 2, "--percentiles") or (0.5, 99.5)
-    if limits is not None and args.percentiles is not None:
-        raise CommandError("give --contrast-limits or --percentiles, not both", status=2)
-    if args.weights is not None and not args.weights.is_file():
-        raise CommandError(f"--weights {args.weights}: no such file", status=2)
+    # read as mobilesam-everything reads it, so that its --embeddings accepts the store
+    planes = source_planes(source, channels, limits)
+    grid = _grid(args, planes.shape_hw)
+    checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
+    model = build.load_model(args.model, checkpoint, device=args.device)
+    predictor = Predictor(model, precision=args.precision)
+    output = Path(args.output)
+    lock = output.with_name(output.name + ".lock")
+    # no folder to hold the lock in: open_for says what is wrong with the path
+    hold = held(lock, _in_use(output)) if output.parent.is_dir() else nullcontext()
     try:
-        source = open_source(args.input, args.axes)
-    except InputError as exc:
-        raise CommandError(str(exc)) from None
-    with source:
-        # read as mobilesam-everything reads it, so that its --embeddings accepts the store
-        planes = source_planes(source, channels, limits)
-        grid = _grid(args, planes.shape_hw)
-        checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
-        model = build.load_model(args.model, checkpoint, device=args.device)
-        predictor = Predictor(model, precision=args.precision)
-        try:
-            store = open_for(args.output, planes, predictor, percentiles, grid)
+        with hold:
+            store = open_for(output, planes, predictor, percentiles, grid)
             total, unit = planes.n_planes, "plane"
             if grid is not None:
                 total, unit = planes.n_planes * len(grid), "tile"
-            bar = tqdm(total=total, unit=unit, desc="embed", disable=args.quiet)
-            with bar:
+            with tqdm(total=total, unit=unit, desc="embed", disable=args.quiet) as bar:
                 report = embed_planes(
                     store, planes, predictor, percentiles=percentiles,
                     batch_size=args.batch_size, progress=bar.update,
                 )  # fmt: skip
-        except StoreError as exc:
-            raise CommandError(str(exc)) from None
-        except OSError as exc:  # e.g. no room to create the store
-            raise CommandError(f"{args.output}: {exc}") from None
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:  # e.g. no room to create the store
+        raise CommandError(f"{args.output}: {exc}") from None
     damaged = f", {len(report.damaged)} damaged planes recomputed" if report.damaged else ""
     what = "planes" if grid is None else f"tiles ({len(grid)} per plane)"
     print(

@@ -56,6 +56,8 @@ PIPELINES: dict[str, type[Pipeline]] = {
     p.mode: p for p in (ReferencePipeline, FastPipeline, DevicePipeline)
 }
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+#: largest ``points_per_side``: a million prompts per image and crop (SAM uses 32)
+MAX_POINTS_PER_SIDE = 1024
 
 
 class MaskGenerator:
@@ -66,8 +68,8 @@ class MaskGenerator:
     model_or_predictor : Sam, Predictor or str
         A model, a :class:`~napari_mobilesam.predictor.Predictor`, or a registry name.
     points_per_side : int or None
-        Grid of ``n x n`` points over the image (and each crop); None when
-        ``point_grids`` is given.
+        Grid of ``n x n`` points over the image (and each crop), 1 to
+        :data:`MAX_POINTS_PER_SIDE`; None when ``point_grids`` is given.
     points_per_batch : int
         Points decoded together on a CPU and in reference mode (memory vs speed). On
         a GPU, fast and device modes decode as many as fit in 60% of its free
@@ -207,7 +209,8 @@ class MaskGenerator:
             raise ValueError(f"mode={mode!r} follows segment-anything, which uses nms='box'")
 
         if points_per_side is not None:
-            check_int(points_per_side, "points_per_side", minimum=1)
+            # beyond MAX_POINTS_PER_SIDE the grid alone outgrows memory (1e5 per side: 75 GiB)
+            check_int(points_per_side, "points_per_side", minimum=1, maximum=MAX_POINTS_PER_SIDE)
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
