@@ -109,11 +109,23 @@ def _resolve_file_axes(axes: str, shape: tuple[int, ...], path: Path) -> str:
     if len(chans) > 2 or (len(chans) == 2 and min(shape[i] for i in chans) > 1):
         sizes = ", ".join(f"{axes[i]}={shape[i]}" for i in chans)
         raise InputError(path, f"more than one channel axis ({sizes}){hint}")
+    repeated = sorted({a for a in axes if axes.count(a) > 1})
+    if repeated:  # e.g. tifffile's 'QQYX' for a 4-D TIFF without axes metadata
+        raise InputError(
+            path,
+            f"the file does not say what its axes are (read as {axes!r}, {', '.join(repeated)} "
+            f"repeated){hint}, e.g. --axes {_example_axes(len(shape))}",
+        )
     if len(chans) == 2:  # the size-1 one (C when both are 1) becomes a plane axis
         ones = [i for i in chans if shape[i] == 1]
         drop = next((i for i in ones if axes[i] == "C"), ones[0])
         axes = axes[:drop] + "Q" + axes[drop + 1 :]
     return axes
+
+
+def _example_axes(ndim: int) -> str:
+    """Plausible axes for an ``ndim``-D stack, for a hint: ``ZYX``, ``TZYX``, ``TZCYX``."""
+    return {3: "ZYX", 4: "TZYX", 5: "TZCYX"}.get(ndim, "TZYX")
 
 
 # ----------------------------------------------------------------------------- readers
