@@ -243,3 +243,21 @@ def embed_cli(tmp_path, tiny_model, monkeypatch):
         return main(["embed", *map(str, args), "--weights", str(weights), "--device", "cpu"])
 
     return run, calls
+
+
+@pytest.fixture
+def tiny_cli(tiny_model, tmp_path, monkeypatch):
+    """``mobilesam-everything`` in-process with the tiny model; returns run(args) -> exit
+    status."""
+    from mobilesam_batch import cli, segment
+
+    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
+    segment._SEGMENTERS.clear()
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"stand-in for the tiny model's weights")
+
+    def run(args):
+        return cli.main([*args, "--weights", str(weights), "--device", "cpu", "-q"])
+
+    yield run
+    segment._SEGMENTERS.clear()

@@ -75,21 +75,6 @@ def make_dataset(folder: Path, seed: int = 0) -> dict[str, tuple]:
 BAD = ("f_corrupt", "g_empty")
 
 
-@pytest.fixture
-def tiny_cli(tiny_model, tmp_path, monkeypatch):
-    """Run the CLI in-process with the tiny model; returns run(args) -> (code, out, err)."""
-    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
-    segment._SEGMENTERS.clear()
-    weights = tmp_path / "tiny.pt"
-    weights.write_bytes(b"stand-in for the tiny model's weights")
-
-    def run(args, capsys=None):
-        return cli.main([*args, "--weights", str(weights), "--device", "cpu", "-q"])
-
-    yield run
-    segment._SEGMENTERS.clear()
-
-
 def _visible(outdir: Path) -> list[str]:
     return sorted(p.name for p in outdir.iterdir() if not p.name.startswith("."))
 

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 
-from mobilesam_batch import cli, segment
+from mobilesam_batch import segment
 from mobilesam_batch.embeddings import plane_embedding, source_planes
 from mobilesam_batch.inputs import open_source
 from napari_mobilesam.build import build_sam
@@ -33,21 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def tiny_cli(tiny_model, tmp_path, monkeypatch):
-    """Run the CLI in-process with the tiny model; returns run(args) -> exit status."""
-    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
-    segment._SEGMENTERS.clear()
-    weights = tmp_path / "tiny.pt"
-    weights.write_bytes(b"stand-in for the tiny model's weights")
-
-    def run(args):
-        return cli.main([*args, "--weights", str(weights), "--device", "cpu", "-q"])
-
-    yield run
-    segment._SEGMENTERS.clear()
 
 
 @pytest.fixture

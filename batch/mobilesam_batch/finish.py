@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .folder import OutputError, describe, is_fatal
-from .jobs import Job, commit_note, link_parameters
+from .jobs import OUTPUT_KINDS, Job, commit_note, link_parameters, output_paths
 from .link import Linked, link_layout, link_planes, write_tracks_csv
 from .outputs import (
     OBJECT_COLUMNS,
@@ -39,7 +39,7 @@ from .outputs import (
     write_objects_csv,
 )
 from .planes import RAN_ON, load_plane
-from .provenance import environment, now
+from .provenance import environment, now, read_provenance
 
 if TYPE_CHECKING:
     from .runner import RunConfig, Summary
@@ -64,7 +64,7 @@ def finish(
     try:
         stage.mkdir()
         record = _write_outputs(job, config, stage)
-        _commit(job, stage, tmp)
+        removed = _commit(job, stage, tmp)
     except OSError as exc:
         if is_fatal(exc):
             raise OutputError(
@@ -91,6 +91,9 @@ def finish(
         f"done   {job.path} ({n} plane{'s' if n != 1 else ''}, {record['objects']} objects"
         f"{linked}, {seconds:.1f} s) -> {job.outputs['labels'].name}"
     )
+    if removed:
+        log(f"       removed {', '.join(removed)}: written by an earlier run with other "
+            "settings, they no longer matched the labels")  # fmt: skip
 
 
 def _failed(job: Job, reason: str, summary: Summary, log: Callable[[str], None]) -> None:
@@ -99,8 +102,14 @@ def _failed(job: Job, reason: str, summary: Summary, log: Callable[[str], None])
     log(f"FAILED {job.path}: {reason}")
 
 
-def _commit(job: Job, stage: Path, tmp: Path) -> None:
-    """Move the staged set into place, provenance last; undo the moves if one fails."""
+def _commit(job: Job, stage: Path, tmp: Path) -> list[str]:
+    """Move the staged set into place, provenance last; undo the moves if one fails.
+
+    Then remove the files that the input's previous record lists and this set does not
+    replace (a CSV or COCO file of an earlier run with other settings, which would
+    describe labels that are gone); returns their names.
+    """
+    stale = _stale_outputs(job)
     note = commit_note(job.outputs["provenance"].parent, job.stem)
     write_json_atomic(note, {"path": job.identity["path"], "key": job.key}, tmp_dir=tmp)
     moved: list[Path] = []
@@ -121,6 +130,30 @@ def _commit(job: Job, stage: Path, tmp: Path) -> None:
                 dest.unlink(missing_ok=True)
         raise
     note.unlink(missing_ok=True)
+    removed = []
+    for path in stale:
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path.name)
+        except OSError:
+            pass  # left as it was: the record no longer lists it
+    return removed
+
+
+def _stale_outputs(job: Job) -> list[Path]:
+    """The files of this input's previous set that the new set lacks: each listed under
+    its kind in the previous record, with the name this tool gives that kind (the job's
+    ownership check found the set this input's, so this run may replace it)."""
+    record = read_provenance(job.outputs["provenance"])
+    listed = record.get("outputs") if isinstance(record, dict) else None
+    if not isinstance(listed, dict):
+        return []
+    folder = job.outputs["provenance"].parent
+    ours = output_paths(folder, job.stem, [k for k in OUTPUT_KINDS if k != "provenance"])
+    return [
+        path for kind, path in ours.items()
+        if kind not in job.outputs and listed.get(kind) == path.name and path.exists()
+    ]  # fmt: skip
 
 
 def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:

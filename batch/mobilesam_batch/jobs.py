@@ -94,17 +94,20 @@ def output_stem(path: Path) -> str:
     return path.stem if path.suffix else name
 
 
+#: every kind of output of one input, and its file name's ending after the input's stem
+OUTPUT_KINDS = {
+    "labels": "_labels.tif",
+    "zarr": "_labels.zarr",
+    "coco": "_coco.json",
+    "csv": "_objects.csv",
+    "tracks": "_tracks.csv",
+    "provenance": "_labels.json",
+}
+
+
 def output_paths(outdir: Path, stem: str, kinds: list[str]) -> dict[str, Path]:
     """``kind -> path`` of the outputs of one input; ``provenance`` always included (last)."""
-    names = {
-        "labels": f"{stem}_labels.tif",
-        "zarr": f"{stem}_labels.zarr",
-        "coco": f"{stem}_coco.json",
-        "csv": f"{stem}_objects.csv",
-        "tracks": f"{stem}_tracks.csv",
-        "provenance": f"{stem}_labels.json",
-    }
-    return {k: outdir / names[k] for k in [*kinds, "provenance"]}
+    return {k: outdir / f"{stem}{OUTPUT_KINDS[k]}" for k in [*kinds, "provenance"]}
 
 
 def commit_note(outdir: Path, stem: str) -> Path:
