@@ -448,11 +448,7 @@ class Predictor:
         """
         image = self._current()
         prompts = self._one_prompt(image, point_coords, point_labels, box, mask_input)
-        with torch.no_grad():
-            self.engine.apply_threads()
-            decoded = self.engine.decoder.decode(
-                image.decoder_state, prompts, multimask=multimask_output
-            )
+        decoded = self._decoded(image, prompts, multimask_output)
         emb = image.embedding
         upsample = MaskUpsampler(self.engine.frames, emb.input_size, emb.original_size)
         return (
@@ -567,15 +563,19 @@ class Predictor:
         return self._predict(image, prompts, multimask_output, return_logits)
 
     @torch.no_grad()
-    def _predict(self, image: _Image, prompts, multimask: bool, return_logits: bool):
-        """Decode ``prompts`` (None: no prompts, B = 0) and upsample the masks."""
+    def _decoded(self, image: _Image, prompts, multimask: bool) -> Decoded:
+        """The decoder's low-res logits and scores for ``prompts`` (None: B = 0)."""
         if prompts is None:
             m = self.model.mask_decoder.num_multimask_outputs if multimask else 1
             size = self.model.prompt_encoder.mask_input_size
-            decoded = Decoded.empty(m, size, self.device)
-        else:
-            self.engine.apply_threads()
-            decoded = self.engine.decoder.decode(image.decoder_state, prompts, multimask=multimask)
+            return Decoded.empty(m, size, self.device)
+        self.engine.apply_threads()
+        return self.engine.decoder.decode(image.decoder_state, prompts, multimask=multimask)
+
+    @torch.no_grad()
+    def _predict(self, image: _Image, prompts, multimask: bool, return_logits: bool):
+        """Decode ``prompts`` (None: no prompts, B = 0) and upsample the masks."""
+        decoded = self._decoded(image, prompts, multimask)
         emb = image.embedding
         masks = self.engine.frames.masks(
             decoded.low_res, emb.input_size, emb.original_size, return_logits

@@ -303,10 +303,14 @@ class PromptSession(StackPropagation, TiledPrompts, SessionLabels):
 
     # -- prompts --------------------------------------------------------------------------
 
-    def _decode(self, embedding, prompt: SamPrompt, multimask: bool, mask_input=None):
+    def _decode(
+        self, embedding, prompt: SamPrompt, multimask: bool, mask_input=None, low_res=False
+    ):
+        """``predictor.predict`` (or ``predict_low_res``) of ``prompt`` on ``embedding``."""
+        predict = self.predictor.predict_low_res if low_res else self.predictor.predict
         with self._predictor_lock:
             self._activate(embedding)
-            return self.predictor.predict(
+            return predict(
                 prompt.points_xy, prompt.labels, prompt.box_xyxy,
                 mask_input=mask_input, multimask_output=multimask,
             )  # fmt: skip
@@ -370,13 +374,9 @@ class PromptSession(StackPropagation, TiledPrompts, SessionLabels):
                     self._current_plane(), prompt, multimask_output, mask_input, choice
                 )
         with self._lock:
-            embedding = self._current_embedding()
-            with self._predictor_lock:
-                self._activate(embedding)
-                scores, low_res, upsample = self.predictor.predict_low_res(
-                    prompt.points_xy, prompt.labels, prompt.box_xyxy,
-                    mask_input=mask_input, multimask_output=multimask_output,
-                )  # fmt: skip
+            scores, low_res, upsample = self._decode(
+                self._current_embedding(), prompt, multimask_output, mask_input, low_res=True
+            )
         # each candidate is upsampled when first read: a viewer shows the chosen one
         masks = CandidateMasks(
             low_res, upsample, upsample.original_size, upsample.input_size, upsample.scale
