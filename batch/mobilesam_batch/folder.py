@@ -137,7 +137,7 @@ class OutputFolder:
         except OSError as exc:
             raise OutputError(f"-o {path}: cannot create the folder: {describe(exc)}") from None
         me = {"pid": os.getpid(), "host": _HOST, "started": now(), "command": command}
-        fd, previous = _lock(path / LOCK_NAME, me)
+        fd, previous = _lock(path / LOCK_NAME, me, _folder_in_use(path))
         try:
             work = path / WORK_DIR
             if previous is not None:
@@ -186,7 +186,9 @@ def _clear_temporaries(work: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _who(holder: dict[str, Any]) -> str:
+def _who(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "its details could not be read"
     return (
         f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
         f"started {holder.get('started', '?')}"
@@ -218,7 +220,7 @@ def held(lock: Path, in_use: Callable[[str], str], *, command: list[str] | None 
         Another process holds the lock, or the lock file cannot be written.
     """
     me = {"pid": os.getpid(), "host": _HOST, "started": now(), "command": command}
-    fd, previous = _lock(lock, me, in_use=in_use)
+    fd, previous = _lock(lock, me, in_use)
     try:
         yield previous
     finally:
@@ -226,7 +228,7 @@ def held(lock: Path, in_use: Callable[[str], str], *, command: list[str] | None 
 
 
 def _lock(
-    lock: Path, me: dict[str, Any], in_use: Callable[[str], str] | None = None
+    lock: Path, me: dict[str, Any], in_use: Callable[[str], str]
 ) -> tuple[int, dict[str, Any] | None]:
     """Take the lock file; returns its descriptor and the record of an ended holder, if any.
 
@@ -245,7 +247,7 @@ def _lock(
         except BlockingIOError:
             holder = _read_holder(lock, wait=True)
             os.close(fd)
-            raise OutputError(_refusal(lock, holder, in_use)) from None
+            raise OutputError(in_use(_who(holder))) from None
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 os.close(fd)
@@ -265,14 +267,14 @@ def _lock(
 
 
 def _lock_without_flock(
-    lock: Path, fd: int, me: dict[str, Any], in_use: Callable[[str], str] | None = None
+    lock: Path, fd: int, me: dict[str, Any], in_use: Callable[[str], str]
 ) -> dict[str, Any] | None:
     """The lock file's contents decide where the filesystem has no ``flock``."""
     holder = _read_holder(lock, wait=False)
     if holder is not None and holder.get("pid") != me["pid"]:
         if holder.get("host") != me["host"] or _alive(holder.get("pid")):
             os.close(fd)
-            message = _refusal(lock, holder, in_use)
+            message = in_use(_who(holder))
             if holder.get("host") != me["host"]:
                 message += f" (this filesystem cannot lock files; if it has ended, delete {lock})"
             raise OutputError(message)
@@ -330,20 +332,17 @@ def _read_holder(lock: Path, *, wait: bool) -> dict[str, Any] | None:
     return record
 
 
-def _refusal(lock: Path, holder: dict[str, Any] | None, in_use) -> str:
-    """The message for a lock held by ``holder``: ``in_use(who)``, or the output folder's."""
-    if in_use is None:
-        return _in_use(lock.parent, holder)
-    return in_use(_who(holder) if holder is not None else "its details could not be read")
+def _folder_in_use(folder: Path) -> Callable[[str], str]:
+    """The refusal when another run holds the output folder, given who holds it."""
 
+    def message(who: str) -> str:
+        return (
+            f"-o {folder}: another mobilesam-everything run is writing there ({who}); "
+            "wait for it to finish (then run this command again to add what it lacks), "
+            "or choose another -o folder"
+        )
 
-def _in_use(folder: Path, holder: dict[str, Any] | None) -> str:
-    who = _who(holder) if holder is not None else "its details could not be read"
-    return (
-        f"-o {folder}: another mobilesam-everything run is writing there ({who}); "
-        "wait for it to finish (then run this command again to add what it lacks), "
-        "or choose another -o folder"
-    )
+    return message
 
 
 def _unlock(lock: Path, fd: int) -> None:
