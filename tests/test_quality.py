@@ -30,6 +30,7 @@ PINNED = {
     ("prompts", "box_miou"): (0.926, 0.04),
     ("auto", "f1"): (0.374, 0.06),
     ("lower_thresholds", "f1"): (0.718, 0.06),
+    ("refined", "f1"): (0.606, 0.06),  # one round of box refinement, default thresholds
     ("dim_uint16", "point_miou"): (0.883, 0.05),
     ("dim_uint16", "box_miou"): (0.920, 0.05),
     ("propagation_3d", "mean_iou_per_plane"): (0.449, 0.05),

@@ -229,8 +229,11 @@ def test_everything_widget_passes_every_parameter(make_napari_viewer):
     assert w.parameters()["min_visible_fraction"] == 0.5  # the generator's default
     w.min_visible_fraction.setValue(0.2)
     w.min_mask_region_area.setValue(30)
+    assert w.parameters()["refine_rounds"] == 0  # off, as the generator's default
+    w.refine_rounds.setValue(1)
     params = w.parameters()
     assert params["min_visible_fraction"] == pytest.approx(0.2)
+    assert params["refine_rounds"] == 1
     # every key is a MaskGenerator argument
     accepted = inspect.signature(_everything.MaskGenerator).parameters
     assert set(params) <= set(accepted)

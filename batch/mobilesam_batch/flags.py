@@ -59,6 +59,10 @@ GENERATOR_FLAGS: tuple[Flag, ...] = (
     Flag("crop_n_points_downscale_factor", int, "points per side shrink by this per crop layer"),
     Flag("min_mask_region_area", int, "fill holes and remove islands smaller than this many "
          "pixels (0: off)"),
+    Flag("refine_rounds", int, "box refinement: prompt each grid mask again with its own box "
+         "this many times (0: off; 1 lifts recall on trained models, about 1.6x the time)"),
+    Flag("refine_min_iou", float, "with --refine-rounds: refine grid masks whose predicted IoU "
+         "is above this"),
     Flag("min_visible_fraction", float, "label images: drop an object when less than this "
          "fraction of its mask is left visible under better-scored ones (0: keep slivers)"),
     Flag("nms", str, "duplicate removal by mask IoU or box IoU; auto: mask in fast mode, box "

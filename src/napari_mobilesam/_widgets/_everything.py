@@ -85,12 +85,18 @@ class EverythingWidget(QWidget):
             "a mask mostly covered by better-scored ones gets no label when less than this "
             "fraction of it stays visible (0 keeps every sliver)"
         )
+        self.refine_rounds = _spin(QSpinBox(), 0, 8, 0)
+        self.refine_rounds.setToolTip(
+            "prompt each grid mask again with its own box this many times: more cells found "
+            "with a trained model, about 1.6x the time per round (0: off)"
+        )
         params.addRow("points per side", self.points_per_side)
         params.addRow("predicted IoU ≥", self.pred_iou_thresh)
         params.addRow("stability ≥", self.stability_score_thresh)
         params.addRow("NMS IoU", self.box_nms_thresh)
         params.addRow("min region area (px)", self.min_mask_region_area)
         params.addRow("min visible fraction", self.min_visible_fraction)
+        params.addRow("box refinement rounds", self.refine_rounds)
         layout.addLayout(params)
 
         buttons = QHBoxLayout()
@@ -126,6 +132,7 @@ class EverythingWidget(QWidget):
             "box_nms_thresh": self.box_nms_thresh.value(),
             "min_mask_region_area": self.min_mask_region_area.value(),
             "min_visible_fraction": self.min_visible_fraction.value(),
+            "refine_rounds": self.refine_rounds.value(),
         }
 
     def _plane_or_message(self, layer) -> tuple[int, ...] | None:

@@ -29,10 +29,10 @@ class DevicePipeline(Pipeline):
 
     mode = "device"
 
-    def batch(self, image: CropImage, points, crop_box, orig_size, state) -> MaskData:
+    def batch(self, image: CropImage, points, crop_box, orig_size, state, boxes=None) -> MaskData:
         f = self.filters
         orig_h, orig_w = orig_size
-        decoded = self.decode_grid(image, points, f.pred_iou_thresh or None)
+        decoded = self.decode_grid(image, points, f.pred_iou_thresh or None, boxes)
         n_masks = decoded.low_res.shape[1]
         masks, iou, stability, index = full_res_masks(
             self.model, decoded.low_res.flatten(0, 1), decoded.iou.flatten(0, 1),

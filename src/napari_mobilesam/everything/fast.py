@@ -47,9 +47,13 @@ class FastPipeline(Pipeline):
         up = Upsampler.create(low_res, self.model.img_size, image.input_size, image.size)
         return _CropState(up, (int(up.row_hi.max()) + 1, int(up.col_hi.max()) + 1))
 
-    def batch(self, image: CropImage, points, crop_box, orig_size, state: _CropState) -> MaskData:
+    boxes_in_image = True
+
+    def batch(
+        self, image: CropImage, points, crop_box, orig_size, state: _CropState, boxes=None
+    ) -> MaskData:
         f = self.filters
-        decoded = self.decode_grid(image, points, f.pred_iou_thresh or None)
+        decoded = self.decode_grid(image, points, f.pred_iou_thresh or None, boxes)
         low_res, iou_preds, prompts = decoded.low_res, decoded.iou, decoded.rows
         n_masks = low_res.shape[1]
         vh, vw = state.valid

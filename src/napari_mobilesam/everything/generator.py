@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.workers import map_in_order
 from ..model import Sam
 from ..normalize import to_rgb_uint8
 from ..predictor import ImageEmbedding, Predictor
@@ -48,6 +47,7 @@ from .mask_data import MaskData
 from .masks import mask_nms
 from .pipeline import Filters, Pipeline, ReferencePipeline
 from .records import crops_and_boxes, label_info, records, reference_small_regions
+from .refine import decode_prompts, refine_crop
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ PIPELINES: dict[str, type[Pipeline]] = {
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 #: largest ``points_per_side``: a million prompts per image and crop (SAM uses 32)
 MAX_POINTS_PER_SIDE = 1024
+#: most rounds of box refinement (masks settle within two or three)
+MAX_REFINE_ROUNDS = 8
 
 
 class MaskGenerator:
@@ -94,6 +96,15 @@ class MaskGenerator:
         Explicit normalised (x, y) grids, one per crop layer.
     min_mask_region_area : int
         Fill holes and remove islands smaller than this many pixels (0 disables).
+    refine_rounds : int
+        Box refinement (:mod:`.refine`): the grid's masks that pass
+        ``refine_min_iou`` are prompted again with their own bounding boxes this many
+        times, and the last round's masks are filtered and merged as the grid's would
+        be. 0 (default): segment-anything's generator, the grid's masks themselves.
+        Each round costs about one more decoder pass per object found.
+    refine_min_iou : float in [0, 1]
+        With ``refine_rounds``: the predicted IoU above which a grid mask is refined
+        (the loose filter before the rounds).
     min_visible_fraction : float in [0, 1]
         Label images only (:meth:`generate_labels`): an object keeps its id only if
         at least this fraction of its mask stays visible under the better-scored
@@ -147,6 +158,8 @@ class MaskGenerator:
         crop_n_points_downscale_factor: int = 1,
         point_grids: Sequence[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
+        refine_rounds: int = 0,
+        refine_min_iou: float = 0.5,
         min_visible_fraction: float = 0.5,
         output_mode: str = "binary_mask",
         nms: str = "auto",
@@ -178,6 +191,7 @@ class MaskGenerator:
         check_int(crop_n_layers, "crop_n_layers", minimum=0)
         check_int(crop_n_points_downscale_factor, "crop_n_points_downscale_factor", minimum=1)
         check_int(min_mask_region_area, "min_mask_region_area", minimum=0)
+        check_int(refine_rounds, "refine_rounds", minimum=0, maximum=MAX_REFINE_ROUNDS)
         check_int(tile_overlap, "tile_overlap", minimum=0)
         if tile_size is not None:
             check_int(tile_size, "tile_size", minimum=0)
@@ -192,6 +206,7 @@ class MaskGenerator:
             ("crop_nms_thresh", crop_nms_thresh),
             ("crop_overlap_ratio", crop_overlap_ratio),
             ("min_visible_fraction", min_visible_fraction),
+            ("refine_min_iou", refine_min_iou),
         ):
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -237,6 +252,8 @@ class MaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.min_visible_fraction = min_visible_fraction
+        self.refine_rounds = refine_rounds
+        self.refine_min_iou = refine_min_iou
         self.output_mode = output_mode
         engine = self.predictor.engine
         if mode == "auto":  # the GPU path where it runs, else fast mode
@@ -252,6 +269,9 @@ class MaskGenerator:
         filters = Filters(pred_iou_thresh, stability_score_thresh, stability_score_offset)
         #: this mode's steps for each crop, on the predictor's engine
         self.pipeline: Pipeline = PIPELINES[mode](engine, filters, points_per_batch)
+        #: the loose filters of the masks that box refinement prompts again
+        seed_filters = Filters(refine_min_iou, 0.0, stability_score_offset)
+        self._seed_pipeline: Pipeline = PIPELINES[mode](engine, seed_filters, points_per_batch)
 
     @property
     def model(self) -> Sam:
@@ -268,6 +288,9 @@ class MaskGenerator:
         workers = self.pipeline.batch_workers(len(self.point_grids[0]))
         if workers > 1:
             text += f", prompt batches on {workers} worker threads"
+        if self.refine_rounds:
+            rounds = self.refine_rounds
+            text += f", box refinement ({rounds} round{'s' if rounds > 1 else ''})"
         return text
 
     @torch.no_grad()
@@ -442,22 +465,15 @@ class MaskGenerator:
         crop = pipeline.prepare(np.ascontiguousarray(image[y0:y1, x0:x1]), embedding)
         points = self.point_grids[layer] * np.array(crop.size)[None, ::-1]
         state = pipeline.crop_state(crop)
-        per_pass = pipeline.prompts_per_pass(len(points))
-        workers = pipeline.batch_workers(len(points))
-        if workers > 1:  # two batches per worker at least (a batch's masks do not depend
-            per_pass = min(per_pass, -(-len(points) // (2 * workers)))  # on its partners)
-        batches = [points[s : s + per_pass] for s in range(0, len(points), per_pass)]
-        data = MaskData()
-
-        def one(batch, image=crop):
-            return pipeline.batch(image, batch, crop_box, orig_size, state)
-
-        done = map_in_order(one, batches, workers)
-        for batch, found in zip(batches, done, strict=True):
-            data.cat(found)
-            if bar is not None:
-                bar.update(len(batch))
-        del crop, one, done  # the crop's embedding is not needed below
+        if self.refine_rounds:
+            data = refine_crop(
+                self._seed_pipeline, pipeline, self.refine_rounds, crop, points, crop_box,
+                orig_size, state, bar,
+                dedup=lambda d: self._nms(d, d["iou_preds"], self.box_nms_thresh, orig_size),
+            )  # fmt: skip
+        else:
+            data = decode_prompts(pipeline, crop, points, crop_box, orig_size, state, bar)
+        del crop  # the crop's embedding is not needed below
         if len(data) == 0:
             return data
         data.filter(self._nms(data, data["iou_preds"], self.box_nms_thresh, orig_size))

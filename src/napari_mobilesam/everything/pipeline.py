@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..engine import Decoded, Decoder, Engine, ImageEmbedding, Prompts
-from ..transforms import apply_coords
+from ..transforms import apply_boxes, apply_coords
 from .boxes import batched_mask_to_box, is_box_near_crop_edge
 from .mask_data import MaskData
 from .rle import masks_to_rle
@@ -134,9 +134,23 @@ class Pipeline(ABC):
     #: dtype of the point coordinates given to the decoder
     coords_dtype = torch.float32
 
-    def decode_grid(self, image: CropImage, points: np.ndarray, min_iou=None) -> Decoded:
-        """Single positive point prompts, (x, y) in the crop, through the decoder."""
+    def decode_grid(
+        self, image: CropImage, points: np.ndarray, min_iou=None, boxes: np.ndarray | None = None
+    ) -> Decoded:
+        """Single positive point prompts, (x, y) in the crop, through the decoder.
+
+        With ``boxes`` ((N, 4) XYXY in the crop, one per point), each prompt is that box
+        alone and the decoder gives one mask per prompt (box refinement,
+        :mod:`.refine`); ``points`` then only name the prompts' grid points.
+        """
         dev = self.engine.device
+        if boxes is not None:
+            frame = apply_boxes(np.asarray(boxes, np.float64), image.size, self.model.img_size)
+            box_t = torch.as_tensor(frame, dtype=self.coords_dtype, device=dev)
+            self.engine.apply_threads()
+            return self.decoder.decode(
+                image.state, Prompts(None, None, box_t), multimask=False, min_iou=min_iou
+            )
         coords = apply_coords(points, image.size, self.model.img_size)
         coords = torch.as_tensor(coords, dtype=self.coords_dtype, device=dev)
         labels = torch.ones(len(coords), 1, dtype=torch.int64, device=dev)
@@ -144,9 +158,21 @@ class Pipeline(ABC):
         self.engine.apply_threads()
         return self.decoder.decode(image.state, prompts, min_iou=min_iou)
 
+    def crop_frame_boxes(self, data: MaskData, crop_box) -> np.ndarray:
+        """(N, 4) XYXY boxes (inclusive) of a crop's masks from :meth:`batch`, in the
+        crop's pixels (what :meth:`decode_grid` takes as ``boxes``)."""
+        boxes = np.asarray(data["boxes"].cpu(), dtype=np.float64).reshape(-1, 4)
+        if self.boxes_in_image:
+            boxes = boxes - np.array([crop_box[0], crop_box[1]] * 2, dtype=np.float64)
+        return boxes
+
+    #: whether :meth:`batch` gives boxes in image pixels (else in the crop's)
+    boxes_in_image = False
+
     @abstractmethod
-    def batch(self, image: CropImage, points, crop_box, orig_size, state) -> MaskData:
-        """The kept masks of one batch of ``points`` (x, y in the crop)."""
+    def batch(self, image: CropImage, points, crop_box, orig_size, state, boxes=None) -> MaskData:
+        """The kept masks of one batch of ``points`` (x, y in the crop); with ``boxes``
+        (XYXY in the crop, one per point) the boxes are the prompts (:meth:`decode_grid`)."""
 
     def finish(self, data: MaskData, crop_box, orig_size, keep_masks: bool) -> MaskData:
         """A crop's masks after its NMS, in image coordinates (boxes and points)."""
@@ -170,9 +196,9 @@ class ReferencePipeline(Pipeline):
     def prompts_per_pass(self, n_points: int) -> int:
         return self.points_per_batch
 
-    def batch(self, image: CropImage, points, crop_box, orig_size, state) -> MaskData:
+    def batch(self, image: CropImage, points, crop_box, orig_size, state, boxes=None) -> MaskData:
         orig_h, orig_w = orig_size
-        decoded = self.decode_grid(image, points)
+        decoded = self.decode_grid(image, points, boxes=boxes)
         masks = self.engine.frames.masks(
             decoded.low_res, image.input_size, image.size, return_logits=True
         )
