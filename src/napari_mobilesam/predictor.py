@@ -30,8 +30,10 @@ import torch
 from .build import load_model
 from .engine import Decoded, Engine, EngineOptions, ImageEmbedding, Prompts, make_engine
 from .engine.precision import PRECISIONS, cpu_has_bf16, resolve_precision
+from .mask_upsampler import MaskUpsampler
 from .model import Sam
 from .normalize import to_rgb_uint8
+from .predictor_batch import BatchPrediction
 from .transforms import ResizeLongestSide
 from .validation import check_boxes, check_mask_input, check_points
 
@@ -46,39 +48,6 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class MaskUpsampler:
-    """Low-res logits of one image -> its bool masks, as :meth:`Predictor.predict` makes
-    them (:meth:`Predictor.predict_low_res`).
-
-    Attributes
-    ----------
-    frames : Frames
-        The engine's frames (:meth:`~napari_mobilesam.engine.Frames.masks`).
-    input_size : (int, int)
-        (h, w) of the image resized to the model's input.
-    original_size : (int, int)
-        (H, W) of the image.
-    """
-
-    frames: object
-    input_size: tuple[int, int]
-    original_size: tuple[int, int]
-
-    @property
-    def scale(self) -> float:
-        """Input-frame pixels per low-res logit (4 for SAM: 1024 / 256)."""
-        return self.frames.model.img_size / self.frames.model.prompt_encoder.mask_input_size[0]
-
-    def __call__(self, low_res: np.ndarray) -> np.ndarray:
-        """(K, h', w') float32 low-res logits -> (K, H, W) bool masks."""
-        dev = self.frames.model.device
-        logits = torch.as_tensor(np.asarray(low_res, dtype=np.float32), device=dev)[None]
-        with torch.no_grad():
-            masks = self.frames.masks(logits, self.input_size, self.original_size)
-        return masks[0].cpu().numpy()
-
-
-@dataclass(frozen=True)
 class _Image:
     """The current image: its embedding and what the decoder keeps for it."""
 
@@ -86,7 +55,7 @@ class _Image:
     decoder_state: object
 
 
-class Predictor:
+class Predictor(BatchPrediction):
     """Predict masks for prompts on one image.
 
     Parameters
@@ -468,55 +437,6 @@ class Predictor:
         )
         return self._prompts(image, coords, labels, boxes, masks_in)
 
-    def predict_batch(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for B prompts in one decoder pass.
-
-        Parameters
-        ----------
-        point_coords : (B, N, 2) array, optional
-            (x, y) pixels of the original image; N points per prompt.
-        point_labels : (B, N) array, optional
-        boxes : (B, 4) array, optional
-            XYXY in original pixels, one box per prompt.
-        mask_input : (B, 1, 256, 256) array, optional
-        multimask_output, return_logits : bool
-            As in :meth:`predict`.
-
-        Returns
-        -------
-        masks : (B, C, H, W) bool
-        scores : (B, C) float32
-        low_res_logits : (B, C, 256, 256) float32
-            B = 0 prompts (e.g. ``boxes`` of shape (0, 4)) give empty arrays of these
-            shapes without running the decoder.
-        """
-        image = self._current()
-        coords, labels = check_points(point_coords, point_labels, batched=True)
-        boxes_ = check_boxes(boxes, batched=True)
-        masks_in = check_mask_input(
-            mask_input, self.model.prompt_encoder.mask_input_size, batched=True
-        )
-        sizes = {
-            name: a.shape[0]
-            for name, a in (("point_coords", coords), ("boxes", boxes_), ("mask_input", masks_in))
-            if a is not None
-        }
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"prompt batch sizes differ: {sizes}")
-        prompts = None  # an empty batch: no decoder pass
-        if 0 not in sizes.values():
-            prompts = self._prompts(image, coords, labels, boxes_, masks_in)
-        masks, scores, low_res = self._predict(image, prompts, multimask_output, return_logits)
-        return masks.cpu().numpy(), scores.float().cpu().numpy(), low_res.float().cpu().numpy()
-
     def _prompts(self, image: _Image, coords, labels, boxes, masks_in) -> Prompts:
         """Checked numpy prompts in the original frame -> :class:`Prompts` (input frame)."""
         dev, size = self.device, image.embedding.original_size
@@ -530,37 +450,6 @@ class Predictor:
             tensor(None if boxes is None else self.transform.apply_boxes(boxes, size)),
             tensor(masks_in),
         )
-
-    @torch.no_grad()
-    def predict_torch(
-        self,
-        point_coords: torch.Tensor | None,
-        point_labels: torch.Tensor | None,
-        boxes: torch.Tensor | None = None,
-        mask_input: torch.Tensor | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batched prediction on tensors already in the *input* frame.
-
-        Parameters
-        ----------
-        point_coords : (B, N, 2) float tensor or None
-            (x, y) in the resized-image frame (see ``transform.apply_coords_torch``).
-        point_labels : (B, N) tensor or None
-        boxes : (B, 4) float tensor or None
-        mask_input : (B, 1, 256, 256) float tensor or None
-        multimask_output, return_logits : bool
-
-        Returns
-        -------
-        masks : (B, C, H, W) bool (or float logits) at the original size
-        iou_predictions : (B, C)
-        low_res_logits : (B, C, 256, 256)
-        """
-        image = self._current()
-        prompts = Prompts(point_coords, point_labels, boxes, mask_input)
-        return self._predict(image, prompts, multimask_output, return_logits)
 
     @torch.no_grad()
     def _decoded(self, image: _Image, prompts, multimask: bool) -> Decoded:
