@@ -128,7 +128,36 @@ def test_refuses_an_existing_run_or_other_settings(data, tmp_path, tiny_json, ca
     assert main(_args(data, out, tiny_json, "--epochs", "1")) == 1
     assert "--resume" in capsys.readouterr().err
     assert main(_args(data, out, tiny_json, "--epochs", "3", "--resume")) == 1
-    assert "other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings (epochs: 1 -> 3)" in err  # the setting that differs, named
+
+
+def test_changed_settings_name_nested_and_unreadable_ones():
+    from napari_mobilesam.training.config import TrainConfig
+    from napari_mobilesam.training.step import StepConfig
+
+    cfg = TrainConfig(out="r", synthetic=2, step=StepConfig(objects=4))
+    stored = json.dumps(TrainConfig(out="r", synthetic=2, lr=1e-3).to_dict())
+    changed = loop._changed_settings(stored, cfg)
+    assert any(c.startswith("step.objects: ") and c.endswith("-> 4") for c in changed)
+    assert any(c.startswith("lr: 0.001 -> ") for c in changed)
+    assert loop._changed_settings(json.dumps(cfg.to_dict()), cfg) == []
+    assert loop._changed_settings("not json", cfg) is None
+
+
+def test_training_without_held_out_images_warns(tmp_path, tiny_json):
+    one = tmp_path / "one"
+    synthetic.write_dataset(one, 1, seed=3, shape=(96, 96), radius=(8, 14))
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="no held-out images"):
+        assert main(_args(one, out, tiny_json, "--epochs", "1")) == 0
+    assert (out / "best.pt").is_file()
+    assert (out / "val.csv").read_text().count("\n") == 1  # the header alone
+
+
+def test_resume_without_a_run_says_so(tmp_path, capsys):
+    assert main(["-o", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -153,9 +153,10 @@ def test_runs_written_before_the_setting_resume_as_they_were_made(tmp_path):
         old = cfg.to_dict()
         del old["input_frame"]
         assert TrainConfig.from_dict(old) == cfg
-        assert loop._same_settings(to_json(old), cfg)
+        assert loop._changed_settings(to_json(old), cfg) == []
     old = small.to_dict()
     del old["input_frame"]
-    assert not loop._same_settings(to_json(old), dataclasses.replace(small, input_frame="full"))
-    assert not loop._same_settings("{not json", full)
-    assert not loop._same_settings(to_json({**full.to_dict(), "later": 1}), full)
+    changed = loop._changed_settings(to_json(old), dataclasses.replace(small, input_frame="full"))
+    assert changed == ["input_frame: 'own' -> 'full'"]
+    assert loop._changed_settings("{not json", full) is None
+    assert loop._changed_settings(to_json({**full.to_dict(), "later": 1}), full) is None

@@ -134,6 +134,12 @@ def _train(args: argparse.Namespace) -> int:
         cfg = _stored_config(stored, args)
         summary = train(cfg, resume=True, progress=not args.quiet, stop_after=args.stop_after)
         return _report(summary, args.out)
+    if args.resume and args.data is None and args.synthetic == 0:
+        raise CommandError(
+            f"--resume: {args.out} holds no run to resume (no config.json); start one with "
+            "a data folder or --synthetic N",
+            status=2,
+        )
     if (args.data is None) == (args.synthetic == 0):
         raise CommandError("give a data folder or --synthetic N (not both)", status=2)
     if args.data is not None and not args.data.is_dir():

@@ -151,14 +151,27 @@ def _read_csv(path: Path, until_step: int) -> list[dict]:
         return [r for r in csv.DictReader(f) if int(r["step"]) <= until_step]
 
 
-def _same_settings(stored: str, cfg: TrainConfig) -> bool:
-    """Whether a run's stored settings (JSON) are ``cfg``'s; settings added since the run
-    was written count as what that version did."""
+def _changed_settings(stored: str, cfg: TrainConfig) -> list[str] | None:
+    """How ``cfg`` differs from a run's stored settings (JSON): ``"name: old -> new"``
+    per setting (nested ones as ``step.objects``), empty when they are the same, None
+    when the stored settings cannot be read. Settings added since the run was written
+    count as what that version did."""
     try:
         old = TrainConfig.from_dict(json.loads(stored))
     except (ValueError, TypeError):
-        return False
-    return to_json(old.to_dict()) == to_json(cfg.to_dict())
+        return None
+    a = json.loads(to_json(old.to_dict()))
+    b = json.loads(to_json(cfg.to_dict()))
+    return _differences(a, b, "")
+
+
+def _differences(a, b, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
 def _score(res: dict) -> float:
@@ -267,6 +280,16 @@ def train(
         resolve_precision(cfg.precision, device) == "bf16" if cfg.precision != "fp32" else False
     )
     source, held_out = _sources(cfg)
+    if not held_out:
+        import warnings
+
+        warnings.warn(
+            "no held-out images (one image pair, --val-fraction 0, or --val-images 0): "
+            "nothing is scored, val.csv stays empty and best.pt is the last epoch's "
+            "model; give --val FOLDER or more pairs to keep the best one",
+            UserWarning,
+            stacklevel=2,
+        )
     model = _model(cfg, device)
     full_size = resolve_config(cfg.model).image_size
     enc_params, dec_params = _trainable(model, cfg.train_encoder)
@@ -286,9 +309,13 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if not _same_settings(state["config"], cfg):
+        changed = _changed_settings(state["config"], cfg)
+        if changed is None or changed:
+            what = "unreadable settings" if changed is None else "other settings"
+            detail = "" if not changed else f" ({'; '.join(changed)})"
             raise FileExistsError(
-                f"{out} holds a run with other settings; use another --out to start a new run"
+                f"{out} holds a run with {what}{detail}; resume it with its own settings "
+                "(--resume with only --out), or use another --out to start a new run"
             )
         model.load_state_dict(state["model"])
         if head is not None:
