@@ -123,7 +123,7 @@ def test_fast_mode_on_workers_equals_fast_mode_in_one_thread(tiny_model, rng, mo
         calls.append(workers)
         return real(fn, items, workers)
 
-    monkeypatch.setattr("napari_mobilesam.everything.generator.map_in_order", spy)
+    monkeypatch.setattr("napari_mobilesam.everything.refine.map_in_order", spy)
     serial = MaskGenerator(tiny_model, **kw).generate(image)
     monkeypatch.setattr(Policy, "batch_workers", lambda self, device: 3)
     parallel = MaskGenerator(tiny_model, **kw).generate(image)

@@ -85,14 +85,22 @@ def test_refinement_changes_the_masks_and_keeps_more_cells(standin, cells):
     assert len(refined) > len(plain)
 
 
+#: two rounds at thresholds that keep several cells of ``cells``
+TWO_ROUNDS = dict(points_per_side=6, refine_rounds=2, pred_iou_thresh=0.8,
+                  stability_score_thresh=0.9)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_two_rounds(standin, cells):
+    return MaskGenerator(standin, mode="reference", **TWO_ROUNDS).generate(cells)
+
+
 @pytest.mark.parametrize("mode", ["fast", "device"])
-def test_other_modes_refine_as_reference_mode(standin, cells, mode):
+def test_other_modes_refine_as_reference_mode(standin, cells, reference_two_rounds, mode):
     """Fast and device modes, with box NMS, find every object reference mode finds
     (two rounds: the second round's prompts are the first round's masks' boxes)."""
-    kw = dict(points_per_side=6, refine_rounds=2, pred_iou_thresh=0.8,
-              stability_score_thresh=0.9)  # fmt: skip
-    ref = MaskGenerator(standin, mode="reference", **kw).generate(cells)
-    other = MaskGenerator(standin, mode=mode, nms="box", **kw).generate(cells)
+    ref = reference_two_rounds
+    other = MaskGenerator(standin, mode=mode, nms="box", **TWO_ROUNDS).generate(cells)
     assert len(ref) >= 3 and len(other) == len(ref)
     for a, b in zip(ref, other, strict=True):
         assert _iou(a["segmentation"], b["segmentation"]) > 0.98
