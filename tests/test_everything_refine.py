@@ -79,12 +79,6 @@ def test_one_round_is_each_seeds_box_prompted_again(standin, cells):
         np.testing.assert_allclose(r["point_coords"][0], p)  # the seed's grid point
 
 
-def test_refinement_changes_the_masks_and_keeps_more_cells(standin, cells):
-    plain = MaskGenerator(standin, points_per_side=8).generate(cells)
-    refined = MaskGenerator(standin, points_per_side=8, refine_rounds=1).generate(cells)
-    assert len(refined) > len(plain)
-
-
 #: two rounds at thresholds that keep several cells of ``cells``
 TWO_ROUNDS = dict(points_per_side=6, refine_rounds=2, pred_iou_thresh=0.8,
                   stability_score_thresh=0.9)  # fmt: skip

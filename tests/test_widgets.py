@@ -216,7 +216,7 @@ def test_everything_widget_plane_and_stack(make_napari_viewer, qtbot, tiny_predi
     w.run()
     idle(qtbot, w)
     assert viewer.layers["cells everything"].data[1].max() > 0
-    assert "objects in 2 plane(s); cpu: torch, " in w.status.text()  # and what ran them
+    assert "objects in 2 planes; cpu: torch, " in w.status.text()  # and what ran them
 
 
 def test_everything_widget_passes_every_parameter(make_napari_viewer):
@@ -286,7 +286,8 @@ def test_everything_cancel(make_napari_viewer, qtbot, tiny_predictor):
     out = viewer.layers["cells everything"].data
     done = [z for z in range(30) if out[z].any()]
     assert 1 <= len(done) < 30 and done == list(range(len(done)))
-    assert w.status.text() == f"cancelled; the {len(done)} plane(s) done are kept"
+    kept = "the 1 plane done is" if len(done) == 1 else f"the {len(done)} planes done are"
+    assert w.status.text() == f"cancelled; {kept} kept"
     assert w.run_button.isEnabled()
 
 

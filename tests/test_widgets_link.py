@@ -153,7 +153,7 @@ def test_link_z_equals_link_stack_and_records_linked_scores(make_napari_viewer, 
     pairs = np.unique(np.stack([sample.labels.ravel(), result.data.ravel()]), axis=1)
     assert len(pairs.T) == n_cells + 1  # a bijection (background included)
     assert "cells tracks" not in viewer.layers  # no tracks for z
-    assert w.status.text().startswith(f"{n_cells} 3D objects in 10 plane(s); cpu")
+    assert w.status.text().startswith(f"{n_cells} 3D objects in 10 planes; cpu")
     # the object table's scores are under the linked ids, each plane's own
     scores = scores_from(result.features, 1)
     for z in range(10):
@@ -187,7 +187,7 @@ def test_link_min_planes_leaves_out_short_objects_as_the_batch_tool(
     np.testing.assert_array_equal(result.data, expected)
     short = len(spans) - len(kept)
     assert w.status.text().startswith(
-        f"{len(kept)} 3D objects in 10 plane(s) ({short} seen in fewer than {n} planes left out)"
+        f"{len(kept)} 3D objects in 10 planes ({short} seen in fewer than {n} planes left out)"
     )
     # the scores follow: one row per kept object per plane, under its shown id
     scores = scores_from(result.features, 1)
@@ -310,7 +310,7 @@ def test_link_cancel_keeps_the_planes_done_linked(make_napari_viewer, qtbot, tru
     np.testing.assert_array_equal(result, expected)
     assert result.reshape(cut.shape)[:n_done].any() and not result.reshape(cut.shape)[n_done:].any()
     np.testing.assert_allclose(viewer.layers["cells tracks"].data, table.tracks_data())
-    assert w.status.text() == f"cancelled; the {n_done} plane(s) done are kept, linked,"
+    assert w.status.text() == f"cancelled; the {n_done} planes done are kept, linked,"
     assert w.run_button.isEnabled()
 
 

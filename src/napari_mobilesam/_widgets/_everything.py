@@ -267,7 +267,8 @@ class EverythingWidget(QWidget):
             if axis:
                 return done_linked(table)
             self.status.setText(
-                f"{counted(sum(counts), 'objects')} in {len(planes)} plane(s); {', '.join(ran_on)}"
+                f"{counted(sum(counts), 'objects')} in {counted(len(planes), 'planes')}; "
+                f"{', '.join(ran_on)}"
             )
 
         def done_linked(table) -> None:
@@ -275,7 +276,7 @@ class EverythingWidget(QWidget):
             n_shown = linker.max_id - n_short
             if lut is not None and layer in self.viewer.layers and self.result_layer is not None:
                 drop_short(self.result_layer, done_planes, lut)
-            text = f"{counted(n_shown, what)} in {len(counts)} plane(s)"
+            text = f"{counted(n_shown, what)} in {counted(len(counts), 'planes')}"
             if n_short:
                 text += (f" ({n_short} seen in fewer than {linker.min_planes} planes "
                          "left out)")  # fmt: skip
@@ -292,7 +293,7 @@ class EverythingWidget(QWidget):
         self.progress.setRange(0, len(planes))
         self.progress.setValue(0)
         self._cancelled, self._done_planes = False, 0
-        self.runner.submit(work, done, f"segmenting {len(planes)} plane(s)…",
+        self.runner.submit(work, done, f"segmenting {counted(len(planes), 'planes')}…",
                            yielded=got)  # fmt: skip
 
     def _linked_result(self, layer, shape, fresh: bool, axis: str):
@@ -409,9 +410,7 @@ class EverythingWidget(QWidget):
         self.cancel_button.setEnabled(busy and not self._cancelled)
         if not busy and self._cancelled:  # only now has the work stopped
             linked = ", linked," if self._stop is not None else ""
-            self.status.setText(
-                f"cancelled; the {self._done_planes} plane(s) done are kept{linked}"
-            )
+            self.status.setText(f"cancelled; {done_text(self._done_planes)} kept{linked}")
 
 
 def _spin(box, lo, hi, value, step=None):
@@ -420,6 +419,11 @@ def _spin(box, lo, hi, value, step=None):
     if step is not None:
         box.setSingleStep(step)
     return box
+
+
+def done_text(n: int) -> str:
+    """ "the 2 planes done are" / "the 1 plane done is" (the cancelled status)."""
+    return f"the {counted(n, 'planes')} done {'is' if n == 1 else 'are'}"
 
 
 def counted(n: int, noun: str) -> str:

@@ -186,7 +186,8 @@ class StackActions:
             note = f" ({skipped} inside other objects, skipped)" if skipped else ""
             note += f" ({len(masks) - painted - skipped} not written: {failed})" if failed else ""
             how = "propagation cancelled: " if stop.is_set() else ""
-            self.status.setText(f"{how}object {new_id} propagated to {painted} more plane(s){note}")
+            planes = "plane" if painted == 1 else "planes"
+            self.status.setText(f"{how}object {new_id} propagated to {painted} more {planes}{note}")
 
         def finished(*_args) -> None:
             if self._stop is stop:
