@@ -146,17 +146,16 @@ class Pipeline(ABC):
         dev = self.engine.device
         if boxes is not None:
             frame = apply_boxes(np.asarray(boxes, np.float64), image.size, self.model.img_size)
-            box_t = torch.as_tensor(frame, dtype=self.coords_dtype, device=dev)
-            self.engine.apply_threads()
-            return self.decoder.decode(
-                image.state, Prompts(None, None, box_t), multimask=False, min_iou=min_iou
+            prompts = Prompts(
+                None, None, torch.as_tensor(frame, dtype=self.coords_dtype, device=dev)
             )
-        coords = apply_coords(points, image.size, self.model.img_size)
-        coords = torch.as_tensor(coords, dtype=self.coords_dtype, device=dev)
-        labels = torch.ones(len(coords), 1, dtype=torch.int64, device=dev)
-        prompts = Prompts(coords[:, None, :], labels)
+        else:
+            coords = apply_coords(points, image.size, self.model.img_size)
+            coords = torch.as_tensor(coords, dtype=self.coords_dtype, device=dev)
+            labels = torch.ones(len(coords), 1, dtype=torch.int64, device=dev)
+            prompts = Prompts(coords[:, None, :], labels)
         self.engine.apply_threads()
-        return self.decoder.decode(image.state, prompts, min_iou=min_iou)
+        return self.decoder.decode(image.state, prompts, multimask=boxes is None, min_iou=min_iou)
 
     def crop_frame_boxes(self, data: MaskData, crop_box) -> np.ndarray:
         """(N, 4) XYXY boxes (inclusive) of a crop's masks from :meth:`batch`, in the
