@@ -134,6 +134,20 @@ def test_phase_data_is_seeded_and_kept(tmp_path):
     assert (train / "t000.tif").stat().st_mtime_ns == stamp
 
 
+def test_phase_data_with_small_cell_planes(tmp_path, monkeypatch):
+    import numpy as np
+    import tifffile
+
+    from napari_mobilesam.training import sources
+    from napari_mobilesam.training.sources import SyntheticSource, _seed
+
+    monkeypatch.setattr(sources, "SMALL_CELLS", ((96, 96), (3.0, 4.0)))
+    train, _ = standin.write_data(tmp_path, (1, 0, 7, 0.0, 1.0), progress=False)
+    want = SyntheticSource(1, seed=7, small=1.0).make(_seed(7, "t", 0))
+    assert want.image.shape == (96, 96)
+    np.testing.assert_array_equal(tifffile.imread(train / "t000.tif"), want.image)
+
+
 def test_phase_data_with_planes_of_stacks(tmp_path):
     import numpy as np
     import tifffile

@@ -428,6 +428,28 @@ def test_synthetic_source_planes_of_3d_stacks(monkeypatch):
     np.testing.assert_array_equal(ex.labels, again.labels)
 
 
+def test_synthetic_source_small_cell_planes(monkeypatch):
+    from napari_mobilesam.training import sources
+    from napari_mobilesam.training.sources import SyntheticSource, _seed
+
+    # the real kind: 1024 px planes whose smallest cells have a radius of 5-12 px
+    assert sources.SMALL_CELLS == ((1024, 1024), (5.0, 12.0))
+    monkeypatch.setattr(sources, "SMALL_CELLS", ((96, 96), (3.0, 4.0)))  # small, to be quick
+    seeds = [_seed(6, "t", i) for i in range(24)]
+    plain = SyntheticSource(1, seed=6, size=(64, 80), radius=(6.0, 8.0))
+    mixed = SyntheticSource(1, seed=6, size=(64, 80), radius=(6.0, 8.0), small=0.5)
+    assert SyntheticSource(1).small == 0.0
+    kinds = [mixed.make(s).image.shape == (96, 96) for s in seeds]
+    assert 5 <= sum(kinds) <= 19
+    for s, small in zip(seeds[:8], kinds[:8], strict=True):
+        if not small:  # the other images are those made without the option
+            np.testing.assert_array_equal(mixed.make(s).image, plain.make(s).image)
+    # their cells are the small kind's
+    ex = mixed.make(seeds[kinds.index(True)])
+    _, counts = np.unique(ex.labels[ex.labels > 0], return_counts=True)
+    assert np.sqrt(counts.min() / np.pi) < 6.0
+
+
 def test_synthetic_source_plane_without_cells_gives_way(monkeypatch):
     from napari_mobilesam import synthetic
     from napari_mobilesam.training.sources import SyntheticSource

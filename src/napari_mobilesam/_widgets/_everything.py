@@ -26,6 +26,7 @@ from ..normalize import to_rgb_uint8
 from . import _features
 from ._chunked import add_labels, unwritable, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
+from ._edits import keep_edits, watch
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, drop_short, show_tracks, tracks_layer_of
 from ._model import ModelPicker
@@ -189,6 +190,7 @@ class EverythingWidget(QWidget):
         limits = tuple(float(v) for v in layer.contrast_limits)
         params = self.parameters()
         model = self.model
+        kept = self._keep_edits(layer, None if axis else planes)
 
         ran_on: list[str] = []  # what ran, as chosen (shown when done)
         counts: list[int] = []  # objects per plane done
@@ -236,6 +238,7 @@ class EverythingWidget(QWidget):
                 return
             if result is None:  # chunked on disk for a large stack
                 result = add_labels(self.viewer, shape, name=f"{layer.name} everything")
+            watch(result)
             result.data[index] = labels
             result.metadata.pop(LINKED, None)  # per-plane ids again
             _features.record_plane(result, index, infos.pop(index))
@@ -254,6 +257,7 @@ class EverythingWidget(QWidget):
             except LayerConflict as exc:
                 show_info(f"MobileSAM: {exc}")
                 return
+            watch(result)
             for index, plane, ids, iou, stability in linked:
                 done_planes.append(index)
                 result.data[index] = plane
@@ -268,7 +272,7 @@ class EverythingWidget(QWidget):
                 return done_linked(table)
             self.status.setText(
                 f"{counted(sum(counts), 'objects')} in {counted(len(planes), 'planes')}; "
-                f"{', '.join(ran_on)}"
+                f"{', '.join(ran_on)}{kept_note}"
             )
 
         def done_linked(table) -> None:
@@ -287,14 +291,28 @@ class EverythingWidget(QWidget):
                 except LayerConflict as exc:
                     show_info(f"MobileSAM: {exc}")
                     text += f"; no tracks layer: {exc}"
-            self.status.setText(f"{text}; {', '.join(ran_on)}")
+            self.status.setText(f"{text}; {', '.join(ran_on)}{kept_note}")
 
+        kept_note = f"; your edits are kept in layer {kept!r}" if kept else ""
         what = {"z": "3D objects", "t": "tracks", "zt": "tracks"}.get(axis, "")
         self.progress.setRange(0, len(planes))
         self.progress.setValue(0)
         self._cancelled, self._done_planes = False, 0
         self.runner.submit(work, done, f"segmenting {counted(len(planes), 'planes')}…",
                            yielded=got)  # fmt: skip
+
+    def _keep_edits(self, layer, planes: list[tuple[int, ...]] | None) -> str | None:
+        """Rename the image's result layer out of the run's way when the run would write
+        over planes edited by hand (``planes``; None: every plane); returns its new name
+        (see :mod:`._edits`)."""
+        result = self.result_layer_of(layer)
+        kept = keep_edits(self.viewer, result, planes) if result is not None else None
+        if kept:
+            self.result_layer = None
+            new = f"{layer.name} everything"
+            show_info(f"MobileSAM: your edits of {layer.name!r}'s results are kept in "
+                      f"layer {kept!r}; this run writes a new {new!r}")  # fmt: skip
+        return kept
 
     def _linked_result(self, layer, shape, fresh: bool, axis: str):
         """The result layer of a run linked along ``axis``; ``fresh``: its first planes, so

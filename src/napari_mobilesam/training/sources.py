@@ -26,6 +26,9 @@ __all__ = ["FolderSource", "SyntheticSource", "augment"]
 
 Loader = Callable[[], Example]
 
+#: (side range, smallest-radius range) of :attr:`SyntheticSource.small`'s images.
+SMALL_CELLS = ((1024, 1024), (5.0, 12.0))
+
 
 def _seed(*parts: object) -> int:
     h = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
@@ -86,6 +89,11 @@ class SyntheticSource:
         out-of-focus light of the cells above and below, blur along z), drawn per
         image. 0 (the default) makes every image with ``cells_2d``, as before this
         option existed.
+    small : float
+        Fraction of the other images that are 1024 px planes of small cells (smallest
+        radius 5-12 px, shown at native size by a 1024 px model input: the cells of a
+        large plane's tiles), drawn per image. 0 (the default) keeps the images made
+        before this option existed.
     """
 
     images_per_epoch: int
@@ -93,6 +101,7 @@ class SyntheticSource:
     size: tuple[int, int] = (384, 768)
     radius: tuple[float, float] = (4.0, 16.0)
     planes: float = 0.0
+    small: float = 0.0
 
     def __len__(self) -> int:
         return self.images_per_epoch
@@ -105,9 +114,12 @@ class SyntheticSource:
         # images are those this source made before the option existed
         if self.planes > 0 and np.random.default_rng([seed, 1]).random() < self.planes:
             return self._plane(seed)
+        size, radius = self.size, self.radius
+        if self.small > 0 and np.random.default_rng([seed, 3]).random() < self.small:
+            size, radius = SMALL_CELLS
         rng = np.random.default_rng(seed)
-        side = int(rng.integers(self.size[0], self.size[1] + 1))
-        r_lo = float(rng.uniform(*self.radius))
+        side = int(rng.integers(size[0], size[1] + 1))
+        r_lo = float(rng.uniform(*radius))
         r_hi = float(min(60.0, r_lo * rng.uniform(1.5, 4.0)))
         look = _look(rng)
         s = synthetic.cells_2d(

@@ -188,15 +188,17 @@ def calibrate(src: Path, dest: Path, *, device: str = "auto", progress: bool = T
 def write_data(out: Path, images: tuple, *, progress: bool = True) -> tuple[Path, Path]:
     """Write a phase's training and held-out images (``images``: training images,
     held-out images, source seed, as :data:`PHASE3_IMAGES`, and optionally the fraction
-    of them that are planes of 3D stacks, :attr:`SyntheticSource.planes
-    <napari_mobilesam.training.sources.SyntheticSource>`) as ``tNNN.tif`` +
+    of them that are planes of 3D stacks and the fraction of small-cell planes,
+    :attr:`SyntheticSource.planes <napari_mobilesam.training.sources.SyntheticSource>`
+    and ``small``) as ``tNNN.tif`` +
     ``tNNN_labels.tif`` (``vNNN`` held out); returns the two folders. Files already
     written are kept (the images are seeded)."""
     from .. import synthetic
     from .sources import SyntheticSource, _seed
 
-    n_train, n_val, seed, *planes = images
-    source = SyntheticSource(n_train, seed=seed, planes=planes[0] if planes else 0.0)
+    n_train, n_val, seed, *kinds = images
+    planes, small = [*kinds, 0.0, 0.0][:2]
+    source = SyntheticSource(n_train, seed=seed, planes=planes, small=small)
     jobs = [(out / "train", "t", i) for i in range(n_train)]
     jobs += [(out / "val", "v", i) for i in range(n_val)]
     if progress:
