@@ -406,8 +406,13 @@ def test_embed_command_errors(tmp_path, stack, embed_cli, capsys):
     assert main(["embed", str(source), "-o", str(out), "--weights", "nope.pt"]) == 2
     assert "--weights nope.pt: no such file" in capsys.readouterr().err
     assert not out.exists()
-    assert run(source, "-o", tmp_path / "no" / "s.zarr") == 1
-    assert "is not an existing folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("mine")
+    assert run(source, "-o", tmp_path / "a_file" / "s.zarr") == 1
+    err = capsys.readouterr().err
+    assert "a_file/s.zarr: cannot make the folder" in err and "to hold it" in err
+    assert (tmp_path / "a_file").read_text() == "mine"
+    nested = tmp_path / "new" / "deeper" / "s.zarr"  # missing folders are made
+    assert run(source, "-o", nested) == 0 and nested.is_dir()
 
 
 @requires_golden

@@ -126,6 +126,13 @@ def _embed(args, source, channels, limits, percentiles) -> int:
     model = build.load_model(args.model, checkpoint, device=args.device)
     predictor = Predictor(model, precision=args.precision)
     output = Path(args.output)
+    try:  # the store's folder is made, as mobilesam-everything makes its output folder
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(
+            f"{args.output}: cannot make the folder {str(output.parent)!r} to hold it "
+            f"({exc.strerror or exc})"
+        ) from None
     lock = output.with_name(output.name + ".lock")
     # no folder to hold the lock in: open_for says what is wrong with the path
     hold = held(lock, _in_use(output)) if output.parent.is_dir() else nullcontext()
