@@ -16,7 +16,8 @@ training never drew) with a trained model at default settings:
   ``PromptSession.propagate`` up and down; mean IoU per plane against the truth (a
   plane the walk did not reach counts 0) and the share of planes reached;
 - with ``--linked-stacks N``: 3D AP50 of ``mobilesam-everything --link z`` on N
-  synthetic 3D stacks (:func:`linked_3d`: 3D IoU >= 0.5, one-to-one).
+  synthetic 3D stacks (:func:`linked_3d`: 3D IoU >= 0.5, one-to-one); with ``--extend``
+  also after :func:`~napari_mobilesam.linking.extend.extend_objects`.
 
 Usage::
 
@@ -176,6 +177,7 @@ def linked_3d(
     folder: Path | None = None,
     extra: tuple[str, ...] = (),
     min_planes: int = 3,
+    extend: bool = False,
 ) -> dict:
     """3D AP50 of ``mobilesam-everything --link z`` on synthetic (Z, Y, X) stacks.
 
@@ -201,6 +203,12 @@ def linked_3d(
         bottom cuts them, so a 3D object seen in fewer than 3 planes is a fragment or
         out-of-focus light; cells cut to fewer planes than this are missed. 1 keeps
         every object.
+    extend : bool
+        Also score the command's labels after
+        :func:`~napari_mobilesam.linking.extend.extend_objects` (each object prompted with
+        its box in the planes next to it where it has no section; the added sections'
+        predicted IoU join its score): the figures of the extended labels go under
+        ``"extended"``, with ``sections_added`` and ``extend_seconds``.
 
     Returns
     -------
@@ -215,7 +223,6 @@ def linked_3d(
 
     from mobilesam_batch import cli
     from napari_mobilesam import synthetic
-    from napari_mobilesam.training.metrics import average_precision, iou_matrix, match_counts
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(folder) if folder is not None else Path(tmp)
@@ -236,29 +243,75 @@ def linked_3d(
         seconds = time.perf_counter() - t0
         if code != 0:
             raise RuntimeError(f"mobilesam-everything exited with status {code}")
-        scored, tp, n_pred, n_true = [], 0, 0, 0
+        found, extended, n_added, t_extend = [], [], 0, 0.0
+        prompter = _box_prompter(weights) if extend else None
         for stem, truth in truths.items():
             labels = tifffile.imread(out / f"{stem}_labels.tif")
-            num: dict[int, float] = {}
-            den: dict[int, float] = {}
+            scores: dict[int, list[tuple[float, float]]] = {}
             with open(out / f"{stem}_objects.csv", encoding="utf-8") as f:
                 for row in csv.DictReader(f):
                     i, area = int(row["object_id"]), float(row["area"])
-                    num[i] = num.get(i, 0.0) + area * float(row["predicted_iou"])
-                    den[i] = den.get(i, 0.0) + area
-            ids = np.unique(labels)
-            ids = ids[ids > 0]
-            ious = iou_matrix(labels, truth)  # rows: ids ascending
-            scored.append((ious, np.array([num[int(i)] / den[int(i)] for i in ids])))
-            c = match_counts(ious)
-            tp, n_pred, n_true = tp + c["tp"], n_pred + c["n_pred"], n_true + c["n_true"]
+                    scores.setdefault(i, []).append((area, float(row["predicted_iou"])))
+            found.append((labels, truth, {i: list(v) for i, v in scores.items()}))
+            if prompter is not None:
+                t1 = time.perf_counter()
+                ext = _extended(prompter, inputs / f"{stem}.tif", labels)
+                t_extend += time.perf_counter() - t1
+                for _, i, area, score in ext.added:
+                    scores[i].append((float(area), score))
+                extended.append((ext.labels, truth, scores))
+                n_added += len(ext.added)
+    res = _scored_3d(found)
+    res.update(planes=n_stacks * shape[0], seconds=seconds)
+    if extend:
+        res["extended"] = dict(_scored_3d(extended), sections_added=n_added,
+                               extend_seconds=t_extend)  # fmt: skip
+    return res
+
+
+def _scored_3d(stacks) -> dict:
+    """AP50, precision, recall, F1 at 3D IoU 0.5 of ``(labels, truth, {id: [(area,
+    predicted IoU), ...]})`` per stack; an object's score is its sections' area-weighted
+    predicted IoU."""
+    from napari_mobilesam.training.metrics import average_precision, iou_matrix, match_counts
+
+    scored, tp, n_pred, n_true = [], 0, 0, 0
+    for labels, truth, scores in stacks:
+        ids = np.unique(labels)
+        ids = ids[ids > 0]
+        ious = iou_matrix(labels, truth)  # rows: ids ascending
+        weighted = [sum(a * s for a, s in scores[int(i)]) / sum(a for a, _ in scores[int(i)])
+                    for i in ids]  # fmt: skip
+        scored.append((ious, np.array(weighted)))
+        c = match_counts(ious)
+        tp, n_pred, n_true = tp + c["tp"], n_pred + c["n_pred"], n_true + c["n_true"]
     p = tp / n_pred if n_pred else 0.0
     r = tp / n_true if n_true else 0.0
     return {
         "ap50": average_precision(scored), "precision": p, "recall": r,
         "f1": 2 * p * r / (p + r) if p + r else 0.0, "objects": n_pred, "truth": n_true,
-        "planes": n_stacks * shape[0], "seconds": seconds,
     }  # fmt: skip
+
+
+def _box_prompter(weights: str):
+    """A Predictor of ``weights`` (registry name or vit_t checkpoint)."""
+    from napari_mobilesam.build import load_model
+    from napari_mobilesam.predictor import Predictor
+
+    named = Path(weights).suffix == ""
+    return Predictor(load_model(weights) if named else load_model("vit_t", weights))
+
+
+def _extended(predictor, stack_file: Path, labels: np.ndarray):
+    """:func:`extend_objects` of ``labels`` on the stack in ``stack_file``, its planes
+    normalised as the command normalises them (per-plane percentiles)."""
+    import tifffile
+
+    from napari_mobilesam.linking.extend import BoxPrompter, extend_objects
+    from napari_mobilesam.normalize import to_rgb_uint8
+
+    stack = tifffile.imread(stack_file)
+    return extend_objects(labels, BoxPrompter(predictor, lambda z: to_rgb_uint8(stack[z])))
 
 
 MODES = ("reference", "fast", "device")
@@ -367,18 +420,23 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--linked-stacks", type=int, default=0, metavar="N",
                     help="also: 3D AP50 of mobilesam-everything --link z on N stacks")  # fmt: skip
+    ap.add_argument("--extend", action="store_true",
+                    help="with --linked-stacks: also after extend_objects")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     res = run(args.weights, args.images, args.grid, args.stacks, tuple(args.modes))
     res["machine"] = machine()
     print(_table(res))
     if args.linked_stacks:
-        res["linked_3d"] = r = linked_3d(args.weights, args.linked_stacks, grid=args.grid)
-        print(
-            f"--link z on {args.linked_stacks} 3D stacks: 3D AP50 {r['ap50']:.3f}, precision "
-            f"{r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f} "
-            f"({r['objects']} objects / {r['truth']} cells)"
-        )
+        res["linked_3d"] = r = linked_3d(args.weights, args.linked_stacks, grid=args.grid,
+                                         extend=args.extend)  # fmt: skip
+        for what, f in (("", r), (", then extended", r.get("extended"))):
+            if f is not None:
+                print(
+                    f"--link z on {args.linked_stacks} 3D stacks{what}: 3D AP50 {f['ap50']:.3f}, "
+                    f"precision {f['precision']:.3f}, recall {f['recall']:.3f}, F1 "
+                    f"{f['f1']:.3f} ({f['objects']} objects / {f['truth']} cells)"
+                )
     if args.json:
         write_json(args.json, res)
     return 0

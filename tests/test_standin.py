@@ -53,12 +53,13 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     kinds = [c[0] for c in recorded]
     assert kinds == ["train", "calibrate", "train", "calibrate", "data", "train", "calibrate",
                      "data", "train", "calibrate", "data", "train", "calibrate",
-                     "data", "train", "calibrate"]  # fmt: skip
+                     "data", "train", "calibrate", "data", "train", "calibrate"]  # fmt: skip
     (_, p1, stop), (_, src1, cal1), (_, p2, _), (_, src2, cal2) = recorded[:4]
     (_, data, images3), (_, p3, stop3), (_, src3, cal3) = recorded[4:7]
     (_, data4, images4), (_, p4, stop4), (_, src4, cal4) = recorded[7:10]
     (_, data5, images5), (_, p5, stop5), (_, src5, cal5) = recorded[10:13]
-    (_, data6, images6), (_, p6, stop6), (_, src6, final) = recorded[13:]
+    (_, data6, images6), (_, p6, stop6), (_, src6, cal6) = recorded[13:16]
+    (_, data7, images7), (_, p7, stop7), (_, src7, final) = recorded[16:]
     assert p1.checkpoint is None and stop == standin.PHASE1_EPOCHS
     assert p1.step == standin.PHASE1["step"] and p2.step == standin.PHASE2["step"]
     assert p2.step.neighbour_weight > 1
@@ -89,6 +90,12 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert images6 == standin.PHASE6_IMAGES
     assert images6[2] not in (images3[2], images4[2], images5[2])
     assert stop6 is None
+    # phase 7: phase 6's settings on new images, some of them planes of small cells
+    assert p7.train_encoder == "all" and p7.step == p6.step and p7.lr == p6.lr
+    assert (p7.data, p7.val_data) == (data7 / "train", data7 / "val")
+    assert images7 == standin.PHASE7_IMAGES and images7[4] > 0
+    assert images7[2] not in (images3[2], images4[2], images5[2], images6[2])
+    assert stop7 is None
     assert src1 == run / "phase1" / "best.pt"
     # each phase starts from the last one's calibrated weights as they are exported (float16)
     assert p2.checkpoint == run / "phase1_calibrated_fp16.pt"
@@ -96,8 +103,10 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert p4.checkpoint == run / "phase3_calibrated_fp16.pt"
     assert p5.checkpoint == run / "phase4_calibrated_fp16.pt"
     assert p6.checkpoint == run / "phase5_calibrated_fp16.pt"
+    assert p7.checkpoint == run / "phase6_calibrated_fp16.pt"
     for ckpt, cal in ((p2.checkpoint, cal1), (p3.checkpoint, cal2), (p4.checkpoint, cal3),
-                      (p5.checkpoint, cal4), (p6.checkpoint, cal5)):  # fmt: skip
+                      (p5.checkpoint, cal4), (p6.checkpoint, cal5),
+                      (p7.checkpoint, cal6)):  # fmt: skip
         start = torch.load(ckpt, weights_only=True)
         assert start["w"].dtype == torch.float16 and start["n"].dtype == torch.int64
         torch.testing.assert_close(start["w"], torch.load(cal, weights_only=True)["w"].half())
@@ -105,14 +114,15 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert src3 == run / "phase3" / "best.pt"
     assert src4 == run / "phase4" / "best.pt"
     assert src5 == run / "phase5" / "best.pt"
-    # the final calibration fits phase 6's best checkpoint; the export is it in float16
-    assert src6 == run / "phase6" / "best.pt" and final == run / "standin.pt"
+    assert src6 == run / "phase6" / "best.pt"
+    # the final calibration fits phase 7's best checkpoint; the export is it in float16
+    assert src7 == run / "phase7" / "best.pt" and final == run / "standin.pt"
     shipped = torch.load(dest, weights_only=True)
     assert shipped["w"].dtype == torch.float16
     first = torch.load(p2.checkpoint, weights_only=True)["w"].float()
-    torch.testing.assert_close(shipped["w"].float(), first + 5, atol=4e-3, rtol=0)
+    torch.testing.assert_close(shipped["w"].float(), first + 6, atol=4e-3, rtol=0)
     out = capsys.readouterr().out
-    assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 6
+    assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 7
     assert f"{dest}: sha256 " in out
 
 
