@@ -293,13 +293,18 @@ def _scored_3d(stacks) -> dict:
     }  # fmt: skip
 
 
-def _box_prompter(weights: str):
-    """A Predictor of ``weights`` (registry name or vit_t checkpoint)."""
+def _load(weights: str):
+    """The model of ``weights``: a registry name, or a checkpoint file (vit_t)."""
     from napari_mobilesam.build import load_model
+
+    return load_model(weights) if Path(weights).suffix == "" else load_model("vit_t", weights)
+
+
+def _box_prompter(weights: str):
+    """A Predictor of ``weights`` (as :func:`_load` reads them)."""
     from napari_mobilesam.predictor import Predictor
 
-    named = Path(weights).suffix == ""
-    return Predictor(load_model(weights) if named else load_model("vit_t", weights))
+    return Predictor(_load(weights))
 
 
 def _extended(predictor, stack_file: Path, labels: np.ndarray):
@@ -330,12 +335,10 @@ def run(
     on the dim uint16 images unless ``dim_everything`` is false)."""
     import torch
 
-    from napari_mobilesam.build import load_model
     from napari_mobilesam.synthetic import Appearance
     from napari_mobilesam.training.evaluate import evaluate
 
-    named = Path(weights).suffix == ""
-    model = load_model(weights) if named else load_model("vit_t", weights)
+    model = _load(weights)
     out: dict = {"weights": str(weights), "images": n_images, "grid": grid}
     examples = held_out(n_images)
     with torch.inference_mode():

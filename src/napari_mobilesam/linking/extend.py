@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..training.metrics import mask_iou
+
 __all__ = ["BoxPrompter", "Extension", "extend_objects"]
 
 #: ``predict(z, boxes)`` -> (masks (K, H, W) bool, scores (K,)): plane ``z`` prompted
@@ -139,7 +141,7 @@ def _extend_plane(
     for k in np.argsort(-scores, kind="stable"):  # the surest first
         mask, score = masks[k], float(scores[k])
         area = int(mask.sum())
-        if score < min_score or area == 0 or _iou(mask, sections[k]) < min_iou:
+        if score < min_score or area == 0 or mask_iou(mask, sections[k]) < min_iou:
             continue
         free = mask & (plane == 0)
         n_free = int(free.sum())
@@ -153,11 +155,6 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     """Inclusive XYXY box of a non-empty (H, W) mask."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / union if union else 0.0
 
 
 class BoxPrompter:
