@@ -47,8 +47,9 @@ outputs, per input <stem>:
 track id per cell through T (divisions recorded), or 3D objects tracked through T.
 
 A rerun skips inputs whose outputs are up to date and finishes the rest. Outputs
-another input wrote (same file name from another folder) are never replaced
-silently: see --on-clash. One run at a time writes to an output folder.
+another input wrote (same file name from another folder), and outputs edited by
+hand since they were written, are never replaced silently: see --on-clash. One
+run at a time writes to an output folder.
 
 examples:
   mobilesam-everything images/ -o labels/
@@ -174,9 +175,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     run.add_argument("--on-clash", default="refuse", choices=["refuse", "suffix", "overwrite"],
                      help="when an input's outputs would replace those another input wrote "
-                     "(e.g. plate1/well.png, then plate2/well.png): refuse (fail that input, "
-                     "naming both), suffix (write well-2_labels.tif ...) or overwrite "
-                     "[refuse]")  # fmt: skip
+                     "(e.g. plate1/well.png, then plate2/well.png), or its own outputs edited "
+                     "since: refuse (fail that input, naming the file), suffix (write "
+                     "well-2_labels.tif ...) or overwrite [refuse]")  # fmt: skip
     run.add_argument(
         "--dry-run", action="store_true", help="list what would be done, without loading the model"
     )

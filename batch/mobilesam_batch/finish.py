@@ -39,7 +39,7 @@ from .outputs import (
     write_objects_csv,
 )
 from .planes import RAN_ON, load_plane
-from .provenance import environment, now, read_provenance
+from .provenance import changed_outputs, environment, file_digest, now, read_provenance
 
 if TYPE_CHECKING:
     from .runner import RunConfig, Summary
@@ -64,6 +64,7 @@ def finish(
     try:
         stage.mkdir()
         record = _write_outputs(job, config, stage)
+        _check_unchanged(job, config)
         removed = _commit(job, stage, tmp)
     except OSError as exc:
         if is_fatal(exc):
@@ -100,6 +101,20 @@ def _failed(job: Job, reason: str, summary: Summary, log: Callable[[str], None])
     job.failed = reason
     summary.failed.append((str(job.path), reason))
     log(f"FAILED {job.path}: {reason}")
+
+
+def _check_unchanged(job: Job, config: RunConfig) -> None:
+    """Raise ValueError when files of the set this job replaces were edited while it ran
+    (planning refused sets edited before; ``--on-clash overwrite`` replaces them)."""
+    if config.on_clash == "overwrite" or commit_note(config.outdir, job.stem).exists():
+        return  # (a note: this input's interrupted write, which this run completes)
+    changed = changed_outputs(read_provenance(job.outputs["provenance"]), config.outdir)
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} in {config.outdir} changed while this run was running "
+            "(edited by hand?); refusing to replace it. Run again with --on-clash suffix to "
+            "write beside it, or --on-clash overwrite to replace it"
+        )
 
 
 def _commit(job: Job, stage: Path, tmp: Path) -> list[str]:
@@ -230,6 +245,8 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
             "shape": list(out_shape),
             "axes": out_axes,
             "label_ids": _label_ids(config),
+            # what this run wrote: a rerun with other settings keeps a file edited since
+            "sha256": {k: file_digest(p) for k, p in staged.items() if k != "provenance"},
         },
         "objects": int(sum(n for n, _ in job.done.values())),
         "planes": planes_record,

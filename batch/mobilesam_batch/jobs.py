@@ -34,7 +34,7 @@ from .inputs import ImageSource, InputError, open_source
 from .link import link_layout
 from .outputs import ngff_attrs
 from .planes import scan_cache
-from .provenance import input_identity, read_provenance, run_key
+from .provenance import changed_outputs, input_identity, read_provenance, run_key
 from .segment import SegmentOptions, get_segmenter
 
 if TYPE_CHECKING:
@@ -161,8 +161,13 @@ def _tiff_source(path: Path) -> str | None:
     return str(Path(source).resolve()) if isinstance(source, str) and source else None
 
 
-def _clash(outputs: dict[str, Path], outdir: Path, stem: str, identity: dict, key: str):
-    """None when this input may write the set at ``outputs``, else why not (one line)."""
+def _clash(
+    outputs: dict[str, Path], outdir: Path, stem: str, identity: dict, key: str, redo: bool
+) -> str | None:
+    """None when this input may write the set at ``outputs``, else why not (one line).
+
+    ``redo`` (``--overwrite``): an up-to-date set of this input is written again too.
+    """
     state, owner = _owner(outputs, outdir, stem)
     if state == "free":
         return None
@@ -170,11 +175,28 @@ def _clash(outputs: dict[str, Path], outdir: Path, stem: str, identity: dict, ke
         names = ", ".join(p.name for p in outputs.values() if p.exists())
         return f"{names} in {outdir} exist(s) without a provenance record of this tool"
     other = owner.get("path")
-    if other == identity["path"]:
-        return None
-    if other is not None and not Path(other).exists() and owner.get("key") == key:
-        return None  # the same file, moved: its folder was renamed since
+    moved = other is not None and not Path(other).exists() and owner.get("key") == key
+    if other == identity["path"] or moved:  # moved: its folder was renamed since
+        return _edited(outputs, outdir, stem, identity, key, redo)
     return f"{outputs['labels'].name} in {outdir} was written for {other}"
+
+
+def _edited(
+    outputs: dict[str, Path], outdir: Path, stem: str, identity: dict, key: str, redo: bool
+) -> str | None:
+    """None when this input's own set may be replaced, else why not: files of it that
+    differ from what the run that wrote them recorded (edited by hand since)."""
+    if not redo and _up_to_date(outputs, outdir, stem, identity, key):
+        return None  # skipped: nothing is written
+    if read_provenance(commit_note(outdir, stem)) is not None:
+        return None  # this input's interrupted write, which this run completes
+    changed = changed_outputs(read_provenance(outputs["provenance"]), outdir)
+    if not changed:
+        return None
+    return (
+        f"{', '.join(changed)} in {outdir} changed since mobilesam-everything wrote "
+        f"{'them' if len(changed) > 1 else 'it'} (edited by hand?)"
+    )
 
 
 def _choose_stem(
@@ -192,7 +214,8 @@ def _choose_stem(
                 f"(same name {stem!r})"
             )
         else:
-            reason = _clash(output_paths(outdir, stem, kinds), outdir, stem, identity, key)
+            reason = _clash(output_paths(outdir, stem, kinds), outdir, stem, identity, key,
+                            config.overwrite)  # fmt: skip
         if reason is None:
             return stem
         if config.on_clash == "overwrite" and stem not in claimed:

@@ -105,9 +105,35 @@ def read_provenance(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def is_up_to_date(provenance_path: Path, key: str, outputs: list[Path]) -> bool:
-    """True when the provenance record matches ``key`` and every output exists."""
-    record = read_provenance(provenance_path)
-    if record is None or record.get("key") != key:
-        return False
-    return all(p.exists() for p in outputs)
+def file_digest(path: Path) -> str:
+    """SHA-256 of an output: a file's bytes, or a directory's (a zarr store) files, each
+    with its path relative to the directory, in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def changed_outputs(record: dict[str, Any] | None, folder: Path) -> list[str]:
+    """The outputs a record lists with their SHA-256 (``outputs.sha256``, by kind) that
+    exist in ``folder`` with other contents: edited since the run wrote them. A missing
+    file, or a record of a version that kept no digests, counts as unchanged."""
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    digests = outputs.get("sha256") if isinstance(outputs, dict) else None
+    if not isinstance(digests, dict):
+        return []
+    changed = []
+    for kind, digest in sorted(digests.items()):
+        name = outputs.get(kind)
+        if not isinstance(name, str) or Path(name).name != name or not name:
+            continue
+        path = Path(folder) / name
+        if path.exists() and file_digest(path) != digest:
+            changed.append(name)
+    return changed
