@@ -17,7 +17,7 @@ training never drew) with a trained model at default settings:
   plane the walk did not reach counts 0) and the share of planes reached;
 - with ``--linked-stacks N``: 3D AP50 of ``mobilesam-everything --link z`` on N
   synthetic 3D stacks (:func:`linked_3d`: 3D IoU >= 0.5, one-to-one); with ``--extend``
-  also after :func:`~napari_mobilesam.linking.extend.extend_objects`.
+  also of ``--link z --link-extend``.
 
 Usage::
 
@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -204,11 +205,10 @@ def linked_3d(
         out-of-focus light; cells cut to fewer planes than this are missed. 1 keeps
         every object.
     extend : bool
-        Also score the command's labels after
-        :func:`~napari_mobilesam.linking.extend.extend_objects` (each object prompted with
-        its box in the planes next to it where it has no section; the added sections'
-        predicted IoU join its score): the figures of the extended labels go under
-        ``"extended"``, with ``sections_added`` and ``extend_seconds``.
+        Also run the command with ``--link-extend`` (each object prompted with its box
+        into the planes next to it where it has no section; the added sections'
+        predicted IoU join its score): its figures go under ``"extended"``, with
+        ``sections_added`` and ``seconds`` (its whole run, segmentation included).
 
     Returns
     -------
@@ -226,7 +226,7 @@ def linked_3d(
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(folder) if folder is not None else Path(tmp)
-        inputs, out = root / "stacks", root / "labels"
+        inputs = root / "stacks"
         inputs.mkdir(parents=True, exist_ok=True)
         truths = {}
         for k in range(n_stacks):
@@ -236,36 +236,36 @@ def linked_3d(
             truths[f"stack{k}"] = s.labels
         model = ["--model", weights] if Path(weights).suffix == "" else ["--weights", weights]
         thresholds = [f"--{k.replace('_', '-')}={v}" for k, v in STANDIN_THRESHOLDS.items()]
-        t0 = time.perf_counter()
-        code = cli.main([str(inputs), "-o", str(out), "--link", "z", "--csv", "-q",
-                         "--link-min-planes", str(min_planes),
-                         "--points-per-side", str(grid), *thresholds, *model, *extra])  # fmt: skip
-        seconds = time.perf_counter() - t0
-        if code != 0:
-            raise RuntimeError(f"mobilesam-everything exited with status {code}")
-        found, extended, n_added, t_extend = [], [], 0, 0.0
-        prompter = _box_prompter(weights) if extend else None
-        for stem, truth in truths.items():
-            labels = tifffile.imread(out / f"{stem}_labels.tif")
-            scores: dict[int, list[tuple[float, float]]] = {}
-            with open(out / f"{stem}_objects.csv", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    i, area = int(row["object_id"]), float(row["area"])
-                    scores.setdefault(i, []).append((area, float(row["predicted_iou"])))
-            found.append((labels, truth, {i: list(v) for i, v in scores.items()}))
-            if prompter is not None:
-                t1 = time.perf_counter()
-                ext = _extended(prompter, inputs / f"{stem}.tif", labels)
-                t_extend += time.perf_counter() - t1
-                for _, i, area, score in ext.added:
-                    scores[i].append((float(area), score))
-                extended.append((ext.labels, truth, scores))
-                n_added += len(ext.added)
-    res = _scored_3d(found)
-    res.update(planes=n_stacks * shape[0], seconds=seconds)
-    if extend:
-        res["extended"] = dict(_scored_3d(extended), sections_added=n_added,
-                               extend_seconds=t_extend)  # fmt: skip
+
+        def command(out: Path, *more: str) -> tuple[list, float]:
+            t0 = time.perf_counter()
+            code = cli.main([str(inputs), "-o", str(out), "--link", "z", "--csv", "-q",
+                             "--link-min-planes", str(min_planes), "--points-per-side",
+                             str(grid), *thresholds, *model, *extra, *more])  # fmt: skip
+            seconds = time.perf_counter() - t0
+            if code != 0:
+                raise RuntimeError(f"mobilesam-everything exited with status {code}")
+            found = []
+            for stem, truth in truths.items():
+                labels = tifffile.imread(out / f"{stem}_labels.tif")
+                scores: dict[int, list[tuple[float, float]]] = {}
+                with open(out / f"{stem}_objects.csv", encoding="utf-8") as f:
+                    for row in csv.DictReader(f):  # an added section: a row of its object
+                        i, area = int(row["object_id"]), float(row["area"])
+                        scores.setdefault(i, []).append((area, float(row["predicted_iou"])))
+                found.append((labels, truth, scores))
+            return found, seconds
+
+        found, seconds = command(root / "labels")
+        res = _scored_3d(found)
+        res.update(planes=n_stacks * shape[0], seconds=seconds)
+        if extend:
+            found, seconds = command(root / "labels-extended", "--link-extend")
+            added = sum(
+                json.loads(p.read_text())["linked"]["extended"]["sections_added"]
+                for p in (root / "labels-extended").glob("*_labels.json")
+            )
+            res["extended"] = dict(_scored_3d(found), sections_added=added, seconds=seconds)
     return res
 
 
@@ -298,25 +298,6 @@ def _load(weights: str):
     from napari_mobilesam.build import load_model
 
     return load_model(weights) if Path(weights).suffix == "" else load_model("vit_t", weights)
-
-
-def _box_prompter(weights: str):
-    """A Predictor of ``weights`` (as :func:`_load` reads them)."""
-    from napari_mobilesam.predictor import Predictor
-
-    return Predictor(_load(weights))
-
-
-def _extended(predictor, stack_file: Path, labels: np.ndarray):
-    """:func:`extend_objects` of ``labels`` on the stack in ``stack_file``, its planes
-    normalised as the command normalises them (per-plane percentiles)."""
-    import tifffile
-
-    from napari_mobilesam.linking.extend import BoxPrompter, extend_objects
-    from napari_mobilesam.normalize import to_rgb_uint8
-
-    stack = tifffile.imread(stack_file)
-    return extend_objects(labels, BoxPrompter(predictor, lambda z: to_rgb_uint8(stack[z])))
 
 
 MODES = ("reference", "fast", "device")
@@ -424,7 +405,7 @@ def main(argv=None) -> int:
     ap.add_argument("--linked-stacks", type=int, default=0, metavar="N",
                     help="also: 3D AP50 of mobilesam-everything --link z on N stacks")  # fmt: skip
     ap.add_argument("--extend", action="store_true",
-                    help="with --linked-stacks: also after extend_objects")  # fmt: skip
+                    help="with --linked-stacks: also with --link-extend")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     res = run(args.weights, args.images, args.grid, args.stacks, tuple(args.modes))
@@ -433,7 +414,7 @@ def main(argv=None) -> int:
     if args.linked_stacks:
         res["linked_3d"] = r = linked_3d(args.weights, args.linked_stacks, grid=args.grid,
                                          extend=args.extend)  # fmt: skip
-        for what, f in (("", r), (", then extended", r.get("extended"))):
+        for what, f in (("", r), (" --link-extend", r.get("extended"))):
             if f is not None:
                 print(
                     f"--link z on {args.linked_stacks} 3D stacks{what}: 3D AP50 {f['ap50']:.3f}, "

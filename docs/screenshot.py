@@ -16,7 +16,8 @@ Scenes, each with the bundled stand-in model (``vit_t_synthetic_cells``) by defa
   *MobileSAM: objects* table docked, sorted by predicted IoU (the doubtful first),
   its first row selected;
 - ``linked`` (``docs/linked.png``): the synthetic cell stack segmented everywhere with
-  *link: z*, one id per 3D object through the planes, shown in napari's 3D view.
+  *link: z* (*min planes* 3, *extend objects*), one id per 3D object through the planes,
+  shown in napari's 3D view.
 
 ``--pred-iou-thresh`` and ``--stability-thresh`` set segment-everything's score
 thresholds (default: the widget's).
@@ -114,6 +115,8 @@ def _linked(viewer, app, args) -> str:
     everything.model.weights.setText(str(args.weights) if args.weights else "")
     viewer.window.add_dock_widget(everything, name="MobileSAM: segment everything", area="right")
     everything.link.axis.setCurrentIndex(everything.link.axis.findData("z"))
+    everything.link.min_planes.setValue(3)  # fragments and out-of-focus light left out
+    everything.link.extend.setChecked(True)  # the end sections segment-everything missed
     _thresholds(everything, args)
     everything.run()
     _wait(app, everything)
@@ -126,7 +129,8 @@ def _linked(viewer, app, args) -> str:
     camera.angles = (-15, 25, 130)
     camera.zoom *= 1.5
     ids = np.unique(np.asarray(result.data))
-    return f"{int((ids > 0).sum())} 3D objects through {stack.shape[0]} planes"
+    return (f"{int((ids > 0).sum())} 3D objects through {stack.shape[0]} planes "
+            f"({everything.status.text()})")  # fmt: skip
 
 
 def _interior_points(labels, n: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mobilesam.linking.extend import BoxPrompter, extend_objects
+from napari_mobilesam.linking.extend import BoxPrompter, extend_objects, extend_stack
 
 
 def _truth(n_z=6, shape=(40, 60)):
@@ -56,6 +56,33 @@ def test_missing_ends_and_gaps_are_filled_from_the_neighbouring_planes():
     assert z == 2  # the first plane prompted: id 2's gap
     rows, cols = np.nonzero(found[1] == 2)
     np.testing.assert_array_equal(boxes, [[cols.min(), rows.min(), cols.max(), rows.max()]])
+
+
+def test_extend_stack_reads_and_writes_one_plane_at_a_time():
+    """The streaming form: planes read as fresh copies (as from disk), each written back
+    once per sweep that added to it, at most two held; the same result as in memory."""
+    truth = _truth()
+    found = truth.copy()
+    found[[0, 1, 4, 5]] = np.where(found[[0, 1, 4, 5]] == 1, 0, found[[0, 1, 4, 5]])
+    disk = {z: found[z].copy() for z in range(len(found))}
+    reads, writes = [], []
+
+    def read(z):
+        reads.append(z)
+        return disk[z].copy()
+
+    def write(z, plane, added):
+        assert added and all(row[0] == z for row in added)
+        writes.append(z)
+        disk[z] = plane.copy()
+
+    added, prompted = extend_stack(len(found), read, write, _oracle(truth))
+    np.testing.assert_array_equal(np.stack([disk[z] for z in range(len(found))]), truth)
+    expected = extend_objects(found, _oracle(truth))
+    assert added == expected.added and prompted == expected.planes_prompted
+    assert writes == [4, 5, 1, 0]  # forward: 4, 5; backward: 1, 0
+    assert reads == [0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0]  # each plane once per sweep
+    assert extend_stack(1, read, write, _oracle(truth)) == ([], 0)
 
 
 def test_objects_end_where_the_model_does_not_find_them():

@@ -417,3 +417,62 @@ def test_status_counts_read_in_the_singular_for_one():
     assert counted(2, "3D objects") == "2 3D objects"
     assert counted(0, "tracks") == "0 tracks"
     assert counted(1, "objects") == "1 object"
+
+
+def _without_ends(truth: np.ndarray) -> np.ndarray:
+    """``truth`` (Z, H, W) less the first and last section of every cell spanning three
+    planes or more (what segment-everything typically misses)."""
+    found = truth.copy()
+    for i in np.unique(truth)[1:]:
+        planes = np.flatnonzero((truth == i).any(axis=(1, 2)))
+        if len(planes) >= 3:
+            for z in (planes[0], planes[-1]):
+                found[z][found[z] == i] = 0
+    return found
+
+
+def test_link_extend_adds_the_missed_sections_as_the_library_does(
+    make_napari_viewer, qtbot, truth, monkeypatch
+):
+    """With *extend objects*, the linked 3D objects are prompted into the planes next to
+    them where they were missed, as ``linking.extend.extend_objects`` does (the model
+    here: an oracle giving the true section under each box's centre, score 0.9); the
+    added sections' scores join the object table."""
+    from napari_mobilesam._widgets import _extend
+    from napari_mobilesam.linking.extend import extend_objects
+
+    sample = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4))
+
+    def oracle(z, boxes):
+        masks = []
+        for x0, y0, x1, y1 in boxes:
+            i = sample.labels[z, int((y0 + y1) / 2), int((x0 + x1) / 2)]
+            masks.append(sample.labels[z] == i if i else np.zeros(sample.labels.shape[1:], bool))
+        return np.array(masks), np.full(len(boxes), 0.9)
+
+    monkeypatch.setattr(_extend, "prompter", lambda predictor, model_input: oracle)
+    planes = per_plane(_without_ends(sample.labels))
+    truth(planes)
+    viewer = make_napari_viewer()
+    viewer.add_image(sample.image, name="cells")
+    w = _widget(viewer, "cells", "z")
+    assert w.link.extend.isEnabled() and not w.link.extend.isChecked()
+    w.link.extend.setChecked(True)
+    _run(qtbot, w)
+    linked, _ = link_stack(planes, "z")
+    expected = extend_objects(linked, oracle, **_extend.THRESHOLDS)
+    assert expected.added
+    result = viewer.layers["cells everything"]
+    np.testing.assert_array_equal(result.data, expected.labels)
+    objects = len({i for _, i, _, _ in expected.added})
+    assert w.status.text().endswith(
+        f"; {len(expected.added)} sections added to {objects} objects in planes where they "
+        "were missed"
+    )
+    scores = scores_from(result.features, 1)
+    for z, i, _, score in expected.added:
+        assert scores[((z,), i)][0] == pytest.approx(score)
+    assert len(scores) == sum(int(p.max()) for p in planes) + len(expected.added)
+    # t links 2D frames: nothing to extend through z
+    w.link.axis.setCurrentIndex(w.link.axis.findData("t"))
+    assert not w.link.extend.isEnabled()

@@ -167,6 +167,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     link.add_argument("--link-min-planes", type=int, metavar="N",
                       help="--link z: leave out 3D objects seen in fewer than N planes "
                       "(fragments, out-of-focus light) [1: keep all]")  # fmt: skip
+    link.add_argument("--link-extend", action="store_true",
+                      help="--link z or zt: prompt each 3D object, with its box, into the "
+                      "planes next to it where segment-everything missed it (its faint end "
+                      "sections, a missed middle plane); runs the model again on up to 2 x "
+                      "the planes [off]")  # fmt: skip
 
     run = parser.add_argument_group("run")
     run.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
@@ -389,9 +394,11 @@ def _link(args: argparse.Namespace):
                             ("--link-min-planes", args.link_min_planes)):  # fmt: skip
             if value is not None:
                 raise UsageError(f"{flag} needs --link z|t|zt")
+        if args.link_extend:
+            raise UsageError("--link-extend needs --link z or zt")
         return None
     given = {"min_iou": args.link_iou, "max_gap": args.link_gap,
-             "min_planes": args.link_min_planes}  # fmt: skip
+             "min_planes": args.link_min_planes, "extend": args.link_extend}  # fmt: skip
     try:
         return LinkOptions(args.link, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
+from .extend import extend_linked
 from .folder import OutputError, describe, is_fatal
 from .jobs import OUTPUT_KINDS, Job, commit_note, link_parameters, output_paths
 from .link import Linked, link_layout, link_planes, write_tracks_csv
@@ -88,6 +89,10 @@ def finish(
     if "linked" in record:
         what = "3D objects" if config.link.axis == "z" else "tracks"
         linked = f" linked into {record['linked']['objects']} {what}"
+        ext = record["linked"].get("extended")
+        if ext is not None:
+            linked += (f", {ext['sections_added']} sections added to "
+                       f"{ext['objects_extended']} of them in {ext['seconds']:.1f} s")  # fmt: skip
     log(
         f"done   {job.path} ({n} plane{'s' if n != 1 else ''}, {record['objects']} objects"
         f"{linked}, {seconds:.1f} s) -> {job.outputs['labels'].name}"
@@ -176,11 +181,15 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
     src = job.source
     out_shape = tuple(src["out_shape"])
     out_axes = src["out_axes"]
-    linked = layout = None
+    linked = layout = extended = None
+    load: Callable[[tuple[int, ...]], dict] = lambda index: load_plane(job, index)  # noqa: E731
     if config.link is not None:  # one pass over the saved planes, in linking order
         layout = link_layout(src["plane_axes"], out_shape[:-2], config.link)
-        linked = link_planes(layout, config.link, lambda index: load_plane(job, index))
+        linked = link_planes(layout, config.link, load)
         max_id = linked.n_objects
+        if config.link.extend:  # the planes that gain sections are saved in the stage
+            extended = extend_linked(job, config, layout, linked, stage / "extended")
+            load = lambda index: extended.load(job, index)  # noqa: E731
     else:
         max_id = max((n for n, _ in job.done.values()), default=0)
     dtype = labels_dtype(max_id)
@@ -188,7 +197,7 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
 
     def planes() -> Iterator[np.ndarray]:
         for index in job.indices:
-            labels = load_plane(job, index)["labels"]
+            labels = load(index)["labels"]
             yield labels if linked is None else linked.relabel(index, labels)
 
     info = {"tool": "mobilesam-everything", "version": __version__,
@@ -205,10 +214,10 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
         columns = list(OBJECT_COLUMNS)
         if id_name is not None:
             columns.insert(columns.index("label") + 1, id_name)
-        write_objects_csv(staged["csv"], _object_rows(job, linked, id_name), tmp_dir=stage,
-                          columns=columns)  # fmt: skip
+        write_objects_csv(staged["csv"], _object_rows(job, load, linked, id_name),
+                          tmp_dir=stage, columns=columns)  # fmt: skip
     if config.coco:
-        _write_coco(job, staged["coco"], stage, linked, id_name)
+        _write_coco(job, load, staged["coco"], stage, linked, id_name)
     if "tracks" in staged:
         write_tracks_csv(staged["tracks"], linked, layout, tmp_dir=stage)
 
@@ -255,6 +264,8 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
     if linked is not None:
         record["linked"] = {"objects": linked.n_objects, "divisions": linked.n_divisions,
                             "dropped_short": linked.n_dropped}  # fmt: skip
+        if extended is not None:
+            record["linked"]["extended"] = extended.record()
     if job.embeddings is not None:  # --embeddings: the store, what it matched, what it served
         served = sorted(job.from_store)
         record["embeddings"] = {**job.embeddings, "planes_from_store": [list(i) for i in served]}
@@ -270,19 +281,26 @@ def _label_ids(config: RunConfig) -> str:
     return f"linked: {along}, 1..N in order of first appearance (linking order)"
 
 
-def _scores(plane: dict[str, np.ndarray]) -> dict[int, dict[str, float]]:
+def _scores(plane: dict[str, np.ndarray]) -> dict[int, dict[str, float | None]]:
+    """``{per-plane id: scores}``; an added section (``--link-extend``) has no stability."""
     return {
-        k + 1: {"predicted_iou": float(iou), "stability_score": float(stab)}
+        k + 1: {
+            "predicted_iou": float(iou),
+            "stability_score": None if np.isnan(stab) else float(stab),
+        }
         for k, (iou, stab) in enumerate(
             zip(plane["predicted_iou"], plane["stability_score"], strict=True)
         )
     }
 
 
-def _object_rows(job: Job, linked: Linked | None, id_name: str | None) -> Iterator[dict]:
-    """The CSV rows, plane by plane; with ``linked``, each row's linked id in ``id_name``."""
+def _object_rows(
+    job: Job, load: Callable[[tuple[int, ...]], dict], linked: Linked | None, id_name: str | None
+) -> Iterator[dict]:
+    """The CSV rows, plane by plane (``load(index)``: a saved plane); with ``linked``,
+    each row's linked id in ``id_name``."""
     for index in job.indices:
-        plane = load_plane(job, index)
+        plane = load(index)
         lut = None if linked is None else linked.luts[index]
         for row in object_table(_kept(plane["labels"], lut), _scores(plane)):
             if lut is not None:
@@ -305,7 +323,12 @@ def _flat_plane(job: Job, index: tuple[int, ...]) -> int:
 
 
 def _write_coco(
-    job: Job, dest: Path, stage: Path, linked: Linked | None, id_name: str | None
+    job: Job,
+    load: Callable[[tuple[int, ...]], dict],
+    dest: Path,
+    stage: Path,
+    linked: Linked | None,
+    id_name: str | None,
 ) -> None:
     """COCO JSON, one image per plane and one annotation per label, streamed plane by plane."""
     height, width = job.source["out_shape"][-2:]
@@ -317,7 +340,7 @@ def _write_coco(
     def annotations() -> Iterator[dict[str, Any]]:
         next_id = 1
         for image_id, index in enumerate(job.indices, start=1):
-            plane = load_plane(job, index)
+            plane = load(index)
             lut = None if linked is None else linked.luts[index]
             anns = coco_annotations(_kept(plane["labels"], lut), image_id, next_id, _scores(plane))
             if lut is not None:

@@ -34,6 +34,7 @@ from napari_mobilesam.atomic import atomic_path
 from napari_mobilesam.linking import RULE_VERSION, Linker, LinkTable, id_mapping, min_planes_lut
 
 __all__ = [
+    "EXTEND_THRESHOLDS",
     "LINK_AXES",
     "LinkLayout",
     "LinkOptions",
@@ -46,6 +47,9 @@ __all__ = [
 LINK_AXES = ("z", "t", "zt")
 #: linker settings the command line does not expose (the library's defaults), recorded
 MIN_COVER_Z, MIN_COVER_T, DIVISION_SHARE = 0.8, 0.5, 0.2
+#: ``--link-extend``: what a prompted section needs to be kept (the library's defaults:
+#: predicted IoU, IoU with the section it came from, share of unlabelled pixels)
+EXTEND_THRESHOLDS = {"min_score": 0.6, "min_iou": 0.3, "min_free": 0.5}
 _LETTERS = {"z": "Z", "t": "T", "zt": "TZ"}
 _EXAMPLE = {"z": "ZYX", "t": "TYX", "zt": "TZYX"}
 
@@ -71,6 +75,9 @@ class LinkOptions:
         Sections the segmentation kept in one or two planes only (out-of-focus light,
         a fragment) are the commonest false 3D objects in stacks whose cells span
         many planes.
+    extend : bool
+        ``"z"`` and ``"zt"``: prompt each linked 3D object into the planes next to it
+        where it has no section (``--link-extend``, :mod:`.extend`).
 
     Raises
     ------
@@ -84,6 +91,7 @@ class LinkOptions:
     min_iou: float = 0.5
     max_gap: int = 1
     min_planes: int = 1
+    extend: bool = False
 
     def __post_init__(self) -> None:
         if self.axis not in LINK_AXES:
@@ -100,6 +108,9 @@ class LinkOptions:
         if n > 1 and self.axis != "z":
             raise ValueError(f"--link-min-planes {n}: applies to 3D objects (--link z), "
                              f"not to --link {self.axis}")  # fmt: skip
+        if self.extend and self.axis == "t":
+            raise ValueError("--link-extend: extends 3D objects through Z (--link z or zt), "
+                             "not tracks of 2D frames (--link t)")  # fmt: skip
 
     @property
     def id_name(self) -> str:
@@ -123,6 +134,8 @@ class LinkOptions:
             "divisions": self.axis != "z",
             "division_share": DIVISION_SHARE,
             "rules": f"napari_mobilesam.linking rules v{RULE_VERSION}",
+            # (absent when off, so the keys of runs without it stay as they were)
+            **({"extend": dict(EXTEND_THRESHOLDS)} if self.extend else {}),
         }
 
     def linker(self, n_z: int | None) -> Linker:

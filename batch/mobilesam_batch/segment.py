@@ -189,6 +189,20 @@ class PlaneSegmenter:
         prompt batches on 2 worker threads`` (:meth:`MaskGenerator.describe`)."""
         return f"{self.model_spec.name} on {self.generator.describe()}"
 
+    def rgb(self, plane: np.ndarray) -> np.ndarray:
+        """A plane as the model sees it: (H, W) or (H, W, C) in, (H, W, 3) uint8 out,
+        with the run's channels and contrast (``--channels``, ``--contrast-limits``)."""
+        from napari_mobilesam.normalize import to_rgb_uint8
+
+        opts = self.options
+        return to_rgb_uint8(
+            plane,
+            contrast_limits=opts.contrast_limits,
+            percentiles=opts.percentiles,
+            channels=opts.channels,
+            channel_axis=-1 if plane.ndim == 3 else None,
+        )
+
     def segment(
         self, plane: np.ndarray, index: tuple[int, ...] = (), embeddings: str | None = None
     ) -> PlaneResult:
@@ -210,19 +224,10 @@ class PlaneSegmenter:
         -------
         PlaneResult
         """
-        from napari_mobilesam.normalize import to_rgb_uint8
-
         from .embeddings import plane_embedding
 
         start = time.perf_counter()
-        opts = self.options
-        rgb = to_rgb_uint8(
-            plane,
-            contrast_limits=opts.contrast_limits,
-            percentiles=opts.percentiles,
-            channels=opts.channels,
-            channel_axis=-1 if plane.ndim == 3 else None,
-        )
+        rgb = self.rgb(plane)
         known = None if embeddings is None else plane_embedding(embeddings, tuple(index), plane)
         labels, info = self.generator.generate_labels(rgb, return_info=True, embedding=known)
         return PlaneResult(

@@ -27,6 +27,7 @@ from . import _features
 from ._chunked import add_labels, unwritable, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._edits import keep_edits, watch
+from ._extend import extend_work
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, drop_short, show_tracks, tracks_layer_of
 from ._model import ModelPicker
@@ -291,7 +292,11 @@ class EverythingWidget(QWidget):
                 except LayerConflict as exc:
                     show_info(f"MobileSAM: {exc}")
                     text += f"; no tracks layer: {exc}"
-            self.status.setText(f"{text}; {', '.join(ran_on)}{kept_note}")
+            text = f"{text}; {', '.join(ran_on)}{kept_note}"
+            self.status.setText(text)
+            extend = axis in ("z", "zt") and self.link.extend.isChecked()
+            if extend and not self._cancelled and layer in self.viewer.layers:
+                self._extend(layer, self.result_layer, lead, limits, model, text)
 
         kept_note = f"; your edits are kept in layer {kept!r}" if kept else ""
         what = {"z": "3D objects", "t": "tracks", "zt": "tracks"}.get(axis, "")
@@ -299,6 +304,42 @@ class EverythingWidget(QWidget):
         self.progress.setValue(0)
         self._cancelled, self._done_planes = False, 0
         self.runner.submit(work, done, f"segmenting {counted(len(planes), 'planes')}…",
+                           yielded=got)  # fmt: skip
+
+    def _extend(self, layer, result, lead, limits, model, text: str) -> None:
+        """Prompt the linked 3D objects of ``result`` into the planes where they were
+        missed (:mod:`._extend`), writing each plane that gains sections as it is done."""
+        if result is None:
+            return
+        stop = self._stop = threading.Event()
+        added: list[tuple] = []
+        data, rgb = layer.data, bool(layer.rgb)
+
+        def work():
+            yield from extend_work(model.predictor(), data, result.data, lead, rgb=rgb,
+                                   contrast_limits=limits, stop=stop)  # fmt: skip
+
+        def got(step) -> None:
+            n_done, total, plane = step
+            self.progress.setRange(0, total)
+            self.progress.setValue(n_done)
+            if plane is None or result not in self.viewer.layers:
+                return
+            index, labels, new = plane
+            result.data[index] = labels
+            _features.record(result, index, [i for _, i, _, _ in new],
+                             [s for *_, s in new], [np.nan] * len(new))  # fmt: skip
+            result.refresh()
+            added.extend(new)
+
+        def done(_result) -> None:
+            objects = len({i for _, i, _, _ in added})
+            self.status.setText(f"{text}; {counted(len(added), 'sections')} added to "
+                                f"{counted(objects, 'objects')} in planes where they were "
+                                "missed")  # fmt: skip
+
+        self.runner.submit(work, done,
+                           "extending the 3D objects into planes where they were missed…",
                            yielded=got)  # fmt: skip
 
     def _keep_edits(self, layer, planes: list[tuple[int, ...]] | None) -> str | None:

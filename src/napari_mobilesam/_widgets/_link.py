@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 from napari.layers import Tracks
-from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QSpinBox,
+    QWidget,
+)
 
 from ..linking import Linker, LinkTable, id_mapping, min_planes_lut
 from ._layers import LayerConflict
@@ -53,8 +60,8 @@ def link_choices(n_plane_axes: int) -> list[str]:
 
 
 class LinkControls(QWidget):
-    """The link axis, ``--link-iou``, ``--link-gap`` and ``--link-min-planes`` of the
-    everything widget."""
+    """The link axis, ``--link-iou``, ``--link-gap``, ``--link-min-planes`` and
+    ``--link-extend`` of the everything widget."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -78,10 +85,17 @@ class LinkControls(QWidget):
         self.min_planes.setToolTip("z: when the run ends, leave out 3D objects seen in fewer "
                                    "planes than this (fragments, out-of-focus light); 1 keeps "
                                    "all (--link-min-planes)")  # fmt: skip
+        self.extend = QCheckBox("into planes where missed")
+        self.extend.setToolTip("z, zt: when linking ends, prompt each 3D object, with its "
+                               "box, into the planes next to it where segment-everything "
+                               "missed it (its faint end sections, a missed middle plane); "
+                               "runs the model again on up to twice the planes "
+                               "(--link-extend)")  # fmt: skip
         form.addRow("link", self.axis)
         form.addRow("link IoU ≥", self.min_iou)
         form.addRow("link gap (planes)", self.max_gap)
         form.addRow("link min planes", self.min_planes)
+        form.addRow("extend objects", self.extend)
         self.axis.currentIndexChanged.connect(self._enable)
         self.fit(0)
 
@@ -120,6 +134,7 @@ class LinkControls(QWidget):
         self.min_iou.setEnabled(on)
         self.max_gap.setEnabled(on)
         self.min_planes.setEnabled(self.choice() == "z")
+        self.extend.setEnabled(self.choice() in ("z", "zt"))
 
 
 class StackLink:

@@ -25,14 +25,14 @@ The model is reached through ``predict(z, boxes)``, so this module stays free of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..training.metrics import mask_iou
 
-__all__ = ["BoxPrompter", "Extension", "extend_objects"]
+__all__ = ["BoxPrompter", "Extension", "extend_objects", "extend_stack", "sweep_stack"]
 
 #: ``predict(z, boxes)`` -> (masks (K, H, W) bool, scores (K,)): plane ``z`` prompted
 #: with K boxes, XYXY pixels (x0, y0, x1, y1), one mask per box.
@@ -100,44 +100,129 @@ def extend_objects(
         raise ValueError(
             f"labels must be a (Z, H, W) integer array, got {labels.dtype} {labels.shape}"
         )
-    for name, value in (("min_score", min_score), ("min_iou", min_iou), ("min_free", min_free)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
     out = Extension(labels.copy())
-    z_planes = len(labels)
-    for order, step in ((range(1, z_planes), -1), (range(z_planes - 2, -1, -1), 1)):
-        for z in order:
-            _extend_plane(out, z, z + step, predict, min_score, min_iou, min_free)
-            if progress is not None:
-                progress(1)
+    out.added, out.planes_prompted = extend_stack(
+        len(labels), lambda z: out.labels[z], None, predict,
+        min_score=min_score, min_iou=min_iou, min_free=min_free, progress=progress,
+    )  # fmt: skip
     return out
 
 
+def extend_stack(
+    n_planes: int,
+    read: Callable[[int], np.ndarray],
+    write: Callable[[int, np.ndarray, list], None] | None,
+    predict: Predict,
+    *,
+    min_score: float = 0.6,
+    min_iou: float = 0.3,
+    min_free: float = 0.5,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[tuple[int, int, int, float]], int]:
+    """:func:`extend_objects` on a stack read and written one plane at a time.
+
+    Two planes are held at once, so stacks larger than memory work (e.g. planes on disk).
+
+    Parameters
+    ----------
+    n_planes : int
+        Planes in the stack (Z).
+    read : callable
+        ``read(z)`` -> plane ``z``'s (H, W) linked labels, with the sections added to it
+        so far (after a ``write`` of it, what was written). Painted in place.
+    write : callable or None
+        ``write(z, labels, added)`` with the (H, W) labels of a plane that gained
+        sections and those sections' rows (as in ``added`` below), after each sweep
+        that changed it (None: ``read`` gives views that keep the painting).
+    predict, min_score, min_iou, min_free, progress
+        As for :func:`extend_objects`.
+
+    Returns
+    -------
+    added : list of (z, object id, area in pixels, predicted IoU)
+    planes_prompted : int
+
+    Raises
+    ------
+    ValueError
+        A threshold outside [0, 1], or ``predict`` gave masks of another shape.
+    """
+    added: list[tuple[int, int, int, float]] = []
+    prompted = 0
+    for _, new in sweep_stack(n_planes, read, write, predict, min_score=min_score,
+                              min_iou=min_iou, min_free=min_free):  # fmt: skip
+        if new is not None:
+            prompted += 1
+            added.extend(new)
+        if progress is not None:
+            progress(1)
+    return added, prompted
+
+
+def sweep_stack(
+    n_planes: int,
+    read: Callable[[int], np.ndarray],
+    write: Callable[[int, np.ndarray, list], None] | None,
+    predict: Predict,
+    *,
+    min_score: float = 0.6,
+    min_iou: float = 0.3,
+    min_free: float = 0.5,
+) -> Iterator[tuple[int, list[tuple[int, int, int, float]] | None]]:
+    """:func:`extend_stack` one plane at a time, for callers that show progress or stop.
+
+    Yields
+    ------
+    z : int
+        The plane just done (2 (Z - 1) in all: the forward sweep, then the backward one).
+    added : list of (z, object id, area, predicted IoU), or None
+        The sections added to it (after ``write``); None when it was not prompted.
+
+    Raises
+    ------
+    ValueError
+        A threshold outside [0, 1] (at the first ``next``), or ``predict`` gave masks
+        of another shape.
+    """
+    for name, value in (("min_score", min_score), ("min_iou", min_iou), ("min_free", min_free)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    for order, step in ((range(1, n_planes), -1), (range(n_planes - 2, -1, -1), 1)):
+        source = read(order[0] + step) if len(order) else None
+        for z in order:
+            plane = read(z)
+            new = _extend_plane(plane, source, z, predict, min_score, min_iou, min_free)
+            if new and write is not None:
+                write(z, plane, new)
+            source = plane
+            yield z, new
+
+
 def _extend_plane(
-    out: Extension,
+    plane: np.ndarray,
+    source: np.ndarray,
     z: int,
-    src: int,
     predict: Predict,
     min_score: float,
     min_iou: float,
     min_free: float,
-) -> None:
-    """Prompt plane ``z`` with the objects of plane ``src`` that it lacks."""
-    plane, source = out.labels[z], out.labels[src]
+) -> list[tuple[int, int, int, float]] | None:
+    """Prompt plane ``z`` (``plane``, painted in place) with the objects of ``source``
+    that it lacks; returns the sections added, or None when nothing was prompted."""
     here = set(np.unique(plane).tolist())
     ids = [int(i) for i in np.unique(source) if i != 0 and int(i) not in here]
     if not ids:
-        return
+        return None
     sections = [source == i for i in ids]
     boxes = np.array([_box(s) for s in sections], dtype=np.float64)
     masks, scores = predict(z, boxes)
-    out.planes_prompted += 1
     masks, scores = np.asarray(masks, bool), np.asarray(scores, np.float64).reshape(-1)
     if masks.shape != (len(ids), *plane.shape):
         raise ValueError(
             f"predict({z}, boxes) gave masks of shape {masks.shape}; expected "
             f"{(len(ids), *plane.shape)}"
         )
+    added = []
     for k in np.argsort(-scores, kind="stable"):  # the surest first
         mask, score = masks[k], float(scores[k])
         area = int(mask.sum())
@@ -148,7 +233,8 @@ def _extend_plane(
         if n_free == 0 or n_free < min_free * area:
             continue
         plane[free] = ids[k]
-        out.added.append((z, ids[k], n_free, score))
+        added.append((z, ids[k], n_free, score))
+    return added
 
 
 def _box(mask: np.ndarray) -> tuple[float, float, float, float]:

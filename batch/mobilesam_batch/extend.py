@@ -1,0 +1,191 @@
+"""``--link-extend``: linked 3D objects prompted into the planes where they were missed.
+
+After linking (:mod:`.link`), each 3D object is prompted, with the box of its section,
+into the planes next to it where it has none, one z-stack at a time
+(:func:`napari_mobilesam.linking.extend.extend_stack`: a forward and a backward sweep,
+two planes held at once). A kept section becomes a new object of its plane's saved
+planes: its next per-plane id, its predicted IoU, no stability score (the prompt has
+none), and the linked id it extends in the plane's ``lut``. The planes that gain
+sections are saved again in the input's staging folder, never over the saved planes
+of the segmentation (a run killed meanwhile extends them again from the same start),
+and every output is then written from them as without the flag.
+
+The model runs in the process that writes the outputs (the planes are read again from
+the input and embedded once per sweep that prompts them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .inputs import open_source
+from .link import EXTEND_THRESHOLDS, Linked, LinkLayout
+from .planes import load_plane, plane_name
+from .segment import get_segmenter
+
+if TYPE_CHECKING:
+    from .jobs import Job
+    from .runner import RunConfig
+
+__all__ = ["Extended", "extend_linked"]
+
+
+@dataclass
+class Extended:
+    """What :func:`extend_linked` added to one input.
+
+    Attributes
+    ----------
+    folder : Path
+        Where the planes that gained sections are saved (``plane_*.npz``).
+    sections : int
+        Sections added.
+    objects : int
+        Linked objects that gained at least one section.
+    planes_prompted : int
+        Prompts of a plane (each one decoder call with all the boxes for that plane).
+    embedded : int
+        Encoder runs (at most two per plane).
+    seconds : float
+    """
+
+    folder: Path
+    sections: int = 0
+    objects: int = 0
+    planes_prompted: int = 0
+    embedded: int = 0
+    seconds: float = 0.0
+    _saved: set[tuple[int, ...]] = field(default_factory=set, repr=False)
+
+    def load(self, job: Job, index: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Plane ``index`` as saved, with the sections added to it (``labels``,
+        ``predicted_iou``, ``stability_score``; NaN stability for added sections)."""
+        if index not in self._saved:
+            return load_plane(job, index)
+        with np.load(self.folder / plane_name(index)) as z:
+            return {k: z[k] for k in z.files}
+
+    def record(self) -> dict:
+        """For the provenance record (``linked.extended``)."""
+        return {"sections_added": self.sections, "objects_extended": self.objects,
+                "planes_prompted": self.planes_prompted, "encoder_runs": self.embedded,
+                "seconds": round(self.seconds, 3)}  # fmt: skip
+
+
+def extend_linked(
+    job: Job, config: RunConfig, layout: LinkLayout, linked: Linked, folder: Path
+) -> Extended:
+    """Extend the linked 3D objects of a finished input into the planes next to them.
+
+    ``linked.luts`` gain the added sections' per-plane ids, in place; the planes that
+    gained sections are saved in ``folder`` (read them with :meth:`Extended.load`).
+
+    Parameters
+    ----------
+    job : Job
+        An input whose planes are all saved.
+    config : RunConfig
+        The run's model, segmentation options (channels, contrast) and ``link``
+        (axis ``z`` or ``zt``).
+    layout : LinkLayout
+    linked : Linked
+        From :func:`~.link.link_planes`, with ``min_planes`` applied.
+    folder : Path
+        An empty folder for the extended planes (the input's staging folder).
+
+    Returns
+    -------
+    Extended
+    """
+    from napari_mobilesam.linking.extend import BoxPrompter, extend_stack
+    from napari_mobilesam.predictor import Predictor
+
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = Extended(folder)
+    seg = get_segmenter(config.model, config.options)
+    # a predictor of its own (the generator's may be segmenting the next input meanwhile)
+    # on the generator's engine, which serves any number of threads
+    predictor = Predictor(seg.generator.predictor.engine)
+    extended: set[int] = set()
+    with open_source(job.path, config.axes) as src:
+        for stack in _z_stacks(layout, config.link.axis):
+
+            def read(z: int, stack=stack) -> np.ndarray:
+                index = stack[z]
+                return linked.luts[index][out.load(job, index)["labels"]]
+
+            def write(z: int, labels: np.ndarray, added: list, stack=stack) -> None:
+                _save(out, job, linked, stack[z], labels, added)
+
+            def plane(z: int, stack=stack) -> np.ndarray:
+                return seg.rgb(src.read_plane(stack[z]))
+
+            prompter = BoxPrompter(predictor, plane)
+            added, prompted = extend_stack(len(stack), read, write, prompter,
+                                           **EXTEND_THRESHOLDS)  # fmt: skip
+            out.sections += len(added)
+            out.planes_prompted += prompted
+            out.embedded += prompter.embedded
+            extended.update(obj for _, obj, _, _ in added)
+    out.objects = len(extended)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _z_stacks(layout: LinkLayout, axis: str) -> list[list[tuple[int, ...]]]:
+    """The plane indices of each z-stack, in z order (``zt``: one per time point)."""
+    stacks = []
+    for _, order in layout.stacks():
+        n_z = layout.plane_shape[layout.linked[-1]]  # Z is the inner linked axis
+        if axis == "z":
+            stacks.append(order)
+        else:  # T outer, Z inner
+            stacks.extend(order[i : i + n_z] for i in range(0, len(order), n_z))
+    return stacks
+
+
+def _save(
+    out: Extended,
+    job: Job,
+    linked: Linked,
+    index: tuple[int, ...],
+    labels: np.ndarray,
+    added: list[tuple[int, int, int, float]],
+) -> None:
+    """Save plane ``index`` with the sections ``added`` to it (``labels``: its linked
+    labels with them painted) as new per-plane objects, and extend its ``lut``."""
+    plane = out.load(job, index)
+    lut = linked.luts[index]
+    per = plane["labels"]
+    painted = labels != lut[per]  # only pixels that were background (or a dropped object)
+    n = len(plane["predicted_iou"])
+    ids = [obj for _, obj, _, _ in added]
+    new_ids = np.arange(n + 1, n + 1 + len(ids))
+    dtype = np.promote_types(per.dtype, np.min_scalar_type(int(new_ids[-1])))
+    per = per.astype(dtype, copy=True)
+    for obj, new in zip(ids, new_ids, strict=True):
+        per[painted & (labels == obj)] = new
+    linked.luts[index] = np.concatenate([lut, np.asarray(ids, dtype=lut.dtype)])
+    scores = np.asarray([score for *_, score in added], dtype=np.float64)
+    _write_npz(
+        out.folder / plane_name(index),
+        labels=per,
+        predicted_iou=np.concatenate([np.asarray(plane["predicted_iou"], np.float64), scores]),
+        stability_score=np.concatenate(
+            [np.asarray(plane["stability_score"], np.float64), np.full(len(ids), np.nan)]
+        ),
+    )
+    out._saved.add(index)
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)

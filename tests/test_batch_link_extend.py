@@ -1,0 +1,146 @@
+"""``mobilesam-everything --link z|zt --link-extend``: linked 3D objects prompted into the
+planes where segmentation missed them, streamed plane by plane, with the same result as
+:func:`napari_mobilesam.linking.extend.extend_objects` on the whole linked stack.
+
+A "perfect" segmenter returns the generator's truth less each cell's end sections, and
+an oracle stands in for the prompted model: the true section under each box's centre.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+import napari_mobilesam.linking.extend as library
+from mobilesam_batch import segment
+from mobilesam_batch.link import EXTEND_THRESHOLDS, LinkOptions
+from napari_mobilesam import synthetic
+
+from .test_batch_link import FAST, Perfect, _csv_matches_labels, _rows, _write
+
+
+def _without_ends(truth: np.ndarray) -> np.ndarray:
+    """``truth`` (..., Z, H, W) less the first and last section of every cell that spans
+    three planes or more: what segment-everything typically misses."""
+    found = truth.copy()
+    for stack in found.reshape(-1, *truth.shape[-3:]):
+        for i in np.unique(stack)[1:]:
+            planes = np.flatnonzero((stack == i).any(axis=(1, 2)))
+            if len(planes) >= 3:
+                for z in (planes[0], planes[-1]):
+                    stack[z][stack[z] == i] = 0
+    return found
+
+
+def _oracle(truth_of, score: float = 0.9):
+    """``predict(z, boxes)``: the true section of plane z under each box's centre."""
+
+    def predict(z, boxes):
+        truth = truth_of(z)
+        masks = []
+        for x0, y0, x1, y1 in boxes:
+            i = truth[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+            masks.append(truth == i if i else np.zeros(truth.shape, bool))
+        return np.array(masks), np.full(len(boxes), score)
+
+    return predict
+
+
+def _patch_model(monkeypatch, image: np.ndarray, truth: np.ndarray) -> list[int]:
+    """The command's prompted model answered by the oracle (planes are recognised by
+    their pixels); returns the list of planes prompted, filled as they are."""
+    flat_img = image.reshape(-1, *image.shape[-2:])
+    flat_truth = truth.reshape(-1, *truth.shape[-2:])
+    by_plane = {p.tobytes(): t for p, t in zip(flat_img, flat_truth, strict=True)}
+    prompted: list[int] = []
+
+    class Prompter:
+        def __init__(self, predictor, planes):
+            self.planes, self.embedded = planes, 0
+
+        def __call__(self, z, boxes):
+            prompted.append(z)
+            self.embedded += 1
+            plane = np.ascontiguousarray(self.planes(z))
+            return _oracle(lambda _: by_plane[plane.tobytes()])(z, boxes)
+
+    monkeypatch.setattr(library, "BoxPrompter", Prompter)
+    monkeypatch.setattr(segment.PlaneSegmenter, "rgb", lambda self, plane: plane)
+    return prompted
+
+
+@pytest.mark.parametrize("axes", ["ZYX", "TZYX"])
+def test_link_extend_adds_the_missed_sections_as_the_library_does(
+    tiny_cli, tmp_path, monkeypatch, axes
+):
+    if axes == "ZYX":
+        sample = synthetic.cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4))
+        link = "z"
+    else:
+        sample = synthetic.cell_time_series(2, (8, 96, 96), seed=1, coverage=0.1, divisions=0)
+        link = "zt"
+    truth = sample.labels
+
+    def run_cli(args):
+        return tiny_cli([*args, *FAST])
+
+    Perfect(sample.image, _without_ends(truth)).patch(monkeypatch)
+    prompted = _patch_model(monkeypatch, sample.image, truth)
+    inp = str(_write(tmp_path / "s.tif", sample))
+    args = [inp, "--link", link, "--csv", "--coco"]
+    assert run_cli([*args, "-o", str(tmp_path / "plain")]) == 0
+    plain = tifffile.imread(tmp_path / "plain" / "s_labels.tif")
+    assert not prompted
+    assert run_cli([*args, "-o", str(tmp_path / "ext"), "--link-extend"]) == 0
+    out = tmp_path / "ext"
+    labels = tifffile.imread(out / "s_labels.tif")
+
+    # the library on the whole linked stack, one z-stack at a time
+    stacks = plain.reshape(-1, *plain.shape[-3:])
+    truths = truth.reshape(-1, *truth.shape[-3:])
+    expected = [
+        library.extend_objects(s, _oracle(lambda z, t=t: t[z]), **EXTEND_THRESHOLDS)
+        for s, t in zip(stacks, truths, strict=True)
+    ]
+    np.testing.assert_array_equal(
+        labels, np.stack([e.labels for e in expected]).reshape(labels.shape)
+    )
+    added = sum(len(e.added) for e in expected)
+    assert added > 0 and (labels > 0).sum() > (plain > 0).sum()
+    assert len(prompted) == sum(e.planes_prompted for e in expected)
+
+    rows = _rows(out / "s_objects.csv")
+    id_name = "object_id" if link == "z" else "track_id"
+    _csv_matches_labels(rows, labels, id_name, labels.shape[:-2])
+    new_rows = [r for r in rows if r["stability_score"] == ""]  # the added sections
+    assert len(new_rows) == added and {r["predicted_iou"] for r in new_rows} == {"0.9"}
+    coco = json.loads((out / "s_coco.json").read_text())
+    assert len(coco["annotations"]) == len(rows)
+
+    record = json.loads((out / "s_labels.json").read_text())
+    assert record["parameters"]["link"]["extend"] == EXTEND_THRESHOLDS
+    ext = record["linked"]["extended"]
+    assert ext["sections_added"] == added and ext["planes_prompted"] == len(prompted)
+    assert ext["objects_extended"] == len({i for e in expected for _, i, _, _ in e.added})
+    plain_record = json.loads((tmp_path / "plain" / "s_labels.json").read_text())
+    assert "extend" not in plain_record["parameters"]["link"]
+    assert plain_record["key"] != record["key"]
+    # the saved planes of the segmentation were not changed: a rerun is up to date
+    assert not (out / ".mobilesam-work").exists()
+    assert run_cli([*args, "-o", str(out), "--link-extend"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(out / "s_labels.tif"), labels)
+
+
+def test_link_extend_flag_errors(tiny_cli, tmp_path, capsys):
+    for args, message in (
+        (["--link-extend"], "--link-extend needs --link z or zt"),
+        (["--link", "t", "--link-extend"], "not tracks of 2D frames (--link t)"),
+    ):
+        assert tiny_cli([str(tmp_path / "none.tif"), "-o", str(tmp_path / "out"), *args]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--link-extend"):
+        LinkOptions("t", extend=True)
+    assert LinkOptions("zt", extend=True).record()["extend"] == EXTEND_THRESHOLDS
