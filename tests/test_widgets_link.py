@@ -431,26 +431,26 @@ def _without_ends(truth: np.ndarray) -> np.ndarray:
     return found
 
 
-def test_link_extend_adds_the_missed_sections_as_the_library_does(
-    make_napari_viewer, qtbot, truth, monkeypatch
-):
-    """With *extend objects*, the linked 3D objects are prompted into the planes next to
-    them where they were missed, as ``linking.extend.extend_objects`` does (the model
-    here: an oracle giving the true section under each box's centre, score 0.9); the
-    added sections' scores join the object table."""
-    from napari_mobilesam._widgets import _extend
-    from napari_mobilesam.linking.extend import extend_objects
+def _oracle(truth: np.ndarray):
+    """``predict(z, boxes)``: the true section of plane z under each box's centre, 0.9."""
 
-    sample = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4))
-
-    def oracle(z, boxes):
+    def predict(z, boxes):
         masks = []
         for x0, y0, x1, y1 in boxes:
-            i = sample.labels[z, int((y0 + y1) / 2), int((x0 + x1) / 2)]
-            masks.append(sample.labels[z] == i if i else np.zeros(sample.labels.shape[1:], bool))
+            i = truth[z, int((y0 + y1) / 2), int((x0 + x1) / 2)]
+            masks.append(truth[z] == i if i else np.zeros(truth.shape[1:], bool))
         return np.array(masks), np.full(len(boxes), 0.9)
 
-    monkeypatch.setattr(_extend, "prompter", lambda predictor, model_input: oracle)
+    return predict
+
+
+def _extend_widget(make_napari_viewer, truth, monkeypatch, predict):
+    """A viewer whose everything widget links through z with *extend objects*, its
+    segmentation the truth less each cell's end sections, its prompts ``predict``."""
+    from napari_mobilesam._widgets import _extend
+
+    sample = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4))
+    monkeypatch.setattr(_extend, "prompter", lambda predictor, model_input: predict)
     planes = per_plane(_without_ends(sample.labels))
     truth(planes)
     viewer = make_napari_viewer()
@@ -458,9 +458,25 @@ def test_link_extend_adds_the_missed_sections_as_the_library_does(
     w = _widget(viewer, "cells", "z")
     assert w.link.extend.isEnabled() and not w.link.extend.isChecked()
     w.link.extend.setChecked(True)
-    _run(qtbot, w)
     linked, _ = link_stack(planes, "z")
-    expected = extend_objects(linked, oracle, **_extend.THRESHOLDS)
+    return viewer, w, sample, planes, linked
+
+
+def test_link_extend_adds_the_missed_sections_as_the_library_does(
+    make_napari_viewer, qtbot, truth, monkeypatch
+):
+    """With *extend objects*, the linked 3D objects are prompted into the planes next to
+    them where they were missed, as ``linking.extend.extend_objects`` does (the model
+    here: an oracle giving the true section under each box's centre, score 0.9); the
+    added sections' scores join the object table."""
+    from napari_mobilesam._widgets._extend import THRESHOLDS
+    from napari_mobilesam.linking.extend import extend_objects
+
+    labels = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4)).labels
+    oracle = _oracle(labels)
+    viewer, w, _, planes, linked = _extend_widget(make_napari_viewer, truth, monkeypatch, oracle)
+    _run(qtbot, w)
+    expected = extend_objects(linked, oracle, **THRESHOLDS)
     assert expected.added
     result = viewer.layers["cells everything"]
     np.testing.assert_array_equal(result.data, expected.labels)
@@ -476,3 +492,37 @@ def test_link_extend_adds_the_missed_sections_as_the_library_does(
     # t links 2D frames: nothing to extend through z
     w.link.axis.setCurrentIndex(w.link.axis.findData("t"))
     assert not w.link.extend.isEnabled()
+
+
+def test_link_extend_cancel_keeps_the_sections_added(make_napari_viewer, qtbot, truth, monkeypatch):
+    """Cancel during the extension: the plane being prompted is finished and written,
+    no other plane is prompted, and the status line says what is kept."""
+    from napari_mobilesam._widgets._extend import THRESHOLDS
+    from napari_mobilesam.linking.extend import sweep_stack
+
+    labels = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4)).labels
+    oracle, gate, calls = _oracle(labels), threading.Semaphore(0), []
+
+    def predict(z, boxes):
+        calls.append(z)
+        assert gate.acquire(timeout=WAIT / 1000)  # a hang guard only
+        return oracle(z, boxes)
+
+    viewer, w, _, _, linked = _extend_widget(make_napari_viewer, truth, monkeypatch, predict)
+    w.run()
+    qtbot.waitUntil(lambda: len(calls) == 1, timeout=WAIT)
+    w.cancel()
+    gate.release(100)
+    idle(qtbot, w)
+    assert len(calls) == 1
+    expected = linked.copy()  # the library's sweep, stopped after its first prompt
+    for _, new in sweep_stack(len(expected), lambda z: expected[z], None, oracle, **THRESHOLDS):
+        if new is not None:
+            break
+    assert new
+    np.testing.assert_array_equal(viewer.layers["cells everything"].data, expected)
+    noun = "section" if len(new) == 1 else "sections"
+    assert w.status.text() == (
+        f"cancelled; the 10 planes done are kept, linked, and the {len(new)} {noun} added"
+    )
+    assert w.run_button.isEnabled()

@@ -59,6 +59,7 @@ class EverythingWidget(QWidget):
         self._cancelled = False
         self._done_planes = 0
         self._stop: threading.Event | None = None  # set by Cancel during a linked run
+        self._added: list[tuple] | None = None  # sections added by *extend objects*
 
         layout = scrolled(self)  # a crowded dock scrolls instead of clipping
         form = QFormLayout()
@@ -302,7 +303,7 @@ class EverythingWidget(QWidget):
         what = {"z": "3D objects", "t": "tracks", "zt": "tracks"}.get(axis, "")
         self.progress.setRange(0, len(planes))
         self.progress.setValue(0)
-        self._cancelled, self._done_planes = False, 0
+        self._cancelled, self._done_planes, self._added = False, 0, None
         self.runner.submit(work, done, f"segmenting {counted(len(planes), 'planes')}…",
                            yielded=got)  # fmt: skip
 
@@ -313,6 +314,7 @@ class EverythingWidget(QWidget):
             return
         stop = self._stop = threading.Event()
         added: list[tuple] = []
+        self._added = added
         data, rgb = layer.data, bool(layer.rgb)
 
         def work():
@@ -469,7 +471,10 @@ class EverythingWidget(QWidget):
         self.cancel_button.setEnabled(busy and not self._cancelled)
         if not busy and self._cancelled:  # only now has the work stopped
             linked = ", linked," if self._stop is not None else ""
-            self.status.setText(f"cancelled; {done_text(self._done_planes)} kept{linked}")
+            text = f"cancelled; {done_text(self._done_planes)} kept{linked}"
+            if self._added is not None:
+                text += f" and the {counted(len(self._added), 'sections')} added"
+            self.status.setText(text)
 
 
 def _spin(box, lo, hi, value, step=None):
