@@ -144,3 +144,24 @@ def test_link_extend_flag_errors(tiny_cli, tmp_path, capsys):
     with pytest.raises(ValueError, match="--link-extend"):
         LinkOptions("t", extend=True)
     assert LinkOptions("zt", extend=True).record()["extend"] == EXTEND_THRESHOLDS
+
+
+def test_link_extend_reports_its_progress_by_tenths(tmp_path):
+    from types import SimpleNamespace
+
+    from mobilesam_batch.extend import _Steps
+
+    lines: list[str] = []
+    steps = _Steps(SimpleNamespace(path=tmp_path / "s.tif"), 30, lines.append)
+    for _ in range(30):
+        steps(1)
+    assert lines[0] == (
+        f"extend {tmp_path / 's.tif'}: prompting the linked 3D objects into the planes where "
+        "they were missed (30 plane steps)"
+    )
+    assert lines[1:] == [
+        f"extend {tmp_path / 's.tif'}: {p}0% ({3 * p} of 30)" for p in range(1, 10)
+    ]
+    quiet = _Steps(SimpleNamespace(path=tmp_path), 0, lines.append)  # a one-plane stack
+    quiet(1)
+    assert len(lines) == 10

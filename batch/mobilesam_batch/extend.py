@@ -17,6 +17,7 @@ the input and embedded once per sweep that prompts them).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,7 +79,12 @@ class Extended:
 
 
 def extend_linked(
-    job: Job, config: RunConfig, layout: LinkLayout, linked: Linked, folder: Path
+    job: Job,
+    config: RunConfig,
+    layout: LinkLayout,
+    linked: Linked,
+    folder: Path,
+    log: Callable[[str], None] | None = None,
 ) -> Extended:
     """Extend the linked 3D objects of a finished input into the planes next to them.
 
@@ -97,6 +103,9 @@ def extend_linked(
         From :func:`~.link.link_planes`, with ``min_planes`` applied.
     folder : Path
         An empty folder for the extended planes (the input's staging folder).
+    log : callable, optional
+        Told when the extension starts and at each further tenth of its plane steps
+        (a long stack runs the model again on up to twice its planes).
 
     Returns
     -------
@@ -113,8 +122,10 @@ def extend_linked(
     # on the generator's engine, which serves any number of threads
     predictor = Predictor(seg.generator.predictor.engine)
     extended: set[int] = set()
+    stacks = _z_stacks(layout, config.link.axis)
+    steps = _Steps(job, sum(2 * max(len(s) - 1, 0) for s in stacks), log)
     with open_source(job.path, config.axes) as src:
-        for stack in _z_stacks(layout, config.link.axis):
+        for stack in stacks:
 
             def read(z: int, stack=stack) -> np.ndarray:
                 index = stack[z]
@@ -128,7 +139,7 @@ def extend_linked(
 
             prompter = BoxPrompter(predictor, plane)
             added, prompted = extend_stack(len(stack), read, write, prompter,
-                                           **EXTEND_THRESHOLDS)  # fmt: skip
+                                           progress=steps, **EXTEND_THRESHOLDS)  # fmt: skip
             out.sections += len(added)
             out.planes_prompted += prompted
             out.embedded += prompter.embedded
@@ -136,6 +147,23 @@ def extend_linked(
     out.objects = len(extended)
     out.seconds = time.perf_counter() - start
     return out
+
+
+class _Steps:
+    """``progress(1)`` of :func:`extend_stack`: a log line at the start and at each tenth."""
+
+    def __init__(self, job: Job, total: int, log: Callable[[str], None] | None) -> None:
+        self.job, self.total, self.log, self.done, self.shown = job, total, log, 0, 0
+        if log is not None and total:
+            log(f"extend {job.path}: prompting the linked 3D objects into the planes where "
+                f"they were missed ({total} plane steps)")  # fmt: skip
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        tenth = 10 * self.done // max(self.total, 1)
+        if self.log is not None and tenth > self.shown and self.done < self.total:
+            self.shown = tenth
+            self.log(f"extend {self.job.path}: {10 * tenth}% ({self.done} of {self.total})")
 
 
 def _z_stacks(layout: LinkLayout, axis: str) -> list[list[tuple[int, ...]]]:

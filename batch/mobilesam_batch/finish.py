@@ -64,7 +64,7 @@ def finish(
     stage = tmp / f"stage-{job.stem}"
     try:
         stage.mkdir()
-        record = _write_outputs(job, config, stage)
+        record = _write_outputs(job, config, stage, log)
         _check_unchanged(job, config)
         removed = _commit(job, stage, tmp)
     except OSError as exc:
@@ -176,8 +176,11 @@ def _stale_outputs(job: Job) -> list[Path]:
     ]  # fmt: skip
 
 
-def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
-    """Write every output of a finished job into ``stage``; returns the provenance record."""
+def _write_outputs(
+    job: Job, config: RunConfig, stage: Path, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Write every output of a finished job into ``stage``; returns the provenance record
+    (``log``: where ``--link-extend`` reports its progress)."""
     src = job.source
     out_shape = tuple(src["out_shape"])
     out_axes = src["out_axes"]
@@ -188,7 +191,7 @@ def _write_outputs(job: Job, config: RunConfig, stage: Path) -> dict[str, Any]:
         linked = link_planes(layout, config.link, load)
         max_id = linked.n_objects
         if config.link.extend:  # the planes that gain sections are saved in the stage
-            extended = extend_linked(job, config, layout, linked, stage / "extended")
+            extended = extend_linked(job, config, layout, linked, stage / "extended", log)
             load = lambda index: extended.load(job, index)  # noqa: E731
     else:
         max_id = max((n for n, _ in job.done.values()), default=0)
