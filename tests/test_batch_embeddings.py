@@ -111,6 +111,36 @@ def test_labels_identical_and_no_encoder_run(tiny_cli, tiny_model, stack_tif, tm
     assert "embeddings" not in _record(tmp_path / "plain")
 
 
+def test_link_extend_reads_the_store_too(tiny_cli, tiny_model, stack_tif, tmp_path,
+                                         encoder_calls, monkeypatch):  # fmt: skip
+    """--link-extend prompts planes again: their embeddings come from the store as well."""
+    store = _embed(stack_tif, tmp_path / "stack.embeddings.zarr", tiny_model)
+    segment_plane = segment.PlaneSegmenter.segment
+
+    def first_plane_only(self, plane, index=(), embeddings=None):
+        result = segment_plane(self, plane, index, embeddings)
+        if index != (0,):  # objects in plane 0 only: the extension prompts plane 1
+            result.labels[...] = 0
+        return result
+
+    monkeypatch.setattr(segment.PlaneSegmenter, "segment", first_plane_only)
+    link = ["--link", "z", "--link-extend"]
+    encoder_calls.clear()
+    assert tiny_cli([str(stack_tif), "-o", str(tmp_path / "plain"), *FAST, *link]) == 0
+    plain = _record(tmp_path / "plain")["linked"]["extended"]
+    assert plain["planes_prompted"] > 0 and plain["embeddings_from_store"] == 0
+    assert sum(encoder_calls) == 3 + plain["encoder_runs"] == 3 + plain["planes_prompted"]
+    encoder_calls.clear()
+    args = [str(stack_tif), "-o", str(tmp_path / "reused"), *FAST, *link, "--embeddings",
+            str(store)]  # fmt: skip
+    assert tiny_cli(args) == 0
+    assert encoder_calls == []
+    reused = _record(tmp_path / "reused")["linked"]["extended"]
+    assert reused["encoder_runs"] == 0
+    assert reused["embeddings_from_store"] == plain["planes_prompted"]
+    assert _labels(tmp_path / "reused") == _labels(tmp_path / "plain")
+
+
 def test_missing_planes_are_computed(tiny_cli, tiny_model, stack_tif, tmp_path, encoder_calls):
     store = _embed(stack_tif, tmp_path / "s.zarr", tiny_model)
     EmbeddingStore.open(store, mode="r+").discard((1,))

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 import napari_mobilesam.linking.extend as library
-from mobilesam_batch import segment
+from mobilesam_batch import extend as batch_extend
 from mobilesam_batch.link import EXTEND_THRESHOLDS, LinkOptions
 from napari_mobilesam import synthetic
 
@@ -57,18 +57,17 @@ def _patch_model(monkeypatch, image: np.ndarray, truth: np.ndarray) -> list[int]
     by_plane = {p.tobytes(): t for p, t in zip(flat_img, flat_truth, strict=True)}
     prompted: list[int] = []
 
-    class Prompter:
-        def __init__(self, predictor, planes):
-            self.planes, self.embedded = planes, 0
-
-        def __call__(self, z, boxes):
+    def prompter(predictor, plane, rgb, store, out):
+        def predict(z, boxes):
             prompted.append(z)
-            self.embedded += 1
-            plane = np.ascontiguousarray(self.planes(z))
-            return _oracle(lambda _: by_plane[plane.tobytes()])(z, boxes)
+            out.embedded += 1
+            _, raw = plane(z)
+            truth = by_plane[np.ascontiguousarray(raw).tobytes()]
+            return _oracle(lambda _: truth)(z, boxes)
 
-    monkeypatch.setattr(library, "BoxPrompter", Prompter)
-    monkeypatch.setattr(segment.PlaneSegmenter, "rgb", lambda self, plane: plane)
+        return predict
+
+    monkeypatch.setattr(batch_extend, "_prompter", prompter)
     return prompted
 
 

@@ -11,7 +11,8 @@ of the segmentation (a run killed meanwhile extends them again from the same sta
 and every output is then written from them as without the flag.
 
 The model runs in the process that writes the outputs (the planes are read again from
-the input and embedded once per sweep that prompts them).
+the input and embedded once per sweep that prompts them, or their embeddings read from
+the run's ``--embeddings`` store when it holds them).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Extended:
         Prompts of a plane (each one decoder call with all the boxes for that plane).
     embedded : int
         Encoder runs (at most two per plane).
+    from_store : int
+        Plane embeddings read from the run's ``--embeddings`` store instead.
     seconds : float
     """
 
@@ -60,6 +63,7 @@ class Extended:
     objects: int = 0
     planes_prompted: int = 0
     embedded: int = 0
+    from_store: int = 0
     seconds: float = 0.0
     _saved: set[tuple[int, ...]] = field(default_factory=set, repr=False)
 
@@ -75,6 +79,7 @@ class Extended:
         """For the provenance record (``linked.extended``)."""
         return {"sections_added": self.sections, "objects_extended": self.objects,
                 "planes_prompted": self.planes_prompted, "encoder_runs": self.embedded,
+                "embeddings_from_store": self.from_store,
                 "seconds": round(self.seconds, 3)}  # fmt: skip
 
 
@@ -111,7 +116,7 @@ def extend_linked(
     -------
     Extended
     """
-    from napari_mobilesam.linking.extend import BoxPrompter, extend_stack
+    from napari_mobilesam.linking.extend import extend_stack
     from napari_mobilesam.predictor import Predictor
 
     start = time.perf_counter()
@@ -134,19 +139,45 @@ def extend_linked(
             def write(z: int, labels: np.ndarray, added: list, stack=stack) -> None:
                 _save(out, job, linked, stack[z], labels, added)
 
-            def plane(z: int, stack=stack) -> np.ndarray:
-                return seg.rgb(src.read_plane(stack[z]))
+            def plane(z: int, stack=stack) -> tuple[tuple[int, ...], np.ndarray]:
+                return stack[z], src.read_plane(stack[z])
 
-            prompter = BoxPrompter(predictor, plane)
+            prompter = _prompter(predictor, plane, seg.rgb, config.embeddings, out)
             added, prompted = extend_stack(len(stack), read, write, prompter,
                                            progress=steps, **EXTEND_THRESHOLDS)  # fmt: skip
             out.sections += len(added)
             out.planes_prompted += prompted
-            out.embedded += prompter.embedded
             extended.update(obj for _, obj, _, _ in added)
     out.objects = len(extended)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _prompter(
+    predictor,
+    plane: Callable[[int], tuple[tuple[int, ...], np.ndarray]],
+    rgb: Callable[[np.ndarray], np.ndarray],
+    store: str | None,
+    out: Extended,
+) -> Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``predict(z, boxes)`` for :func:`extend_stack`: plane z (``plane(z)``: its index
+    and raw pixels) embedded, or its embedding read from the run's ``--embeddings`` store
+    when the store holds these pixels, then prompted with the boxes (counted in ``out``)."""
+    from .embeddings import plane_embedding
+
+    def predict(z: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index, raw = plane(z)
+        known = None if store is None else plane_embedding(store, index, raw)
+        if known is None:
+            predictor.set_image(rgb(raw))
+            out.embedded += 1
+        else:
+            predictor.set_embedding(known)
+            out.from_store += 1
+        masks, scores, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
+        return masks[:, 0], scores[:, 0]
+
+    return predict
 
 
 class _Steps:
