@@ -164,3 +164,45 @@ def test_link_extend_reports_its_progress_by_tenths(tmp_path):
     quiet = _Steps(SimpleNamespace(path=tmp_path), 0, lines.append)  # a one-plane stack
     quiet(1)
     assert len(lines) == 10
+
+
+class _Unreadable:
+    """An input source whose planes cannot be read (a file whose permissions changed)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read_plane(self, index):
+        raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize("failure", ["gone", "unreadable"])
+def test_an_input_unreadable_at_the_extension_fails_alone(
+    tiny_cli, tmp_path, monkeypatch, capsys, failure
+):
+    """The extension reads the planes again: an input that went or became unreadable since
+    it was segmented fails by name (not as a full output folder), the run goes on, and its
+    saved planes stay for a rerun."""
+    from mobilesam_batch.inputs import InputError
+
+    sample = synthetic.cells_3d((6, 64, 64), seed=3, radius=(8, 12), z_radius=(2, 3))
+    Perfect(sample.image, _without_ends(sample.labels)).patch(monkeypatch)
+
+    def open_again(path, axes):
+        if failure == "gone":
+            raise InputError(path, "no such file")
+        return _Unreadable()
+
+    monkeypatch.setattr(batch_extend, "open_source", open_again)
+    inp = _write(tmp_path / "s.tif", sample)
+    out = tmp_path / "out"
+    assert tiny_cli([str(inp), "-o", str(out), "--link", "z", "--link-extend", *FAST]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    reason = "no such file" if failure == "gone" else "Permission denied"
+    assert f"FAILED {inp}: cannot write outputs: --link-extend: cannot read the input again:" in err
+    assert reason in err and "cannot write in" not in err
+    assert not (out / "s_labels.tif").exists()
+    assert any((out / ".mobilesam-work").glob("s-*/plane_*.npz"))  # kept for a rerun

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .inputs import open_source
+from .inputs import InputError, open_source
 from .link import EXTEND_THRESHOLDS, Linked, LinkLayout
 from .planes import load_plane, plane_name
 from .segment import get_segmenter
@@ -129,7 +129,11 @@ def extend_linked(
     extended: set[int] = set()
     stacks = _z_stacks(layout, config.link.axis)
     steps = _Steps(job, sum(2 * max(len(s) - 1, 0) for s in stacks), log)
-    with open_source(job.path, config.axes) as src:
+    try:
+        source = open_source(job.path, config.axes)
+    except (InputError, OSError) as exc:
+        raise ValueError(_unreadable(job, exc)) from None
+    with source as src:
         for stack in stacks:
 
             def read(z: int, stack=stack) -> np.ndarray:
@@ -139,8 +143,11 @@ def extend_linked(
             def write(z: int, labels: np.ndarray, added: list, stack=stack) -> None:
                 _save(out, job, linked, stack[z], labels, added)
 
-            def plane(z: int, stack=stack) -> tuple[tuple[int, ...], np.ndarray]:
-                return stack[z], src.read_plane(stack[z])
+            def plane(z: int, stack=stack, src=src) -> tuple[tuple[int, ...], np.ndarray]:
+                try:
+                    return stack[z], src.read_plane(stack[z])
+                except (InputError, OSError) as exc:
+                    raise ValueError(_unreadable(job, exc)) from None
 
             prompter = _prompter(predictor, plane, seg.rgb, config.embeddings, out)
             added, prompted = extend_stack(len(stack), read, write, prompter,
@@ -151,6 +158,13 @@ def extend_linked(
     out.objects = len(extended)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _unreadable(job: Job, exc: BaseException) -> str:
+    """Why the input could not be read again (it changed or went since it was segmented):
+    the input fails, never the run (an OSError here is not the output folder's)."""
+    reason = exc.reason if isinstance(exc, InputError) else str(exc)
+    return f"--link-extend: cannot read the input again: {reason}"
 
 
 def _prompter(

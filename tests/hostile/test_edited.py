@@ -92,8 +92,8 @@ def test_a_set_edited_while_the_run_runs_is_kept(tool, tmp_path, monkeypatch, ca
     assert tool(image, "-o", out) == 0
     write = finish._write_outputs
 
-    def write_then_edit(job, config, stage):
-        record = write(job, config, stage)
+    def write_then_edit(job, config, stage, *more):
+        record = write(job, config, stage, *more)
         _edit_labels(out / "well_labels.tif")
         return record
 
