@@ -511,16 +511,22 @@ def test_link_extend_cancel_keeps_the_sections_added(make_napari_viewer, qtbot, 
     viewer, w, _, _, linked = _extend_widget(make_napari_viewer, truth, monkeypatch, predict)
     w.run()
     qtbot.waitUntil(lambda: len(calls) == 1, timeout=WAIT)
+    expected = linked.copy()  # the library's sweep, stopped after its first prompt
+    sweep = sweep_stack(len(expected), lambda z: expected[z], None, oracle, **THRESHOLDS)
+    z, new = next((z, new) for z, new in sweep if new is not None)
+    assert new and z == calls[0]
+    # meanwhile the user paints over part of where the extension is adding a section
+    added = expected[z] != linked[z]
+    rows = np.nonzero(added)[0]
+    mine = added & (np.arange(added.shape[0])[:, None] <= np.median(rows))
+    layer = viewer.layers["cells everything"]
+    layer.data[z][mine] = 999
     w.cancel()
     gate.release(100)
     idle(qtbot, w)
     assert len(calls) == 1
-    expected = linked.copy()  # the library's sweep, stopped after its first prompt
-    for _, new in sweep_stack(len(expected), lambda z: expected[z], None, oracle, **THRESHOLDS):
-        if new is not None:
-            break
-    assert new
-    np.testing.assert_array_equal(viewer.layers["cells everything"].data, expected)
+    expected[z][mine] = 999  # the user's pixels stay; the section fills the rest
+    np.testing.assert_array_equal(layer.data, expected)
     noun = "section" if len(new) == 1 else "sections"
     assert w.status.text() == (
         f"cancelled; the 10 planes done are kept, linked, and the {len(new)} {noun} added"

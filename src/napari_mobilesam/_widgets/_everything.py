@@ -27,7 +27,7 @@ from . import _features
 from ._chunked import add_labels, unwritable, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._edits import keep_edits, watch
-from ._extend import extend_work
+from ._extend import extend_work, paint_added
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, drop_short, show_tracks, tracks_layer_of
 from ._model import ModelPicker
@@ -328,7 +328,7 @@ class EverythingWidget(QWidget):
             if plane is None or result not in self.viewer.layers:
                 return
             index, labels, new = plane
-            result.data[index] = labels
+            result.data[index] = paint_added(np.asarray(result.data[index]), labels, new)
             _features.record(result, index, [i for _, i, _, _ in new],
                              [s for *_, s in new], [np.nan] * len(new))  # fmt: skip
             result.refresh()

@@ -102,3 +102,14 @@ def prompter(predictor, model_input):
         return masks[:, 0], scores[:, 0]
 
     return predict
+
+
+def paint_added(current: np.ndarray, labels: np.ndarray, added: list) -> np.ndarray:
+    """Plane ``current`` (the layer's, (H, W)) with the sections ``added`` to it, taken
+    from ``labels`` (the worker's plane): only their pixels, and only where ``current`` is
+    still 0, so what the user painted or erased on the plane meanwhile stays."""
+    ids = np.array([i for _, i, _, _ in added], dtype=labels.dtype)
+    fill = np.isin(labels, ids) & (current == 0)
+    out = current.copy()
+    out[fill] = labels[fill]
+    return out
