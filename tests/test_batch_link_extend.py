@@ -151,19 +151,28 @@ def test_link_extend_reports_its_progress_by_tenths(tmp_path):
     from mobilesam_batch.extend import _Steps
 
     lines: list[str] = []
-    steps = _Steps(SimpleNamespace(path=tmp_path / "s.tif"), 30, lines.append)
-    for _ in range(30):
+    now = [0.0]
+    job = SimpleNamespace(path=tmp_path / "s.tif")
+    steps = _Steps(job, 30, lines.append, interval=10.0, clock=lambda: now[0])
+    for k in range(30):
+        now[0] = 6.0 * (k + 1)  # 6 s per step: a line at every tenth (18 s apart)
         steps(1)
     assert lines[0] == (
         f"extend {tmp_path / 's.tif'}: prompting the linked 3D objects into the planes where "
         "they were missed (30 plane steps)"
     )
-    assert lines[1:] == [
-        f"extend {tmp_path / 's.tif'}: {p}0% ({3 * p} of 30)" for p in range(1, 10)
-    ]
-    quiet = _Steps(SimpleNamespace(path=tmp_path), 0, lines.append)  # a one-plane stack
+    name = tmp_path / "s.tif"
+    assert lines[1:] == [f"extend {name}: {p}0% ({3 * p} of 30)" for p in range(1, 10)]
+    lines.clear()
+    fast = _Steps(job, 30, lines.append, interval=10.0, clock=lambda: now[0])
+    for _ in range(30):  # 1 s per step: at most a line per 10 s
+        now[0] += 1.0
+        fast(1)
+    assert [line.split(": ")[1] for line in lines[1:]] == ["30% (10 of 30)", "60% (20 of 30)"]
+    lines.clear()
+    quiet = _Steps(job, 0, lines.append)  # a one-plane stack: nothing to say
     quiet(1)
-    assert len(lines) == 10
+    assert lines == []
 
 
 class _Unreadable:

@@ -195,10 +195,20 @@ def _prompter(
 
 
 class _Steps:
-    """``progress(1)`` of :func:`extend_stack`: a log line at the start and at each tenth."""
+    """``progress(1)`` of :func:`extend_stack`: a log line at the start, then at each
+    further tenth of the steps, at most one per ``interval`` seconds (short stacks stay
+    quiet; a long one reports as the plane bar would)."""
 
-    def __init__(self, job: Job, total: int, log: Callable[[str], None] | None) -> None:
-        self.job, self.total, self.log, self.done, self.shown = job, total, log, 0, 0
+    def __init__(
+        self,
+        job: Job,
+        total: int,
+        log: Callable[[str], None] | None,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job, self.total, self.log, self.interval, self.clock = job, total, log, interval, clock
+        self.done, self.shown, self.last = 0, 0, clock()
         if log is not None and total:
             log(f"extend {job.path}: prompting the linked 3D objects into the planes where "
                 f"they were missed ({total} plane steps)")  # fmt: skip
@@ -206,8 +216,11 @@ class _Steps:
     def __call__(self, n: int) -> None:
         self.done += n
         tenth = 10 * self.done // max(self.total, 1)
-        if self.log is not None and tenth > self.shown and self.done < self.total:
-            self.shown = tenth
+        if self.log is None or tenth <= self.shown or self.done >= self.total:
+            return
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.shown, self.last = tenth, now
             self.log(f"extend {self.job.path}: {10 * tenth}% ({self.done} of {self.total})")
 
 
