@@ -19,34 +19,8 @@ from mobilesam_batch import extend as batch_extend
 from mobilesam_batch.link import EXTEND_THRESHOLDS, LinkOptions
 from napari_mobilesam import synthetic
 
+from .extend_support import oracle, without_ends
 from .test_batch_link import FAST, Perfect, _csv_matches_labels, _rows, _write
-
-
-def _without_ends(truth: np.ndarray) -> np.ndarray:
-    """``truth`` (..., Z, H, W) less the first and last section of every cell that spans
-    three planes or more: what segment-everything typically misses."""
-    found = truth.copy()
-    for stack in found.reshape(-1, *truth.shape[-3:]):
-        for i in np.unique(stack)[1:]:
-            planes = np.flatnonzero((stack == i).any(axis=(1, 2)))
-            if len(planes) >= 3:
-                for z in (planes[0], planes[-1]):
-                    stack[z][stack[z] == i] = 0
-    return found
-
-
-def _oracle(truth_of, score: float = 0.9):
-    """``predict(z, boxes)``: the true section of plane z under each box's centre."""
-
-    def predict(z, boxes):
-        truth = truth_of(z)
-        masks = []
-        for x0, y0, x1, y1 in boxes:
-            i = truth[int((y0 + y1) / 2), int((x0 + x1) / 2)]
-            masks.append(truth == i if i else np.zeros(truth.shape, bool))
-        return np.array(masks), np.full(len(boxes), score)
-
-    return predict
 
 
 def _patch_model(monkeypatch, image: np.ndarray, truth: np.ndarray) -> list[int]:
@@ -63,7 +37,7 @@ def _patch_model(monkeypatch, image: np.ndarray, truth: np.ndarray) -> list[int]
             out.embedded += 1
             _, raw = plane(z)
             truth = by_plane[np.ascontiguousarray(raw).tobytes()]
-            return _oracle(lambda _: truth)(z, boxes)
+            return oracle(lambda _: truth)(z, boxes)
 
         return predict
 
@@ -86,7 +60,7 @@ def test_link_extend_adds_the_missed_sections_as_the_library_does(
     def run_cli(args):
         return tiny_cli([*args, *FAST])
 
-    Perfect(sample.image, _without_ends(truth)).patch(monkeypatch)
+    Perfect(sample.image, without_ends(truth)).patch(monkeypatch)
     prompted = _patch_model(monkeypatch, sample.image, truth)
     inp = str(_write(tmp_path / "s.tif", sample))
     args = [inp, "--link", link, "--csv", "--coco"]
@@ -101,7 +75,7 @@ def test_link_extend_adds_the_missed_sections_as_the_library_does(
     stacks = plain.reshape(-1, *plain.shape[-3:])
     truths = truth.reshape(-1, *truth.shape[-3:])
     expected = [
-        library.extend_objects(s, _oracle(lambda z, t=t: t[z]), **EXTEND_THRESHOLDS)
+        library.extend_objects(s, oracle(lambda z, t=t: t[z]), **EXTEND_THRESHOLDS)
         for s, t in zip(stacks, truths, strict=True)
     ]
     np.testing.assert_array_equal(
@@ -198,7 +172,7 @@ def test_an_input_unreadable_at_the_extension_fails_alone(
     from mobilesam_batch.inputs import InputError
 
     sample = synthetic.cells_3d((6, 64, 64), seed=3, radius=(8, 12), z_radius=(2, 3))
-    Perfect(sample.image, _without_ends(sample.labels)).patch(monkeypatch)
+    Perfect(sample.image, without_ends(sample.labels)).patch(monkeypatch)
 
     def open_again(path, axes):
         if failure == "gone":

@@ -7,6 +7,8 @@ import pytest
 
 from napari_mobilesam.linking.extend import BoxPrompter, extend_objects, extend_stack
 
+from .extend_support import oracle
+
 
 def _truth(n_z=6, shape=(40, 60)):
     """Two true cells: id 1 in planes 0-5 (a disk whose radius varies), id 2 in planes
@@ -21,21 +23,6 @@ def _truth(n_z=6, shape=(40, 60)):
     return truth
 
 
-def _oracle(truth, score=0.9, calls=None):
-    """predict(z, boxes): the true section of plane z under each box's centre."""
-
-    def predict(z, boxes):
-        if calls is not None:
-            calls.append((z, np.asarray(boxes).copy()))
-        masks = []
-        for x0, y0, x1, y1 in boxes:
-            i = truth[z, int((y0 + y1) / 2), int((x0 + x1) / 2)]
-            masks.append(truth[z] == i if i else np.zeros(truth.shape[1:], bool))
-        return np.array(masks), np.full(len(boxes), score)
-
-    return predict
-
-
 def test_missing_ends_and_gaps_are_filled_from_the_neighbouring_planes():
     truth = _truth()
     found = truth.copy()
@@ -43,7 +30,7 @@ def test_missing_ends_and_gaps_are_filled_from_the_neighbouring_planes():
     found[2][found[2] == 2] = 0  # id 2: planes 1 and 3, a gap at 2
     calls = []
     ticks = []
-    ext = extend_objects(found, _oracle(truth, calls=calls), progress=ticks.append)
+    ext = extend_objects(found, oracle(truth, calls=calls), progress=ticks.append)
     np.testing.assert_array_equal(ext.labels, truth)
     assert found[0].max() == 0  # the input is not changed
     # forward: 2 <- 1 (id 2's gap), 4 <- 3, 5 <- 4; backward: 1 <- 2, 0 <- 1
@@ -76,13 +63,13 @@ def test_extend_stack_reads_and_writes_one_plane_at_a_time():
         writes.append(z)
         disk[z] = plane.copy()
 
-    added, prompted = extend_stack(len(found), read, write, _oracle(truth))
+    added, prompted = extend_stack(len(found), read, write, oracle(truth))
     np.testing.assert_array_equal(np.stack([disk[z] for z in range(len(found))]), truth)
-    expected = extend_objects(found, _oracle(truth))
+    expected = extend_objects(found, oracle(truth))
     assert added == expected.added and prompted == expected.planes_prompted
     assert writes == [4, 5, 1, 0]  # forward: 4, 5; backward: 1, 0
     assert reads == [0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0]  # each plane once per sweep
-    assert extend_stack(1, read, write, _oracle(truth)) == ([], 0)
+    assert extend_stack(1, read, write, oracle(truth)) == ([], 0)
 
 
 def test_objects_end_where_the_model_does_not_find_them():
@@ -90,10 +77,10 @@ def test_objects_end_where_the_model_does_not_find_them():
     found = truth.copy()
     found[[0, 5]] = 0
     # a low score keeps nothing
-    ext = extend_objects(found, _oracle(truth, score=0.5))
+    ext = extend_objects(found, oracle(truth, score=0.5))
     np.testing.assert_array_equal(ext.labels, found)
     assert ext.added == []
-    ext = extend_objects(found, _oracle(truth, score=0.5), min_score=0.4)
+    ext = extend_objects(found, oracle(truth, score=0.5), min_score=0.4)
     np.testing.assert_array_equal(ext.labels, truth)
 
     # an answer unlike the section it came from (a neighbour) is not the same cell
@@ -111,17 +98,17 @@ def test_kept_masks_paint_only_unlabelled_pixels():
     found = truth.copy()
     found[4][found[4] == 1] = 0
     found[4, 10:30, 5:12] = 7  # another object covers part of cell 1's section in plane 4
-    ext = extend_objects(found, _oracle(truth))
+    ext = extend_objects(found, oracle(truth))
     assert (ext.labels[4, 10:30, 5:12] == 7).all()
     added = (ext.labels[4] == 1) & (found[4] == 0)
     assert added.sum() == ((truth[4] == 1) & (found[4] != 7)).sum()
     # most of the mask on other objects: not kept
     found[4][truth[4] == 1] = 7
-    assert (4, 1) not in [(z, i) for z, i, _, _ in extend_objects(found, _oracle(truth)).added]
+    assert (4, 1) not in [(z, i) for z, i, _, _ in extend_objects(found, oracle(truth)).added]
 
 
 def test_bad_input_is_named():
-    predict = _oracle(_truth())
+    predict = oracle(_truth())
     with pytest.raises(ValueError, match=r"\(Z, H, W\) integer array, got float64"):
         extend_objects(np.zeros((2, 4, 4)), predict)
     with pytest.raises(ValueError, match=r"\(Z, H, W\) integer array"):

@@ -17,6 +17,7 @@ from napari_mobilesam.interactive.objects import scores_from
 from napari_mobilesam.linking import link_stack
 from napari_mobilesam.synthetic import cell_time_series, cells_3d
 
+from .extend_support import oracle, without_ends
 from .widget_support import (  # skips the module without napari or a display
     WAIT,
     idle,
@@ -419,31 +420,6 @@ def test_status_counts_read_in_the_singular_for_one():
     assert counted(1, "objects") == "1 object"
 
 
-def _without_ends(truth: np.ndarray) -> np.ndarray:
-    """``truth`` (Z, H, W) less the first and last section of every cell spanning three
-    planes or more (what segment-everything typically misses)."""
-    found = truth.copy()
-    for i in np.unique(truth)[1:]:
-        planes = np.flatnonzero((truth == i).any(axis=(1, 2)))
-        if len(planes) >= 3:
-            for z in (planes[0], planes[-1]):
-                found[z][found[z] == i] = 0
-    return found
-
-
-def _oracle(truth: np.ndarray):
-    """``predict(z, boxes)``: the true section of plane z under each box's centre, 0.9."""
-
-    def predict(z, boxes):
-        masks = []
-        for x0, y0, x1, y1 in boxes:
-            i = truth[z, int((y0 + y1) / 2), int((x0 + x1) / 2)]
-            masks.append(truth[z] == i if i else np.zeros(truth.shape[1:], bool))
-        return np.array(masks), np.full(len(boxes), 0.9)
-
-    return predict
-
-
 def _extend_widget(make_napari_viewer, truth, monkeypatch, predict):
     """A viewer whose everything widget links through z with *extend objects*, its
     segmentation the truth less each cell's end sections, its prompts ``predict``."""
@@ -451,7 +427,7 @@ def _extend_widget(make_napari_viewer, truth, monkeypatch, predict):
 
     sample = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4))
     monkeypatch.setattr(_extend, "prompter", lambda predictor, model_input: predict)
-    planes = per_plane(_without_ends(sample.labels))
+    planes = per_plane(without_ends(sample.labels))
     truth(planes)
     viewer = make_napari_viewer()
     viewer.add_image(sample.image, name="cells")
@@ -469,14 +445,13 @@ def test_link_extend_adds_the_missed_sections_as_the_library_does(
     them where they were missed, as ``linking.extend.extend_objects`` does (the model
     here: an oracle giving the true section under each box's centre, score 0.9); the
     added sections' scores join the object table."""
-    from napari_mobilesam._widgets._extend import THRESHOLDS
-    from napari_mobilesam.linking.extend import extend_objects
+    from napari_mobilesam.linking.extend import THRESHOLDS, extend_objects
 
     labels = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4)).labels
-    oracle = _oracle(labels)
-    viewer, w, _, planes, linked = _extend_widget(make_napari_viewer, truth, monkeypatch, oracle)
+    model = oracle(labels)
+    viewer, w, _, planes, linked = _extend_widget(make_napari_viewer, truth, monkeypatch, model)
     _run(qtbot, w)
-    expected = extend_objects(linked, oracle, **THRESHOLDS)
+    expected = extend_objects(linked, model, **THRESHOLDS)
     assert expected.added
     result = viewer.layers["cells everything"]
     np.testing.assert_array_equal(result.data, expected.labels)
@@ -497,22 +472,21 @@ def test_link_extend_adds_the_missed_sections_as_the_library_does(
 def test_link_extend_cancel_keeps_the_sections_added(make_napari_viewer, qtbot, truth, monkeypatch):
     """Cancel during the extension: the plane being prompted is finished and written,
     no other plane is prompted, and the status line says what is kept."""
-    from napari_mobilesam._widgets._extend import THRESHOLDS
-    from napari_mobilesam.linking.extend import sweep_stack
+    from napari_mobilesam.linking.extend import THRESHOLDS, sweep_stack
 
     labels = cells_3d((10, 96, 96), seed=3, radius=(8, 16), z_radius=(2, 4)).labels
-    oracle, gate, calls = _oracle(labels), threading.Semaphore(0), []
+    model, gate, calls = oracle(labels), threading.Semaphore(0), []
 
     def predict(z, boxes):
         calls.append(z)
         assert gate.acquire(timeout=WAIT / 1000)  # a hang guard only
-        return oracle(z, boxes)
+        return model(z, boxes)
 
     viewer, w, _, _, linked = _extend_widget(make_napari_viewer, truth, monkeypatch, predict)
     w.run()
     qtbot.waitUntil(lambda: len(calls) == 1, timeout=WAIT)
     expected = linked.copy()  # the library's sweep, stopped after its first prompt
-    sweep = sweep_stack(len(expected), lambda z: expected[z], None, oracle, **THRESHOLDS)
+    sweep = sweep_stack(len(expected), lambda z: expected[z], None, model, **THRESHOLDS)
     z, new = next((z, new) for z, new in sweep if new is not None)
     assert new and z == calls[0]
     # meanwhile the user paints over part of where the extension is adding a section

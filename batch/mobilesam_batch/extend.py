@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from .inputs import InputError, open_source
 from .link import EXTEND_THRESHOLDS, Linked, LinkLayout
+from .outputs import atomic_path
 from .planes import load_plane, plane_name
 from .segment import get_segmenter
 
@@ -65,15 +66,12 @@ class Extended:
     embedded: int = 0
     from_store: int = 0
     seconds: float = 0.0
-    _saved: set[tuple[int, ...]] = field(default_factory=set, repr=False)
 
     def load(self, job: Job, index: tuple[int, ...]) -> dict[str, np.ndarray]:
         """Plane ``index`` as saved, with the sections added to it (``labels``,
         ``predicted_iou``, ``stability_score``; NaN stability for added sections)."""
-        if index not in self._saved:
-            return load_plane(job, index)
-        with np.load(self.folder / plane_name(index)) as z:
-            return {k: z[k] for k in z.files}
+        saved = (self.folder / plane_name(index)).exists()
+        return load_plane(job, index, self.folder if saved else None)
 
     def record(self) -> dict:
         """For the provenance record (``linked.extended``)."""
@@ -177,6 +175,8 @@ def _prompter(
     """``predict(z, boxes)`` for :func:`extend_stack`: plane z (``plane(z)``: its index
     and raw pixels) embedded, or its embedding read from the run's ``--embeddings`` store
     when the store holds these pixels, then prompted with the boxes (counted in ``out``)."""
+    from napari_mobilesam.linking.extend import box_masks
+
     from .embeddings import plane_embedding
 
     def predict(z: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +188,7 @@ def _prompter(
         else:
             predictor.set_embedding(known)
             out.from_store += 1
-        masks, scores, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
-        return masks[:, 0], scores[:, 0]
+        return box_masks(predictor, boxes)
 
     return predict
 
@@ -259,19 +258,12 @@ def _save(
         per[painted & (labels == obj)] = new
     linked.luts[index] = np.concatenate([lut, np.asarray(ids, dtype=lut.dtype)])
     scores = np.asarray([score for *_, score in added], dtype=np.float64)
-    _write_npz(
-        out.folder / plane_name(index),
-        labels=per,
-        predicted_iou=np.concatenate([np.asarray(plane["predicted_iou"], np.float64), scores]),
-        stability_score=np.concatenate(
-            [np.asarray(plane["stability_score"], np.float64), np.full(len(ids), np.nan)]
-        ),
-    )
-    out._saved.add(index)
-
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    with atomic_path(out.folder / plane_name(index)) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            labels=per,
+            predicted_iou=np.concatenate([np.asarray(plane["predicted_iou"], np.float64), scores]),
+            stability_score=np.concatenate(
+                [np.asarray(plane["stability_score"], np.float64), np.full(len(ids), np.nan)]
+            ),
+        )

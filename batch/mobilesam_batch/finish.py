@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__
 from .extend import extend_linked
 from .folder import OutputError, describe, is_fatal
-from .jobs import OUTPUT_KINDS, Job, commit_note, link_parameters, output_paths
+from .jobs import OUTPUT_KINDS, Job, commit_note, edited_outputs, link_parameters, output_paths
 from .link import Linked, link_layout, link_planes, write_tracks_csv
 from .outputs import (
     OBJECT_COLUMNS,
@@ -40,7 +40,7 @@ from .outputs import (
     write_objects_csv,
 )
 from .planes import RAN_ON, load_plane
-from .provenance import changed_outputs, environment, file_digest, now, read_provenance
+from .provenance import environment, file_digest, now, read_provenance
 
 if TYPE_CHECKING:
     from .runner import RunConfig, Summary
@@ -111,9 +111,9 @@ def _failed(job: Job, reason: str, summary: Summary, log: Callable[[str], None])
 def _check_unchanged(job: Job, config: RunConfig) -> None:
     """Raise ValueError when files of the set this job replaces were edited while it ran
     (planning refused sets edited before; ``--on-clash overwrite`` replaces them)."""
-    if config.on_clash == "overwrite" or commit_note(config.outdir, job.stem).exists():
-        return  # (a note: this input's interrupted write, which this run completes)
-    changed = changed_outputs(read_provenance(job.outputs["provenance"]), config.outdir)
+    if config.on_clash == "overwrite":
+        return
+    changed = edited_outputs(job.outputs, config.outdir, job.stem)
     if changed:
         raise ValueError(
             f"{', '.join(changed)} in {config.outdir} changed while this run was running "

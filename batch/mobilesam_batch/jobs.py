@@ -40,7 +40,15 @@ from .segment import SegmentOptions, get_segmenter
 if TYPE_CHECKING:
     from .runner import RunConfig, Summary
 
-__all__ = ["CLASH_CHOICES", "Job", "commit_note", "output_paths", "output_stem", "plan"]
+__all__ = [
+    "CLASH_CHOICES",
+    "Job",
+    "commit_note",
+    "edited_outputs",
+    "output_paths",
+    "output_stem",
+    "plan",
+]
 
 CLASH_CHOICES = ("refuse", "suffix", "overwrite")
 #: ``-N`` suffixes tried with ``--on-clash suffix`` before giving up
@@ -188,15 +196,22 @@ def _edited(
     differ from what the run that wrote them recorded (edited by hand since)."""
     if not redo and _up_to_date(outputs, outdir, stem, identity, key):
         return None  # skipped: nothing is written
-    if read_provenance(commit_note(outdir, stem)) is not None:
-        return None  # this input's interrupted write, which this run completes
-    changed = changed_outputs(read_provenance(outputs["provenance"]), outdir)
+    changed = edited_outputs(outputs, outdir, stem)
     if not changed:
         return None
     return (
         f"{', '.join(changed)} in {outdir} changed since mobilesam-everything wrote "
         f"{'them' if len(changed) > 1 else 'it'} (edited by hand?)"
     )
+
+
+def edited_outputs(outputs: dict[str, Path], outdir: Path, stem: str) -> list[str]:
+    """The files of the set at ``outputs`` changed since the run that wrote them (by the
+    SHA-256 its record keeps); none while a commit note says a write of this set was
+    interrupted (the set is then partly this tool's newer files, which a run completes)."""
+    if read_provenance(commit_note(outdir, stem)) is not None:
+        return []
+    return changed_outputs(read_provenance(outputs["provenance"]), outdir)
 
 
 def _choose_stem(

@@ -32,6 +32,7 @@ import numpy as np
 
 from napari_mobilesam.atomic import atomic_path
 from napari_mobilesam.linking import RULE_VERSION, Linker, LinkTable, id_mapping, min_planes_lut
+from napari_mobilesam.linking.extend import THRESHOLDS as EXTEND_THRESHOLDS  # --link-extend's
 
 __all__ = [
     "EXTEND_THRESHOLDS",
@@ -47,9 +48,6 @@ __all__ = [
 LINK_AXES = ("z", "t", "zt")
 #: linker settings the command line does not expose (the library's defaults), recorded
 MIN_COVER_Z, MIN_COVER_T, DIVISION_SHARE = 0.8, 0.5, 0.2
-#: ``--link-extend``: what a prompted section needs to be kept (the library's defaults:
-#: predicted IoU, IoU with the section it came from, share of unlabelled pixels)
-EXTEND_THRESHOLDS = {"min_score": 0.6, "min_iou": 0.3, "min_free": 0.5}
 _LETTERS = {"z": "Z", "t": "T", "zt": "TZ"}
 _EXAMPLE = {"z": "ZYX", "t": "TYX", "zt": "TZYX"}
 

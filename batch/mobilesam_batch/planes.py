@@ -73,9 +73,12 @@ def save_plane(job: Job, result: PlaneResult, tmp_dir: Path) -> None:
         job.ran_on.add(tuple(where[k] for k in RAN_ON))
 
 
-def load_plane(job: Job, index: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The arrays of a saved plane: ``labels``, ``predicted_iou``, ``stability_score``."""
-    with np.load(job.cache / plane_name(index)) as z:
+def load_plane(
+    job: Job, index: tuple[int, ...], folder: Path | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of a saved plane: ``labels``, ``predicted_iou``, ``stability_score``
+    (from ``folder``, default the job's saved planes)."""
+    with np.load((job.cache if folder is None else folder) / plane_name(index)) as z:
         return {k: z[k] for k in z.files}
 
 

@@ -17,11 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..interactive import predictor_lock
-from ..linking.extend import sweep_stack
+from ..linking.extend import THRESHOLDS, box_masks, sweep_stack
 from ..normalize import to_rgb_uint8
-
-#: what a prompted section needs to be kept (as ``mobilesam-everything --link-extend``)
-THRESHOLDS = {"min_score": 0.6, "min_iou": 0.3, "min_free": 0.5}
 
 #: one step of :func:`extend_work`: (steps done, steps in all, and the plane that
 #: gained sections: (index, labels (H, W), [(z, id, area, predicted IoU), ...]) or None)
@@ -98,8 +95,7 @@ def prompter(predictor, model_input):
         plane = model_input(z)  # (read before taking the predictor from the user)
         with predictor_lock(predictor):
             predictor.set_image(plane)
-            masks, scores, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
-        return masks[:, 0], scores[:, 0]
+            return box_masks(predictor, boxes)
 
     return predict
 

@@ -32,7 +32,20 @@ import numpy as np
 
 from ..training.metrics import mask_iou
 
-__all__ = ["BoxPrompter", "Extension", "extend_objects", "extend_stack", "sweep_stack"]
+__all__ = [
+    "THRESHOLDS",
+    "BoxPrompter",
+    "Extension",
+    "box_masks",
+    "extend_objects",
+    "extend_stack",
+    "sweep_stack",
+]
+
+#: what a prompted section needs to be kept, the defaults of every function here (and what
+#: ``mobilesam-everything --link-extend`` and the everything widget use): predicted IoU,
+#: IoU with the section it came from, share of its pixels unlabelled
+THRESHOLDS = {"min_score": 0.6, "min_iou": 0.3, "min_free": 0.5}
 
 #: ``predict(z, boxes)`` -> (masks (K, H, W) bool, scores (K,)): plane ``z`` prompted
 #: with K boxes, XYXY pixels (x0, y0, x1, y1), one mask per box.
@@ -62,9 +75,9 @@ def extend_objects(
     labels: np.ndarray,
     predict: Predict,
     *,
-    min_score: float = 0.6,
-    min_iou: float = 0.3,
-    min_free: float = 0.5,
+    min_score: float = THRESHOLDS["min_score"],
+    min_iou: float = THRESHOLDS["min_iou"],
+    min_free: float = THRESHOLDS["min_free"],
     progress: Callable[[int], None] | None = None,
 ) -> Extension:
     """Add sections to linked 3D objects in the planes next to them where they have none.
@@ -114,9 +127,9 @@ def extend_stack(
     write: Callable[[int, np.ndarray, list], None] | None,
     predict: Predict,
     *,
-    min_score: float = 0.6,
-    min_iou: float = 0.3,
-    min_free: float = 0.5,
+    min_score: float = THRESHOLDS["min_score"],
+    min_iou: float = THRESHOLDS["min_iou"],
+    min_free: float = THRESHOLDS["min_free"],
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[tuple[int, int, int, float]], int]:
     """:func:`extend_objects` on a stack read and written one plane at a time.
@@ -165,9 +178,9 @@ def sweep_stack(
     write: Callable[[int, np.ndarray, list], None] | None,
     predict: Predict,
     *,
-    min_score: float = 0.6,
-    min_iou: float = 0.3,
-    min_free: float = 0.5,
+    min_score: float = THRESHOLDS["min_score"],
+    min_iou: float = THRESHOLDS["min_iou"],
+    min_free: float = THRESHOLDS["min_free"],
 ) -> Iterator[tuple[int, list[tuple[int, int, int, float]] | None]]:
     """:func:`extend_stack` one plane at a time, for callers that show progress or stop.
 
@@ -268,5 +281,23 @@ class BoxPrompter:
             plane = self._planes(z) if callable(self._planes) else self._planes[z]
             self.predictor.set_image(plane)
             self._current, self.embedded = z, self.embedded + 1
-        masks, scores, _ = self.predictor.predict_batch(boxes=boxes, multimask_output=False)
-        return masks[:, 0], scores[:, 0]
+        return box_masks(self.predictor, boxes)
+
+
+def box_masks(predictor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One mask and its predicted IoU per box, from the image set on ``predictor``.
+
+    Parameters
+    ----------
+    predictor : napari_mobilesam.predictor.Predictor
+        With an image (or embedding) set.
+    boxes : (K, 4) array
+        XYXY pixels of that image.
+
+    Returns
+    -------
+    masks : (K, H, W) bool
+    scores : (K,) float
+    """
+    masks, scores, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
+    return masks[:, 0], scores[:, 0]
