@@ -383,6 +383,9 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, caps
         (["--points-per-side", "0"], "points_per_side"),
         (["--points-per-side", "100000"], "points_per_side must be in [1, 1024]"),
         (["--nms", "other"], "invalid choice"),
+        (["--max-upscale", "0.5"], "--max-upscale 0.5: give a finite number >= 1"),
+        (["--max-upscale", "nan"], "--max-upscale nan: give a finite number >= 1"),
+        (["--max-upscale", "inf"], "--max-upscale inf: give a finite number >= 1"),
     ],
 )
 def test_usage_errors(tiny_cli, tmp_path, capsys, args, message):

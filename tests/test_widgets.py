@@ -339,7 +339,24 @@ def test_model_picker_passes_backend_and_precision(qtbot, monkeypatch, tmp_path)
     picker.backend.setCurrentText("auto")
     picker.precision.setCurrentText("auto")
     assert picker.predictor() == "predictor"
-    assert calls == [("vit_t", str(weights), "auto", "auto", "auto")]
+    assert calls == [("vit_t", str(weights), "auto", "auto", "auto", None)]
+    assert picker.max_upscale.currentText() == "none"  # SAM's resize by default
+    picker.max_upscale.setCurrentText("1.5")
+    picker.predictor()
+    assert calls[-1] == ("vit_t", str(weights), "auto", "auto", "auto", 1.5)
+
+
+def test_get_predictor_shares_engines_per_upscale_limit(monkeypatch, tiny_model):
+    """One engine per (model, ..., max upscale): the limit reaches the predictor."""
+    from napari_mobilesam._widgets import _common
+
+    monkeypatch.setattr(_common, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(_common, "_ENGINES", {})
+    a = _common.get_predictor("vit_t", None, "cpu", max_upscale=2.0)
+    b = _common.get_predictor("vit_t", None, "cpu", max_upscale=2.0)
+    c = _common.get_predictor("vit_t", None, "cpu")
+    assert a.engine is b.engine and a.engine is not c.engine
+    assert a.engine.frames.max_upscale == 2.0 and c.engine.frames.max_upscale is None
 
 
 def test_both_widgets_at_once_on_one_predictor(make_napari_viewer, qtbot, tiny_predictor):
@@ -412,10 +429,13 @@ def test_one_model_setting_for_both_widgets(make_napari_viewer, qtbot, tmp_path)
     w.model.weights.setText(str(weights))  # entered once, before the other widget exists
     e = EverythingWidget(viewer)
     viewer.window.add_dock_widget(e)
-    assert e.model.spec() == w.model.spec() == ("vit_t", str(weights), "auto", "torch", "fp32")
+    spec = ("vit_t", str(weights), "auto", "torch", "fp32", None)
+    assert e.model.spec() == w.model.spec() == spec
     e.model.name.setCurrentText("vit_t_synthetic_cells")
     e.model.precision.setCurrentText("bf16")
-    assert w.model.spec() == ("vit_t_synthetic_cells", str(weights), "auto", "torch", "bf16")
+    e.model.max_upscale.setCurrentText("2")
+    spec = ("vit_t_synthetic_cells", str(weights), "auto", "torch", "bf16", 2.0)
+    assert w.model.spec() == spec
     w.model.weights.setText("")
     assert e.model.spec()[1] is None
     # an empty weights field says where the weights come from, in both widgets
@@ -429,6 +449,7 @@ def test_one_model_setting_for_both_widgets(make_napari_viewer, qtbot, tmp_path)
         assert not picker.advanced.isChecked() and picker.advanced_box.isHidden()
         assert picker.advanced_box.isAncestorOf(picker.backend)
         assert picker.advanced_box.isAncestorOf(picker.precision)
+        assert picker.advanced_box.isAncestorOf(picker.max_upscale)
     w.model.advanced.click()
     assert not w.model.advanced_box.isHidden() and e.model.advanced_box.isHidden()
     # another viewer has a setting of its own

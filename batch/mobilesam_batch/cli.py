@@ -144,6 +144,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         default="0.5,99.5",
         help="percentiles used as contrast limits [0.5,99.5]",
     )
+    image.add_argument("--max-upscale", type=float, metavar="X",
+                       help="enlarge a plane smaller than the model's 1024 px input at most X "
+                       "times, padding the rest with its background, so small planes' objects "
+                       "keep the size the model knows (the stand-in model: 2 for 256 px "
+                       "planes) [enlarge to 1024 px, as SAM does]")  # fmt: skip
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--coco", action="store_true", help="also write <stem>_coco.json")
@@ -223,9 +228,12 @@ def _options(args: argparse.Namespace, names: list[str]):
     percentiles = _numbers(args.percentiles, float, 2, "--percentiles")
     if not 0 <= percentiles[0] < percentiles[1] <= 100:
         raise UsageError(f"--percentiles {args.percentiles!r}: need 0 <= LO < HI <= 100")
+    if args.max_upscale is not None and not 1 <= args.max_upscale < float("inf"):  # NaN too
+        raise UsageError(f"--max-upscale {args.max_upscale:g}: give a finite number >= 1")
     return SegmentOptions(
-        generator=generator, channels=channels, contrast_limits=limits, percentiles=percentiles
-    )
+        generator=generator, channels=channels, contrast_limits=limits, percentiles=percentiles,
+        max_upscale=args.max_upscale,
+    )  # fmt: skip
 
 
 def _check_axes(axes: str | None) -> str | None:

@@ -115,7 +115,9 @@ def check_embeddings(path, source, options, model) -> dict[str, Any]:
             "plane: embed INPUT again without tiles (`mobilesam embed --tile-threshold 0`)"
         )
     planes = source_planes(source, options.channels, options.contrast_limits)
-    check_store(store, describe(planes, model, options.percentiles))
+    check_store(
+        store, describe(planes, model, options.percentiles, max_upscale=options.max_upscale)
+    )
     meta = store.meta
     image = {k: meta["image"][k] for k in ("sample_sha256", "plane_shape", "shape_hw", "dtype")}
     return {
@@ -131,7 +133,9 @@ def check_embeddings(path, source, options, model) -> dict[str, Any]:
 _OPEN: dict[str, Any] = {}
 
 
-def plane_embedding(path: str, index: tuple[int, ...], plane: np.ndarray):
+def plane_embedding(
+    path: str, index: tuple[int, ...], plane: np.ndarray, input_size: tuple[int, int] | None = None
+):
     """The store's embedding of plane ``index``, if it was made from these pixels.
 
     The store is opened once per process (read-only). A plane the store lacks, whose
@@ -146,10 +150,18 @@ def plane_embedding(path: str, index: tuple[int, ...], plane: np.ndarray):
         The plane's position in the input's plane axes.
     plane : np.ndarray
         The plane's pixels as read from the input ((H, W) or (H, W, C)).
+    input_size : (int, int), optional
+        The (h, w) this run shows the plane at in the model's input (smaller than the
+        input with ``--max-upscale``); a stored embedding made at another size raises.
 
     Returns
     -------
     ImageEmbedding or None
+
+    Raises
+    ------
+    StoreMismatchError
+        When the plane's embedding was made at another input size than ``input_size``.
     """
     from napari_mobilesam.interactive.cache import content_fingerprint
     from napari_mobilesam.store import EmbeddingStore, StoreCorruptError
@@ -162,7 +174,17 @@ def plane_embedding(path: str, index: tuple[int, ...], plane: np.ndarray):
     if sha1 is None or sha1 != content_fingerprint(plane):
         return None
     try:
-        return store.read(index)
+        embedding = store.read(index)
     except StoreCorruptError as err:
         warnings.warn(f"{err}; embedding the plane instead", RuntimeWarning, stacklevel=2)
         return None
+    if input_size is not None and tuple(embedding.input_size) != tuple(input_size):
+        from napari_mobilesam.store import StoreMismatchError
+
+        raise StoreMismatchError(
+            f"the embedding store {path} shows plane {index} to the model at "
+            f"{embedding.input_size[1]}x{embedding.input_size[0]} px, this run at "
+            f"{input_size[1]}x{input_size[0]} px: embed the input again with this run's "
+            "--max-upscale (`mobilesam embed --max-upscale X`), or run with the store's"
+        )
+    return embedding

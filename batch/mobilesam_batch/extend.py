@@ -147,7 +147,7 @@ def extend_linked(
                 except (InputError, OSError) as exc:
                     raise ValueError(_unreadable(job, exc)) from None
 
-            prompter = _prompter(predictor, plane, seg.rgb, config.embeddings, out)
+            prompter = _prompter(predictor, plane, seg, config.embeddings, out)
             added, prompted = extend_stack(len(stack), read, write, prompter,
                                            progress=steps, **EXTEND_THRESHOLDS)  # fmt: skip
             out.sections += len(added)
@@ -168,22 +168,25 @@ def _unreadable(job: Job, exc: BaseException) -> str:
 def _prompter(
     predictor,
     plane: Callable[[int], tuple[tuple[int, ...], np.ndarray]],
-    rgb: Callable[[np.ndarray], np.ndarray],
+    seg,
     store: str | None,
     out: Extended,
 ) -> Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``predict(z, boxes)`` for :func:`extend_stack`: plane z (``plane(z)``: its index
-    and raw pixels) embedded, or its embedding read from the run's ``--embeddings`` store
-    when the store holds these pixels, then prompted with the boxes (counted in ``out``)."""
+    and raw pixels) embedded as the run's segmenter ``seg`` shows it to the model, or its
+    embedding read from the run's ``--embeddings`` store when the store holds these
+    pixels, then prompted with the boxes (counted in ``out``)."""
     from napari_mobilesam.linking.extend import box_masks
 
     from .embeddings import plane_embedding
 
     def predict(z: int, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index, raw = plane(z)
-        known = None if store is None else plane_embedding(store, index, raw)
+        known = None
+        if store is not None:
+            known = plane_embedding(store, index, raw, seg.input_size(raw.shape))
         if known is None:
-            predictor.set_image(rgb(raw))
+            predictor.set_image(seg.rgb(raw))
             out.embedded += 1
         else:
             predictor.set_embedding(known)

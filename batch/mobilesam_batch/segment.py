@@ -84,12 +84,16 @@ class SegmentOptions:
         Fixed intensity range for every picked channel; None: per-plane percentiles.
     percentiles : (float, float)
         Percentiles used as contrast limits when ``contrast_limits`` is None.
+    max_upscale : float or None
+        Enlarge a small plane at most this many times for the model's input
+        (:class:`~napari_mobilesam.predictor.Predictor`); None: to the input size.
     """
 
     generator: tuple[tuple[str, Any], ...] = ()
     channels: tuple[int, ...] | None = None
     contrast_limits: tuple[float, float] | None = None
     percentiles: tuple[float, float] = (0.5, 99.5)
+    max_upscale: float | None = None
 
     def generator_kwargs(self) -> dict[str, Any]:
         return dict(self.generator)
@@ -104,6 +108,8 @@ class SegmentOptions:
             contrast_limits=None if self.contrast_limits is None else list(self.contrast_limits),
             percentiles=list(self.percentiles),
         )
+        if self.max_upscale is not None:  # (absent when unset: keys of earlier runs match)
+            out["max_upscale"] = self.max_upscale
         return out
 
 
@@ -163,8 +169,9 @@ class PlaneSegmenter:
         self.options = options
         self.sam = model.load()
         predictor = Predictor(
-            self.sam, backend=model.backend, threads=model.threads, precision=model.precision
-        )
+            self.sam, backend=model.backend, threads=model.threads, precision=model.precision,
+            max_upscale=options.max_upscale,
+        )  # fmt: skip
         self.generator = MaskGenerator(predictor, **options.generator_kwargs())
 
     def where(self) -> dict[str, Any]:
@@ -188,6 +195,14 @@ class PlaneSegmenter:
         """One line for the log, e.g. ``vit_t on cpu: torch, 2 threads, fp32; fast mode,
         prompt batches on 2 worker threads`` (:meth:`MaskGenerator.describe`)."""
         return f"{self.model_spec.name} on {self.generator.describe()}"
+
+    def input_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(h, w) in the model's input of a plane of ``shape`` ((H, W) or (H, W, C)):
+        its longer side the input size, or less with ``--max-upscale``."""
+        from napari_mobilesam.transforms import preprocess_shape
+
+        h, w = int(shape[0]), int(shape[1])
+        return preprocess_shape(h, w, self.generator.predictor.engine.frames.long_side((h, w)))
 
     def rgb(self, plane: np.ndarray) -> np.ndarray:
         """A plane as the model sees it: (H, W) or (H, W, C) in, (H, W, 3) uint8 out,
@@ -228,7 +243,9 @@ class PlaneSegmenter:
 
         start = time.perf_counter()
         rgb = self.rgb(plane)
-        known = None if embeddings is None else plane_embedding(embeddings, tuple(index), plane)
+        known = None
+        if embeddings is not None:
+            known = plane_embedding(embeddings, tuple(index), plane, self.input_size(plane.shape))
         labels, info = self.generator.generate_labels(rgb, return_info=True, embedding=known)
         return PlaneResult(
             index=tuple(index),

@@ -78,6 +78,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.batch_size is not None and args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}", status=2)
+    if args.max_upscale is not None and not 1 <= args.max_upscale < float("inf"):
+        raise CommandError(
+            f"--max-upscale {args.max_upscale:g}: give a finite number >= 1", status=2
+        )
     if args.weights is not None and not args.weights.is_file():
         raise CommandError(f"--weights {args.weights}: no such file", status=2)
     try:
@@ -124,7 +128,7 @@ def _embed(args, source, channels, limits, percentiles) -> int:
     grid = _grid(args, planes.shape_hw)
     checkpoint = args.weights if args.weights is not None else _w.fetch(args.model)
     model = build.load_model(args.model, checkpoint, device=args.device)
-    predictor = Predictor(model, precision=args.precision)
+    predictor = Predictor(model, precision=args.precision, max_upscale=args.max_upscale)
     output = Path(args.output)
     try:  # the store's folder is made, as mobilesam-everything makes its output folder
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--percentiles", metavar="LO,HI",
                    help="percentiles of each plane used as contrast limits [0.5,99.5, "
                    "what the prompt widget uses]")  # fmt: skip
+    p.add_argument("--max-upscale", type=float, metavar="X",
+                   help="enlarge planes smaller than the model's input at most X times, as "
+                   "mobilesam-everything --max-upscale X does [to the input size]")  # fmt: skip
     p.add_argument("--batch-size", type=int,
                    help="planes (tiles) per encoder call [GPU 8, CPU 1]")  # fmt: skip
     p.add_argument("--tile-threshold", type=int, default=DEFAULT_TILE_THRESHOLD, metavar="PX",

@@ -34,7 +34,7 @@ from .mask_upsampler import MaskUpsampler
 from .model import Sam
 from .normalize import to_rgb_uint8
 from .predictor_batch import BatchPrediction
-from .transforms import ResizeLongestSide
+from .transforms import ResizeLongestSide, apply_boxes, apply_coords, check_max_upscale
 from .validation import check_boxes, check_mask_input, check_points
 
 __all__ = [
@@ -101,6 +101,17 @@ class Predictor(BatchPrediction):
         On a GPU, replay the image encoder from CUDA graphs recorded once per
         batch size and precision: the same kernels without the launch overhead
         that dominates at batch 1. No effect on a CPU or with another backend.
+    max_upscale : float, optional
+        Enlarge a small image at most this many times (>= 1) instead of to the model's
+        input size, and fill the rest of the input with its background colour
+        (:func:`~napari_mobilesam.transforms.input_long_side`). A 256 px image is then
+        shown at 512 px with ``max_upscale=2`` instead of at 1024 px, so its objects
+        keep the size a model trained on larger images expects. Default None: every
+        image is resized to the input size, as SAM does (the reference's results).
+        Prompts and masks stay in the image's pixels either way;
+        :attr:`transform`, which maps to a full-size input, then does not apply to
+        small images (:meth:`predict_torch` users: scale by ``max(input_size) /
+        max(original_size)``).
     """
 
     def __init__(
@@ -116,10 +127,13 @@ class Predictor(BatchPrediction):
         threads: int | None = None,
         precision: str = "fp32",
         cuda_graphs: bool = True,
+        max_upscale: float | None = None,
     ):
+        check_max_upscale(max_upscale)
         options = EngineOptions(
             decoder_cache=decoder_cache, factorized=factorized, cuda_graphs=cuda_graphs,
             onnx_folder=onnx_folder, quantize=quantize, threads=threads,
+            max_upscale=None if max_upscale is None else float(max_upscale),
         )  # fmt: skip
         if isinstance(model, Engine):
             given = (options, backend, precision, device)
@@ -440,14 +454,15 @@ class Predictor(BatchPrediction):
     def _prompts(self, image: _Image, coords, labels, boxes, masks_in) -> Prompts:
         """Checked numpy prompts in the original frame -> :class:`Prompts` (input frame)."""
         dev, size = self.device, image.embedding.original_size
+        long_side = max(image.embedding.input_size)  # the model's input size, or less
 
         def tensor(a, dtype=torch.float32):
             return None if a is None else torch.as_tensor(a, dtype=dtype, device=dev)
 
         return Prompts(
-            tensor(None if coords is None else self.transform.apply_coords(coords, size)),
+            tensor(None if coords is None else apply_coords(coords, size, long_side)),
             tensor(labels, torch.int64),
-            tensor(None if boxes is None else self.transform.apply_boxes(boxes, size)),
+            tensor(None if boxes is None else apply_boxes(boxes, size, long_side)),
             tensor(masks_in),
         )
 

@@ -9,6 +9,10 @@ Frames:
 - *original*: pixels of the image the user gave, size (H, W);
 - *input*: the image after resize-longest-side to ``long_side`` (h, w), before
   padding to (long_side, long_side); prompts go to the model in this frame.
+
+``long_side`` is the model's input size S, except for a small image with an upscale
+limit (:func:`input_long_side`): it is then resized to a shorter side and the rest of
+the (S, S) input is padding.
 """
 
 from __future__ import annotations
@@ -37,6 +41,51 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
             "would shrink to 0 pixels); crop it into pieces or pad its shorter side"
         )
     return h, w
+
+
+def input_long_side(
+    height: int, width: int, model_size: int, max_upscale: float | None = None
+) -> int:
+    """The longer side, in the model's input, of an (height, width) image.
+
+    SAM resizes every image so that its longer side is the model's input size S
+    (``model_size``): a 256 px image is enlarged 4 times. With ``max_upscale`` an image
+    is enlarged at most that many times (never shrunk by it); the rest of the (S, S)
+    input is padding. Objects of a small image then keep the size, in the model's
+    input, that a model trained on larger images saw.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size in pixels.
+    model_size : int
+        The model's input size S (1024 for SAM models).
+    max_upscale : float, optional
+        At least 1; None: no limit (SAM's resize).
+
+    Returns
+    -------
+    int
+        ``model_size``, or ``round(max(height, width) * max_upscale)`` when that is
+        smaller.
+    """
+    check_max_upscale(max_upscale)
+    if max_upscale is None:
+        return model_size
+    return min(model_size, int(max(height, width) * max_upscale + 0.5))
+
+
+def check_max_upscale(max_upscale: float | None) -> None:
+    """Raise ValueError unless ``max_upscale`` is None or a finite number >= 1."""
+    if max_upscale is None:
+        return
+    number = isinstance(max_upscale, (int, float, np.integer, np.floating))
+    ok = number and not isinstance(max_upscale, bool)
+    if not ok or not (1.0 <= float(max_upscale) < float("inf")):
+        raise ValueError(
+            f"max_upscale must be a number >= 1 (how many times a small image may be "
+            f"enlarged) or None (no limit), got {max_upscale!r}"
+        )
 
 
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:

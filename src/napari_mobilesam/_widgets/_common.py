@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..build import load_model
-from ..engine import Engine, make_engine
+from ..engine import Engine, EngineOptions, make_engine
 from ..predictor import Predictor
 
 _ENGINES: dict[tuple[str, str, str, str, str], Engine] = {}
@@ -26,7 +26,12 @@ _LOCK = threading.Lock()
 
 
 def get_predictor(
-    name: str, weights: str | None, device: str, backend: str = "torch", precision: str = "fp32"
+    name: str,
+    weights: str | None,
+    device: str,
+    backend: str = "torch",
+    precision: str = "fp32",
+    max_upscale: float | None = None,
 ) -> Predictor:
     """A new predictor for the model, over an engine shared by all widgets (the model is
     loaded once; slow the first time). Each caller gets its own current image.
@@ -44,13 +49,16 @@ def get_predictor(
         is the fastest choice (:class:`~napari_mobilesam.predictor.Predictor`): torch.
     precision : {"fp32", "auto", "bf16", "fp16"}
         Image encoder precision (see :class:`~napari_mobilesam.predictor.Predictor`).
+    max_upscale : float, optional
+        Enlarge small images at most this many times (``Predictor(max_upscale=)``).
     """
-    key = (name, weights or "", device, backend, precision)
+    key = (name, weights or "", device, backend, precision, max_upscale)
     with _LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             model = load_model(name, weights or None, device=device)
-            engine = _ENGINES[key] = make_engine(model, backend, precision)
+            options = EngineOptions(max_upscale=max_upscale)
+            engine = _ENGINES[key] = make_engine(model, backend, precision, options=options)
     return Predictor(engine)
 
 

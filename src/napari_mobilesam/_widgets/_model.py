@@ -29,13 +29,16 @@ from ..predictor import Predictor
 from ..weights import REGISTRY
 from . import _common
 
-_FIELDS = ("name", "weights", "device", "backend", "precision")
+_FIELDS = ("name", "weights", "device", "backend", "precision", "max_upscale")
+#: the *max upscale* choices: "none" is SAM's resize to the model's input
+UPSCALE_CHOICES = ("none", "1", "1.5", "2", "3", "4")
 _SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ModelSetting(QObject):
     """The chosen model of one viewer: ``values`` maps each field of
-    :meth:`ModelPicker.spec` (name, weights, device, backend, precision) to its text;
+    :meth:`ModelPicker.spec` (name, weights, device, backend, precision, max upscale) to its
+    text;
     ``changed`` is emitted after every change."""
 
     changed = Signal()
@@ -62,8 +65,9 @@ def model_setting(viewer) -> ModelSetting:
 
 
 class ModelPicker(QWidget):
-    """Model name, optional weights file and device; backend and precision under
-    *advanced*. Every picker of a viewer shows the viewer's one :class:`ModelSetting`.
+    """Model name, optional weights file and device; backend, precision and the upscale
+    limit for small images under *advanced*. Every picker of a viewer shows the viewer's
+    one :class:`ModelSetting`.
 
     Parameters
     ----------
@@ -117,8 +121,17 @@ class ModelPicker(QWidget):
             "image encoder precision. fp32: the reference's numbers; auto: bf16 on GPUs and "
             "on CPUs with bf16 units (1.5-2x faster, masks mean IoU 0.998 vs fp32), else fp32"
         )
+        self.max_upscale = QComboBox()
+        self.max_upscale.addItems(UPSCALE_CHOICES)
+        self.max_upscale.setToolTip(
+            "enlarge images smaller than the model's 1024 px input at most this many times, "
+            "padding the rest with their background, so their objects keep the size the "
+            "model learnt (vit_t_synthetic_cells: 2 for 256 px planes). none: enlarge to "
+            "1024 px, as SAM does"
+        )
         extra.addRow("backend", self.backend)
         extra.addRow("precision", self.precision)
+        extra.addRow("max upscale", self.max_upscale)
         self.advanced_box.setVisible(False)
         self.advanced.toggled.connect(self._toggle_advanced)
         outer.addWidget(self.advanced)
@@ -132,7 +145,7 @@ class ModelPicker(QWidget):
         else:
             self._push()
         self.setting.changed.connect(self._pull)
-        for combo in (self.name, self.device, self.backend, self.precision):
+        for combo in (self.name, self.device, self.backend, self.precision, self.max_upscale):
             combo.currentTextChanged.connect(self._push)
         self.weights.textChanged.connect(self._push)
 
@@ -157,6 +170,7 @@ class ModelPicker(QWidget):
             "device": self.device.currentText(),
             "backend": self.backend.currentText(),
             "precision": self.precision.currentText(),
+            "max_upscale": self.max_upscale.currentText(),
         }
 
     def _push(self, *_args) -> None:
@@ -181,20 +195,23 @@ class ModelPicker(QWidget):
         if path:
             self.weights.setText(path)
 
-    def spec(self) -> tuple[str, str | None, str, str, str]:
-        """(name, weights or None, device, backend, precision) as chosen."""
+    def spec(self) -> tuple[str, str | None, str, str, str, float | None]:
+        """(name, weights or None, device, backend, precision, max upscale or None) as
+        chosen."""
         text = self.weights.text().strip()
+        upscale = self.max_upscale.currentText()
         return (
             self.name.currentText(),
             text or None,
             self.device.currentText(),
             self.backend.currentText(),
             self.precision.currentText(),
+            None if upscale == "none" else float(upscale),
         )
 
     def predictor(self) -> Predictor:
         """Load (or reuse) the chosen model; call from a worker thread."""
-        name, weights, device, backend, precision = self.spec()
+        name, weights, device, backend, precision, max_upscale = self.spec()
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
-        return _common.get_predictor(name, weights, device, backend, precision)
+        return _common.get_predictor(name, weights, device, backend, precision, max_upscale)

@@ -38,6 +38,9 @@ class EngineOptions:
         onnxruntime: intra-op threads.
     device_resize : bool, optional
         Resize images on the model's device (default on CUDA, see :class:`Frames`).
+    max_upscale : float, optional
+        Enlarge a small image at most this many times and pad the rest of the model's
+        input with its background (see :class:`Frames`); None: SAM's resize.
     """
 
     decoder_cache: bool = True
@@ -47,6 +50,7 @@ class EngineOptions:
     quantize: str | None = None
     threads: int | None = None
     device_resize: bool | None = None
+    max_upscale: float | None = None
 
 
 class Engine:
@@ -97,7 +101,7 @@ class Engine:
         self.backend = backend
         self.options = options or EngineOptions()
         self.policy = policy or DEFAULT_POLICY
-        self.frames = Frames(model, self.options.device_resize)
+        self.frames = Frames(model, self.options.device_resize, self.options.max_upscale)
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +123,9 @@ class Engine:
         """What runs, as chosen: e.g. ``"cpu: torch, 2 threads, bf16"``."""
         graphs = ", CUDA graphs" if self.uses_cuda_graphs else ""
         threads = self.policy.describe_threads(self.device)
-        return f"{self.device}: {self.name}, {threads}, {self.precision}{graphs}"
+        limit = self.frames.max_upscale
+        upscale = "" if limit is None else f", small images enlarged at most {limit:g}x"
+        return f"{self.device}: {self.name}, {threads}, {self.precision}{graphs}{upscale}"
 
     def apply_threads(self) -> int:
         """Size torch's threads in the calling thread for the machine's load now

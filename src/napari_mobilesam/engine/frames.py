@@ -5,6 +5,12 @@ that its longer side is the model's input size S (Pillow's bilinear resize on th
 or the same bytes on the device, :class:`~napari_mobilesam.accel.resize.PillowResize`),
 then normalised and zero-padded to (S, S) by ``Sam.preprocess``. Low-res logits come
 back to the original size by ``Sam.postprocess_masks``, in chunks.
+
+With an upscale limit (``max_upscale``) a small image is resized to a shorter side
+(:func:`~napari_mobilesam.transforms.input_long_side`) and the rest of the input is
+filled with the image's background colour (the per-channel median of its border
+pixels) instead of zeros: a model trained on fluorescence images reads SAM's zero
+padding, which is the mean ImageNet colour, as a bright object.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import torch
 
 from ..accel.resize import PillowResize
 from ..model import Sam
-from ..transforms import resize_longest_side
+from ..transforms import check_max_upscale, input_long_side, resize_longest_side
 
-__all__ = ["DEVICE_RESIZE_PIXELS", "POSTPROCESS_CHUNK", "Frames"]
+__all__ = ["DEVICE_RESIZE_PIXELS", "POSTPROCESS_CHUNK", "Frames", "background_colour"]
 
 #: upsampled logits are produced in chunks of at most this many float32 values (~256
 #: MB), so many prompts never hold them all at once
@@ -35,13 +41,24 @@ class Frames:
         Resize on the model's device (:class:`~napari_mobilesam.accel.resize.PillowResize`)
         instead of with Pillow on the host: default on CUDA, where Pillow's resize would
         bound a stack's speed. The bytes are the same.
+    max_upscale : float, optional
+        Enlarge an image at most this many times (>= 1); None: resize every image to
+        the model's input size, as SAM does.
     """
 
-    def __init__(self, model: Sam, device_resize: bool | None = None) -> None:
+    def __init__(
+        self, model: Sam, device_resize: bool | None = None, max_upscale: float | None = None
+    ) -> None:
+        check_max_upscale(max_upscale)
         self.model = model
+        self.max_upscale = None if max_upscale is None else float(max_upscale)
         if device_resize is None:
             device_resize = model.device.type == "cuda"
         self.resize = PillowResize(model.img_size) if device_resize else None
+
+    def long_side(self, size: tuple[int, int]) -> int:
+        """The longer side, in the model's input, of an image of ``size`` (H, W)."""
+        return input_long_side(size[0], size[1], self.model.img_size, self.max_upscale)
 
     def frame(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """(1, 3, h, w) uint8 tensor on the model's device, and the (H, W) of ``rgb``.
@@ -53,15 +70,32 @@ class Frames:
         """
         device = self.model.device
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        if self.resize is not None and size[0] * size[1] <= DEVICE_RESIZE_PIXELS:
+        long_side = self.long_side(size)
+        full = long_side == self.model.img_size
+        if full and self.resize is not None and size[0] * size[1] <= DEVICE_RESIZE_PIXELS:
             image = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(device)
             return self.resize(image.permute(2, 0, 1)).contiguous()[None], size
-        resized = resize_longest_side(rgb, self.model.img_size)
+        resized = resize_longest_side(rgb, long_side)
         return torch.tensor(resized, device=device).permute(2, 0, 1).contiguous()[None], size
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) RGB 0..255 (uint8 or float) -> (B, 3, S, S) float32 encoder input."""
-        return self.model.preprocess(frames.to(self.model.device).float())
+        """(B, 3, h, w) RGB 0..255 (uint8 or float) -> (B, 3, S, S) float32 encoder input.
+
+        Frames whose longer side is the model's input size S are zero-padded, as SAM
+        pads them; smaller ones (an upscale limit) are padded with their background
+        colour (:func:`background_colour`), normalised.
+        """
+        x = frames.to(self.model.device).float()
+        out = self.model.preprocess(x)
+        h, w = x.shape[-2:]
+        if max(h, w) < self.model.img_size:
+            model = self.model
+            fill = (background_colour(x) - model.pixel_mean.view(1, 3)) / model.pixel_std.view(
+                1, 3
+            )  # (B, 3)
+            out[:, :, h:, :] = fill[:, :, None, None]
+            out[:, :, :h, w:] = fill[:, :, None, None]
+        return out
 
     def masks(
         self,
@@ -89,3 +123,23 @@ class Frames:
             logits = self.model.postprocess_masks(low_res[i : i + step], input_size, original_size)
             out[i : i + step] = logits if return_logits else logits > self.model.mask_threshold
         return out
+
+
+def background_colour(frames: torch.Tensor) -> torch.Tensor:
+    """The background colour of images: the per-channel median of their border pixels.
+
+    Parameters
+    ----------
+    frames : torch.Tensor
+        (B, 3, h, w) float RGB 0..255.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, 3) float32 on the frames' device.
+    """
+    border = torch.cat(
+        [frames[..., 0, :], frames[..., -1, :], frames[..., 1:-1, 0], frames[..., 1:-1, -1]],
+        dim=-1,
+    )
+    return border.float().median(dim=-1).values

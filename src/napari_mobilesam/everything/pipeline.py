@@ -145,12 +145,12 @@ class Pipeline(ABC):
         """
         dev = self.engine.device
         if boxes is not None:
-            frame = apply_boxes(np.asarray(boxes, np.float64), image.size, self.model.img_size)
+            frame = apply_boxes(np.asarray(boxes, np.float64), image.size, max(image.input_size))
             prompts = Prompts(
                 None, None, torch.as_tensor(frame, dtype=self.coords_dtype, device=dev)
             )
         else:
-            coords = apply_coords(points, image.size, self.model.img_size)
+            coords = apply_coords(points, image.size, max(image.input_size))
             coords = torch.as_tensor(coords, dtype=self.coords_dtype, device=dev)
             labels = torch.ones(len(coords), 1, dtype=torch.int64, device=dev)
             prompts = Prompts(coords[:, None, :], labels)

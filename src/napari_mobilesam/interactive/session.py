@@ -125,7 +125,11 @@ class PromptSession(StackPropagation, TiledPrompts, SessionLabels):
             cache = EmbeddingCache(max_items=min(max(16, len(grid)), 256) if tiled else 16)
         self.cache = cache
         self.cache_key = cache_key
-        self._settings = (*self.planes.settings(), model_fingerprint(predictor.model))
+        self._settings = (
+            *self.planes.settings(),
+            model_fingerprint(predictor.model),
+            predictor.engine.frames.max_upscale,  # embeddings differ with the limit
+        )
         self._labels = LabelEditor(self.planes.shape_hw)
         self._lock = threading.RLock()
         self._predictor_lock = predictor_lock(predictor)

@@ -42,6 +42,9 @@ class StoreCache(EmbeddingCache):
     max_items, folder
         As for :class:`EmbeddingCache` (what the session computes goes there, never
         into the store).
+    max_upscale : float, optional
+        The session's predictor's upscale limit (``Predictor(max_upscale=)``): the store
+        must have been made with the same.
 
     Raises
     ------
@@ -67,17 +70,18 @@ class StoreCache(EmbeddingCache):
         tiles=None,
         max_items: int = 16,
         folder: str | os.PathLike | None = None,
+        max_upscale: float | None = None,
     ):
         super().__init__(max_items=max_items, folder=folder)
         if not isinstance(store, EmbeddingStore):
             store = EmbeddingStore.open(store, mode="r")
         if not isinstance(planes, ImagePlanes):
             raise TypeError(f"planes must be an ImagePlanes, got {type(planes)}")
-        check_store(store, describe(planes, model, tiles=tiles))
+        check_store(store, describe(planes, model, tiles=tiles, max_upscale=max_upscale))
         self.store = store
         grid = store_grid(store)
         self._tile_of_window = {} if grid is None else {w: t for t, w in enumerate(grid.windows())}
-        self._tail = (*planes.settings(), model_fingerprint(model))
+        self._tail = (*planes.settings(), model_fingerprint(model), max_upscale)
         self._n_axes = len(planes.plane_shape)
         self._count_lock = threading.Lock()
         #: planes (tiles, of a tiled store) read from the store so far
@@ -174,6 +178,7 @@ def attach_store(session, store) -> StoreCache:
     cache = StoreCache(
         store, session.planes, session.predictor.model, tiles=session.tiles,
         max_items=old.max_items, folder=old.folder,
+        max_upscale=session.predictor.engine.frames.max_upscale,
     )  # fmt: skip
     session.cache = cache
     return cache

@@ -53,14 +53,19 @@ def store_grid(store: EmbeddingStore) -> TileGrid | None:
 
 
 def describe(
-    planes: ImagePlanes, model, percentiles=DEFAULT_PERCENTILES, tiles: TileGrid | None = None
+    planes: ImagePlanes,
+    model,
+    percentiles=DEFAULT_PERCENTILES,
+    tiles: TileGrid | None = None,
+    max_upscale: float | None = None,
 ) -> dict:
     """The ``model``, ``image``, ``normalisation`` and ``tiles`` records of a store for
-    these planes, whole (``tiles`` None) or cut into tiles."""
+    these planes, whole (``tiles`` None) or cut into tiles, shown to the model with the
+    upscale limit ``max_upscale`` (``Predictor(max_upscale=)``)."""
     return {
         "model": model_identity(model),
         "image": image_fingerprint(planes),
-        "normalisation": normalisation(planes, percentiles),
+        "normalisation": normalisation(planes, percentiles, max_upscale),
         "tiles": tiles_record(tiles),
     }
 
@@ -82,7 +87,7 @@ def check_store(store: EmbeddingStore, expected: dict) -> None:
     meta = store.meta
     found = [f"{d} (model)" for d in model_differences(meta["model"], expected["model"])]
     found += [f"{d} (image)" for d in differences(meta["image"], expected["image"], _IMAGE_FIELDS)]
-    norm_fields = ("channels", "contrast_limits", "percentiles")
+    norm_fields = ("channels", "contrast_limits", "percentiles", "max_upscale")
     found += [
         f"{d} (normalisation)"
         for d in differences(meta["normalisation"], expected["normalisation"], norm_fields)
@@ -138,7 +143,9 @@ def open_for(path, planes: ImagePlanes, predictor, percentiles=DEFAULT_PERCENTIL
         raise ValueError(
             f"tiles cover planes of {tiles.shape_hw}, but the image's planes are {planes.shape_hw}"
         )
-    expected = describe(planes, predictor.model, percentiles, tiles)
+    expected = describe(
+        planes, predictor.model, percentiles, tiles, predictor.engine.frames.max_upscale
+    )
     path = Path(path)
     if not path.exists():
         embedding = {

@@ -139,7 +139,9 @@ def image_fingerprint(planes: ImagePlanes) -> dict:
     }
 
 
-def normalisation(planes: ImagePlanes, percentiles=DEFAULT_PERCENTILES) -> dict:
+def normalisation(
+    planes: ImagePlanes, percentiles=DEFAULT_PERCENTILES, max_upscale: float | None = None
+) -> dict:
     """How each plane becomes the model's RGB input, in a form that compares by effect.
 
     Parameters
@@ -149,24 +151,30 @@ def normalisation(planes: ImagePlanes, percentiles=DEFAULT_PERCENTILES) -> dict:
     percentiles : (float, float)
         Used as contrast limits when none are set (:func:`~napari_mobilesam.normalize.
         to_rgb_uint8`); PromptSession always uses :data:`DEFAULT_PERCENTILES`.
+    max_upscale : float, optional
+        The predictor's upscale limit for small planes (``Predictor(max_upscale=)``).
 
     Returns
     -------
     dict
         ``channels``: the channels of a plane shown as R, G, B (None: grayscale,
         replicated); ``contrast_limits``: one [lo, hi] per picked channel, or None
-        (percentiles of each plane); ``percentiles``: [lo, hi].
+        (percentiles of each plane); ``percentiles``: [lo, hi]; ``max_upscale`` only
+        when set (stores without it were made without a limit).
     """
     channels = planes.channels
     if channels is None and planes.rgb:
         channels = (0, 1, 2)
     n_picked = 1 if channels is None else len(channels)
     pairs = check_contrast_limits(planes.contrast_limits, n_picked)
-    return {
+    out = {
         "channels": None if channels is None else [int(c) for c in channels],
         "contrast_limits": None if pairs is None else [[float(lo), float(hi)] for lo, hi in pairs],
         "percentiles": [float(p) for p in percentiles],
     }
+    if max_upscale is not None:
+        out["max_upscale"] = float(max_upscale)
+    return out
 
 
 def differences(stored: dict, current: dict, fields) -> list[str]:
