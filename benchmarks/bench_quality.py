@@ -17,7 +17,8 @@ training never drew) with a trained model at default settings:
   plane the walk did not reach counts 0) and the share of planes reached;
 - with ``--linked-stacks N``: 3D AP50 of ``mobilesam-everything --link z`` on N
   synthetic 3D stacks (:func:`linked_3d`: 3D IoU >= 0.5, one-to-one); with ``--extend``
-  also of ``--link z --link-extend``.
+  also of ``--link z --link-extend``; with ``--max-upscale X`` the planes are shown to the
+  model at most X times enlarged.
 
 Usage::
 
@@ -179,6 +180,7 @@ def linked_3d(
     extra: tuple[str, ...] = (),
     min_planes: int = 3,
     extend: bool = False,
+    max_upscale: float | None = None,
 ) -> dict:
     """3D AP50 of ``mobilesam-everything --link z`` on synthetic (Z, Y, X) stacks.
 
@@ -209,6 +211,10 @@ def linked_3d(
         into the planes next to it where it has no section; the added sections'
         predicted IoU join its score): its figures go under ``"extended"``, with
         ``sections_added`` and ``seconds`` (its whole run, segmentation included).
+    max_upscale : float, optional
+        ``--max-upscale``: planes enlarged at most this many times for the model's input
+        (the stand-in model learnt cells on 512 px images shown 2x; SAM's resize shows a
+        256 px plane 4x).
 
     Returns
     -------
@@ -235,6 +241,8 @@ def linked_3d(
                              metadata={"axes": "ZYX"})  # fmt: skip
             truths[f"stack{k}"] = s.labels
         model = ["--model", weights] if Path(weights).suffix == "" else ["--weights", weights]
+        if max_upscale is not None:
+            model += ["--max-upscale", str(max_upscale)]
         thresholds = [f"--{k.replace('_', '-')}={v}" for k, v in STANDIN_THRESHOLDS.items()]
 
         def command(out: Path, *more: str) -> tuple[list, float]:
@@ -406,14 +414,18 @@ def main(argv=None) -> int:
                     help="also: 3D AP50 of mobilesam-everything --link z on N stacks")  # fmt: skip
     ap.add_argument("--extend", action="store_true",
                     help="with --linked-stacks: also with --link-extend")  # fmt: skip
+    ap.add_argument("--max-upscale", type=float, metavar="X",
+                    help="with --linked-stacks: mobilesam-everything --max-upscale X")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     res = run(args.weights, args.images, args.grid, args.stacks, tuple(args.modes))
     res["machine"] = machine()
     print(_table(res))
     if args.linked_stacks:
-        res["linked_3d"] = r = linked_3d(args.weights, args.linked_stacks, grid=args.grid,
-                                         extend=args.extend)  # fmt: skip
+        res["linked_3d"] = r = linked_3d(
+            args.weights, args.linked_stacks, grid=args.grid, extend=args.extend,
+            max_upscale=args.max_upscale,
+        )  # fmt: skip
         for what, f in (("", r), (" --link-extend", r.get("extended"))):
             if f is not None:
                 print(

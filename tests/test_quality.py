@@ -55,21 +55,24 @@ def test_figure_is_at_least_the_pinned_one(quality, figure):
 
 
 #: bench_quality.linked_3d("vit_t_synthetic_cells", 1, shape=LINKED_SHAPE, grid=LINKED_GRID,
-#: extra=("--link-extend",)): ``mobilesam-everything --link z --link-min-planes 3
-#: --link-extend`` on one small synthetic stack (18 cells); (measured, margin) of its 3D AP50,
-#: 2026-12-07 (0.382 without --link-extend; docs/quality.md has the 2-stack figures).
-LINKED_SHAPE, LINKED_GRID, LINKED_AP50 = (12, 192, 192), 12, (0.438, 0.08)
+#: extra=("--link-extend",), max_upscale=2): ``mobilesam-everything --link z
+#: --link-min-planes 3 --link-extend --max-upscale 2`` on one small synthetic stack (18 cells;
+#: its 192 px planes shown 2x, not 5.3x); (measured, margin) of its 3D AP50, 2026-12-07
+#: (0.438 without --max-upscale, 0.382 without either; docs/quality.md has the 2-stack
+#: figures).
+LINKED_SHAPE, LINKED_GRID, LINKED_AP50 = (12, 192, 192), 12, (0.606, 0.08)
 
 
 def test_linked_3d_ap50_with_extend_is_at_least_the_pinned_one(tmp_path):
     res = bench_quality.linked_3d("vit_t_synthetic_cells", 1, shape=LINKED_SHAPE,
                                   grid=LINKED_GRID, folder=tmp_path,
-                                  extra=("--link-extend",))  # fmt: skip
+                                  extra=("--link-extend",), max_upscale=2)  # fmt: skip
     measured, margin = LINKED_AP50
     assert res["truth"] == 18
     assert res["ap50"] >= measured - margin, f"3D AP50 {res['ap50']:.3f} < {measured} - {margin}"
     record = json.loads((tmp_path / "labels" / "stack0_labels.json").read_text())
     assert record["linked"]["extended"]["sections_added"] > 0
+    assert record["parameters"]["max_upscale"] == 2
 
 
 def test_agreement_counts_one_to_one_matches():
