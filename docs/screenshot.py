@@ -16,7 +16,8 @@ Scenes, each with the bundled stand-in model (``vit_t_synthetic_cells``) by defa
   *MobileSAM: objects* table docked, sorted by predicted IoU (the doubtful first),
   its first row selected;
 - ``linked`` (``docs/linked.png``): the synthetic cell stack segmented everywhere with
-  *link: z* (*min planes* 3, *extend objects*), one id per 3D object through the planes,
+  *link: z* (*min planes* 3, *extend objects*, *link IoU* 0.7) and *max upscale* 2, one id per
+  3D object through the planes,
   shown in napari's 3D view.
 
 ``--pred-iou-thresh`` and ``--stability-thresh`` set segment-everything's score
@@ -117,6 +118,8 @@ def _linked(viewer, app, args) -> str:
     everything.link.axis.setCurrentIndex(everything.link.axis.findData("z"))
     everything.link.min_planes.setValue(3)  # fragments and out-of-focus light left out
     everything.link.extend.setChecked(True)  # the end sections segment-everything missed
+    everything.link.min_iou.setValue(0.7)  # cells stacked in z kept apart
+    everything.model.max_upscale.setCurrentText("2")  # 256 px planes at the model's scale
     _thresholds(everything, args)
     everything.run()
     _wait(app, everything)
