@@ -119,13 +119,16 @@ def agreement(reference: list[list[np.ndarray]], fast: list[list[np.ndarray]]) -
     return found / total if total else 1.0
 
 
-def propagation(model, n_stacks: int, seed: int = SEED, max_objects: int = 6) -> dict:
-    """Mean IoU per plane of objects propagated through synthetic 3D stacks."""
+def propagation(
+    model, n_stacks: int, seed: int = SEED, max_objects: int = 6, max_upscale: float | None = None
+) -> dict:
+    """Mean IoU per plane of objects propagated through synthetic 3D stacks (256 px planes;
+    ``max_upscale``: shown at most that many times enlarged, ``Predictor(max_upscale=)``)."""
     from napari_mobilesam import synthetic
     from napari_mobilesam.interactive import PromptSession
     from napari_mobilesam.predictor import Predictor
 
-    predictor = Predictor(model)
+    predictor = Predictor(model, max_upscale=max_upscale)
     ious, reached, total = [], 0, 0
     for k in range(n_stacks):
         s = synthetic.cells_3d((16, 256, 256), seed=seed + k, z_radius=(3, 6))
