@@ -216,3 +216,18 @@ def test_session_cache_keys_differ_with_the_limit(tiny_model):
     assert a.embed((0,)) is True
     assert b.embed((0,)) is True  # computed again, not taken from a's entry
     assert a.embed((0,)) is False
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (3, 90), (1, 200), (16, 16)])
+@pytest.mark.parametrize("limit", [1, 3.7])
+def test_tiny_and_thin_images(tiny_model, shape, limit):
+    """Images of a pixel or two, and thin ones, predict and segment at their own size."""
+    rgb = np.random.default_rng(0).integers(0, 255, (*shape, 3)).astype(np.uint8)
+    pred = Predictor(tiny_model, max_upscale=limit)
+    pred.set_image(rgb)
+    h, w = pred.get_embedding().input_size
+    assert max(h, w) == input_long_side(*shape, 128, limit)
+    masks, _, _ = pred.predict(np.array([[0.0, 0.0]]), np.array([1]))
+    assert masks.shape == (3, *shape)
+    gen = MaskGenerator(pred, points_per_side=2, pred_iou_thresh=0, stability_score_thresh=0)
+    assert gen.generate_labels(rgb).shape == shape
