@@ -153,6 +153,29 @@ def _restore_torch_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (small models: a second thread only adds contention
+    on a shared machine); :func:`_restore_torch_threads` restores the count after it."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch) -> list[int]:
+    """Images run through any engine's encoder, one entry (the batch size) per call."""
+    from napari_mobilesam.engine.engine import Engine
+
+    calls: list[int] = []
+    real = Engine.embed
+
+    def counted(self, frames, sizes):
+        calls.append(len(frames))
+        return real(self, frames, sizes)
+
+    monkeypatch.setattr(Engine, "embed", counted)
+    return calls
+
+
+@pytest.fixture
 def isolated():
     """Undo the sys.path entry and the modules that loading the original code adds.
 

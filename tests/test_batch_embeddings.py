@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from mobilesam_batch import segment
 from mobilesam_batch.embeddings import plane_embedding, source_planes
 from mobilesam_batch.inputs import open_source
 from napari_mobilesam.build import build_sam
-from napari_mobilesam.engine.engine import Engine
 from napari_mobilesam.everything import MaskGenerator
 from napari_mobilesam.predictor import Predictor
 from napari_mobilesam.store import EmbeddingStore, embed_planes, open_for
@@ -27,26 +25,7 @@ from .conftest import TINY_CONFIG, _randomize
 FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def encoder_calls(monkeypatch) -> list[int]:
-    """Images run through any engine's encoder, one entry (the batch size) per call."""
-    calls: list[int] = []
-    real = Engine.embed
-
-    def counted(self, frames, sizes):
-        calls.append(len(frames))
-        return real(self, frames, sizes)
-
-    monkeypatch.setattr(Engine, "embed", counted)
-    return calls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stack(seed: int = 0) -> np.ndarray:

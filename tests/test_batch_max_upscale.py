@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from mobilesam_batch.embeddings import source_planes
 from mobilesam_batch.inputs import open_source
@@ -19,15 +18,9 @@ from napari_mobilesam.normalize import to_rgb_uint8
 from napari_mobilesam.predictor import Predictor
 from napari_mobilesam.store import EmbeddingStore, embed_planes, open_for
 
-from .test_batch_embeddings import FAST, _stack, encoder_calls  # noqa: F401 (a fixture)
+from .test_batch_embeddings import FAST, _stack
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -82,7 +75,7 @@ def test_another_limit_redoes_the_input(tiny_cli, stack_tif, tmp_path, capsys):
 
 
 def test_a_store_made_with_the_limit_serves_the_run(tiny_cli, tiny_model, stack_tif, tmp_path,
-                                                    encoder_calls):  # noqa: F811  # fmt: skip
+                                                    encoder_calls):  # fmt: skip
     store = _embed(stack_tif, tmp_path / "s.zarr", tiny_model, max_upscale=1)
     assert EmbeddingStore.open(store).meta["normalisation"]["max_upscale"] == 1.0
     args = [str(stack_tif), *FAST, "--max-upscale", "1"]

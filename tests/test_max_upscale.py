@@ -22,13 +22,7 @@ from napari_mobilesam.transforms import (
     resize_longest_side,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:

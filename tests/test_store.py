@@ -35,13 +35,7 @@ from napari_mobilesam.store.zarr_store import FORMAT_VERSION
 
 from .conftest import GOLDEN_CKPT, TINY_CONFIG, _randomize, requires_golden
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

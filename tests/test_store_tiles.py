@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from napari_mobilesam import embed_command
-from napari_mobilesam.engine import Engine
 from napari_mobilesam.interactive import ImagePlanes, PromptSession, tiles
 from napari_mobilesam.interactive.tiles import TileGrid
 from napari_mobilesam.predictor import Predictor
@@ -24,12 +22,7 @@ from napari_mobilesam.store import (
 TILES = {"tile_threshold": 256, "tile_size": 128, "tile_overlap": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -42,19 +35,6 @@ def stack() -> np.ndarray:
         for r, c in rng.integers(20, 280, size=(10, 2)):
             data[z][(yy - r) ** 2 + (xx - c) ** 2 < 150] += 2500
     return data.astype(np.uint16)
-
-
-@pytest.fixture
-def encoder_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = Engine.embed
-
-    def counted(self, frames, sizes):
-        calls.append(len(frames))
-        return real(self, frames, sizes)
-
-    monkeypatch.setattr(Engine, "embed", counted)
-    return calls
 
 
 def _grid() -> TileGrid:

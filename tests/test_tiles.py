@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_mobilesam.engine import Engine
 from napari_mobilesam.interactive import ImagePlanes, ObjectPrompt, PromptSession
 from napari_mobilesam.interactive.tiles import TileGrid
 from napari_mobilesam.predictor import Predictor
@@ -136,19 +135,6 @@ def test_plane_window_rejects_windows_outside_the_plane():
 # -- a tiled session (tiny model: 128 px input; tiles of 128 px) --------------------------
 
 TILES = {"tile_threshold": 256, "tile_size": 128, "tile_overlap": 32}
-
-
-@pytest.fixture
-def encoder_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = Engine.embed
-
-    def counted(self, frames, sizes):
-        calls.append(len(frames))
-        return real(self, frames, sizes)
-
-    monkeypatch.setattr(Engine, "embed", counted)
-    return calls
 
 
 def _image(shape=(300, 340), seed=0) -> np.ndarray:

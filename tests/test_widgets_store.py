@@ -10,26 +10,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_mobilesam.engine.engine import Engine
 from napari_mobilesam.interactive import ImagePlanes, PromptSession
 from napari_mobilesam.predictor import Predictor
 from napari_mobilesam.store import StoreCache, embed_planes, open_for
 
 from .widget_support import idle  # skips the module without napari or a display
-
-
-@pytest.fixture
-def encoder_calls(monkeypatch) -> list[int]:
-    """Images run through any engine's encoder, one entry (the batch size) per call."""
-    calls: list[int] = []
-    real = Engine.embed
-
-    def counted(self, frames, sizes):
-        calls.append(len(frames))
-        return real(self, frames, sizes)
-
-    monkeypatch.setattr(Engine, "embed", counted)
-    return calls
 
 
 @pytest.fixture
