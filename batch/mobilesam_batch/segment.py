@@ -199,10 +199,7 @@ class PlaneSegmenter:
     def input_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """(h, w) in the model's input of a plane of ``shape`` ((H, W) or (H, W, C)):
         its longer side the input size, or less with ``--max-upscale``."""
-        from napari_mobilesam.transforms import preprocess_shape
-
-        h, w = int(shape[0]), int(shape[1])
-        return preprocess_shape(h, w, self.generator.predictor.engine.frames.long_side((h, w)))
+        return self.generator.predictor.engine.frames.input_size((int(shape[0]), int(shape[1])))
 
     def rgb(self, plane: np.ndarray) -> np.ndarray:
         """A plane as the model sees it: (H, W) or (H, W, C) in, (H, W, 3) uint8 out,

@@ -21,7 +21,8 @@ from ..build import load_model
 from ..engine import Engine, EngineOptions, make_engine
 from ..predictor import Predictor
 
-_ENGINES: dict[tuple[str, str, str, str, str], Engine] = {}
+#: (name, weights, device, backend, precision, max upscale) -> the engine widgets share
+_ENGINES: dict[tuple[str, str, str, str, str, float | None], Engine] = {}
 _LOCK = threading.Lock()
 
 

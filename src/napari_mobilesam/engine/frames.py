@@ -20,7 +20,12 @@ import torch
 
 from ..accel.resize import PillowResize
 from ..model import Sam
-from ..transforms import check_max_upscale, input_long_side, resize_longest_side
+from ..transforms import (
+    check_max_upscale,
+    input_long_side,
+    preprocess_shape,
+    resize_longest_side,
+)
 
 __all__ = ["DEVICE_RESIZE_PIXELS", "POSTPROCESS_CHUNK", "Frames", "background_colour"]
 
@@ -59,6 +64,11 @@ class Frames:
     def long_side(self, size: tuple[int, int]) -> int:
         """The longer side, in the model's input, of an image of ``size`` (H, W)."""
         return input_long_side(size[0], size[1], self.model.img_size, self.max_upscale)
+
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) that an image of ``size`` (H, W) takes in the model's input (the
+        ``input_size`` of its embedding)."""
+        return preprocess_shape(size[0], size[1], self.long_side(size))
 
     def frame(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """(1, 3, h, w) uint8 tensor on the model's device, and the (H, W) of ``rgb``.
