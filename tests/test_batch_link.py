@@ -483,3 +483,23 @@ def test_bench_linked_3d_fails_when_the_command_fails(tmp_path):
 
     with pytest.raises(RuntimeError, match="exited with status 2"):
         bench_quality.linked_3d(str(tmp_path / "missing.pt"), 1, shape=(2, 32, 32), grid=4)
+
+
+@pytest.mark.parametrize(
+    "thresholds, expected",
+    [("default", ["--pred-iou-thresh=0.6", "--stability-score-thresh=0.9"]), (None, []),
+     ({"pred_iou_thresh": 0.7}, ["--pred-iou-thresh=0.7"])],
+)  # fmt: skip
+def test_bench_linked_3d_passes_its_thresholds(tmp_path, monkeypatch, thresholds, expected):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_quality
+
+    from mobilesam_batch import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 1)
+    kw = {} if thresholds == "default" else {"thresholds": thresholds}
+    with pytest.raises(RuntimeError, match="exited with status 1"):
+        bench_quality.linked_3d("vit_t_synthetic_cells", 1, shape=(2, 32, 32), grid=4,
+                                folder=tmp_path, **kw)  # fmt: skip
+    assert [a for a in seen[0] if "thresh" in a] == expected
