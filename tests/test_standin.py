@@ -175,3 +175,38 @@ def test_phase_data_with_planes_of_stacks(tmp_path):
     assert want.name.startswith("synthetic-plane")
     np.testing.assert_array_equal(tifffile.imread(train / "t000.tif"), want.image)
     np.testing.assert_array_equal(tifffile.imread(train / "t000_labels.tif"), want.labels)
+
+
+@pytest.mark.parametrize("settings", [None, "SCORES"])
+def test_calibrate_scales_the_logits_and_fits_the_quantile_of_its_settings(
+    tiny_model, tmp_path, monkeypatch, settings
+):
+    from napari_mobilesam import build
+    from napari_mobilesam.training import calibrate as cal
+    from napari_mobilesam.training import sources
+
+    cfg = standin.SCORES if settings == "SCORES" else standin.CALIBRATION
+    hyper = tiny_model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].weight.clone()
+    seen = {}
+
+    def samples(model, images, points_per_side):
+        seen.update(grid=points_per_side, images=len(list(images)))
+        return torch.zeros(2, 8), torch.zeros(2, 4)
+
+    def fit(model, features, targets, **kw):
+        seen.update(kw)
+        return {"before": 0.5, "after": 0.1, "samples": 2}
+
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(sources.SyntheticSource, "make", lambda self, seed: None)
+    monkeypatch.setattr(cal, "iou_head_samples", samples)
+    monkeypatch.setattr(cal, "calibrate_iou_head", fit)
+    dest = tmp_path / "out.pt"
+    standin.calibrate(tmp_path / "src.pt", dest, progress=False,
+                      settings=None if settings is None else cfg)  # fmt: skip
+    got = tiny_model.mask_decoder.output_hypernetworks_mlps[0].layers[-1].weight
+    torch.testing.assert_close(got, hyper * cfg.get("logit_scale", 1.0))
+    assert seen["quantile"] == cfg.get("quantile")
+    assert (seen["grid"], seen["images"], seen["epochs"]) == (
+        cfg["points_per_side"], cfg["images"], cfg["epochs"])  # fmt: skip
+    assert dest.is_file()

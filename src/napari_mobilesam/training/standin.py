@@ -209,8 +209,7 @@ def calibrate(
 
     cfg = CALIBRATION if settings is None else settings
     model = load_model("vit_t", src, device=device, optimize=False, progress=False)
-    if cfg.get("logit_scale", 1.0) != 1.0:
-        scale_mask_logits(model, cfg["logit_scale"])
+    scale_mask_logits(model, cfg.get("logit_scale", 1.0))  # 1: the weights as they are
     source = SyntheticSource(cfg["images"], seed=cfg["seed"])
     images = (source.make(_seed(cfg["seed"], "calibrate", i)) for i in range(cfg["images"]))
     if progress:
