@@ -18,7 +18,7 @@ training never drew) with a trained model at default settings:
 - with ``--linked-stacks N``: 3D AP50 of ``mobilesam-everything --link z`` on N
   synthetic 3D stacks (:func:`linked_3d`: 3D IoU >= 0.5, one-to-one); with ``--extend``
   also of ``--link z --link-extend``; with ``--max-upscale X`` the planes are shown to the
-  model at most X times enlarged.
+  model at most X times enlarged (``none``: no limit; without it, the model's default).
 
 Usage::
 
@@ -184,7 +184,7 @@ def linked_3d(
     extra: tuple[str, ...] = (),
     min_planes: int = 3,
     extend: bool = False,
-    max_upscale: float | None = None,
+    max_upscale: float | str | None = None,
     thresholds: dict | None = STANDIN_THRESHOLDS,
 ) -> dict:
     """3D AP50 of ``mobilesam-everything --link z`` on synthetic (Z, Y, X) stacks.
@@ -216,10 +216,11 @@ def linked_3d(
         into the planes next to it where it has no section; the added sections'
         predicted IoU join its score): its figures go under ``"extended"``, with
         ``sections_added`` and ``seconds`` (its whole run, segmentation included).
-    max_upscale : float, optional
+    max_upscale : float or "none", optional
         ``--max-upscale``: planes enlarged at most this many times for the model's input
         (the stand-in model learnt cells on 512 px images shown 2x; SAM's resize shows a
-        256 px plane 4x).
+        256 px plane 4x); ``"none"``: no limit; None (no flag): the model's default (2
+        for the stand-in model).
     thresholds : dict, optional
         ``pred_iou_thresh`` and ``stability_score_thresh`` given to the command
         (default :data:`STANDIN_THRESHOLDS`; None: the command's defaults).
@@ -422,8 +423,9 @@ def main(argv=None) -> int:
                     help="also: 3D AP50 of mobilesam-everything --link z on N stacks")  # fmt: skip
     ap.add_argument("--extend", action="store_true",
                     help="with --linked-stacks: also with --link-extend")  # fmt: skip
-    ap.add_argument("--max-upscale", type=float, metavar="X",
-                    help="with --linked-stacks: mobilesam-everything --max-upscale X")  # fmt: skip
+    ap.add_argument("--max-upscale", metavar="X|none",
+                    help="with --linked-stacks: mobilesam-everything --max-upscale X "
+                    "[the model's default]")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     res = run(args.weights, args.images, args.grid, args.stacks, tuple(args.modes))

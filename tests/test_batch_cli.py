@@ -386,6 +386,7 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, caps
         (["--max-upscale", "0.5"], "--max-upscale 0.5: give a finite number >= 1"),
         (["--max-upscale", "nan"], "--max-upscale nan: give a finite number >= 1"),
         (["--max-upscale", "inf"], "--max-upscale inf: give a finite number >= 1"),
+        (["--max-upscale", "two"], "--max-upscale two: give a finite number >= 1, or none"),
     ],
 )
 def test_usage_errors(tiny_cli, tmp_path, capsys, args, message):

@@ -114,3 +114,38 @@ def test_a_plane_embedded_at_another_size_is_named(tiny_model, stack_tif, tmp_pa
     with pytest.raises(StoreMismatchError, match=r"plane \(0,\) to the model at 128x85 px, "
                        r"this run at 96x64 px"):  # fmt: skip
         plane_embedding(str(store), (0,), plane, (64, 96))
+
+
+def test_the_model_s_default_limit_applies_unless_none(tiny_cli, stack_tif, tmp_path):
+    """A model whose registry entry has ``max_upscale`` (the stand-in model: 2) gets it
+    without the flag; ``--max-upscale none`` lifts it; other models have none."""
+    cells = ["--model", "vit_t_synthetic_cells"]
+    assert tiny_cli([str(stack_tif), "-o", str(tmp_path / "a"), *FAST, *cells]) == 0
+    assert _record(tmp_path / "a")["parameters"]["max_upscale"] == 2.0
+    none = ["--max-upscale", "none"]
+    assert tiny_cli([str(stack_tif), "-o", str(tmp_path / "b"), *FAST, *cells, *none]) == 0
+    assert "max_upscale" not in _record(tmp_path / "b")["parameters"]
+    assert tiny_cli([str(stack_tif), "-o", str(tmp_path / "c"), *FAST, *cells, "--max-upscale",
+                     "1"]) == 0  # fmt: skip
+    assert _record(tmp_path / "c")["parameters"]["max_upscale"] == 1.0
+
+
+def test_embed_uses_the_model_s_default_limit(tiny_model, stack_tif, tmp_path, monkeypatch):
+    """``mobilesam embed`` resolves the limit as mobilesam-everything does, so that the
+    store it makes for the stand-in model serves that model's runs."""
+    from napari_mobilesam import build
+    from napari_mobilesam.cli import main
+
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"tiny weights")
+    monkeypatch.setattr(build, "load_model", lambda name, checkpoint, device=None: tiny_model)
+    common = ["--weights", str(weights), "--device", "cpu", "-q"]
+    for name, flags, expected in [
+        ("vit_t_synthetic_cells", [], 2.0),
+        ("vit_t_synthetic_cells", ["--max-upscale", "none"], None),
+        ("vit_t", [], None),
+    ]:
+        store = tmp_path / f"{name}{len(flags)}.zarr"
+        args = ["embed", str(stack_tif), "-o", str(store), "--model", name, *flags, *common]
+        assert main(args) == 0
+        assert EmbeddingStore.open(store).meta["normalisation"].get("max_upscale") == expected

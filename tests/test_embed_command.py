@@ -26,6 +26,7 @@ def source(tmp_path):
         (["--percentiles", "5,5"], "0 <= LO < HI <= 100"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--max-upscale", "0.9"], "--max-upscale 0.9: give a finite number >= 1"),
+        (["--max-upscale", "x"], "--max-upscale x: give a finite number >= 1, or none"),
     ],
 )
 def test_bad_settings_are_refused_before_the_store_exists(

@@ -19,6 +19,7 @@ from napari_mobilesam.transforms import (
     apply_coords,
     check_max_upscale,
     input_long_side,
+    max_upscale_option,
     resize_longest_side,
 )
 
@@ -225,3 +226,21 @@ def test_tiny_and_thin_images(tiny_model, shape, limit):
     assert masks.shape == (3, *shape)
     gen = MaskGenerator(pred, points_per_side=2, pred_iou_thresh=0, stability_score_thresh=0)
     assert gen.generate_labels(rgb).shape == shape
+
+
+@pytest.mark.parametrize(("text", "default", "expected"), [
+    (None, 2.0, 2.0),  # not given: the model's default
+    (None, None, None),
+    ("none", 2.0, None),  # no limit, whatever the model's default
+    (" None ", 2.0, None),
+    ("1.5", None, 1.5),
+    ("3", 2.0, 3.0),
+])  # fmt: skip
+def test_the_command_line_option(text, default, expected):
+    assert max_upscale_option(text, default) == expected
+
+
+@pytest.mark.parametrize("text", ["0.5", "0", "-2", "nan", "inf", "two", ""])
+def test_a_bad_command_line_option_is_refused(text):
+    with pytest.raises(ValueError, match=r"give a finite number >= 1, or none \(no limit\)"):
+        max_upscale_option(text, 2.0)

@@ -42,12 +42,22 @@ def test_architecture_and_bundled_are_read(tmp_path):
         bundled=False, architecture="", url="https://x/cells.pt"))])  # fmt: skip
     assert infos["cells"].bundled and infos["cells"].network == "vit_t"
     assert not infos["plain"].bundled and infos["plain"].network == "plain"
+    assert infos["cells"].max_upscale is None  # absent: enlarge to the input, as SAM does
+
+
+def test_a_default_upscale_limit_is_read(tmp_path):
+    infos = registry._load_registry([_registry(tmp_path, cells=_entry(max_upscale=2))])
+    assert infos["cells"].max_upscale == 2.0 and isinstance(infos["cells"].max_upscale, float)
 
 
 @pytest.mark.parametrize(
     ("kw", "match"),
     [({"bundled": "yes"}, "'bundled' must be true or false"),
-     ({"architecture": 3}, "'architecture' must be a model name")],
+     ({"architecture": 3}, "'architecture' must be a model name"),
+     ({"max_upscale": 0.5}, "'max_upscale' must be a finite number >= 1, got 0.5"),
+     ({"max_upscale": "2"}, "'max_upscale' must be a finite number >= 1"),
+     ({"max_upscale": True}, "'max_upscale' must be a finite number >= 1"),
+     ({"max_upscale": float("inf")}, "'max_upscale' must be a finite number >= 1")],
 )  # fmt: skip
 def test_malformed_optional_keys(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match) as exc:
@@ -108,6 +118,8 @@ def test_trained_weights_resolve_to_their_architecture(bundled):
 def test_the_stand_in_model_is_registered_and_shipped():
     info = w.get_model_info("vit_t_synthetic_cells")
     assert info.bundled and info.network == "vit_t" and info.size < 26_000_000
+    assert info.max_upscale == 2.0  # trained on cells at the size a 512 px image shows them
+    assert all(w.REGISTRY[n].max_upscale is None for n in ("vit_t", "vit_b", "vit_l", "vit_h"))
     path = w.fetch("vit_t_synthetic_cells")  # verified against the registry's sha256
     assert path.stat().st_size == info.size
 

@@ -340,10 +340,17 @@ def test_model_picker_passes_backend_and_precision(qtbot, monkeypatch, tmp_path)
     picker.precision.setCurrentText("auto")
     assert picker.predictor() == "predictor"
     assert calls == [("vit_t", str(weights), "auto", "auto", "auto", None)]
-    assert picker.max_upscale.currentText() == "none"  # SAM's resize by default
+    assert picker.max_upscale.currentText() == "model default"  # vit_t's: SAM's resize
     picker.max_upscale.setCurrentText("1.5")
     picker.predictor()
     assert calls[-1] == ("vit_t", str(weights), "auto", "auto", "auto", 1.5)
+    picker.max_upscale.setCurrentText("model default")
+    picker.name.setCurrentText("vit_t_synthetic_cells")  # trained at 2x for 256 px planes
+    picker.predictor()
+    assert calls[-1][0] == "vit_t_synthetic_cells" and calls[-1][-1] == 2.0
+    picker.max_upscale.setCurrentText("none")
+    picker.predictor()
+    assert calls[-1][-1] is None
 
 
 def test_get_predictor_shares_engines_per_upscale_limit(monkeypatch, tiny_model):

@@ -144,11 +144,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         default="0.5,99.5",
         help="percentiles used as contrast limits [0.5,99.5]",
     )
-    image.add_argument("--max-upscale", type=float, metavar="X",
+    image.add_argument("--max-upscale", metavar="X|none",
                        help="enlarge a plane smaller than the model's 1024 px input at most X "
                        "times, padding the rest with its background, so small planes' objects "
-                       "keep the size the model knows (the stand-in model: 2 for 256 px "
-                       "planes) [enlarge to 1024 px, as SAM does]")  # fmt: skip
+                       "keep the size the model knows; none: enlarge to 1024 px, as SAM does "
+                       "[the model's default: 2 for vit_t_synthetic_cells, none for the "
+                       "others]")  # fmt: skip
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--coco", action="store_true", help="also write <stem>_coco.json")
@@ -212,6 +213,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
 
 def _options(args: argparse.Namespace, names: list[str]):
+    from napari_mobilesam.transforms import max_upscale_option
+    from napari_mobilesam.weights import REGISTRY
+
     from .segment import SegmentOptions
 
     generator = tuple(sorted((n, getattr(args, n)) for n in names if getattr(args, n) is not None))
@@ -228,11 +232,13 @@ def _options(args: argparse.Namespace, names: list[str]):
     percentiles = _numbers(args.percentiles, float, 2, "--percentiles")
     if not 0 <= percentiles[0] < percentiles[1] <= 100:
         raise UsageError(f"--percentiles {args.percentiles!r}: need 0 <= LO < HI <= 100")
-    if args.max_upscale is not None and not 1 <= args.max_upscale < float("inf"):  # NaN too
-        raise UsageError(f"--max-upscale {args.max_upscale:g}: give a finite number >= 1")
+    try:  # the model's default unless given; every model of the registry has an entry
+        upscale = max_upscale_option(args.max_upscale, REGISTRY[args.model].max_upscale)
+    except ValueError as exc:
+        raise UsageError(f"--max-upscale {exc}") from None
     return SegmentOptions(
         generator=generator, channels=channels, contrast_limits=limits, percentiles=percentiles,
-        max_upscale=args.max_upscale,
+        max_upscale=upscale,
     )  # fmt: skip
 
 

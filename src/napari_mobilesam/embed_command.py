@@ -65,6 +65,8 @@ def _run(args: argparse.Namespace) -> int:
     from mobilesam_batch.inputs import InputError, open_source
 
     from .cli import CommandError
+    from .transforms import max_upscale_option
+    from .weights import REGISTRY
 
     channels = _numbers(args.channels, int, None, "--channels")
     limits = _numbers(args.contrast_limits, float, 2, "--contrast-limits")
@@ -78,10 +80,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.batch_size is not None and args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}", status=2)
-    if args.max_upscale is not None and not 1 <= args.max_upscale < float("inf"):
-        raise CommandError(
-            f"--max-upscale {args.max_upscale:g}: give a finite number >= 1", status=2
-        )
+    info = REGISTRY.get(args.model)  # an unknown name is refused where the model loads
+    try:  # the model's default unless given, as mobilesam-everything resolves it
+        default = None if info is None else info.max_upscale
+        args.max_upscale = max_upscale_option(args.max_upscale, default)
+    except ValueError as exc:
+        raise CommandError(f"--max-upscale {exc}", status=2) from None
     if args.weights is not None and not args.weights.is_file():
         raise CommandError(f"--weights {args.weights}: no such file", status=2)
     try:
@@ -198,9 +202,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--percentiles", metavar="LO,HI",
                    help="percentiles of each plane used as contrast limits [0.5,99.5, "
                    "what the prompt widget uses]")  # fmt: skip
-    p.add_argument("--max-upscale", type=float, metavar="X",
+    p.add_argument("--max-upscale", metavar="X|none",
                    help="enlarge planes smaller than the model's input at most X times, as "
-                   "mobilesam-everything --max-upscale X does [to the input size]")  # fmt: skip
+                   "mobilesam-everything --max-upscale X does; none: to the input size "
+                   "[the model's default, as mobilesam-everything]")  # fmt: skip
     p.add_argument("--batch-size", type=int,
                    help="planes (tiles) per encoder call [GPU 8, CPU 1]")  # fmt: skip
     p.add_argument("--tile-threshold", type=int, default=DEFAULT_TILE_THRESHOLD, metavar="PX",

@@ -2,7 +2,7 @@
 
 ``weights/registry.json`` (in a source checkout; shipped in the wheel as
 ``napari_mobilesam/_data/registry.json``) maps each model name to its file name,
-download URL, sha256, size in bytes, license and a description. Two optional keys:
+download URL, sha256, size in bytes, license and a description. Three optional keys:
 
 ``architecture``
     The network the weights are for (a name of :data:`napari_mobilesam.build.MODEL_CONFIGS`);
@@ -10,6 +10,13 @@ download URL, sha256, size in bytes, license and a description. Two optional key
 ``bundled``
     True for weights shipped with the package (``weights/<filename>`` in a checkout,
     ``napari_mobilesam/_data/<filename>`` in the wheel): never downloaded, ``url`` empty.
+``max_upscale``
+    How many times at most an image smaller than the model's input is enlarged by
+    default (a number >= 1): the scale the model was trained at. A model trained on
+    cells of a given size in pixels finds them best at about that size, where SAM's
+    own preprocessing enlarges a 256 px plane 4 times. Absent: enlarge to the input
+    size, as SAM does. The command-line tools and the widgets use it unless told
+    otherwise (``--max-upscale none``).
 
 Importing this module reads the registry file and nothing else (no torch).
 """
@@ -61,6 +68,9 @@ class ModelInfo:
         Network the weights are for ("" means the same as ``name``).
     bundled : bool
         Shipped with the package, never downloaded.
+    max_upscale : float or None
+        The default upscale limit for small images (see the module's docstring); None:
+        none (enlarge to the model's input size).
     """
 
     name: str
@@ -73,6 +83,7 @@ class ModelInfo:
     source: str = ""
     architecture: str = ""
     bundled: bool = False
+    max_upscale: float | None = None
 
     @property
     def network(self) -> str:
@@ -156,6 +167,10 @@ def _parse_entry(path: Path, name: str, entry: object) -> ModelInfo:
     architecture = entry.get("architecture", "")
     if not isinstance(architecture, str):
         raise ValueError(f"{where}: 'architecture' must be a model name, got {architecture!r}")
+    upscale = entry.get("max_upscale")
+    number = isinstance(upscale, (int, float)) and not isinstance(upscale, bool)
+    if upscale is not None and not (number and 1 <= upscale < float("inf")):
+        raise ValueError(f"{where}: 'max_upscale' must be a finite number >= 1, got {upscale!r}")
     return ModelInfo(
         name=name,
         filename=filename,
@@ -167,4 +182,5 @@ def _parse_entry(path: Path, name: str, entry: object) -> ModelInfo:
         source=str(entry.get("source", "")),
         architecture=architecture,
         bundled=bundled,
+        max_upscale=None if upscale is None else float(upscale),
     )

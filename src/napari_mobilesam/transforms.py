@@ -88,6 +88,41 @@ def check_max_upscale(max_upscale: float | None) -> None:
         )
 
 
+def max_upscale_option(text: str | None, default: float | None) -> float | None:
+    """The upscale limit a command-line option asks for.
+
+    Parameters
+    ----------
+    text : str or None
+        The option's text: a number >= 1, ``"none"`` (no limit: enlarge to the model's
+        input size, as SAM does) or None (not given).
+    default : float or None
+        What an option not given means: the model's default
+        (:attr:`napari_mobilesam.registry.ModelInfo.max_upscale`).
+
+    Returns
+    -------
+    float or None
+        The limit for :class:`~napari_mobilesam.predictor.Predictor`; None: no limit.
+
+    Raises
+    ------
+    ValueError
+        ``text`` is neither ``"none"`` nor a finite number >= 1.
+    """
+    if text is None:
+        return default
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value < float("inf"):  # NaN too
+        raise ValueError(f"{text}: give a finite number >= 1, or none (no limit)")
+    return value
+
+
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     """Resize an RGB uint8 (H, W, 3) image so its longer side is ``long_side``.
 

@@ -31,7 +31,7 @@ from . import _common
 
 _FIELDS = ("name", "weights", "device", "backend", "precision", "max_upscale")
 #: the *max upscale* choices: "none" is SAM's resize to the model's input
-UPSCALE_CHOICES = ("none", "1", "1.5", "2", "3", "4")
+UPSCALE_CHOICES = ("model default", "none", "1", "1.5", "2", "3", "4")
 _SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -126,8 +126,8 @@ class ModelPicker(QWidget):
         self.max_upscale.setToolTip(
             "enlarge images smaller than the model's 1024 px input at most this many times, "
             "padding the rest with their background, so their objects keep the size the "
-            "model learnt (vit_t_synthetic_cells: 2 for 256 px planes). none: enlarge to "
-            "1024 px, as SAM does"
+            "model learnt. model default: the registry's value for the model (2 for "
+            "vit_t_synthetic_cells, none for the others). none: enlarge to 1024 px, as SAM does"
         )
         extra.addRow("backend", self.backend)
         extra.addRow("precision", self.precision)
@@ -206,7 +206,7 @@ class ModelPicker(QWidget):
             self.device.currentText(),
             self.backend.currentText(),
             self.precision.currentText(),
-            None if upscale == "none" else float(upscale),
+            _upscale(upscale, self.name.currentText()),
         )
 
     def predictor(self) -> Predictor:
@@ -215,3 +215,11 @@ class ModelPicker(QWidget):
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
         return _common.get_predictor(name, weights, device, backend, precision, max_upscale)
+
+
+def _upscale(choice: str, name: str) -> float | None:
+    """The upscale limit of a choice of :data:`UPSCALE_CHOICES` for model ``name``."""
+    if choice == "model default":
+        info = REGISTRY.get(name)
+        return None if info is None else info.max_upscale
+    return None if choice == "none" else float(choice)
