@@ -54,14 +54,14 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert kinds == ["train", "calibrate", "train", "calibrate", "data", "train", "calibrate",
                      "data", "train", "calibrate", "data", "train", "calibrate",
                      "data", "train", "calibrate", "data", "train", "calibrate",
-                     "calibrate"]  # fmt: skip
+                     "data", "train", "calibrate"]  # fmt: skip
     (_, p1, stop), (_, src1, cal1, s1), (_, p2, _), (_, src2, cal2, s2) = recorded[:4]
     (_, data, images3), (_, p3, stop3), (_, src3, cal3, s3) = recorded[4:7]
     (_, data4, images4), (_, p4, stop4), (_, src4, cal4, s4) = recorded[7:10]
     (_, data5, images5), (_, p5, stop5), (_, src5, cal5, s5) = recorded[10:13]
     (_, data6, images6), (_, p6, stop6), (_, src6, cal6, s6) = recorded[13:16]
     (_, data7, images7), (_, p7, stop7), (_, src7, cal7, s7) = recorded[16:19]
-    (_, src8, final, scores) = recorded[19]
+    (_, data9, images9), (_, p9, stop9), (_, src9, final, scores) = recorded[19:22]
     assert p1.checkpoint is None and stop == standin.PHASE1_EPOCHS
     assert p1.step == standin.PHASE1["step"] and p2.step == standin.PHASE2["step"]
     assert p2.step.neighbour_weight > 1
@@ -119,14 +119,24 @@ def test_the_recipe_runs_each_phase_from_the_last_ones_calibrated_half_weights(
     assert src6 == run / "phase6" / "best.pt"
     assert src7 == run / "phase7" / "best.pt" and cal7 == run / "phase7_calibrated.pt"
     assert {s1, s2, s3, s4, s5, s6, s7} == {None}  # the IoU head's calibration
-    # phase 8 fits the scores of phase 7's calibrated model as it was bundled (float16)
-    assert src8 == run / "phase7_calibrated_fp16.pt" and final == run / "standin.pt"
+    # phase 9: the decoder alone from phase 7's calibrated model as it was bundled
+    # (float16), its IoU loss weighed up, on new images; then the scores fitted to the
+    # default thresholds on its best checkpoint
+    assert p9.checkpoint == run / "phase7_calibrated_fp16.pt"
+    assert torch.load(p9.checkpoint, weights_only=True)["w"].dtype == torch.float16
+    assert p9.input_size is None and p9.train_encoder == "none" and p9.caches_embeddings
+    assert p9.step.iou_weight > p7.step.iou_weight and p9.step.background > p7.step.background
+    assert p9.step.loss_upsample == p7.step.loss_upsample
+    assert p9.step.neighbour_weight == p7.step.neighbour_weight
+    assert (p9.data, p9.val_data) == (data9 / "train", data9 / "val")
+    assert images9 == standin.PHASE9_IMAGES and stop9 is None
+    assert images9[2] not in (images3[2], images4[2], images5[2], images6[2], images7[2])
+    assert src9 == run / "phase9" / "best.pt" and final == run / "standin.pt"
     assert scores is standin.SCORES and scores["quantile"] > 0.5 and scores["logit_scale"] > 1
-    assert torch.load(src8, weights_only=True)["w"].dtype == torch.float16
     shipped = torch.load(dest, weights_only=True)
     assert shipped["w"].dtype == torch.float16
     first = torch.load(p2.checkpoint, weights_only=True)["w"].float()
-    torch.testing.assert_close(shipped["w"].float(), first + 6, atol=4e-3, rtol=0)
+    torch.testing.assert_close(shipped["w"].float(), first + 7, atol=4e-3, rtol=0)
     out = capsys.readouterr().out
     assert out.count("IoU head: mean squared error 0.5000 -> 0.1000 on 3 prompts") == 8
     assert f"{dest}: sha256 " in out

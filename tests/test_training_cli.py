@@ -42,7 +42,8 @@ def _args(data, out, tiny_json, *extra):
 def test_trains_and_writes_a_loadable_run(data, tmp_path, tiny_json, capsys):
     out = tmp_path / "run"
     argv = _args(data, out, tiny_json, "--epochs", "2", "--train-encoder", "all",
-                 "--neighbour-weight", "3", "--loss-upsample", "2")  # fmt: skip
+                 "--neighbour-weight", "3", "--loss-upsample", "2",
+                 "--iou-weight", "8")  # fmt: skip
     assert main(argv) == 0
     assert "best checkpoint" in capsys.readouterr().out
     for name in ("best.pt", "last.pt", "state.pt", "log.csv", "val.csv", "run.json"):
@@ -56,6 +57,7 @@ def test_trains_and_writes_a_loadable_run(data, tmp_path, tiny_json, capsys):
     assert run["steps"] == 8 and 0 <= run["best"]["point_miou"] <= 1
     assert run["config"]["step"]["neighbour_weight"] == 3
     assert run["config"]["step"]["loss_upsample"] == 2
+    assert run["config"]["step"]["iou_weight"] == 8
     model = load_sam(TINY_CONFIG, out / "best.pt")  # official format, strict keys
     assert model.image_encoder.img_size == 128
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-fraction", type=float, default=0.5)
     p.add_argument("--focal-weight", type=float, default=1.0)
     p.add_argument(
+        "--iou-weight", type=float, default=1.0,
+        help="weight of the IoU head's loss against the mask losses (e.g. 8 for a model whose "
+        "segment-everything scores cannot tell good masks from mediocre ones; default 1)",
+    )  # fmt: skip
+    p.add_argument(
         "--neighbour-weight", type=float, default=1.0,
         help="how many times the pixels of other labelled objects count in an object's focal "
         "loss (e.g. 4 for a model that merges touching cells; default 1)",
@@ -167,6 +172,7 @@ def _train(args: argparse.Namespace) -> int:
             background=args.background,
             box_fraction=args.box_fraction,
             focal_weight=args.focal_weight,
+            iou_weight=args.iou_weight,
             neighbour_weight=args.neighbour_weight,
             loss_upsample=args.loss_upsample,
         ),
