@@ -279,10 +279,10 @@ def session_clicks(stack, labels, limits, store: Path, indices, model=MODEL) -> 
     from napari_mobilesam.interactive import PromptSession
     from napari_mobilesam.predictor import Predictor
     from napari_mobilesam.store import attach_store
-    from napari_mobilesam.weights import get_model_info
+    from napari_mobilesam.weights import default_max_upscale
 
     # the model's own upscale limit, as the widget's "model default" and mobilesam embed use
-    engine = Predictor(model, device="cpu", max_upscale=get_model_info(model).max_upscale).engine
+    engine = Predictor(model, device="cpu", max_upscale=default_max_upscale(model)).engine
     counter = EncoderCounter(engine)
     try:
         plain = PromptSession(Predictor(engine), stack, contrast_limits=limits)

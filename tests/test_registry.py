@@ -120,6 +120,8 @@ def test_the_stand_in_model_is_registered_and_shipped():
     assert info.bundled and info.network == "vit_t" and info.size < 26_000_000
     assert info.max_upscale == 2.0  # trained on cells at the size a 512 px image shows them
     assert all(w.REGISTRY[n].max_upscale is None for n in ("vit_t", "vit_b", "vit_l", "vit_h"))
+    assert w.default_max_upscale("vit_t_synthetic_cells") == 2.0
+    assert w.default_max_upscale("vit_t") is None and w.default_max_upscale("nope") is None
     path = w.fetch("vit_t_synthetic_cells")  # verified against the registry's sha256
     assert path.stat().st_size == info.size
 

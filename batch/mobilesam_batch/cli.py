@@ -214,7 +214,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
 def _options(args: argparse.Namespace, names: list[str]):
     from napari_mobilesam.transforms import max_upscale_option
-    from napari_mobilesam.weights import REGISTRY
+    from napari_mobilesam.weights import default_max_upscale
 
     from .segment import SegmentOptions
 
@@ -232,8 +232,8 @@ def _options(args: argparse.Namespace, names: list[str]):
     percentiles = _numbers(args.percentiles, float, 2, "--percentiles")
     if not 0 <= percentiles[0] < percentiles[1] <= 100:
         raise UsageError(f"--percentiles {args.percentiles!r}: need 0 <= LO < HI <= 100")
-    try:  # the model's default unless given; every model of the registry has an entry
-        upscale = max_upscale_option(args.max_upscale, REGISTRY[args.model].max_upscale)
+    try:  # the model's default unless given
+        upscale = max_upscale_option(args.max_upscale, default_max_upscale(args.model))
     except ValueError as exc:
         raise UsageError(f"--max-upscale {exc}") from None
     return SegmentOptions(

@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .cli import CommandError
     from .transforms import max_upscale_option
-    from .weights import REGISTRY
+    from .weights import default_max_upscale
 
     channels = _numbers(args.channels, int, None, "--channels")
     limits = _numbers(args.contrast_limits, float, 2, "--contrast-limits")
@@ -80,10 +80,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.batch_size is not None and args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}", status=2)
-    info = REGISTRY.get(args.model)  # an unknown name is refused where the model loads
     try:  # the model's default unless given, as mobilesam-everything resolves it
-        default = None if info is None else info.max_upscale
-        args.max_upscale = max_upscale_option(args.max_upscale, default)
+        args.max_upscale = max_upscale_option(args.max_upscale, default_max_upscale(args.model))
     except ValueError as exc:
         raise CommandError(f"--max-upscale {exc}", status=2) from None
     if args.weights is not None and not args.weights.is_file():

@@ -51,6 +51,7 @@ __all__ = [
     "ModelInfo",
     "WeightsError",
     "cache_dir",
+    "default_max_upscale",
     "download",
     "download_url",
     "fetch",
@@ -141,6 +142,14 @@ def get_model_info(name: str) -> ModelInfo:
     except KeyError:
         known = ", ".join(sorted(REGISTRY))
         raise ValueError(f"unknown model name {name!r}; known names: {known}") from None
+
+
+def default_max_upscale(name: str) -> float | None:
+    """The upscale limit model ``name`` uses unless told otherwise
+    (:attr:`ModelInfo.max_upscale`); None for no limit or a name not in the registry (such
+    a name is refused where the model loads)."""
+    info = REGISTRY.get(name)
+    return None if info is None else info.max_upscale
 
 
 # ------------------------------------------------------------------------------ cache

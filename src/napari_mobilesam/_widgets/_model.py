@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..build import model_names
 from ..predictor import Predictor
-from ..weights import REGISTRY
+from ..weights import REGISTRY, default_max_upscale
 from . import _common
 
 _FIELDS = ("name", "weights", "device", "backend", "precision", "max_upscale")
@@ -220,6 +220,5 @@ class ModelPicker(QWidget):
 def _upscale(choice: str, name: str) -> float | None:
     """The upscale limit of a choice of :data:`UPSCALE_CHOICES` for model ``name``."""
     if choice == "model default":
-        info = REGISTRY.get(name)
-        return None if info is None else info.max_upscale
+        return default_max_upscale(name)
     return None if choice == "none" else float(choice)
