@@ -1,19 +1,15 @@
-"""``mobilesam-everything`` end to end: outputs, provenance, resume, failures, kill, dask.
+"""``mobilesam-everything`` end to end in-process: outputs, provenance, resume, failures,
+usage errors.
 
-Most tests run the command in-process with the tiny random model (patched in as the
-loaded model); the kill and LocalCluster tests run the real command on the golden
-official-format checkpoint.
+The tests run the command in-process with the tiny random model (patched in as the
+loaded model); the kill and LocalCluster tests, which run the real command on the golden
+checkpoint, are in ``test_batch_processes.py``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,6 @@ import tifffile
 import torch
 import zarr
 from PIL import Image
-from skimage.draw import disk
 
 from mobilesam_batch import cli, segment
 from mobilesam_batch.runner import WORK_DIR, output_stem
@@ -30,49 +25,7 @@ from napari_mobilesam.engine.policy import Policy
 from napari_mobilesam.everything.rle import coco_to_rle, rle_to_mask
 from napari_mobilesam.predictor import resolve_precision
 
-from .conftest import GOLDEN_CKPT, requires_golden
-
-FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
-
-
-def _cells(shape, rng, n=5, dtype=np.uint8, hi=220):
-    img = np.full(shape, 20, dtype=np.float64)
-    for _ in range(n):
-        r, c = rng.integers(15, shape[0] - 15), rng.integers(15, shape[1] - 15)
-        img[disk((r, c), rng.integers(6, 14), shape=shape)] = rng.integers(90, hi)
-    img += rng.normal(0, 3, shape)
-    if np.issubdtype(dtype, np.integer):
-        img = np.clip(img * (np.iinfo(dtype).max / 255), 0, np.iinfo(dtype).max)
-    return img.astype(dtype)
-
-
-def make_dataset(folder: Path, seed: int = 0) -> dict[str, tuple]:
-    """The acceptance folder: PNG, JPEG, uint16 TIFF, 3-plane stack, OME-TIFF with
-    channels, a corrupt and an empty file. Returns stem -> expected label shape."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rgb = np.stack([_cells((96, 128), rng) for _ in range(3)], axis=-1)
-    Image.fromarray(rgb).save(folder / "a_rgb.png")
-    Image.fromarray(_cells((80, 100), rng)).save(folder / "b_gray.jpg", quality=95)
-    tifffile.imwrite(folder / "c_u16.tif", _cells((90, 110), rng, dtype=np.uint16))
-    stack = np.stack([_cells((64, 96), rng, dtype=np.uint16) for _ in range(3)])
-    tifffile.imwrite(folder / "d_stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
-    ome = np.stack(
-        [np.stack([_cells((72, 80), rng, dtype=np.uint16) for _ in range(3)]) for _ in range(2)]
-    )  # (Z=2, C=3, Y, X)
-    tifffile.imwrite(folder / "e_chan.ome.tif", ome, metadata={"axes": "ZCYX"})
-    (folder / "f_corrupt.tif").write_bytes(b"II*\x00" + os.urandom(300))
-    (folder / "g_empty.png").write_bytes(b"")
-    return {
-        "a_rgb": (96, 128),
-        "b_gray": (80, 100),
-        "c_u16": (90, 110),
-        "d_stack": (3, 64, 96),
-        "e_chan": (2, 72, 80),
-    }
-
-
-BAD = ("f_corrupt", "g_empty")
+from .batch_data import BAD, FAST, cells, make_dataset
 
 
 def _visible(outdir: Path) -> list[str]:
@@ -152,7 +105,7 @@ def test_reports_the_automatic_choices(tiny_model, tmp_path, monkeypatch, capsys
     weights = tmp_path / "tiny.pt"
     weights.write_bytes(b"stand-in for the tiny model's weights")
     image = tmp_path / "cells.tif"
-    tifffile.imwrite(image, _cells((64, 64), np.random.default_rng(0)))
+    tifffile.imwrite(image, cells((64, 64), np.random.default_rng(0)))
     argv = [str(image), "-o", str(tmp_path / "out"), *FAST, "--weights", str(weights)]
     try:
         assert cli.main([*argv, "--device", "cpu"]) == 0
@@ -189,7 +142,7 @@ def test_labels_match_the_library(tiny_cli, tiny_model, tmp_path):
 
 def test_channels_axes_and_contrast(tiny_cli, tmp_path, capsys):
     rng = np.random.default_rng(3)
-    two = np.stack([_cells((64, 64), rng, dtype=np.uint16) for _ in range(2)])  # (C, Y, X)
+    two = np.stack([cells((64, 64), rng, dtype=np.uint16) for _ in range(2)])  # (C, Y, X)
     np.save(tmp_path / "two.npy", two)
     out = tmp_path / "out"
     # a (2, 64, 64) array reads as two planes by default
@@ -213,7 +166,7 @@ def test_channels_axes_and_contrast(tiny_cli, tmp_path, capsys):
 
 def test_zarr_input_and_4d(tiny_cli, tmp_path):
     rng = np.random.default_rng(5)
-    data = np.stack([np.stack([_cells((48, 56), rng) for _ in range(3)]) for _ in range(2)])
+    data = np.stack([np.stack([cells((48, 56), rng) for _ in range(3)]) for _ in range(2)])
     arr = zarr.create_array(tmp_path / "movie.zarr", shape=data.shape, chunks=(1, 1, 48, 56),
                             dtype=data.dtype)  # fmt: skip
     arr[...] = data
@@ -349,7 +302,7 @@ def test_same_stem_twice_is_refused(tiny_cli, tmp_path, capsys):
     rng = np.random.default_rng(0)
     for sub in ("x", "y"):
         (tmp_path / "in" / sub).mkdir(parents=True)
-        Image.fromarray(_cells((40, 40), rng)).save(tmp_path / "in" / sub / "img.png")
+        Image.fromarray(cells((40, 40), rng)).save(tmp_path / "in" / sub / "img.png")
     code = tiny_cli([str(tmp_path / "in"), "-r", "-o", str(tmp_path / "out"), *FAST])
     captured = capsys.readouterr()
     assert code == 1 and "1 done" in captured.out and "same name" in captured.err
@@ -358,7 +311,7 @@ def test_same_stem_twice_is_refused(tiny_cli, tmp_path, capsys):
 def test_outputs_inside_the_input_folder_are_not_inputs(tiny_cli, tmp_path, capsys):
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
-    Image.fromarray(_cells((40, 40), rng)).save(tmp_path / "in" / "img.png")
+    Image.fromarray(cells((40, 40), rng)).save(tmp_path / "in" / "img.png")
     out = tmp_path / "in" / "labels"
     assert tiny_cli([str(tmp_path / "in"), "-r", "-o", str(out), *FAST]) == 0
     assert tiny_cli([str(tmp_path / "in"), "-r", "-o", str(out), *FAST]) == 0
@@ -482,7 +435,7 @@ def test_every_generator_parameter_is_a_flag():
 
 def test_generator_flags_reach_the_generator(tiny_cli, tmp_path):
     rng = np.random.default_rng(0)
-    Image.fromarray(_cells((48, 48), rng)).save(tmp_path / "a.png")
+    Image.fromarray(cells((48, 48), rng)).save(tmp_path / "a.png")
     out = tmp_path / "out"
     args = [str(tmp_path / "a.png"), "-o", str(out), *FAST, "--crop-overlap-ratio", "0.25",
             "--nms", "box", "--tile-size", "0", "--min-mask-region-area", "3"]  # fmt: skip
@@ -493,101 +446,3 @@ def test_generator_flags_reach_the_generator(tiny_cli, tmp_path):
     assert params["points_per_batch"] == 64  # left out: the library default, recorded
     seg = next(iter(segment._SEGMENTERS.values()))
     assert (seg.generator.nms, seg.generator.crop_overlap_ratio) == ("box", 0.25)
-
-
-# ------------------------------------------------------------- the real command, golden
-
-
-def _command(*args) -> list[str]:
-    return [sys.executable, "-m", "mobilesam_batch.cli", *args]
-
-
-def _golden_args(inp, out):
-    return [str(inp), "-o", str(out), "--weights", str(GOLDEN_CKPT), "--device", "cpu", *FAST]
-
-
-def _read_all(out: Path) -> dict[str, np.ndarray]:
-    return {p.name: tifffile.imread(p) for p in sorted(out.glob("*_labels.tif"))}
-
-
-@requires_golden
-@pytest.mark.slow
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    rng = np.random.default_rng(7)
-    inp = tmp_path / "in"
-    inp.mkdir()
-    for i in range(4):
-        Image.fromarray(_cells((96, 96), rng)).save(inp / f"img{i}.png")
-    stack = np.stack([_cells((80, 80), rng, dtype=np.uint16) for _ in range(3)])
-    tifffile.imwrite(inp / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
-
-    ref = tmp_path / "ref"
-    done = subprocess.run(_command(*_golden_args(inp, ref), "-q"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-    out = tmp_path / "out"
-    proc = subprocess.Popen(_command(*_golden_args(inp, out), "--csv"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 900  # generous: the machine may be busy
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(out.glob("*_labels.json"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-    # whatever is visible is complete: every label image reads, every json parses
-    for p in out.iterdir():
-        if p.name.startswith("."):
-            continue
-        assert p.name.endswith(("_labels.tif", "_labels.json", "_objects.csv")), p.name
-        if p.suffix == ".tif":
-            tifffile.imread(p)
-        elif p.suffix == ".json":
-            json.loads(p.read_text())
-    finished = len(list(out.glob("*_labels.json")))
-    assert 2 <= finished < 5
-
-    again = subprocess.run(_command(*_golden_args(inp, out), "--csv"), capture_output=True,
-                           text=True)  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    assert f"{5 - finished} done, {finished} skipped, 0 failed" in again.stdout
-    got, want = _read_all(out), _read_all(ref)
-    assert got.keys() == want.keys() and len(got) == 5
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name])
-    assert not (out / WORK_DIR).exists()
-
-
-@requires_golden
-@pytest.mark.slow
-def test_local_cluster_equals_local_run(tmp_path):
-    pytest.importorskip("distributed")
-    make_dataset(tmp_path / "in")
-    local = tmp_path / "local"
-    dask = tmp_path / "dask"
-    args = _golden_args(tmp_path / "in", local)
-    a = subprocess.run(_command(*args, "-q", "--csv"), capture_output=True, text=True)
-    assert a.returncode == 1 and "5 done, 0 skipped, 2 failed" in a.stdout, a.stderr
-    args = _golden_args(tmp_path / "in", dask)
-    b = subprocess.run(_command(*args, "-q", "--csv", "--scheduler", "local", "--workers", "2"),
-                       capture_output=True, text=True)  # fmt: skip
-    assert b.returncode == 1 and "5 done, 0 skipped, 2 failed" in b.stdout, b.stderr
-    assert "Traceback" not in b.stderr
-    for bad in BAD:
-        assert bad in b.stderr
-    got, want = _read_all(dask), _read_all(local)
-    assert got.keys() == want.keys() and len(got) == 5
-    for name in want:  # label images identical (as docs/batch.md says)...
-        np.testing.assert_array_equal(got[name], want[name])
-    for csv_file in sorted(local.glob("*_objects.csv")):  # ...scores within float rounding
-        rows_a = list(csv.DictReader(open(csv_file)))
-        rows_b = list(csv.DictReader(open(dask / csv_file.name)))
-        assert len(rows_a) == len(rows_b)
-        for ra, rb in zip(rows_a, rows_b, strict=True):
-            for col in ra:
-                if col in ("predicted_iou", "stability_score"):
-                    assert abs(float(ra[col]) - float(rb[col])) <= 1e-6, (col, ra, rb)
-                else:
-                    assert ra[col] == rb[col]
