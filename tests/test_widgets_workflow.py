@@ -204,11 +204,16 @@ def test_x_cycles_this_object_only_and_explains_when_it_cannot(
     first = w.prediction
     best = int(np.argmax(first.scores))
     assert len(first.scores) == 3 and first.choice == best
+    # X shows the next candidate that has pixels (every one: test_widgets.py's golden
+    # test; empty ones skipped: test_x_steps_over_empty_candidates); this tiny model
+    # leaves some of them empty
+    full = [k for k in range(3) if first.masks[k].any()]
+    after = [k for k in ((best + 1) % 3, (best + 2) % 3) if k in full]
     w.next_mask()
-    assert w.prediction.choice == (best + 1) % 3 and w.multimask.currentText() == "best of 3"
-    np.testing.assert_array_equal(w.state.preview.data.astype(bool), first.masks[(best + 1) % 3])
-    w.next_mask()
-    assert w.prediction.choice == (best + 2) % 3
+    assert w.multimask.currentText() == "best of 3"
+    assert w.prediction.choice == (after[0] if after else best)
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool),
+                                  first.masks[w.prediction.choice])  # fmt: skip
     # the next object starts with the best candidate again
     w.clear()
     w.state.points.add(np.array([[70.0, 90.0]]))
@@ -223,6 +228,32 @@ def test_x_cycles_this_object_only_and_explains_when_it_cannot(
     _box(w, qtbot, ((20, 30), (60, 70)))
     w.next_mask()
     assert "a box" in notes[-1]
+
+
+def test_x_steps_over_empty_candidates(make_napari_viewer, qtbot, tiny_predictor, notes):
+    """An empty candidate (a model may leave one of its three outputs empty) is never
+    shown; when every other candidate is empty X says so and keeps the mask shown."""
+    import dataclasses
+
+    viewer = make_napari_viewer()
+    w = _widget(viewer, qtbot, viewer.add_image(_blobs(), name="cells"))
+    w.state.points.add(np.array([[40.0, 50.0]]))
+    idle(qtbot, w)
+    first = w.state.prediction
+    best = first.choice
+    masks = np.stack([np.asarray(first.masks[k]) for k in range(3)])
+    masks[:] = False
+    masks[:, 30:50, 40:60] = True
+    masks[(best + 1) % 3] = False  # the next one is empty
+    w.state.prediction = dataclasses.replace(first, masks=masks)
+    w.next_mask()
+    assert w.prediction.choice == (best + 2) % 3
+    np.testing.assert_array_equal(w.state.preview.data.astype(bool), masks[(best + 2) % 3])
+    masks[best] = False  # now only the one shown has pixels
+    w.state.prediction = dataclasses.replace(w.state.prediction, masks=masks)
+    w.next_mask()
+    assert w.prediction.choice == (best + 2) % 3
+    assert "other candidate masks of this click are empty" in notes[-1]
 
 
 # -- problem 9 (part): prompt conventions --------------------------------------------------

@@ -48,7 +48,8 @@ class PromptInput:
 
     def next_mask(self) -> None:
         """Show the next candidate mask of the current object (a single point's three),
-        starting after the best-scored one; later objects start with the best again."""
+        starting after the best-scored one and stepping over empty ones; later objects
+        start with the best again."""
         state = self.state
         prediction = state.prediction if state is not None else None
         if prediction is None:
@@ -66,8 +67,18 @@ class PromptInput:
                 "candidates exist for a single point with 'masks: best of 3'"
             )
             return
-        state.choice = (prediction.choice + 1) % len(prediction.scores)
-        self._show(state, dataclasses.replace(prediction, choice=state.choice))
+        k = len(prediction.scores)
+        # an empty candidate shows nothing and commits nothing: step over it (a candidate
+        # is upsampled only when reached, as before)
+        later = ((prediction.choice + step) % k for step in range(1, k))
+        choice = next((c for c in later if prediction.masks[c].any()), None)
+        if choice is None:
+            show_info(
+                "MobileSAM: the other candidate masks of this click are empty; the one shown stays"
+            )
+            return
+        state.choice = choice
+        self._show(state, dataclasses.replace(prediction, choice=choice))
 
     def toggle_negative(self) -> None:
         """Switch the next points between positive and negative."""

@@ -106,7 +106,9 @@ class PromptWidget(
         opts = QFormLayout()
         self.multimask = QComboBox()
         self.multimask.addItems(["best of 3", "single"])
-        self.multimask.setToolTip("a single point gives 3 candidate masks: X shows the next")
+        self.multimask.setToolTip(
+            "a single point gives 3 candidate masks: X shows the next (empty ones skipped)"
+        )
         self.multimask.currentIndexChanged.connect(self._masks_changed)
         opts.addRow("masks", self.multimask)
         self.overlap = QComboBox()
