@@ -1,8 +1,9 @@
 """Headless napari: the prompt workflow never loses work (issue 19), on a real viewer.
 
 One test per problem of the issue, with the tiny random model (its box masks are the
-same large mask wherever the box is, which is what the overlap tests need), and a
-scripted walk over two images with the bundled stand-in model.
+same large mask wherever the box is, which is what the overlap tests need). The scripted
+walk over three images with the bundled stand-in model is in test_widgets_walk.py; the
+shared helpers (``blobs``, ``prompt_widget``, ``draw_box``, ...) in widget_support.py.
 """
 
 from __future__ import annotations
@@ -11,70 +12,36 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from napari_mobilesam.predictor import Predictor
-
 from .widget_support import (  # skips the module without napari or a display
     WAIT,
+    blobs,
+    draw_box,
     everything_widget,
     idle,
+    object_ids,
+    prompt_widget,
+    start_session,
 )
-
-
-def _blobs(shape=(96, 120), centers=((40, 50),), value=3000):
-    img = np.full(shape, 300, np.uint16)
-    for c in centers:
-        img[disk(c, 14, shape=shape)] = value
-    return img
-
-
-def _widget(viewer, qtbot, layer=None):
-    from napari_mobilesam._widgets import PromptWidget
-
-    w = PromptWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    if layer is not None:
-        _start(w, qtbot, layer)
-    return w
-
-
-def _start(w, qtbot, layer):
-    w.image_combo.setCurrentText(layer.name)
-    w.start()
-    idle(qtbot, w)
-    assert w.session is not None and w.state.image is layer
-
-
-def _box(w, qtbot, corners, plane=()):
-    (r0, c0), (r1, c1) = corners
-    rc = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
-    w.state.box.add_rectangles(np.array([[*plane, r, c] for r, c in rc], dtype=float))
-    idle(qtbot, w)
-    assert w.prediction is not None
-
-
-def _objects(layer) -> set[int]:
-    return set(np.unique(np.asarray(layer.data)).tolist()) - {0}
-
 
 # -- problem 1: one session per image -----------------------------------------------------
 
 
 def test_each_image_keeps_its_own_layers_and_objects(make_napari_viewer, qtbot, tiny_predictor):
     viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells", contrast_limits=(0, 4000))
-    stack = viewer.add_image(np.stack([_blobs((64, 80))] * 4), name="stack")
-    w = _widget(viewer, qtbot, cells)
+    cells = viewer.add_image(blobs(), name="cells", contrast_limits=(0, 4000))
+    stack = viewer.add_image(np.stack([blobs((64, 80))] * 4), name="stack")
+    w = prompt_widget(viewer, qtbot, cells)
     assert {"cells points", "cells box", "cells preview", "cells_labels"} <= set(
         layer.name for layer in viewer.layers
     )
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     assert w.commit() == 1
     cells_labels = viewer.layers["cells_labels"]
     first = cells_labels.data.copy()
 
     # the stack: its own layers, of its dimensionality; the 2D image's layers stay
     viewer.dims.current_step = (2, 0, 0)
-    _start(w, qtbot, stack)
+    start_session(w, qtbot, stack)
     assert viewer.layers["stack points"].ndim == 3 and viewer.layers["stack box"].ndim == 3
     assert viewer.layers["stack_labels"].data.shape == (4, 64, 80)
     assert viewer.layers["cells_labels"] is cells_labels
@@ -83,10 +50,10 @@ def test_each_image_keeps_its_own_layers_and_objects(make_napari_viewer, qtbot, 
     w.state.points.add(np.array([[0.0, 30.0, 30.0]]))
     idle(qtbot, w)
     assert w.prompts() == (None, None, None) and w.prediction is None
-    _box(w, qtbot, ((10, 10), (40, 50)), plane=(2,))
+    draw_box(w, qtbot, ((10, 10), (40, 50)), plane=(2,))
     assert w.commit() == 1
     stack_labels = viewer.layers["stack_labels"]
-    assert _objects(stack_labels) == {1} and stack_labels.data[[0, 1, 3]].max() == 0
+    assert object_ids(stack_labels) == {1} and stack_labels.data[[0, 1, 3]].max() == 0
 
     # back to the 2D image: its session resumes (labels, undo), no new layer, no Start
     n_layers = len(viewer.layers)
@@ -95,20 +62,20 @@ def test_each_image_keeps_its_own_layers_and_objects(make_napari_viewer, qtbot, 
     assert w.state.labels is cells_labels and w.session is not None
     assert len(viewer.layers) == n_layers
     w.overlap.setCurrentText("overwrite")
-    _box(w, qtbot, ((50, 60), (90, 110)))
+    draw_box(w, qtbot, ((50, 60), (90, 110)))
     assert w.commit() == 2
     w.undo()  # this image's undo step, not the stack's
     np.testing.assert_array_equal(cells_labels.data, first)
-    assert _objects(stack_labels) == {1}
+    assert object_ids(stack_labels) == {1}
 
 
 def test_shape_mismatch_and_failed_start_touch_no_layer(
     make_napari_viewer, qtbot, tiny_predictor, notes, tmp_path
 ):
     viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells")
-    w = _widget(viewer, qtbot, cells)
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    cells = viewer.add_image(blobs(), name="cells")
+    w = prompt_widget(viewer, qtbot, cells)
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     w.commit()
     kept = viewer.layers["cells_labels"].data.copy()
 
@@ -144,15 +111,15 @@ def test_commit_inside_an_object_follows_the_overlap_option(make_napari_viewer, 
     from app_model.types import KeyBinding
 
     viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells")
-    w = _widget(viewer, qtbot, cells)
+    cells = viewer.add_image(blobs(), name="cells")
+    w = prompt_widget(viewer, qtbot, cells)
     assert w.overlap.currentText() == "only unlabeled pixels"
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     assert w.commit() == 1
     labels = w.state.labels
     first = labels.data.copy()
     # the same box again: its mask lies inside the first object
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     assert w.commit() is None
     assert "overlap: overwrite" in notes[-1]
     np.testing.assert_array_equal(labels.data, first)
@@ -166,10 +133,10 @@ def test_commit_inside_an_object_follows_the_overlap_option(make_napari_viewer, 
     np.testing.assert_array_equal(labels.data, partial)
     w.overlap.setCurrentText("overwrite")
     assert w.commit() == 2
-    assert _objects(labels) == {2}
+    assert object_ids(labels) == {2}
 
     # the C key with a read-only labels layer: a message, never an exception in Qt
-    _box(w, qtbot, ((30, 40), (50, 60)))
+    draw_box(w, qtbot, ((30, 40), (50, 60)))
     labels.data.flags.writeable = False
     handler = w.state.points.keymap[KeyBinding.from_str("C")]
     handler(w.state.points)
@@ -187,7 +154,7 @@ def test_commit_inside_an_object_follows_the_overlap_option(make_napari_viewer, 
     del session.commit
     for key in ("X", "N", "Shift+Z", "Escape"):
         w.state.image.keymap[KeyBinding.from_str(key)](w.state.image)
-    assert _objects(labels) == {1}  # Shift-Z undid object 2 and gave object 1 back
+    assert object_ids(labels) == {1}  # Shift-Z undid object 2 and gave object 1 back
 
 
 # -- problem 3: X cycles the current object's candidates only ----------------------------
@@ -197,8 +164,8 @@ def test_x_cycles_this_object_only_and_explains_when_it_cannot(
     make_napari_viewer, qtbot, tiny_predictor, notes
 ):
     viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells")
-    w = _widget(viewer, qtbot, cells)
+    cells = viewer.add_image(blobs(), name="cells")
+    w = prompt_widget(viewer, qtbot, cells)
     w.state.points.add(np.array([[40.0, 50.0]]))
     idle(qtbot, w)
     first = w.prediction
@@ -225,7 +192,7 @@ def test_x_cycles_this_object_only_and_explains_when_it_cannot(
     w.next_mask()
     assert "2 points" in notes[-1] and w.prediction.choice == 0
     w.clear()
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     w.next_mask()
     assert "a box" in notes[-1]
 
@@ -236,7 +203,7 @@ def test_x_steps_over_empty_candidates(make_napari_viewer, qtbot, tiny_predictor
     import dataclasses
 
     viewer = make_napari_viewer()
-    w = _widget(viewer, qtbot, viewer.add_image(_blobs(), name="cells"))
+    w = prompt_widget(viewer, qtbot, viewer.add_image(blobs(), name="cells"))
     w.state.points.add(np.array([[40.0, 50.0]]))
     idle(qtbot, w)
     first = w.state.prediction
@@ -276,8 +243,8 @@ def test_green_positive_red_negative_right_click_and_n_reset(
     make_napari_viewer, qtbot, tiny_predictor
 ):
     viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells")
-    w = _widget(viewer, qtbot, cells)
+    cells = viewer.add_image(blobs(), name="cells")
+    w = prompt_widget(viewer, qtbot, cells)
     points = w.state.points
     assert points.mode == "add"
     _click(points, (40, 50))
@@ -294,7 +261,7 @@ def test_green_positive_red_negative_right_click_and_n_reset(
     w.toggle_negative()
     _click(points, (30, 30))
     assert points.features["positive"].tolist() == [False]
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     assert w.commit() == 1
     assert not w.negative_box.isChecked()
     _click(points, (40, 50))
@@ -312,7 +279,7 @@ def _everything(viewer, qtbot, image_name):
 
 def test_everything_per_plane_then_commit_to_labels(make_napari_viewer, qtbot, tiny_predictor):
     viewer = make_napari_viewer()
-    stack = np.stack([_blobs(centers=((40, 50), (70, 95)))] * 3)
+    stack = np.stack([blobs(centers=((40, 50), (70, 95)))] * 3)
     viewer.add_image(stack, name="cells")
     e = _everything(viewer, qtbot, "cells")
     viewer.dims.current_step = (0, 0, 0)
@@ -352,7 +319,7 @@ def test_commit_to_labels_skips_objects_already_committed(
     """An everything object that a prompt already committed (all but a few pixels) is not
     added again as a sliver; the others are."""
     viewer = make_napari_viewer()
-    viewer.add_image(_blobs(centers=((40, 50), (70, 95))), name="cells")
+    viewer.add_image(blobs(centers=((40, 50), (70, 95))), name="cells")
     e = _everything(viewer, qtbot, "cells")
     e.run()
     idle(qtbot, e)
@@ -381,7 +348,7 @@ def test_commit_to_labels_without_objects_makes_no_layer(
     make_napari_viewer, qtbot, tiny_predictor, notes
 ):
     viewer = make_napari_viewer()
-    viewer.add_image(_blobs(), name="cells")
+    viewer.add_image(blobs(), name="cells")
     e = _everything(viewer, qtbot, "cells")
     e.run()
     idle(qtbot, e)
@@ -438,8 +405,8 @@ def test_status_clears_when_idle_and_cancel_waits_for_the_work(
     make_napari_viewer, qtbot, tiny_predictor
 ):
     viewer = make_napari_viewer()
-    viewer.add_image(np.stack([_blobs()] * 30), name="cells")
-    w = _widget(viewer, qtbot, viewer.layers["cells"])
+    viewer.add_image(np.stack([blobs()] * 30), name="cells")
+    w = prompt_widget(viewer, qtbot, viewer.layers["cells"])
     viewer.dims.current_step = (3, 0, 0)
     qtbot.waitUntil(
         lambda: "computing the embedding of plane (3,)" in w.status.text(), timeout=WAIT
@@ -467,15 +434,15 @@ def test_shorter_stack_beyond_the_slider_is_refused(
     make_napari_viewer, qtbot, tiny_predictor, notes, monkeypatch
 ):
     viewer = make_napari_viewer()
-    viewer.add_image(np.stack([_blobs()] * 12), name="long")
-    short = viewer.add_image(np.stack([_blobs()] * 3), name="short")
+    viewer.add_image(np.stack([blobs()] * 12), name="long")
+    short = viewer.add_image(np.stack([blobs()] * 3), name="short")
     embedded = []
     real = tiny_predictor.set_image
     monkeypatch.setattr(
         tiny_predictor, "set_image", lambda *a, **k: embedded.append(1) or real(*a, **k)
     )
     viewer.dims.current_step = (5, 0, 0)
-    w = _widget(viewer, qtbot, short)
+    w = prompt_widget(viewer, qtbot, short)
     assert embedded == [] and w.session.current is None
     assert "beyond 'short'" in w.status.text() and "slider" in w.status.text()
     w.state.box.add_rectangles(np.array([[5, 20, 30], [5, 20, 70], [5, 60, 70], [5, 60, 30.0]]))
@@ -502,9 +469,9 @@ def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
     from napari_mobilesam import napari_io
 
     viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells")
-    w = _widget(viewer, qtbot, cells)
-    _box(w, qtbot, ((20, 30), (60, 70)))
+    cells = viewer.add_image(blobs(), name="cells")
+    w = prompt_widget(viewer, qtbot, cells)
+    draw_box(w, qtbot, ((20, 30), (60, 70)))
     w.commit()
     labels = w.state.labels
     filters, _ = _npe2.file_extensions_string_for_layers([labels])
@@ -520,7 +487,7 @@ def test_labels_save_as_image_labels_tif_and_open_with_the_plugin(
     (opened,) = viewer.open(str(path), plugin="napari-mobilesam")
     assert opened.name == "cells_labels" and type(opened).__name__ == "Labels"
     assert opened.metadata["mobilesam"]["tool"] == "napari-mobilesam"
-    assert _objects(opened) == {1}
+    assert object_ids(opened) == {1}
     # a *_labels.tif from elsewhere (no provenance beside it) opens as labels too
     tifffile.imwrite(tmp_path / "other_labels.tif", np.zeros((4, 4), np.uint8))
     assert napari_io.get_reader(str(tmp_path / "other_labels.tif")) is not None
@@ -601,174 +568,3 @@ def test_image_combo_defaults_to_selected_then_top_visible(make_napari_viewer, q
 
 def _items(combo) -> list[str]:
     return [combo.itemText(i) for i in range(combo.count())]
-
-
-# -- the scripted walk: three images, objects on each, back and forth ---------------------
-
-
-@pytest.fixture(scope="module")
-def stand_in_model():
-    from napari_mobilesam.build import load_model
-
-    return load_model("vit_t_synthetic_cells", device="cpu")
-
-
-def _interior(mask: np.ndarray) -> tuple[float, float]:
-    """The most interior pixel (row, col) of a bool mask."""
-    from scipy.ndimage import distance_transform_edt
-
-    depth = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(depth)), mask.shape)
-    return float(r), float(c)
-
-
-def _far_apart_cells(truth: np.ndarray, n: int) -> list[tuple[float, float]]:
-    """Interior points of the ``n`` largest objects of a label plane."""
-    ids, areas = np.unique(truth[truth > 0], return_counts=True)
-    return [_interior(truth == i) for i in ids[np.argsort(areas)[::-1][:n]]]
-
-
-@pytest.mark.slow  # ~9 s: three images, real-size model
-def test_walk_commits_on_three_images_and_every_object_stays(
-    make_napari_viewer, qtbot, stand_in_model, monkeypatch
-):
-    from skimage.data import coins
-
-    from napari_mobilesam._widgets import _common
-    from napari_mobilesam.synthetic import cells_2d, cells_3d
-
-    predictor = Predictor(stand_in_model)
-    monkeypatch.setattr(_common, "get_predictor", lambda *a, **k: predictor)
-    cells = cells_2d((256, 256), seed=0, n_cells=6)
-    stack = cells_3d((4, 160, 160), seed=1, n_cells=5)
-    viewer = make_napari_viewer()
-    layers = {
-        "cells": viewer.add_image(cells.image, name="cells"),
-        "stack": viewer.add_image(stack.image, name="stack"),
-        "coins": viewer.add_image(coins()[:160, :200], name="coins"),
-    }
-    w = _widget(viewer, qtbot)
-    w.model.name.setCurrentText("vit_t_synthetic_cells")
-    expected: dict[str, np.ndarray] = {}
-
-    def visit(name, plane=None):
-        if plane is not None:
-            viewer.dims.current_step = (plane, 0, 0)
-        w.image_combo.setCurrentText(name)
-        idle(qtbot, w)
-        if w.session is None:
-            _start(w, qtbot, layers[name])
-        # everything committed so far is still there, in each image's own labels
-        for other, data in expected.items():
-            np.testing.assert_array_equal(viewer.layers[f"{other}_labels"].data, data)
-
-    def commit_point(name, rc, plane=()):
-        w.state.points.add(np.array([[*plane, *rc]]))
-        idle(qtbot, w)
-        new_id = w.commit()
-        assert new_id is not None, (name, rc, plane)
-        expected[name] = viewer.layers[f"{name}_labels"].data.copy()
-        return new_id
-
-    a, b = _far_apart_cells(cells.labels, 2)
-    s1 = _far_apart_cells(stack.labels[1], 1)[0]
-    s2 = _far_apart_cells(stack.labels[2], 2)[1]
-    visit("cells")
-    assert commit_point("cells", a) == 1
-    visit("stack", plane=1)
-    assert commit_point("stack", s1, plane=(1,)) == 1
-    visit("cells")
-    assert commit_point("cells", b) == 2
-    visit("coins")
-    # a box the stand-in model (trained on cells only) answers with a coin's mask
-    _box(w, qtbot, ((25, 25), (85, 85)))
-    assert w.commit() == 1
-    expected["coins"] = viewer.layers["coins_labels"].data.copy()
-    visit("stack", plane=2)
-    assert commit_point("stack", s2, plane=(2,)) == 2
-    visit("cells")
-    visit("coins")
-    visit("stack", plane=1)
-    assert {name: _objects(viewer.layers[f"{name}_labels"]) for name in layers} == {
-        "cells": {1, 2}, "stack": {1, 2}, "coins": {1},
-    }  # fmt: skip
-    stack_labels = viewer.layers["stack_labels"].data
-    assert set(np.unique(stack_labels[1])) == {0, 1} and set(np.unique(stack_labels[2])) == {0, 2}
-
-
-def test_layers_of_the_names_that_do_not_fit_are_messages(
-    make_napari_viewer, qtbot, tiny_predictor, notes
-):
-    viewer = make_napari_viewer()
-    viewer.add_image(np.zeros((2, 40, 50), np.uint8), name="x")
-    shapes = viewer.add_shapes(name="x points")  # another kind
-    w = _widget(viewer, qtbot)
-    w.image_combo.setCurrentText("x")
-    w.start_button.click()
-    assert "'x points'" in notes[-1] and "Shapes" in notes[-1] and w.session is None
-    viewer.layers.remove(shapes)
-    preview = viewer.add_labels(np.zeros((4, 4), np.uint8), name="x preview")  # another shape
-    w.start_button.click()
-    assert "'x preview'" in notes[-1] and w.session is None
-    viewer.layers.remove(preview)
-    n_layers = len(viewer.layers)
-    e = _everything(viewer, qtbot, "x")
-    viewer.add_labels(np.zeros((40, 50), np.uint32), name="x everything")
-    e.run_button.click()  # a button: the error is a message
-    assert "'x everything'" in notes[-1] and not e.runner.busy
-    e.commit_button.click()
-    assert "'x everything'" in notes[-1] and len(viewer.layers) == n_layers + 1
-
-
-# -- contrast: the model sees what the user sees --------------------------------------------
-
-
-def test_a_contrast_change_starts_the_session_again_with_the_new_limits(
-    make_napari_viewer, qtbot, tiny_predictor
-):
-    from napari_mobilesam.interactive import PromptSession
-
-    viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells", contrast_limits=(0, 60000))
-    other = viewer.add_image(_blobs(centers=((30, 30),)), name="other")
-    w = _widget(viewer, qtbot, cells)
-    first = w.session
-    assert w.state.limits == (0.0, 60000.0)
-    _box(w, qtbot, ((20, 30), (60, 70)))
-    assert w.commit() == 1
-
-    cells.contrast_limits = (200, 4000)  # e.g. the user drags the contrast slider
-    qtbot.waitUntil(lambda: w.session is not first, timeout=WAIT)
-    idle(qtbot, w)
-    assert w.state.limits == (200.0, 4000.0) and w.state.image is cells
-    want = PromptSession(tiny_predictor, cells.data, contrast_limits=(200.0, 4000.0))
-    assert w.session.contrast_limits == want.contrast_limits != first.contrast_limits
-    assert w.state.plane == () and () in w.state.ready  # the shown plane embedded again
-    assert _objects(w.state.labels) == {1}  # objects and undo steps kept
-    w.undo()
-    assert _objects(w.state.labels) == set()
-
-    # changed while another image is chosen: its session starts again when chosen
-    _start(w, qtbot, other)
-    second = w.session_of(cells).session
-    cells.contrast_limits = (100, 5000)
-    qtbot.wait(50)
-    assert w.session_of(cells).session is second and w.state.image is other
-    w.image_combo.setCurrentText("cells")
-    qtbot.waitUntil(lambda: w.session is not second, timeout=WAIT)
-    idle(qtbot, w)
-    assert w.state.limits == (100.0, 5000.0)
-
-
-def test_choosing_another_image_during_start_keeps_its_status(make_napari_viewer, qtbot,
-                                                              tiny_predictor):  # fmt: skip
-    viewer = make_napari_viewer()
-    cells = viewer.add_image(_blobs(), name="cells")
-    viewer.add_image(_blobs(centers=((30, 30),)), name="other")
-    w = _widget(viewer, qtbot)
-    w.image_combo.setCurrentText("cells")
-    w.start()
-    w.image_combo.setCurrentText("other")  # before the model has loaded
-    idle(qtbot, w)
-    assert w.session_of(cells).session is not None  # cells' session was made...
-    assert w.state is None and w.status.text() == "press Start to segment 'other'"  # ...quietly

@@ -1,5 +1,7 @@
 """What the headless-napari widget tests share: the module-level skip, waits, a gate,
-disk-shaped point masks and a permissive Everything widget.
+disk-shaped point masks, a permissive Everything widget, and a prompt widget's
+session on a test image (``blobs``, ``prompt_widget``, ``start_session``, ``draw_box``,
+``object_ids``).
 
 A widget test module starts with::
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import threading
 
+import numpy as np
 import pytest
 
 napari = pytest.importorskip("napari")
@@ -28,6 +31,7 @@ if shutil.which("Xvfb") is None and not os.environ.get("DISPLAY"):
     )
 
 from qtpy.QtCore import Qt  # noqa: E402  (after the skip: qtpy comes with napari)
+from skimage.draw import disk  # noqa: E402
 
 __all__ = ["WAIT", "Gate", "Qt", "disk_masks", "everything_widget", "idle", "napari"]
 
@@ -125,3 +129,44 @@ def everything_widget(viewer, image_name: str, points_per_side: int = 4):
     e.pred_iou_thresh.setValue(0.0)
     e.stability_score_thresh.setValue(0.0)
     return e
+
+
+def blobs(shape=(96, 120), centers=((40, 50),), value=3000):
+    """A uint16 (Y, X) image of bright discs of radius 14 px at ``centers`` (row, col)."""
+    img = np.full(shape, 300, np.uint16)
+    for c in centers:
+        img[disk(c, 14, shape=shape)] = value
+    return img
+
+
+def prompt_widget(viewer, qtbot, layer=None):
+    """A docked PromptWidget, its session started on ``layer`` if given."""
+    from napari_mobilesam._widgets import PromptWidget
+
+    w = PromptWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    if layer is not None:
+        start_session(w, qtbot, layer)
+    return w
+
+
+def start_session(w, qtbot, layer):
+    """Start ``w``'s session on ``layer`` and wait until it is ready."""
+    w.image_combo.setCurrentText(layer.name)
+    w.start()
+    idle(qtbot, w)
+    assert w.session is not None and w.state.image is layer
+
+
+def draw_box(w, qtbot, corners, plane=()):
+    """Draw a box prompt from corners ((r0, c0), (r1, c1)), on ``plane`` (leading indices)."""
+    (r0, c0), (r1, c1) = corners
+    rc = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
+    w.state.box.add_rectangles(np.array([[*plane, r, c] for r, c in rc], dtype=float))
+    idle(qtbot, w)
+    assert w.prediction is not None
+
+
+def object_ids(layer) -> set[int]:
+    """The ids (not 0) in a Labels layer."""
+    return set(np.unique(np.asarray(layer.data)).tolist()) - {0}
