@@ -319,15 +319,18 @@ def stacked_in_z(labels, max_gap=1):
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 18])
 def test_generator_3d_stacks_are_recovered_exactly(seed):
+    """Seed 18: a cell's 32 px tip and the 76 px first section of a cell starting below it
+    both lie wholly inside the first cell's last section; the tip, on the cell's axis, is
+    its own (the larger IoU took the other cell's section before linking rules v2)."""
     sample = synthetic.cells_3d(seed=seed)
     linked, table = link_stack(per_plane_ids(sample.labels, seed), "z")
     ids = bijection(sample.labels, linked)
     assert len(ids) == len(table.objects()["id"]) == sample.labels.max()
 
 
-@pytest.mark.parametrize("seed", [8, 11, 15, 18])
+@pytest.mark.parametrize("seed", [8, 11, 15])
 def test_generator_3d_stacks_only_cells_stacked_in_z_can_be_confused(seed):
     """The seeds (of 0..19) where linking errs: only cells stacked on one another."""
     sample = synthetic.cells_3d(seed=seed)

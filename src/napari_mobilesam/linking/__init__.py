@@ -65,7 +65,7 @@ __all__ = [
 #: order). Raised whenever a change to this package can change which ids it gives;
 #: ``mobilesam-everything --link`` records it and keys its outputs on it, so outputs
 #: linked under older rules are redone.
-RULE_VERSION = 1
+RULE_VERSION = 2
 
 
 def min_planes_lut(seen: np.ndarray, min_planes: int) -> np.ndarray:

@@ -164,11 +164,15 @@ class AxisLinker:
 
     def _match_cover(self, old: _Past, cur: Coded, ov, a_free, b_free):
         """Global matching on cover (the part of the smaller object inside the other)
-        >= ``min_cover`` among the free objects; ties go to the larger IoU.
+        >= ``min_cover`` among the free objects; ties go to the larger IoU, and through z
+        first to the section nearer the old one's centroid.
 
         An old object never joins a larger one when it is already smaller than its own
         previous section: that would give it a waist, where two objects stacked in z
-        (one ending, one starting) are the likelier reading.
+        (one ending, one starting) are the likelier reading. Through z, when two small
+        sections lie wholly inside an object's last section (the tip of that object and
+        the first section of another that starts below or above it), the one on the
+        object's axis (nearest its centroid, relative to its radius) is its tip.
         """
         ia, ib, cnt = ov
         sel = a_free[ia] & b_free[ib]
@@ -176,9 +180,15 @@ class AxisLinker:
         area_a, area_b = old.plane.areas[ia], cur.areas[ib]
         cover = cnt / np.minimum(area_a, area_b)
         keep = cover >= self.min_cover
+        w = cover + 1e-6 * iou(old.plane, cur, ia, ib, cnt)
         if self.waist:
             keep &= ~((area_a < area_b) & (old.pred_area[ia] > area_a))
-        w = cover + 1e-3 * iou(old.plane, cur, ia, ib, cnt)
+            if keep.any():
+                centre = np.zeros((cur.n + 1, cur.codes.ndim))
+                centre[1:] = cur.centroids()
+                dist = np.linalg.norm(centre[ib] - old.centroid[ia], axis=1)
+                radius = np.sqrt(np.maximum(area_a, area_b) / np.pi)
+                w += 1e-3 * (1.0 - np.minimum(dist / radius, 1.0))
         return match_global(ia[keep], ib[keep], w[keep], 0.0)
 
     def _divide(self, prev: _Past, cur: Coded, ov, pairs, matched) -> dict[int, int]:
