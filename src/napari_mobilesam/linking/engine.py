@@ -77,6 +77,7 @@ class AxisLinker:
     def push(self, labels: np.ndarray, scores: Mapping | None) -> np.ndarray:
         """Link one checked plane; returns it with global ids (uint32, same shape)."""
         cur = code_plane(labels)
+        cen = cur.centroids()
         score_arr = _scores_array(scores, cur.ids)
         gid = np.zeros(cur.n + 1, dtype=np.uint32)
         children: dict[int, int] = {}  # code of a division child -> its parent's global id
@@ -92,7 +93,7 @@ class AxisLinker:
             if self.min_cover is not None:
                 left = ~np.isin(prev.gid, gid) & ~prev.divided
                 left[0] = False
-                mr, mc = self._match_cover(prev, cur, ov, left, self._free(gid, children))
+                mr, mc = self._match_cover(prev, cur, cen, ov, left, self._free(gid, children))
                 gid[mc] = prev.gid[mr]
             self._close_gaps(cur, gid, children)
         new = np.flatnonzero(gid == 0)[1:]
@@ -102,7 +103,6 @@ class AxisLinker:
         self.next_id += len(new)
         for code, parent in children.items():
             self.parents[int(gid[code])] = parent
-        cen = cur.centroids()
         if self.keep_rows:
             self.rows.append((self.index, gid[1:], cur.areas[1:], score_arr, cen))
         self.history.append(self._remember(cur, gid, cen))
@@ -162,7 +162,7 @@ class AxisLinker:
             ia, ib, w = ia[sel], ib[sel], w[sel]
         return match_global(ia, ib, w, self.min_iou)
 
-    def _match_cover(self, old: _Past, cur: Coded, ov, a_free, b_free):
+    def _match_cover(self, old: _Past, cur: Coded, cen: np.ndarray, ov, a_free, b_free):
         """Global matching on cover (the part of the smaller object inside the other)
         >= ``min_cover`` among the free objects; ties go to the larger IoU, and through z
         first to the section nearer the old one's centroid.
@@ -184,9 +184,7 @@ class AxisLinker:
         if self.waist:
             keep &= ~((area_a < area_b) & (old.pred_area[ia] > area_a))
             if keep.any():
-                centre = np.zeros((cur.n + 1, cur.codes.ndim))
-                centre[1:] = cur.centroids()
-                dist = np.linalg.norm(centre[ib] - old.centroid[ia], axis=1)
+                dist = np.linalg.norm(cen[ib - 1] - old.centroid[ia], axis=1)
                 radius = np.sqrt(np.maximum(area_a, area_b) / np.pi)
                 w += 1e-3 * (1.0 - np.minimum(dist / radius, 1.0))
         return match_global(ia[keep], ib[keep], w[keep], 0.0)
