@@ -26,7 +26,7 @@ from mobilesam_batch.runner import WORK_DIR
 from napari_mobilesam import synthetic
 from napari_mobilesam.linking import RULE_VERSION
 
-from .test_linking import bijection, per_plane_ids
+from .linking_support import bijection, per_plane_ids
 
 FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
         "--tile-size", "0"]  # fmt: skip

@@ -1,58 +1,22 @@
-"""Linking per-plane labels into 3D objects and tracks: known truth, invariants, errors."""
+"""Linking per-plane labels into 3D objects and tracks: known truth, invariants, the
+table (errors: test_linking_errors.py; through z: test_linking_z.py)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import tracemalloc
 
 import numpy as np
 import pytest
-from skimage.draw import disk
 
 from napari_mobilesam import synthetic
-from napari_mobilesam.linking import Linker, LinkTable, check_labels, id_mapping, link_stack
+from napari_mobilesam.linking import Linker, LinkTable, id_mapping, link_stack
 from napari_mobilesam.linking.match import match_global
 
+from .linking_support import bijection, concentric, iou_of, paint, per_plane_ids
+
 # ---------------------------------------------------------------- synthetic truth
-
-
-def paint(shape, objects):
-    """A label plane from ``[(id, (row, col), radius), ...]`` (later objects on top)."""
-    plane = np.zeros(shape, dtype=np.uint32)
-    for oid, center, radius in objects:
-        if radius > 0:
-            plane[disk(center, radius, shape=shape)] = oid
-    return plane
-
-
-def per_plane_ids(truth, seed=0):
-    """Each plane relabelled with ids restarting at 1, in a random order per plane."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros_like(truth)
-    for p in np.ndindex(truth.shape[:-2]):
-        ids = np.unique(truth[p])
-        ids = ids[ids > 0]
-        lut = np.zeros(int(truth.max()) + 1, dtype=np.uint32)
-        lut[ids] = rng.permutation(len(ids)) + 1
-        out[p] = lut[truth[p]]
-    return out
-
-
-def bijection(truth, linked):
-    """``{truth id: linked id}``, asserting the two label stacks are the same partition."""
-    assert linked.dtype == np.uint32 and linked.shape == truth.shape
-    assert np.array_equal(truth > 0, linked > 0)
-    fg = truth > 0
-    pairs = np.unique(np.stack([truth[fg], linked[fg]]), axis=1)
-    assert len(np.unique(pairs[0])) == pairs.shape[1], "a true object got two ids"
-    assert len(np.unique(pairs[1])) == pairs.shape[1], "two true objects share an id"
-    return dict(zip(pairs[0].tolist(), pairs[1].tolist(), strict=True))
-
-
-def _iou(a, b):
-    return ((a > 0) & (b > 0)).sum() / ((a > 0) | (b > 0)).sum()
 
 
 def z_world():
@@ -183,7 +147,7 @@ def test_matching_is_global_not_greedy():
 def test_min_iou_decides_what_is_the_same_object():
     a = paint((40, 40), [(1, (20, 15), 8)])
     b = paint((40, 40), [(1, (20, 19), 8)])  # moved 4 px
-    assert 0.5 < _iou(a, b) < 0.6
+    assert 0.5 < iou_of(a, b) < 0.6
     assert link_stack(np.stack([a, b]), "z")[0][1].max() == 1
     assert link_stack(np.stack([a, b]), "z", min_iou=0.6)[0][1].max() == 2
 
@@ -212,7 +176,7 @@ def test_divided_parent_is_not_bridged_to_later_objects():
 def test_asymmetric_division_replaces_the_parents_own_match():
     parent = paint((48, 48), [(1, (24, 24), 10)])
     kids = paint((48, 48), [(1, (24, 22), 8.5), (2, (24, 30), 6)])
-    assert _iou(parent, kids == 1) >= 0.5  # the big child alone would continue the parent
+    assert iou_of(parent, kids == 1) >= 0.5  # the big child alone would continue the parent
     _, table = link_stack(np.stack([parent, kids]), "t")
     assert table.parents == {2: 1, 3: 1}
     _, no_div = link_stack(np.stack([parent, kids]), "t", divisions=False)
@@ -236,32 +200,9 @@ def test_z_does_not_look_for_divisions_by_default():
     assert table.parents == {2: 1, 3: 1}
 
 
-def concentric(radii, shape=(48, 48)):
-    """One disk per plane, all centred on the same point: sections of a round object."""
-    return np.stack([paint(shape, [(1, (24, 24), r)]) for r in radii])
-
-
-def test_caps_of_a_round_object_join_it_through_z():
-    stack = concentric([4, 9, 10, 9, 4])
-    assert _iou(stack[0], stack[1]) < 0.25  # the caps' IoU is far below min_iou
-    linked, table = link_stack(stack, "z")
-    assert len(table.objects()["id"]) == 1 and (linked[stack > 0] == 1).all()
-    _, iou_only = link_stack(stack, "z", min_cover_z=None)
-    assert len(iou_only.objects()["id"]) == 3
-
-
-def test_an_object_ending_below_one_that_starts_is_not_joined_to_it():
-    """A (radii 10, 9, 5) ends with a cap inside the first section of B (8, 10, 10):
-    joining them would give A a waist at its cap, so B is another object."""
-    stack = concentric([10, 9, 5, 8, 10, 10])
-    _, table = link_stack(stack, "z")
-    objs = table.objects()
-    assert objs["first"].tolist() == [0, 3] and objs["last"].tolist() == [2, 5]
-
-
 def test_a_cell_that_shrinks_keeps_its_track_through_containment():
     stack = concentric([10, 6, 6])
-    assert _iou(stack[0], stack[1]) < 0.5
+    assert iou_of(stack[0], stack[1]) < 0.5
     assert len(link_stack(stack, "t")[1].objects()["id"]) == 1
     assert len(link_stack(stack, "t", min_cover_t=None)[1].objects()["id"]) == 2
 
@@ -269,7 +210,7 @@ def test_a_cell_that_shrinks_keeps_its_track_through_containment():
 def test_motion_prediction_follows_an_accelerating_cell():
     xs = [12, 14, 18, 24, 32]  # steps of 2, 4, 6, 8 px; r = 8
     frames = np.stack([paint((40, 64), [(1, (20, x), 8)]) for x in xs])
-    assert _iou(frames[3], frames[4]) < 0.3  # where it was: no match
+    assert iou_of(frames[3], frames[4]) < 0.3  # where it was: no match
     linked, table = link_stack(frames, "t", min_cover_t=None)
     assert len(table.objects()["id"]) == 1 and np.array_equal(linked > 0, frames > 0)
     _, as_z = link_stack(frames, "z", min_cover_z=None)  # no motion model through z
@@ -286,57 +227,6 @@ def test_a_neighbour_mostly_outside_the_parent_is_no_child():
 
 
 # ---------------------------------------------------------------- the generator's stacks
-
-
-def not_recovered(truth, linked):
-    """True ids not recovered exactly: split over several ids, or sharing one with another."""
-    fg = truth > 0
-    pairs = np.unique(np.stack([truth[fg], linked[fg]]), axis=1)
-    t_ids, t_n = np.unique(pairs[0], return_counts=True)
-    l_ids, l_n = np.unique(pairs[1], return_counts=True)
-    split = set(t_ids[t_n > 1].tolist())
-    merged = set(pairs[0][np.isin(pairs[1], l_ids[l_n > 1])].tolist())
-    return split | merged
-
-
-def stacked_in_z(labels, max_gap=1):
-    """Ids of objects that start where another ends, at the same place: a section of B in
-    its first two planes overlaps one of A in its last two, 1 .. ``max_gap + 1`` planes
-    later. Overlap-based linking cannot tell such a pair from one object (or from one
-    object missed in ``max_gap`` planes)."""
-    ids = [int(i) for i in np.unique(labels) if i]
-    planes = {i: np.flatnonzero((labels == i).any(axis=(1, 2))) for i in ids}
-    out = set()
-    for a in ids:
-        for b in ids:
-            la, fb = planes[a][-1], planes[b][0]
-            if a == b or not la - 1 <= fb <= la + max_gap + 1:
-                continue
-            for pa, pb in itertools.product((la - 1, la), (fb, fb + 1)):
-                if 1 <= pb - pa <= max_gap + 1 and pb < len(labels) and pa >= 0:
-                    if ((labels[pa] == a) & (labels[pb] == b)).any():
-                        out |= {a, b}
-    return out
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 18])
-def test_generator_3d_stacks_are_recovered_exactly(seed):
-    """Seed 18: a cell's 32 px tip and the 76 px first section of a cell starting below it
-    both lie wholly inside the first cell's last section; the tip, on the cell's axis, is
-    its own (the larger IoU took the other cell's section before linking rules v2)."""
-    sample = synthetic.cells_3d(seed=seed)
-    linked, table = link_stack(per_plane_ids(sample.labels, seed), "z")
-    ids = bijection(sample.labels, linked)
-    assert len(ids) == len(table.objects()["id"]) == sample.labels.max()
-
-
-@pytest.mark.parametrize("seed", [8, 11, 15])
-def test_generator_3d_stacks_only_cells_stacked_in_z_can_be_confused(seed):
-    """The seeds (of 0..19) where linking errs: only cells stacked on one another."""
-    sample = synthetic.cells_3d(seed=seed)
-    linked, _ = link_stack(per_plane_ids(sample.labels, seed), "z")
-    wrong = not_recovered(sample.labels, linked)
-    assert wrong and wrong <= stacked_in_z(sample.labels)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -484,6 +374,7 @@ def test_without_the_table_the_same_ids_and_memory_flat_in_objects_times_planes(
         tracemalloc.start()
         for _ in range(n):
             linker.push(grid)
+        linker.flush()
         linker.finish()
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -548,133 +439,3 @@ def test_id_mapping():
     before = paint((20, 20), [(1, (5, 5), 3), (2, (14, 14), 3)])
     after = np.where(before == 1, 7, np.where(before == 2, 3, 0)).astype(np.uint32)
     assert id_mapping(before, after) == {1: 7, 2: 3}
-
-
-# ---------------------------------------------------------------- errors
-
-
-@pytest.mark.parametrize(
-    ("labels", "exc", "match"),
-    [
-        (np.zeros((4, 4), np.float32), TypeError, "labels must be an integer label image"),
-        (np.zeros((4, 4), bool), TypeError, "dtype bool"),
-        (np.full((4, 4), -1, np.int16), ValueError, r"0\.\.4294967295"),
-        (np.full((4, 4), 2**33, np.int64), ValueError, "uint32"),
-        (np.zeros(4, np.uint8), ValueError, r"2D or 3D label image, got shape \(4,\)"),
-    ],
-)
-def test_bad_labels(labels, exc, match):
-    with pytest.raises(exc, match=match):
-        Linker("t").push(labels)
-    with pytest.raises(exc, match=match.replace("labels", "arr")):
-        check_labels(labels, "arr")
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "exc", "match"),
-    [
-        ({"axis": "y"}, ValueError, r"axis must be one of \('z', 't', 'zt'\), got 'y'"),
-        ({"min_iou": 0}, ValueError, r"min_iou must lie in \(0, 1\], got 0"),
-        ({"min_iou": 1.5}, ValueError, "min_iou must lie in"),
-        ({"min_iou": "0.5"}, TypeError, "min_iou must be a number"),
-        ({"min_cover_z": 0}, ValueError, r"min_cover_z must lie in \(0, 1\], got 0"),
-        ({"min_cover_t": "x"}, TypeError, r"min_cover_t must be a number in \(0, 1\] or None"),
-        ({"max_gap": -1}, ValueError, "max_gap must be a whole number >= 0"),
-        ({"max_gap": 1.5}, ValueError, "max_gap"),
-        ({"division_share": 0.6}, ValueError, r"division_share must lie in \(0, 0.5\]"),
-        ({"axis": "zt"}, ValueError, "n_z .* must be an int >= 1, got None"),
-        ({"axis": "z", "n_z": 3}, ValueError, "n_z is only for axis='zt'"),
-    ],
-)
-def test_bad_linker_parameters(kwargs, exc, match):
-    with pytest.raises(exc, match=match):
-        Linker(**kwargs)
-
-
-def test_plane_shape_mismatch():
-    linker = Linker("z")
-    linker.push(np.zeros((8, 8), np.uint8))
-    with pytest.raises(ValueError, match=r"plane 1 has shape \(8, 9\).*first plane had \(8, 8\)"):
-        linker.push(np.zeros((8, 9), np.uint8))
-
-
-def test_zt_takes_2d_planes_only():
-    with pytest.raises(ValueError, match=r"labels must be a 2D label image"):
-        Linker("zt", n_z=2).push(np.zeros((2, 8, 8), np.uint8))
-
-
-def test_bad_scores():
-    plane = paint((16, 16), [(1, (8, 8), 3)])
-    with pytest.raises(TypeError, match="scores must be a dict"):
-        Linker("z").push(plane, [0.9])
-    with pytest.raises(ValueError, match="scores names label 2, which is not in the plane"):
-        Linker("z").push(plane, {2: 0.9})
-
-
-def test_push_after_finish_and_incomplete_time_point():
-    linker = Linker("z")
-    linker.finish()
-    with pytest.raises(RuntimeError, match="finished"):
-        linker.push(np.zeros((4, 4), np.uint8))
-    linker = Linker("zt", n_z=3)
-    linker.push(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match="ended after 1 of the n_z=3 planes"):
-        linker.finish()
-
-
-def test_link_stack_errors():
-    labels = np.zeros((2, 4, 4), np.uint8)
-    with pytest.raises(ValueError, match=r"\(planes, Y, X\) stack for axis='z', got shape"):
-        link_stack(labels[0], "z")
-    with pytest.raises(ValueError, match=r"\(T, Z, Y, X\) stack for axis='zt'"):
-        link_stack(labels, "zt")
-    with pytest.raises(ValueError, match=r"out has shape \(2, 4, 5\)"):
-        link_stack(labels, "z", out=np.zeros((2, 4, 5), np.uint32))
-    with pytest.raises(ValueError, match="scores has 1 entries but labels has 2 planes"):
-        link_stack(labels, "z", scores=[None])
-    with pytest.raises(ValueError, match=r"scores\[0\] has 1 entries but a time point has 2"):
-        link_stack(labels[None], "zt", scores=[[None]])
-
-
-def test_id_mapping_errors():
-    a = paint((10, 10), [(1, (5, 5), 3)])
-    with pytest.raises(ValueError, match=r"before has shape \(10, 10\) but after has"):
-        id_mapping(a, a[:5])
-    with pytest.raises(ValueError, match="same foreground"):
-        id_mapping(a, np.zeros_like(a))
-    split = a.copy()
-    split[:5][split[:5] > 0] = 2
-    with pytest.raises(ValueError, match="an object has two ids"):
-        id_mapping(a, split)
-
-
-def test_too_many_objects_for_uint32():
-    linker = Linker("z")
-    linker._main.next_id = 2**32 - 1  # as if 4 billion objects had been seen
-    with pytest.raises(OverflowError, match="2\\*\\*32 - 1 objects"):
-        linker.push(paint((16, 16), [(1, (4, 4), 2), (2, (12, 12), 2)]))
-
-
-def test_bench_linking_runs(tmp_path, capsys):
-    from benchmarks import bench_linking
-
-    result = bench_linking.run(stacks=(3, 6), size=32, cells=4, baseline_max=3)
-    ours3, base3, ours6 = result["rows"]
-    assert (ours3["kind"], base3["kind"], ours6["kind"]) == ("ours", "baseline", "ours")
-    assert ours3["checksum"] == base3["checksum"] and ours3["rows"] == base3["rows"]
-    assert ours6["planes"] == 6 and ours6["planes_per_s"] > 0 and ours6["peak_rss_mb"] > 0
-    assert "3 -> 6 planes: peak RSS" in bench_linking.report(result)
-    out = tmp_path / "r.json"
-    argv = ["--stacks", "2", "--size", "24", "--cells", "3", "--axis", "t", "--baseline-max", "0"]
-    argv += ["--json", str(out)]
-    assert bench_linking.main(argv) == 0
-    assert "linking (t)" in capsys.readouterr().out and out.exists()
-
-
-def test_min_planes_lut_keeps_objects_in_enough_planes_in_order():
-    from napari_mobilesam.linking import min_planes_lut
-
-    lut = min_planes_lut(np.array([9, 3, 1, 5, 2, 3]), 3)  # seen[0], background, ignored
-    assert lut.dtype == np.uint32 and lut.tolist() == [0, 1, 0, 2, 0, 3]
-    assert min_planes_lut(np.array([0, 1, 1]), 1).tolist() == [0, 1, 2]
-    assert min_planes_lut(np.array([0]), 2).tolist() == [0]

@@ -303,10 +303,8 @@ def link_planes(
             labels = np.asarray(plane["labels"])
             held.append((index, labels))
             done = linker.push(labels, _scores(labels, plane["predicted_iou"]))
-            if done:  # the planes whose ids are final: all of held
-                for (ix, before), after in zip(held, done, strict=True):
-                    out.luts[ix] = _lut(before, after, out.n_objects)
-                held = []
+            held = _final(out, held, done)  # the planes whose ids are final: the oldest
+        held = _final(out, held, linker.flush())
         table = linker.finish()
         n = linker.n_objects
         if link.min_planes > 1:
@@ -317,6 +315,13 @@ def link_planes(
             out.tables.append((group, _shifted(table, out.n_objects)))
         out.n_objects += n
     return out
+
+
+def _final(out: Linked, held: list, done: list[np.ndarray]) -> list:
+    """Record the id lookup of the oldest ``len(done)`` held planes; the rest stay held."""
+    for (ix, before), after in zip(held, done, strict=False):
+        out.luts[ix] = _lut(before, after, out.n_objects)
+    return held[len(done) :]
 
 
 def _drop_short(

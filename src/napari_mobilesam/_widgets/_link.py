@@ -184,14 +184,15 @@ class StackLink:
         Returns
         -------
         list of (index, linked, ids, predicted_iou, stability_score)
-            The planes whose linked ids are now final, in order (for ``"zt"`` a time
-            point's planes after its last one): the (Y, X) uint32 plane with linked
-            ids, and the linked ids of its objects with their scores.
+            The planes whose linked ids are now final, in order (through z the
+            previous plane, and the previous stack's last plane when a stack starts;
+            for ``"zt"`` a time point's planes after its last one): the (Y, X) uint32
+            plane with linked ids, and the linked ids of its objects with their scores.
         """
         group = tuple(index[: -self.n_linked])
+        done: list[tuple] = []
         if group != self._group:
-            done = self._close()
-            assert not done  # a stack ends only with its last plane
+            done = self._close()  # through z: the previous stack's last plane
             self._group = group
             self._linker = Linker(self.axis, min_iou=self.min_iou, max_gap=self.max_gap,
                                   n_z=self.n_z)  # fmt: skip
@@ -199,7 +200,7 @@ class StackLink:
         present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(iou) + 1)[1:]) + 1
         scores = {int(k): float(iou[k - 1]) for k in present if k <= len(iou)}
         self._pending.append((index, labels, info))
-        return self._given(self._linker.push(labels, scores))
+        return done + self._given(self._linker.push(labels, scores))
 
     def finish(self) -> list[tuple]:
         """End the run (all planes, or fewer at Cancel). A ``zt`` time point cut short
@@ -211,7 +212,7 @@ class StackLink:
     def _close(self) -> list[tuple]:
         if self._linker is None:
             return []
-        out: list[tuple] = []
+        out = self._given(self._linker.flush())  # through z: the last plane
         while self._pending:  # only for "zt": complete the time point with empty planes
             self._pending.append((None, None, None))
             shape = self._pending[0][1].shape

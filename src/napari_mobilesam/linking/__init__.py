@@ -20,8 +20,9 @@ tracking libraries add solvers, models and compiled dependencies that this probl
 does not use.
 
 Streaming: linking needs only the last ``max_gap + 1`` planes, so :class:`Linker`
-takes planes one at a time (``push``) and returns them relabelled at once; memory
-does not grow with the number of planes (only the table does, by one row per
+takes planes one at a time (``push``) and returns them relabelled as soon as their
+ids are final (through t at once, through z one plane later: ``flush`` gives the
+last); memory does not grow with the number of planes (only the table does, by one row per
 object per plane). :func:`link_stack` runs it over any array-like stack (numpy,
 dask, zarr, memory-mapped TIFF), reading one plane at a time.
 
@@ -37,6 +38,8 @@ Example::
     for frame, scores in frames:            # (Y, X) labels, {id: predicted IoU}
         for plane in linker.push(frame, scores):
             write(plane)
+    for plane in linker.flush():            # through z: the last plane
+        write(plane)
     table = linker.finish()
     viewer.add_tracks(table.tracks_data(), graph=table.graph())
 """
@@ -65,7 +68,7 @@ __all__ = [
 #: order). Raised whenever a change to this package can change which ids it gives;
 #: ``mobilesam-everything --link`` records it and keys its outputs on it, so outputs
 #: linked under older rules are redone.
-RULE_VERSION = 2
+RULE_VERSION = 3
 
 
 def min_planes_lut(seen: np.ndarray, min_planes: int) -> np.ndarray:
@@ -144,9 +147,12 @@ def link_stack(
     if scores is not None and len(scores) != shape[0]:
         raise ValueError(f"scores has {len(scores)} entries but labels has {shape[0]} planes")
     if axis != "zt":
+        done = 0
         for i in range(shape[0]):
-            (plane,) = linker.push(labels[i], None if scores is None else scores[i])
-            out[i] = plane
+            for plane in linker.push(labels[i], None if scores is None else scores[i]):
+                out[done], done = plane, done + 1
+        for plane in linker.flush():
+            out[done], done = plane, done + 1
         return out, linker.finish()
     for t in range(shape[0]):
         zs = None if scores is None else scores[t]

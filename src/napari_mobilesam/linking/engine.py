@@ -20,6 +20,12 @@ __all__ = ["AxisLinker"]
 
 MAX_ID = int(np.iinfo(np.uint32).max)
 
+#: Through z, an object's section below this part of its previous section has
+#: clearly shrunk: the object is past its widest plane and is tapering to its tip,
+#: so it does not go on into a larger section (that would give it a waist).
+#: Sections of one ellipsoid near its widest plane differ by a few percent at most.
+WAIST_SHRINK = 0.7
+
 
 @dataclass
 class _Past:
@@ -56,8 +62,9 @@ class AxisLinker:
     """Links consecutive N-D planes along one axis.
 
     Parameters as in :class:`~.Linker`; ``min_cover`` None switches the containment
-    pass off. ``kind`` ``"t"`` adds motion-predicted overlaps, ``"z"`` the waist rule
-    of the containment pass.
+    pass off. ``kind`` ``"t"`` adds motion-predicted overlaps, ``"z"`` the waist rules
+    and a one-plane look-ahead: a plane's ids are final when the next plane is pushed
+    (:meth:`push` returns the previous plane, :meth:`flush` the last one).
     """
 
     def __init__(self, *, kind: str, min_iou: float, min_cover: float | None, max_gap: int,
@@ -67,6 +74,7 @@ class AxisLinker:
         self.divisions, self.division_share = bool(divisions), float(division_share)
         self.motion, self.waist = kind == "t", kind == "z"
         self.history: deque[_Past] = deque(maxlen=self.max_gap + 1)
+        self.held = False  # z: the last plane pushed is held back (its ids may change)
         self.next_id = 1
         self.index = 0
         self.parents: dict[int, int] = {}
@@ -74,8 +82,9 @@ class AxisLinker:
 
     # ------------------------------------------------------------------ one plane
 
-    def push(self, labels: np.ndarray, scores: Mapping | None) -> np.ndarray:
-        """Link one checked plane; returns it with global ids (uint32, same shape)."""
+    def push(self, labels: np.ndarray, scores: Mapping | None) -> list[np.ndarray]:
+        """Link one checked plane; returns the planes whose global ids are now final
+        (uint32, same shape): this one, or through z the previous one (if any)."""
         cur = code_plane(labels)
         cen = cur.centroids()
         score_arr = _scores_array(scores, cur.ids)
@@ -103,11 +112,27 @@ class AxisLinker:
         self.next_id += len(new)
         for code, parent in children.items():
             self.parents[int(gid[code])] = parent
-        if self.keep_rows:
+        done = []
+        if self.history and self.waist:
+            self._give_waist_sections(self.history[-1], cur, cen, ov, gid, new)
+            done = self.flush()
+        if self.keep_rows:  # gid[1:] is a view: a section given away later shows here too
             self.rows.append((self.index, gid[1:], cur.areas[1:], score_arr, cen))
         self.history.append(self._remember(cur, gid, cen))
         self.index += 1
-        return gid[cur.codes]
+        if not self.waist:
+            return [gid[cur.codes]]
+        self.held = True
+        return done
+
+    def flush(self) -> list[np.ndarray]:
+        """The plane held back, if any, with its now final global ids (through z: the
+        last plane pushed, once no plane follows it); afterwards nothing is held."""
+        if not self.held:
+            return []
+        self.held = False
+        last = self.history[-1]
+        return [last.gid[last.plane.codes]]
 
     def _remember(self, cur: Coded, gid: np.ndarray, cen: np.ndarray) -> _Past:
         """The plane as history: with each object's motion and area since its previous plane."""
@@ -140,9 +165,15 @@ class AxisLinker:
 
     def _iou_pairs(self, old: _Past, cur: Coded, ov, steps: int):
         """IoU of every overlapping pair; with ``motion``, the larger of the IoU where the
-        old object was and where its last displacement (times ``steps``) puts it."""
+        old object was and where its last displacement (times ``steps``) puts it. With
+        ``waist``, pairs of a clearly shrunk old section (:data:`WAIST_SHRINK`) and a
+        larger new one are left out."""
         ia, ib, cnt = ov
         w = iou(old.plane, cur, ia, ib, cnt)
+        if self.waist:  # a clearly shrunk section does not go on into a larger one
+            area_a, area_b = old.plane.areas[ia], cur.areas[ib]
+            keep = ~((area_a < WAIST_SHRINK * old.pred_area[ia]) & (area_b > area_a))
+            ia, ib, w = ia[keep], ib[keep], w[keep]
         shift = np.rint(old.motion * steps).astype(np.int64)
         if not self.motion or not shift.any():
             return ia, ib, w
@@ -188,6 +219,47 @@ class AxisLinker:
                 radius = np.sqrt(np.maximum(area_a, area_b) / np.pi)
                 w += 1e-3 * (1.0 - np.minimum(dist / radius, 1.0))
         return match_global(ia[keep], ib[keep], w[keep], 0.0)
+
+    def _give_waist_sections(self, prev: _Past, cur: Coded, cen: np.ndarray, ov,
+                             gid: np.ndarray, new: np.ndarray) -> None:  # fmt: skip
+        """Through z, look back one plane: the last section ``s`` of an object ``X`` that
+        ends in ``prev``, clearly smaller than X's section before it, goes to an object
+        ``Y`` that starts in ``cur`` (``new``: its codes) when
+
+        - ``Y``'s section is larger than ``s`` and matches it (IoU >= ``min_iou``, or
+          ``s`` lies in it for >= ``min_cover``): ``X ... s`` then ``Y`` is a waist, so
+          ``s`` is the tip of one of two objects stacked in z;
+        - ``s`` lies nearer ``Y``'s axis than ``X``'s: its centroid is closer to ``Y``'s
+          section's than to ``X``'s previous section's, each distance relative to that
+          section's radius. The tip of an object lies on its axis (the generator's
+          ellipsoids, and round cells); so ``s`` is ``Y``'s first section.
+
+        One-to-one (the best cover + IoU first). Changes ``prev.gid`` in place.
+        """
+        ended = ~np.isin(prev.gid, gid)
+        ended[0] = False
+        ended &= prev.plane.areas < WAIST_SHRINK * prev.pred_area
+        if not ended.any() or not len(new):
+            return
+        starts = np.zeros(cur.n + 1, dtype=bool)
+        starts[new] = True
+        ia, ib, cnt = ov
+        sel = ended[ia] & starts[ib]
+        ia, ib, cnt = ia[sel], ib[sel], cnt[sel]
+        area_s = prev.plane.areas[ia]
+        w_iou = iou(prev.plane, cur, ia, ib, cnt)
+        cover = cnt / area_s
+        ok = (cur.areas[ib] > area_s) & (w_iou >= self.min_iou)
+        if self.min_cover is not None:
+            ok |= (cur.areas[ib] > area_s) & (cover >= self.min_cover)
+        # distances from s's centroid: to X's previous section's, to Y's section's
+        d_x = np.linalg.norm(prev.motion[ia], axis=1) / np.sqrt(prev.pred_area[ia] / np.pi)
+        d_y = np.linalg.norm(cen[ib - 1] - prev.centroid[ia], axis=1)
+        d_y /= np.sqrt(cur.areas[ib] / np.pi)
+        ok &= d_y < d_x
+        if ok.any():
+            mr, mc = match_global(ia[ok], ib[ok], (cover + w_iou)[ok], 0.0)
+            prev.gid[mr] = gid[mc]
 
     def _divide(self, prev: _Past, cur: Coded, ov, pairs, matched) -> dict[int, int]:
         """Divisions ``prev -> cur`` (the rule: :class:`~.Linker`): ``{child code: parent id}``.
