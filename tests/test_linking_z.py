@@ -49,6 +49,15 @@ def test_a_clearly_shrunk_section_does_not_go_on_into_a_larger_one():
     assert objs["first"].tolist() == [0, 3] and objs["last"].tolist() == [2, 4]
 
 
+def test_a_cell_tapering_gradually_does_not_go_on_into_a_larger_section():
+    """A (radii 12, 11, 10, 9) shrinks by under 0.7 from plane to plane but to 0.56 of its
+    widest; B (10, 12) starts below it (IoU 9 -> 10 is 0.8)."""
+    stack = concentric([12, 11, 10, 9, 10, 12])
+    assert iou_of(stack[3], stack[4]) > 0.75
+    objs = link_stack(stack, "z")[1].objects()
+    assert objs["first"].tolist() == [0, 4] and objs["last"].tolist() == [3, 5]
+
+
 def test_a_small_dip_in_area_stays_one_object():
     """Near its widest plane a segmented object's area wobbles: 11 between 12s is no waist."""
     objs = link_stack(concentric([10, 12, 11, 12, 10]), "z")[1].objects()
@@ -106,25 +115,28 @@ def test_z_gives_a_plane_out_when_the_next_is_linked():
 # ---------------------------------------------------------------- the generator's stacks
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 11, 15, 18])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 8, 11, 15, 18, 25])
 def test_generator_3d_stacks_are_recovered_exactly(seed):
     """Seed 18: a cell's 32 px tip and the 76 px first section of a cell starting below it
     both lie wholly inside the first cell's last section; the tip, on the cell's axis, is
     its own (the larger IoU took the other cell's section before linking rules v2).
     Seed 11: a cell's 87 px tip, one empty plane, then the 101 px first section of the
     cell below (bridged as one object before rules v3). Seed 15: the first section (40 px)
-    of a cell starts under the 101 px tip of another; it is on its own cell's axis."""
+    of a cell starts under the 101 px tip of another; it is on its own cell's axis.
+    Seed 25: a cell tapers (2296 px at its widest, then 1506, 651) and the cell below
+    starts with a smaller section (503, then 728): no waist from plane to plane, but one
+    from the widest plane (seed 8 has two such pairs)."""
     sample = synthetic.cells_3d(seed=seed)
     linked, table = link_stack(per_plane_ids(sample.labels, seed), "z")
     ids = bijection(sample.labels, linked)
     assert len(ids) == len(table.objects()["id"]) == sample.labels.max()
 
 
-@pytest.mark.parametrize("seed", [8, 25, 48])
+@pytest.mark.parametrize("seed", [48, 49, 78])
 def test_generator_3d_stacks_only_cells_stacked_in_z_can_be_confused(seed):
-    """Seeds where linking errs (8 of 0..99, 8 the only one of 0..19): only cells stacked
-    on one another, where the lower one's first section is about as large as the upper
-    one's last (seed 25: 651 px, then 503, 728, ...)."""
+    """Seeds where linking errs (4 of 0..99, none of 0..19): only cells stacked on one
+    another, where the upper one's tip and the lower one's first section lie side by side
+    in one plane (seed 78: a 30 px tip and a 605 px section, under an 837 px section)."""
     sample = synthetic.cells_3d(seed=seed)
     linked, _ = link_stack(per_plane_ids(sample.labels, seed), "z")
     wrong = not_recovered(sample.labels, linked)

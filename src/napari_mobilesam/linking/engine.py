@@ -20,10 +20,11 @@ __all__ = ["AxisLinker"]
 
 MAX_ID = int(np.iinfo(np.uint32).max)
 
-#: Through z, an object's section below this part of its previous section has
-#: clearly shrunk: the object is past its widest plane and is tapering to its tip,
-#: so it does not go on into a larger section (that would give it a waist).
-#: Sections of one ellipsoid near its widest plane differ by a few percent at most.
+#: Through z, an object's section smaller than its previous one and below this part
+#: of its largest so far has clearly shrunk: the object is past its widest plane and
+#: is tapering to its tip, so it does not go on into a larger section (that would
+#: give it a waist). Sections of one ellipsoid near its widest plane differ by a few
+#: percent at most, and from there on only shrink.
 WAIST_SHRINK = 0.7
 
 
@@ -37,6 +38,7 @@ class _Past:
     centroid: np.ndarray  # float (n + 1, ndim)
     motion: np.ndarray  # float (n + 1, ndim): displacement since its previous plane (or 0)
     pred_area: np.ndarray  # int (n + 1,): its area in the previous plane (0: none)
+    max_area: np.ndarray  # int (n + 1,): its largest section so far (this plane's included)
 
 
 def _scores_array(scores: Mapping | None, ids: np.ndarray) -> np.ndarray:
@@ -135,11 +137,13 @@ class AxisLinker:
         return [last.gid[last.plane.codes]]
 
     def _remember(self, cur: Coded, gid: np.ndarray, cen: np.ndarray) -> _Past:
-        """The plane as history: with each object's motion and area since its previous plane."""
+        """The plane as history: with each object's motion and area since its previous
+        plane, and its largest section so far."""
         ndim = cur.codes.ndim
         centroid = np.vstack([np.zeros((1, ndim)), cen])
         motion = np.zeros((cur.n + 1, ndim))
         pred_area = np.zeros(cur.n + 1, dtype=np.int64)
+        max_area = cur.areas.copy()
         if self.history and self.history[-1].plane.n and cur.n:
             prev = self.history[-1]
             order = np.argsort(prev.gid[1:]) + 1  # codes of prev by global id
@@ -150,8 +154,9 @@ class AxisLinker:
             has = pred > 0
             motion[has] = centroid[has] - prev.centroid[pred[has]]
             pred_area[has] = prev.plane.areas[pred[has]]
+            max_area[has] = np.maximum(max_area[has], prev.max_area[pred[has]])
         divided = np.zeros(cur.n + 1, dtype=bool)
-        return _Past(cur, gid, divided, centroid, motion, pred_area)
+        return _Past(cur, gid, divided, centroid, motion, pred_area, max_area)
 
     @staticmethod
     def _free(gid: np.ndarray, children) -> np.ndarray:
@@ -172,7 +177,7 @@ class AxisLinker:
         w = iou(old.plane, cur, ia, ib, cnt)
         if self.waist:  # a clearly shrunk section does not go on into a larger one
             area_a, area_b = old.plane.areas[ia], cur.areas[ib]
-            keep = ~((area_a < WAIST_SHRINK * old.pred_area[ia]) & (area_b > area_a))
+            keep = ~(self._shrunk(old, ia) & (area_b > area_a))
             ia, ib, w = ia[keep], ib[keep], w[keep]
         shift = np.rint(old.motion * steps).astype(np.int64)
         if not self.motion or not shift.any():
@@ -223,7 +228,7 @@ class AxisLinker:
     def _give_waist_sections(self, prev: _Past, cur: Coded, cen: np.ndarray, ov,
                              gid: np.ndarray, new: np.ndarray) -> None:  # fmt: skip
         """Through z, look back one plane: the last section ``s`` of an object ``X`` that
-        ends in ``prev``, clearly smaller than X's section before it, goes to an object
+        ends in ``prev``, clearly shrunk (:meth:`_shrunk`), goes to an object
         ``Y`` that starts in ``cur`` (``new``: its codes) when
 
         - ``Y``'s section is larger than ``s`` and matches it (IoU >= ``min_iou``, or
@@ -238,7 +243,7 @@ class AxisLinker:
         """
         ended = ~np.isin(prev.gid, gid)
         ended[0] = False
-        ended &= prev.plane.areas < WAIST_SHRINK * prev.pred_area
+        ended &= self._shrunk(prev, np.arange(prev.plane.n + 1))
         if not ended.any() or not len(new):
             return
         starts = np.zeros(cur.n + 1, dtype=bool)
@@ -259,7 +264,17 @@ class AxisLinker:
         ok &= d_y < d_x
         if ok.any():
             mr, mc = match_global(ia[ok], ib[ok], (cover + w_iou)[ok], 0.0)
+            # the objects that now start in prev take the first of the new ids, so that
+            # ids stay in order of first appearance
+            took = np.isin(new, mc)
+            gid[np.concatenate([new[took], new[~took]])] = np.sort(gid[new])
             prev.gid[mr] = gid[mc]
+
+    @staticmethod
+    def _shrunk(old: _Past, codes: np.ndarray) -> np.ndarray:
+        """Whether these sections have clearly shrunk (see :data:`WAIST_SHRINK`)."""
+        area = old.plane.areas[codes]
+        return (area < old.pred_area[codes]) & (area < WAIST_SHRINK * old.max_area[codes])
 
     def _divide(self, prev: _Past, cur: Coded, ov, pairs, matched) -> dict[int, int]:
         """Divisions ``prev -> cur`` (the rule: :class:`~.Linker`): ``{child code: parent id}``.

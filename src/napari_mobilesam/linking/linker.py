@@ -118,9 +118,9 @@ class Linker:
        the id of its partner in the previous plane. Through t, an object's IoU is
        also taken where its last displacement would put it (constant velocity),
        and the larger of the two counts. Through z, a section that has clearly
-       shrunk (below 0.7 of the object's previous section) is not matched to a
-       larger one: a round object tapers to its tip, and shrinking then growing
-       again (a waist) is two objects stacked in z.
+       shrunk (smaller than the object's previous section, and below 0.7 of its
+       largest) is not matched to a larger one: a round object tapers to its tip,
+       and shrinking then growing again (a waist) is two objects stacked in z.
     2. **Divisions** (t only). An object ``p`` of frame t divides into two objects
        ``c1, c2`` of frame t+1 (new ids, parent ``p``; ``p`` ends) when
        (a) each child lies mostly in the parent: |c ∩ p| >= |c| / 2;
@@ -138,7 +138,8 @@ class Linker:
        make a waist: an object ending below one that starts is the likelier reading).
     4. **Gap closing.** Objects still without an id are matched on IoU (as in 1)
        with objects last seen 2, then 3, ... ``max_gap + 1`` planes back and not since.
-    5. Whatever is left starts a new object, ids ascending in the plane's own order.
+    5. Whatever is left starts a new object, ids ascending in the plane's own order
+       (those that take a section by rule 6 first: they start a plane earlier).
     6. **Look-back** (z only). An object that ended in the previous plane with a
        clearly shrunk section ``s`` (as in 1), where a larger object starting in this
        plane would have matched ``s`` (IoU or cover): ``s`` is the tip of one of two
@@ -149,9 +150,10 @@ class Linker:
     Limits: two objects that touch along the linked axis at the same place, one
     ending where the other starts, can look like one object to overlap-based
     linking (through z: cells stacked on top of each other). Rules 1, 3 and 6 keep
-    them apart where the areas shrink and grow again; they are linked as one where
-    the lower object's first section is as small as the upper one's last (on
-    ``synthetic.cells_3d``'s default stacks, 8 of seeds 0-99).
+    them apart where the areas shrink and grow again. They err where the upper
+    object's tip and the lower one's first section lie side by side in one plane,
+    both inside the upper one's previous section, and the larger is taken as its
+    continuation (on ``synthetic.cells_3d``'s default stacks: 4 of seeds 0-99).
 
     Rule 6 changes the ids of the previous plane, so through z a plane is given out
     when the next one is pushed, and the last one by :meth:`flush`. Through t each
