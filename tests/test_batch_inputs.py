@@ -1,8 +1,8 @@
-"""Tests for mobilesam_batch.inputs: input discovery and lazy plane-by-plane reading."""
+"""Tests for mobilesam_batch.inputs: reading each format lazily, plane by plane
+(discovery: test_batch_discover.py; bad inputs and --axes: test_batch_bad_inputs.py)."""
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 from pathlib import Path
 
@@ -13,176 +13,11 @@ import zarr
 from PIL import Image
 
 from mobilesam_batch.inputs import (
-    SUPPORTED_SUFFIXES,
-    ImageSource,
     InputError,
-    discover_inputs,
     open_source,
 )
 
-RNG = np.random.default_rng(0)
-
-
-def _u8(*shape):
-    return RNG.integers(0, 256, shape, dtype=np.uint8)
-
-
-def _touch_png(path: Path) -> Path:
-    Image.fromarray(_u8(8, 8)).save(path)
-    return path
-
-
-def _write_zarr_array(path: Path, data: np.ndarray) -> Path:
-    arr = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype)
-    arr[:] = data
-    return path
-
-
-def _write_ome_zarr(path: Path, data: np.ndarray, names: list[str]) -> Path:
-    group = zarr.open_group(str(path), mode="w")
-    arr = group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=data.shape)
-    arr[:] = data
-    axes = [{"name": n, "type": "channel" if n == "c" else "space"} for n in names]
-    group.attrs["multiscales"] = [
-        {
-            "version": "0.4",
-            "axes": axes,
-            "datasets": [
-                {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1] * 4}]}
-            ],
-        }
-    ]
-    return path
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def test_input_error_str_and_attributes(tmp_path):
-    err = InputError(tmp_path / "a.tif", "broken")
-    assert err.path == tmp_path / "a.tif"
-    assert err.reason == "broken"
-    assert str(err) == f"{tmp_path / 'a.tif'}: broken"
-
-
-def test_supported_suffixes():
-    assert set(SUPPORTED_SUFFIXES) == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".zarr"}
-
-
-# ----------------------------------------------------------------------------- discovery
-
-
-def test_discover_files_keep_spec_order_and_dedupe(tmp_path):
-    b = _touch_png(tmp_path / "b.png")
-    a = _touch_png(tmp_path / "a.PNG")
-    (tmp_path / "sub").mkdir()
-    paths, errors = discover_inputs([b, str(a), tmp_path / "sub" / ".." / "b.png", tmp_path])
-    assert paths == [b, a]
-    assert errors == []
-
-
-def test_discover_unsupported_and_missing(tmp_path):
-    (tmp_path / "notes.txt").write_text("hi")
-    paths, errors = discover_inputs([tmp_path / "notes.txt", tmp_path / "nope.png"])
-    assert paths == []
-    assert [e.path for e in errors] == [tmp_path / "notes.txt", tmp_path / "nope.png"]
-    assert "unsupported file type '.txt' (supported: .png, .jpg" in errors[0].reason
-    assert errors[1].reason == "no such file or directory"
-
-
-def test_discover_folder_sorted_skips_unsupported_hidden_and_subfolders(tmp_path):
-    for name in ["c.tif", "a.npy", "B.jpg", ".hidden.png"]:
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "readme.md").write_text("x")
-    (tmp_path / "sub").mkdir()
-    _touch_png(tmp_path / "sub" / "d.png")
-    paths, errors = discover_inputs([tmp_path])
-    assert [p.name for p in paths] == ["B.jpg", "a.npy", "c.tif"]
-    assert errors == []
-
-
-def test_discover_recursive_never_enters_zarr_or_hidden(tmp_path):
-    _touch_png(tmp_path / "a.png")
-    (tmp_path / "sub" / "deeper").mkdir(parents=True)
-    _touch_png(tmp_path / "sub" / "deeper" / "x.png")
-    _touch_png(tmp_path / "sub" / "b.png")
-    (tmp_path / ".git").mkdir()
-    _touch_png(tmp_path / ".git" / "h.png")
-    _write_zarr_array(tmp_path / "sub" / "s.zarr", np.zeros((4, 4), np.uint8))
-    group = zarr.open_group(str(tmp_path / "g"), mode="w")  # zarr store without .zarr name
-    group.create_array("0", shape=(4, 4), dtype="uint8")
-    paths, errors = discover_inputs([tmp_path], recursive=True)
-    rel = [p.relative_to(tmp_path).as_posix() for p in paths]
-    assert rel == ["a.png", "g", "sub/b.png", "sub/deeper/x.png", "sub/s.zarr"]
-    assert errors == []
-
-
-def test_discover_zarr_dir_counted_once(tmp_path):
-    store = _write_zarr_array(tmp_path / "s.zarr", np.zeros((4, 4), np.uint8))
-    paths, errors = discover_inputs([store, tmp_path, str(tmp_path / "*")])
-    assert paths == [store]
-    assert errors == []
-
-
-def test_discover_zarr_dir_by_marker_file(tmp_path):
-    store = _write_zarr_array(tmp_path / "plain", np.zeros((4, 4), np.uint8))
-    assert discover_inputs([store]) == ([store], [])
-
-
-def test_discover_empty_folder(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("x")
-    paths, errors = discover_inputs([tmp_path / "empty"])
-    assert paths == []
-    assert errors[0].path == tmp_path / "empty"
-    assert errors[0].reason == "no supported images in folder"
-
-
-def test_discover_glob(tmp_path):
-    for name in ["b.tif", "a.tif", "c.png", "d.txt"]:
-        (tmp_path / name).write_bytes(b"x")
-    paths, errors = discover_inputs([str(tmp_path / "*.tif"), str(tmp_path / "?.*")])
-    assert [p.name for p in paths] == ["a.tif", "b.tif", "c.png"]
-    assert errors == []
-
-
-def test_discover_recursive_glob_skips_zarr_internals(tmp_path):
-    (tmp_path / "x" / "y").mkdir(parents=True)
-    _touch_png(tmp_path / "x" / "y" / "deep.png")
-    _touch_png(tmp_path / "top.png")
-    _write_ome_zarr(tmp_path / "x" / "img.zarr", np.zeros((1, 1, 4, 4), np.uint8), list("czyx"))
-    paths, errors = discover_inputs([str(tmp_path / "**" / "*")])
-    rel = [p.relative_to(tmp_path).as_posix() for p in paths]
-    assert rel == ["top.png", "x/img.zarr", "x/y/deep.png"]
-    assert errors == []
-
-
-def test_discover_glob_into_named_zarr_group(tmp_path):
-    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    for name in "ab":
-        group.create_array(name, shape=(4, 4), dtype="uint8")
-    paths, _ = discover_inputs([str(tmp_path / "g.zarr" / "*")])
-    assert [p.name for p in paths] == ["a", "b"]
-
-
-def test_discover_glob_without_match(tmp_path):
-    (tmp_path / "d.txt").write_text("x")
-    paths, errors = discover_inputs([str(tmp_path / "*.tif"), str(tmp_path / "*.txt")])
-    assert paths == []
-    assert errors[0].reason == "no file matches this pattern"
-    assert errors[0].path == tmp_path / "*.tif"
-    assert errors[1].reason == "no supported images match this pattern"
-
-
-def test_discover_unreadable_folder(tmp_path, monkeypatch):
-    def boom(self):
-        raise PermissionError("denied")
-
-    (tmp_path / "f").mkdir()
-    monkeypatch.setattr(Path, "iterdir", boom)
-    _, errors = discover_inputs([tmp_path / "f"])
-    assert errors[0].reason == "cannot list folder: denied"
-
+from .inputs_support import RNG, touch_png, u8, write_ome_zarr, write_zarr_array
 
 # ----------------------------------------------------------------------------- PNG / JPEG
 
@@ -190,10 +25,10 @@ def test_discover_unreadable_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("mode", "data", "axes", "shape", "dtype"),
     [
-        ("L", _u8(12, 10), "YX", (12, 10), np.uint8),
-        ("RGB", _u8(12, 10, 3), "YXS", (12, 10, 3), np.uint8),
-        ("RGBA", _u8(12, 10, 4), "YXS", (12, 10, 4), np.uint8),
-        ("LA", _u8(12, 10, 2), "YXS", (12, 10, 2), np.uint8),
+        ("L", u8(12, 10), "YX", (12, 10), np.uint8),
+        ("RGB", u8(12, 10, 3), "YXS", (12, 10, 3), np.uint8),
+        ("RGBA", u8(12, 10, 4), "YXS", (12, 10, 4), np.uint8),
+        ("LA", u8(12, 10, 2), "YXS", (12, 10, 2), np.uint8),
         ("I;16", RNG.integers(0, 65536, (12, 10), dtype=np.uint16), "YX", (12, 10), np.uint16),
     ],
 )
@@ -232,7 +67,7 @@ def test_png_palette_and_bilevel(tmp_path):
 
 
 def test_jpeg(tmp_path):
-    Image.fromarray(_u8(16, 20, 3)).save(tmp_path / "a.jpg")
+    Image.fromarray(u8(16, 20, 3)).save(tmp_path / "a.jpg")
     Image.new("CMYK", (20, 16)).save(tmp_path / "c.jpeg")
     with open_source(tmp_path / "a.jpg") as src:
         assert (src.format, src.axes, src.shape) == ("jpeg", "YXS", (16, 20, 3))
@@ -245,7 +80,7 @@ def test_jpeg(tmp_path):
 def test_unsupported_pillow_mode(tmp_path, monkeypatch):
     import PIL.Image
 
-    path = _touch_png(tmp_path / "a.png")
+    path = touch_png(tmp_path / "a.png")
     real_open = PIL.Image.open
 
     def fake_open(fp, *args, **kwargs):
@@ -280,7 +115,7 @@ def test_tiff_2d_uint16_and_float32(tmp_path):
 
 
 def test_tiff_stack_zyx(tmp_path):
-    data = _u8(3, 16, 12)
+    data = u8(3, 16, 12)
     tifffile.imwrite(tmp_path / "s.tif", data, photometric="minisblack", metadata={"axes": "ZYX"})
     with open_source(tmp_path / "s.tif") as src:
         assert src.axes == "ZYX" and src.plane_axes == "Z"
@@ -292,7 +127,7 @@ def test_tiff_stack_zyx(tmp_path):
 
 
 def test_tiff_stack_without_axes_metadata_uses_tifffile_letters(tmp_path):
-    data = _u8(5, 8, 8)
+    data = u8(5, 8, 8)
     tifffile.imwrite(tmp_path / "s.tif", data, photometric="minisblack")
     with open_source(tmp_path / "s.tif") as src:
         assert src.axes == "QYX" and src.n_planes == 5
@@ -300,7 +135,7 @@ def test_tiff_stack_without_axes_metadata_uses_tifffile_letters(tmp_path):
 
 
 def test_tiff_rgb(tmp_path):
-    data = _u8(2, 10, 12, 3)
+    data = u8(2, 10, 12, 3)
     tifffile.imwrite(tmp_path / "rgb.tif", data, photometric="rgb")
     with open_source(tmp_path / "rgb.tif") as src:
         assert src.axes[-3:] == "YXS" and src.channel_axis == 3 and src.n_planes == 2
@@ -308,7 +143,7 @@ def test_tiff_rgb(tmp_path):
 
 
 def test_imagej_hyperstack(tmp_path):
-    data = _u8(2, 3, 2, 10, 12)
+    data = u8(2, 3, 2, 10, 12)
     tifffile.imwrite(tmp_path / "h.tif", data, imagej=True, metadata={"axes": "TZCYX"})
     with open_source(tmp_path / "h.tif") as src:
         assert (src.format, src.axes) == ("imagej-tiff", "TZCYX")
@@ -321,7 +156,7 @@ def test_imagej_hyperstack(tmp_path):
 
 
 def test_ome_tiff_channels(tmp_path):
-    data = _u8(3, 2, 10, 12)
+    data = u8(3, 2, 10, 12)
     path = tmp_path / "a.ome.tif"
     tifffile.imwrite(path, data, photometric="minisblack", metadata={"axes": "ZCYX"})
     with open_source(path) as src:
@@ -331,7 +166,7 @@ def test_ome_tiff_channels(tmp_path):
 
 
 def test_ome_tiff_pyramid_reads_level_zero(tmp_path):
-    data = _u8(2, 32, 32)
+    data = u8(2, 32, 32)
     path = tmp_path / "p.ome.tiff"
     with tifffile.TiffWriter(path) as tw:
         tw.write(data, subifds=1, photometric="minisblack", metadata={"axes": "CYX"})
@@ -342,7 +177,7 @@ def test_ome_tiff_pyramid_reads_level_zero(tmp_path):
 
 
 def test_tiff_size_one_channel_is_squeezed_by_tifffile(tmp_path):
-    data = _u8(1, 10, 12, 3)
+    data = u8(1, 10, 12, 3)
     path = tmp_path / "c.ome.tif"
     tifffile.imwrite(path, data, photometric="rgb", metadata={"axes": "CYXS"})
     with open_source(path) as src:
@@ -366,7 +201,7 @@ def test_resolve_file_axes_size_one_channel_becomes_plane_axis(axes, shape, expe
 
 
 def test_tiff_two_channel_axes_need_axes(tmp_path):
-    data = _u8(2, 10, 12, 3)
+    data = u8(2, 10, 12, 3)
     path = tmp_path / "c.ome.tif"
     tifffile.imwrite(path, data, photometric="rgb", metadata={"axes": "CYXS"})
     with pytest.raises(InputError, match=r"more than one channel axis \(C=2, S=3\); pass --axes"):
@@ -448,8 +283,8 @@ def test_npy_6d_with_axes_override(tmp_path):
 
 
 def test_zarr_array(tmp_path):
-    data = _u8(4, 10, 12)
-    path = _write_zarr_array(tmp_path / "a.zarr", data)
+    data = u8(4, 10, 12)
+    path = write_zarr_array(tmp_path / "a.zarr", data)
     with open_source(path) as src:
         assert (src.format, src.axes, src.shape) == ("zarr", "ZYX", (4, 10, 12))
         np.testing.assert_array_equal(src.read_plane((3,)), data[3])
@@ -463,8 +298,8 @@ def test_zarr_v2_array(tmp_path):
 
 
 def test_ome_zarr_group_v04(tmp_path):
-    data = _u8(2, 3, 10, 12)
-    path = _write_ome_zarr(tmp_path / "img.ome.zarr", data, ["c", "z", "y", "x"])
+    data = u8(2, 3, 10, 12)
+    path = write_ome_zarr(tmp_path / "img.ome.zarr", data, ["c", "z", "y", "x"])
     with open_source(path) as src:
         assert (src.format, src.axes, src.channel_axis) == ("ome-zarr", "CZYX", 0)
         assert src.plane_axes == "Z" and src.out_shape == (3, 10, 12)
@@ -511,221 +346,3 @@ def test_zarr_folder_without_store(tmp_path):
         open_source(tmp_path / "e.zarr")
     with pytest.raises(InputError, match="is a folder, not a zarr store or an image"):
         open_source(tmp_path)
-
-
-# ----------------------------------------------------------------------------- axes override
-
-
-def test_axes_override_valid(tmp_path):
-    data = _u8(10, 12, 2)
-    np.save(tmp_path / "a.npy", data)
-    with open_source(tmp_path / "a.npy", axes="yxc") as src:
-        assert src.axes == "YXC" and src.channel_axis == 2 and src.plane_shape == ()
-        np.testing.assert_array_equal(src.read_plane(()), data)
-    with open_source(tmp_path / "a.npy", axes="XYZ") as src:  # Y and X need not be last
-        assert (src.height, src.width, src.plane_axes) == (12, 10, "Z")
-        np.testing.assert_array_equal(src.read_plane((1,)), data[:, :, 1].T)
-
-
-@pytest.mark.parametrize(
-    ("axes", "problem"),
-    [
-        ("YX", "needs 3 letters"),
-        ("ZYXC", "needs 3 letters"),
-        ("ZYW", "letters must be from 'TZCSYXQI'"),
-        ("YYX", "letters must be unique"),
-        ("ZTX", "must contain Y and X"),
-    ],
-)
-def test_axes_override_invalid(tmp_path, axes, problem):
-    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.uint8))
-    with pytest.raises(
-        ValueError, match=rf"axes '{axes}' do not fit .*a\.npy of shape \(2, 3, 4\)"
-    ):
-        open_source(tmp_path / "a.npy", axes=axes)
-    with pytest.raises(ValueError, match=problem):
-        open_source(tmp_path / "a.npy", axes=axes)
-
-
-def test_axes_override_two_channel_letters_and_non_string(tmp_path):
-    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 5), np.uint8))
-    with pytest.raises(ValueError, match=r"at most one channel letter \(C or S\)"):
-        open_source(tmp_path / "a.npy", axes="CSYX")
-    with pytest.raises(ValueError, match="axes must be a string like 'ZYX', got 4"):
-        open_source(tmp_path / "a.npy", axes=4)
-
-
-# ----------------------------------------------------------------------------- bad inputs
-
-
-def test_open_missing_unsupported_and_empty(tmp_path):
-    with pytest.raises(InputError, match="no such file or directory"):
-        open_source(tmp_path / "nope.tif")
-    (tmp_path / "a.bmp").write_bytes(b"x")
-    with pytest.raises(InputError, match=r"unsupported file type '\.bmp'"):
-        open_source(tmp_path / "a.bmp")
-    for name in ["e.tif", "e.png", "e.npy"]:
-        (tmp_path / name).write_bytes(b"")
-        with pytest.raises(InputError, match=r"empty file \(0 bytes\)") as info:
-            open_source(tmp_path / name)
-        assert info.value.path == tmp_path / name
-
-
-@pytest.mark.parametrize(
-    ("name", "label"),
-    [("g.tif", "TIFF"), ("g.png", "PNG"), ("g.jpg", "JPEG"), ("g.npy", "npy")],
-)
-def test_garbage_bytes(tmp_path, name, label):
-    (tmp_path / name).write_bytes(b"this is not an image at all" * 5)
-    with pytest.raises(InputError, match=f"cannot read as {label}: ") as info:
-        open_source(tmp_path / name)
-    assert info.value.path == tmp_path / name
-
-
-def test_truncated_tiff_fails_on_read(tmp_path):
-    path = tmp_path / "t.tif"
-    tifffile.imwrite(path, _u8(4, 64, 64), photometric="minisblack", metadata={"axes": "ZYX"})
-    path.write_bytes(path.read_bytes()[: 64 * 64 * 2])
-    with open_source(path) as src:
-        src.read_plane((0,))
-        with pytest.raises(InputError, match=r"cannot read plane \(3,\) as tiff: ") as info:
-            src.read_plane((3,))
-    assert info.value.path == path
-
-
-def test_corrupt_compressed_tiff_strip(tmp_path):
-    path = tmp_path / "c.tif"
-    tifffile.imwrite(path, _u8(2, 32, 32), photometric="minisblack", compression="zlib")
-    with tifffile.TiffFile(path) as tif:
-        offset = tif.pages[1].dataoffsets[0]
-    raw = bytearray(path.read_bytes())
-    raw[offset : offset + 8] = b"\x13" * 8
-    path.write_bytes(bytes(raw))
-    with open_source(path) as src:
-        src.read_plane((0,))
-        with pytest.raises(InputError, match="cannot read plane"):
-            src.read_plane((1,))
-
-
-def test_truncated_png_fails_on_read(tmp_path):
-    path = tmp_path / "t.png"
-    Image.fromarray(RNG.integers(0, 256, (64, 64), dtype=np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:200])
-    with open_source(path) as src, pytest.raises(InputError, match="cannot read plane"):
-        src.read_plane(())
-
-
-def test_truncated_npy(tmp_path):
-    path = tmp_path / "t.npy"
-    np.save(path, np.zeros((10, 64, 64), np.uint16))
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(InputError, match="cannot read as npy: "):
-        open_source(path)
-
-
-def test_zero_size_image(tmp_path):
-    np.save(tmp_path / "z.npy", np.zeros((0, 5), np.uint8))
-    with pytest.raises(InputError, match=r"image has no pixels \(shape \(0, 5\)\)"):
-        open_source(tmp_path / "z.npy")
-    _write_zarr_array(tmp_path / "z.zarr", np.zeros((3, 0, 4), np.uint8))
-    with pytest.raises(InputError, match="image has no pixels"):
-        open_source(tmp_path / "z.zarr")
-
-
-@pytest.mark.parametrize("dtype", [np.complex64, object])
-def test_unsupported_dtype(tmp_path, dtype):
-    np.save(tmp_path / "c.npy", np.zeros((4, 5), dtype), allow_pickle=True)
-    match = "unsupported data type complex64" if dtype is np.complex64 else "cannot read as npy"
-    with pytest.raises(InputError, match=match):
-        open_source(tmp_path / "c.npy")
-
-
-@pytest.mark.parametrize(
-    ("axes", "shape", "match"),
-    [
-        ("QQ", (4, 5), r"cannot tell the Y and X axes \(axes 'QQ'\); pass --axes"),
-        ("YYX", (3, 4, 5), r"cannot tell the Y and X axes"),
-        ("YXQ", (4, 5), r"axes 'YXQ' do not match shape \(4, 5\)"),
-        ("CSYXS", (2, 2, 4, 5, 2), r"more than one channel axis \(C=2, S=2, S=2\)"),
-    ],
-)
-def test_resolve_file_axes_errors(axes, shape, match):
-    from mobilesam_batch.inputs import _resolve_file_axes
-
-    with pytest.raises(InputError, match=match) as info:
-        _resolve_file_axes(axes, shape, Path("f.tif"))
-    assert info.value.path == Path("f.tif")
-
-
-# ----------------------------------------------------------------------------- ImageSource
-
-
-def test_read_plane_bad_index(tmp_path):
-    np.save(tmp_path / "a.npy", np.zeros((3, 4, 5), np.uint8))
-    with open_source(tmp_path / "a.npy") as src:
-        assert src.read_plane((np.int64(2),)).shape == (4, 5)
-        for bad in [(3,), (-1,), (0, 0), (), ("a",), 1, (1.5,)]:
-            with pytest.raises(ValueError, match=r"plane index .* out of range for plane shape"):
-                src.read_plane(bad)
-
-
-def test_close_and_context_manager(tmp_path):
-    tifffile.imwrite(tmp_path / "a.tif", _u8(4, 5))
-    src = open_source(tmp_path / "a.tif")
-    tif = src._handles[1]
-    with src as same:
-        assert same is src
-    assert tif.filehandle.closed
-    with pytest.raises(ValueError, match="source is closed"):
-        src.read_plane(())
-    src.close()  # twice is fine
-
-
-def test_reopen_from_path_and_axes(tmp_path):
-    np.save(tmp_path / "a.npy", _u8(3, 4, 5))
-    with open_source(tmp_path / "a.npy", axes="YXC") as first:
-        again = open_source(first.path, first.axes)
-    with again:
-        assert (again.shape, again.axes, again.dtype) == (first.shape, first.axes, first.dtype)
-        assert again.read_plane(()).shape == (3, 4, 5)
-
-
-def test_describe_is_json_serialisable(tmp_path):
-    tifffile.imwrite(
-        tmp_path / "h.tif", _u8(2, 3, 2, 6, 7), imagej=True, metadata={"axes": "TZCYX"}
-    )
-    with open_source(tmp_path / "h.tif") as src:
-        info = json.loads(json.dumps(src.describe()))
-    assert info == {
-        "format": "imagej-tiff",
-        "shape": [2, 3, 2, 6, 7],
-        "dtype": "uint8",
-        "axes": "TZCYX",
-        "channel_axis": 2,
-        "plane_axes": "TZ",
-        "n_planes": 6,
-    }
-
-
-def test_image_source_direct_construction():
-    src = ImageSource(Path("x.npy"), "npy", (2, 3, 4), np.dtype(np.uint8), "ZYX")
-    assert src.out_shape == (2, 3, 4) and src.n_channels == 1 and src.channel_axis is None
-
-
-def test_tiff_without_series(tmp_path, monkeypatch):
-    tifffile.imwrite(tmp_path / "a.tif", _u8(4, 5))
-    monkeypatch.setattr(tifffile.TiffFile, "series", property(lambda self: []))
-    with pytest.raises(InputError, match="TIFF file holds no image"):
-        open_source(tmp_path / "a.tif")
-
-
-def test_long_library_messages_are_shortened(tmp_path, monkeypatch):
-    np.save(tmp_path / "a.npy", np.zeros((4, 5), np.uint8))
-
-    def boom(*args, **kwargs):
-        raise OSError("x" * 500 + "\nsecond line")
-
-    monkeypatch.setattr(np, "load", boom)
-    with pytest.raises(InputError) as info:
-        open_source(tmp_path / "a.npy")
-    assert info.value.reason == "cannot read as npy: " + "x" * 197 + "..."
