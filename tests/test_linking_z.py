@@ -93,6 +93,26 @@ def test_the_tip_between_two_stacked_cells_goes_to_the_one_on_whose_axis_it_lies
     assert linked[2].max() == (2 if b_first == 2 else 1)
 
 
+def test_a_tip_pushed_aside_by_the_cell_below_gets_its_cells_id_back():
+    """A (centre (24, 20), radii 12, 10) ends in plane 2 with a small tip (radius 3) pushed
+    to one side by B's first section (radius 4) beside it; B goes on (9, 11). Both lie
+    inside A's last section, and B's, nearer A's axis, is matched to A first; when B's
+    next section shows it is B's, A's tip takes A's id again (no id left unused)."""
+    tip, first = ((24, 14), 3), ((24, 25), 4)
+    planes = [
+        paint((48, 48), [(1, (24, 20), 12)]),
+        paint((48, 48), [(1, (24, 20), 10)]),
+        paint((48, 48), [(1, *tip), (2, *first)]),
+        paint((48, 48), [(1, (24, 25), 9)]),
+        paint((48, 48), [(1, (24, 25), 11)]),
+    ]
+    linked, table = link_stack(np.stack(planes), "z")
+    objs = table.objects()
+    assert objs["id"].tolist() == [1, 2]
+    assert objs["first"].tolist() == [0, 2] and objs["last"].tolist() == [2, 4]
+    assert linked[2][tip[0]] == 1 and linked[2][first[0]] == 2
+
+
 def test_z_gives_a_plane_out_when_the_next_is_linked():
     labels = per_plane_ids(synthetic.cells_3d((8, 96, 96), seed=3).labels)
     whole, table = link_stack(labels, "z")

@@ -39,6 +39,7 @@ class _Past:
     motion: np.ndarray  # float (n + 1, ndim): displacement since its previous plane (or 0)
     pred_area: np.ndarray  # int (n + 1,): its area in the previous plane (0: none)
     max_area: np.ndarray  # int (n + 1,): its largest section so far (this plane's included)
+    first_id: int = 0  # the ids new in this plane are >= this
 
 
 def _scores_array(scores: Mapping | None, ids: np.ndarray) -> np.ndarray:
@@ -91,7 +92,7 @@ class AxisLinker:
         cen = cur.centroids()
         score_arr = _scores_array(scores, cur.ids)
         gid = np.zeros(cur.n + 1, dtype=np.uint32)
-        children: dict[int, int] = {}  # code of a division child -> its parent's global id
+        children: dict[int, int] = {}  # code of a division child -> its parent's code in prev
         if self.history:
             prev = self.history[-1]
             ov = overlaps(prev.plane, cur)
@@ -108,19 +109,21 @@ class AxisLinker:
                 gid[mc] = prev.gid[mr]
             self._close_gaps(cur, gid, children)
         new = np.flatnonzero(gid == 0)[1:]
+        first_id = self.next_id
         if self.next_id - 1 + len(new) > MAX_ID:
             raise OverflowError("more than 2**32 - 1 objects: ids no longer fit in uint32")
         gid[new] = np.arange(self.next_id, self.next_id + len(new), dtype=np.uint32)
         self.next_id += len(new)
-        for code, parent in children.items():
-            self.parents[int(gid[code])] = parent
         done = []
-        if self.history and self.waist:
+        if self.history and self.waist:  # before the parents: it can renumber new ids
             self._give_waist_sections(self.history[-1], cur, cen, ov, gid, new)
             done = self.flush()
+        for code, parent in children.items():
+            self.parents[int(gid[code])] = int(self.history[-1].gid[parent])
         if self.keep_rows:  # gid[1:] is a view: a section given away later shows here too
             self.rows.append((self.index, gid[1:], cur.areas[1:], score_arr, cen))
         self.history.append(self._remember(cur, gid, cen))
+        self.history[-1].first_id = first_id
         self.index += 1
         if not self.waist:
             return [gid[cur.codes]]
@@ -268,7 +271,38 @@ class AxisLinker:
             # ids stay in order of first appearance
             took = np.isin(new, mc)
             gid[np.concatenate([new[took], new[~took]])] = np.sort(gid[new])
+            gone = prev.gid[mr].copy()
             prev.gid[mr] = gid[mc]
+            self._reattach_tips(prev, gid, gone)
+
+    def _reattach_tips(self, prev: _Past, gid: np.ndarray, gone: np.ndarray) -> None:
+        """The objects ``gone`` (ids) lost their last section in ``prev`` to a new object
+        (:meth:`_give_waist_sections`). A section of ``prev`` that started and ended
+        there, inside such an object's previous section, is its tip: pushed aside by
+        the other cell's first section, it had lost the containment match to it. It
+        takes the object's id; the ids after its own move down by one (no id unused)."""
+        if len(self.history) < 2 or self.min_cover is None:
+            return
+        before = self.history[-2]  # the plane before prev
+        lone = (prev.gid >= prev.first_id) & ~np.isin(prev.gid, gid)
+        lone[0] = False
+        if not lone.any():
+            return
+        ia, ib, cnt = overlaps(before.plane, prev.plane)
+        sel = np.isin(before.gid[ia], gone) & lone[ib]
+        sel &= prev.plane.areas[ib] < before.plane.areas[ia]
+        ia, ib, cnt = ia[sel], ib[sel], cnt[sel]
+        cover = cnt / prev.plane.areas[ib]
+        ok = cover >= self.min_cover
+        if not ok.any():
+            return
+        mr, mc = match_global(ia[ok], ib[ok], cover[ok], 0.0)
+        dead = prev.gid[mc].copy()
+        prev.gid[mc] = before.gid[mr]
+        for d in np.sort(dead)[::-1].tolist():  # ids new in prev or cur, above d
+            for arr in (prev.gid, gid):
+                arr[arr > d] -= 1
+            self.next_id -= 1
 
     @staticmethod
     def _shrunk(old: _Past, codes: np.ndarray) -> np.ndarray:
@@ -277,7 +311,7 @@ class AxisLinker:
         return (area < old.pred_area[codes]) & (area < WAIST_SHRINK * old.max_area[codes])
 
     def _divide(self, prev: _Past, cur: Coded, ov, pairs, matched) -> dict[int, int]:
-        """Divisions ``prev -> cur`` (the rule: :class:`~.Linker`): ``{child code: parent id}``.
+        """Divisions ``prev -> cur`` (the rule: :class:`~.Linker`): ``{child code: parent code}``.
 
         Evaluated on the overlaps where the parent was and, with ``motion``, where its
         motion puts it. Marks the parents in ``prev.divided`` (never bridged later).
@@ -305,7 +339,7 @@ class AxisLinker:
                 continue
             busy.add(p)
             prev.divided[p] = True
-            children[c1] = children[c2] = int(prev.gid[p])
+            children[c1] = children[c2] = p
         return children
 
     def _division_candidates(self, prev: _Past, cur: Coded, ov, match_of, match_iou, taken):

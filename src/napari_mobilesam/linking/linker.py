@@ -145,7 +145,9 @@ class Linker:
        plane would have matched ``s`` (IoU or cover): ``s`` is the tip of one of two
        stacked objects. It goes to the new object when its centroid lies nearer the
        new object's axis than the old one's (each distance relative to that
-       section's radius), since a tip lies on its object's axis.
+       section's radius), since a tip lies on its object's axis. A section that
+       started and ended in the previous plane inside the old object's section
+       before ``s`` then takes the old object's id: its tip, pushed aside by ``s``.
 
     Limits: two objects that touch along the linked axis at the same place, one
     ending where the other starts, can look like one object to overlap-based
@@ -153,7 +155,8 @@ class Linker:
     them apart where the areas shrink and grow again. They err where the upper
     object's tip and the lower one's first section lie side by side in one plane,
     both inside the upper one's previous section, and the larger is taken as its
-    continuation (on ``synthetic.cells_3d``'s default stacks: 4 of seeds 0-99).
+    continuation (on ``synthetic.cells_3d``'s default stacks: 4 of seeds 0-99, 7 of
+    100-199).
 
     Rule 6 changes the ids of the previous plane, so through z a plane is given out
     when the next one is pushed, and the last one by :meth:`flush`. Through t each
