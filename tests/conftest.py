@@ -63,6 +63,30 @@ TINY_CONFIG = SamConfig(
 )
 
 
+#: Test modules that take longest (seconds on a 2-core CI machine, 2026-12-07), run first:
+#: pytest-xdist hands out whole modules (--dist loadscope) in collection order, so a long
+#: module collected last would run alone at the end while the other worker idles.
+LONGEST_MODULES = {
+    "test_quality.py": 280,
+    "test_everything_golden.py": 250,
+    "test_benchmarks.py": 200,
+    "test_training_cli.py": 130,
+    "test_distill_cli.py": 90,
+    "test_batch_processes.py": 70,
+    "test_interrupts.py": 40,
+    "test_original.py": 35,
+    "test_batch_link.py": 35,
+    "test_backends.py": 30,
+    "test_runtime.py": 30,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first (:data:`LONGEST_MODULES`); the rest, and the tests within
+    each module, keep their order."""
+    items.sort(key=lambda item: -LONGEST_MODULES.get(item.path.name, 0))
+
+
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random values everywhere, BatchNorm statistics and LayerNorm affines included."""
     gen = torch.Generator().manual_seed(seed)
