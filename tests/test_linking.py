@@ -14,7 +14,7 @@ from napari_mobilesam import synthetic
 from napari_mobilesam.linking import Linker, LinkTable, id_mapping, link_stack
 from napari_mobilesam.linking.match import match_global
 
-from .linking_support import bijection, concentric, iou_of, paint, per_plane_ids
+from .linking_support import bijection, concentric, iou_of, paint, per_plane_ids, random_stack
 
 # ---------------------------------------------------------------- synthetic truth
 
@@ -250,25 +250,6 @@ def test_generator_tzyx_series_3d_tracks_and_divisions_are_recovered_exactly(see
 
 
 # ---------------------------------------------------------------- invariants
-
-
-def random_stack(seed, planes=15, shape=(80, 80)):
-    """Random walkers that are born, die and get missed, painted with per-plane ids."""
-    rng = np.random.default_rng(seed)
-    walkers = [[rng.uniform(8, 72, 2), rng.uniform(3, 9)] for _ in range(8)]
-    out = []
-    for _ in range(planes):
-        objs = []
-        for w in walkers:
-            w[0] = np.clip(w[0] + rng.normal(0, 2, 2), 5, 75)
-            if rng.random() > 0.1:
-                objs.append((len(objs) + 1, tuple(w[0]), w[1]))
-        if rng.random() < 0.3:
-            walkers.append([rng.uniform(8, 72, 2), rng.uniform(3, 9)])
-        if rng.random() < 0.2 and walkers:
-            walkers.pop(int(rng.integers(len(walkers))))
-        out.append(per_plane_ids(paint(shape, objs)[None], seed)[0])
-    return np.stack(out)
 
 
 @pytest.mark.parametrize("seed", range(4))

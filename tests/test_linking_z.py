@@ -16,6 +16,7 @@ from .linking_support import (
     not_recovered,
     paint,
     per_plane_ids,
+    random_stack,
     stacked_in_z,
 )
 
@@ -111,6 +112,19 @@ def test_a_tip_pushed_aside_by_the_cell_below_gets_its_cells_id_back():
     assert objs["id"].tolist() == [1, 2]
     assert objs["first"].tolist() == [0, 2] and objs["last"].tolist() == [2, 4]
     assert linked[2][tip[0]] == 1 and linked[2][first[0]] == 2
+
+
+def test_the_look_back_leaves_divisions_alone():
+    """z with divisions on (random walkers, seed 120): a parent that divided and its
+    children are never given sections one plane back, so each child starts right after
+    its parent ends, and no object is its own parent."""
+    linked, table = link_stack(random_stack(120), "z", min_iou=0.3, divisions=True)
+    objs = table.objects()
+    assert table.parents
+    for child, parent in table.parents.items():
+        assert child != parent
+        assert objs["last"][parent - 1] + 1 == objs["first"][child - 1]
+    assert objs["id"].tolist() == list(range(1, int(linked.max()) + 1))
 
 
 def test_z_gives_a_plane_out_when_the_next_is_linked():

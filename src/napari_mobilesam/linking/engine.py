@@ -116,7 +116,8 @@ class AxisLinker:
         self.next_id += len(new)
         done = []
         if self.history and self.waist:  # before the parents: it can renumber new ids
-            self._give_waist_sections(self.history[-1], cur, cen, ov, gid, new)
+            self._give_waist_sections(self.history[-1], cur, cen, ov, gid, new, children)
+            first_id = self.next_id - len(new)  # an id freed in prev moves this plane's down
             done = self.flush()
         for code, parent in children.items():
             self.parents[int(gid[code])] = int(self.history[-1].gid[parent])
@@ -229,7 +230,7 @@ class AxisLinker:
         return match_global(ia[keep], ib[keep], w[keep], 0.0)
 
     def _give_waist_sections(self, prev: _Past, cur: Coded, cen: np.ndarray, ov,
-                             gid: np.ndarray, new: np.ndarray) -> None:  # fmt: skip
+                             gid: np.ndarray, new: np.ndarray, children) -> None:  # fmt: skip
         """Through z, look back one plane: the last section ``s`` of an object ``X`` that
         ends in ``prev``, clearly shrunk (:meth:`_shrunk`), goes to an object
         ``Y`` that starts in ``cur`` (``new``: its codes) when
@@ -242,15 +243,17 @@ class AxisLinker:
           section's radius. The tip of an object lies on its axis (the generator's
           ellipsoids, and round cells); so ``s`` is ``Y``'s first section.
 
-        One-to-one (the best cover + IoU first). Changes ``prev.gid`` in place.
+        One-to-one (the best cover + IoU first). Changes ``prev.gid`` in place. A parent
+        that divided (``divisions``) and its children (``children``: codes) are left alone.
         """
-        ended = ~np.isin(prev.gid, gid)
+        ended = ~np.isin(prev.gid, gid) & ~prev.divided
         ended[0] = False
         ended &= self._shrunk(prev, np.arange(prev.plane.n + 1))
         if not ended.any() or not len(new):
             return
         starts = np.zeros(cur.n + 1, dtype=bool)
         starts[new] = True
+        starts[list(children)] = False
         ia, ib, cnt = ov
         sel = ended[ia] & starts[ib]
         ia, ib, cnt = ia[sel], ib[sel], cnt[sel]
@@ -285,6 +288,7 @@ class AxisLinker:
             return
         before = self.history[-2]  # the plane before prev
         lone = (prev.gid >= prev.first_id) & ~np.isin(prev.gid, gid)
+        lone &= ~np.isin(prev.gid, list(self.parents))  # not a division child
         lone[0] = False
         if not lone.any():
             return
@@ -302,6 +306,7 @@ class AxisLinker:
         for d in np.sort(dead)[::-1].tolist():  # ids new in prev or cur, above d
             for arr in (prev.gid, gid):
                 arr[arr > d] -= 1
+            self.parents = {c - (c > d): p - (p > d) for c, p in self.parents.items()}
             self.next_id -= 1
 
     @staticmethod
