@@ -109,7 +109,6 @@ class AxisLinker:
                 gid[mc] = prev.gid[mr]
             self._close_gaps(cur, gid, children)
         new = np.flatnonzero(gid == 0)[1:]
-        first_id = self.next_id
         if self.next_id - 1 + len(new) > MAX_ID:
             raise OverflowError("more than 2**32 - 1 objects: ids no longer fit in uint32")
         gid[new] = np.arange(self.next_id, self.next_id + len(new), dtype=np.uint32)
@@ -117,14 +116,13 @@ class AxisLinker:
         done = []
         if self.history and self.waist:  # before the parents: it can renumber new ids
             self._give_waist_sections(self.history[-1], cur, cen, ov, gid, new, children)
-            first_id = self.next_id - len(new)  # an id freed in prev moves this plane's down
             done = self.flush()
         for code, parent in children.items():
             self.parents[int(gid[code])] = int(self.history[-1].gid[parent])
         if self.keep_rows:  # gid[1:] is a view: a section given away later shows here too
             self.rows.append((self.index, gid[1:], cur.areas[1:], score_arr, cen))
         self.history.append(self._remember(cur, gid, cen))
-        self.history[-1].first_id = first_id
+        self.history[-1].first_id = self.next_id - len(new)  # after any id freed in prev
         self.index += 1
         if not self.waist:
             return [gid[cur.codes]]
@@ -260,9 +258,10 @@ class AxisLinker:
         area_s = prev.plane.areas[ia]
         w_iou = iou(prev.plane, cur, ia, ib, cnt)
         cover = cnt / area_s
-        ok = (cur.areas[ib] > area_s) & (w_iou >= self.min_iou)
+        matches = w_iou >= self.min_iou
         if self.min_cover is not None:
-            ok |= (cur.areas[ib] > area_s) & (cover >= self.min_cover)
+            matches |= cover >= self.min_cover
+        ok = matches & (cur.areas[ib] > area_s)
         # distances from s's centroid: to X's previous section's, to Y's section's
         d_x = np.linalg.norm(prev.motion[ia], axis=1) / np.sqrt(prev.pred_area[ia] / np.pi)
         d_y = np.linalg.norm(cen[ib - 1] - prev.centroid[ia], axis=1)

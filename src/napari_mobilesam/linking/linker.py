@@ -190,7 +190,6 @@ class Linker:
         self._z_params = {"kind": "z", "min_cover": min_cover_z, "divisions": False, **common}
         self._z: AxisLinker | None = None
         self._volume: list[np.ndarray] = []  # "zt": the current time point's planes done
-        self._in_point = 0  # "zt": its planes pushed
         self._shape: tuple[int, ...] | None = None
         self._finished = False
         self.planes_pushed = 0
@@ -237,13 +236,12 @@ class Linker:
         if self._z is None:
             self._z = AxisLinker(**self._z_params)
         self._volume += self._z.push(arr, scores)
-        self._in_point += 1
-        if self._in_point < self.n_z:
+        if self._z.index < self.n_z:  # its planes pushed so far
             return []
         self._volume += self._z.flush()
         z_table = self._z.table("z", 2, release=True)
         volume = np.stack(self._volume)
-        self._z, self._volume, self._in_point = None, [], 0
+        self._z, self._volume = None, []
         (out,) = self._main.push(volume, _volume_scores(z_table))
         return list(out)
 
@@ -257,7 +255,7 @@ class Linker:
         """
         if self._finished:
             raise RuntimeError("this Linker is finished; create a new one for another stack")
-        return self._main.flush() if self.axis == "z" else []
+        return self._main.flush()  # only a "z" linker holds a plane back
 
     def finish(self) -> LinkTable:
         """End the stack and return the table of objects / tracks.
@@ -269,9 +267,9 @@ class Linker:
         ValueError
             For ``"zt"``, if the last time point is incomplete (fewer than ``n_z`` planes).
         """
-        if self._in_point:
+        if self._z is not None:  # a time point begun, not complete
             raise ValueError(
-                f"the stack ended after {self._in_point} of the n_z={self.n_z} planes "
+                f"the stack ended after {self._z.index} of the n_z={self.n_z} planes "
                 "of its last time point"
             )
         if self._main.held:
