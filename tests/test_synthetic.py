@@ -101,6 +101,18 @@ def test_time_series_tracks_and_divisions():
             assert (a & b).sum() > 0.3 * a.sum()
 
 
+@pytest.mark.parametrize("seed", [17, 21, 29])
+def test_a_dividing_cell_lies_wholly_in_view(seed):
+    # a mother cut by the border divided into daughters that barely overlapped its
+    # visible part (IoU 0.23-0.42 with their union): no tracker can see that division
+    s = synthetic.cell_time_series(8, (12, 128, 128), seed=seed, coverage=0.08)
+    assert s.divisions
+    for parent in s.divisions:
+        last = max(t for t in range(8) if (s.labels[t] == parent).any())
+        yy, xx = np.nonzero((s.labels[last] == parent).any(0))
+        assert yy.min() > 0 and xx.min() > 0 and yy.max() < 127 and xx.max() < 127
+
+
 def test_time_series_of_stacks():
     s = synthetic.cell_time_series(3, (8, 64, 64), seed=1, n_cells=3, divisions=0)
     assert s.axes == "TZYX" and s.image.shape == (3, 8, 64, 64)

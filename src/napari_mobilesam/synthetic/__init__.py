@@ -251,7 +251,8 @@ def cell_time_series(
     speed : float
         Typical displacement per frame, pixels.
     divisions : int
-        Number of cell divisions (fewer when no cell is large enough to divide).
+        Number of cell divisions (fewer when no cell is large enough to divide, or
+        none of those lies wholly in view: a division cut by the border is not seen).
     z_radius : (min, max)
         z semi-axes for 3D frames.
     Other parameters as in :func:`cells_2d`.

@@ -2,9 +2,10 @@
 
 Each cell has a velocity that follows a damped random walk (``v <- 0.8 v + noise``);
 cells closer than their radii push each other apart, and cells bounce off the image
-border. At a few frames a cell divides: it ends, and two daughters with half its area
-each (semi-axes / sqrt 2 in the plane), placed on either side of its centre along its
-long axis and moving apart, start new tracks whose parent is the mother's track.
+border. At a few frames a cell divides (the largest one wholly in view): it ends, and
+two daughters with half its area each (semi-axes / sqrt 2 in the plane), placed on
+either side of its centre along its long axis and moving apart, start new tracks whose
+parent is the mother's track.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def simulate(
     """Tracks of ``cells`` over ``n_frames`` frames of ``shape`` ((Y, X) or (Z, Y, X)).
 
     ``divisions`` cells divide (fewer when no cell is large enough, i.e. its daughters'
-    radius would fall below ``min_radius``), at frames spread over the middle of the
-    series.
+    radius would fall below ``min_radius``, and wholly in view), at frames spread over
+    the middle of the series.
     """
     tracks = [Track(id=i + 1) for i in range(len(cells))]
     alive = _relax({t.id: c for t, c in zip(tracks, cells, strict=True)}, shape)
@@ -87,7 +88,7 @@ def simulate(
         for _ in range(division_frames.count(frame)):
             # a daughter divides again only after a few frames of its own
             ready = {t: c for t, c in alive.items() if frame - born.get(t, -10) > 3}
-            mother = _pick_mother(ready, min_radius)
+            mother = _pick_mother(ready, min_radius, shape)
             if mother is None:
                 continue
             mother_cell = alive.pop(mother)
@@ -128,9 +129,24 @@ def _relax(alive: dict[int, Cell], shape: tuple[int, ...], rounds: int = 20) -> 
     return dict(zip(ids, cells, strict=True))
 
 
-def _pick_mother(alive: dict[int, Cell], min_radius: float) -> int | None:
-    big = [(c.radius, tid) for tid, c in alive.items() if c.radius / math.sqrt(2) >= min_radius]
+def _pick_mother(alive: dict[int, Cell], min_radius: float, shape: tuple[int, ...]) -> int | None:
+    """The largest cell that can divide: its daughters at least ``min_radius`` and its
+    whole (y, x) extent in view, so that the division can be seen (a mother cut by the
+    frame's border divides into daughters that barely overlap its visible part)."""
+    big = [
+        (c.radius, tid)
+        for tid, c in alive.items()
+        if c.radius / math.sqrt(2) >= min_radius and _in_view(c, shape)
+    ]
     return max(big)[1] if big else None
+
+
+def _in_view(cell: Cell, shape: tuple[int, ...]) -> bool:
+    """Whether ``cell``'s (y, x) extent (its long semi-axis around its centre) lies in
+    the frame."""
+    reach = max(cell.axes[:2])
+    yx, size = cell.center[-2:], shape[-2:]
+    return all(reach <= c <= n - 1 - reach for c, n in zip(yx, size, strict=True))
 
 
 def _divide(rng: np.random.Generator, cell: Cell, shape: tuple[int, ...]) -> list[Cell]:
