@@ -26,6 +26,9 @@ last); memory does not grow with the number of planes (only the table does, by o
 object per plane). :func:`link_stack` runs it over any array-like stack (numpy,
 dask, zarr, memory-mapped TIFF), reading one plane at a time.
 
+Judging tracks against true ones: :func:`track_accuracy` (the fraction of correct
+links, division recall), which the quality benchmark reports for the stand-in model.
+
 Output: planes with globally unique uint32 ids (1, 2, ... in order of first
 appearance), and a :class:`LinkTable`: per object and plane its area, centroid and
 predicted IoU (if given), first/last plane and parent; as napari Tracks layer data
@@ -50,6 +53,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .accuracy import track_accuracy
 from .linker import AXES, Linker, check_labels, id_mapping
 from .table import LinkTable
 
@@ -62,6 +66,7 @@ __all__ = [
     "id_mapping",
     "link_stack",
     "min_planes_lut",
+    "track_accuracy",
 ]
 
 #: Version of the linking rules (matching, containment, divisions, gap closing, id
