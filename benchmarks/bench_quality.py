@@ -15,6 +15,11 @@ training never drew) with a trained model at default settings:
 - propagation through 3D stacks: from each cell's middle plane (its true mask),
   ``PromptSession.propagate`` up and down; mean IoU per plane against the truth (a
   plane the walk did not reach counts 0) and the share of planes reached;
+- the same stacks, every object of the middle plane propagated at once
+  (``PromptSession.propagate_all``): mean IoU per plane;
+- with ``--tracked-series N``: tracking accuracy of ``mobilesam-everything --link t`` on N
+  synthetic time series (:func:`tracked`: the fraction of true links kept, division
+  recall);
 - with ``--linked-stacks N``: 3D AP50 of ``mobilesam-everything --link z`` on N
   synthetic 3D stacks (:func:`linked_3d`: 3D IoU >= 0.5, one-to-one); with ``--extend``
   also of ``--link z --link-extend``; with ``--max-upscale X`` the planes are shown to the
@@ -29,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,32 +43,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine, write_json
-
-#: First seed of the held-out images (training draws its own seed stream).
-SEED = 10_000
-
-
-def held_out(n: int, seed: int = SEED, **kwargs) -> list:
-    """``n`` default generator images as training examples."""
-    from napari_mobilesam import synthetic
-    from napari_mobilesam.training.data import Example
-
-    out = []
-    for i in range(n):
-        s = synthetic.cells_2d(seed=seed + i, **kwargs)
-        out.append(Example(f"held-out-{seed + i}", s.image, s.labels))
-    return out
-
-
-#: the prompt figures of ``training.evaluate`` reported
-PROMPT_FIGURES = (
-    "point_miou", "point_oracle_miou", "random_point_miou", "box_miou",
-)  # fmt: skip
-
-#: Lower score thresholds than the defaults (0.88, 0.95): the README's first command used
-#: them until the phase-8 model (docs/training.md), whose scores are fitted to the
-#: defaults; still measured, and the thresholds of :func:`linked_3d` unless told.
-STANDIN_THRESHOLDS = {"pred_iou_thresh": 0.6, "stability_score_thresh": 0.9}
+from benchmarks._quality import (  # noqa: F401  (also the names tests use)
+    PROMPT_FIGURES,
+    SEED,
+    STANDIN_THRESHOLDS,
+    _load,
+    held_out,
+)
+from benchmarks.quality_stacks import (
+    linked_3d,
+    propagation,
+    propagation_many,
+    tracked,
+)
 
 
 def _everything(
@@ -120,47 +111,6 @@ def agreement(reference: list[list[np.ndarray]], fast: list[list[np.ndarray]]) -
     return found / total if total else 1.0
 
 
-def propagation(
-    model, n_stacks: int, seed: int = SEED, max_objects: int = 6, max_upscale: float | None = None
-) -> dict:
-    """Mean IoU per plane of objects propagated through synthetic 3D stacks (256 px planes;
-    ``max_upscale``: shown at most that many times enlarged, ``Predictor(max_upscale=)``)."""
-    from napari_mobilesam import synthetic
-    from napari_mobilesam.interactive import PromptSession
-    from napari_mobilesam.predictor import Predictor
-
-    predictor = Predictor(model, max_upscale=max_upscale)
-    ious, reached, total = [], 0, 0
-    for k in range(n_stacks):
-        s = synthetic.cells_3d((16, 256, 256), seed=seed + k, z_radius=(3, 6))
-        session = PromptSession(predictor, s.image)
-        ids = [i for i in np.unique(s.labels) if i]
-        rng = np.random.default_rng(seed + k)
-        for i in rng.permutation(ids)[:max_objects]:
-            planes = np.nonzero((s.labels == i).any((1, 2)))[0]
-            if len(planes) < 3:
-                continue
-            mid = int(planes[len(planes) // 2])
-            start = s.labels[mid] == i
-            got = session.propagate((mid,), start, 0)
-            for z in planes:
-                if z == mid:
-                    continue
-                total += 1
-                truth = s.labels[z] == i
-                mask = got.get((int(z),))
-                if mask is None:
-                    ious.append(0.0)
-                    continue
-                reached += 1
-                ious.append(float((mask & truth).sum() / max(1, (mask | truth).sum())))
-    return {
-        "mean_iou_per_plane": float(np.mean(ious)) if ious else float("nan"),
-        "planes_reached": reached / total if total else float("nan"),
-        "planes": total,
-    }
-
-
 def duplicates(masks: list[list[np.ndarray]], iou: float = 0.7) -> int:
     """Objects that overlap an earlier object of their image's list with mask IoU >=
     ``iou`` (what fast mode's mask NMS removes; box NMS keeps a near-copy whose box a
@@ -172,149 +122,6 @@ def duplicates(masks: list[list[np.ndarray]], iou: float = 0.7) -> int:
         ious = np.triu(_mask_ious(objs, objs), k=1)
         count += int((ious >= iou).any(axis=0).sum())
     return count
-
-
-def linked_3d(
-    weights: str = "vit_t_synthetic_cells",
-    n_stacks: int = 3,
-    seed: int = SEED,
-    shape: tuple[int, int, int] = (16, 256, 256),
-    grid: int = 32,
-    folder: Path | None = None,
-    extra: tuple[str, ...] = (),
-    min_planes: int = 3,
-    extend: bool = False,
-    max_upscale: float | str | None = None,
-    thresholds: dict | None = STANDIN_THRESHOLDS,
-) -> dict:
-    """3D AP50 of ``mobilesam-everything --link z`` on synthetic (Z, Y, X) stacks.
-
-    Each stack (``synthetic.cells_3d(shape, seed=seed + k)``) is written as an ImageJ
-    TIFF and segmented by the command, in this process, with ``--link z --csv`` and
-    ``thresholds``. A linked 3D object matches a true cell when their
-    3D IoU is at least 0.5; its score for AP is the area-weighted mean of its
-    sections' predicted IoU (from ``<stem>_objects.csv``).
-
-    Parameters
-    ----------
-    weights : str
-        Registry name (``--model``) or checkpoint file (``--weights``, vit_t).
-    n_stacks, seed, shape, grid
-        Stacks ``seed .. seed + n_stacks - 1`` of ``shape``; ``--points-per-side``.
-    folder : Path, optional
-        Where inputs and outputs go (default: a temporary folder, removed).
-    extra : tuple of str
-        More command-line arguments.
-    min_planes : int
-        ``--link-min-planes`` (default 3): the generator's cells span 5 planes or more
-        of a 16-plane stack (z semi-axes of 3-7 planes) unless the stack's top or
-        bottom cuts them, so a 3D object seen in fewer than 3 planes is a fragment or
-        out-of-focus light; cells cut to fewer planes than this are missed. 1 keeps
-        every object.
-    extend : bool
-        Also run the command with ``--link-extend`` (each object prompted with its box
-        into the planes next to it where it has no section; the added sections'
-        predicted IoU join its score): its figures go under ``"extended"``, with
-        ``sections_added`` and ``seconds`` (its whole run, segmentation included).
-    max_upscale : float or "none", optional
-        ``--max-upscale``: planes enlarged at most this many times for the model's input
-        (the stand-in model learnt cells on 512 px images shown 2x; SAM's resize shows a
-        256 px plane 4x); ``"none"``: no limit; None (no flag): the model's default (2
-        for the stand-in model).
-    thresholds : dict, optional
-        ``pred_iou_thresh`` and ``stability_score_thresh`` given to the command
-        (default :data:`STANDIN_THRESHOLDS`; None: the command's defaults).
-
-    Returns
-    -------
-    dict
-        ``ap50``, ``precision``, ``recall``, ``f1`` (at 3D IoU 0.5), ``objects``
-        (linked), ``truth`` (true cells), ``planes``, ``seconds`` (the command's wall time).
-    """
-    import csv
-    import tempfile
-
-    import tifffile
-
-    from mobilesam_batch import cli
-    from napari_mobilesam import synthetic
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(folder) if folder is not None else Path(tmp)
-        inputs = root / "stacks"
-        inputs.mkdir(parents=True, exist_ok=True)
-        truths = {}
-        for k in range(n_stacks):
-            s = synthetic.cells_3d(tuple(shape), seed=seed + k)
-            tifffile.imwrite(inputs / f"stack{k}.tif", s.image, imagej=True,
-                             metadata={"axes": "ZYX"})  # fmt: skip
-            truths[f"stack{k}"] = s.labels
-        model = ["--model", weights] if Path(weights).suffix == "" else ["--weights", weights]
-        if max_upscale is not None:
-            model += ["--max-upscale", str(max_upscale)]
-        score_args = [f"--{k.replace('_', '-')}={v}" for k, v in (thresholds or {}).items()]
-
-        def command(out: Path, *more: str) -> tuple[list, float]:
-            t0 = time.perf_counter()
-            code = cli.main([str(inputs), "-o", str(out), "--link", "z", "--csv", "-q",
-                             "--link-min-planes", str(min_planes), "--points-per-side",
-                             str(grid), *score_args, *model, *extra, *more])  # fmt: skip
-            seconds = time.perf_counter() - t0
-            if code != 0:
-                raise RuntimeError(f"mobilesam-everything exited with status {code}")
-            found = []
-            for stem, truth in truths.items():
-                labels = tifffile.imread(out / f"{stem}_labels.tif")
-                scores: dict[int, list[tuple[float, float]]] = {}
-                with open(out / f"{stem}_objects.csv", encoding="utf-8") as f:
-                    for row in csv.DictReader(f):  # an added section: a row of its object
-                        i, area = int(row["object_id"]), float(row["area"])
-                        scores.setdefault(i, []).append((area, float(row["predicted_iou"])))
-                found.append((labels, truth, scores))
-            return found, seconds
-
-        found, seconds = command(root / "labels")
-        res = _scored_3d(found)
-        res.update(planes=n_stacks * shape[0], seconds=seconds)
-        if extend:
-            found, seconds = command(root / "labels-extended", "--link-extend")
-            added = sum(
-                json.loads(p.read_text())["linked"]["extended"]["sections_added"]
-                for p in (root / "labels-extended").glob("*_labels.json")
-            )
-            res["extended"] = dict(_scored_3d(found), sections_added=added, seconds=seconds)
-    return res
-
-
-def _scored_3d(stacks) -> dict:
-    """AP50, precision, recall, F1 at 3D IoU 0.5 of ``(labels, truth, {id: [(area,
-    predicted IoU), ...]})`` per stack; an object's score is its sections' area-weighted
-    predicted IoU."""
-    from napari_mobilesam.training.metrics import average_precision, iou_matrix, match_counts
-
-    scored, tp, n_pred, n_true = [], 0, 0, 0
-    for labels, truth, scores in stacks:
-        ids = np.unique(labels)
-        ids = ids[ids > 0]
-        ious = iou_matrix(labels, truth)  # rows: ids ascending
-        weighted = [sum(a * s for a, s in scores[int(i)]) / sum(a for a, _ in scores[int(i)])
-                    for i in ids]  # fmt: skip
-        scored.append((ious, np.array(weighted)))
-        c = match_counts(ious)
-        tp, n_pred, n_true = tp + c["tp"], n_pred + c["n_pred"], n_true + c["n_true"]
-    p = tp / n_pred if n_pred else 0.0
-    r = tp / n_true if n_true else 0.0
-    return {
-        "ap50": average_precision(scored), "precision": p, "recall": r,
-        "f1": 2 * p * r / (p + r) if p + r else 0.0, "objects": n_pred, "truth": n_true,
-    }  # fmt: skip
-
-
-def _load(weights: str):
-    """The model of ``weights``: a registry name, or a checkpoint file (vit_t)."""
-    from napari_mobilesam.build import load_model
-
-    return load_model(weights) if Path(weights).suffix == "" else load_model("vit_t", weights)
 
 
 MODES = ("reference", "fast", "device")
@@ -365,6 +172,7 @@ def run(
         keys = ("point_miou", "box_miou", "f1", "ap50")
         out["dim_uint16"] = {k: d[k] for k in keys if k in d}
         out["propagation_3d"] = propagation(model, n_stacks)
+        out["propagation_many"] = propagation_many(model, n_stacks)
     return out
 
 
@@ -408,6 +216,13 @@ def _table(res: dict) -> str:
         f"3D propagation: mean IoU per plane {p['mean_iou_per_plane']:.3f}, "
         f"{p['planes_reached']:.1%} of {p['planes']} planes reached",
     ]
+    if "propagation_many" in res:
+        m = res["propagation_many"]
+        lines.append(
+            f"3D propagation of every object of the middle plane at once ({m['objects']} "
+            f"objects): mean IoU per plane {m['mean_iou_per_plane']:.3f}, "
+            f"{m['planes_reached']:.1%} of {m['planes']} planes reached"
+        )
     return "\n".join(lines)
 
 
@@ -426,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-upscale", metavar="X|none",
                     help="with --linked-stacks: mobilesam-everything --max-upscale X "
                     "[the model's default]")  # fmt: skip
+    ap.add_argument("--tracked-series", type=int, default=0, metavar="N",
+                    help="also: tracking accuracy of mobilesam-everything --link t on N "
+                    "synthetic time series")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     res = run(args.weights, args.images, args.grid, args.stacks, tuple(args.modes))
@@ -443,6 +261,14 @@ def main(argv=None) -> int:
                     f"precision {f['precision']:.3f}, recall {f['recall']:.3f}, F1 "
                     f"{f['f1']:.3f} ({f['objects']} objects / {f['truth']} cells)"
                 )
+    if args.tracked_series:
+        res["tracked"] = t = tracked(args.weights, args.tracked_series, grid=args.grid)
+        print(
+            f"--link t on {args.tracked_series} time series ({t['frames']} frames): "
+            f"{t['link_accuracy']:.3f} of {t['links']} links correct, divisions recalled "
+            f"{t['divisions_found']} / {t['divisions']}, sections found "
+            f"{t['detection_recall']:.3f} ({t['seconds']:.0f} s)"
+        )
     if args.json:
         write_json(args.json, res)
     return 0

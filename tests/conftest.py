@@ -67,7 +67,8 @@ TINY_CONFIG = SamConfig(
 #: pytest-xdist hands out whole modules (--dist loadscope) in collection order, so a long
 #: module collected last would run alone at the end while the other worker idles.
 LONGEST_MODULES = {
-    "test_quality.py": 280,
+    "test_quality.py": 220,
+    "test_quality_stacks.py": 110,
     "test_everything_golden.py": 250,
     "test_benchmarks.py": 200,
     "test_training_cli.py": 130,

@@ -9,7 +9,6 @@ fails here.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -35,6 +34,8 @@ PINNED = {
     ("dim_uint16", "point_miou"): (0.906, 0.05),
     ("dim_uint16", "box_miou"): (0.922, 0.05),
     ("propagation_3d", "mean_iou_per_plane"): (0.535, 0.05),
+    # every object of the stack's middle plane at once (26 objects, many at their tips)
+    ("propagation_many", "mean_iou_per_plane"): (0.419, 0.05),
 }
 
 
@@ -52,49 +53,6 @@ def test_figure_is_at_least_the_pinned_one(quality, figure):
     measured, margin = PINNED[figure]
     got = quality[figure[0]][figure[1]]
     assert got >= measured - margin, f"{'.'.join(figure)}: {got:.3f} < {measured:.3f} - {margin}"
-
-
-#: bench_quality.linked_3d("vit_t_synthetic_cells", 1, shape=LINKED_SHAPE, grid=LINKED_GRID,
-#: extra=("--link-extend",), max_upscale=2, thresholds=None): ``mobilesam-everything --link z
-#: --link-min-planes 3 --link-extend --max-upscale 2`` at the default score thresholds on one
-#: small synthetic stack (18 cells; its 192 px planes shown 2x, not 5.3x); (measured, margin)
-#: of its 3D AP50, 2026-12-07 with the phase-9 model (0.643 at the thresholds 0.6 / 0.9, where
-#: the phase-8 model scored 0.767 and the phase-7 model 0.606; docs/quality.md has the 2-stack
-#: figures).
-LINKED_SHAPE, LINKED_GRID, LINKED_AP50 = (12, 192, 192), 12, (0.658, 0.08)
-
-
-def test_linked_3d_ap50_with_extend_is_at_least_the_pinned_one(tmp_path):
-    res = bench_quality.linked_3d("vit_t_synthetic_cells", 1, shape=LINKED_SHAPE,
-                                  grid=LINKED_GRID, folder=tmp_path,
-                                  extra=("--link-extend",), max_upscale=2,
-                                  thresholds=None)  # fmt: skip
-    measured, margin = LINKED_AP50
-    assert res["truth"] == 18
-    assert res["ap50"] >= measured - margin, f"3D AP50 {res['ap50']:.3f} < {measured} - {margin}"
-    record = json.loads((tmp_path / "labels" / "stack0_labels.json").read_text())
-    assert record["linked"]["extended"]["sections_added"] > 0
-    assert record["parameters"]["max_upscale"] == 2
-
-
-#: bench_quality.propagation(model, 1, max_upscale=2): propagation through the 256 px planes
-#: of one synthetic stack shown 2x (``Predictor(max_upscale=2)``); (measured, margin) of its
-#: mean IoU per plane, 2026-12-07 with the phase-9 model (0.535 shown 4x, as the fixture's
-#: figure above; the phase-8 model: 0.690, and 0.568 shown 4x; the phase-7 model: 0.684, and
-#: 0.518 shown 4x).
-PROPAGATION_UPSCALED = (0.619, 0.05)
-
-
-def test_propagation_with_an_upscale_limit_is_at_least_the_pinned_one():
-    import torch
-
-    from napari_mobilesam.build import load_model
-
-    with torch.inference_mode():
-        res = bench_quality.propagation(load_model("vit_t_synthetic_cells"), 1, max_upscale=2)
-    measured, margin = PROPAGATION_UPSCALED
-    got = res["mean_iou_per_plane"]
-    assert got >= measured - margin, f"propagation {got:.3f} < {measured} - {margin}"
 
 
 def test_agreement_counts_one_to_one_matches():
