@@ -78,7 +78,7 @@ LONGEST_MODULES = {
     "test_original.py": 35,
     "test_batch_link.py": 35,
     "test_backends.py": 30,
-    "test_runtime.py": 30,
+    "test_runtime.py": 25,
 }
 
 
@@ -112,6 +112,40 @@ def tiny_model(tiny_state_dict) -> torch.nn.Module:
     model = build_sam(TINY_CONFIG)
     model.load_state_dict(tiny_state_dict)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fused_tiny(tiny_state_dict) -> torch.nn.Module:
+    """A tiny model optimised as load_model does (oneDNN kernels on the CPU); shared by the
+    backend tests, which never change it."""
+    from napari_mobilesam.accel import optimize
+
+    model = build_sam(TINY_CONFIG)
+    model.load_state_dict(tiny_state_dict)
+    return optimize(model.eval())
+
+
+@pytest.fixture(scope="session")
+def tiny_export(fused_tiny, tmp_path_factory) -> dict:
+    """One export (fp32 + int8) of :func:`fused_tiny`, with its state before (about 10 s,
+    once per test process)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from napari_mobilesam.runtime import export_onnx
+
+    root = tmp_path_factory.mktemp("export")
+    before = {k: v.clone() for k, v in fused_tiny.state_dict().items()}
+    layers = [type(m) for m in fused_tiny.modules()]
+    source = {"checkpoint": "tiny.pt", "sha256": "0" * 64}
+    meta = export_onnx(fused_tiny, root / "tiny", quantize="int8", source=source)
+    return {
+        "root": root,
+        "dir": root / "tiny",
+        "meta": meta,
+        "before": before,
+        "layers": layers,
+        "source": source,
+    }
 
 
 @pytest.fixture(scope="session")
