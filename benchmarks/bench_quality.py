@@ -9,8 +9,10 @@ training never drew) with a trained model at default settings:
   with the time per image;
 - the same in the default mode at :data:`STANDIN_THRESHOLDS` (lower score thresholds),
   and at the default thresholds with one round of box refinement (``refine_rounds=1``);
+- the same in the default mode as the label image ``generate_labels`` gives (what
+  ``mobilesam-everything`` and the everything widget write: overlaps resolved);
 - fast vs reference: the share of reference mode's objects that fast mode finds at
-  IoU >= 0.9, and the F1 difference;
+  IoU >= 0.9, and the F1 difference, for the masks and for the label images;
 - dim uint16 cells (30 photons at a cell's centre instead of 400): point, box, F1;
 - propagation through 3D stacks: from each cell's middle plane (its true mask),
   ``PromptSession.propagate`` up and down; mean IoU per plane against the truth (a
@@ -59,8 +61,12 @@ from benchmarks.quality_stacks import (
 
 
 def _everything(
-    model, examples, mode: str, grid: int, **options
+    model, examples, mode: str, grid: int, labels: bool = False, **options
 ) -> tuple[dict, list[list[np.ndarray]]]:
+    """Segment-everything's figures in ``mode``: its masks as ``generate`` gives them
+    (overlapping, as segment-anything's), or with ``labels`` the objects of the label image
+    ``generate_labels`` gives (what ``mobilesam-everything`` and the everything widget
+    write: overlaps resolved by predicted IoU, masks left mostly hidden dropped)."""
     from napari_mobilesam.everything import MaskGenerator
     from napari_mobilesam.training.metrics import average_precision, iou_matrix, match_counts
 
@@ -69,14 +75,20 @@ def _everything(
     scored, masks, seconds = [], [], []
     for ex in examples:
         t0 = time.perf_counter()
-        records = gen.generate(ex.image)
+        if labels:
+            image, info = gen.generate_labels(ex.image, return_info=True)
+            segs = [image == i for i in range(1, int(image.max()) + 1)]
+            scores = info["predicted_iou"]
+        else:
+            records = gen.generate(ex.image)
+            segs = [r["segmentation"] for r in records]
+            scores = np.array([r["predicted_iou"] for r in records])
         seconds.append(time.perf_counter() - t0)
-        segs = [r["segmentation"] for r in records]
         masks.append(segs)
         ious = iou_matrix(segs, ex.labels)
         c = match_counts(ious)
         tp, n_pred, n_true = tp + c["tp"], n_pred + c["n_pred"], n_true + c["n_true"]
-        scored.append((ious, np.array([r["predicted_iou"] for r in records])))
+        scored.append((ious, scores))
     p = tp / n_pred if n_pred else 0.0
     r = tp / n_true if n_true else 0.0
     res = {
@@ -152,6 +164,8 @@ def run(
         masks = {}
         for mode in modes:
             out[mode], masks[mode] = _everything(model, examples, mode, grid)
+        # the label image the command and the widget write, in the default mode
+        out["labels"], _ = _everything(model, examples, "auto", grid, labels=True)
         out["lower_thresholds"], _ = _everything(
             model, examples, "auto", grid, **STANDIN_THRESHOLDS
         )
@@ -165,6 +179,14 @@ def run(
                 "found_at_0.9_box_nms": agreement(masks["reference"], box_nms),
                 "reference_duplicates": duplicates(masks["reference"]),
                 "f1_difference": out["fast"]["f1"] - out["reference"]["f1"],
+            }
+            # the same in the label images, where overlaps are resolved in both modes
+            ref_labels, ref_objects = _everything(model, examples, "reference", grid, labels=True)
+            fast_labels, fast_objects = _everything(model, examples, "fast", grid, labels=True)
+            out["fast_vs_reference"]["labels"] = {
+                "reference_f1": ref_labels["f1"],
+                "fast_f1": fast_labels["f1"],
+                "found_at_0.9": agreement(ref_objects, fast_objects),
             }
         dim = held_out(n_images, appearance=Appearance(photons=30))
         d = evaluate(model, dim, points_per_side=grid if dim_everything else None,
@@ -191,6 +213,11 @@ def _table(res: dict) -> str:
             f"| {mode} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
             f"{r['ap50']:.3f} | {r['objects']} / {r['truth']} | {r['seconds_per_image']:.2f} |"
         )
+    r = res["labels"]
+    lines.append(
+        f"| auto, as a label image | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+        f"{r['ap50']:.3f} | {r['objects']} / {r['truth']} | {r['seconds_per_image']:.2f} |"
+    )
     low = (
         f"auto, IoU >= {STANDIN_THRESHOLDS['pred_iou_thresh']}, stability >= "
         f"{STANDIN_THRESHOLDS['stability_score_thresh']}"
@@ -209,6 +236,12 @@ def _table(res: dict) -> str:
             f"IoU >= 0.9 ({fr['found_at_0.9_box_nms']:.1%} by fast mode with box NMS; "
             f"{fr['reference_duplicates']} reference objects are near-copies of another, "
             f"which fast mode's mask NMS removes), F1 difference {fr['f1_difference']:+.3f}"
+        )
+        fl = fr["labels"]
+        lines.append(
+            f"in the label images: F1 reference {fl['reference_f1']:.3f}, fast "
+            f"{fl['fast_f1']:.3f}; {fl['found_at_0.9']:.1%} of reference objects found at "
+            "IoU >= 0.9"
         )
     everything = f", F1 {d['f1']:.3f}, AP50 {d['ap50']:.3f}" if "f1" in d else ""
     lines += [
