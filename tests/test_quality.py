@@ -118,7 +118,7 @@ def test_fast_and_reference_label_images_agree():
     objects = {}
     for mode in ("reference", "fast"):
         gen = MaskGenerator(
-            model, points_per_side=12, mode=mode, **bench_quality.STANDIN_THRESHOLDS
+            model, points_per_side=10, mode=mode, **bench_quality.STANDIN_THRESHOLDS
         )
         labels = gen.generate_labels(image)
         objects[mode] = [labels == i for i in range(1, int(labels.max()) + 1)]
