@@ -3,10 +3,10 @@
 A track is judged by its links. Through a time series each true cell present at
 frames ``t`` and ``t + 1`` makes one *continuation link*, and each daughter of a
 division one *division link* (its mother's last frame to its own first). Per frame the
-predicted objects are matched one-to-one to the true cells (Hungarian on IoU, pairs with
-IoU >= ``min_iou``, as :func:`~napari_mobilesam.training.metrics.match_counts` matches
-2D objects). A continuation link is correct when the cell is matched at both frames,
-to objects of the same predicted track; a division link when the daughter's object is
+predicted objects are matched one-to-one to the true cells (Hungarian on IoU among the
+pairs with IoU >= ``min_iou``: the linker's own overlap matching). A continuation link
+is correct when the cell is matched at both frames, to objects of the same predicted
+track; a division link when the daughter's object is
 a track whose recorded parent is the track of the mother's object. A division is
 recalled when both its links are correct.
 
@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from .match import code_plane, iou, match_global, overlaps
 
 __all__ = ["track_accuracy"]
 
@@ -128,22 +129,9 @@ def _ids(frame: np.ndarray) -> list[int]:
 
 
 def _match(pred: np.ndarray, truth: np.ndarray, min_iou: float) -> dict[int, int]:
-    """``{true id: predicted id}`` of one frame, one-to-one at IoU >= ``min_iou``."""
-    fg = (pred > 0) | (truth > 0)
-    if not fg.any():
-        return {}
-    p, t = pred[fg].astype(np.int64), truth[fg].astype(np.int64)
-    pid, pinv = np.unique(p, return_inverse=True)
-    tid, tinv = np.unique(t, return_inverse=True)
-    inter = np.zeros((len(pid), len(tid)), np.int64)
-    np.add.at(inter, (pinv, tinv), 1)
-    area_p, area_t = inter.sum(1), inter.sum(0)
-    keep_p, keep_t = pid > 0, tid > 0
-    inter, pid, tid = inter[keep_p][:, keep_t], pid[keep_p], tid[keep_t]
-    if not len(pid) or not len(tid):
-        return {}
-    union = area_p[keep_p][:, None] + area_t[keep_t][None] - inter
-    iou = inter / np.maximum(union, 1)
-    rows, cols = linear_sum_assignment(-iou)
-    ok = iou[rows, cols] >= min_iou
-    return {int(tid[c]): int(pid[r]) for r, c in zip(rows[ok], cols[ok], strict=True)}
+    """``{true id: predicted id}`` of one frame, one-to-one at IoU >= ``min_iou`` (the
+    linker's own overlap matching)."""
+    a, b = code_plane(pred), code_plane(truth)
+    ia, ib, counts = overlaps(a, b)
+    rows, cols = match_global(ia, ib, iou(a, b, ia, ib, counts), min_iou)
+    return {int(b.ids[c - 1]): int(a.ids[r - 1]) for r, c in zip(rows, cols, strict=True)}
