@@ -22,14 +22,13 @@ def propagation(
 ) -> dict:
     """Mean IoU per plane of objects propagated through synthetic 3D stacks (256 px planes;
     ``max_upscale``: shown at most that many times enlarged, ``Predictor(max_upscale=)``)."""
-    from napari_mobilesam import synthetic
     from napari_mobilesam.interactive import PromptSession
     from napari_mobilesam.predictor import Predictor
 
     predictor = Predictor(model, max_upscale=max_upscale)
-    ious, reached, total = [], 0, 0
+    ious: list[float | None] = []
     for k in range(n_stacks):
-        s = synthetic.cells_3d((16, 256, 256), seed=seed + k, z_radius=(3, 6))
+        s = _stack(seed + k)
         session = PromptSession(predictor, s.image)
         ids = [i for i in np.unique(s.labels) if i]
         rng = np.random.default_rng(seed + k)
@@ -38,24 +37,9 @@ def propagation(
             if len(planes) < 3:
                 continue
             mid = int(planes[len(planes) // 2])
-            start = s.labels[mid] == i
-            got = session.propagate((mid,), start, 0)
-            for z in planes:
-                if z == mid:
-                    continue
-                total += 1
-                truth = s.labels[z] == i
-                mask = got.get((int(z),))
-                if mask is None:
-                    ious.append(0.0)
-                    continue
-                reached += 1
-                ious.append(float((mask & truth).sum() / max(1, (mask | truth).sum())))
-    return {
-        "mean_iou_per_plane": float(np.mean(ious)) if ious else float("nan"),
-        "planes_reached": reached / total if total else float("nan"),
-        "planes": total,
-    }
+            got = session.propagate((mid,), s.labels[mid] == i, 0)
+            ious += _walk_ious(s.labels, i, mid, got)
+    return _walk_summary(ious)
 
 
 def propagation_many(
@@ -75,35 +59,60 @@ def propagation_many(
         ``mean_iou_per_plane``, ``planes_reached`` (share), ``planes`` (object planes
         scored), ``objects`` (objects propagated).
     """
-    from napari_mobilesam import synthetic
     from napari_mobilesam.interactive import PromptSession
     from napari_mobilesam.predictor import Predictor
 
     predictor = Predictor(model, max_upscale=max_upscale)
-    ious, reached, objects = [], 0, 0
+    ious: list[float | None] = []
+    objects = 0
     for k in range(n_stacks):
-        s = synthetic.cells_3d((16, 256, 256), seed=seed + k, z_radius=(3, 6))
+        s = _stack(seed + k)
         mid = s.labels.shape[0] // 2
         session = PromptSession(predictor, s.image)
         got = session.propagate_all((mid,), s.labels[mid], 0)
         ids = [int(i) for i in np.unique(s.labels[mid]) if i]
         objects += len(ids)
         for i in ids:
-            for z in np.nonzero((s.labels == i).any((1, 2)))[0]:
-                if z == mid:
-                    continue
-                truth = s.labels[z] == i
-                mask = got.masks[i].get((int(z),))
-                if mask is None:
-                    ious.append(0.0)
-                    continue
-                reached += 1
-                ious.append(float((mask & truth).sum() / max(1, (mask | truth).sum())))
+            ious += _walk_ious(s.labels, i, mid, got.masks[i])
+    return dict(_walk_summary(ious), objects=objects)
+
+
+def _stack(seed: int):
+    """The propagation figures' synthetic stack: 16 planes of 256 px."""
+    from napari_mobilesam import synthetic
+
+    return synthetic.cells_3d((16, 256, 256), seed=seed, z_radius=(3, 6))
+
+
+def _walk_ious(
+    labels: np.ndarray, cell: int, start: int, found: dict[tuple[int, ...], np.ndarray]
+) -> list[float | None]:
+    """IoU of ``found``'s mask (``{(z,): (H, W) bool}``) with ``cell``'s true section in
+    each plane of ``labels`` (Z, H, W) the cell occupies, ``start`` excluded; None where
+    the walk found nothing."""
+    out: list[float | None] = []
+    for z in np.nonzero((labels == cell).any((1, 2)))[0]:
+        if z == start:
+            continue
+        mask = found.get((int(z),))
+        if mask is None:
+            out.append(None)
+            continue
+        truth = labels[z] == cell
+        out.append(float((mask & truth).sum() / max(1, (mask | truth).sum())))
+    return out
+
+
+def _walk_summary(ious: list[float | None]) -> dict:
+    """Mean IoU per plane (a plane not reached, None, counting 0), the share of planes
+    reached and the number of planes scored."""
+    if not ious:
+        return {"mean_iou_per_plane": float("nan"), "planes_reached": float("nan"), "planes": 0}
+    reached = [v for v in ious if v is not None]
     return {
-        "mean_iou_per_plane": float(np.mean(ious)) if ious else float("nan"),
-        "planes_reached": reached / len(ious) if ious else float("nan"),
+        "mean_iou_per_plane": float(sum(reached) / len(ious)),
+        "planes_reached": len(reached) / len(ious),
         "planes": len(ious),
-        "objects": objects,
     }
 
 

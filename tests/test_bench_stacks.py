@@ -20,16 +20,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_quality
 
 
-def test_bench_linked_3d_scores_perfect_segmentation_1(tiny_model, tmp_path, monkeypatch):
-    shape, seed = (10, 96, 96), 10_000
-    samples = [synthetic.cells_3d(shape, seed=seed + k) for k in range(2)]
+@pytest.fixture
+def tiny_weights(tiny_model, tmp_path, monkeypatch):
+    """The command loads the tiny model; returns the file to pass as ``--weights``."""
     monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
     segment._SEGMENTERS.clear()
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(b"stand-in")
+    yield weights
+    segment._SEGMENTERS.clear()
+
+
+def test_bench_linked_3d_scores_perfect_segmentation_1(tiny_weights, tmp_path, monkeypatch):
+    shape, seed = (10, 96, 96), 10_000
+    samples = [synthetic.cells_3d(shape, seed=seed + k) for k in range(2)]
     image = np.concatenate([s.image for s in samples])
     truth = np.concatenate([s.labels for s in samples])
     Perfect(image, truth).patch(monkeypatch)
-    weights = tmp_path / "tiny.pt"
-    weights.write_bytes(b"stand-in")
+    weights = tiny_weights
     res = bench_quality.linked_3d(str(weights), 2, seed, shape, grid=4, folder=tmp_path / "w",
                                   extra=("--device", "cpu"), min_planes=1)  # fmt: skip
     segment._SEGMENTERS.clear()
@@ -76,16 +84,13 @@ def test_bench_linked_3d_passes_its_thresholds(tmp_path, monkeypatch, thresholds
     assert [a for a in seen[0] if "thresh" in a] == expected
 
 
-def test_bench_tracked_scores_perfect_segmentation_1(tiny_model, tmp_path, monkeypatch):
+def test_bench_tracked_scores_perfect_segmentation_1(tiny_weights, tmp_path, monkeypatch):
     frames, shape, seed = 6, (96, 96), 10_000
     samples = [synthetic.cell_time_series(frames, shape, seed=seed + k) for k in range(2)]
-    monkeypatch.setattr(segment.ModelSpec, "load", lambda self: tiny_model)
-    segment._SEGMENTERS.clear()
     image = np.concatenate([s.image for s in samples])
     truth = np.concatenate([s.labels for s in samples])
     Perfect(image, truth).patch(monkeypatch)
-    weights = tmp_path / "tiny.pt"
-    weights.write_bytes(b"stand-in")
+    weights = tiny_weights
     res = bench_quality.tracked(str(weights), 2, seed, frames, shape, grid=4,
                                 folder=tmp_path / "w", extra=("--device", "cpu"))  # fmt: skip
     segment._SEGMENTERS.clear()
