@@ -63,8 +63,9 @@ def test_generate_labels(tiny_model, image):
 
 def test_generate_labels_info_matches_records(tiny_model, image):
     gen = MaskGenerator(
-        tiny_model, **ALL_PASS, box_nms_thresh=1.0, nms="box", min_visible_fraction=0.0
-    )
+        tiny_model, **ALL_PASS, box_nms_thresh=1.0, nms="box", min_visible_fraction=0.0,
+        max_covered_fraction=1.0,
+    )  # fmt: skip
     records = gen.generate(image)
     labels, info = gen.generate_labels(image, return_info=True)
     n = int(labels.max())
@@ -83,7 +84,7 @@ def test_generate_labels_info_matches_records(tiny_model, image):
 
 def test_generate_labels_min_visible_fraction(tiny_model, image):
     """The default drops objects mostly hidden under better ones; 0 keeps their slivers."""
-    kw = dict(ALL_PASS, box_nms_thresh=1.0, nms="box")
+    kw = dict(ALL_PASS, box_nms_thresh=1.0, nms="box", max_covered_fraction=1.0)
     keep_all, info_all = MaskGenerator(tiny_model, **kw, min_visible_fraction=0.0).generate_labels(
         image, return_info=True
     )
@@ -170,6 +171,8 @@ def test_accepts_predictor_and_rejects_other(tiny_model):
         ({"crop_nms_thresh": 2}, "crop_nms_thresh"),
         ({"crop_overlap_ratio": -1}, "crop_overlap_ratio"),
         ({"min_visible_fraction": 1.2}, r"min_visible_fraction must be a number in \[0, 1\]"),
+        ({"max_covered_fraction": -0.5}, r"max_covered_fraction must be a number in \[0, 1\]"),
+        ({"max_covered_fraction": None}, "max_covered_fraction"),
         ({"stability_score_offset": 0}, "stability_score_offset must be a positive number"),
         ({"output_mode": "png"}, "output_mode must be one of"),
         ({"nms": "soft"}, "nms must be 'auto', 'mask' or 'box'"),

@@ -37,7 +37,8 @@ def _slow_refined(model, image, grid, min_iou, iou_thresh, stab_thresh, offset=1
     """One round of box refinement from the predictor: (masks, scores, points)."""
     seeds = MaskGenerator(model, points_per_side=grid, mode="reference",
                           pred_iou_thresh=min_iou, stability_score_thresh=0.0,
-                          stability_score_offset=offset).generate(image)  # fmt: skip
+                          stability_score_offset=offset,
+                          max_covered_fraction=1.0).generate(image)  # fmt: skip
     pred = Predictor(model)
     pred.set_image(image)
     boxes = np.array([_xyxy(r) for r in seeds], np.float64)
@@ -71,7 +72,8 @@ def test_one_round_is_each_seeds_box_prompted_again(standin, cells):
     want, want_scores, want_points = _slow_refined(standin, cells, 6, 0.5, **{
         "iou_thresh": 0.8, "stab_thresh": 0.9})  # fmt: skip
     got = MaskGenerator(standin, points_per_side=6, mode="reference", refine_rounds=1,
-                        refine_min_iou=0.5, **options).generate(cells)  # fmt: skip
+                        refine_min_iou=0.5, max_covered_fraction=1.0,
+                        **options).generate(cells)  # fmt: skip
     assert len(want) >= 3 and len(got) == len(want)
     for r, m, s, p in zip(got, want, want_scores, want_points, strict=True):
         assert _iou(r["segmentation"], m) > 0.99

@@ -226,17 +226,19 @@ def test_everything_widget_passes_every_parameter(make_napari_viewer):
 
     viewer = make_napari_viewer()
     w = EverythingWidget(viewer)
-    assert w.parameters()["min_visible_fraction"] == 0.5  # the generator's default
+    accepted = inspect.signature(_everything.MaskGenerator).parameters
+    for name, value in w.parameters().items():  # the generator's defaults
+        assert value == pytest.approx(accepted[name].default), name
     w.min_visible_fraction.setValue(0.2)
     w.min_mask_region_area.setValue(30)
     assert w.parameters()["refine_rounds"] == 0  # off, as the generator's default
     w.refine_rounds.setValue(1)
+    w.max_covered_fraction.setValue(1.0)
     params = w.parameters()
     assert params["min_visible_fraction"] == pytest.approx(0.2)
     assert params["refine_rounds"] == 1
-    # every key is a MaskGenerator argument
-    accepted = inspect.signature(_everything.MaskGenerator).parameters
-    assert set(params) <= set(accepted)
+    assert params["max_covered_fraction"] == 1.0
+    assert set(params) <= set(accepted)  # every key is a MaskGenerator argument
 
 
 def test_precompute_all_planes_on_disk(make_napari_viewer, qtbot, tiny_predictor, tmp_path,

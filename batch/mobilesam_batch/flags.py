@@ -65,6 +65,8 @@ GENERATOR_FLAGS: tuple[Flag, ...] = (
          "is above this"),
     Flag("min_visible_fraction", float, "label images: drop an object when less than this "
          "fraction of its mask is left visible under better-scored ones (0: keep slivers)"),
+    Flag("max_covered_fraction", float, "drop a mask when more than this fraction of it lies "
+         "inside better-scored masks: parts of a cell, near-copies (1: keep every mask)"),
     Flag("nms", str, "duplicate removal by mask IoU or box IoU; auto: mask in fast mode, box "
          "otherwise", choices=("auto", "mask", "box")),
     Flag("mode", str, "auto: device mode on a GPU, fast mode elsewhere; reference: "

@@ -9,13 +9,11 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
 
@@ -27,6 +25,7 @@ from . import _features
 from ._chunked import add_labels, unwritable, writable
 from ._common import LayerCombo, Runner, current_plane, guarded, outside_message
 from ._edits import keep_edits, watch
+from ._everything_params import GeneratorParams
 from ._extend import extend_work, paint_added
 from ._layers import LayerConflict, image_shape, labels_layer
 from ._link import LinkControls, StackLink, drop_short, show_tracks, tracks_layer_of
@@ -77,30 +76,10 @@ class EverythingWidget(QWidget):
         self.model = ModelPicker(napari_viewer)
         layout.addWidget(self.model)
 
-        params = QFormLayout()
-        self.points_per_side = _spin(QSpinBox(), 1, 128, 32)
-        self.pred_iou_thresh = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.88, 0.01)
-        self.stability_score_thresh = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.95, 0.01)
-        self.box_nms_thresh = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.7, 0.05)
-        self.min_mask_region_area = _spin(QSpinBox(), 0, 10**7, 0)
-        self.min_visible_fraction = _spin(QDoubleSpinBox(), 0.0, 1.0, 0.5, 0.05)
-        self.min_visible_fraction.setToolTip(
-            "a mask mostly covered by better-scored ones gets no label when less than this "
-            "fraction of it stays visible (0 keeps every sliver)"
-        )
-        self.refine_rounds = _spin(QSpinBox(), 0, 8, 0)
-        self.refine_rounds.setToolTip(
-            "prompt each grid mask again with its own box this many times: more cells found "
-            "with a trained model, about 1.6x the time per round (0: off)"
-        )
-        params.addRow("points per side", self.points_per_side)
-        params.addRow("predicted IoU ≥", self.pred_iou_thresh)
-        params.addRow("stability ≥", self.stability_score_thresh)
-        params.addRow("NMS IoU", self.box_nms_thresh)
-        params.addRow("min region area (px)", self.min_mask_region_area)
-        params.addRow("min visible fraction", self.min_visible_fraction)
-        params.addRow("box refinement rounds", self.refine_rounds)
-        layout.addLayout(params)
+        self.params = GeneratorParams()
+        for name in GeneratorParams.NAMES:  # (each spin box also as an attribute here)
+            setattr(self, name, getattr(self.params, name))
+        layout.addWidget(self.params)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -128,15 +107,7 @@ class EverythingWidget(QWidget):
 
     def parameters(self) -> dict:
         """The MaskGenerator keyword arguments chosen in the widget."""
-        return {
-            "points_per_side": self.points_per_side.value(),
-            "pred_iou_thresh": self.pred_iou_thresh.value(),
-            "stability_score_thresh": self.stability_score_thresh.value(),
-            "box_nms_thresh": self.box_nms_thresh.value(),
-            "min_mask_region_area": self.min_mask_region_area.value(),
-            "min_visible_fraction": self.min_visible_fraction.value(),
-            "refine_rounds": self.refine_rounds.value(),
-        }
+        return self.params.parameters()
 
     def _plane_or_message(self, layer) -> tuple[int, ...] | None:
         plane = current_plane(self.viewer, layer)
@@ -475,14 +446,6 @@ class EverythingWidget(QWidget):
             if self._added is not None:
                 text += f" and the {counted(len(self._added), 'sections')} added"
             self.status.setText(text)
-
-
-def _spin(box, lo, hi, value, step=None):
-    box.setRange(lo, hi)
-    box.setValue(value)
-    if step is not None:
-        box.setSingleStep(step)
-    return box
 
 
 def done_text(n: int) -> str:

@@ -39,6 +39,7 @@ from ..normalize import to_rgb_uint8
 from ..predictor import ImageEmbedding, Predictor
 from ..validation import check_int
 from .boxes import box_area, nms
+from .covered import covered_masks, covered_on_device
 from .device import DevicePipeline, labels_from_masks
 from .fast import FastPipeline, small_regions_of_crops
 from .grid import build_all_layer_point_grids, generate_crop_boxes, generate_tiles
@@ -110,6 +111,14 @@ class MaskGenerator:
         at least this fraction of its mask stays visible under the better-scored
         masks; the rest of a mask that falls short becomes background rather than a
         sliver around its neighbours. 0: every mask with a visible pixel gets an id.
+    max_covered_fraction : float in [0, 1]
+        Drop a mask when more than this fraction of its pixels lies inside
+        better-scored masks (higher predicted IoU) kept before it: a part of a cell
+        next to the whole cell, or a near-copy that NMS let through
+        (:mod:`.covered`), in every mode. It applies to :meth:`generate`'s records
+        and, before ``min_visible_fraction``, to :meth:`generate_labels`. 1 keeps
+        every mask: segment-anything's records, which may hold an object and its
+        parts (a nucleus inside its cell, a cell's lobe).
     output_mode : {"binary_mask", "uncompressed_rle", "coco_rle"}
         Format of each record's ``segmentation``.
     nms : {"auto", "mask", "box"}
@@ -161,6 +170,7 @@ class MaskGenerator:
         refine_rounds: int = 0,
         refine_min_iou: float = 0.5,
         min_visible_fraction: float = 0.5,
+        max_covered_fraction: float = 0.5,
         output_mode: str = "binary_mask",
         nms: str = "auto",
         mode: str = "auto",
@@ -207,6 +217,7 @@ class MaskGenerator:
             ("crop_overlap_ratio", crop_overlap_ratio),
             ("min_visible_fraction", min_visible_fraction),
             ("refine_min_iou", refine_min_iou),
+            ("max_covered_fraction", max_covered_fraction),
         ):
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -263,6 +274,7 @@ class MaskGenerator:
             nms = "mask" if mode == "fast" else "box"
         self.nms = nms
         self.mode = mode
+        self.max_covered_fraction = max_covered_fraction
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.progress = progress
@@ -381,6 +393,9 @@ class MaskGenerator:
         )
         data = self._generate_masks(rgb, keep_masks=on_device, embedding=embedding)
         if on_device and len(data):
+            data.filter(
+                ~covered_on_device(data["masks"], data["iou_preds"], self.max_covered_fraction)
+            )
             labels_t, sources_t = labels_from_masks(
                 data["masks"], data["iou_preds"], min_visible=self.min_visible_fraction
             )
@@ -455,6 +470,11 @@ class MaskGenerator:
                 small_regions_of_crops(
                     data, self.min_mask_region_area, nms_thresh, orig_size, self.nms
                 )
+        if self.max_covered_fraction < 1 and len(data) and "masks" not in data:
+            # (masks kept on the device: generate_labels drops covered ones there)
+            crops, boxes = self._crops_and_boxes(data, orig_size)
+            scores = np.asarray(data["iou_preds"], dtype=np.float64)
+            data.filter(~covered_masks(crops, boxes, scores, orig_size, self.max_covered_fraction))
         return data
 
     def _process_crop(
