@@ -11,6 +11,7 @@ from napari_mobilesam.everything.covered import covered_masks, covered_on_device
 from napari_mobilesam.everything.masks import tight_crop
 
 SHAPE = (20, 30)
+ALL_PASS = {"points_per_side": 6, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
 
 def _mask(y0, y1, x0, x1):
@@ -120,8 +121,8 @@ def test_generator_drops_covered_records_by_default(tiny_model, mode):
     that pass this rule."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
-    kw = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, mode=mode,
-              nms="box", box_nms_thresh=1.0)  # (no NMS: many overlapping masks)
+    # (no NMS: many overlapping masks)
+    kw = dict(ALL_PASS, mode=mode, nms="box", box_nms_thresh=1.0)
     every = MaskGenerator(tiny_model, **kw, max_covered_fraction=1.0).generate(image)
     default = MaskGenerator(tiny_model, **kw).generate(image)
     assert 0 < len(default) < len(every)
